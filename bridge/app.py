@@ -1,0 +1,139 @@
+"""`create_app(config)`: the Starlette application with its store, router, renderer and worker.
+
+Start-up refuses a config whose templates do not render (`ConfigError`). The lifespan opens the
+store before the first request and, on shutdown, lets in-flight sends finish for a grace period;
+whatever is left stays in the store for the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from http import HTTPStatus
+from collections.abc import AsyncIterator, Mapping
+
+import aiohttp
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from bridge.channels import Sender
+from bridge.channels.console import ConsoleSender
+from bridge.channels.slack import SlackSender
+from bridge.channels.webhook import WebhookSender
+from bridge.checks import check_templates
+from bridge.config import Config, ConfigError, ConsoleChannel, SlackChannel
+from bridge.receive import Receiver, packet
+from bridge.render import Renderer
+from bridge.routing import Router
+from bridge.store import Store, StoreUnavailable
+from bridge.store.sqlite import SQLiteStore
+from bridge.worker import Worker
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_S = 10.0
+READY_TIMEOUT_S = 2.0
+
+
+def build_senders(config: Config, session: aiohttp.ClientSession) -> dict[str, Sender]:
+    timeout = config.delivery.timeout_s
+    senders: dict[str, Sender] = {}
+    for name, channel in config.channels.items():
+        if isinstance(channel, ConsoleChannel):
+            senders[name] = ConsoleSender()
+        elif isinstance(channel, SlackChannel):
+            senders[name] = SlackSender(channel, session, timeout)
+        else:
+            senders[name] = WebhookSender(name, channel, session, timeout)
+    return senders
+
+
+def validate(config: Config) -> Renderer:
+    """The renderer for `config`, or ConfigError listing every template that does not render."""
+    renderer = Renderer(config.templates)
+    problems = check_templates(config, renderer)
+    if problems:
+        raise ConfigError("templates do not render:\n" + "\n".join(f"  {p}" for p in problems))
+    return renderer
+
+
+class Bridge:
+    """Everything one running live-bridge holds; the app's state."""
+
+    def __init__(
+        self, config: Config, store: Store | None = None,
+        senders: Mapping[str, Sender] | None = None,
+    ) -> None:  # fmt: skip
+        self.config = config
+        self.renderer = validate(config)
+        self.store: Store = store or SQLiteStore(config.store.path)
+        self._senders = senders
+        self.worker: Worker | None = None
+        self.receiver = Receiver(
+            config, self.store, Router(config.routes), self.renderer, self._wake
+        )
+
+    def _wake(self) -> None:
+        if self.worker is not None:
+            self.worker.wake()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        await self.store.open()
+        session = aiohttp.ClientSession()
+        senders = self._senders or build_senders(self.config, session)
+        self.worker = Worker(self.store, senders, self.config.delivery)
+        task = asyncio.create_task(self.worker.run(), name="worker")
+        log.info(
+            "live-bridge ready: callbacks at %s, %d channels, %d routes",
+            self.config.server.callback_path, len(self.config.channels), len(self.config.routes),
+        )  # fmt: skip
+        try:
+            yield
+        finally:
+            await self.worker.stop(SHUTDOWN_GRACE_S)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await session.close()
+            await self.store.close()
+            log.info("live-bridge stopped")
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        try:
+            async with asyncio.timeout(READY_TIMEOUT_S):
+                await self.store.ping()
+        except (StoreUnavailable, TimeoutError) as exc:
+            return JSONResponse({"status": "unavailable", "reason": str(exc)}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    # Anything but a packet (Starlette's text or HTML pages) would be a protocol error to Tencent.
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    return packet(status, HTTPStatus(status).phrase.lower())
+
+
+def create_app(
+    config: Config, store: Store | None = None, senders: Mapping[str, Sender] | None = None
+) -> Starlette:
+    bridge = Bridge(config, store, senders)
+    routes = [
+        Route(config.server.callback_path, bridge.receiver.handle, methods=["POST"]),
+        Route("/healthz", bridge.healthz, methods=["GET"]),
+        Route("/readyz", bridge.readyz, methods=["GET"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=bridge.lifespan,
+        exception_handlers={HTTPException: _http_error, Exception: _http_error},
+    )
+    app.state.bridge = bridge
+    return app

@@ -1,0 +1,91 @@
+"""Slack's message limits: a payload is cut to fit, never dropped, before it is queued.
+
+`fit(payload)` returns a copy within Slack's documented limits (50 blocks, header 150, section
+text 3000, 10 fields of 2000, context 10 elements, top-level text kept under 4000) with long
+values cut and ending in an ellipsis; `LimitError` when the payload cannot be made valid.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+MAX_BLOCKS = 50
+HEADER_CHARS = 150
+SECTION_CHARS = 3000
+FIELD_CHARS = 2000
+MAX_FIELDS = 10
+MAX_CONTEXT = 10
+TEXT_OBJECT_CHARS = 3000
+TOP_TEXT_CHARS = 4000
+ELLIPSIS = "…"
+
+# Never cut inside an escape (&amp;) or a Slack token (<!date^…|…>, <@U…>).
+_UNSAFE_TAIL = re.compile(r"(&[a-z]{0,4}|<[^>]{0,200})$")
+
+
+class LimitError(ValueError):
+    pass
+
+
+def cut(text: str, limit: int) -> str:
+    """`text` if it fits, else its start and an ellipsis, `limit` characters at most."""
+    if len(text) <= limit:
+        return text
+    head = text[: limit - len(ELLIPSIS)]
+    head = _UNSAFE_TAIL.sub("", head)
+    return head + ELLIPSIS
+
+
+def fit(payload: Any) -> dict[str, Any]:
+    if not isinstance(payload, dict):
+        raise LimitError("a Slack payload must be a JSON object")
+    text = payload.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise LimitError("a Slack payload needs a non-empty top-level text")
+    out = dict(payload)
+    out["text"] = cut(text, TOP_TEXT_CHARS)
+    blocks = payload.get("blocks")
+    if blocks is None:
+        return out
+    if not isinstance(blocks, list) or not all(isinstance(b, dict) for b in blocks):
+        raise LimitError("blocks must be a list of objects")
+    fitted = [_fit_block(b) for b in blocks]
+    if len(fitted) > MAX_BLOCKS:
+        dropped = len(fitted) - (MAX_BLOCKS - 1)
+        note = {"type": "context", "elements": [
+            {"type": "mrkdwn", "text": f"{ELLIPSIS} {dropped} more blocks not shown"}]}  # fmt: skip
+        fitted = [*fitted[: MAX_BLOCKS - 1], note]
+    out["blocks"] = fitted
+    return out
+
+
+def _fit_text(obj: Any, limit: int) -> Any:
+    if isinstance(obj, dict) and isinstance(obj.get("text"), str):
+        return {**obj, "text": cut(obj["text"], limit)}
+    return obj
+
+
+def _fit_block(block: dict[str, Any]) -> dict[str, Any]:
+    kind = block.get("type")
+    if not isinstance(kind, str):
+        raise LimitError("every block needs a type")
+    out = dict(block)
+    if kind == "header":
+        out["text"] = _fit_text(block.get("text"), HEADER_CHARS)
+    elif kind == "section":
+        if "text" in block:
+            out["text"] = _fit_text(block["text"], SECTION_CHARS)
+        fields = block.get("fields")
+        if isinstance(fields, list):
+            kept = [_fit_text(f, FIELD_CHARS) for f in fields[:MAX_FIELDS]]
+            if len(fields) > MAX_FIELDS and kept:
+                last = kept[-1]
+                if isinstance(last, dict) and isinstance(last.get("text"), str):
+                    kept[-1] = {**last, "text": cut(last["text"] + " " + ELLIPSIS, FIELD_CHARS)}
+            out["fields"] = kept
+    elif kind == "context":
+        elements = block.get("elements")
+        if isinstance(elements, list):
+            out["elements"] = [_fit_text(e, TEXT_OBJECT_CHARS) for e in elements[:MAX_CONTEXT]]
+    return out

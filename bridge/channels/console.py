@@ -1,0 +1,22 @@
+"""The console channel: prints each rendered message as one line on stdout."""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+from bridge.channels import DELIVERED, Outcome, retry
+
+
+class ConsoleSender:
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self._stream = stream
+
+    async def send(self, payload: str, delivery_id: int) -> Outcome:
+        stream = self._stream or sys.stdout
+        try:
+            stream.write(payload + "\n")
+            stream.flush()
+        except OSError as exc:  # a closed or full pipe: try again later, do not lose it
+            return retry(f"cannot write: {exc.strerror or type(exc).__name__}")
+        return DELIVERED

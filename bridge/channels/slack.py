@@ -1,0 +1,97 @@
+"""Slack, through slack-sdk's async clients: incoming webhook or bot token (chat.postMessage)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import aiohttp
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web.async_client import AsyncWebClient
+from slack_sdk.webhook.async_client import AsyncWebhookClient
+
+from bridge.channels import (
+    DELIVERED,
+    SDK_LOG,
+    TRANSPORT_ERRORS,
+    Outcome,
+    classify_status,
+    describe_exception,
+    parse_retry_after,
+    permanent,
+    retry,
+)
+from bridge.config import SlackChannel
+
+# Slack's error names that no retry will fix without a change on the operator's side.
+PERMANENT_ERRORS = frozenset(
+    {
+        "channel_not_found", "not_in_channel", "is_archived", "invalid_auth", "not_authed",
+        "account_inactive", "token_revoked", "token_expired", "no_permission", "missing_scope",
+        "invalid_blocks", "invalid_blocks_format", "msg_blocks_too_long", "msg_too_long",
+        "no_text", "too_many_attachments", "restricted_action", "ekm_access_denied",
+        "team_access_not_granted", "invalid_arguments", "thread_not_found",
+        "action_prohibited", "channel_is_archived", "no_service", "invalid_payload",
+        "user_not_found",
+    }
+)  # fmt: skip
+
+
+class SlackSender:
+    def __init__(self, settings: SlackChannel, session: aiohttp.ClientSession, timeout_s: float):
+        timeout = max(1, math.ceil(timeout_s))
+        self._channel = settings.channel or ""
+        self._web: AsyncWebClient | None = None
+        self._hook: AsyncWebhookClient | None = None
+        if settings.token is not None:
+            self._web = AsyncWebClient(
+                token=settings.token.get_secret_value(),
+                base_url=settings.api_url,
+                timeout=timeout,
+                session=session,
+                logger=SDK_LOG,
+                retry_handlers=[],  # the worker retries, with backoff and pacing
+            )
+        elif settings.webhook_url is not None:
+            self._hook = AsyncWebhookClient(
+                settings.webhook_url.get_secret_value(),
+                timeout=timeout,
+                session=session,
+                logger=SDK_LOG,
+                retry_handlers=[],
+            )
+
+    async def send(self, payload: str, delivery_id: int) -> Outcome:
+        message = json.loads(payload)
+        message.setdefault("unfurl_links", False)
+        message.setdefault("unfurl_media", False)
+        try:
+            if self._web is not None:
+                await self._web.chat_postMessage(channel=self._channel, **message)
+                return DELIVERED
+            assert self._hook is not None
+            response = await self._hook.send_dict(message)
+        except SlackApiError as exc:
+            return _classify_api_error(exc)
+        except TRANSPORT_ERRORS as exc:
+            return retry(describe_exception(exc))
+        error = (response.body or "").strip()[:100]
+        if response.status_code == 200:
+            return DELIVERED
+        if error in PERMANENT_ERRORS:
+            return permanent(f"HTTP {response.status_code}: {error}")
+        return classify_status(response.status_code, response.headers, error)
+
+
+def _classify_api_error(exc: SlackApiError) -> Outcome:
+    status = exc.response.status_code
+    error = str(exc.response.get("error", "") or "")[:100]
+    headers = dict(exc.response.headers or {})
+    if status == 429 or error == "ratelimited":
+        return retry(f"HTTP {status}: ratelimited", parse_retry_after(headers) or 1.0, True)
+    if error in PERMANENT_ERRORS:
+        return permanent(f"HTTP {status}: {error}")
+    if status == 200:
+        # ok:false with an error we do not know to be final (internal_error, fatal_error, …)
+        return retry(f"HTTP 200: {error or 'ok false'}")
+    return classify_status(status, headers, error)

@@ -1,0 +1,53 @@
+"""Generic webhooks: POST the rendered JSON, with Standard Webhooks signatures when configured."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+
+import aiohttp
+from standardwebhooks.webhooks import Webhook
+
+from bridge.channels import TRANSPORT_ERRORS, Outcome, classify_status, describe_exception, retry
+from bridge.config import WebhookChannel
+
+
+def message_id(channel: str, delivery_id: int) -> str:
+    """Stable per delivery, so a receiver can drop a repeat after a crash or retry."""
+    digest = hashlib.sha256(f"{channel}\0{delivery_id}".encode()).hexdigest()[:24]
+    return f"msg_{digest}"
+
+
+class WebhookSender:
+    def __init__(
+        self, name: str, settings: WebhookChannel, session: aiohttp.ClientSession,
+        timeout_s: float,
+    ) -> None:  # fmt: skip
+        self._name = name
+        self._url = settings.url.get_secret_value()
+        self._headers = {k: v.get_secret_value() for k, v in settings.headers.items()}
+        self._signer = (
+            Webhook(settings.signing_secret.get_secret_value())
+            if settings.signing_secret is not None
+            else None
+        )
+        self._session = session
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+
+    async def send(self, payload: str, delivery_id: int) -> Outcome:
+        headers = {"Content-Type": "application/json", **self._headers}
+        if self._signer is not None:
+            msg_id = message_id(self._name, delivery_id)
+            now = datetime.now(UTC)
+            headers["webhook-id"] = msg_id
+            headers["webhook-timestamp"] = str(int(now.timestamp()))
+            headers["webhook-signature"] = self._signer.sign(msg_id, now, payload)
+        try:
+            async with self._session.post(
+                self._url, data=payload.encode(), headers=headers, timeout=self._timeout,
+                allow_redirects=False,
+            ) as response:  # fmt: skip
+                await response.read()
+                return classify_status(response.status, response.headers)
+        except TRANSPORT_ERRORS as exc:
+            return retry(describe_exception(exc))

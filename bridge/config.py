@@ -1,0 +1,359 @@
+"""The typed configuration tree, loaded from TOML with `${VAR}` expansion and env overrides.
+
+`load_config(path)` returns a validated `Config` or raises `ConfigError`, whose message names the
+file, the table and the key at fault and never contains a configured value.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+import zoneinfo
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ENV_PREFIX = "LIVE_BRIDGE_"
+DEFAULT_PATH = Path("config.toml")
+
+
+class ConfigError(Exception):
+    """A configuration that must not be started; the message is safe to print."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    callback_path: str = Field("/tencent/callback", pattern=r"^/")
+    max_body_bytes: int = Field(262_144, gt=0)
+
+
+class TencentConfig(Strict):
+    sdk_app_id: tuple[int, ...]
+    callback_token: SecretStr | None = None
+    max_request_age_s: int = Field(60, gt=0)
+
+    @field_validator("sdk_app_id", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return [value] if isinstance(value, int | str) else value
+
+    @field_validator("sdk_app_id")
+    @classmethod
+    def _not_empty(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value:
+            raise ValueError("needs at least one SDKAppID")
+        return value
+
+    @field_validator("callback_token")
+    @classmethod
+    def _token_length(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not 1 <= len(value.get_secret_value()) <= 128:
+            raise ValueError("Tencent callback tokens are 1 to 128 characters")
+        return value
+
+
+class StoreConfig(Strict):
+    path: Path = Path("live-bridge.db")
+
+
+class DeliveryConfig(Strict):
+    max_attempts: int = Field(10, ge=1)
+    initial_backoff_s: float = Field(1.0, gt=0)
+    max_backoff_s: float = Field(300.0, gt=0)
+    timeout_s: float = Field(10.0, gt=0)
+    dedup_window_s: float = Field(600, ge=0)
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> DeliveryConfig:
+        if self.max_backoff_s < self.initial_backoff_s:
+            raise ValueError("max_backoff_s must not be below initial_backoff_s")
+        return self
+
+
+class TemplatesConfig(Strict):
+    dir: Path = Path("templates")
+    timezone: str = "UTC"
+    room_url: str | None = None
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}") from None
+        return value
+
+    @field_validator("room_url")
+    @classmethod
+    def _room_placeholder(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                value.format(room_id="x")
+            except (KeyError, IndexError, ValueError):
+                raise ValueError("room_url may only use the placeholder {room_id}") from None
+        return value
+
+
+class ConsoleChannel(Strict):
+    type: Literal["console"]
+    template: str | None = None
+
+
+class SlackChannel(Strict):
+    type: Literal["slack"]
+    webhook_url: SecretStr | None = None
+    token: SecretStr | None = None
+    channel: str | None = None
+    api_url: str = "https://slack.com/api/"
+    template: str | None = None
+
+    @field_validator("api_url")
+    @classmethod
+    def _trailing_slash(cls, value: str) -> str:
+        # slack-sdk appends the method name to base_url as it is.
+        return value if value.endswith("/") else value + "/"
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> SlackChannel:
+        if (self.webhook_url is None) == (self.token is None):
+            raise ValueError("set exactly one of webhook_url (incoming webhook) or token (bot)")
+        if self.token is not None and not self.channel:
+            raise ValueError("a bot-token channel needs channel = the Slack channel ID")
+        if self.webhook_url is not None and self.channel:
+            raise ValueError("an incoming webhook posts to its own channel: remove channel")
+        return self
+
+
+class WebhookChannel(Strict):
+    type: Literal["webhook"]
+    url: SecretStr
+    headers: dict[str, SecretStr] = {}
+    signing_secret: SecretStr | None = None
+    template: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: SecretStr) -> SecretStr:
+        if not re.match(r"^https?://[^/\s]+", value.get_secret_value()):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("signing_secret")
+    @classmethod
+    def _whsec(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            from standardwebhooks.webhooks import Webhook
+
+            try:
+                Webhook(value.get_secret_value())
+            except Exception:
+                raise ValueError("must be a Standard Webhooks secret (whsec_ + base64)") from None
+        return value
+
+
+Channel = Annotated[ConsoleChannel | SlackChannel | WebhookChannel, Field(discriminator="type")]
+
+
+class Route(Strict):
+    name: str = Field(min_length=1)
+    rooms: tuple[str, ...] | None = None
+    room_regex: str | None = None
+    commands: tuple[str, ...] | None = None
+    operators: tuple[str, ...] | None = None
+    channels: tuple[str, ...] = Field(min_length=1)
+    continue_: bool = Field(False, alias="continue")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Config(BaseSettings):
+    model_config = SettingsConfigDict(
+        extra="forbid",
+        frozen=True,
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+    )
+
+    server: ServerConfig = ServerConfig()
+    tencent: TencentConfig
+    store: StoreConfig = StoreConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
+    templates: TemplatesConfig = TemplatesConfig()
+    channels: dict[str, Channel] = Field(min_length=1)
+    routes: tuple[Route, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> Config:
+        seen: set[str] = set()
+        for route in self.routes:
+            if route.name in seen:
+                raise ValueError(f"route {route.name!r}: another route has the same name")
+            seen.add(route.name)
+            for channel in route.channels:
+                if channel not in self.channels:
+                    raise ValueError(f"route {route.name!r}: undefined channel {channel!r}")
+            if route.room_regex is not None:
+                try:
+                    re.compile(route.room_regex)
+                except re.error as exc:
+                    raise ValueError(f"route {route.name!r}: bad room_regex: {exc}") from None
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = _ExpandedToml(settings_cls)
+        return (init_settings, EnvSettingsSource(settings_cls), toml)
+
+
+def config_path(explicit: str | Path | None) -> Path:
+    """The path to load: the explicit one, else $LIVE_BRIDGE_CONFIG, else config.toml."""
+    if explicit is not None:
+        return Path(explicit)
+    return Path(os.environ.get(ENV_PREFIX + "CONFIG") or DEFAULT_PATH)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, expand and validate the config at `path`; relative paths resolve against its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+
+    class _Bound(Config):
+        model_config = SettingsConfigDict(toml_file=path)
+
+    try:
+        config: Config = _Bound()
+    except ValidationError as exc:
+        raise ConfigError(_describe(path, exc)) from None
+    except _LoadError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    base = path.resolve().parent
+    return Config.model_construct(
+        **{
+            **dict(config),
+            "store": config.store.model_copy(update={"path": base / config.store.path}),
+            "templates": config.templates.model_copy(update={"dir": base / config.templates.dir}),
+        }
+    )
+
+
+class _LoadError(Exception):
+    pass
+
+
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(text: str, where: str, missing: list[str]) -> str:
+    """Expand ${VAR} and ${VAR:-default}; `$$` is a literal `$`. Unset names go to `missing`."""
+
+    def one(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, default = match.group(1), match.group(2)
+        value = os.environ.get(name)
+        if value is None or (value == "" and default is not None):
+            if default is None:
+                missing.append(f"{where}: environment variable {name} is not set")
+                return ""
+            return default
+        return value
+
+    return _VAR.sub(one, text)
+
+
+def _expand_tree(node: Any, loc: tuple[int | str, ...], missing: list[str]) -> Any:
+    if isinstance(node, str):
+        return expand_env(node, _where(loc), missing)
+    if isinstance(node, dict):
+        return {k: _expand_tree(v, (*loc, k), missing) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_tree(v, (*loc, i), missing) for i, v in enumerate(node)]
+    return node
+
+
+class _ExpandedToml(TomlConfigSettingsSource):
+    def _read_file(self, file_path: Any) -> dict[str, Any]:
+        try:
+            with file_path.open(mode="rb") as handle:
+                data = tomllib.load(handle)
+        except tomllib.TOMLDecodeError as exc:
+            raise _LoadError(f"not valid TOML: {exc}") from None
+        missing: list[str] = []
+        expanded: dict[str, Any] = _expand_tree(data, (), missing)
+        if missing:
+            raise _LoadError("; ".join(missing))
+        return expanded
+
+
+def _describe(path: Path, exc: ValidationError) -> str:
+    lines = [f"{path}: invalid configuration"]
+    for error in exc.errors(include_input=False, include_url=False):
+        lines.append(f"  {_where(error['loc'])}: {_what(error)}")
+    return "\n".join(lines)
+
+
+_CHANNEL_TYPES = ("console", "slack", "webhook")
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    """`("channels", "x", "slack", "token")` → `[channels.x] token`; routes by their position."""
+    parts = list(loc)
+    if not parts:
+        return "config"
+    if parts[0] == "channels" and len(parts) >= 3 and parts[2] in _CHANNEL_TYPES:
+        del parts[2]  # the discriminator's tag, not a key the operator wrote
+    if parts[0] == "routes" and len(parts) >= 2 and isinstance(parts[1], int):
+        table, rest = f"[[routes]] #{parts[1] + 1}", parts[2:]
+    elif parts[0] == "channels" and len(parts) >= 2:
+        table, rest = f"[channels.{parts[1]}]", parts[2:]
+    elif len(parts) == 1:
+        table, rest = "", parts
+    else:
+        table, rest = f"[{parts[0]}]", parts[1:]
+    key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in rest).lstrip(".")
+    return f"{table} {key}".strip()
+
+
+def _what(error: Any) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "missing required key"
+    if kind == "union_tag_invalid":
+        return "type must be one of console, slack, webhook"
+    if kind == "union_tag_not_found":
+        return "missing key type (console, slack or webhook)"
+    message = str(error["msg"])
+    return message.removeprefix("Value error, ")

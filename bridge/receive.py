@@ -1,0 +1,154 @@
+"""The callback endpoint: verify, parse, route, render, commit, then answer Tencent.
+
+The OK packet goes out only after the event and one pending delivery per matched channel are
+committed together; delivery happens later, from the store, in the worker. Every answer, refusals
+included, is a Tencent response packet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from bridge.config import Config
+from bridge.events import BadEvent, Envelope, decode_body, parse_event
+from bridge.render import Context, RenderError, Renderer
+from bridge.routing import Router
+from bridge.store import NewDelivery, NewEvent, Store, StoreUnavailable
+from bridge.verify import Refused, check_app_id, check_signature, query_keys
+
+log = logging.getLogger(__name__)
+
+OK_PACKET = b'{"ActionStatus":"OK","ErrorInfo":"","ErrorCode":0}'
+
+
+def packet(status: int, info: str = "") -> Response:
+    """A Tencent response packet; ErrorCode is the HTTP status of a refusal, 0 for OK."""
+    if status == 200:
+        body = OK_PACKET
+    else:
+        body = json.dumps(
+            {"ActionStatus": "FAIL", "ErrorInfo": info, "ErrorCode": status},
+            separators=(",", ":"),
+        ).encode()
+    return Response(body, status_code=status, media_type="application/json")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, or Refused(413) as soon as it is known to exceed `limit`."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise Refused(413, f"body over {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise Refused(413, f"body over {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def dedup_key(fields: dict[str, Any]) -> str:
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class Receiver:
+    def __init__(
+        self, config: Config, store: Store, router: Router, renderer: Renderer,
+        on_recorded: Callable[[], None],
+    ) -> None:  # fmt: skip
+        self.config = config
+        self.store = store
+        self.router = router
+        self.renderer = renderer
+        self.on_recorded = on_recorded
+        self.counts: Counter[str] = Counter()  # results by name, for logs and metrics
+
+    async def handle(self, request: Request) -> Response:
+        try:
+            response = await self._handle(request)
+        except Refused as exc:
+            self.counts[f"refused_{exc.status}"] += 1
+            log.info("refused callback: HTTP %d %s", exc.status, exc.info)
+            return packet(exc.status, exc.info)
+        except Exception:
+            self.counts["error"] += 1
+            log.exception("callback failed")
+            return packet(500, "internal error")
+        return response
+
+    async def _handle(self, request: Request) -> Response:
+        now = time.time()
+        tencent = self.config.tencent
+        query = query_keys(request.query_params.multi_items())
+        app_id = check_app_id(query, tencent.sdk_app_id)
+        check_signature(query, tencent.callback_token, tencent.max_request_age_s, now)
+        body = await read_body(request, self.config.server.max_body_bytes)
+        try:
+            fields = decode_body(body)
+            event = parse_event(fields)
+        except BadEvent as exc:
+            raise Refused(400, str(exc)) from None
+        said = query.get("callbackcommand") or query.get("webhookcommand")
+        if said and said != event.CallbackCommand:
+            log.info("query says %s, body says %s: using the body", said, event.CallbackCommand)
+
+        deliveries = self._deliveries(event, fields, app_id, now, query)
+        record = NewEvent(
+            sdk_app_id=app_id,
+            command=event.CallbackCommand,
+            room_id=event.RoomId,
+            event_time=event.EventTime,
+            body=body.decode(),
+            query=json.dumps({k: v for k, v in query.items() if k != "sign"}),
+            dedup_key=dedup_key(fields),
+        )
+        try:
+            recorded = await self.store.record(
+                record, deliveries, now, self.config.delivery.dedup_window_s
+            )
+        except StoreUnavailable as exc:
+            self.counts["store_unavailable"] += 1
+            log.error("cannot store callback %s: %s", event.CallbackCommand, exc)
+            return packet(503, "store unavailable")
+        if recorded.duplicate:
+            self.counts["duplicate"] += 1
+            log.info("duplicate of event=%d within the dedup window", recorded.event_id)
+        else:
+            self.counts["accepted"] += 1
+            if deliveries:
+                self.on_recorded()
+        return packet(200)
+
+    def _deliveries(
+        self, event: Envelope, fields: dict[str, Any], app_id: int, now: float,
+        query: dict[str, str],
+    ) -> list[NewDelivery]:  # fmt: skip
+        match = self.router.route_event(event)
+        if not match.channels:
+            self.counts["unrouted"] += 1
+            log.info("no route matched %s room=%s", event.CallbackCommand, event.RoomId)
+            return []
+        ctx = Context(sdk_app_id=app_id, received_at=now, query=query)
+        deliveries = []
+        for name in match.channels:
+            channel = self.config.channels[name]
+            try:
+                payload = self.renderer.render(channel.type, event, fields, ctx, channel.template)
+            except RenderError as exc:
+                # Stored as a dead letter with the reason: visible, retryable, never silent.
+                log.error("channel %s: cannot render %s: %s", name, event.CallbackCommand, exc)
+                deliveries.append(NewDelivery(name, None, error=f"render failed: {exc}"))
+                continue
+            deliveries.append(NewDelivery(name, payload))
+        return deliveries

@@ -1,0 +1,252 @@
+"""Turning an event into a channel's payload with Jinja, escaping by construction.
+
+Every `{{ … }}` in a template passes through the environment's `finalize`, which escapes the value
+for where it lands: inside a JSON string (and Slack's mrkdwn) for slack templates, inside a JSON
+string for webhook templates, and as one visible line for console templates. Template authors have
+no filter to remember. Values the bridge itself builds for Slack (the `<!date^…>` token, the room
+link) are `Verbatim`; `tojson` returns `Json`, a complete JSON value passed through as is.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import types
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+from zoneinfo import ZoneInfo
+
+import jinja2
+
+from bridge import blockkit
+from bridge.config import TemplatesConfig
+from bridge.events import Envelope
+
+SHIPPED = next(
+    p
+    for p in (
+        Path(__file__).parent / "_templates",  # installed wheel
+        Path(__file__).parent.parent / "templates",  # source checkout
+    )
+    if p.is_dir()
+)
+
+
+class RenderError(Exception):
+    """A template that cannot produce a valid payload; names the template and line."""
+
+
+class Verbatim(str):
+    """Text the bridge built itself: JSON-escaped where it lands, never Slack-escaped."""
+
+
+class Json(str):
+    """A complete JSON value (from `tojson`): inserted exactly as it is."""
+
+
+def slack_escape(text: str) -> str:
+    """Slack's three control characters; nothing else is touched."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _json_text(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)[1:-1]
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _visible(text: str) -> str:
+    # One event, one line: a newline or a terminal escape in a value must not forge output.
+    return _CONTROL.sub(lambda m: json.dumps(m.group(0))[1:-1], text)
+
+
+def _finalize_slack(value: Any) -> str:
+    if isinstance(value, Json):
+        return str(value)
+    if isinstance(value, Verbatim):
+        return _json_text(value)
+    return _json_text(slack_escape("" if value is None else str(value)))
+
+
+def _finalize_webhook(value: Any) -> str:
+    if isinstance(value, Json):
+        return str(value)
+    return _json_text("" if value is None else str(value))
+
+
+def _finalize_console(value: Any) -> str:
+    if isinstance(value, Json | Verbatim):
+        return str(value)
+    return _visible("" if value is None else str(value))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Envelope) or hasattr(value, "model_dump"):
+        return value.model_dump(mode="python")
+    return value
+
+
+def _deep(value: Any, leaf: Callable[[str], str]) -> Any:
+    value = _plain(value)
+    if isinstance(value, str) and not isinstance(value, Verbatim | Json):
+        return leaf(value)
+    if isinstance(value, Mapping):
+        return {str(k): _deep(v, leaf) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_deep(v, leaf) for v in value]
+    return value
+
+
+def _tojson_for(leaf: Callable[[str], str]) -> Callable[[Any], Json]:
+    def tojson(value: Any) -> Json:
+        return Json(json.dumps(_deep(value, leaf), ensure_ascii=False))
+
+    return tojson
+
+
+def _same(text: str) -> str:
+    return text
+
+
+def as_text(value: Any) -> str:
+    """Any value as plain one-line text (JSON for lists and objects), to be escaped like text."""
+    value = _plain(value)
+    if isinstance(value, str):
+        return str.__str__(value)
+    return json.dumps(value, ensure_ascii=False)
+
+
+FINALIZE: dict[str, Callable[[Any], str]] = {
+    "slack": _finalize_slack,
+    "webhook": _finalize_webhook,
+    "console": _finalize_console,
+}
+TOJSON: dict[str, Callable[[Any], Json]] = {
+    "slack": _tojson_for(slack_escape),
+    "webhook": _tojson_for(_same),
+    "console": _tojson_for(_same),
+}
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the bridge knows about one callback, beyond the event itself."""
+
+    sdk_app_id: int
+    received_at: float  # Unix seconds
+    query: Mapping[str, str]  # ClientIP, OptPlatform, … as received (lower-case keys)
+
+
+class Renderer:
+    def __init__(self, settings: TemplatesConfig) -> None:
+        self.settings = settings
+        self.zone = ZoneInfo(settings.timezone)
+        loader = jinja2.ChoiceLoader(
+            [jinja2.FileSystemLoader(settings.dir), jinja2.FileSystemLoader(SHIPPED)]
+        )
+        self._envs: dict[str, jinja2.Environment] = {}
+        for kind, finalize in FINALIZE.items():
+            env = jinja2.Environment(
+                loader=loader,
+                undefined=jinja2.StrictUndefined,
+                autoescape=False,  # noqa: S701  # escaping is finalize's job, per output kind
+                finalize=finalize,
+                keep_trailing_newline=False,
+                trim_blocks=True,
+                lstrip_blocks=True,
+            )
+            env.filters["tojson"] = TOJSON[kind]
+            env.filters["as_text"] = as_text
+            self._envs[kind] = env
+
+    def template_name(self, kind: str, command: str, explicit: str | None) -> str:
+        """The channel's own template, else `kind/COMMAND.j2`, else `kind/default.j2`."""
+        if explicit is not None:
+            return explicit
+        candidate = f"{kind}/{command}.j2"
+        try:
+            self._envs[kind].get_template(candidate)
+        except jinja2.TemplateNotFound:
+            return f"{kind}/default.j2"
+        except jinja2.TemplateSyntaxError:
+            pass  # it exists; rendering reports the syntax error with its line
+        return candidate
+
+    def render(
+        self, kind: str, event: Envelope, fields: Mapping[str, Any], ctx: Context,
+        explicit: str | None = None,
+    ) -> str:  # fmt: skip
+        """The payload text for a channel of type `kind`; RenderError names template and line."""
+        name = self.template_name(kind, event.CallbackCommand, explicit)
+        try:
+            template = self._envs[kind].get_template(name)
+            text = template.render(self._variables(event, fields, ctx))
+        except jinja2.TemplateNotFound:
+            raise RenderError(f"template {name} not found") from None
+        except jinja2.TemplateSyntaxError as exc:
+            raise RenderError(f"{exc.filename or name}, line {exc.lineno}: {exc.message}") from None
+        except Exception as exc:
+            line = _template_line(exc.__traceback__, template.filename)
+            where = f"{template.filename}, line {line}" if line else name
+            raise RenderError(f"{where}: {type(exc).__name__}: {exc}") from None
+        if kind == "console":
+            return text.strip()
+        return _check_json(kind, name, text)
+
+    def _variables(
+        self, event: Envelope, fields: Mapping[str, Any], ctx: Context
+    ) -> dict[str, Any]:
+        received = datetime.fromtimestamp(ctx.received_at, UTC).astimezone(self.zone)
+        happened = (
+            datetime.fromtimestamp(event.EventTime / 1000, UTC).astimezone(self.zone)
+            if event.EventTime is not None
+            else received
+        )
+        fallback = happened.strftime("%Y-%m-%d %H:%M:%S %Z")
+        date_token = (
+            f"<!date^{int(happened.timestamp())}^{{date_short_pretty}} {{time_secs}}"
+            f"|{slack_escape(fallback)}>"
+        )
+        room_url = None
+        if self.settings.room_url and event.RoomId is not None:
+            room_url = Verbatim(self.settings.room_url.format(room_id=quote(event.RoomId, safe="")))
+        return {
+            "command": event.CallbackCommand,
+            "event": event,
+            "fields": types.MappingProxyType(dict(fields)),
+            "sdk_app_id": ctx.sdk_app_id,
+            "query": types.MappingProxyType(dict(ctx.query)),
+            "received_at": received,
+            "received_at_iso": received.isoformat(),
+            "happened_at": happened,
+            "happened_at_text": fallback,
+            "slack_date": Verbatim(date_token),
+            "room_url": room_url,
+        }
+
+
+def _check_json(kind: str, name: str, text: str) -> str:
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RenderError(f"{name}: output is not JSON (line {exc.lineno}: {exc.msg})") from None
+    if kind == "slack":
+        try:
+            payload = blockkit.fit(payload)
+        except blockkit.LimitError as exc:
+            raise RenderError(f"{name}: {exc}") from None
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+
+
+def _template_line(tb: types.TracebackType | None, filename: str | None) -> int | None:
+    line = None
+    while tb is not None:
+        if filename and tb.tb_frame.f_code.co_filename == filename:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
