@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from http import HTTPStatus
 from collections.abc import AsyncIterator, Mapping
+from http import HTTPStatus
 
 import aiohttp
 from starlette.applications import Starlette

@@ -14,7 +14,7 @@ from fnmatch import fnmatchcase
 
 from bridge.config import Config, Route
 from bridge.events import MODELS, parse_event
-from bridge.render import Context, RenderError, Renderer
+from bridge.render import Context, Renderer, RenderError
 from bridge.samples import UNKNOWN_SAMPLE, sample
 
 

@@ -20,7 +20,7 @@ from starlette.responses import Response
 
 from bridge.config import Config
 from bridge.events import BadEvent, Envelope, decode_body, parse_event
-from bridge.render import Context, RenderError, Renderer
+from bridge.render import Context, Renderer, RenderError
 from bridge.routing import Router
 from bridge.store import NewDelivery, NewEvent, Store, StoreUnavailable
 from bridge.verify import Refused, check_app_id, check_signature, query_keys
