@@ -1,0 +1,231 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bridge.config import ConfigError, SlackChannel, WebhookChannel, config_path, load_config
+
+ROOT = Path(__file__).parent.parent
+
+MINIMAL = """
+[tencent]
+sdk_app_id = 1400000000
+
+[channels.console]
+type = "console"
+
+[[routes]]
+name = "all"
+channels = ["console"]
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_example_config_loads() -> None:
+    config = load_config(ROOT / "config.example.toml")
+    assert config.tencent.sdk_app_id == (1400000000,)
+    assert config.server.callback_path == "/tencent/callback"
+    assert config.store.path == ROOT / "live-bridge.db"
+    assert config.templates.dir == ROOT / "templates"
+    assert [r.name for r in config.routes] == ["everything"]
+
+
+def test_issue_example_loads_with_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLACK_WEBHOOK_URL", "https://hooks.slack.com/services/T/B/Zq1")
+    monkeypatch.setenv("SLACK_BOT_TOKEN", "xoxb-Zq2")
+    monkeypatch.setenv("AUDIT_TOKEN", "Zq3")
+    monkeypatch.setenv("AUDIT_SIGNING_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+    path = write(tmp_path, ISSUE_EXAMPLE)
+    config = load_config(path)
+    moderators = config.channels["moderators"]
+    assert isinstance(moderators, SlackChannel) and moderators.webhook_url is not None
+    assert moderators.webhook_url.get_secret_value().endswith("Zq1")
+    audit = config.channels["audit"]
+    assert isinstance(audit, WebhookChannel)
+    assert audit.headers["Authorization"].get_secret_value() == "Bearer Zq3"
+    assert not any(z in repr(config) + str(config) for z in ("Zq1", "Zq2", "Zq3", "MfKQ9"))
+    games = config.routes[1]
+    assert games.continue_ and games.room_regex == "^game-[0-9]+$"
+    assert config.tencent.sdk_app_id == (1400000000,)
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ("[server]\nprot = 1\n", "[server] prot: unknown key"),
+        ("[delivery]\nmax_attemps = 3\n", "[delivery] max_attemps: unknown key"),
+        ("[channels.x]\ntype = 'console'\ncolour = 'red'\n", "[channels.x] colour: unknown key"),
+        ("[[routes]]\nname = 'b'\nchannels = ['console']\nroom = 'x'\n", "[[routes]] #2 room"),
+        ("[bogus]\na = 1\n", "bogus: unknown key"),
+        ("[server]\nport = 'eighty'\n", "[server] port"),
+        ("[channels.y]\ntype = 'carrier-pigeon'\n", "[channels.y]"),
+        ("[channels.z]\ntype = 'slack'\ntoken = 'xoxb-1'\n", "needs channel"),
+        ("[channels.z]\ntype = 'slack'\n", "exactly one of webhook_url"),
+        ("[templates]\ntimezone = 'Mars/Olympus'\n", "unknown time zone"),
+        ("[templates]\nroom_url = 'https://x/{room}'\n", "only use the placeholder {room_id}"),
+    ],
+)
+def test_bad_keys_are_named_with_their_table(tmp_path: Path, extra: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, MINIMAL + extra))
+    assert expected in str(caught.value)
+    assert str(tmp_path / "config.toml") in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("routes", "expected"),
+    [
+        ("[[routes]]\nname = 'r'\nchannels = ['nowhere']\n", "route 'r': undefined channel"),
+        ("[[routes]]\nname = 'r'\nroom_regex = '(['\nchannels = ['console']\n", "route 'r': bad"),
+        ("[[routes]]\nname = 'all'\nchannels = ['console']\n", "route 'all': another route"),
+    ],
+)
+def test_route_cross_references(tmp_path: Path, routes: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match="route") as caught:
+        load_config(write(tmp_path, MINIMAL + routes))
+    assert expected in str(caught.value)
+
+
+def test_env_expansion_and_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOOK", "https://example.invalid/hook")
+    monkeypatch.delenv("UNSET_PATH", raising=False)
+    monkeypatch.setenv("EMPTY", "")
+    text = MINIMAL + (
+        "[channels.w]\ntype = 'webhook'\nurl = '${HOOK}'\n"
+        "[store]\npath = '${UNSET_PATH:-data/${EMPTY:-x}.db}'\n"
+    )
+    config = load_config(write(tmp_path, text.replace("$${", "${")))
+    channel = config.channels["w"]
+    assert isinstance(channel, WebhookChannel)
+    assert channel.url.get_secret_value() == "https://example.invalid/hook"
+
+
+def test_default_then_literal_dollar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOT_SET_ANYWHERE", raising=False)
+    text = MINIMAL + "[store]\npath = '${NOT_SET_ANYWHERE:-a}$$b.db'\n"
+    assert load_config(write(tmp_path, text)).store.path.name == "a$b.db"
+
+
+def test_unset_variable_is_named_and_stops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SLACK_WEBHOOK_URL", raising=False)
+    text = MINIMAL + "[channels.m]\ntype = 'slack'\nwebhook_url = '${SLACK_WEBHOOK_URL}'\n"
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    message = str(caught.value)
+    assert "SLACK_WEBHOOK_URL is not set" in message
+    assert "[channels.m] webhook_url" in message
+
+
+def test_secrets_never_in_error_messages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = "xoxb-VERY-SECRET-VALUE"
+    monkeypatch.setenv("TOKEN", secret)
+    text = MINIMAL + (
+        "[channels.bad]\ntype = 'slack'\ntoken = '${TOKEN}'\n"  # no channel: invalid
+        "[channels.hook]\ntype = 'webhook'\nurl = 'ftp://VERY-SECRET-VALUE@x'\n"
+        "signing_secret = 'VERY-SECRET-VALUE'\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    assert "VERY-SECRET" not in str(caught.value)
+    assert "[channels.hook] url" in str(caught.value)
+    assert "[channels.hook] signing_secret" in str(caught.value)
+
+
+def test_env_overrides_nested_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LIVE_BRIDGE_SERVER__PORT", "9000")
+    monkeypatch.setenv("LIVE_BRIDGE_DELIVERY__MAX_ATTEMPTS", "3")
+    config = load_config(write(tmp_path, MINIMAL))
+    assert config.server.port == 9000
+    assert config.delivery.max_attempts == 3
+
+
+def test_sdk_app_id_int_or_list(tmp_path: Path) -> None:
+    text = MINIMAL.replace("sdk_app_id = 1400000000", "sdk_app_id = [1400000000, 1400000001]")
+    assert load_config(write(tmp_path, text)).tencent.sdk_app_id == (1400000000, 1400000001)
+
+
+def test_not_toml_names_the_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"not valid TOML.*line 2"):
+        load_config(write(tmp_path, "[server]\nport = = 1\n"))
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "absent.toml")
+
+
+def test_config_path_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LIVE_BRIDGE_CONFIG", raising=False)
+    assert config_path(None) == Path("config.toml")
+    monkeypatch.setenv("LIVE_BRIDGE_CONFIG", "/etc/live-bridge.toml")
+    assert config_path(None) == Path("/etc/live-bridge.toml")
+    assert config_path("x.toml") == Path("x.toml")
+
+
+ISSUE_EXAMPLE = """
+[server]
+host = "127.0.0.1"
+port = 8080
+callback_path = "/tencent/callback"
+max_body_bytes = 262144
+
+[tencent]
+sdk_app_id = 1400000000
+max_request_age_s = 60
+
+[store]
+path = "live-bridge.db"
+
+[delivery]
+max_attempts = 10
+initial_backoff_s = 1.0
+max_backoff_s = 300.0
+timeout_s = 10.0
+dedup_window_s = 600
+
+[templates]
+dir = "templates"
+timezone = "UTC"
+
+[channels.console]
+type = "console"
+
+[channels.moderators]
+type = "slack"
+webhook_url = "${SLACK_WEBHOOK_URL}"
+
+[channels.mod-bot]
+type = "slack"
+token = "${SLACK_BOT_TOKEN}"
+channel = "C0123456789"
+api_url = "https://slack.com/api/"
+
+[channels.audit]
+type = "webhook"
+url = "https://audit.example.com/live"
+headers = { Authorization = "Bearer ${AUDIT_TOKEN}" }
+signing_secret = "${AUDIT_SIGNING_SECRET}"
+
+[[routes]]
+name = "vip"
+rooms = ["vip-*"]
+channels = ["moderators", "audit"]
+
+[[routes]]
+name = "games"
+room_regex = "^game-[0-9]+$"
+commands = ["Live.CallbackAfterChangeOwner"]
+operators = ["admin*"]
+channels = ["mod-bot"]
+continue = true
+
+[[routes]]
+name = "everything else"
+channels = ["console"]
+"""

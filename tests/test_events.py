@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bridge.events import (
+    MODELS,
+    BadEvent,
+    Envelope,
+    OwnerChanged,
+    RoomDestroyed,
+    decode_body,
+    parse_event,
+)
+
+SEED = (
+    b'{"CallbackCommand":"Live.CallbackAfterChangeOwner","RoomId":"room_id",'
+    b'"EventTime":1703589922780,"Operator_Account":"admin","CurrentOwner_Account":"user2",'
+    b'"OriginalOwner_Account":"user1"}'
+)
+
+
+def test_seed_sample_parses_as_owner_changed() -> None:
+    event = parse_event(decode_body(SEED))
+    assert isinstance(event, OwnerChanged)
+    assert (event.RoomId, event.CurrentOwner_Account, event.OriginalOwner_Account) == (
+        "room_id", "user2", "user1",
+    )  # fmt: skip
+    assert event.Operator_Account == "admin" and event.EventTime == 1703589922780
+
+
+def test_big_integer_accounts_keep_every_digit() -> None:
+    body = (
+        b'{"CallbackCommand":"Live.CallbackAfterChangeOwner","RoomId":9007199254740993,'
+        b'"Operator_Account":144115233775727695,"CurrentOwner_Account":18446744073709551617,'
+        b'"OriginalOwner_Account":"user1"}'
+    )
+    fields = decode_body(body)
+    event = parse_event(fields)
+    assert isinstance(event, OwnerChanged)
+    assert event.RoomId == "9007199254740993"
+    assert event.Operator_Account == "144115233775727695"
+    assert event.CurrentOwner_Account == "18446744073709551617"
+    # The raw fields keep the numbers as exact integers for webhook bodies.
+    assert json.dumps(fields["Operator_Account"]) == "144115233775727695"
+
+
+def test_nested_accounts_too() -> None:
+    fields = decode_body(
+        b'{"CallbackCommand":"Live.CallbackAfterMemberStateChanged","RoomId":"r",'
+        b'"MemberList":[{"Member_Account":144115233775727695}]}'
+    )
+    event = parse_event(fields)
+    assert event.model_dump()["MemberList"][0]["Member_Account"] == "144115233775727695"
+
+
+def test_system_operator_and_missing_event_time() -> None:
+    event = parse_event(
+        {"CallbackCommand": "Live.CallbackAfterDestroyRoom", "RoomId": "r",
+         "Operator_Account": "@TIM#SYSTEM", "EventType": "DestroyBySystem"}
+    )  # fmt: skip
+    assert isinstance(event, RoomDestroyed)
+    assert event.EventTime is None and event.Operator_Account == "@TIM#SYSTEM"
+
+
+def test_unknown_command_passes_through_the_envelope_keeping_fields() -> None:
+    event = parse_event({"CallbackCommand": "Follow.CallbackAfterFollowAdd", "Extra": {"a": 1}})
+    assert type(event) is Envelope
+    assert event.model_dump()["Extra"] == {"a": 1}
+
+
+def test_every_command_in_the_table_has_a_model() -> None:
+    assert len(MODELS) == 14
+    assert all(issubclass(m, Envelope) for m in MODELS.values())
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"", "not valid JSON"),
+        (b"not json", "not valid JSON"),
+        (b"\xff\xfe{}", "not UTF-8"),
+        (b"[1, 2]", "JSON object"),
+        (b'"text"', "JSON object"),
+        (b'{"CallbackCommand": NaN}', "not a JSON number"),
+        (b'{"a": 1e999999}', None),  # parses (inf) but then lacks CallbackCommand
+        (b"{}", "string CallbackCommand"),
+        (b'{"CallbackCommand": 5}', "string CallbackCommand"),
+        (b'{"CallbackCommand": ""}', "string CallbackCommand"),
+        (b'{"CallbackCommand": "Live.CallbackAfterChangeOwner", "RoomId": {}}', "RoomId"),
+        (b'{"CallbackCommand": "Live.CallbackAfterChangeOwner", "EventTime": "soon"}', "EventTime"),
+        (b'{"CallbackCommand": "x", "Operator_Account": [1]}', "Operator_Account"),
+        (b'{"CallbackCommand": "Live.CallbackAfterModifyAdmin", "Admin_Account": "a"}', "Admin"),
+        (b"[" * 100000 + b"]" * 100000, "not valid JSON"),
+        (b'{"CallbackCommand": "x", "RoomId": "' + b"9" * 5000 + b'"}', None),  # fine: a string
+    ],
+)
+def test_bad_bodies_are_refused_with_a_short_reason(body: bytes, message: str | None) -> None:
+    if message is None and b'"x"' in body:
+        assert parse_event(decode_body(body)).RoomId == "9" * 5000
+        return
+    with pytest.raises(BadEvent) as caught:
+        parse_event(decode_body(body))
+    if message is not None:
+        assert message in str(caught.value)
+    assert len(str(caught.value)) <= 200
+
+
+def test_huge_integer_literal_is_refused_not_crashing() -> None:
+    with pytest.raises(BadEvent):
+        decode_body(b'{"CallbackCommand": "x", "n": ' + b"9" * 5000 + b"}")

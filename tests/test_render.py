@@ -1,0 +1,163 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge.config import TemplatesConfig
+from bridge.events import decode_body, parse_event
+from bridge.render import Context, Renderer, RenderError, slack_escape
+
+ROOT = Path(__file__).parent.parent
+CTX = Context(sdk_app_id=1400000000, received_at=1703589923.5, query={"clientip": "1.2.3.4"})
+SEED: dict[str, Any] = {
+    "CallbackCommand": "Live.CallbackAfterChangeOwner", "RoomId": "room_id",
+    "EventTime": 1703589922780, "Operator_Account": "admin",
+    "CurrentOwner_Account": "user2", "OriginalOwner_Account": "user1",
+}  # fmt: skip
+INJECTIONS = [
+    "<!channel>", "<!here>", "<!everyone>", "<@U123>", "<!subteam^S1>", "<http://x|y>",
+    "a & b", 'say "hi"', "back\\slash", "two\nlines", "tab\tand\x1b[31mescape", "}]}",
+    "{{ 7 * 7 }}",
+]  # fmt: skip
+
+
+def renderer(tmp_path: Path | None = None, **settings: Any) -> Renderer:
+    return Renderer(TemplatesConfig(dir=tmp_path or ROOT / "templates", **settings))
+
+
+def render(kind: str, fields: dict[str, Any], r: Renderer | None = None) -> str:
+    return (r or renderer()).render(kind, parse_event(fields), fields, CTX)
+
+
+def strings(node: Any) -> list[str]:
+    if isinstance(node, str):
+        return [node]
+    if isinstance(node, dict):
+        return [s for v in node.values() for s in strings(v)]
+    if isinstance(node, list):
+        return [s for v in node for s in strings(v)]
+    return []
+
+
+def test_owner_changed_slack_message_for_moderators() -> None:
+    payload = json.loads(render("slack", SEED, renderer(room_url="https://c.example/r/{room_id}")))
+    assert payload["text"] == "Room owner changed in room_id: user1 → user2"
+    header, section, context, actions = payload["blocks"]
+    assert header == {
+        "type": "header",
+        "text": {"type": "plain_text", "text": "Room owner changed"},
+    }
+    fields = [f["text"] for f in section["fields"]]
+    assert fields[:4] == [
+        "*Room*\nroom_id",
+        "*New owner*\nuser2",
+        "*Previous owner*\nuser1",
+        "*Changed by*\nadmin",
+    ]
+    assert fields[4] == (
+        "*When*\n<!date^1703589922^{date_short_pretty} {time_secs}|2023-12-26 11:25:22 UTC>"
+    )
+    assert context["elements"][0]["text"] == "Live.CallbackAfterChangeOwner · SDKAppID 1400000000"
+    assert actions["elements"][0]["url"] == "https://c.example/r/room_id"
+
+
+def test_no_button_without_room_url_and_fallback_time_in_configured_zone() -> None:
+    payload = json.loads(render("slack", SEED, renderer(timezone="Asia/Shanghai")))
+    assert [b["type"] for b in payload["blocks"]] == ["header", "section", "context"]
+    assert "|2023-12-26 19:25:22 CST>" in payload["blocks"][1]["fields"][4]["text"]
+
+
+@pytest.mark.parametrize("value", INJECTIONS)
+@pytest.mark.parametrize("field", ["RoomId", "CurrentOwner_Account", "Operator_Account"])
+def test_untrusted_values_come_out_as_literal_text(field: str, value: str) -> None:
+    fields = {**SEED, field: value}
+    payload = json.loads(render("slack", fields, renderer(room_url="https://c.example/{room_id}")))
+    texts = strings(payload)
+    assert any(slack_escape(value) in t for t in texts)
+    for text in texts:
+        without_date = text.replace("<!date^", "")
+        assert "<!" not in without_date and "<@" not in text and "<http" not in text
+    webhook = json.loads(render("webhook", fields))
+    assert webhook["event"][field] == value  # exact, unescaped, valid JSON
+    line = render("console", fields)
+    assert "\n" not in line and "\x1b" not in line
+
+
+def test_room_url_is_percent_encoded() -> None:
+    fields = {**SEED, "RoomId": "a b/<!here>&x"}
+    payload = json.loads(render("slack", fields, renderer(room_url="https://c.example/{room_id}")))
+    assert (
+        payload["blocks"][-1]["elements"][0]["url"] == "https://c.example/a%20b%2F%3C%21here%3E%26x"
+    )
+
+
+def test_webhook_default_body_keeps_original_fields_and_big_numbers() -> None:
+    body = (
+        b'{"CallbackCommand":"Live.CallbackAfterChangeOwner","RoomId":"r",'
+        b'"Operator_Account":144115233775727695,"Extra":{"k":[1,2]}}'
+    )
+    fields = decode_body(body)
+    out = render("webhook", fields)
+    assert '"Operator_Account":144115233775727695' in out.replace(" ", "")
+    data = json.loads(out)
+    assert data["type"] == "Live.CallbackAfterChangeOwner"
+    assert data["sdk_app_id"] == 1400000000
+    assert data["received_at"] == "2023-12-26T11:25:23.500000+00:00"
+    assert data["event"] == {**fields}
+
+
+def test_lookup_order_channel_template_then_command_then_default(tmp_path: Path) -> None:
+    (tmp_path / "slack").mkdir()
+    (tmp_path / "slack" / "default.j2").write_text('{"text": "override default {{ command }}"}')
+    (tmp_path / "mine.j2").write_text('{"text": "mine {{ event.RoomId }}"}')
+    r = renderer(tmp_path)
+    unknown = {"CallbackCommand": "Live.CallbackAfterSomethingNew", "RoomId": "r"}
+    assert json.loads(render("slack", unknown, r))["text"].startswith("override default")
+    # The shipped per-command template still wins over an overriding default.
+    assert r.template_name("slack", "Live.CallbackAfterChangeOwner", None) == (
+        "slack/Live.CallbackAfterChangeOwner.j2"
+    )
+    event = parse_event(SEED)
+    assert json.loads(r.render("slack", event, SEED, CTX, "mine.j2"))["text"] == "mine room_id"
+
+
+def test_override_directory_replaces_a_shipped_file_by_name(tmp_path: Path) -> None:
+    (tmp_path / "slack").mkdir()
+    (tmp_path / "slack" / "Live.CallbackAfterChangeOwner.j2").write_text('{"text": "custom"}')
+    assert json.loads(render("slack", SEED, renderer(tmp_path)))["text"] == "custom"
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ('{"text": "{{ event.RoomIdd }}"}', "mine.j2, line 1"),
+        ('{"text": "a",\n "x": "{{ nope }}"}', "mine.j2, line 2: UndefinedError"),
+        ('{"text": "{% if %}"}', "line 1"),
+        ('{"text": "a" "b"}', "output is not JSON"),
+        ('{"blocks": []}', "needs a non-empty top-level text"),
+        ('{"text": "x", "blocks": [{"text": 1}]}', "every block needs a type"),
+    ],
+)
+def test_template_mistakes_name_file_and_line(tmp_path: Path, template: str, message: str) -> None:
+    (tmp_path / "mine.j2").write_text(template)
+    with pytest.raises(RenderError) as caught:
+        renderer(tmp_path).render("slack", parse_event(SEED), SEED, CTX, "mine.j2")
+    assert message in str(caught.value)
+
+
+def test_missing_template_is_a_render_error(tmp_path: Path) -> None:
+    with pytest.raises(RenderError, match=r"absent\.j2 not found"):
+        renderer(tmp_path).render("slack", parse_event(SEED), SEED, CTX, "absent.j2")
+
+
+def test_long_values_are_cut_with_an_ellipsis() -> None:
+    fields = {**SEED, "RoomId": "x" * 5000, "CurrentOwner_Account": "<" * 3000}
+    payload = json.loads(render("slack", fields))
+    room = payload["blocks"][1]["fields"][0]["text"]
+    assert len(room) == 2000 and room.endswith("…")
+    owner = payload["blocks"][1]["fields"][1]["text"]
+    assert owner.endswith("&lt;…") and len(owner) <= 2000
+    assert len(payload["text"]) <= 4000
