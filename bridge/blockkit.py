@@ -1,7 +1,8 @@
 """Slack's message limits: a payload is cut to fit, never dropped, before it is queued.
 
 `fit(payload)` returns a copy within Slack's documented limits (50 blocks, header 150, section
-text 3000, 10 fields of 2000, context 10 elements, top-level text kept under 4000) with long
+text 3000, 10 fields of 2000, context 10 elements, button URLs 3000, top-level text kept
+under 4000) with long
 values cut and ending in an ellipsis; `LimitError` when the payload cannot be made valid.
 """
 
@@ -18,6 +19,7 @@ MAX_FIELDS = 10
 MAX_CONTEXT = 10
 TEXT_OBJECT_CHARS = 3000
 TOP_TEXT_CHARS = 4000
+URL_CHARS = 3000
 ELLIPSIS = "…"
 
 # Never cut inside an escape (&amp;) or a Slack token (<!date^…|…>, <@U…>).
@@ -51,6 +53,7 @@ def fit(payload: Any) -> dict[str, Any]:
     if not isinstance(blocks, list) or not all(isinstance(b, dict) for b in blocks):
         raise LimitError("blocks must be a list of objects")
     fitted = [_fit_block(b) for b in blocks]
+    fitted = [b for b in fitted if b.get("type") != "actions" or b.get("elements")]
     if len(fitted) > MAX_BLOCKS:
         dropped = len(fitted) - (MAX_BLOCKS - 1)
         note = {"type": "context", "elements": [
@@ -64,6 +67,10 @@ def _fit_text(obj: Any, limit: int) -> Any:
     if isinstance(obj, dict) and isinstance(obj.get("text"), str):
         return {**obj, "text": cut(obj["text"], limit)}
     return obj
+
+
+def _long_url(element: Any) -> bool:
+    return isinstance(element, dict) and len(str(element.get("url", ""))) > URL_CHARS
 
 
 def _fit_block(block: dict[str, Any]) -> dict[str, Any]:
@@ -84,6 +91,11 @@ def _fit_block(block: dict[str, Any]) -> dict[str, Any]:
                 if isinstance(last, dict) and isinstance(last.get("text"), str):
                     kept[-1] = {**last, "text": cut(last["text"] + " " + ELLIPSIS, FIELD_CHARS)}
             out["fields"] = kept
+    elif kind == "actions":
+        # A cut URL leads nowhere: a button whose URL Slack would refuse is left out.
+        elements = block.get("elements")
+        if isinstance(elements, list):
+            out["elements"] = [e for e in elements if not _long_url(e)]
     elif kind == "context":
         elements = block.get("elements")
         if isinstance(elements, list):

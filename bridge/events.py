@@ -39,6 +39,21 @@ class Envelope(_Loose):
     RoomId: Id | None = None
     Operator_Account: Id | None = None
 
+    def room(self) -> str | None:
+        """The room the event is about: RoomId, else RoomInfo's, else a battle's first room."""
+        if self.RoomId is not None:
+            return self.RoomId
+        for holder, key in (
+            ("RoomInfo", "RoomId"),
+            ("FromRoomInfo", "RoomId"),
+            (None, "FromRoomId"),
+        ):
+            node: Any = getattr(self, holder, None) if holder else self
+            value = node.get(key) if isinstance(node, dict) else getattr(node, key, None)
+            if isinstance(value, str | int) and not isinstance(value, bool):
+                return str(value)
+        return None
+
 
 class OwnerChanged(Envelope):
     CurrentOwner_Account: Id | None = None
@@ -214,6 +229,10 @@ def decode_body(body: bytes) -> dict[str, Any]:
         raise BadEvent("body is not valid JSON") from None
     if not isinstance(value, dict):
         raise BadEvent("body must be a JSON object")
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # "\ud800": valid JSON, but no text Slack or a database takes
+        raise BadEvent("body contains a lone surrogate") from None
     return value
 
 

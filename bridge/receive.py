@@ -107,7 +107,7 @@ class Receiver:
         record = NewEvent(
             sdk_app_id=app_id,
             command=event.CallbackCommand,
-            room_id=event.RoomId,
+            room_id=event.room(),
             event_time=event.EventTime,
             body=body.decode(),
             query=json.dumps({k: v for k, v in query.items() if k != "sign"}),
@@ -137,7 +137,7 @@ class Receiver:
         match = self.router.route_event(event)
         if not match.channels:
             self.counts["unrouted"] += 1
-            log.info("no route matched %s room=%s", event.CallbackCommand, event.RoomId)
+            log.info("no route matched %s room=%s", event.CallbackCommand, event.room())
             return []
         ctx = Context(sdk_app_id=app_id, received_at=now, query=query)
         deliveries = []

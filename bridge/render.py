@@ -9,6 +9,7 @@ link) are `Verbatim`; `tojson` returns `Json`, a complete JSON value passed thro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import types
@@ -57,7 +58,8 @@ def _json_text(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)[1:-1]
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# C0, DEL, C1 and the Unicode line and paragraph separators.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def _visible(text: str) -> str:
@@ -96,7 +98,7 @@ def _deep(value: Any, leaf: Callable[[str], str]) -> Any:
     if isinstance(value, str) and not isinstance(value, Verbatim | Json):
         return leaf(value)
     if isinstance(value, Mapping):
-        return {str(k): _deep(v, leaf) for k, v in value.items()}
+        return {leaf(str(k)): _deep(v, leaf) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_deep(v, leaf) for v in value]
     return value
@@ -202,19 +204,20 @@ class Renderer:
         self, event: Envelope, fields: Mapping[str, Any], ctx: Context
     ) -> dict[str, Any]:
         received = datetime.fromtimestamp(ctx.received_at, UTC).astimezone(self.zone)
-        happened = (
-            datetime.fromtimestamp(event.EventTime / 1000, UTC).astimezone(self.zone)
-            if event.EventTime is not None
-            else received
-        )
+        happened = received
+        if event.EventTime is not None:
+            # An EventTime no calendar has: the time we received it will do.
+            with contextlib.suppress(OverflowError, OSError, ValueError):
+                happened = datetime.fromtimestamp(event.EventTime / 1000, UTC).astimezone(self.zone)
         fallback = happened.strftime("%Y-%m-%d %H:%M:%S %Z")
         date_token = (
             f"<!date^{int(happened.timestamp())}^{{date_short_pretty}} {{time_secs}}"
             f"|{slack_escape(fallback)}>"
         )
         room_url = None
-        if self.settings.room_url and event.RoomId is not None:
-            room_url = Verbatim(self.settings.room_url.format(room_id=quote(event.RoomId, safe="")))
+        room = event.room()
+        if self.settings.room_url and room is not None:
+            room_url = Verbatim(self.settings.room_url.format(room_id=quote(room, safe="")))
         return {
             "command": event.CallbackCommand,
             "event": event,
@@ -226,6 +229,7 @@ class Renderer:
             "happened_at": happened,
             "happened_at_text": fallback,
             "slack_date": Verbatim(date_token),
+            "room_id": room,
             "room_url": room_url,
         }
 

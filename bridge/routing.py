@@ -1,7 +1,8 @@
 """Which channels an event goes to, by the ordered `[[routes]]` of the config.
 
-Routes are tried in order; every matcher a route gives must hold (rooms: globs on RoomId,
-room_regex: `re.search` on RoomId, commands and operators: globs); the first match ends the search
+Routes are tried in order; every matcher a route gives must hold (rooms: globs on the room,
+room_regex: `re.search` on the room, commands and operators: globs; the room is
+`Envelope.room()`, RoomId or the room inside RoomInfo); the first match ends the search
 unless it has `continue = true`. Each channel appears once in the result, in first-named order.
 """
 
@@ -35,11 +36,10 @@ class _Compiled:
 
     def matches(self, event: Envelope) -> bool:
         route = self.route
-        if not _globs(route.rooms, event.RoomId):
+        room = event.room()
+        if not _globs(route.rooms, room):
             return False
-        if self.regex is not None and (
-            event.RoomId is None or self.regex.search(event.RoomId) is None
-        ):
+        if self.regex is not None and (room is None or self.regex.search(room) is None):
             return False
         if not _globs(route.commands, event.CallbackCommand):
             return False

@@ -110,3 +110,30 @@ def test_bad_bodies_are_refused_with_a_short_reason(body: bytes, message: str | 
 def test_huge_integer_literal_is_refused_not_crashing() -> None:
     with pytest.raises(BadEvent):
         decode_body(b'{"CallbackCommand": "x", "n": ' + b"9" * 5000 + b"}")
+
+
+def test_lone_surrogate_is_refused() -> None:
+    with pytest.raises(BadEvent, match="surrogate"):
+        decode_body(b'{"CallbackCommand": "x", "RoomId": "\\ud800"}')
+
+
+@pytest.mark.parametrize(
+    ("fields", "room"),
+    [
+        ({"RoomId": "r1", "RoomInfo": {"RoomId": "r2"}}, "r1"),
+        ({"RoomInfo": {"RoomId": "r2"}}, "r2"),
+        ({"RoomInfo": {"RoomId": 144115233775727695}}, "144115233775727695"),
+        ({"FromRoomInfo": {"RoomId": "r3"}}, "r3"),
+        ({"FromRoomId": "r4"}, "r4"),
+        ({}, None),
+    ],
+)
+@pytest.mark.parametrize(
+    "command",
+    ["Live.CallbackAfterCreateRoom", "Live.CallbackAfterStartBattle", "Live.CallbackAfterNew"],
+)
+def test_room_falls_back_to_nested_room_ids(
+    command: str, fields: dict[str, object], room: str | None
+) -> None:
+    # Typed nested models and unknown fields kept as plain dicts both resolve.
+    assert parse_event({"CallbackCommand": command, **fields}).room() == room

@@ -161,3 +161,28 @@ def test_long_values_are_cut_with_an_ellipsis() -> None:
     owner = payload["blocks"][1]["fields"][1]["text"]
     assert owner.endswith("&lt;…") and len(owner) <= 2000
     assert len(payload["text"]) <= 4000
+
+
+@pytest.mark.parametrize("event_time", [10**20, -(10**18)])
+def test_impossible_event_time_falls_back_to_received_time(event_time: int) -> None:
+    payload = json.loads(render("slack", {**SEED, "EventTime": event_time}))
+    assert "|2023-12-26 11:25:23 UTC>" in payload["blocks"][1]["fields"][4]["text"]
+
+
+@pytest.mark.parametrize("char", ["\x85", "\x9b", "\u2028", "\u2029", "\r", "\x00"])
+def test_console_line_stays_one_line(char: str) -> None:
+    line = render("console", {**SEED, "RoomId": f"a{char}b"})
+    assert len(line.splitlines()) == 1 and char not in line
+
+
+def test_slack_tojson_escapes_keys_too(tmp_path: Path) -> None:
+    (tmp_path / "mine.j2").write_text('{"text": "x", "data": {{ fields | tojson }}}')
+    fields = {**SEED, "<!channel>": "<!here>"}
+    out = renderer(tmp_path).render("slack", parse_event(fields), fields, CTX, "mine.j2")
+    assert json.loads(out)["data"]["&lt;!channel&gt;"] == "&lt;!here&gt;"
+
+
+def test_button_with_an_overlong_url_is_left_out() -> None:
+    fields = {**SEED, "RoomId": "x" * 5000}
+    payload = json.loads(render("slack", fields, renderer(room_url="https://c.example/{room_id}")))
+    assert [b["type"] for b in payload["blocks"]] == ["header", "section", "context"]

@@ -59,6 +59,7 @@ class SQLiteStore:
         self.path = path
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self.commits = 0  # transactions committed; fewer than operations under load
 
     async def open(self) -> None:
         try:
@@ -128,10 +129,15 @@ class SQLiteStore:
                     results.append((True, op(conn)))
                     conn.execute("RELEASE op")
                 except Exception as exc:
+                    if not conn.in_transaction:
+                        # SQLite rolled the whole transaction back (disk full, I/O error):
+                        # the operations before this one are gone too.
+                        raise
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
                     results.append((False, exc))
             conn.execute("COMMIT")
+            self.commits += 1
         except sqlite3.Error as exc:
             log.error("store commit failed: %s", exc)
             if conn.in_transaction:
