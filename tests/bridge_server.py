@@ -1,0 +1,186 @@
+"""The real bridge under uvicorn for tests: in a background thread, or as a subprocess to kill.
+
+`write_config(dir, port, channels=..., routes=...)` writes a TOML config; `InThread(config)` runs
+`create_app` under uvicorn in a thread; `Subprocess(path)` runs `python -m bridge serve`. Both
+are context managers that stop what they started; `post_callback` talks to either like Tencent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Coroutine, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import uvicorn
+
+from bridge.app import create_app
+from bridge.config import Config, load_config
+
+T = TypeVar("T")
+ROOT = Path(__file__).parent.parent
+APP_ID = 1400000000
+OWNER = "Live.CallbackAfterChangeOwner"
+SEED_BODY = (
+    b'{"CallbackCommand":"Live.CallbackAfterChangeOwner","RoomId":"room_id",'
+    b'"EventTime":1703589922780,"Operator_Account":"admin","CurrentOwner_Account":"user2",'
+    b'"OriginalOwner_Account":"user1"}'
+)
+OK_PACKET = b'{"ActionStatus":"OK","ErrorInfo":"","ErrorCode":0}'
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def write_config(
+    directory: Path, port: int = 0, *, channels: str = '[channels.console]\ntype = "console"\n',
+    routes: str = '[[routes]]\nname = "all"\nchannels = ["console"]\n', extra: str = "",
+    tencent: str = "",
+    delivery: str = "initial_backoff_s = 0.05\nmax_backoff_s = 0.2\nmax_attempts = 3\n",
+) -> Path:  # fmt: skip
+    path = directory / "config.toml"
+    path.write_text(
+        f"[server]\nport = {port}\n\n[tencent]\nsdk_app_id = {APP_ID}\n{tencent}\n"
+        f'[store]\npath = "bridge.db"\n\n[delivery]\ntimeout_s = 2.0\n{delivery}\n'
+        f'[templates]\ndir = "{ROOT / "templates"}"\n\n{extra}\n{channels}\n{routes}'
+    )
+    return path
+
+
+def post_callback(
+    base_url: str, body: bytes = SEED_BODY, query: Mapping[str, str] | str | None = None,
+    path: str = "/tencent/callback", headers: Mapping[str, str] | None = None,
+) -> tuple[int, bytes]:  # fmt: skip
+    """POST like Tencent does; returns the status and the raw reply body."""
+    if query is None:
+        query = {"SdkAppid": str(APP_ID), "CallbackCommand": OWNER, "contenttype": "json"}
+    qs = query if isinstance(query, str) else "&".join(f"{k}={v}" for k, v in query.items())
+    request = urllib.request.Request(  # noqa: S310  # the tests' own http:// URLs
+        f"{base_url}{path}?{qs}", data=body, method="POST", headers=dict(headers or {})
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.read()
+
+
+def get(url: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, json.loads(exc.read())
+
+
+def wait_until(predicate: Any, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return bool(predicate())
+
+
+class InThread:
+    """`create_app(config)` served by uvicorn on a free port in a background thread."""
+
+    def __init__(self, config: Config | Path) -> None:
+        self.config = load_config(config) if isinstance(config, Path) else config
+        self.app = create_app(self.config)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self._sock = sock
+        self.port: int = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(
+            uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="on")
+        )
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        async def main() -> None:
+            self.loop = asyncio.get_running_loop()
+            await self.server.serve(sockets=[self._sock])
+
+        asyncio.run(main())
+
+    def __enter__(self) -> InThread:
+        self._thread.start()
+        if not wait_until(lambda: self.server.started or not self._thread.is_alive()):
+            raise RuntimeError("bridge did not start")
+        if not self.server.started:
+            raise RuntimeError("bridge failed to start")
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=20)
+        self._sock.close()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine on the server's loop (to reach the store from a test)."""
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=10)
+
+
+class Subprocess:
+    """`python -m bridge serve --config PATH` as a child process, ready when /readyz says so."""
+
+    def __init__(self, config_path: Path, port: int, log: Path) -> None:
+        self.config_path = config_path
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "bridge", "serve", "--config", str(self.config_path)],
+                stdout=out, stderr=subprocess.STDOUT, cwd=self.config_path.parent,
+            )  # fmt: skip
+        if not wait_until(self._ready, timeout=20):
+            self.kill()
+            raise RuntimeError("bridge subprocess did not become ready:\n" + self.log.read_text())
+
+    def _ready(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            return True  # exited: start() reports it
+        try:
+            return get(self.url + "/readyz")[0] == 200
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        """kill -9: no shutdown, no flush, no goodbye."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def __enter__(self) -> Subprocess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()

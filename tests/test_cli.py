@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from bridge import __version__
+from tests.bridge_server import OK_PACKET, free_port, get, post_callback, wait_until
+
+ROOT = Path(__file__).parent.parent
+CONSOLE_SCRIPT = Path(sys.executable).parent / "live-bridge"
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bridge", *args], capture_output=True, text=True, timeout=30,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+def test_version() -> None:
+    assert run("--version").stdout.strip() == f"live-bridge {__version__}"
+
+
+def test_console_script_is_installed() -> None:
+    result = subprocess.run(
+        [str(CONSOLE_SCRIPT), "--help"], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0 and "serve" in result.stdout
+
+
+def test_bad_config_exits_2_naming_the_problem(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[tencent]\nsdk_app_id = 1\n[channels.c]\ntype = 'console'\nextra = 1\n")
+    result = run("serve", "--config", str(bad))
+    assert result.returncode == 2
+    assert f"{bad}: invalid configuration" in result.stderr
+    assert "[channels.c] extra: unknown key" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_default_config(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bridge", "serve"], capture_output=True, text=True, timeout=30,
+        cwd=tmp_path, env={k: v for k, v in os.environ.items() if k != "LIVE_BRIDGE_CONFIG"},
+    )  # fmt: skip
+    assert result.returncode == 2 and "config.toml: no such config file" in result.stderr
+
+
+def test_example_config_serves_the_seed_sample(tmp_path: Path) -> None:
+    port = free_port()
+    env = {
+        **os.environ,
+        "LIVE_BRIDGE_SERVER__PORT": str(port),
+        "LIVE_BRIDGE_STORE__PATH": str(tmp_path / "example.db"),
+        "LIVE_BRIDGE_CONFIG": str(ROOT / "config.example.toml"),
+    }
+    out = tmp_path / "stdout.txt"
+    with out.open("w") as stdout:
+        process = subprocess.Popen(
+            [str(CONSOLE_SCRIPT), "serve"], stdout=stdout, stderr=subprocess.PIPE, env=env
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            try:
+                return get(url + "/readyz")[0] == 200
+            except OSError:
+                return False
+
+        assert wait_until(ready, timeout=20)
+        assert post_callback(url) == (200, OK_PACKET)
+        expected = (
+            "[2023-12-26 11:25:22 UTC] room owner changed: room room_id, user1 -> user2 "
+            "(by admin, SDKAppID 1400000000)"
+        )
+        assert wait_until(lambda: expected in out.read_text())
+    finally:
+        process.terminate()
+        _, stderr = process.communicate(timeout=20)
+    # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status says why.
+    assert process.returncode in (0, -15)
+    assert b"live-bridge stopped" in stderr

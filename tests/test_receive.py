@@ -1,0 +1,226 @@
+from __future__ import annotations
+
+import json
+import socket
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge.verify import sign
+from tests.bridge_server import (
+    APP_ID,
+    OK_PACKET,
+    OWNER,
+    SEED_BODY,
+    InThread,
+    get,
+    post_callback,
+    wait_until,
+    write_config,
+)
+from tests.slack_standin import SlackStandIn
+
+TOKEN = "xxxxyyyy"
+
+
+@pytest.fixture
+def slack() -> Iterator[SlackStandIn]:
+    with SlackStandIn() as standin:
+        yield standin
+
+
+@pytest.fixture
+def bridge(tmp_path: Path, slack: SlackStandIn) -> Iterator[InThread]:
+    channels = f'[channels.sink]\ntype = "webhook"\nurl = "{slack.sink_url()}"\n'
+    routes = '[[routes]]\nname = "all"\nchannels = ["sink"]\n'
+    with InThread(write_config(tmp_path, channels=channels, routes=routes)) as running:
+        yield running
+
+
+@pytest.fixture
+def signed(tmp_path: Path, slack: SlackStandIn) -> Iterator[InThread]:
+    path = write_config(tmp_path, tencent=f'callback_token = "{TOKEN}"')
+    with InThread(path) as running:
+        yield running
+
+
+def events(running: InThread) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(running.config.store.path)
+    try:
+        return conn.execute("SELECT command, room_id, body, query FROM events").fetchall()
+    finally:
+        conn.close()
+
+
+def fail_packet(reply: bytes, status: int) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(reply)
+    assert set(data) == {"ActionStatus", "ErrorInfo", "ErrorCode"}
+    assert data["ActionStatus"] == "FAIL" and data["ErrorCode"] == status
+    assert 0 < len(data["ErrorInfo"]) <= 100
+    return data
+
+
+def test_seed_request_gets_the_exact_ok_packet(bridge: InThread, slack: SlackStandIn) -> None:
+    status, reply = post_callback(bridge.url)
+    assert (status, reply) == (200, OK_PACKET)
+    (command, room, body, query), = events(bridge)  # fmt: skip
+    assert (command, room, body) == (OWNER, "room_id", SEED_BODY.decode())
+    assert json.loads(query)["contenttype"] == "json"
+    assert slack.wait_for(lambda s: len(s.sink_requests) == 1)
+    delivered = json.loads(slack.sink_requests[0].body)
+    assert delivered["type"] == OWNER and delivered["event"] == json.loads(SEED_BODY)
+
+
+def test_query_keys_any_case_and_both_names(bridge: InThread) -> None:
+    query = f"sdkappid={APP_ID}&WebhookCommand={OWNER}&CONTENTTYPE=json"
+    assert post_callback(bridge.url, query=query) == (200, OK_PACKET)
+    assert (
+        post_callback(bridge.url, SEED_BODY.replace(b"user2", b"u3"), query=f"SdkAppId={APP_ID}")[0]
+        == 200
+    )
+    assert len(events(bridge)) == 2
+
+
+def test_body_command_wins_over_query(bridge: InThread) -> None:
+    query = {"SdkAppid": str(APP_ID), "CallbackCommand": "Live.CallbackMemberStateChanged"}
+    body = b'{"CallbackCommand":"Live.CallbackAfterMemberStateChanged","RoomId":"r"}'
+    assert post_callback(bridge.url, body, query) == (200, OK_PACKET)
+    assert events(bridge)[0][0] == "Live.CallbackAfterMemberStateChanged"
+
+
+@pytest.mark.parametrize(
+    ("query", "body", "status"),
+    [
+        (f"SdkAppid=1&CallbackCommand={OWNER}", SEED_BODY, 403),
+        (f"CallbackCommand={OWNER}", SEED_BODY, 403),
+        (f"SdkAppid={APP_ID}x", SEED_BODY, 403),
+        (f"SdkAppid={APP_ID}", b"", 400),
+        (f"SdkAppid={APP_ID}", b"{not json", 400),
+        (f"SdkAppid={APP_ID}", b"[]", 400),
+        (f"SdkAppid={APP_ID}", b'{"RoomId":"r"}', 400),
+        (f"SdkAppid={APP_ID}", b'{"CallbackCommand":7}', 400),
+        (f"SdkAppid={APP_ID}", SEED_BODY.replace(b'"room_id"', b'{"a":1}'), 400),
+        (f"SdkAppid={APP_ID}", SEED_BODY.replace(b"1703589922780", b'"later"'), 400),
+        (f"SdkAppid={APP_ID}", b"\xff" + SEED_BODY, 400),
+        (f"SdkAppid={APP_ID}", b'{"CallbackCommand":"x","p":"' + b"a" * 262144 + b'"}', 413),
+    ],
+)
+def test_refusals_are_fail_packets_and_store_nothing(
+    bridge: InThread, query: str, body: bytes, status: int
+) -> None:
+    got, reply = post_callback(bridge.url, body, query)
+    assert got == status
+    fail_packet(reply, status)
+    assert events(bridge) == []
+
+
+def test_oversized_chunked_body_is_refused_without_reading_it(bridge: InThread) -> None:
+    host, port = bridge.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(
+            f"POST /tencent/callback?SdkAppid={APP_ID} HTTP/1.1\r\nHost: x\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        chunk = b"a" * 65536
+        try:
+            for _ in range(10):  # 640 KiB offered, far past max_body_bytes
+                conn.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        except OSError:
+            pass  # the server may close on us once it has answered
+        reply = conn.recv(65536)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413")
+    fail_packet(body[: body.index(b"}") + 1], 413)
+    assert events(bridge) == []
+
+
+def test_content_length_over_the_limit_is_refused_at_once(bridge: InThread) -> None:
+    host, port = bridge.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(
+            f"POST /tencent/callback?SdkAppid={APP_ID} HTTP/1.1\r\nHost: x\r\n"
+            "Content-Length: 999999999\r\n\r\n{".encode()
+        )
+        reply = conn.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 413")
+
+
+def test_sign_required_and_checked(signed: InThread) -> None:
+    now = str(int(time.time()))
+    good = f"SdkAppid={APP_ID}&RequestTime={now}&Sign={sign(TOKEN, now)}"
+    assert post_callback(signed.url, query=good) == (200, OK_PACKET)
+    stale = str(int(time.time()) - 120)
+    for query in (
+        f"SdkAppid={APP_ID}",
+        f"SdkAppid={APP_ID}&RequestTime={now}&Sign={'0' * 64}",
+        f"SdkAppid={APP_ID}&RequestTime={stale}&Sign={sign(TOKEN, stale)}",
+    ):
+        status, reply = post_callback(signed.url, query=query)
+        assert status == 401
+        assert TOKEN not in fail_packet(reply, 401)["ErrorInfo"]
+    assert len(events(signed)) == 1
+    # The Sign never lands in the store.
+    assert "sign" not in json.loads(events(signed)[0][3])
+
+
+def test_duplicate_within_window_acknowledged_and_stored_once(
+    bridge: InThread, slack: SlackStandIn
+) -> None:
+    assert post_callback(bridge.url) == (200, OK_PACKET)
+    assert post_callback(bridge.url) == (200, OK_PACKET)
+    assert post_callback(bridge.url, SEED_BODY.replace(b"user2", b"user3"))[0] == 200
+    assert len(events(bridge)) == 2
+    assert slack.wait_for(lambda s: len(s.sink_requests) == 2)
+    time.sleep(0.2)
+    assert len(slack.sink_requests) == 2
+
+
+def test_big_integer_accounts_arrive_with_every_digit(
+    bridge: InThread, slack: SlackStandIn
+) -> None:
+    body = SEED_BODY.replace(b'"admin"', b"144115233775727695")
+    assert post_callback(bridge.url, body) == (200, OK_PACKET)
+    assert slack.wait_for(lambda s: len(s.sink_requests) == 1)
+    assert b'"Operator_Account":144115233775727695' in slack.sink_requests[0].body
+
+
+def test_unrouted_event_is_acknowledged_and_counted(tmp_path: Path) -> None:
+    routes = '[[routes]]\nname = "vip"\nrooms = ["vip-*"]\nchannels = ["console"]\n'
+    with InThread(write_config(tmp_path, routes=routes)) as running:
+        assert post_callback(running.url) == (200, OK_PACKET)
+        assert running.app.state.bridge.receiver.counts["unrouted"] == 1
+        assert len(events(running)) == 1
+
+
+def test_store_that_cannot_write_answers_503_then_recovers(bridge: InThread) -> None:
+    store = bridge.app.state.bridge.store
+
+    def full(conn: sqlite3.Connection) -> None:
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages}")
+
+    bridge.run(store._submit(full))
+    big = SEED_BODY.replace(b"user1", b"u" * 100000)
+    status, reply = post_callback(bridge.url, big)
+    assert status == 503
+    fail_packet(reply, 503)
+    assert get(bridge.url + "/readyz")[0] in (200, 503)
+    bridge.run(store._submit(lambda conn: conn.execute("PRAGMA max_page_count = 1073741823")))
+    assert post_callback(bridge.url, big) == (200, OK_PACKET)
+
+
+def test_health_and_other_paths_answer_packets(bridge: InThread) -> None:
+    assert get(bridge.url + "/healthz") == (200, {"status": "ok"})
+    assert get(bridge.url + "/readyz") == (200, {"status": "ready"})
+    status, reply = get(bridge.url + "/tencent/callback")
+    assert status == 405 and reply["ActionStatus"] == "FAIL"
+    assert get(bridge.url + "/nowhere")[1]["ErrorCode"] == 404
+
+
+def test_content_type_is_not_required_nor_trusted(bridge: InThread) -> None:
+    assert post_callback(bridge.url, headers={"Content-Type": "text/plain"}) == (200, OK_PACKET)
+    assert wait_until(lambda: len(events(bridge)) == 1)
