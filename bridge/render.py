@@ -152,6 +152,7 @@ class Renderer:
             [jinja2.FileSystemLoader(settings.dir), jinja2.FileSystemLoader(SHIPPED)]
         )
         self._envs: dict[str, jinja2.Environment] = {}
+        self._names: dict[tuple[str, str, str | None], str] = {}
         for kind, finalize in FINALIZE.items():
             env = jinja2.Environment(
                 loader=loader,
@@ -161,6 +162,7 @@ class Renderer:
                 keep_trailing_newline=False,
                 trim_blocks=True,
                 lstrip_blocks=True,
+                auto_reload=False,  # no stat() per callback; a reload builds a new Renderer
             )
             env.filters["tojson"] = TOJSON[kind]
             env.filters["as_text"] = as_text
@@ -170,14 +172,19 @@ class Renderer:
         """The channel's own template, else `kind/COMMAND.j2`, else `kind/default.j2`."""
         if explicit is not None:
             return explicit
-        candidate = f"{kind}/{command}.j2"
-        try:
-            self._envs[kind].get_template(candidate)
-        except jinja2.TemplateNotFound:
-            return f"{kind}/default.j2"
-        except jinja2.TemplateSyntaxError:
-            pass  # it exists; rendering reports the syntax error with its line
-        return candidate
+        key = (kind, command, explicit)
+        name = self._names.get(key)
+        if name is None:
+            name = f"{kind}/{command}.j2"
+            try:
+                self._envs[kind].get_template(name)
+            except jinja2.TemplateNotFound:
+                name = f"{kind}/default.j2"
+            except jinja2.TemplateSyntaxError:
+                pass  # it exists; rendering reports the syntax error with its line
+            if len(self._names) < 10_000:  # commands come from callers: keep the cache bounded
+                self._names[key] = name
+        return name
 
     def render(
         self, kind: str, event: Envelope, fields: Mapping[str, Any], ctx: Context,
