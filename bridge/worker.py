@@ -29,7 +29,8 @@ PRUNE_EVERY_S = 60.0
 
 def backoff(attempt: int, initial: float, maximum: float) -> float:
     """Seconds before attempt `attempt + 1`: doubling from `initial`, capped, jittered."""
-    base = min(maximum, initial * 2 ** (attempt - 1))
+    # The exponent is capped: 2 ** 1024 no longer converts to a float, and max_attempts is open.
+    base = min(maximum, initial * 2 ** min(attempt - 1, 64))
     return max(initial, random.uniform(base / 2, base))
 
 
@@ -85,7 +86,9 @@ class Worker:
 
     async def _claim(self) -> bool:
         now = time.time()
-        exclude = self._busy | {c for c, until in self._blocked.items() if until > now}
+        # Ended blocks are dropped here, so every block _idle_delay sees was one claim skipped.
+        self._blocked = {c: until for c, until in self._blocked.items() if until > now}
+        exclude = self._busy | self._blocked.keys()
         lease = (self._settings.timeout_s + 5.0) * PER_CHANNEL
         rows = await self._store.claim(now, PER_CHANNEL * 8, PER_CHANNEL, lease, sorted(exclude))
         lanes: dict[str, list[Claimed]] = defaultdict(list)
@@ -104,9 +107,9 @@ class Worker:
         due = await self._store.next_due()
         if due is not None and due > now:
             delay = min(delay, due - now)
+        # A block that ended after the claim means a claim now, not at the next idle poll.
         for until in self._blocked.values():
-            if until > now:
-                delay = min(delay, until - now)
+            delay = min(delay, until - now)
         return max(delay, 0.01)
 
     async def _sleep(self, seconds: float) -> None:

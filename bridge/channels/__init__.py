@@ -62,7 +62,7 @@ def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # "²".isdigit() is true, and float() refuses it
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)

@@ -17,6 +17,6 @@ class ConsoleSender:
         try:
             stream.write(payload + "\n")
             stream.flush()
-        except OSError as exc:  # a closed or full pipe: try again later, do not lose it
-            return retry(f"cannot write: {exc.strerror or type(exc).__name__}")
+        except (OSError, ValueError) as exc:  # a broken, full or closed stream: try again later
+            return retry(f"cannot write: {getattr(exc, 'strerror', None) or type(exc).__name__}")
         return DELIVERED

@@ -67,7 +67,8 @@ class SlackSender:
         message.setdefault("unfurl_media", False)
         try:
             if self._web is not None:
-                await self._web.chat_postMessage(channel=self._channel, **message)
+                # The configured channel wins over a "channel" key a template may have written.
+                await self._web.chat_postMessage(**{**message, "channel": self._channel})
                 return DELIVERED
             assert self._hook is not None
             response = await self._hook.send_dict(message)
@@ -84,9 +85,13 @@ class SlackSender:
 
 
 def _classify_api_error(exc: SlackApiError) -> Outcome:
-    status = exc.response.status_code
-    error = str(exc.response.get("error", "") or "")[:100]
-    headers = dict(exc.response.headers or {})
+    # An answer that is not Slack's JSON (a proxy's text/plain 502) arrives as text, or as
+    # aiohttp's own response when the JSON is broken: classify it by its status alone.
+    response = exc.response
+    status: int = getattr(response, "status_code", 0) or getattr(response, "status", 0)
+    data = getattr(response, "data", None)
+    error = str(data.get("error", "") or "")[:100] if isinstance(data, dict) else ""
+    headers = dict(response.headers or {})
     if status == 429 or error == "ratelimited":
         return retry(f"HTTP {status}: ratelimited", parse_retry_after(headers) or 1.0, True)
     if error in PERMANENT_ERRORS:

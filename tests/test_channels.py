@@ -1,0 +1,131 @@
+from __future__ import annotations
+
+import email.utils
+import socket
+import time
+from collections.abc import Mapping
+
+import aiohttp
+import pytest
+from aiohttp.client_reqrep import ConnectionKey
+
+from bridge.channels import (
+    DELIVERED,
+    Outcome,
+    Result,
+    classify_status,
+    describe_exception,
+    parse_retry_after,
+)
+
+SECRET_URL = "https://hooks.example.com/services/T000/B000/s3cr3tPath?token=s3cr3tQuery"
+
+
+def http_date(offset_s: float) -> str:
+    return email.utils.formatdate(time.time() + offset_s, usegmt=True)
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "detail", "expected"),
+    [
+        (200, None, "", DELIVERED),
+        (204, None, "", DELIVERED),
+        (299, {"Retry-After": "5"}, "", DELIVERED),
+        (408, None, "", Outcome(Result.RETRY, "HTTP 408")),
+        (500, None, "", Outcome(Result.RETRY, "HTTP 500")),
+        (502, None, "bad gateway", Outcome(Result.RETRY, "HTTP 502: bad gateway")),
+        (503, {"Retry-After": "7"}, "", Outcome(Result.RETRY, "HTTP 503", retry_after=7.0)),
+        (429, {"Retry-After": "3"}, "", Outcome(Result.RETRY, "HTTP 429", 3.0, True)),
+        (429, {}, "", Outcome(Result.RETRY, "HTTP 429", 1.0, True)),
+        (429, None, "ratelimited", Outcome(Result.RETRY, "HTTP 429: ratelimited", 1.0, True)),
+        (429, {"Retry-After": "soon"}, "", Outcome(Result.RETRY, "HTTP 429", 1.0, True)),
+        (301, None, "", Outcome(Result.PERMANENT, "HTTP 301")),
+        (400, None, "invalid_payload", Outcome(Result.PERMANENT, "HTTP 400: invalid_payload")),
+        (401, None, "", Outcome(Result.PERMANENT, "HTTP 401")),
+        (403, None, "", Outcome(Result.PERMANENT, "HTTP 403")),
+        (404, None, "", Outcome(Result.PERMANENT, "HTTP 404")),
+        (410, {"Retry-After": "3"}, "", Outcome(Result.PERMANENT, "HTTP 410")),
+    ],
+)
+def test_classify_status(
+    status: int, headers: Mapping[str, str] | None, detail: str, expected: Outcome
+) -> None:
+    assert classify_status(status, headers, detail) == expected
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        (None, None),
+        ({}, None),
+        ({"Content-Type": "text/plain"}, None),
+        ({"Retry-After": "3"}, 3.0),
+        ({"retry-after": "0"}, 0.0),
+        ({"RETRY-AFTER": " 120 "}, 120.0),
+        ({"Retry-After": ""}, None),
+        ({"Retry-After": "soon"}, None),
+        ({"Retry-After": "-1"}, None),
+        ({"Retry-After": "1.5"}, None),
+        ({"Retry-After": "²"}, None),
+        ({"Retry-After": http_date(-3600)}, 0.0),
+    ],
+)
+def test_parse_retry_after(headers: Mapping[str, str] | None, expected: float | None) -> None:
+    assert parse_retry_after(headers) == expected
+
+
+def test_parse_retry_after_reads_an_http_date() -> None:
+    seconds = parse_retry_after({"Retry-After": http_date(30)})
+    assert seconds is not None and 28 <= seconds <= 30
+
+
+def connection_key(host: str) -> ConnectionKey:
+    return ConnectionKey(
+        host=host, port=443, is_ssl=True, ssl=True, proxy=None, proxy_auth=None,
+        proxy_headers_hash=None,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (TimeoutError(), "timed out"),
+        (aiohttp.ServerTimeoutError(f"Timeout on reading {SECRET_URL}"), "timed out"),
+        (
+            aiohttp.ClientConnectorError(
+                connection_key("hooks.example.com"),
+                ConnectionRefusedError(111, "Connection refused"),
+            ),
+            "cannot connect: Connection refused",
+        ),
+        (
+            aiohttp.ClientConnectorError(
+                connection_key("hooks.example.com"), ConnectionResetError()
+            ),
+            "cannot connect: ConnectionResetError",
+        ),
+        (aiohttp.ServerDisconnectedError(SECRET_URL), "server disconnected"),
+        (aiohttp.InvalidURL(SECRET_URL), "transport error: InvalidURL"),
+        (aiohttp.ClientPayloadError(SECRET_URL), "transport error: ClientPayloadError"),
+        (OSError(f"cannot reach {SECRET_URL}"), "transport error: OSError"),
+        (ValueError(SECRET_URL), "transport error: ValueError"),
+    ],
+)
+def test_describe_exception_carries_no_url(exc: BaseException, expected: str) -> None:
+    described = describe_exception(exc)
+    assert described == expected
+    assert "://" not in described and "s3cr3t" not in described
+
+
+@pytest.mark.anyio
+async def test_describe_exception_of_a_real_refused_connection() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/services/T000/B000/s3cr3tPath?token=s3cr3tQuery"
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.ClientConnectorError) as info:
+            await session.post(url, data=b"{}")
+    described = describe_exception(info.value)
+    assert described.startswith("cannot connect: ")
+    assert "://" not in described and "s3cr3t" not in described and "/services" not in described

@@ -1,0 +1,217 @@
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+from pydantic import SecretStr
+
+from bridge.channels import DELIVERED, Outcome, Result, permanent, retry
+from bridge.channels.slack import SlackSender
+from bridge.config import SlackChannel
+from tests.slack_standin import SlackStandIn
+
+pytestmark = pytest.mark.anyio
+
+TOKEN = "xoxb-test-token"
+CHANNEL = "C0123456789"
+HI = '{"text":"hi"}'
+HEADER_BLOCKS = json.dumps(
+    {"text": "room created", "blocks": [{"type": "header", "text": {"type": "plain_text",
+     "text": "room created"}}]}
+)  # fmt: skip
+
+
+@pytest.fixture
+def slack() -> Iterator[SlackStandIn]:
+    with SlackStandIn() as stand_in:
+        yield stand_in
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as client:
+        yield client
+
+
+def bot(api_url: str, token: str = TOKEN, channel: str = CHANNEL) -> SlackChannel:
+    return SlackChannel(type="slack", token=SecretStr(token), channel=channel, api_url=api_url)
+
+
+def hook(url: str) -> SlackChannel:
+    return SlackChannel(type="slack", webhook_url=SecretStr(url))
+
+
+async def send(
+    settings: SlackChannel, session: aiohttp.ClientSession, payload: str = HI
+) -> Outcome:
+    outcome = await SlackSender(settings, session, timeout_s=2).send(payload, 1)
+    # The shared check every case passes: no credential in what is logged and stored.
+    for secret in (settings.token, settings.webhook_url):
+        if secret is not None:
+            value = secret.get_secret_value()
+            assert value not in outcome.error
+            assert value.rsplit("/", 1)[-1] not in outcome.error
+    return outcome
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+@pytest.mark.parametrize("mode", ["api", "webhook"])
+@pytest.mark.parametrize("payload", [HI, HEADER_BLOCKS])
+async def test_delivered_without_link_previews(
+    slack: SlackStandIn, session: aiohttp.ClientSession, mode: str, payload: str
+) -> None:
+    settings = bot(slack.api_url) if mode == "api" else hook(slack.add_webhook())
+    assert await send(settings, session, payload) == DELIVERED
+    (posted,) = slack.posted
+    assert (posted.via, posted.channel) == (mode, CHANNEL)
+    assert posted.payload["text"] == json.loads(payload)["text"]
+    assert posted.payload["unfurl_links"] is False
+    assert posted.payload["unfurl_media"] is False
+
+
+async def test_a_payload_cannot_move_a_bot_message_to_another_channel(
+    slack: SlackStandIn, session: aiohttp.ClientSession
+) -> None:
+    slack.add_webhook("C0OTHER")  # a channel the stand-in knows, not the configured one
+    payload = '{"text":"hi","channel":"C0OTHER"}'
+    assert await send(bot(slack.api_url), session, payload) == DELIVERED
+    assert [p.channel for p in slack.posted] == [CHANNEL]
+
+
+# Slack's own answers to requests it will never accept, produced by the stand-in's rules.
+@pytest.mark.parametrize(
+    ("token", "channel", "archived", "payload", "error"),
+    [
+        ("xoxb-revoked-elsewhere", CHANNEL, False, HI, "invalid_auth"),
+        (TOKEN, "C0NOTHERE", False, HI, "channel_not_found"),
+        (TOKEN, CHANNEL, True, HI, "is_archived"),
+        (TOKEN, CHANNEL, False, '{"text":"x","blocks":[{"type":"header"}]}', "invalid_blocks"),
+        (TOKEN, CHANNEL, False, '{"text":"x","blocks":{"type":"x"}}', "invalid_blocks_format"),
+        (TOKEN, CHANNEL, False, json.dumps({"text": "x" * 40_001}), "msg_too_long"),
+        (TOKEN, CHANNEL, False, '{"text":"x","thread_ts":"1.000001"}', "thread_not_found"),
+    ],
+)
+async def test_api_refusals_are_permanent(
+    slack: SlackStandIn,
+    session: aiohttp.ClientSession,
+    token: str,
+    channel: str,
+    archived: bool,
+    payload: str,
+    error: str,
+) -> None:
+    if archived:
+        slack.archive(channel)
+    outcome = await send(bot(slack.api_url, token, channel), session, payload)
+    assert outcome == Outcome(Result.PERMANENT, f"HTTP 200: {error}")
+    assert slack.posted == []
+
+
+@pytest.mark.parametrize(
+    ("path", "archived", "payload", "expected"),
+    [
+        ("/services/T0000TEST/BNOPE/nope", False, HI, "HTTP 404: no_service"),
+        ("", True, HI, "HTTP 410: channel_is_archived"),
+        ("", False, '{"text":"x","blocks":[{"type":"header"}]}', "HTTP 400: invalid_blocks"),
+        ("", False, '{"blocks":[]}', "HTTP 400: no_text"),
+    ],
+)
+async def test_webhook_refusals_are_permanent(
+    slack: SlackStandIn,
+    session: aiohttp.ClientSession,
+    path: str,
+    archived: bool,
+    payload: str,
+    expected: str,
+) -> None:
+    url = slack.add_webhook()
+    if archived:
+        slack.archive(CHANNEL)
+    outcome = await send(hook(slack.base_url + path if path else url), session, payload)
+    assert outcome == Outcome(Result.PERMANENT, expected)
+    assert slack.posted == []
+
+
+# Answers forced ahead of the stand-in's rules: (mode, fail_next arguments, expected outcome).
+API_PERMANENT = (
+    "channel_not_found", "not_in_channel", "is_archived", "invalid_auth", "not_authed",
+    "token_revoked", "missing_scope", "invalid_blocks", "no_text",
+)  # fmt: skip
+WEBHOOK_PERMANENT = (
+    (400, "invalid_payload"), (400, "user_not_found"), (403, "action_prohibited"),
+    (404, "channel_not_found"), (410, "channel_is_archived"),
+)  # fmt: skip
+FORCED: list[tuple[str, dict[str, Any], Outcome]] = [
+    *[("api", {"error": e}, permanent(f"HTTP 200: {e}")) for e in API_PERMANENT],
+    ("api", {"status": 429, "retry_after": 3}, retry("HTTP 429: ratelimited", 3.0, True)),
+    ("api", {"status": 429}, retry("HTTP 429: ratelimited", 1.0, True)),
+    ("api", {"status": 500}, retry("HTTP 500: internal_error")),
+    ("api", {"status": 503}, retry("HTTP 503: service_unavailable")),
+    ("api", {"status": 503, "retry_after": 5}, retry("HTTP 503: service_unavailable", 5.0)),
+    ("api", {"error": "internal_error"}, retry("HTTP 200: internal_error")),
+    ("api", {"error": "fatal_error"}, retry("HTTP 200: fatal_error")),
+    ("api", {"error": "service_unavailable"}, retry("HTTP 200: service_unavailable")),
+    *[
+        ("webhook", {"status": s, "error": e}, permanent(f"HTTP {s}: {e}"))
+        for s, e in WEBHOOK_PERMANENT
+    ],
+    ("webhook", {"status": 429, "retry_after": 2}, retry("HTTP 429", 2.0, True)),
+    ("webhook", {"status": 429}, retry("HTTP 429", 1.0, True)),
+    ("webhook", {"status": 500, "error": "rollup_error"}, retry("HTTP 500: rollup_error")),
+    ("webhook", {"status": 503}, retry("HTTP 503")),
+]
+
+
+@pytest.mark.parametrize(("mode", "force", "expected"), FORCED)
+async def test_forced_answers_are_classified(
+    slack: SlackStandIn,
+    session: aiohttp.ClientSession,
+    mode: str,
+    force: dict[str, Any],
+    expected: Outcome,
+) -> None:
+    settings = bot(slack.api_url) if mode == "api" else hook(slack.add_webhook())
+    slack.fail_next(1, kind=mode, **force)
+    assert await send(settings, session) == expected
+    assert slack.requests_seen == 1 and slack.posted == []
+    assert await send(settings, session) == DELIVERED  # one attempt each: the sender never retries
+
+
+# A proxy between us and Slack answers text/plain; the stand-in's sink plays that proxy.
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        (502, Outcome(Result.RETRY, "HTTP 502")),
+        (503, Outcome(Result.RETRY, "HTTP 503")),
+        (429, Outcome(Result.RETRY, "HTTP 429: ratelimited", 1.0, True)),
+        (403, Outcome(Result.PERMANENT, "HTTP 403")),
+    ],
+)
+async def test_api_answers_that_are_not_slack_json(
+    slack: SlackStandIn, session: aiohttp.ClientSession, status: int, expected: Outcome
+) -> None:
+    slack.set_sink_status("chat.postMessage", status)
+    assert await send(bot(slack.base_url + "/sink/"), session) == expected
+    assert len(slack.sink_requests) == 1
+
+
+@pytest.mark.parametrize("mode", ["api", "webhook"])
+async def test_connection_refused_is_retried(session: aiohttp.ClientSession, mode: str) -> None:
+    base = f"http://127.0.0.1:{closed_port()}"
+    settings = (
+        bot(base + "/api/") if mode == "api" else hook(base + "/services/T0/B0/s3cr3tHookPath")
+    )
+    outcome = await send(settings, session)
+    assert outcome.result is Result.RETRY
+    assert outcome.error.startswith("cannot connect: ")
+    assert "://" not in outcome.error and "s3cr3t" not in outcome.error
