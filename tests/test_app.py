@@ -7,7 +7,6 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,12 +27,6 @@ from tests.slack_standin import SlackStandIn
 
 TOKEN = "xoxb-test-token"
 CHANNEL = "C0123456789"
-
-
-@pytest.fixture
-def slack() -> Iterator[SlackStandIn]:
-    with SlackStandIn() as standin:
-        yield standin
 
 
 def deliveries(db: Path) -> list[tuple[str, str, int, str | None]]:

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
@@ -23,18 +22,6 @@ HEADER_BLOCKS = json.dumps(
     {"text": "room created", "blocks": [{"type": "header", "text": {"type": "plain_text",
      "text": "room created"}}]}
 )  # fmt: skip
-
-
-@pytest.fixture
-def slack() -> Iterator[SlackStandIn]:
-    with SlackStandIn() as stand_in:
-        yield stand_in
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
 
 
 def bot(api_url: str, token: str = TOKEN, channel: str = CHANNEL) -> SlackChannel:

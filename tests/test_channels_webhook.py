@@ -3,7 +3,6 @@ from __future__ import annotations
 import base64
 import os
 import socket
-from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import pytest
@@ -20,18 +19,6 @@ pytestmark = pytest.mark.anyio
 PAYLOAD = '{"event":"room created","room":"r1","owner":"Zoë"}'
 QUERY_TOKEN = "s3cr3tQueryToken"
 HEADER_SECRET = "Bearer s3cr3tHeaderValue"
-
-
-@pytest.fixture
-def slack() -> Iterator[SlackStandIn]:
-    with SlackStandIn() as stand_in:
-        yield stand_in
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
 
 
 def new_secret() -> str:

@@ -14,6 +14,7 @@ from bridge.config import TemplatesConfig
 from bridge.events import MODELS, OWNER_CHANGED, RoomCreated, parse_event
 from bridge.render import Context, Renderer
 from bridge.samples import HOSTILE_VALUES, SAMPLES, UNKNOWN_SAMPLE, hostile, sample
+from tests.bridge_server import SEED_BODY
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 RENDERER = Renderer(
@@ -82,14 +83,7 @@ def test_a_sample_for_every_known_command() -> None:
 
 
 def test_owner_change_sample_is_tencents_own() -> None:
-    assert SAMPLES[OWNER_CHANGED] == {
-        "CallbackCommand": "Live.CallbackAfterChangeOwner",
-        "RoomId": "room_id",
-        "EventTime": 1703589922780,
-        "Operator_Account": "admin",
-        "CurrentOwner_Account": "user2",
-        "OriginalOwner_Account": "user1",
-    }
+    assert SAMPLES[OWNER_CHANGED] == json.loads(SEED_BODY)
 
 
 def test_samples_carry_tencents_quirks() -> None:
