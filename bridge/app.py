@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping
 from http import HTTPStatus
 
@@ -25,17 +26,17 @@ from bridge.channels.console import ConsoleSender
 from bridge.channels.slack import SlackSender
 from bridge.channels.webhook import WebhookSender
 from bridge.checks import check_templates
+from bridge.compose import Composer
 from bridge.config import Config, ConfigError, ConsoleChannel, SlackChannel
 from bridge.receive import Receiver, packet
 from bridge.render import Renderer
 from bridge.routing import Router
 from bridge.store import Store, StoreUnavailable
 from bridge.store.sqlite import SQLiteStore
-from bridge.worker import Worker
+from bridge.worker import ChannelPolicy, Worker
 
 log = logging.getLogger(__name__)
 
-SHUTDOWN_GRACE_S = 10.0
 READY_TIMEOUT_S = 2.0
 
 
@@ -50,6 +51,13 @@ def build_senders(config: Config, session: aiohttp.ClientSession) -> dict[str, S
         else:
             senders[name] = WebhookSender(name, channel, session, timeout)
     return senders
+
+
+def build_policies(config: Config, senders: Mapping[str, Sender]) -> dict[str, ChannelPolicy]:
+    return {
+        name: ChannelPolicy.from_config(name, channel, senders[name])
+        for name, channel in config.channels.items()
+    }
 
 
 def validate(config: Config) -> Renderer:
@@ -70,9 +78,10 @@ class Bridge:
     ) -> None:  # fmt: skip
         self.config = config
         self.renderer = validate(config)
-        self.store: Store = store or SQLiteStore(config.store.path)
+        self.store: Store = store or SQLiteStore(config.store.path, exclusive=True)
         self._senders = senders
         self.worker: Worker | None = None
+        self.draining = False  # set on SIGTERM: /readyz answers 503 from then on
         self.receiver = Receiver(
             config, self.store, Router(config.routes), self.renderer, self._wake
         )
@@ -83,10 +92,20 @@ class Bridge:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        config = self.config
         await self.store.open()
+        await self.store.recover()
+        buried = await self.store.bury_unknown_channels(
+            list(config.channels), time.time(), "channel removed from the config"
+        )
+        if buried:
+            log.warning("%d deliveries to channels no longer configured are dead letters", buried)
         session = aiohttp.ClientSession()
-        senders = self._senders or build_senders(self.config, session)
-        self.worker = Worker(self.store, senders, self.config.delivery)
+        senders = self._senders or build_senders(config, session)
+        self.worker = Worker(
+            self.store, build_policies(config, senders), config.delivery,
+            Composer(config, self.renderer), config.store.retention_h * 3600,
+        )  # fmt: skip
         task = asyncio.create_task(self.worker.run(), name="worker")
         log.info(
             "live-bridge ready: callbacks at %s, %d channels, %d routes",
@@ -95,7 +114,8 @@ class Bridge:
         try:
             yield
         finally:
-            await self.worker.stop(SHUTDOWN_GRACE_S)
+            self.draining = True
+            await self.worker.stop(config.delivery.shutdown_grace_s)
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -107,6 +127,8 @@ class Bridge:
         return JSONResponse({"status": "ok"})
 
     async def readyz(self, request: Request) -> Response:
+        if self.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
         try:
             async with asyncio.timeout(READY_TIMEOUT_S):
                 await self.store.ping()

@@ -20,13 +20,14 @@ from bridge.samples import UNKNOWN_SAMPLE, sample
 
 @dataclass(frozen=True)
 class Problem:
-    route: str
+    route: str | None  # None: a channel's own template (its digest), whichever route uses it
     channel: str
     command: str
     error: str
 
     def __str__(self) -> str:
-        return f"route {self.route!r}, channel {self.channel!r}, {self.command}: {self.error}"
+        where = f"route {self.route!r}, " if self.route is not None else ""
+        return f"{where}channel {self.channel!r}, {self.command}: {self.error}"
 
 
 def reachable_commands(route: Route) -> list[str]:
@@ -48,7 +49,7 @@ def _combinations(config: Config) -> Iterator[tuple[Route, str, str]]:
 def check_templates(config: Config, renderer: Renderer) -> list[Problem]:
     """Every problem found rendering what the routes can send; empty when all is well."""
     ctx = Context(sdk_app_id=config.tencent.sdk_app_id[0], received_at=time.time(), query={})
-    problems: list[Problem] = []
+    problems = _check_digests(config, renderer, ctx)
     done: set[tuple[str, str, str | None]] = set()
     for route, name, command in _combinations(config):
         channel = config.channels[name]
@@ -61,4 +62,18 @@ def check_templates(config: Config, renderer: Renderer) -> list[Problem]:
             renderer.render(channel.type, parse_event(fields), fields, ctx, channel.template)
         except RenderError as exc:
             problems.append(Problem(route.name, name, command, str(exc)))
+    return problems
+
+
+def _check_digests(config: Config, renderer: Renderer, ctx: Context) -> list[Problem]:
+    """A digest of one sample of every command, for each channel that makes digests."""
+    items = [(parse_event(fields), fields, ctx) for fields in map(sample, [*MODELS, "Live.X"])]
+    problems = []
+    for name, channel in config.channels.items():
+        if getattr(channel, "digest_after", 0):
+            explicit = getattr(channel, "digest_template", None)
+            try:
+                renderer.render_digest(channel.type, items, explicit, whole=False)
+            except RenderError as exc:
+                problems.append(Problem(None, name, "digest", str(exc)))
     return problems

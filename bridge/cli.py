@@ -5,12 +5,18 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import threading
 from collections.abc import Sequence
+from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
 
-from bridge import __version__
+from bridge import __version__, outbox
 from bridge.config import ConfigError, config_path, load_config
+
+if TYPE_CHECKING:
+    from bridge.app import Bridge
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
         "--config", help="TOML config (default: $LIVE_BRIDGE_CONFIG, else config.toml)"
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    outbox.register(commands)
     return parser
 
 
@@ -43,7 +50,7 @@ def serve(config_file: str | None, log_level: str) -> int:
     except ConfigError as exc:
         print(f"live-bridge: {exc}", file=sys.stderr)
         return 2
-    server = uvicorn.Server(
+    server = DrainingServer(
         uvicorn.Config(
             app,
             host=config.server.host,
@@ -52,16 +59,41 @@ def serve(config_file: str | None, log_level: str) -> int:
             access_log=False,  # Tencent can call 1000 times a second; state changes are logged
             lifespan="on",
             server_header=False,
-        )
+        ),
+        app.state.bridge,
+        config.server.drain_s,
     )
     server.run()
     return 0 if server.started else 1
+
+
+class DrainingServer(uvicorn.Server):
+    """On the first SIGTERM or SIGINT, /readyz turns 503 at once and the listener closes
+    `drain_s` later; callbacks meanwhile are acknowledged as usual. A second signal stops now."""
+
+    def __init__(self, config: uvicorn.Config, bridge: Bridge, drain_s: float) -> None:
+        super().__init__(config)
+        self._bridge = bridge
+        self._drain_s = drain_s
+        self._timer: threading.Timer | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._bridge.draining = True
+        if self._drain_s > 0 and self._timer is None and not self.should_exit:
+            logging.getLogger(__name__).info("draining for %.1fs before closing", self._drain_s)
+            self._timer = threading.Timer(self._drain_s, super().handle_exit, (sig, frame))
+            self._timer.daemon = True
+            self._timer.start()
+            return
+        super().handle_exit(sig, frame)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         raise SystemExit(serve(args.config, args.log_level))
+    if args.command == "outbox":
+        raise SystemExit(outbox.main(args))
 
 
 if __name__ == "__main__":

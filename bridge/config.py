@@ -48,6 +48,9 @@ class ServerConfig(Strict):
     port: int = Field(8080, ge=0, le=65535)
     callback_path: str = Field("/tencent/callback", pattern=r"^/")
     max_body_bytes: int = Field(262_144, gt=0)
+    # On SIGTERM, /readyz answers 503 this long before the listener closes, so a load balancer
+    # stops sending; callbacks that still arrive are acknowledged as usual.
+    drain_s: float = Field(0.0, ge=0)
 
 
 class TencentConfig(Strict):
@@ -77,6 +80,7 @@ class TencentConfig(Strict):
 
 class StoreConfig(Strict):
     path: Path = Path("live-bridge.db")
+    retention_h: float = Field(72.0, gt=0)  # delivered rows and dedup keys; dead letters stay
 
 
 class DeliveryConfig(Strict):
@@ -85,6 +89,7 @@ class DeliveryConfig(Strict):
     max_backoff_s: float = Field(300.0, gt=0)
     timeout_s: float = Field(10.0, gt=0)
     dedup_window_s: float = Field(600, ge=0)
+    shutdown_grace_s: float = Field(10.0, ge=0)  # in-flight sends may finish; the rest stay
 
     @model_validator(mode="after")
     def _backoff_order(self) -> DeliveryConfig:
@@ -121,6 +126,8 @@ class TemplatesConfig(Strict):
 class ConsoleChannel(Strict):
     type: Literal["console"]
     template: str | None = None
+    digest_after: int = Field(10, ge=0)  # more pending than this: one digest; 0 turns it off
+    digest_template: str | None = None
 
 
 class SlackChannel(Strict):
@@ -130,6 +137,13 @@ class SlackChannel(Strict):
     channel: str | None = None
     api_url: str = "https://slack.com/api/"
     template: str | None = None
+    rate_per_s: float = Field(1.0, gt=0)  # Slack: about one message a second per channel
+    burst: int = Field(3, ge=1)
+    digest_after: int = Field(10, ge=0)
+    digest_template: str | None = None
+    thread_by_room: bool = False  # bot token only: one thread per room
+    reply_broadcast: bool = False  # thread replies also shown in the channel
+    thread_ttl_h: float = Field(24.0, gt=0)
 
     @field_validator("api_url")
     @classmethod
@@ -145,6 +159,8 @@ class SlackChannel(Strict):
             raise ValueError("a bot-token channel needs channel = the Slack channel ID")
         if self.webhook_url is not None and self.channel:
             raise ValueError("an incoming webhook posts to its own channel: remove channel")
+        if self.webhook_url is not None and self.thread_by_room:
+            raise ValueError("thread_by_room needs a bot token: webhooks do not return the ts")
         return self
 
 
@@ -154,6 +170,9 @@ class WebhookChannel(Strict):
     headers: dict[str, SecretStr] = {}
     signing_secret: SecretStr | None = None
     template: str | None = None
+    max_in_flight: int = Field(4, ge=1)  # concurrent requests; one room's are still in order
+    rate_per_s: float | None = Field(None, gt=0)
+    burst: int = Field(1, ge=1)
 
     @field_validator("url")
     @classmethod

@@ -13,7 +13,7 @@ import contextlib
 import json
 import re
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,6 +39,10 @@ SHIPPED = next(
 
 class RenderError(Exception):
     """A template that cannot produce a valid payload; names the template and line."""
+
+
+class TooBig(RenderError):
+    """A digest that would have to be cut to fit in one Slack message."""
 
 
 class Verbatim(str):
@@ -192,20 +196,48 @@ class Renderer:
     ) -> str:  # fmt: skip
         """The payload text for a channel of type `kind`; RenderError names template and line."""
         name = self.template_name(kind, event.CallbackCommand, explicit)
+        text = self._render(kind, name, lambda: self._variables(event, fields, ctx))
+        if kind == "console":
+            return text.strip()
+        return _check_json(kind, name, text)
+
+    def render_digest(
+        self, kind: str, items: Sequence[tuple[Envelope, Mapping[str, Any], Context]],
+        explicit: str | None = None, whole: bool = True,
+    ) -> str:  # fmt: skip
+        """One message for several events (`kind/digest.j2`, oldest first). With `whole`, a
+        digest Slack would need cut raises TooBig, so the caller can split it instead."""
+        name = explicit or f"{kind}/digest.j2"
+
+        def variables() -> dict[str, Any]:
+            entries = [self._variables(e, f, c) for e, f, c in items]
+            return {
+                "entries": entries,
+                "count": len(entries),
+                "sdk_app_id": items[0][2].sdk_app_id if items else 0,
+                "first": entries[0] if entries else None,
+                "last": entries[-1] if entries else None,
+            }
+
+        text = self._render(kind, name, variables)
+        if kind == "console":
+            return text.strip()
+        return _check_json(kind, name, text, whole)
+
+    def _render(self, kind: str, name: str, variables: Callable[[], dict[str, Any]]) -> str:
+        template: jinja2.Template | None = None
         try:
             template = self._envs[kind].get_template(name)
-            text = template.render(self._variables(event, fields, ctx))
+            return template.render(variables())
         except jinja2.TemplateNotFound:
             raise RenderError(f"template {name} not found") from None
         except jinja2.TemplateSyntaxError as exc:
             raise RenderError(f"{exc.filename or name}, line {exc.lineno}: {exc.message}") from None
         except Exception as exc:
-            line = _template_line(exc.__traceback__, template.filename)
-            where = f"{template.filename}, line {line}" if line else name
+            filename = template.filename if template is not None else None
+            line = _template_line(exc.__traceback__, filename)
+            where = f"{filename}, line {line}" if line else name
             raise RenderError(f"{where}: {type(exc).__name__}: {exc}") from None
-        if kind == "console":
-            return text.strip()
-        return _check_json(kind, name, text)
 
     def _variables(
         self, event: Envelope, fields: Mapping[str, Any], ctx: Context
@@ -241,16 +273,19 @@ class Renderer:
         }
 
 
-def _check_json(kind: str, name: str, text: str) -> str:
+def _check_json(kind: str, name: str, text: str, whole: bool = False) -> str:
     try:
         payload = json.loads(text)
     except json.JSONDecodeError as exc:
         raise RenderError(f"{name}: output is not JSON (line {exc.lineno}: {exc.msg})") from None
     if kind == "slack":
         try:
-            payload = blockkit.fit(payload)
+            fitted = blockkit.fit(payload)
         except blockkit.LimitError as exc:
             raise RenderError(f"{name}: {exc}") from None
+        if whole and fitted != payload:
+            raise TooBig(f"{name}: over Slack's limits")
+        payload = fitted
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
 
 

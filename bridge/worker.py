@@ -1,9 +1,11 @@
 """The delivery worker: claim due deliveries, send them, record delivered / retry / dead.
 
-One lane per channel at a time sends that channel's claimed deliveries in order, so channels never
-hold each other up. The worker alone decides what a sender's outcome means: exponential backoff
-with jitter for a retry, a block on the whole channel for a 429's Retry-After (the attempt is
-given back), a dead letter after a permanent failure or the last attempt.
+A dispatcher starts one lane per channel that has claimable work; a lane claims that channel's
+deliveries (each room's in Tencent's order), paces them, and sends them one by one or, past
+`digest_after`, as digests. The worker alone decides what a sender's outcome means: backoff with
+jitter for a retry, a block on the whole channel for a 429's Retry-After (the attempt is given
+back), a dead letter after a permanent failure or the last attempt. A retry holds back the later
+deliveries of its room (the store will not hand them out before it), never other rooms.
 """
 
 from __future__ import annotations
@@ -11,18 +13,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
-from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
-from bridge.channels import Outcome, Result, Sender, retry
-from bridge.config import DeliveryConfig
+from bridge.channels import Outcome, Result, Sender, Thread, permanent, retry
+from bridge.compose import DIGEST_ENTRIES, Composer
+from bridge.config import Channel, ConsoleChannel, DeliveryConfig, SlackChannel
+from bridge.pacing import Pacer
+from bridge.render import RenderError
 from bridge.store import Claimed, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
-PER_CHANNEL = 16  # deliveries one lane takes per claim
+PER_SEND = 16  # deliveries a lane claims per message it may have in flight
+DIGEST_CLAIM = 200  # deliveries a digesting lane claims at once
 IDLE_POLL_S = 5.0  # a wake-up even with nothing due, for leases that expire
 PRUNE_EVERY_S = 60.0
 
@@ -34,16 +41,61 @@ def backoff(attempt: int, initial: float, maximum: float) -> float:
     return max(initial, random.uniform(base / 2, base))
 
 
+@dataclass(frozen=True)
+class ChannelPolicy:
+    """How one channel is sent to; built from its config."""
+
+    name: str
+    sender: Sender
+    rate_per_s: float | None = None
+    burst: int = 1
+    max_in_flight: int = 1
+    digest_after: int = 0  # 0: never digest
+    thread_by_room: bool = False
+    reply_broadcast: bool = False
+    thread_ttl_s: float = 86400.0
+
+    @classmethod
+    def from_config(cls, name: str, channel: Channel, sender: Sender) -> ChannelPolicy:
+        if isinstance(channel, SlackChannel):
+            return cls(
+                name, sender, channel.rate_per_s, channel.burst, 1, channel.digest_after,
+                channel.thread_by_room, channel.reply_broadcast, channel.thread_ttl_h * 3600,
+            )  # fmt: skip
+        if isinstance(channel, ConsoleChannel):
+            return cls(name, sender, digest_after=channel.digest_after)
+        return cls(name, sender, channel.rate_per_s, channel.burst, channel.max_in_flight)
+
+    def claim_limit(self) -> int:
+        if self.digest_after:
+            return max(DIGEST_CLAIM, self.digest_after + 1)
+        return PER_SEND * self.max_in_flight
+
+    def lease_s(self, timeout_s: float) -> float:
+        """Long enough for every send a claim can lead to, paced, then some."""
+        limit = self.claim_limit()
+        sends = (
+            max(self.digest_after, math.ceil(limit / DIGEST_ENTRIES))
+            if self.digest_after
+            else limit
+        )
+        paced = sends / self.rate_per_s if self.rate_per_s else 0.0
+        return math.ceil(sends / self.max_in_flight) * (timeout_s + 5.0) + paced + 10.0
+
+
 class Worker:
     def __init__(
-        self, store: Store, senders: Mapping[str, Sender], settings: DeliveryConfig
-    ) -> None:
+        self, store: Store, policies: Mapping[str, ChannelPolicy], settings: DeliveryConfig,
+        composer: Composer, retention_s: float,
+    ) -> None:  # fmt: skip
         self._store = store
-        self._senders = senders
+        self._policies = policies
         self._settings = settings
+        self._composer = composer
+        self._retention_s = retention_s
+        self.pacers = {name: Pacer(p.rate_per_s, p.burst) for name, p in policies.items()}
         self._wake = asyncio.Event()
         self._busy: set[str] = set()
-        self._blocked: dict[str, float] = {}
         self._lanes: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._last_prune = 0.0
@@ -52,30 +104,24 @@ class Worker:
         """Something new may be due: look now instead of at the next poll."""
         self._wake.set()
 
-    def blocked_until(self, channel: str) -> float | None:
-        until = self._blocked.get(channel)
-        return until if until is not None and until > time.time() else None
-
     async def run(self) -> None:
         failures = 0
         while not self._stopping:
             self._wake.clear()
             try:
                 await self._prune()
-                claimed = await self._claim()
+                await self._dispatch()
                 failures = 0
             except StoreUnavailable as exc:
                 failures += 1
                 log.error("worker cannot reach the store: %s", exc)
                 await self._sleep(min(30.0, 0.5 * 2**failures))
                 continue
-            if claimed:
-                continue
             await self._sleep(await self._idle_delay())
 
     async def stop(self, grace_s: float) -> None:
-        """Stop claiming; give lanes `grace_s` to finish. Unfinished sends stay leased in the
-        store and are sent again after restart."""
+        """Stop claiming; give lanes `grace_s` to finish their sends. Unfinished ones stay
+        claimed in the store and are sent again after restart."""
         self._stopping = True
         self._wake.set()
         if self._lanes:
@@ -84,22 +130,16 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
 
-    async def _claim(self) -> bool:
-        now = time.time()
-        # Ended blocks are dropped here, so every block _idle_delay sees was one claim skipped.
-        self._blocked = {c: until for c, until in self._blocked.items() if until > now}
-        exclude = self._busy | self._blocked.keys()
-        lease = (self._settings.timeout_s + 5.0) * PER_CHANNEL
-        rows = await self._store.claim(now, PER_CHANNEL * 8, PER_CHANNEL, lease, sorted(exclude))
-        lanes: dict[str, list[Claimed]] = defaultdict(list)
-        for row in rows:
-            lanes[row.channel].append(row)
-        for channel, batch in lanes.items():
+    async def _dispatch(self) -> None:
+        blocked = [name for name, pacer in self.pacers.items() if pacer.blocked_for() > 0]
+        for channel in await self._store.due_channels(time.time(), [*self._busy, *blocked]):
+            policy = self._policies.get(channel)
+            if policy is None or self._stopping:
+                continue  # a channel no longer configured: buried at start-up or reload
             self._busy.add(channel)
-            task = asyncio.create_task(self._lane(channel, batch), name=f"lane:{channel}")
+            task = asyncio.create_task(self._lane(policy), name=f"lane:{channel}")
             self._lanes.add(task)
             task.add_done_callback(self._lanes.discard)
-        return bool(rows)
 
     async def _idle_delay(self) -> float:
         now = time.time()
@@ -107,9 +147,9 @@ class Worker:
         due = await self._store.next_due()
         if due is not None and due > now:
             delay = min(delay, due - now)
-        # A block that ended after the claim means a claim now, not at the next idle poll.
-        for until in self._blocked.values():
-            delay = min(delay, until - now)
+        for pacer in self.pacers.values():
+            if (blocked := pacer.blocked_for()) > 0:
+                delay = min(delay, blocked)
         return max(delay, 0.01)
 
     async def _sleep(self, seconds: float) -> None:
@@ -120,40 +160,112 @@ class Worker:
         now = time.time()
         if now - self._last_prune >= PRUNE_EVERY_S:
             self._last_prune = now
-            await self._store.prune_dedup(now - self._settings.dedup_window_s)
+            cutoff = now - self._retention_s
+            dedup = now - max(self._retention_s, self._settings.dedup_window_s)
+            if pruned := await self._store.prune(cutoff, dedup):
+                log.info("pruned %d rows older than the retention", pruned)
 
-    async def _lane(self, channel: str, batch: list[Claimed]) -> None:
+    async def _lane(self, policy: ChannelPolicy) -> None:
+        pacer = self.pacers[policy.name]
+        lease = policy.lease_s(self._settings.timeout_s)
         try:
-            for index, row in enumerate(batch):
-                if self._stopping:
-                    await self._give_back(batch[index:], time.time(), "shutting down")
+            while not self._stopping and pacer.blocked_for() == 0:
+                rows = await self._store.claim(
+                    policy.name, time.time(), policy.claim_limit(), lease
+                )
+                if not rows:
                     return
-                outcome = await self._attempt(row)
-                await self._settle(row, outcome)
-                if outcome.rate_limited:
-                    until = time.time() + (outcome.retry_after or 1.0)
-                    self._blocked[channel] = until
-                    log.warning("channel %s rate limited for %.1fs", channel, until - time.time())
-                    await self._give_back(batch[index + 1 :], until, "channel rate limited")
-                    return
+                if policy.digest_after and len(rows) > policy.digest_after:
+                    await self._send_digests(policy, rows)
+                else:
+                    await self._send_each(policy, rows)
         except StoreUnavailable as exc:
             # The leases expire and the deliveries are claimed again: sent at least once.
-            log.error("channel %s: cannot record outcome: %s", channel, exc)
+            log.error("channel %s: cannot record outcome: %s", policy.name, exc)
         finally:
-            self._busy.discard(channel)
+            self._busy.discard(policy.name)
             self._wake.set()
 
-    async def _attempt(self, row: Claimed) -> Outcome:
-        sender = self._senders.get(row.channel)
-        if sender is None:
-            return Outcome(Result.PERMANENT, f"channel {row.channel!r} is not configured")
+    async def _send_each(self, policy: ChannelPolicy, rows: Sequence[Claimed]) -> None:
+        rooms: dict[str | int, list[Claimed]] = {}
+        for row in rows:  # each room in order; a delivery without a room waits for nothing
+            rooms.setdefault(row.room_id if row.room_id is not None else row.id, []).append(row)
+        slots = asyncio.Semaphore(policy.max_in_flight)
+        pacer = self.pacers[policy.name]
+
+        async def room(sequence: list[Claimed]) -> None:
+            for index, row in enumerate(sequence):
+                if self._stopping:
+                    await self._give_back(sequence[index:], time.time(), "shutting down")
+                    return
+                async with slots:
+                    await pacer.wait()
+                    outcome = await self._attempt(policy, row)
+                await self._settle(row, outcome)
+                if outcome.rate_limited:
+                    pacer.block(outcome.retry_after or 1.0)
+                    log.warning(
+                        "channel %s rate limited for %.1fs", policy.name, pacer.blocked_for()
+                    )
+                if outcome.result is Result.RETRY:  # its room's later events wait for it
+                    await self._give_back(sequence[index + 1 :], time.time(), "waiting for room")
+                    return
+
+        await asyncio.gather(*(room(sequence) for sequence in rooms.values()))
+
+    async def _send_digests(self, policy: ChannelPolicy, rows: Sequence[Claimed]) -> None:
+        try:
+            digests = self._composer.digests(policy.name, rows)
+        except RenderError as exc:
+            log.error("channel %s: digest failed, sending one by one: %s", policy.name, exc)
+            await self._send_each(policy, rows)
+            return
+        pacer = self.pacers[policy.name]
+        log.info("channel %s: %d pending, sending %d digests", policy.name, len(rows), len(digests))
+        for index, (payload, carried) in enumerate(digests):
+            if self._stopping or pacer.blocked_for() > 0:
+                rest = [row for _, later in digests[index:] for row in later]
+                await self._give_back(rest, time.time(), "digest not sent yet")
+                return
+            await pacer.wait()
+            outcome = await self._send(policy, payload, carried[0].id, None)
+            await asyncio.gather(*(self._settle(row, outcome) for row in carried))
+            if outcome.rate_limited:
+                pacer.block(outcome.retry_after or 1.0)
+            if outcome.result is Result.RETRY:
+                rest = [row for _, later in digests[index + 1 :] for row in later]
+                await self._give_back(rest, time.time(), "waiting for an earlier digest")
+                return
+
+    async def _attempt(self, policy: ChannelPolicy, row: Claimed) -> Outcome:
+        try:
+            payload = self._composer.payload(row)
+        except RenderError as exc:
+            return permanent(f"render failed: {exc}")
+        thread = None
+        if policy.thread_by_room and row.room_id is not None:
+            not_before = time.time() - policy.thread_ttl_s
+            if ts := await self._store.get_thread(policy.name, row.room_id, not_before):
+                thread = Thread(ts, policy.reply_broadcast)
+        outcome = await self._send(policy, payload, row.id, thread)
+        if policy.thread_by_room and row.room_id is not None:
+            if thread is None and outcome.result is Result.DELIVERED and outcome.ts:
+                await self._store.set_thread(policy.name, row.room_id, outcome.ts, time.time())
+            elif thread is not None and outcome.error.endswith("thread_not_found"):
+                await self._store.forget_thread(policy.name, row.room_id)
+                return retry("thread is gone: starting a new one", retry_after=0.0)
+        return outcome
+
+    async def _send(
+        self, policy: ChannelPolicy, payload: str, delivery_id: int, thread: Thread | None
+    ) -> Outcome:
         try:
             async with asyncio.timeout(self._settings.timeout_s + 5.0):
-                return await sender.send(row.payload, row.id)
+                return await policy.sender.send(payload, delivery_id, thread)
         except TimeoutError:
             return retry("timed out")
         except Exception:
-            log.exception("event=%d channel=%s: sender failed", row.event_id, row.channel)
+            log.exception("delivery=%d channel=%s: sender failed", delivery_id, policy.name)
             return retry("internal error in sender")
 
     async def _settle(self, row: Claimed, outcome: Outcome) -> None:
@@ -182,6 +294,9 @@ class Worker:
             await self._store.mark_retry(row.id, now, now + delay, outcome.error, count=True)
             log.info("retry %s attempt=%d in %.1fs: %s", tag, row.attempts, delay, outcome.error)
 
-    async def _give_back(self, rows: list[Claimed], at: float, why: str) -> None:
-        for row in rows:
-            await self._store.mark_retry(row.id, time.time(), at, why, count=False)
+    async def _give_back(self, rows: Sequence[Claimed], at: float, why: str) -> None:
+        if rows:
+            log.debug(
+                "channel %s: %d deliveries back to pending: %s", rows[0].channel, len(rows), why
+            )
+            await self._store.release([row.id for row in rows], time.time(), at)

@@ -8,7 +8,7 @@ import aiohttp
 import pytest
 from pydantic import SecretStr
 
-from bridge.channels import DELIVERED, Outcome, Result, permanent, retry
+from bridge.channels import Outcome, Result, Thread, permanent, retry
 from bridge.channels.slack import SlackSender
 from bridge.config import SlackChannel
 from tests.slack_standin import SlackStandIn
@@ -58,8 +58,10 @@ async def test_delivered_without_link_previews(
     slack: SlackStandIn, session: aiohttp.ClientSession, mode: str, payload: str
 ) -> None:
     settings = bot(slack.api_url) if mode == "api" else hook(slack.add_webhook())
-    assert await send(settings, session, payload) == DELIVERED
+    outcome = await send(settings, session, payload)
+    assert outcome.result is Result.DELIVERED
     (posted,) = slack.posted
+    assert outcome.ts == (posted.ts if mode == "api" else None)  # webhooks return no ts
     assert (posted.via, posted.channel) == (mode, CHANNEL)
     assert posted.payload["text"] == json.loads(payload)["text"]
     assert posted.payload["unfurl_links"] is False
@@ -71,8 +73,31 @@ async def test_a_payload_cannot_move_a_bot_message_to_another_channel(
 ) -> None:
     slack.add_webhook("C0OTHER")  # a channel the stand-in knows, not the configured one
     payload = '{"text":"hi","channel":"C0OTHER"}'
-    assert await send(bot(slack.api_url), session, payload) == DELIVERED
+    assert (await send(bot(slack.api_url), session, payload)).result is Result.DELIVERED
     assert [p.channel for p in slack.posted] == [CHANNEL]
+
+
+@pytest.mark.parametrize("broadcast", [False, True])
+async def test_thread_replies_carry_thread_ts(
+    slack: SlackStandIn, session: aiohttp.ClientSession, broadcast: bool
+) -> None:
+    sender = SlackSender(bot(slack.api_url), session, 2.0)
+    parent = await sender.send(HI, 1)
+    assert parent.ts is not None
+    reply = await sender.send(HI, 2, Thread(parent.ts, broadcast))
+    assert reply.result is Result.DELIVERED and reply.ts != parent.ts
+    first, second = slack.posted
+    assert "thread_ts" not in first.payload
+    assert second.payload["thread_ts"] == parent.ts
+    assert second.payload["reply_broadcast"] is broadcast
+
+
+async def test_unknown_thread_is_refused(
+    slack: SlackStandIn, session: aiohttp.ClientSession
+) -> None:
+    sender = SlackSender(bot(slack.api_url), session, 2.0)
+    outcome = await sender.send(HI, 1, Thread("1.000001"))
+    assert outcome == Outcome(Result.PERMANENT, "HTTP 200: thread_not_found")
 
 
 # Slack's own answers to requests it will never accept, produced by the stand-in's rules.
@@ -171,7 +196,8 @@ async def test_forced_answers_are_classified(
     slack.fail_next(1, kind=mode, **force)
     assert await send(settings, session) == expected
     assert slack.requests_seen == 1 and slack.posted == []
-    assert await send(settings, session) == DELIVERED  # one attempt each: the sender never retries
+    # One attempt each: the sender never retries.
+    assert (await send(settings, session)).result is Result.DELIVERED
 
 
 # A proxy between us and Slack answers text/plain; the stand-in's sink plays that proxy.

@@ -35,9 +35,18 @@ class Outcome:
     error: str = ""
     retry_after: float | None = None  # seconds the far end asked us to wait (Retry-After)
     rate_limited: bool = False  # a 429: the channel is blocked, the message did not fail
+    ts: str | None = None  # Slack's id of the posted message (bot token only)
 
 
 DELIVERED = Outcome(Result.DELIVERED)
+
+
+@dataclass(frozen=True)
+class Thread:
+    """Post as a reply in the thread whose parent message is `ts`."""
+
+    ts: str
+    broadcast: bool = False  # also show the reply in the channel
 
 
 def retry(error: str, retry_after: float | None = None, rate_limited: bool = False) -> Outcome:
@@ -49,8 +58,9 @@ def permanent(error: str) -> Outcome:
 
 
 class Sender(Protocol):
-    async def send(self, payload: str, delivery_id: int) -> Outcome:
-        """One attempt to deliver a rendered payload; `delivery_id` is stable across attempts."""
+    async def send(self, payload: str, delivery_id: int, thread: Thread | None = None) -> Outcome:
+        """One attempt to deliver a rendered payload; `delivery_id` is stable across attempts.
+        Senders that cannot thread ignore `thread`."""
         ...
 
 

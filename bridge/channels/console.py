@@ -5,14 +5,14 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from bridge.channels import DELIVERED, Outcome, retry
+from bridge.channels import DELIVERED, Outcome, Thread, retry
 
 
 class ConsoleSender:
     def __init__(self, stream: TextIO | None = None) -> None:
         self._stream = stream
 
-    async def send(self, payload: str, delivery_id: int) -> Outcome:
+    async def send(self, payload: str, delivery_id: int, thread: Thread | None = None) -> Outcome:
         stream = self._stream or sys.stdout
         try:
             stream.write(payload + "\n")

@@ -15,6 +15,8 @@ from bridge.channels import (
     SDK_LOG,
     TRANSPORT_ERRORS,
     Outcome,
+    Result,
+    Thread,
     classify_status,
     describe_exception,
     parse_retry_after,
@@ -61,15 +63,18 @@ class SlackSender:
                 retry_handlers=[],
             )
 
-    async def send(self, payload: str, delivery_id: int) -> Outcome:
+    async def send(self, payload: str, delivery_id: int, thread: Thread | None = None) -> Outcome:
         message = json.loads(payload)
         message.setdefault("unfurl_links", False)
         message.setdefault("unfurl_media", False)
+        if thread is not None:
+            message.update(thread_ts=thread.ts, reply_broadcast=thread.broadcast)
         try:
             if self._web is not None:
                 # The configured channel wins over a "channel" key a template may have written.
-                await self._web.chat_postMessage(**{**message, "channel": self._channel})
-                return DELIVERED
+                answer = await self._web.chat_postMessage(**{**message, "channel": self._channel})
+                ts = answer.get("ts")
+                return Outcome(Result.DELIVERED, ts=ts if isinstance(ts, str) else None)
             assert self._hook is not None
             response = await self._hook.send_dict(message)
         except SlackApiError as exc:

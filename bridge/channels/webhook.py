@@ -8,7 +8,14 @@ from datetime import UTC, datetime
 import aiohttp
 from standardwebhooks.webhooks import Webhook
 
-from bridge.channels import TRANSPORT_ERRORS, Outcome, classify_status, describe_exception, retry
+from bridge.channels import (
+    TRANSPORT_ERRORS,
+    Outcome,
+    Thread,
+    classify_status,
+    describe_exception,
+    retry,
+)
 from bridge.config import WebhookChannel
 
 
@@ -34,7 +41,7 @@ class WebhookSender:
         self._session = session
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
 
-    async def send(self, payload: str, delivery_id: int) -> Outcome:
+    async def send(self, payload: str, delivery_id: int, thread: Thread | None = None) -> Outcome:
         headers = {"Content-Type": "application/json", **self._headers}
         if self._signer is not None:
             msg_id = message_id(self._name, delivery_id)

@@ -1,8 +1,9 @@
-"""The durable store: what the receiver records and what the worker claims.
+"""The durable store: what the receiver records, what the worker claims, what operators inspect.
 
 `Store` is the protocol every engine implements (SQLite now). Every method is one transaction:
 `record` writes an event and its pending deliveries together, so an acknowledged event always has
-its deliveries; `claim` leases due deliveries and counts the attempt in the same commit.
+its deliveries; `claim` leases due deliveries and counts the attempt in the same commit, and never
+hands out a delivery while an earlier one for the same channel and room is still undelivered.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class NewEvent:
     sdk_app_id: int
     command: str
     room_id: str | None
-    event_time: int | None
+    event_time: int | None  # Tencent's EventTime, milliseconds
     body: str  # the callback body as received (decoded UTF-8)
     query: str  # the query parameters as JSON, Sign removed
     dedup_key: str
@@ -50,13 +51,44 @@ class Recorded:
 
 @dataclass(frozen=True)
 class Claimed:
+    """A delivery leased to a worker, with its event for digests and re-rendering."""
+
     id: int
     event_id: int
     channel: str
-    payload: str
+    payload: str | None  # None: rendering failed before; render again
     attempts: int  # including this one
     room_id: str | None
     command: str
+    body: str
+    query: str
+    received_at: float
+    sdk_app_id: int
+
+
+@dataclass(frozen=True)
+class ChannelStats:
+    channel: str
+    pending: int
+    in_flight: int
+    dead: int
+    delivered: int
+    oldest_pending_at: float | None  # created_at of the oldest pending delivery
+
+
+@dataclass(frozen=True)
+class DeliveryRow:
+    id: int
+    event_id: int
+    channel: str
+    room_id: str | None
+    command: str
+    state: State
+    attempts: int
+    last_error: str | None
+    created_at: float
+    updated_at: float
+    next_attempt_at: float
 
 
 class Store(Protocol):
@@ -64,14 +96,19 @@ class Store(Protocol):
 
     async def close(self) -> None: ...
 
+    async def recover(self) -> int:
+        """At a server's start: deliveries left in flight by a dead process are due again."""
+        ...
+
     async def record(
         self, event: NewEvent, deliveries: Sequence[NewDelivery], now: float, dedup_window_s: float
     ) -> Recorded: ...
 
-    async def claim(
-        self, now: float, limit: int, per_channel: int, lease_s: float,
-        exclude_channels: Sequence[str],
-    ) -> list[Claimed]: ...  # fmt: skip
+    async def due_channels(self, now: float, exclude: Sequence[str]) -> list[str]: ...
+
+    async def claim(self, channel: str, now: float, limit: int, lease_s: float) -> list[Claimed]:
+        """Due deliveries of `channel` in (EventTime, arrival) order, each room's in sequence."""
+        ...
 
     async def mark_delivered(self, delivery_id: int, now: float) -> None: ...
 
@@ -81,8 +118,34 @@ class Store(Protocol):
 
     async def mark_dead(self, delivery_id: int, now: float, error: str) -> None: ...
 
+    async def release(self, ids: Sequence[int], now: float, next_attempt_at: float) -> None:
+        """Claimed but not attempted: back to pending, the attempt given back, error kept."""
+        ...
+
     async def next_due(self) -> float | None: ...
+
+    async def get_thread(self, channel: str, room_id: str, not_before: float) -> str | None: ...
+
+    async def set_thread(self, channel: str, room_id: str, ts: str, now: float) -> None: ...
+
+    async def forget_thread(self, channel: str, room_id: str) -> None: ...
 
     async def ping(self) -> None: ...
 
-    async def prune_dedup(self, before: float) -> int: ...
+    async def prune(self, delivered_before: float, dedup_before: float) -> int: ...
+
+    async def stats(self) -> list[ChannelStats]: ...
+
+    async def list_deliveries(
+        self, dead_only: bool, channel: str | None, limit: int
+    ) -> list[DeliveryRow]: ...
+
+    async def retry(self, ids: Sequence[int], now: float) -> int: ...
+
+    async def retry_dead(self, channel: str | None, now: float) -> int: ...
+
+    async def drop(self, ids: Sequence[int]) -> int: ...
+
+    async def bury_unknown_channels(self, known: Sequence[str], now: float, error: str) -> int:
+        """Undelivered deliveries to channels not in `known` become dead letters."""
+        ...

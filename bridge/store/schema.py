@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Each entry brings the schema from version i to i + 1; append, never edit.
 MIGRATIONS: tuple[str, ...] = (
@@ -41,6 +41,25 @@ MIGRATIONS: tuple[str, ...] = (
         event_id INTEGER NOT NULL
     );
     CREATE INDEX dedup_seen ON dedup (seen_at);
+    """,
+    # 2: per-room order (room and Tencent's time on each delivery), Slack threads per room.
+    """
+    ALTER TABLE deliveries ADD COLUMN room_id TEXT;
+    ALTER TABLE deliveries ADD COLUMN order_ts INTEGER NOT NULL DEFAULT 0;
+    UPDATE deliveries SET
+        room_id = (SELECT room_id FROM events WHERE events.id = deliveries.event_id),
+        order_ts = (SELECT COALESCE(event_time, CAST(received_at * 1000 AS INTEGER))
+                    FROM events WHERE events.id = deliveries.event_id);
+    CREATE INDEX deliveries_room ON deliveries (channel, room_id, order_ts, id);
+    CREATE INDEX deliveries_channel ON deliveries (channel, state, next_attempt_at);
+    CREATE INDEX deliveries_done ON deliveries (state, delivered_at);
+    CREATE TABLE threads (
+        channel TEXT NOT NULL,
+        room_id TEXT NOT NULL,
+        ts TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        PRIMARY KEY (channel, room_id)
+    );
     """,
 )
 

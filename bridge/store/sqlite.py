@@ -1,45 +1,75 @@
-"""The embedded SQLite store, with group commit.
+"""The embedded SQLite store: WAL, fsync on commit, group commit through one writer thread.
 
-One writer thread owns the connection. Callers queue operations; the thread takes everything that
-is queued, runs each operation inside its own savepoint of one transaction, commits once, and only
-then answers the callers. Concurrent callbacks therefore share one fsync, and an operation that
-fails rolls back alone while the rest of its batch commits.
+One `live-bridge serve` owns a database file (an advisory lock refuses a second one); the outbox
+commands may open it alongside, since every statement goes through SQLite's own locking.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import fcntl
 import logging
-import queue
+import os
 import sqlite3
-import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from bridge.store import Claimed, NewDelivery, NewEvent, Recorded, State, StoreUnavailable
+from bridge.store import (
+    ChannelStats,
+    Claimed,
+    DeliveryRow,
+    NewDelivery,
+    NewEvent,
+    Recorded,
+    State,
+    StoreUnavailable,
+)
 from bridge.store.schema import SCHEMA_VERSION, migrate
+from bridge.store.writer import GroupCommitWriter
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-_Op = Callable[[sqlite3.Connection], Any]
-_Item = tuple[_Op, asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
 
-MAX_BATCH = 1024
+# A delivery is due when pending and its time has come, or in flight with an expired lease; it
+# waits while an earlier delivery (Tencent's time, then arrival) for its room is still pending
+# or in flight and not itself due, so each room's messages go out in order.
+CLAIMABLE = """
+  ((d.state = 'pending' AND d.next_attempt_at <= :now)
+    OR (d.state = 'in_flight' AND d.lease_until <= :now))
+  AND NOT EXISTS (
+    SELECT 1 FROM deliveries b
+    WHERE b.channel = d.channel AND b.room_id = d.room_id
+      AND (b.order_ts < d.order_ts OR (b.order_ts = d.order_ts AND b.id < d.id))
+      AND ((b.state = 'pending' AND b.next_attempt_at > :now)
+        OR (b.state = 'in_flight' AND b.lease_until > :now)))
+"""
 
-# Due deliveries, oldest first, at most `per_channel` of each channel; {exclude} becomes "?" marks.
-CLAIM_SQL = """
-SELECT id, event_id, channel, payload, attempts, room_id, command FROM (
-    SELECT d.id, d.event_id, d.channel, d.payload, d.attempts, e.room_id, e.command,
-           d.next_attempt_at AS due,
-           ROW_NUMBER() OVER (PARTITION BY d.channel ORDER BY d.next_attempt_at, d.id) AS n
-    FROM deliveries d JOIN events e ON e.id = d.event_id
-    WHERE ((d.state = 'pending' AND d.next_attempt_at <= ?)
-        OR (d.state = 'in_flight' AND d.lease_until <= ?))
-      AND d.channel NOT IN ({exclude})
-) WHERE n <= ? ORDER BY due, id LIMIT ?
+CLAIM_SQL = f"""
+SELECT d.id, d.event_id, d.channel, d.payload, d.attempts, d.room_id, e.command, e.body, e.query,
+       e.received_at, e.sdk_app_id
+FROM deliveries d JOIN events e ON e.id = d.event_id
+WHERE d.channel = :channel AND {CLAIMABLE}
+ORDER BY d.order_ts, d.id
+LIMIT :limit
+"""  # noqa: S608  # constant text, no values
+
+DUE_SQL = f"SELECT DISTINCT d.channel FROM deliveries d WHERE {CLAIMABLE}"  # noqa: S608
+
+STATS_SQL = """
+SELECT channel,
+       SUM(state = 'pending'), SUM(state = 'in_flight'), SUM(state = 'dead'),
+       SUM(state = 'delivered'), MIN(CASE WHEN state = 'pending' THEN created_at END)
+FROM deliveries GROUP BY channel ORDER BY channel
+"""
+
+LIST_SQL = """
+SELECT d.id, d.event_id, d.channel, d.room_id, e.command, d.state, d.attempts, d.last_error,
+       d.created_at, d.updated_at, d.next_attempt_at
+FROM deliveries d JOIN events e ON e.id = d.event_id
+WHERE (:dead = 0 OR d.state = 'dead') AND (:channel IS NULL OR d.channel = :channel)
+  AND d.state != 'delivered'
+ORDER BY d.id DESC LIMIT :limit
 """
 
 
@@ -54,101 +84,79 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def _in(sql: str, values: Sequence[object]) -> str:
+    """`sql` with its `{marks}` replaced by one `?` per value: values stay parameters."""
+    return sql.replace("{marks}", ",".join("?" * len(values)))
+
+
 class SQLiteStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, exclusive: bool = False) -> None:
         self.path = path
-        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self.commits = 0  # transactions committed; fewer than operations under load
+        self._exclusive = exclusive  # the serving process: hold the lock file
+        self._writer: GroupCommitWriter | None = None
+        self._lock_fd: int | None = None
+
+    @property
+    def commits(self) -> int:
+        return self._writer.commits if self._writer else 0
 
     async def open(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self._exclusive:
+                self._lock()
             conn = connect(self.path)
             migrate(conn)
-            # One process owns a SQLite store: whatever it had in flight when it stopped
-            # (crash, kill -9) was not confirmed and is due again now.
-            released = conn.execute(
-                "UPDATE deliveries SET state = 'pending', lease_until = NULL"
-                " WHERE state = 'in_flight'"
-            ).rowcount
         except (sqlite3.Error, OSError) as exc:
+            self._unlock()
             raise StoreUnavailable(f"cannot open store {self.path}: {exc}") from None
-        self._thread = threading.Thread(
-            target=self._run, args=(conn,), name="sqlite-writer", daemon=True
-        )
-        self._thread.start()
+        self._writer = GroupCommitWriter(conn)
         log.info("store open: %s (schema %d)", self.path, SCHEMA_VERSION)
-        if released:
-            log.warning("%d deliveries were in flight at the last stop: sending again", released)
+
+    def _lock(self) -> None:
+        fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OSError("another live-bridge is serving from this database") from None
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing releases the flock
+            self._lock_fd = None
 
     async def close(self) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            await asyncio.to_thread(self._thread.join)
-            self._thread = None
+        if self._writer is not None:
+            await self._writer.close()
+            self._writer = None
+        self._unlock()
 
     async def _submit(self, op: Callable[[sqlite3.Connection], T]) -> T:
-        if self._thread is None:
+        if self._writer is None:
             raise StoreUnavailable("store is not open")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        self._queue.put((op, loop, future))
-        return await future
+        return await self._writer.submit(op)
 
-    def _run(self, conn: sqlite3.Connection) -> None:
-        try:
-            while True:
-                first = self._queue.get()
-                if first is None:
-                    return
-                batch = [first]
-                stop = False
-                while len(batch) < MAX_BATCH:
-                    try:
-                        item = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is None:
-                        stop = True
-                        break
-                    batch.append(item)
-                self._commit(conn, batch)
-                if stop:
-                    return
-        finally:
-            conn.close()
+    async def _execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            return conn.execute(sql, params).rowcount
 
-    def _commit(self, conn: sqlite3.Connection, batch: list[_Item]) -> None:
-        results: list[tuple[bool, Any]] = []
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            for op, _, _ in batch:
-                conn.execute("SAVEPOINT op")
-                try:
-                    results.append((True, op(conn)))
-                    conn.execute("RELEASE op")
-                except Exception as exc:
-                    if not conn.in_transaction:
-                        # SQLite rolled the whole transaction back (disk full, I/O error):
-                        # the operations before this one are gone too.
-                        raise
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
-                    results.append((False, exc))
-            conn.execute("COMMIT")
-            self.commits += 1
-        except sqlite3.Error as exc:
-            log.error("store commit failed: %s", exc)
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-            failure = StoreUnavailable(f"store commit failed: {exc}")
-            results = [(False, failure)] * len(batch)
-        for (_, loop, future), (ok, value) in zip(batch, results, strict=True):
-            if isinstance(value, sqlite3.Error):
-                value = StoreUnavailable(f"store write failed: {value}")
-            loop.call_soon_threadsafe(_settle, future, ok, value)
+        return await self._submit(op)
+
+    async def _fetch(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
+        def op(conn: sqlite3.Connection) -> list[Any]:
+            return conn.execute(sql, params).fetchall()
+
+        return await self._submit(op)
+
+    async def recover(self) -> int:
+        released = await self._execute(
+            "UPDATE deliveries SET state = 'pending', lease_until = NULL WHERE state = 'in_flight'"
+        )
+        if released:
+            log.warning("%d deliveries were in flight at the last stop: sending again", released)
+        return released
 
     async def record(
         self, event: NewEvent, deliveries: Sequence[NewDelivery], now: float, dedup_window_s: float
@@ -169,12 +177,14 @@ class SQLiteStore:
             )  # fmt: skip
             event_id = cursor.lastrowid
             assert event_id is not None
+            order_ts = event.event_time if event.event_time is not None else int(now * 1000)
             conn.executemany(
                 "INSERT INTO deliveries (event_id, channel, state, payload, next_attempt_at,"
-                " last_error, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " last_error, created_at, updated_at, room_id, order_ts)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (event_id, d.channel, State.PENDING if d.error is None else State.DEAD,
-                     d.payload, now, d.error, now, now)
+                     d.payload, now, d.error, now, now, event.room_id, order_ts)
                     for d in deliveries
                 ],
             )  # fmt: skip
@@ -187,13 +197,16 @@ class SQLiteStore:
 
         return await self._submit(op)
 
-    async def claim(
-        self, now: float, limit: int, per_channel: int, lease_s: float,
-        exclude_channels: Sequence[str],
-    ) -> list[Claimed]:  # fmt: skip
+    async def due_channels(self, now: float, exclude: Sequence[str]) -> list[str]:
+        rows = await self._fetch(DUE_SQL, {"now": now})
+        skip = set(exclude)
+        return [r[0] for r in rows if r[0] not in skip]
+
+    async def claim(self, channel: str, now: float, limit: int, lease_s: float) -> list[Claimed]:
         def op(conn: sqlite3.Connection) -> list[Claimed]:
-            sql = CLAIM_SQL.replace("{exclude}", ",".join("?" * len(exclude_channels)))
-            rows = conn.execute(sql, (now, now, *exclude_channels, per_channel, limit)).fetchall()
+            rows = conn.execute(
+                CLAIM_SQL, {"channel": channel, "now": now, "limit": limit}
+            ).fetchall()
             conn.executemany(
                 "UPDATE deliveries SET state = 'in_flight', attempts = attempts + 1,"
                 " lease_until = ?, updated_at = ? WHERE id = ?",
@@ -201,14 +214,15 @@ class SQLiteStore:
             )
             return [
                 Claimed(id=r[0], event_id=r[1], channel=r[2], payload=r[3], attempts=r[4] + 1,
-                        room_id=r[5], command=r[6])
+                        room_id=r[5], command=r[6], body=r[7], query=r[8], received_at=r[9],
+                        sdk_app_id=r[10])
                 for r in rows
             ]  # fmt: skip
 
         return await self._submit(op)
 
     async def mark_delivered(self, delivery_id: int, now: float) -> None:
-        await self._update(
+        await self._execute(
             "UPDATE deliveries SET state = 'delivered', delivered_at = ?, updated_at = ?,"
             " lease_until = NULL WHERE id = ?",
             (now, now, delivery_id),
@@ -218,50 +232,115 @@ class SQLiteStore:
         self, delivery_id: int, now: float, next_attempt_at: float, error: str, count: bool
     ) -> None:
         # count=False gives the attempt back: the far end asked us to wait, nothing failed.
-        await self._update(
+        await self._execute(
             "UPDATE deliveries SET state = 'pending', next_attempt_at = ?, last_error = ?,"
             " attempts = attempts - ?, lease_until = NULL, updated_at = ? WHERE id = ?",
             (next_attempt_at, error, 0 if count else 1, now, delivery_id),
         )
 
     async def mark_dead(self, delivery_id: int, now: float, error: str) -> None:
-        await self._update(
+        await self._execute(
             "UPDATE deliveries SET state = 'dead', last_error = ?, lease_until = NULL,"
             " updated_at = ? WHERE id = ?",
             (error, now, delivery_id),
         )
 
-    async def _update(self, sql: str, params: tuple[Any, ...]) -> None:
-        def op(conn: sqlite3.Connection) -> None:
-            conn.execute(sql, params)
-
-        await self._submit(op)
+    async def release(self, ids: Sequence[int], now: float, next_attempt_at: float) -> None:
+        if ids:
+            sql = (
+                "UPDATE deliveries SET state = 'pending', attempts = attempts - 1,"
+                " next_attempt_at = ?, lease_until = NULL, updated_at = ?"
+                " WHERE id IN ({marks}) AND state = 'in_flight'"
+            )
+            await self._execute(_in(sql, ids), (next_attempt_at, now, *ids))
 
     async def next_due(self) -> float | None:
-        def op(conn: sqlite3.Connection) -> float | None:
-            row = conn.execute(
-                "SELECT MIN(t) FROM (SELECT MIN(next_attempt_at) AS t FROM deliveries"
-                " WHERE state = 'pending' UNION ALL SELECT MIN(lease_until) FROM deliveries"
-                " WHERE state = 'in_flight')"
-            ).fetchone()
-            return None if row is None or row[0] is None else float(row[0])
+        rows = await self._fetch(
+            "SELECT MIN(t) FROM (SELECT MIN(next_attempt_at) AS t FROM deliveries"
+            " WHERE state = 'pending' UNION ALL SELECT MIN(lease_until) FROM deliveries"
+            " WHERE state = 'in_flight')"
+        )
+        return None if not rows or rows[0][0] is None else float(rows[0][0])
 
-        return await self._submit(op)
+    async def get_thread(self, channel: str, room_id: str, not_before: float) -> str | None:
+        rows = await self._fetch(
+            "SELECT ts FROM threads WHERE channel = ? AND room_id = ? AND started_at >= ?",
+            (channel, room_id, not_before),
+        )
+        return str(rows[0][0]) if rows else None
+
+    async def set_thread(self, channel: str, room_id: str, ts: str, now: float) -> None:
+        await self._execute(
+            "INSERT OR REPLACE INTO threads (channel, room_id, ts, started_at) VALUES (?, ?, ?, ?)",
+            (channel, room_id, ts, now),
+        )
+
+    async def forget_thread(self, channel: str, room_id: str) -> None:
+        await self._execute(
+            "DELETE FROM threads WHERE channel = ? AND room_id = ?", (channel, room_id)
+        )
 
     async def ping(self) -> None:
-        await self._update("UPDATE meta SET value = value WHERE key = 'schema_version'", ())
+        await self._execute("UPDATE meta SET value = value WHERE key = 'schema_version'")
 
-    async def prune_dedup(self, before: float) -> int:
+    async def prune(self, delivered_before: float, dedup_before: float) -> int:
         def op(conn: sqlite3.Connection) -> int:
-            return conn.execute("DELETE FROM dedup WHERE seen_at < ?", (before,)).rowcount
+            n = conn.execute(
+                "DELETE FROM deliveries WHERE state = 'delivered' AND delivered_at < ?",
+                (delivered_before,),
+            ).rowcount
+            n += conn.execute(
+                "DELETE FROM events WHERE received_at < ? AND NOT EXISTS"
+                " (SELECT 1 FROM deliveries d WHERE d.event_id = events.id)",
+                (delivered_before,),
+            ).rowcount
+            n += conn.execute("DELETE FROM dedup WHERE seen_at < ?", (dedup_before,)).rowcount
+            n += conn.execute(
+                "DELETE FROM threads WHERE started_at < ?", (delivered_before,)
+            ).rowcount
+            return n
 
         return await self._submit(op)
 
+    async def stats(self) -> list[ChannelStats]:
+        return [ChannelStats(*row) for row in await self._fetch(STATS_SQL)]
 
-def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
-    if future.done():  # the caller went away; the write itself stands
-        return
-    if ok:
-        future.set_result(value)
-    else:
-        future.set_exception(value)
+    async def list_deliveries(
+        self, dead_only: bool, channel: str | None, limit: int
+    ) -> list[DeliveryRow]:
+        rows = await self._fetch(
+            LIST_SQL, {"dead": int(dead_only), "channel": channel, "limit": limit}
+        )
+        return [
+            DeliveryRow(id=r[0], event_id=r[1], channel=r[2], room_id=r[3], command=r[4],
+                        state=State(r[5]), attempts=r[6], last_error=r[7], created_at=r[8],
+                        updated_at=r[9], next_attempt_at=r[10])
+            for r in rows
+        ]  # fmt: skip
+
+    async def retry(self, ids: Sequence[int], now: float) -> int:
+        sql = (
+            "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?,"
+            " lease_until = NULL, updated_at = ? WHERE id IN ({marks})"
+            " AND state IN ('dead', 'pending')"
+        )
+        return await self._execute(_in(sql, ids), (now, now, *ids))
+
+    async def retry_dead(self, channel: str | None, now: float) -> int:
+        return await self._execute(
+            "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?,"
+            " updated_at = ? WHERE state = 'dead' AND (? IS NULL OR channel = ?)",
+            (now, now, channel, channel),
+        )
+
+    async def drop(self, ids: Sequence[int]) -> int:
+        sql = "DELETE FROM deliveries WHERE id IN ({marks}) AND state IN ('dead', 'pending')"
+        return await self._execute(_in(sql, ids), ids)
+
+    async def bury_unknown_channels(self, known: Sequence[str], now: float, error: str) -> int:
+        sql = (
+            "UPDATE deliveries SET state = 'dead', last_error = ?, lease_until = NULL,"
+            " updated_at = ? WHERE state IN ('pending', 'in_flight')"
+            " AND channel NOT IN ({marks})"
+        )
+        return await self._execute(_in(sql, known), (error, now, *known))

@@ -1,0 +1,265 @@
+"""`live-bridge outbox …`: inspect and repair deliveries in the store, also while a server runs.
+
+    live-bridge outbox stats
+    live-bridge outbox list [--dead] [--channel NAME] [--limit N]
+    live-bridge outbox retry ID [ID ...] | --dead [--channel NAME]
+    live-bridge outbox drop ID [ID ...]
+
+`--config PATH` and `--json` go before or after the subcommand. `list` shows undelivered rows,
+newest first; `retry` puts dead (or pending) deliveries back to pending, due now, attempts reset;
+`drop` deletes dead or pending deliveries, never one in flight or delivered. Exit status: 0 done; 1 no database at
+`store.path`, store unavailable, or an ID not found or not in a state to act on (named on stderr);
+2 bad config or usage. Control characters from the store are shown escaped: one row, one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+import unicodedata
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from bridge.config import Config, ConfigError, config_path, load_config
+from bridge.store import ChannelStats, DeliveryRow, State, StoreUnavailable
+from bridge.store.sqlite import SQLiteStore
+
+ERROR_WIDTH = 60  # LAST ERROR in a table; JSON has it whole
+
+Command = Callable[[SQLiteStore, Config, argparse.Namespace], Awaitable[int]]
+
+
+def register(commands: Any) -> None:
+    """Add `outbox` and its subcommands to the top-level parser's subparsers."""
+    # SUPPRESS: given after the subcommand, an option overrides the one before it; absent, it
+    # leaves that one alone.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help="TOML config")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="as JSON")
+    outbox = commands.add_parser("outbox", help="inspect and repair deliveries")
+    outbox.add_argument(
+        "--config",
+        metavar="PATH",
+        help="TOML config (default: $LIVE_BRIDGE_CONFIG, else config.toml)",
+    )
+    outbox.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    actions = outbox.add_subparsers(dest="outbox_command", required=True)
+    actions.add_parser("stats", parents=[common], help="counts and oldest pending, per channel")
+    listing = actions.add_parser("list", parents=[common], help="undelivered, newest first")
+    listing.add_argument("--dead", action="store_true", help="dead letters only")
+    listing.add_argument("--channel", metavar="NAME")
+    listing.add_argument("--limit", type=_positive, default=50, metavar="N", help="default 50")
+    retry = actions.add_parser("retry", parents=[common], help="back to pending, attempts reset")
+    retry.add_argument("ids", nargs="*", type=_positive, metavar="ID")
+    retry.add_argument("--dead", action="store_true", help="every dead letter")
+    retry.add_argument("--channel", metavar="NAME", help="with --dead: only this channel's")
+    # argparse cannot say "IDs or --dead"; main() checks and reports through this parser.
+    retry.set_defaults(usage_error=retry.error)
+    drop = actions.add_parser("drop", parents=[common], help="delete deliveries")
+    drop.add_argument("ids", nargs="+", type=_positive, metavar="ID")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run one outbox subcommand; the return value is the exit status."""
+    if args.outbox_command == "retry":
+        if bool(args.ids) == args.dead:
+            args.usage_error("give delivery IDs or --dead, not both")
+        if args.channel is not None and not args.dead:
+            args.usage_error("--channel goes with --dead")
+    path = config_path(args.config)
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(f"live-bridge: {exc}", file=sys.stderr)
+        return 2
+    if not config.store.path.exists():
+        # Opening would create an empty database, and a wrong store.path would look all clear.
+        print(
+            f"live-bridge: {config.store.path}: no such database (store.path in {path})",
+            file=sys.stderr,
+        )
+        return 1
+    channel = getattr(args, "channel", None)
+    if channel is not None and channel not in config.channels:
+        print(f"live-bridge: note: no channel {channel!r} in {path}", file=sys.stderr)
+    try:
+        return asyncio.run(_run(COMMANDS[args.outbox_command], config, args))
+    except StoreUnavailable as exc:
+        print(f"live-bridge: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _run(command: Command, config: Config, args: argparse.Namespace) -> int:
+    store = SQLiteStore(config.store.path)  # not exclusive: that lock is the server's
+    await store.open()
+    try:
+        return await command(store, config, args)
+    finally:
+        await store.close()
+
+
+async def _stats(store: SQLiteStore, config: Config, args: argparse.Namespace) -> int:
+    by_channel = {s.channel: s for s in await store.stats()}
+    for name in config.channels:
+        by_channel.setdefault(name, ChannelStats(name, 0, 0, 0, 0, None))
+    stats = [by_channel[name] for name in sorted(by_channel)]
+    now = time.time()
+    if args.json:
+        _print_json([
+            {"channel": s.channel, "pending": s.pending, "in_flight": s.in_flight, "dead": s.dead,
+             "delivered": s.delivered, "oldest_pending_age_s": _age_s(s.oldest_pending_at, now)}
+            for s in stats
+        ])  # fmt: skip
+        return 0
+    counts = [(s.pending, s.in_flight, s.dead, s.delivered) for s in stats]
+    rows: list[list[object]] = [
+        [s.channel, *c, _age(s.oldest_pending_at, now)] for s, c in zip(stats, counts, strict=True)
+    ]
+    if len(stats) > 1:
+        pending = [s.oldest_pending_at for s in stats if s.oldest_pending_at is not None]
+        totals = [sum(column) for column in zip(*counts, strict=True)]
+        rows.append(["TOTAL", *totals, _age(min(pending, default=None), now)])
+    _print_table(["CHANNEL", "PENDING", "IN FLIGHT", "DEAD", "DELIVERED", "OLDEST PENDING"], rows)
+    return 0
+
+
+async def _list(store: SQLiteStore, config: Config, args: argparse.Namespace) -> int:
+    found = await store.list_deliveries(args.dead, args.channel, args.limit)
+    if args.json:
+        _print_json([_row_json(d) for d in found])
+    elif not found:
+        print("no deliveries")
+    else:
+        _print_table(
+            ["ID", "CHANNEL", "ROOM", "COMMAND", "STATE", "ATTEMPTS", "LAST ERROR", "CREATED",
+             "UPDATED", "NEXT ATTEMPT"],
+            [[d.id, d.channel, "-" if d.room_id is None else d.room_id, d.command, d.state.value,
+              d.attempts, _cut(_visible(d.last_error or "-")), _time(d.created_at),
+              _time(d.updated_at), _time(d.next_attempt_at) if d.state == State.PENDING else "-"]
+             for d in found],
+        )  # fmt: skip
+    return 0
+
+
+async def _retry(store: SQLiteStore, config: Config, args: argparse.Namespace) -> int:
+    now = time.time()
+    if args.dead:
+        count = await store.retry_dead(args.channel, now)
+        return _report(args, "retried", count, "back to pending", [], "")
+    return await _each_id(
+        args, lambda i: store.retry([i], now), "retried", "back to pending",
+        "not found, or delivered or in flight",
+    )  # fmt: skip
+
+
+async def _drop(store: SQLiteStore, config: Config, args: argparse.Namespace) -> int:
+    return await _each_id(
+        args,
+        lambda i: store.drop([i]),
+        "dropped",
+        "dropped",
+        "not found, or delivered or in flight",
+    )
+
+
+COMMANDS: dict[str, Command] = {"stats": _stats, "list": _list, "retry": _retry, "drop": _drop}
+
+
+async def _each_id(
+    args: argparse.Namespace, act: Callable[[int], Awaitable[int]], key: str, done: str, why: str
+) -> int:
+    """One operation per ID so the missed ones can be named; the writer commits them as one."""
+    ids = list(dict.fromkeys(args.ids))  # a repeated ID is not a missed one
+    counts = await asyncio.gather(*(act(i) for i in ids))
+    missed = [i for i, n in zip(ids, counts, strict=True) if n == 0]
+    return _report(args, key, sum(counts), done, missed, why)
+
+
+def _report(
+    args: argparse.Namespace, key: str, count: int, done: str, missed: Sequence[int], why: str
+) -> int:
+    if args.json:
+        _print_json({key: count})
+    else:
+        print(f"{count} {'delivery' if count == 1 else 'deliveries'} {done}")
+    for delivery_id in missed:
+        print(f"live-bridge: delivery {delivery_id}: {why}", file=sys.stderr)
+    return 1 if missed else 0
+
+
+def _row_json(d: DeliveryRow) -> dict[str, object]:
+    return {
+        "id": d.id, "event_id": d.event_id, "channel": d.channel, "room_id": d.room_id,
+        "command": d.command, "state": d.state.value, "attempts": d.attempts,
+        "last_error": d.last_error, "created_at": _time(d.created_at),
+        "updated_at": _time(d.updated_at),
+        "next_attempt_at": _time(d.next_attempt_at) if d.state == State.PENDING else None,
+    }  # fmt: skip
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value < 2**63:  # SQLite's INTEGER
+        raise argparse.ArgumentTypeError(f"not a positive whole number: {text!r}")
+    return value
+
+
+def _time(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _age_s(since: float | None, now: float) -> float | None:
+    return None if since is None else round(max(0.0, now - since), 3)
+
+
+def _age(since: float | None, now: float) -> str:
+    """`3s`, `4m10s`, `2h03m`, `3d07h`; `-` when nothing is pending."""
+    if since is None:
+        return "-"
+    seconds = int(max(0.0, now - since))
+    minutes, hours, days = seconds // 60, seconds // 3600, seconds // 86400
+    if days:
+        return f"{days}d{hours % 24:02d}h"
+    if hours:
+        return f"{hours}h{minutes % 60:02d}m"
+    return f"{minutes}m{seconds % 60:02d}s" if minutes else f"{seconds}s"
+
+
+def _visible(text: str) -> str:
+    # Line breaks, escape sequences and bidi overrides from a callback must not reshape the table.
+    return "".join(
+        ch.encode("unicode_escape").decode("ascii")
+        if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp")
+        else ch
+        for ch in text
+    )
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= ERROR_WIDTH else text[: ERROR_WIDTH - 1] + "…"
+
+
+def _width(text: str) -> int:
+    # CJK room names take two terminal columns per character.
+    return sum(2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1 for ch in text)
+
+
+def _print_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    cells = [list(header), *([_visible(str(cell)) for cell in row] for row in rows)]
+    widths = [max(_width(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
+        padded = (
+            cell + " " * (width - _width(cell)) for cell, width in zip(row, widths, strict=True)
+        )
+        print("  ".join(padded).rstrip())
+
+
+def _print_json(value: object) -> None:
+    print(json.dumps(value, indent=2))

@@ -1,0 +1,111 @@
+"""Group commit for SQLite: one thread, one connection, one fsync for everything queued.
+
+Callers `submit` an operation (a function of the connection). The thread takes everything queued,
+runs each operation inside its own savepoint of one transaction, commits once, and only then
+answers the callers: concurrent callbacks share one fsync, and an operation that fails rolls back
+alone while the rest of its batch commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from bridge.store import StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_Op = Callable[[sqlite3.Connection], Any]
+_Item = tuple[_Op, asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
+
+MAX_BATCH = 1024
+
+
+class GroupCommitWriter:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=self._run, args=(conn,), name="sqlite-writer", daemon=True
+        )
+        self._thread.start()
+        self.commits = 0  # transactions committed; fewer than operations under load
+
+    async def submit(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put((op, loop, future))
+        return await future
+
+    async def close(self) -> None:
+        self._queue.put(None)
+        await asyncio.to_thread(self._thread.join)
+
+    def _run(self, conn: sqlite3.Connection) -> None:
+        try:
+            while True:
+                first = self._queue.get()
+                if first is None:
+                    return
+                batch = [first]
+                stop = False
+                while len(batch) < MAX_BATCH:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        stop = True
+                        break
+                    batch.append(item)
+                self._commit(conn, batch)
+                if stop:
+                    return
+        finally:
+            conn.close()
+
+    def _commit(self, conn: sqlite3.Connection, batch: list[_Item]) -> None:
+        results: list[tuple[bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op, _, _ in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    results.append((True, op(conn)))
+                    conn.execute("RELEASE op")
+                except Exception as exc:
+                    if not conn.in_transaction:
+                        # SQLite rolled the whole transaction back (disk full, I/O error):
+                        # the operations before this one are gone too.
+                        raise
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    results.append((False, exc))
+            conn.execute("COMMIT")
+            self.commits += 1
+        except sqlite3.Error as exc:
+            log.error("store commit failed: %s", exc)
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            failure = StoreUnavailable(f"store commit failed: {exc}")
+            results = [(False, failure)] * len(batch)
+        for (_, loop, future), (ok, value) in zip(batch, results, strict=True):
+            if isinstance(value, sqlite3.Error):
+                value = StoreUnavailable(f"store write failed: {value}")
+            loop.call_soon_threadsafe(_settle, future, ok, value)
+
+
+def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if future.done():  # the caller went away; the write itself stands
+        return
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)

@@ -1,0 +1,235 @@
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bridge.store import DeliveryRow, NewDelivery, NewEvent, State
+from bridge.store.sqlite import SQLiteStore
+
+TEMPLATES = Path(__file__).parent.parent / "templates"
+AGE_S = 125.0  # the oldest pending delivery was recorded this long ago
+
+CONFIG = f"""
+[tencent]
+sdk_app_id = 1400000000
+[store]
+path = "bridge.db"
+[templates]
+dir = "{TEMPLATES}"
+[channels.console]
+type = "console"
+[channels.hook]
+type = "webhook"
+url = "http://127.0.0.1:9/x"
+[channels.quiet]
+type = "console"
+[[routes]]
+name = "all"
+channels = ["console", "hook"]
+"""
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    # The caller's LIVE_BRIDGE_* variables would override the test's config.
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LIVE_BRIDGE_")}
+    return subprocess.run(
+        [sys.executable, "-m", "bridge", "outbox", *args], capture_output=True, text=True,
+        timeout=30, env={**clean, **(env or {})},
+    )  # fmt: skip
+
+
+def write_config(tmp_path: Path) -> Path:
+    config = tmp_path / "config.toml"
+    config.write_text(CONFIG)
+    return config
+
+
+def populate(tmp_path: Path) -> dict[str, int]:
+    """hook: B pending, C in flight, A dead (HTTP 404); console: A dead (render), B delivered."""
+
+    async def go() -> dict[str, int]:
+        store = SQLiteStore(tmp_path / "bridge.db")
+        await store.open()
+        try:
+            now = time.time() - AGE_S
+            for key, room, event_time in (("a", "room-a", 1000), ("b", "b\nfake", 2000)):
+                event = NewEvent(1400000000, "Live.CallbackAfterCreateRoom", room, event_time,
+                                 "{}", "{}", key)  # fmt: skip
+                deliveries = [NewDelivery("hook", "payload")]
+                deliveries.append(
+                    NewDelivery("console", None, error="render failed: x")
+                    if key == "a"
+                    else NewDelivery("console", "text")
+                )
+                await store.record(event, deliveries, now, 0)
+            event = NewEvent(1400000000, "Live.CallbackAfterDestroyRoom", "room-c", 500, "{}",
+                             "{}", "c")  # fmt: skip
+            await store.record(event, [NewDelivery("hook", "payload")], now, 0)
+            in_flight, hook_dead = await store.claim("hook", now + 1, 2, 3600)
+            await store.mark_dead(hook_dead.id, now + 2, "HTTP 404: " + "x" * 100)
+            (delivered,) = await store.claim("console", now + 1, 10, 3600)
+            await store.mark_delivered(delivered.id, now + 2)
+            listed = await store.list_deliveries(False, None, 9)
+            rows = {(r.channel, r.room_id): r.id for r in listed}
+        finally:
+            await store.close()
+        assert hook_dead.room_id == "room-a" and in_flight.room_id == "room-c"
+        return {
+            "hook_dead": hook_dead.id, "hook_in_flight": in_flight.id,
+            "hook_pending": rows[("hook", "b\nfake")], "console_dead": rows[("console", "room-a")],
+            "console_delivered": delivered.id,
+        }  # fmt: skip
+
+    return asyncio.run(go())
+
+
+def deliveries(tmp_path: Path) -> dict[int, DeliveryRow]:
+    async def go() -> dict[int, DeliveryRow]:
+        store = SQLiteStore(tmp_path / "bridge.db")
+        await store.open()
+        try:
+            return {r.id: r for r in await store.list_deliveries(False, None, 100)}
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
+
+
+def test_stats_table_and_json(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    populate(tmp_path)
+    table = run("stats", "--config", str(config))
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert re.split(r"\s{2,}", lines[0]) == [
+        "CHANNEL", "PENDING", "IN FLIGHT", "DEAD", "DELIVERED", "OLDEST PENDING",
+    ]  # fmt: skip
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:]}
+    assert rows["console"] == ["0", "0", "1", "1", "-"]
+    assert rows["quiet"] == ["0", "0", "0", "0", "-"]  # configured, nothing recorded yet
+    assert rows["hook"][:4] == ["1", "1", "1", "0"] and re.fullmatch(r"2m0\ds", rows["hook"][4])
+    assert rows["TOTAL"][:4] == ["1", "1", "2", "1"] and rows["TOTAL"][4] == rows["hook"][4]
+    column = lines[0].index("PENDING")
+    assert all(line[column - 1] == " " and line[column] != " " for line in lines)
+
+    as_json = run("--config", str(config), "--json", "stats")  # options before the subcommand
+    assert as_json.returncode == 0, as_json.stderr
+    stats = {s.pop("channel"): s for s in json.loads(as_json.stdout)}
+    assert stats["console"] == {
+        "pending": 0, "in_flight": 0, "dead": 1, "delivered": 1, "oldest_pending_age_s": None,
+    }  # fmt: skip
+    assert stats["quiet"]["oldest_pending_age_s"] is None and stats["quiet"]["dead"] == 0
+    hook = stats["hook"]
+    assert (hook["pending"], hook["in_flight"], hook["dead"]) == (1, 1, 1)
+    assert AGE_S <= hook["oldest_pending_age_s"] < AGE_S + 15
+
+
+def test_list_filters_table_and_json(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    ids = populate(tmp_path)
+    every = json.loads(run("list", "--config", str(config), "--json").stdout)
+    assert [d["id"] for d in every] == sorted(set(ids.values()) - {ids["console_delivered"]})[::-1]
+    dead = {d["id"]: d for d in every if d["state"] == "dead"}
+    assert dead[ids["hook_dead"]]["last_error"] == "HTTP 404: " + "x" * 100  # whole in JSON
+    assert dead[ids["hook_dead"]]["attempts"] == 1 and dead[ids["hook_dead"]]["room_id"] == "room-a"
+    pending = next(d for d in every if d["state"] == "pending")
+    assert pending["room_id"] == "b\nfake" and pending["next_attempt_at"].endswith("Z")
+    assert all(d["next_attempt_at"] is None for d in every if d["state"] != "pending")
+
+    table = run("list", "--dead", "--channel", "hook", "--config", str(config))
+    assert table.returncode == 0, table.stderr
+    header, row = table.stdout.splitlines()
+    assert header.split()[:4] == ["ID", "CHANNEL", "ROOM", "COMMAND"]
+    assert row.split()[:6] == [str(ids["hook_dead"]), "hook", "room-a",
+                               "Live.CallbackAfterCreateRoom", "dead", "1"]  # fmt: skip
+    assert "HTTP 404: " + "x" * 49 + "…" in row and "x" * 51 not in row
+    assert re.search(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ +\S+Z +-$", row)  # dead: no next attempt
+
+    newest = run("list", "--limit", "2", "--config", str(config))
+    lines = newest.stdout.splitlines()
+    assert len(lines) == 3  # the room's newline is shown escaped, not started anew
+    assert lines[2].startswith(str(ids["hook_pending"])) and "b\\nfake" in lines[2]
+    assert run("list", "--dead", "--channel", "quiet", "--config", str(config)).stdout == (
+        "no deliveries\n"
+    )
+
+
+def test_retry_by_id_and_dead_by_channel(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    ids = populate(tmp_path)
+    one = run("retry", str(ids["hook_dead"]), "--config", str(config))
+    assert (one.returncode, one.stdout) == (0, "1 delivery back to pending\n"), one.stderr
+    row = deliveries(tmp_path)[ids["hook_dead"]]
+    assert (row.state, row.attempts) == (State.PENDING, 0)
+    assert row.next_attempt_at <= time.time()
+
+    by_channel = run("retry", "--dead", "--channel", "console", "--json", "--config", str(config))
+    assert (by_channel.returncode, json.loads(by_channel.stdout)) == (0, {"retried": 1})
+    after = deliveries(tmp_path)
+    assert after[ids["console_dead"]].state == State.PENDING
+    assert not [r for r in after.values() if r.state == State.DEAD]
+
+    missing = run("retry", "999", str(ids["hook_in_flight"]), "--json", "--config", str(config))
+    assert (missing.returncode, json.loads(missing.stdout)) == (1, {"retried": 0})
+    assert "delivery 999: not found" in missing.stderr
+    assert f"delivery {ids['hook_in_flight']}: " in missing.stderr
+
+
+def test_retry_takes_ids_or_dead(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    for args in ([], ["1", "--dead"], ["1", "--channel", "hook"]):
+        result = run("retry", *args, "--config", str(config))
+        assert result.returncode == 2 and "usage:" in result.stderr
+
+
+def test_drop_names_what_it_could_not_drop(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    ids = populate(tmp_path)
+    drop = ids["console_dead"], ids["hook_in_flight"], 999, ids["console_dead"]
+    result = run("drop", *map(str, drop), "--config", str(config))
+    assert (result.returncode, result.stdout) == (1, "1 delivery dropped\n")
+    assert "delivery 999: not found" in result.stderr
+    assert f"delivery {ids['hook_in_flight']}: not found, or delivered or in flight" in result.stderr
+    assert f"delivery {ids['console_dead']}:" not in result.stderr  # repeated, not missed
+    left = deliveries(tmp_path)
+    assert ids["console_dead"] not in left and left[ids["hook_in_flight"]].state == State.IN_FLIGHT
+
+
+def test_works_while_the_server_holds_the_store(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    ids = populate(tmp_path)
+
+    async def go() -> subprocess.CompletedProcess[str]:
+        server = SQLiteStore(tmp_path / "bridge.db", exclusive=True)
+        await server.open()
+        try:
+            return await asyncio.to_thread(run, "drop", str(ids["hook_dead"]), "--json",
+                                           env={"LIVE_BRIDGE_CONFIG": str(config)})  # fmt: skip
+        finally:
+            await server.close()
+
+    result = asyncio.run(go())
+    assert (result.returncode, json.loads(result.stdout)) == (0, {"dropped": 1}), result.stderr
+
+
+def test_missing_database_exits_1_and_creates_nothing(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    result = run("stats", "--config", str(config))
+    assert result.returncode == 1
+    assert f"{tmp_path / 'bridge.db'}: no such database (store.path in {config})" in result.stderr
+    assert not (tmp_path / "bridge.db").exists()
+
+
+def test_bad_config_exits_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(CONFIG.replace('type = "webhook"', 'type = "webhook"\nextra = 1'))
+    result = run("list", "--config", str(bad))
+    assert result.returncode == 2
+    assert "[channels.hook] extra: unknown key" in result.stderr
+    assert "Traceback" not in result.stderr
