@@ -195,7 +195,8 @@ def test_drop_names_what_it_could_not_drop(tmp_path: Path) -> None:
     result = run("drop", *map(str, drop), "--config", str(config))
     assert (result.returncode, result.stdout) == (1, "1 delivery dropped\n")
     assert "delivery 999: not found" in result.stderr
-    assert f"delivery {ids['hook_in_flight']}: not found, or delivered or in flight" in result.stderr
+    in_flight = ids["hook_in_flight"]
+    assert f"delivery {in_flight}: not found, or delivered or in flight" in result.stderr
     assert f"delivery {ids['console_dead']}:" not in result.stderr  # repeated, not missed
     left = deliveries(tmp_path)
     assert ids["console_dead"] not in left and left[ids["hook_in_flight"]].state == State.IN_FLIGHT
