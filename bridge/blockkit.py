@@ -63,6 +63,16 @@ def fit(payload: Any) -> dict[str, Any]:
     return out
 
 
+def overflows(payload: Any) -> bool:
+    """Would `fit` have to drop blocks or cut the top-level text (not just cut a value)?"""
+    if not isinstance(payload, dict):
+        return False
+    blocks = payload.get("blocks")
+    text = payload.get("text")
+    too_many = isinstance(blocks, list) and len(blocks) > MAX_BLOCKS
+    return too_many or (isinstance(text, str) and len(text) > TOP_TEXT_CHARS)
+
+
 def _fit_text(obj: Any, limit: int) -> Any:
     if isinstance(obj, dict) and isinstance(obj.get("text"), str):
         return {**obj, "text": cut(obj["text"], limit)}

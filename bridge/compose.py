@@ -2,7 +2,7 @@
 
 A delivery whose rendering failed at receive time (stored without a payload, then retried by an
 operator) is rendered again with today's templates. A backlog is combined into digests of at most
-`DIGEST_ENTRIES` events, each split further until it fits in one Slack message uncut.
+`DIGEST_ENTRIES` events, each split further until no entry would be lost to Slack's limits.
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@
 `--config PATH` and `--json` go before or after the subcommand. `list` shows undelivered rows,
 newest first; `retry` puts dead (or pending) deliveries back to pending, due now, attempts reset;
 `drop` deletes dead or pending deliveries, never one in flight or delivered. Exit status: 0 done;
-1 no database at `store.path`, store unavailable, or an ID not found or not in a state to act on (named on stderr);
-2 bad config or usage. Control characters from the store are shown escaped: one row, one line.
+1 no database at `store.path`, store unavailable, or an ID not found or not in a state to act
+on (named on stderr); 2 bad config or usage. Control characters from the store are shown
+escaped: one row, one line.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ class RenderError(Exception):
 
 
 class TooBig(RenderError):
-    """A digest that would have to be cut to fit in one Slack message."""
+    """A digest that Slack would only take with blocks dropped or its text cut."""
 
 
 class Verbatim(str):
@@ -132,11 +132,20 @@ FINALIZE: dict[str, Callable[[Any], str]] = {
     "webhook": _finalize_webhook,
     "console": _finalize_console,
 }
+def _console_tojson(value: Any) -> Json:
+    # JSON leaves C1 controls and U+2028 raw; on a terminal they are escapes and line breaks.
+    return Json(_visible(_tojson_for(_same)(value)))
+
+
 TOJSON: dict[str, Callable[[Any], Json]] = {
     "slack": _tojson_for(slack_escape),
     "webhook": _tojson_for(_same),
-    "console": _tojson_for(_same),
+    "console": _console_tojson,
 }
+
+# Only names shaped like Tencent's commands pick a per-command template: "digest", "default"
+# or a path never do.
+COMMAND_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*\.[A-Za-z][A-Za-z0-9_]*$")
 
 
 @dataclass(frozen=True)
@@ -181,6 +190,8 @@ class Renderer:
         if name is None:
             name = f"{kind}/{command}.j2"
             try:
+                if not COMMAND_NAME.match(command):
+                    raise jinja2.TemplateNotFound(name)
                 self._envs[kind].get_template(name)
             except jinja2.TemplateNotFound:
                 name = f"{kind}/default.j2"
@@ -206,7 +217,8 @@ class Renderer:
         explicit: str | None = None, whole: bool = True,
     ) -> str:  # fmt: skip
         """One message for several events (`kind/digest.j2`, oldest first). With `whole`, a
-        digest Slack would need cut raises TooBig, so the caller can split it instead."""
+        digest that would lose entries to Slack's limits raises TooBig, so the caller can split
+        it; a single over-long value is cut as in any message."""
         name = explicit or f"{kind}/digest.j2"
 
         def variables() -> dict[str, Any]:
@@ -279,13 +291,12 @@ def _check_json(kind: str, name: str, text: str, whole: bool = False) -> str:
     except json.JSONDecodeError as exc:
         raise RenderError(f"{name}: output is not JSON (line {exc.lineno}: {exc.msg})") from None
     if kind == "slack":
+        if whole and blockkit.overflows(payload):
+            raise TooBig(f"{name}: over Slack's limits")
         try:
-            fitted = blockkit.fit(payload)
+            payload = blockkit.fit(payload)
         except blockkit.LimitError as exc:
             raise RenderError(f"{name}: {exc}") from None
-        if whole and fitted != payload:
-            raise TooBig(f"{name}: over Slack's limits")
-        payload = fitted
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
 
 

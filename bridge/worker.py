@@ -201,6 +201,7 @@ class Worker:
                 async with slots:
                     await pacer.wait()
                     outcome = await self._attempt(policy, row)
+                    pacer.done()
                 await self._settle(row, outcome)
                 if outcome.rate_limited:
                     pacer.block(outcome.retry_after or 1.0)
@@ -229,6 +230,7 @@ class Worker:
                 return
             await pacer.wait()
             outcome = await self._send(policy, payload, carried[0].id, None)
+            pacer.done()
             await asyncio.gather(*(self._settle(row, outcome) for row in carried))
             if outcome.rate_limited:
                 pacer.block(outcome.retry_after or 1.0)

@@ -8,7 +8,8 @@ Contract:
 - ``add_webhook()`` URLs behave like incoming webhooks, answering plain-text codes:
   404 ``no_service``; 400 ``invalid_payload``, ``no_text``, ``invalid_blocks``;
   410 ``channel_is_archived``; 200 ``ok``. Their ``thread_ts`` is recorded, not checked.
-- ``sink_url()`` records every request and answers the status set by ``set_sink_status`` (200).
+- ``sink_url()`` records every request and answers the status set by ``set_sink_status`` (200),
+  after ``set_sink_delay`` seconds; ``sink_max_concurrent`` is the most it held at once.
 - With ``rate_per_s``, each channel has one token bucket (capacity ``burst``) shared by the API
   and webhooks; an empty bucket answers 429 with ``Retry-After`` in whole seconds and posts
   nothing. Requests that reach a known, open channel take a token even if their content is bad.
@@ -142,6 +143,9 @@ class SlackStandIn:
         self._archived: set[str] = set()
         self._webhooks: dict[str, str] = {}  # path -> channel
         self._sink_status: dict[str, int] = {}
+        self._sink_delay: dict[str, float] = {}
+        self._sink_active: dict[str, int] = {}
+        self.sink_max_concurrent: dict[str, int] = {}  # the most requests a sink held at once
         self._forced: list[_ForcedAnswer] = []
         self._buckets: dict[str, _Bucket] = {}
         self._posted: list[Posted] = []
@@ -233,6 +237,11 @@ class SlackStandIn:
     def set_sink_status(self, name: str, status: int) -> None:
         with self._lock:
             self._sink_status[name] = status
+
+    def set_sink_delay(self, name: str, seconds: float) -> None:
+        """The sink holds each request this long before recording and answering it."""
+        with self._lock:
+            self._sink_delay[name] = seconds
 
     def fail_next(
         self,
@@ -405,12 +414,23 @@ class SlackStandIn:
         name = request.path_params["name"]
         headers = {k.lower(): v for k, v in request.headers.items()}
         with self._lock:
+            delay = self._sink_delay.get(name, 0.0)
+            self._sink_active[name] = active = self._sink_active.get(name, 0) + 1
+            self.sink_max_concurrent[name] = max(self.sink_max_concurrent.get(name, 0), active)
+        try:
+            if delay:
+                await asyncio.sleep(delay)
+            return self._sink_answer(name, request.url.path, headers, body)
+        finally:
+            with self._lock:
+                self._sink_active[name] -= 1
+
+    def _sink_answer(self, name: str, path: str, headers: dict[str, str], body: bytes) -> Response:
+        with self._lock:
             forced = self._take_forced("sink", None)
             if forced is not None:
                 return Response(b"", forced.status, _retry_header(forced.retry_after))
-            self._sink_requests.append(
-                SinkRequest(request.url.path, headers, body, time.monotonic())
-            )
+            self._sink_requests.append(SinkRequest(path, headers, body, time.monotonic()))
             status = self._sink_status.get(name, 200)
         return Response(b"ok", status, media_type="text/plain")
 

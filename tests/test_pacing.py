@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from bridge.pacing import Pacer
+from tests.bridge_server import OK_PACKET, SEED_BODY, InThread, post_callback, write_config
+from tests.slack_standin import SlackStandIn
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(
+    ("rate", "burst", "sends", "expected"),
+    [
+        (1.0, 3, 3, 0.0),  # the burst goes at once
+        (1.0, 3, 4, 1.0),  # then one a second
+        (2.0, 1, 2, 0.5),
+        (None, 1, 100, 0.0),  # no rate: never waits
+    ],
+)
+def test_bucket_delay(rate: float | None, burst: int, sends: int, expected: float) -> None:
+    clock = Clock()
+    pacer = Pacer(rate, burst, clock)
+    for _ in range(sends - 1):
+        assert pacer.delay() == 0.0
+        asyncio.run(pacer.wait())
+    assert pacer.delay() == pytest.approx(expected)
+
+
+def test_bucket_refills_up_to_burst() -> None:
+    clock = Clock()
+    pacer = Pacer(1.0, 3, clock)
+    for _ in range(3):
+        asyncio.run(pacer.wait())
+    clock.now += 10.0
+    for _ in range(3):
+        assert pacer.delay() == 0.0
+        asyncio.run(pacer.wait())
+    assert pacer.delay() == pytest.approx(1.0)
+
+
+def test_block_holds_everything_then_refills_from_empty() -> None:
+    clock = Clock()
+    pacer = Pacer(1.0, 3, clock)
+    pacer.block(2.0)
+    assert pacer.blocked_for() == pytest.approx(2.0)
+    assert pacer.delay() == pytest.approx(2.0)
+    clock.now += 2.0
+    assert pacer.blocked_for() == 0.0
+    assert pacer.delay() == 0.0  # two seconds of refill: two tokens, not the whole burst
+    asyncio.run(pacer.wait())
+    asyncio.run(pacer.wait())
+    assert pacer.delay() == pytest.approx(1.0)
+
+
+def test_block_without_rate_still_blocks() -> None:
+    clock = Clock()
+    pacer = Pacer(None, 1, clock)
+    pacer.block(5.0)
+    assert pacer.delay() == pytest.approx(5.0)
+    clock.now += 5.0
+    assert pacer.delay() == 0.0
+
+
+def test_burst_of_60_to_a_slack_enforcing_1_per_s_gets_no_429(tmp_path: Path) -> None:
+    # The stand-in enforces Slack's limit itself: 1 message a second per channel, burst 3.
+    with SlackStandIn(rate_per_s=1.0, burst=3) as slack:
+        channels = (
+            '[channels.bot]\ntype = "slack"\ntoken = "xoxb-test-token"\n'
+            f'channel = "C0123456789"\napi_url = "{slack.api_url}"\ndigest_after = 0\n'
+        )
+        routes = '[[routes]]\nname = "all"\nchannels = ["bot"]\n'
+        with InThread(write_config(tmp_path, channels=channels, routes=routes)) as bridge:
+            for n in range(60):
+                room, owner = f"room-{n % 3}", f"owner-{n}"
+                body = SEED_BODY.replace(b'"room_id"', json.dumps(room).encode())
+                body = body.replace(b'"user2"', json.dumps(owner).encode())
+                body = body.replace(b"1703589922780", str(1703589922780 + n).encode())
+                assert post_callback(bridge.url, body) == (200, OK_PACKET)
+            assert slack.wait_for(lambda s: len(s.posted) == 60, timeout=90)
+    assert slack.rejected_429 == 0
+    for index in range(3):
+        owners = [
+            int(field["text"].rsplit("-", 1)[1])
+            for p in slack.posted
+            for field in p.payload["blocks"][1]["fields"][1:2]
+            if p.payload["blocks"][1]["fields"][0]["text"] == f"*Room*\nroom-{index}"
+        ]
+        assert owners == list(range(index, 60, 3))  # Tencent's order, per room
+    times = [p.received_at for p in slack.posted]
+    assert times[-1] - times[0] >= 56  # 3 at once, then one a second
