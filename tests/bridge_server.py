@@ -47,12 +47,12 @@ def free_port() -> int:
 def write_config(
     directory: Path, port: int = 0, *, channels: str = '[channels.console]\ntype = "console"\n',
     routes: str = '[[routes]]\nname = "all"\nchannels = ["console"]\n', extra: str = "",
-    tencent: str = "",
+    tencent: str = "", server: str = "",
     delivery: str = "initial_backoff_s = 0.05\nmax_backoff_s = 0.2\nmax_attempts = 3\n",
 ) -> Path:  # fmt: skip
     path = directory / "config.toml"
     path.write_text(
-        f"[server]\nport = {port}\n\n[tencent]\nsdk_app_id = {APP_ID}\n{tencent}\n"
+        f"[server]\nport = {port}\n{server}\n[tencent]\nsdk_app_id = {APP_ID}\n{tencent}\n"
         f'[store]\npath = "bridge.db"\n\n[delivery]\ntimeout_s = 2.0\n{delivery}\n'
         f'[templates]\ndir = "{ROOT / "templates"}"\n\n{extra}\n{channels}\n{routes}'
     )

@@ -233,3 +233,42 @@ def test_bad_template_stops_start_up_naming_route(tmp_path: Path) -> None:
     message = str(caught.value)
     assert "route 'all', channel 'console', Live.CallbackAfterChangeOwner" in message
     assert "Live.CallbackAfterChangeOwner.j2, line 2" in message
+
+
+def test_kill_9_during_sends_loses_nothing(tmp_path: Path, slack: SlackStandIn) -> None:
+    port = free_port()
+    secret = "whsec_" + base64.b64encode(os.urandom(24)).decode()
+    channels = (
+        f'[channels.sink]\ntype = "webhook"\nurl = "{slack.sink_url()}"\nmax_in_flight = 4\n'
+        f'signing_secret = "{secret}"\n'
+    )
+    routes = '[[routes]]\nname = "all"\nchannels = ["sink"]\n'
+    slack.set_sink_delay("sink", 0.3)  # sends are in flight when the kill comes
+    config = write_config(tmp_path, port, channels=channels, routes=routes)
+    rooms = [f"room-{n}" for n in range(40)]
+    with Subprocess(config, port, tmp_path / "bridge.log") as bridge:
+        for room in rooms:
+            assert post_callback(bridge.url, owner_change(room)) == (200, OK_PACKET)
+        assert slack.wait_for(lambda s: len(s.sink_requests) >= 8)
+        bridge.kill()
+    before = len(slack.sink_requests)
+    assert before < len(rooms)  # the kill came mid-way
+    slack.set_sink_delay("sink", 0.0)
+    with Subprocess(config, port, tmp_path / "bridge.log"):
+
+        def rooms_seen(s: SlackStandIn) -> list[str]:
+            return [json.loads(r.body)["event"]["RoomId"] for r in s.sink_requests]
+
+        assert slack.wait_for(lambda s: set(rooms_seen(s)) == set(rooms), timeout=30)
+        db = tmp_path / "bridge.db"
+        assert wait_until(lambda: {d[1] for d in deliveries(db)} == {"delivered"})
+    seen = rooms_seen(slack)
+    repeats = len(seen) - len(set(seen))
+    assert repeats <= 4  # only what was in flight at the kill (max_in_flight) is sent twice
+    ids_by_room: dict[str, set[str]] = {}
+    for request in slack.sink_requests:
+        room = json.loads(request.body)["event"]["RoomId"]
+        ids_by_room.setdefault(room, set()).add(request.headers["webhook-id"])
+        Webhook(secret).verify(request.body, request.headers)
+    assert all(len(ids) == 1 for ids in ids_by_room.values())  # a repeat can be recognised
+    assert len({i for ids in ids_by_room.values() for i in ids}) == len(rooms)

@@ -1,12 +1,23 @@
 from __future__ import annotations
 
 import os
+import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 from bridge import __version__
-from tests.bridge_server import OK_PACKET, free_port, get, post_callback, wait_until
+from tests.bridge_server import (
+    OK_PACKET,
+    SEED_BODY,
+    Subprocess,
+    free_port,
+    get,
+    post_callback,
+    wait_until,
+    write_config,
+)
 
 ROOT = Path(__file__).parent.parent
 CONSOLE_SCRIPT = Path(sys.executable).parent / "live-bridge"
@@ -83,3 +94,29 @@ def test_example_config_serves_the_seed_sample(tmp_path: Path) -> None:
     # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status says why.
     assert process.returncode in (0, -15)
     assert b"live-bridge stopped" in stderr
+
+
+def test_sigterm_drains_then_stops_keeping_what_is_pending(tmp_path: Path) -> None:
+    port = free_port()
+    channels = '[channels.hook]\ntype = "webhook"\nurl = "http://127.0.0.1:9/closed"\n'
+    routes = '[[routes]]\nname = "all"\nchannels = ["hook"]\n'
+    config = write_config(
+        tmp_path, port, channels=channels, routes=routes, server="drain_s = 2.0",
+        delivery="initial_backoff_s = 60.0\nmax_backoff_s = 60.0\n",
+    )  # fmt: skip
+    bridge = Subprocess(config, port, tmp_path / "bridge.log")
+    with bridge:
+        assert bridge.process is not None
+        assert post_callback(bridge.url) == (200, OK_PACKET)
+        bridge.process.send_signal(signal.SIGTERM)
+        assert wait_until(lambda: get(bridge.url + "/readyz") == (503, {"status": "draining"}))
+        # Still acknowledged, durably, until the listener closes.
+        other = SEED_BODY.replace(b"user2", b"user3")
+        assert post_callback(bridge.url, other) == (200, OK_PACKET)
+        bridge.process.wait(timeout=20)
+    log = (tmp_path / "bridge.log").read_text()
+    assert "draining for 2.0s before closing" in log
+    assert "live-bridge stopped" in log
+    with sqlite3.connect(tmp_path / "bridge.db") as conn:
+        states = conn.execute("SELECT state FROM deliveries").fetchall()
+    assert states == [("pending",), ("pending",)]  # nothing lost, nothing given up
