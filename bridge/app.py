@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from http import HTTPStatus
+from pathlib import Path
 
 import aiohttp
 from starlette.applications import Starlette
@@ -74,9 +75,10 @@ class Bridge:
 
     def __init__(
         self, config: Config, store: Store | None = None,
-        senders: Mapping[str, Sender] | None = None,
+        senders: Mapping[str, Sender] | None = None, path: Path | None = None,
     ) -> None:  # fmt: skip
         self.config = config
+        self.path = path
         self.renderer = validate(config)
         self.store: Store = store or SQLiteStore(config.store.path, exclusive=True)
         self._senders = senders
@@ -144,9 +146,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(
-    config: Config, store: Store | None = None, senders: Mapping[str, Sender] | None = None
-) -> Starlette:
-    bridge = Bridge(config, store, senders)
+    config: Config, path: Path | None = None, store: Store | None = None,
+    senders: Mapping[str, Sender] | None = None,
+) -> Starlette:  # fmt: skip
+    """The app for `config`; `path` is where a reload reads the config again."""
+    bridge = Bridge(config, store, senders, path)
     routes = [
         Route(config.server.callback_path, bridge.receiver.handle, methods=["POST"]),
         Route("/healthz", bridge.healthz, methods=["GET"]),

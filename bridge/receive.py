@@ -20,6 +20,7 @@ from starlette.responses import Response
 
 from bridge.config import Config
 from bridge.events import BadEvent, Envelope, decode_body, parse_event
+from bridge.metrics import Metrics
 from bridge.render import Context, Renderer, RenderError
 from bridge.routing import Router
 from bridge.store import NewDelivery, NewEvent, Store, StoreUnavailable
@@ -65,29 +66,33 @@ def dedup_key(fields: dict[str, Any]) -> str:
 class Receiver:
     def __init__(
         self, config: Config, store: Store, router: Router, renderer: Renderer,
-        on_recorded: Callable[[], None],
+        on_recorded: Callable[[], None], metrics: Metrics | None = None,
     ) -> None:  # fmt: skip
         self.config = config
         self.store = store
         self.router = router
         self.renderer = renderer
         self.on_recorded = on_recorded
-        self.counts: Counter[str] = Counter()  # results by name, for logs and metrics
+        self.metrics = metrics
+        self.counts: Counter[str] = Counter()  # results by name
 
     async def handle(self, request: Request) -> Response:
+        started = time.perf_counter()
+        command: str | None = None  # known once the body parses
         try:
-            response = await self._handle(request)
+            response, result, command = await self._handle(request)
         except Refused as exc:
-            self.counts[f"refused_{exc.status}"] += 1
             log.info("refused callback: HTTP %d %s", exc.status, exc.info)
-            return packet(exc.status, exc.info)
+            response, result = packet(exc.status, exc.info), f"refused_{exc.status}"
         except Exception:
-            self.counts["error"] += 1
             log.exception("callback failed")
-            return packet(500, "internal error")
+            response, result = packet(500, "internal error"), "error"
+        self.counts[result] += 1
+        if self.metrics is not None:
+            self.metrics.callback(command, result, time.perf_counter() - started)
         return response
 
-    async def _handle(self, request: Request) -> Response:
+    async def _handle(self, request: Request) -> tuple[Response, str, str]:
         now = time.time()
         tencent = self.config.tencent
         query = query_keys(request.query_params.multi_items())
@@ -118,17 +123,15 @@ class Receiver:
                 record, deliveries, now, self.config.delivery.dedup_window_s
             )
         except StoreUnavailable as exc:
-            self.counts["store_unavailable"] += 1
             log.error("cannot store callback %s: %s", event.CallbackCommand, exc)
-            return packet(503, "store unavailable")
+            return packet(503, "store unavailable"), "store_unavailable", record.command
         if recorded.duplicate:
-            self.counts["duplicate"] += 1
             log.info("duplicate of event=%d within the dedup window", recorded.event_id)
-        else:
-            self.counts["accepted"] += 1
-            if deliveries:
-                self.on_recorded()
-        return packet(200)
+            return packet(200), "duplicate", record.command
+        if not deliveries:
+            return packet(200), "unrouted", record.command
+        self.on_recorded()
+        return packet(200), "accepted", record.command
 
     def _deliveries(
         self, event: Envelope, fields: dict[str, Any], app_id: int, now: float,
@@ -136,7 +139,6 @@ class Receiver:
     ) -> list[NewDelivery]:  # fmt: skip
         match = self.router.route_event(event)
         if not match.channels:
-            self.counts["unrouted"] += 1
             log.info("no route matched %s room=%s", event.CallbackCommand, event.room())
             return []
         ctx = Context(sdk_app_id=app_id, received_at=now, query=query)

@@ -132,6 +132,8 @@ FINALIZE: dict[str, Callable[[Any], str]] = {
     "webhook": _finalize_webhook,
     "console": _finalize_console,
 }
+
+
 def _console_tojson(value: Any) -> Json:
     # JSON leaves C1 controls and U+2028 raw; on a terminal they are escapes and line breaks.
     return Json(_visible(_tojson_for(_same)(value)))

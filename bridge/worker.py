@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from bridge.channels import Outcome, Result, Sender, Thread, permanent, retry
 from bridge.compose import DIGEST_ENTRIES, Composer
 from bridge.config import Channel, ConsoleChannel, DeliveryConfig, SlackChannel
+from bridge.metrics import Metrics
 from bridge.pacing import Pacer
 from bridge.render import RenderError
 from bridge.store import Claimed, Store, StoreUnavailable
@@ -83,22 +84,58 @@ class ChannelPolicy:
         return math.ceil(sends / self.max_in_flight) * (timeout_s + 5.0) + paced + 10.0
 
 
+@dataclass
+class ChannelState:
+    """What the status page shows of a channel beyond the store's counts."""
+
+    last_success_at: float | None = None
+    last_error: str | None = None
+    last_error_at: float | None = None
+
+
 class Worker:
     def __init__(
         self, store: Store, policies: Mapping[str, ChannelPolicy], settings: DeliveryConfig,
-        composer: Composer, retention_s: float,
+        composer: Composer, retention_s: float, metrics: Metrics | None = None,
     ) -> None:  # fmt: skip
         self._store = store
-        self._policies = policies
         self._settings = settings
         self._composer = composer
         self._retention_s = retention_s
-        self.pacers = {name: Pacer(p.rate_per_s, p.burst) for name, p in policies.items()}
+        self._metrics = metrics
+        self._policies: Mapping[str, ChannelPolicy] = {}
+        self.pacers: dict[str, Pacer] = {}
+        self.states: dict[str, ChannelState] = {}
         self._wake = asyncio.Event()
         self._busy: set[str] = set()
         self._lanes: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._last_prune = 0.0
+        self.configure(policies, settings, composer, retention_s)
+
+    def configure(
+        self, policies: Mapping[str, ChannelPolicy], settings: DeliveryConfig,
+        composer: Composer, retention_s: float,
+    ) -> None:  # fmt: skip
+        """Take a new configuration; lanes already running finish their claim with the old one.
+        A channel whose pacing is unchanged keeps its pacer, and so its place in Slack's bucket."""
+        old = self._policies
+        self._policies = policies
+        self._settings = settings
+        self._composer = composer
+        self._retention_s = retention_s
+        for name, policy in policies.items():
+            before = old.get(name)
+            same = before is not None and (before.rate_per_s, before.burst) == (
+                policy.rate_per_s, policy.burst,
+            )  # fmt: skip
+            if not same or name not in self.pacers:
+                self.pacers[name] = Pacer(policy.rate_per_s, policy.burst)
+            self.states.setdefault(name, ChannelState())
+        for name in set(self.pacers) - set(policies):
+            del self.pacers[name]
+            self.states.pop(name, None)
+        self._wake.set()
 
     def wake(self) -> None:
         """Something new may be due: look now instead of at the next poll."""
@@ -144,8 +181,8 @@ class Worker:
     async def _idle_delay(self) -> float:
         now = time.time()
         delay = IDLE_POLL_S
-        due = await self._store.next_due()
-        if due is not None and due > now:
+        due = await self._store.next_due(now)
+        if due is not None:
             delay = min(delay, due - now)
         for pacer in self.pacers.values():
             if (blocked := pacer.blocked_for()) > 0:
@@ -166,7 +203,7 @@ class Worker:
                 log.info("pruned %d rows older than the retention", pruned)
 
     async def _lane(self, policy: ChannelPolicy) -> None:
-        pacer = self.pacers[policy.name]
+        pacer = self.pacers.get(policy.name) or Pacer(policy.rate_per_s, policy.burst)
         lease = policy.lease_s(self._settings.timeout_s)
         try:
             while not self._stopping and pacer.blocked_for() == 0:
@@ -191,7 +228,7 @@ class Worker:
         for row in rows:  # each room in order; a delivery without a room waits for nothing
             rooms.setdefault(row.room_id if row.room_id is not None else row.id, []).append(row)
         slots = asyncio.Semaphore(policy.max_in_flight)
-        pacer = self.pacers[policy.name]
+        pacer = self.pacers.get(policy.name) or Pacer(policy.rate_per_s, policy.burst)
 
         async def room(sequence: list[Claimed]) -> None:
             for index, row in enumerate(sequence):
@@ -221,7 +258,7 @@ class Worker:
             log.error("channel %s: digest failed, sending one by one: %s", policy.name, exc)
             await self._send_each(policy, rows)
             return
-        pacer = self.pacers[policy.name]
+        pacer = self.pacers.get(policy.name) or Pacer(policy.rate_per_s, policy.burst)
         log.info("channel %s: %d pending, sending %d digests", policy.name, len(rows), len(digests))
         for index, (payload, carried) in enumerate(digests):
             if self._stopping or pacer.blocked_for() > 0:
@@ -270,24 +307,38 @@ class Worker:
             log.exception("delivery=%d channel=%s: sender failed", delivery_id, policy.name)
             return retry("internal error in sender")
 
+    def _note(self, row: Claimed, kind: str, error: str | None = None) -> None:
+        state = self.states.setdefault(row.channel, ChannelState())
+        if error is None:
+            state.last_success_at = time.time()
+        else:
+            state.last_error, state.last_error_at = error, time.time()
+        if self._metrics is not None:
+            self._metrics.outcome(row.channel, kind, row.received_at)
+
     async def _settle(self, row: Claimed, outcome: Outcome) -> None:
         now = time.time()
         tag = f"event={row.event_id} delivery={row.id} channel={row.channel}"
         if outcome.result is Result.DELIVERED:
             await self._store.mark_delivered(row.id, now)
+            self._note(row, "delivered")
             log.info("delivered %s attempt=%d", tag, row.attempts)
         elif outcome.result is Result.PERMANENT:
             await self._store.mark_dead(row.id, now, outcome.error)
+            self._note(row, "dead", outcome.error)
             log.warning("dead letter %s attempt=%d: %s", tag, row.attempts, outcome.error)
         elif outcome.rate_limited:
             wait = outcome.retry_after or 1.0
             await self._store.mark_retry(row.id, now, now + wait, outcome.error, count=False)
+            self._note(row, "rate_limited", outcome.error)
             log.info("rate limited %s attempt=%d: retry in %.1fs", tag, row.attempts, wait)
         elif row.attempts >= self._settings.max_attempts:
             error = f"gave up after {row.attempts} attempts: {outcome.error}"
             await self._store.mark_dead(row.id, now, error)
+            self._note(row, "dead", error)
             log.warning("dead letter %s: %s", tag, error)
         else:
+            self._note(row, "retry", outcome.error)
             s = self._settings
             delay = max(
                 backoff(row.attempts, s.initial_backoff_s, s.max_backoff_s),

@@ -101,7 +101,7 @@ class InThread:
 
     def __init__(self, config: Config | Path) -> None:
         self.config = load_config(config) if isinstance(config, Path) else config
-        self.app = create_app(self.config)
+        self.app = create_app(self.config, config if isinstance(config, Path) else None)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self._sock = sock

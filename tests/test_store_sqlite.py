@@ -118,7 +118,7 @@ async def test_a_room_waits_for_its_earlier_delivery(store: SQLiteStore) -> None
     # r1-0 fails and is due again later: still nothing for r1 until then.
     await store.mark_retry(head[0].id, now, now + 60, "HTTP 500", count=True)
     assert await store.claim("a", now, 10, 30) == []
-    assert await store.next_due() == pytest.approx(now + 30)  # the leases of r2-0, roomless
+    assert await store.next_due(now) == pytest.approx(now + 30)  # leases of r2-0, roomless
     # Once it is due, it comes first and the rest follow in the same claim, in order.
     later = await store.claim("a", now + 61, 10, 30)  # the other leases have expired too
     r1 = [c for c in later if c.room_id == "r1"]

@@ -254,11 +254,13 @@ class SQLiteStore:
             )
             await self._execute(_in(sql, ids), (next_attempt_at, now, *ids))
 
-    async def next_due(self) -> float | None:
+    async def next_due(self, now: float) -> float | None:
         rows = await self._fetch(
             "SELECT MIN(t) FROM (SELECT MIN(next_attempt_at) AS t FROM deliveries"
-            " WHERE state = 'pending' UNION ALL SELECT MIN(lease_until) FROM deliveries"
-            " WHERE state = 'in_flight')"
+            " WHERE state = 'pending' AND next_attempt_at > :now UNION ALL"
+            " SELECT MIN(lease_until) FROM deliveries"
+            " WHERE state = 'in_flight' AND lease_until > :now)",
+            {"now": now},
         )
         return None if not rows or rows[0][0] is None else float(rows[0][0])
 

@@ -1,0 +1,83 @@
+"""Prometheus metrics, one registry per running bridge (prometheus-client).
+
+Counters and histograms are updated where things happen (the receiver, the worker, reloads);
+the per-channel gauges (pending, in flight, dead, oldest pending age) are read from the store
+when `/metrics` is scraped. Label values are bounded: commands outside Tencent's table count as
+"other", so a caller cannot grow the series without limit. No label or value carries a secret.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from bridge.events import MODELS
+from bridge.store import ChannelStats
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+ACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
+DELIVERY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
+
+
+def command_label(command: str) -> str:
+    return command if command in MODELS else "other"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.callbacks = Counter(
+            "live_bridge_callbacks", "Callbacks received, by command and result.",
+            ["command", "result"], registry=r,
+        )  # fmt: skip
+        self.ack_latency = Histogram(
+            "live_bridge_ack_latency_seconds", "From request start to the reply packet.",
+            buckets=ACK_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.deliveries = Counter(
+            "live_bridge_deliveries", "Delivery attempts, by channel and outcome.",
+            ["channel", "outcome"], registry=r,
+        )  # fmt: skip
+        self.delivery_latency = Histogram(
+            "live_bridge_delivery_latency_seconds", "From acknowledgement to delivery.",
+            ["channel"], buckets=DELIVERY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.pending = Gauge("live_bridge_pending", "Deliveries waiting.", ["channel"], registry=r)
+        self.in_flight = Gauge(
+            "live_bridge_in_flight", "Deliveries being sent.", ["channel"], registry=r
+        )
+        self.dead = Gauge("live_bridge_dead", "Dead letters.", ["channel"], registry=r)
+        self.oldest_pending = Gauge(
+            "live_bridge_oldest_pending_age_seconds", "Age of the oldest pending delivery.",
+            ["channel"], registry=r,
+        )  # fmt: skip
+        self.reloads = Counter(
+            "live_bridge_config_reloads", "Configuration reloads, by result.", ["result"],
+            registry=r,
+        )  # fmt: skip
+
+    def callback(self, command: str | None, result: str, seconds: float) -> None:
+        self.callbacks.labels(command_label(command or ""), result).inc()
+        self.ack_latency.observe(seconds)
+
+    def outcome(self, channel: str, outcome: str, received_at: float | None = None) -> None:
+        self.deliveries.labels(channel, outcome).inc()
+        if outcome == "delivered" and received_at is not None:
+            self.delivery_latency.labels(channel).observe(max(0.0, time.time() - received_at))
+
+    def render(self, stats: Sequence[ChannelStats], channels: Sequence[str]) -> bytes:
+        """The exposition text, with the store's per-channel numbers as of now."""
+        now = time.time()
+        by_name = {s.channel: s for s in stats}
+        for name in sorted({*channels, *by_name}):
+            s = by_name.get(name)
+            self.pending.labels(name).set(s.pending if s else 0)
+            self.in_flight.labels(name).set(s.in_flight if s else 0)
+            self.dead.labels(name).set(s.dead if s else 0)
+            oldest = s.oldest_pending_at if s else None
+            self.oldest_pending.labels(name).set(max(0.0, now - oldest) if oldest else 0)
+        return generate_latest(self.registry)

@@ -1,0 +1,91 @@
+"""`live-bridge serve`: run the bridge under uvicorn, with SIGTERM drain and SIGHUP reload."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import uvicorn
+
+from bridge import logs
+from bridge.config import ConfigError, config_path, load_config
+
+if TYPE_CHECKING:
+    from bridge.app import Bridge
+
+LEVELS = ["debug", "info", "warning", "error"]
+
+
+def register(commands: Any) -> None:
+    serve = commands.add_parser("serve", help="receive callbacks and deliver them")
+    serve.add_argument(
+        "--config", help="TOML config (default: $LIVE_BRIDGE_CONFIG, else config.toml)"
+    )
+    serve.add_argument("--log-level", default="info", choices=LEVELS)
+    serve.add_argument("--log-format", default="text", choices=["text", "json"])
+    serve.add_argument(
+        "--no-access-log", dest="access_log", action="store_false",
+        help="no access log at all (by default it covers every path but the callback's)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--access-log-callbacks", action="store_true",
+        help="also log each callback request in the access log",
+    )  # fmt: skip
+
+
+def main(args: argparse.Namespace) -> int:
+    path = config_path(args.config)
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(f"live-bridge: {exc}", file=sys.stderr)
+        return 2
+    skip = None if args.access_log_callbacks else config.server.callback_path
+    logs.setup(args.log_level, args.log_format, skip)
+    from bridge.app import create_app  # after logging is set up
+
+    try:
+        app = create_app(config, path)
+    except ConfigError as exc:
+        print(f"live-bridge: {exc}", file=sys.stderr)
+        return 2
+    server = DrainingServer(
+        uvicorn.Config(
+            app,
+            host=config.server.host,
+            port=config.server.port,
+            log_config=None,
+            access_log=args.access_log,
+            lifespan="on",
+            server_header=False,
+        ),
+        app.state.bridge,
+        config.server.drain_s,
+    )
+    server.run()
+    return 0 if server.started else 1
+
+
+class DrainingServer(uvicorn.Server):
+    """On the first SIGTERM or SIGINT, /readyz turns 503 at once and the listener closes
+    `drain_s` later; callbacks meanwhile are acknowledged as usual. A second signal stops now."""
+
+    def __init__(self, config: uvicorn.Config, bridge: Bridge, drain_s: float) -> None:
+        super().__init__(config)
+        self._bridge = bridge
+        self._drain_s = drain_s
+        self._timer: threading.Timer | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._bridge.draining = True
+        if self._drain_s > 0 and self._timer is None and not self.should_exit:
+            logging.getLogger(__name__).info("draining for %.1fs before closing", self._drain_s)
+            self._timer = threading.Timer(self._drain_s, super().handle_exit, (sig, frame))
+            self._timer.daemon = True
+            self._timer.start()
+            return
+        super().handle_exit(sig, frame)
