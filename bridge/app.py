@@ -2,7 +2,8 @@
 
 Start-up refuses a config whose templates do not render (`ConfigError`). The lifespan opens the
 store before the first request and, on shutdown, lets in-flight sends finish for a grace period;
-whatever is left stays in the store for the next start.
+whatever is left stays in the store for the next start. `Bridge.reload()` (SIGHUP, POST
+/-/reload) swaps in a new config only once it has been validated whole; a bad one changes nothing.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Mapping
 from http import HTTPStatus
@@ -22,13 +25,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from bridge.admin import Admin
 from bridge.channels import Sender
 from bridge.channels.console import ConsoleSender
 from bridge.channels.slack import SlackSender
 from bridge.channels.webhook import WebhookSender
 from bridge.checks import check_templates
 from bridge.compose import Composer
-from bridge.config import Config, ConfigError, ConsoleChannel, SlackChannel
+from bridge.config import Config, ConfigError, ConsoleChannel, SlackChannel, load_config
+from bridge.metrics import Metrics
 from bridge.receive import Receiver, packet
 from bridge.render import Renderer
 from bridge.routing import Router
@@ -39,6 +44,7 @@ from bridge.worker import ChannelPolicy, Worker
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 2.0
+REMOVED = "channel removed from the config"
 
 
 def build_senders(config: Config, session: aiohttp.ClientSession) -> dict[str, Sender]:
@@ -81,49 +87,103 @@ class Bridge:
         self.path = path
         self.renderer = validate(config)
         self.store: Store = store or SQLiteStore(config.store.path, exclusive=True)
+        self.metrics = Metrics()
+        self.admin = Admin(self)
         self._senders = senders
+        self._session: aiohttp.ClientSession | None = None
         self.worker: Worker | None = None
         self.draining = False  # set on SIGTERM: /readyz answers 503 from then on
-        self.receiver = Receiver(
-            config, self.store, Router(config.routes), self.renderer, self._wake
-        )
+        self.receiver = self._receiver(config, self.renderer)
+        self._reloading = asyncio.Lock()
 
-    def _wake(self) -> None:
+    def _receiver(self, config: Config, renderer: Renderer) -> Receiver:
+        router = Router(config.routes)
+        return Receiver(config, self.store, router, renderer, self.wake, self.metrics)
+
+    def _worker_setup(
+        self, config: Config, renderer: Renderer
+    ) -> tuple[dict[str, ChannelPolicy], Composer]:
+        assert self._session is not None
+        senders = self._senders or build_senders(config, self._session)
+        return build_policies(config, senders), Composer(config, renderer)
+
+    def wake(self) -> None:
         if self.worker is not None:
             self.worker.wake()
+
+    async def callback(self, request: Request) -> Response:
+        return await self.receiver.handle(request)  # the receiver of the config now in force
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         config = self.config
         await self.store.open()
         await self.store.recover()
-        buried = await self.store.bury_unknown_channels(
-            list(config.channels), time.time(), "channel removed from the config"
-        )
-        if buried:
+        if buried := await self.store.bury_unknown_channels(
+            list(config.channels), time.time(), REMOVED
+        ):
             log.warning("%d deliveries to channels no longer configured are dead letters", buried)
-        session = aiohttp.ClientSession()
-        senders = self._senders or build_senders(config, session)
+        self._session = aiohttp.ClientSession()
+        policies, composer = self._worker_setup(config, self.renderer)
         self.worker = Worker(
-            self.store, build_policies(config, senders), config.delivery,
-            Composer(config, self.renderer), config.store.retention_h * 3600,
+            self.store, policies, config.delivery, composer, config.store.retention_h * 3600,
+            self.metrics,
         )  # fmt: skip
         task = asyncio.create_task(self.worker.run(), name="worker")
+        loop = asyncio.get_running_loop()
+        hangup = threading.current_thread() is threading.main_thread()
+        if hangup:
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
         log.info(
             "live-bridge ready: callbacks at %s, %d channels, %d routes",
-            self.config.server.callback_path, len(self.config.channels), len(self.config.routes),
+            config.server.callback_path, len(config.channels), len(config.routes),
         )  # fmt: skip
         try:
             yield
         finally:
+            if hangup:
+                loop.remove_signal_handler(signal.SIGHUP)
             self.draining = True
-            await self.worker.stop(config.delivery.shutdown_grace_s)
+            await self.worker.stop(self.config.delivery.shutdown_grace_s)
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            await session.close()
+            await self._session.close()
             await self.store.close()
             log.info("live-bridge stopped")
+
+    async def reload(self) -> tuple[bool, str]:
+        """Read and validate the config file again; swap it in whole, or keep the old one."""
+        async with self._reloading:
+            try:
+                if self.path is None:
+                    raise ConfigError("started without a config file: nothing to reload")
+                config = load_config(self.path)
+                if config.store != self.config.store:
+                    raise ConfigError("[store] changes take effect at the next start")
+                renderer = validate(config)
+            except ConfigError as exc:
+                self.metrics.reloads.labels("failure").inc()
+                log.error("reload refused, the running config stays: %s", exc)
+                return False, str(exc)
+            if config.server != self.config.server:
+                log.warning("[server] changes take effect at the next start")
+            if self.worker is not None and self._session is not None:
+                policies, composer = self._worker_setup(config, renderer)
+                self.worker.configure(
+                    policies, config.delivery, composer, config.store.retention_h * 3600
+                )
+            self.config, self.renderer = config, renderer
+            self.receiver = self._receiver(config, renderer)
+            buried = await self.store.bury_unknown_channels(
+                list(config.channels), time.time(), REMOVED
+            )
+            self.metrics.reloads.labels("success").inc()
+            message = f"reloaded: {len(config.channels)} channels, {len(config.routes)} routes"
+            if buried:
+                message += f"; {buried} deliveries to removed channels are dead letters"
+            log.info("%s", message)
+            return True, message
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -151,10 +211,16 @@ def create_app(
 ) -> Starlette:  # fmt: skip
     """The app for `config`; `path` is where a reload reads the config again."""
     bridge = Bridge(config, store, senders, path)
+    admin = bridge.admin
     routes = [
-        Route(config.server.callback_path, bridge.receiver.handle, methods=["POST"]),
+        Route(config.server.callback_path, bridge.callback, methods=["POST"]),
         Route("/healthz", bridge.healthz, methods=["GET"]),
         Route("/readyz", bridge.readyz, methods=["GET"]),
+        Route("/metrics", admin.metrics, methods=["GET"]),
+        Route("/status", admin.status, methods=["GET"]),
+        Route("/status/login", admin.login, methods=["POST"]),
+        Route("/status/retry", admin.retry, methods=["POST"]),
+        Route("/-/reload", admin.reload, methods=["POST"]),
     ]
     app = Starlette(
         routes=routes,

@@ -123,6 +123,11 @@ class TemplatesConfig(Strict):
         return value
 
 
+class AdminConfig(Strict):
+    # /metrics, /status and /-/reload: this bearer token, or loopback clients when unset.
+    token: SecretStr | None = None
+
+
 class ConsoleChannel(Strict):
     type: Literal["console"]
     template: str | None = None
@@ -223,6 +228,7 @@ class Config(BaseSettings):
     store: StoreConfig = StoreConfig()
     delivery: DeliveryConfig = DeliveryConfig()
     templates: TemplatesConfig = TemplatesConfig()
+    admin: AdminConfig = AdminConfig()
     channels: dict[str, Channel] = Field(min_length=1)
     routes: tuple[Route, ...] = Field(min_length=1)
 

@@ -239,12 +239,11 @@ class Worker:
                     await pacer.wait()
                     outcome = await self._attempt(policy, row)
                     pacer.done()
+                    if outcome.rate_limited:  # before the slot is free for another room
+                        pacer.block(outcome.retry_after or 1.0)
+                        log.warning("channel %s rate limited for %.1fs", policy.name,
+                                    pacer.blocked_for())  # fmt: skip
                 await self._settle(row, outcome)
-                if outcome.rate_limited:
-                    pacer.block(outcome.retry_after or 1.0)
-                    log.warning(
-                        "channel %s rate limited for %.1fs", policy.name, pacer.blocked_for()
-                    )
                 if outcome.result is Result.RETRY:  # its room's later events wait for it
                     await self._give_back(sequence[index + 1 :], time.time(), "waiting for room")
                     return
@@ -268,9 +267,9 @@ class Worker:
             await pacer.wait()
             outcome = await self._send(policy, payload, carried[0].id, None)
             pacer.done()
-            await asyncio.gather(*(self._settle(row, outcome) for row in carried))
             if outcome.rate_limited:
                 pacer.block(outcome.retry_after or 1.0)
+            await asyncio.gather(*(self._settle(row, outcome) for row in carried))
             if outcome.result is Result.RETRY:
                 rest = [row for _, later in digests[index + 1 :] for row in later]
                 await self._give_back(rest, time.time(), "waiting for an earlier digest")

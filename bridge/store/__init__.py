@@ -91,6 +91,17 @@ class DeliveryRow:
     next_attempt_at: float
 
 
+@dataclass(frozen=True)
+class RecentEvent:
+    """An event and the state of its deliveries, for the status page."""
+
+    id: int
+    received_at: float
+    command: str
+    room_id: str | None
+    deliveries: tuple[DeliveryRow, ...]
+
+
 class Store(Protocol):
     async def open(self) -> None: ...
 
@@ -143,6 +154,10 @@ class Store(Protocol):
     async def list_deliveries(
         self, dead_only: bool, channel: str | None, limit: int
     ) -> list[DeliveryRow]: ...
+
+    async def recent_events(self, limit: int) -> list[RecentEvent]:
+        """The newest events with their deliveries, newest first."""
+        ...
 
     async def retry(self, ids: Sequence[int], now: float) -> int: ...
 

@@ -20,6 +20,7 @@ from bridge.store import (
     DeliveryRow,
     NewDelivery,
     NewEvent,
+    RecentEvent,
     Recorded,
     State,
     StoreUnavailable,
@@ -313,12 +314,35 @@ class SQLiteStore:
         rows = await self._fetch(
             LIST_SQL, {"dead": int(dead_only), "channel": channel, "limit": limit}
         )
-        return [
-            DeliveryRow(id=r[0], event_id=r[1], channel=r[2], room_id=r[3], command=r[4],
-                        state=State(r[5]), attempts=r[6], last_error=r[7], created_at=r[8],
-                        updated_at=r[9], next_attempt_at=r[10])
-            for r in rows
-        ]  # fmt: skip
+        return [_delivery_row(r) for r in rows]
+
+    async def recent_events(self, limit: int) -> list[RecentEvent]:
+        def op(conn: sqlite3.Connection) -> list[RecentEvent]:
+            events = conn.execute(
+                "SELECT id, received_at, command, room_id FROM events ORDER BY id DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+            if not events:
+                return []
+            ids = [e[0] for e in events]
+            rows = conn.execute(
+                _in(
+                    "SELECT d.id, d.event_id, d.channel, d.room_id, e.command, d.state,"
+                    " d.attempts, d.last_error, d.created_at, d.updated_at, d.next_attempt_at"
+                    " FROM deliveries d JOIN events e ON e.id = d.event_id"
+                    " WHERE d.event_id IN ({marks}) ORDER BY d.id",
+                    ids,
+                ),
+                ids,
+            ).fetchall()
+            by_event: dict[int, list[DeliveryRow]] = {}
+            for r in rows:
+                by_event.setdefault(r[1], []).append(_delivery_row(r))
+            return [
+                RecentEvent(e[0], e[1], e[2], e[3], tuple(by_event.get(e[0], ()))) for e in events
+            ]
+
+        return await self._submit(op)
 
     async def retry(self, ids: Sequence[int], now: float) -> int:
         sql = (
@@ -346,3 +370,10 @@ class SQLiteStore:
             " AND channel NOT IN ({marks})"
         )
         return await self._execute(_in(sql, known), (error, now, *known))
+
+
+def _delivery_row(r: Sequence[Any]) -> DeliveryRow:
+    return DeliveryRow(
+        id=r[0], event_id=r[1], channel=r[2], room_id=r[3], command=r[4], state=State(r[5]),
+        attempts=r[6], last_error=r[7], created_at=r[8], updated_at=r[9], next_attempt_at=r[10],
+    )  # fmt: skip

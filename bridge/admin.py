@@ -1,0 +1,171 @@
+"""The admin surface: /metrics, /status (with its login and retry button) and /-/reload.
+
+Who may use it: with `[admin] token` set, a request carrying `Authorization: Bearer TOKEN`, or the
+cookie the status page sets once the token has been typed in; with no token, a loopback client
+only. /healthz, /readyz and the callback endpoint are not part of it. The page's retry button
+carries a per-process CSRF token, so another site cannot press it from an operator's browser.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import secrets
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
+
+import jinja2
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+
+from bridge import __version__
+from bridge.metrics import CONTENT_TYPE
+
+if TYPE_CHECKING:
+    from bridge.app import Bridge
+
+COOKIE = "live_bridge_admin"
+RECENT_EVENTS = 25
+REFRESH_S = 10
+PAGES = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(Path(__file__).parent / "pages"),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+)
+
+
+def is_loopback(host: str | None) -> bool:
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Admin:
+    def __init__(self, bridge: Bridge) -> None:
+        self._bridge = bridge
+        self._csrf = secrets.token_urlsafe(32)
+
+    def _token(self) -> str | None:
+        token = self._bridge.config.admin.token
+        return token.get_secret_value() if token is not None else None
+
+    def _session(self, token: str) -> str:
+        # The cookie holds a value derived from the token, not the token itself.
+        return hmac.new(token.encode(), b"live-bridge status page", hashlib.sha256).hexdigest()
+
+    def allowed(self, request: Request) -> bool:
+        token = self._token()
+        if token is None:
+            return is_loopback(request.client.host if request.client else None)
+        header = request.headers.get("authorization", "")
+        if header.lower().startswith("bearer "):
+            return hmac.compare_digest(header[7:].strip().encode(), token.encode())
+        cookie = request.cookies.get(COOKIE, "")
+        return hmac.compare_digest(cookie.encode(), self._session(token).encode())
+
+    def _refuse(self, request: Request, page: bool = False) -> Response:
+        if self._token() is None:
+            return JSONResponse({"error": "admin endpoints answer loopback clients only"}, 403)
+        if page:
+            return HTMLResponse(PAGES.get_template("login.html.j2").render(error=None), 401)
+        return JSONResponse(
+            {"error": "admin token required"}, 401, headers={"WWW-Authenticate": "Bearer"}
+        )
+
+    async def metrics(self, request: Request) -> Response:
+        if not self.allowed(request):
+            return self._refuse(request)
+        bridge = self._bridge
+        body = bridge.metrics.render(await bridge.store.stats(), list(bridge.config.channels))
+        return Response(body, media_type=CONTENT_TYPE)
+
+    async def reload(self, request: Request) -> Response:
+        if not self.allowed(request):
+            return self._refuse(request)
+        ok, message = await self._bridge.reload()
+        return JSONResponse(
+            {"status": "reloaded" if ok else "refused", "message": message}, 200 if ok else 400
+        )
+
+    async def login(self, request: Request) -> Response:
+        token = self._token()
+        form = await request.form()
+        given = str(form.get("token", ""))
+        if token is None or not hmac.compare_digest(given.encode(), token.encode()):
+            page = PAGES.get_template("login.html.j2").render(error="That token is not right.")
+            return HTMLResponse(page, 401)
+        response = RedirectResponse("/status", 303)
+        response.set_cookie(
+            COOKIE, self._session(token), httponly=True, samesite="strict",
+            secure=request.url.scheme == "https", path="/",
+        )  # fmt: skip
+        return response
+
+    async def retry(self, request: Request) -> Response:
+        if not self.allowed(request):
+            return self._refuse(request, page=True)
+        form = await request.form()
+        if not hmac.compare_digest(str(form.get("csrf", "")).encode(), self._csrf.encode()):
+            return JSONResponse({"error": "stale or missing form token: reload the page"}, 403)
+        channel = str(form.get("channel", ""))
+        if channel not in self._bridge.config.channels:
+            return JSONResponse({"error": "unknown channel"}, 400)
+        retried = await self._bridge.store.retry_dead(channel, time.time())
+        self._bridge.wake()
+        return RedirectResponse(f"/status?retried={retried}&channel={channel}", 303)
+
+    async def status(self, request: Request) -> Response:
+        if not self.allowed(request):
+            return self._refuse(request, page=True)
+        page = PAGES.get_template("status.html.j2").render(await self._page(request))
+        return HTMLResponse(page, headers={"Cache-Control": "no-store"})
+
+    async def _page(self, request: Request) -> dict[str, Any]:
+        bridge = self._bridge
+        config = bridge.config
+        zone = ZoneInfo(config.templates.timezone)
+        now = time.time()
+
+        def when(ts: float | None) -> str:
+            if ts is None:
+                return "—"
+            return datetime.fromtimestamp(ts, UTC).astimezone(zone).strftime("%Y-%m-%d %H:%M:%S")
+
+        stats = {s.channel: s for s in await bridge.store.stats()}
+        states = bridge.worker.states if bridge.worker else {}
+        pacers = bridge.worker.pacers if bridge.worker else {}
+        channels = []
+        for name, channel in config.channels.items():
+            s = stats.get(name)
+            state = states.get(name)
+            pacer = pacers.get(name)
+            blocked = pacer.blocked_for() if pacer else 0.0
+            channels.append({
+                "name": name, "type": channel.type,
+                "pending": s.pending if s else 0, "in_flight": s.in_flight if s else 0,
+                "dead": s.dead if s else 0, "delivered": s.delivered if s else 0,
+                "oldest": f"{now - s.oldest_pending_at:.0f}s" if s and s.oldest_pending_at else "—",
+                "last_success": when(state.last_success_at if state else None),
+                "last_error": state.last_error if state else None,
+                "last_error_at": when(state.last_error_at if state else None),
+                "blocked_until": when(now + blocked) if blocked > 0 else None,
+                "rate": getattr(channel, "rate_per_s", None),
+            })  # fmt: skip
+        events = [
+            {"when": when(e.received_at), "command": e.command, "room": e.room_id or "—",
+             "deliveries": e.deliveries}
+            for e in await bridge.store.recent_events(RECENT_EVENTS)
+        ]  # fmt: skip
+        retried = request.query_params.get("retried")
+        return {
+            "channels": channels, "events": events, "now": when(now),
+            "zone": config.templates.timezone, "version": __version__, "csrf": self._csrf,
+            "refresh": REFRESH_S,
+            "retried": retried, "retried_channel": request.query_params.get("channel"),
+            "draining": bridge.draining,
+        }  # fmt: skip
