@@ -133,8 +133,22 @@ async def test_dead_letter_releases_its_room(store: SQLiteStore) -> None:
     (head,) = await store.claim("a", now, 1, 30)
     await store.mark_retry(head.id, now, now + 60, "HTTP 500", count=True)
     assert await store.claim("a", now, 10, 30) == []
-    await store.mark_dead(head.id, now, "gave up")
-    assert [c.payload for c in await store.claim("a", now, 10, 30)] == ["p-second"]
+    (again,) = await store.claim("a", now + 61, 1, 30)
+    await store.mark_dead(again.id, now, "gave up")
+    assert [c.payload for c in await store.claim("a", now + 61, 10, 30)] == ["p-second"]
+
+
+async def test_outcomes_apply_only_to_what_is_in_flight(store: SQLiteStore) -> None:
+    now = time.time()
+    await add(store, "1", room="x", now=now)
+    await add(store, "2", room="y", now=now)
+    one, two = await store.claim("a", now, 10, 30)
+    assert await store.bury_unknown_channels([], now, "channel removed") == 2
+    await store.mark_retry(one.id, now, now, "HTTP 503", count=True)  # too late: stays dead
+    await store.mark_delivered(two.id, now)  # it did get through: recorded as delivered
+    assert rows(store.path, "SELECT state, last_error FROM deliveries ORDER BY id") == [
+        ("dead", "channel removed"), ("delivered", "channel removed"),
+    ]  # fmt: skip
 
 
 async def test_due_channels_and_exclusions(store: SQLiteStore) -> None:

@@ -222,10 +222,12 @@ class SQLiteStore:
 
         return await self._submit(op)
 
+    # Outcomes apply to a delivery still in flight: one buried meanwhile (its channel removed by
+    # a reload) stays dead, except that a delivery that did get through is recorded as such.
     async def mark_delivered(self, delivery_id: int, now: float) -> None:
         await self._execute(
             "UPDATE deliveries SET state = 'delivered', delivered_at = ?, updated_at = ?,"
-            " lease_until = NULL WHERE id = ?",
+            " lease_until = NULL WHERE id = ? AND state != 'delivered'",
             (now, now, delivery_id),
         )
 
@@ -235,14 +237,15 @@ class SQLiteStore:
         # count=False gives the attempt back: the far end asked us to wait, nothing failed.
         await self._execute(
             "UPDATE deliveries SET state = 'pending', next_attempt_at = ?, last_error = ?,"
-            " attempts = attempts - ?, lease_until = NULL, updated_at = ? WHERE id = ?",
+            " attempts = attempts - ?, lease_until = NULL, updated_at = ?"
+            " WHERE id = ? AND state = 'in_flight'",
             (next_attempt_at, error, 0 if count else 1, now, delivery_id),
         )
 
     async def mark_dead(self, delivery_id: int, now: float, error: str) -> None:
         await self._execute(
             "UPDATE deliveries SET state = 'dead', last_error = ?, lease_until = NULL,"
-            " updated_at = ? WHERE id = ?",
+            " updated_at = ? WHERE id = ? AND state = 'in_flight'",
             (error, now, delivery_id),
         )
 

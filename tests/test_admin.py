@@ -1,0 +1,298 @@
+"""The admin surface on the real app under uvicorn: metrics, status page, reload, who may ask."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import sqlite3
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, MutableMapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.bridge_server import (
+    OK_PACKET,
+    SEED_BODY,
+    InThread,
+    post_callback,
+    wait_until,
+    write_config,
+)
+from tests.slack_standin import SlackStandIn
+
+TOKEN = "admin-Zq9-token"
+CHANNEL = '[channels.{name}]\ntype = "webhook"\nurl = "{url}"\n'
+HOOK = CHANNEL.replace("{name}", "hook")
+ROUTE = '[[routes]]\nname = "all"\nchannels = ["hook"]\n'
+
+
+def request(
+    url: str, method: str = "GET", headers: dict[str, str] | None = None, data: bytes | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})  # noqa: S310
+    try:
+        with urllib.request.urlopen(req, timeout=10) as response:  # noqa: S310
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, dict(exc.headers), exc.read()
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def room(n: int) -> bytes:
+    return SEED_BODY.replace(b'"room_id"', f'"room-{n}"'.encode())
+
+
+def rows(db: Path, sql: str) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute(sql).fetchall()
+
+
+@pytest.fixture
+def bridge(tmp_path: Path, slack: SlackStandIn) -> Iterator[InThread]:
+    channels = HOOK.format(url=slack.sink_url())
+    with InThread(write_config(tmp_path, channels=channels, routes=ROUTE)) as running:
+        yield running
+
+
+def test_metrics_are_prometheus_text(bridge: InThread, slack: SlackStandIn) -> None:
+    for n in range(3):
+        assert post_callback(bridge.url, room(n)) == (200, OK_PACKET)
+    assert post_callback(bridge.url, query="SdkAppid=1")[0] == 403
+    assert slack.wait_for(lambda s: len(s.sink_requests) == 3)
+    assert wait_until(lambda: b'outcome="delivered"} 3.0' in request(bridge.url + "/metrics")[2])
+    status, headers, body = request(bridge.url + "/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+    }
+    owner = "Live.CallbackAfterChangeOwner"
+    assert (
+        samples[("live_bridge_callbacks_total", (("command", owner), ("result", "accepted")))] == 3
+    )
+    assert (
+        samples[("live_bridge_callbacks_total", (("command", "other"), ("result", "refused_403")))]
+        == 1
+    )
+    assert samples[("live_bridge_ack_latency_seconds_count", ())] == 4
+    assert (
+        samples[("live_bridge_deliveries_total", (("channel", "hook"), ("outcome", "delivered")))]
+        == 3
+    )
+    assert samples[("live_bridge_delivery_latency_seconds_count", (("channel", "hook"),))] == 3
+    assert samples[("live_bridge_pending", (("channel", "hook"),))] == 0
+    assert samples[("live_bridge_dead", (("channel", "hook"),))] == 0
+    assert ("live_bridge_oldest_pending_age_seconds", (("channel", "hook"),)) in samples
+
+
+def test_without_a_token_only_loopback_clients_are_admitted(bridge: InThread) -> None:
+    # uvicorn takes X-Forwarded-For from a trusted local proxy as the client's address.
+    remote = {"X-Forwarded-For": "203.0.113.9"}
+    for path, method in [("/metrics", "GET"), ("/status", "GET"), ("/-/reload", "POST")]:
+        assert request(bridge.url + path, method)[0] != 403
+        status, _, body = request(bridge.url + path, method, remote)
+        assert status == 403 and b"loopback" in body
+    assert request(bridge.url + "/healthz", headers=remote)[0] == 200
+    assert request(bridge.url + "/readyz", headers=remote)[0] == 200
+    assert post_callback(bridge.url, headers=remote) == (200, OK_PACKET)  # Tencent is unaffected
+
+
+def test_raw_asgi_request_from_a_remote_address_is_refused(bridge: InThread) -> None:
+    sent: list[dict[str, Any]] = []
+
+    async def call() -> None:
+        scope = {
+            "type": "http", "http_version": "1.1", "method": "GET", "path": "/metrics",
+            "raw_path": b"/metrics", "query_string": b"", "headers": [], "scheme": "http",
+            "client": ("198.51.100.7", 40000), "server": ("127.0.0.1", bridge.port),
+            "root_path": "", "app": bridge.app,
+        }  # fmt: skip
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            sent.append(dict(message))
+
+        await bridge.app(scope, receive, send)
+
+    asyncio.run(call())
+    assert sent[0]["status"] == 403
+
+
+def test_with_a_token_bearer_or_cookie_from_anywhere(tmp_path: Path, slack: SlackStandIn) -> None:
+    config = write_config(
+        tmp_path, channels=HOOK.format(url=slack.sink_url()), routes=ROUTE,
+        extra=f'[admin]\ntoken = "{TOKEN}"\n',
+    )  # fmt: skip
+    with InThread(config) as bridge:
+        url = bridge.url
+        status, headers, _ = request(url + "/metrics")
+        assert status == 401 and headers["www-authenticate"] == "Bearer"
+        assert request(url + "/metrics", headers={"Authorization": "Bearer wrong"})[0] == 401
+        remote_with_token = {"Authorization": f"Bearer {TOKEN}", "X-Forwarded-For": "203.0.113.9"}
+        assert request(url + "/metrics", headers=remote_with_token)[0] == 200
+        status, _, page = request(url + "/status")
+        assert status == 401 and b'action="/status/login"' in page
+        opener = urllib.request.build_opener(NoRedirect)
+        form = f"token={TOKEN}".encode()
+        try:
+            login = urllib.request.Request(url + "/status/login", data=form)  # noqa: S310
+            opener.open(login, timeout=5)
+            raise AssertionError("expected a redirect")
+        except urllib.error.HTTPError as exc:
+            with exc:
+                assert exc.code == 303
+                cookie = exc.headers["set-cookie"]
+        assert "HttpOnly" in cookie and "SameSite=strict" in cookie and TOKEN not in cookie
+        session = cookie.split(";", 1)[0]
+        assert request(url + "/status", headers={"Cookie": session})[0] == 200
+        assert request(url + "/status/login", "POST", data=b"token=nope")[0] == 401
+
+
+def test_reload_under_live_traffic(tmp_path: Path, slack: SlackStandIn) -> None:
+    config = write_config(tmp_path, channels=HOOK.format(url=slack.sink_url()), routes=ROUTE)
+    original = config.read_text()
+    answers: list[tuple[int, bytes]] = []
+    stop = threading.Event()
+    with InThread(config) as bridge:
+
+        def traffic() -> None:
+            n = 0
+            while not stop.is_set():
+                answers.append(post_callback(bridge.url, room(n)))
+                n += 1
+
+        sender = threading.Thread(target=traffic)
+        sender.start()
+        try:
+            time.sleep(0.3)
+            # A good config: a second channel, both routed.
+            audit = CHANNEL.format(name="audit", url=slack.sink_url("audit"))
+            config.write_text(original.replace(ROUTE, "") + audit + ROUTE.replace(
+                '["hook"]', '["hook", "audit"]'))  # fmt: skip
+            status, _, body = request(bridge.url + "/-/reload", "POST")
+            assert status == 200 and json.loads(body)["status"] == "reloaded"
+            time.sleep(0.3)
+            # A bad one: refused with the reason, the running config stays.
+            config.write_text(original.replace('name = "all"', 'name = "all"\nbogus = 1'))
+            status, _, body = request(bridge.url + "/-/reload", "POST")
+            assert status == 400
+            assert "[[routes]] #1 bogus: unknown key" in json.loads(body)["message"]
+            time.sleep(0.3)
+        finally:
+            stop.set()
+            sender.join()
+        posted = len(answers)
+        assert answers == [(200, OK_PACKET)] * posted  # nothing refused, nothing dropped
+        db = bridge.config.store.path
+        assert rows(db, "SELECT COUNT(*) FROM events") == [(posted,)]
+        assert slack.wait_for(
+            lambda s: len([r for r in s.sink_requests if r.path.endswith("/sink")]) == posted
+        )
+        assert len([r for r in slack.sink_requests if r.path.endswith("/audit")]) > 0
+        metrics = request(bridge.url + "/metrics")[2].decode()
+        assert 'live_bridge_config_reloads_total{result="success"} 1.0' in metrics
+        assert 'live_bridge_config_reloads_total{result="failure"} 1.0' in metrics
+
+
+def test_reload_buries_deliveries_of_a_removed_channel(tmp_path: Path, slack: SlackStandIn) -> None:
+    slack.set_sink_status("gone", 503)
+    gone = CHANNEL.format(name="gone", url=slack.sink_url("gone"))
+    both = ROUTE.replace('["hook"]', '["hook", "gone"]')
+    config = write_config(
+        tmp_path, channels=HOOK.format(url=slack.sink_url()) + gone, routes=both,
+        delivery="initial_backoff_s = 30.0\nmax_backoff_s = 30.0\n",
+    )  # fmt: skip
+    with InThread(config) as bridge:
+        assert post_callback(bridge.url) == (200, OK_PACKET)
+        db = bridge.config.store.path
+        assert wait_until(
+            lambda: ("gone", "pending") in rows(db, "SELECT channel, state FROM deliveries")
+        )
+        config.write_text(config.read_text().replace(gone, "").replace(both, ROUTE))
+        status, _, body = request(bridge.url + "/-/reload", "POST")
+        assert status == 200 and "1 deliveries to removed channels" in json.loads(body)["message"]
+    assert ("gone", "dead", "channel removed from the config") in rows(
+        db, "SELECT channel, state, last_error FROM deliveries"
+    )
+
+
+def chromium() -> tuple[str, str]:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not browser or not driver:
+        pytest.skip(
+            "Debian's chromium and chromium-driver are not installed (.ci/run installs them)"
+        )
+    return browser, driver
+
+
+def test_status_page_in_a_real_browser(tmp_path: Path, slack: SlackStandIn) -> None:
+    browser, driver_path = chromium()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    slack.set_sink_status("sink", 500)
+    config = write_config(
+        tmp_path, channels=HOOK.format(url=slack.sink_url()), routes=ROUTE,
+        extra=f'[admin]\ntoken = "{TOKEN}"\n', delivery="max_attempts = 1\n",
+    )  # fmt: skip
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in (
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=390,844",
+    ):  # fmt: skip
+        options.add_argument(flag)
+    with InThread(config) as bridge:
+        for n in range(2):
+            assert post_callback(bridge.url, room(n)) == (200, OK_PACKET)
+        db = bridge.config.store.path
+        assert wait_until(lambda: rows(db, "SELECT state FROM deliveries") == [("dead",)] * 2)
+        web = webdriver.Chrome(service=Service(driver_path), options=options)
+        try:
+            web.get(bridge.url + "/status")
+            web.find_element(By.ID, "token").send_keys(TOKEN)
+            web.find_element(By.CSS_SELECTOR, "form button").click()
+            row = web.find_element(By.CSS_SELECTOR, 'tr[data-channel="hook"]')
+            assert row.find_element(By.CSS_SELECTOR, ".dead-count").text == "2"
+            assert "HTTP 500" in row.text
+            events = web.find_elements(By.CSS_SELECTOR, "#events tbody tr")
+            rooms = [e.find_element(By.CSS_SELECTOR, "td[data-label=Room]").text for e in events]
+            assert rooms == ["room-1", "room-0"]
+            assert "hook: dead" in events[0].text
+            slack.set_sink_status("sink", 200)
+            row.find_element(By.CSS_SELECTOR, "button").click()
+            notice = web.find_element(By.CSS_SELECTOR, ".notice").text
+            assert notice == "2 dead letters of hook are pending again."
+            assert slack.wait_for(lambda s: len([r for r in s.sink_requests]) == 4)
+            assert wait_until(
+                lambda: rows(db, "SELECT state FROM deliveries") == [("delivered",)] * 2
+            )
+            web.refresh()
+            row = web.find_element(By.CSS_SELECTOR, 'tr[data-channel="hook"]')
+            assert row.find_element(By.CSS_SELECTOR, ".dead-count").text == "0"
+            assert row.find_elements(By.CSS_SELECTOR, "button") == []
+        finally:
+            web.quit()
+
+
+def test_retry_needs_the_pages_form_token(bridge: InThread) -> None:
+    status, _, _ = request(bridge.url + "/status/retry", "POST", data=b"channel=hook&csrf=forged")
+    assert status == 403
