@@ -1,0 +1,114 @@
+"""`live-bridge serve` as a process: SIGHUP reload, JSON logs, access log, secrets kept out."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.bridge_server import (
+    OK_PACKET,
+    SEED_BODY,
+    free_port,
+    get,
+    post_callback,
+    wait_until,
+    write_config,
+)
+from tests.slack_standin import SlackStandIn
+
+SECRET = "xoxb-SECRET-Zq7-never-logged"
+
+
+def start(config: Path, log: Path, *flags: str) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "bridge", "serve", "--config", str(config), *flags],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "SLACK_TOKEN": SECRET},
+        )  # fmt: skip
+
+
+def ready(url: str) -> bool:
+    try:
+        return get(url + "/readyz")[0] == 200
+    except OSError:
+        return False
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    process.wait(timeout=20)
+
+
+def test_json_logs_access_log_and_sighup_reload(tmp_path: Path) -> None:
+    with SlackStandIn(tokens=[SECRET]) as slack:
+        run_json_logs_and_reload(tmp_path, slack)
+
+
+def run_json_logs_and_reload(tmp_path: Path, slack: SlackStandIn) -> None:
+    port = free_port()
+    bot = (
+        '[channels.bot]\ntype = "slack"\ntoken = "${SLACK_TOKEN}"\nchannel = "CNOWHERE"\n'
+        f'api_url = "{slack.api_url}"\n'
+    )
+    routes = '[[routes]]\nname = "all"\nchannels = ["bot"]\n'
+    config = write_config(tmp_path, port, channels=bot, routes=routes)
+    log = tmp_path / "bridge.log"
+    process = start(config, log, "--log-format", "json")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until(lambda: ready(url), timeout=20)
+        assert post_callback(url) == (200, OK_PACKET)  # dead letter: channel_not_found
+        assert wait_until(lambda: "dead letter" in log.read_text())
+        config.write_text(config.read_text().replace('"CNOWHERE"', '"C0123456789"'))
+        process.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: "reloaded: 1 channels" in log.read_text())
+        assert post_callback(url, SEED_BODY.replace(b"user2", b"user3")) == (200, OK_PACKET)
+        assert slack.wait_for(lambda s: len(s.posted) == 1)  # the reloaded channel id is used
+    finally:
+        stop(process)
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    assert all({"time", "level", "logger", "message"} <= set(entry) for entry in lines)
+    messages = [entry["message"] for entry in lines]
+    assert any(
+        m.startswith("dead letter event=1 delivery=1 channel=bot attempt=1") for m in messages
+    )
+    access = [m for e, m in zip(lines, messages, strict=True) if e["logger"] == "uvicorn.access"]
+    assert any("/readyz" in m for m in access)
+    assert not any("/tencent/callback" in m for m in access)  # off for callbacks by default
+    assert SECRET not in log.read_text()
+
+
+def test_access_log_callbacks_on_request(tmp_path: Path) -> None:
+    port = free_port()
+    config = write_config(tmp_path, port)
+    log = tmp_path / "bridge.log"
+    process = start(config, log, "--access-log-callbacks")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until(lambda: ready(url), timeout=20)
+        assert post_callback(url) == (200, OK_PACKET)
+        assert wait_until(lambda: "POST /tencent/callback" in log.read_text())
+    finally:
+        stop(process)
+
+
+def test_bad_config_on_sighup_keeps_serving(tmp_path: Path) -> None:
+    port = free_port()
+    config = write_config(tmp_path, port)
+    log = tmp_path / "bridge.log"
+    process = start(config, log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until(lambda: ready(url), timeout=20)
+        good = config.read_text()
+        config.write_text(good + "\n[nonsense]\nx = 1\n")
+        process.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: "reload refused, the running config stays" in log.read_text())
+        assert "nonsense: unknown key" in log.read_text()
+        assert post_callback(url) == (200, OK_PACKET)
+    finally:
+        stop(process)
