@@ -145,16 +145,19 @@ class Worker:
         failures = 0
         while not self._stopping:
             self._wake.clear()
+            # One clock reading per pass: what was not due at `now` is what next_due(now) finds.
+            now = time.time()
             try:
                 await self._prune()
-                await self._dispatch()
+                skipped = await self._dispatch(now)
+                delay = await self._idle_delay(now, skipped)
                 failures = 0
             except StoreUnavailable as exc:
                 failures += 1
                 log.error("worker cannot reach the store: %s", exc)
                 await self._sleep(min(30.0, 0.5 * 2**failures))
                 continue
-            await self._sleep(await self._idle_delay())
+            await self._sleep(delay)
 
     async def stop(self, grace_s: float) -> None:
         """Stop claiming; give lanes `grace_s` to finish their sends. Unfinished ones stay
@@ -167,9 +170,10 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
 
-    async def _dispatch(self) -> None:
+    async def _dispatch(self, now: float) -> list[str]:
+        """Start a lane for each channel with claimable work; returns the blocked ones skipped."""
         blocked = [name for name, pacer in self.pacers.items() if pacer.blocked_for() > 0]
-        for channel in await self._store.due_channels(time.time(), [*self._busy, *blocked]):
+        for channel in await self._store.due_channels(now, [*self._busy, *blocked]):
             policy = self._policies.get(channel)
             if policy is None or self._stopping:
                 continue  # a channel no longer configured: buried at start-up or reload
@@ -177,16 +181,18 @@ class Worker:
             task = asyncio.create_task(self._lane(policy), name=f"lane:{channel}")
             self._lanes.add(task)
             task.add_done_callback(self._lanes.discard)
+        return blocked
 
-    async def _idle_delay(self) -> float:
-        now = time.time()
+    async def _idle_delay(self, now: float, skipped: list[str]) -> float:
+        """Until the next thing due after `now`, or the end of a block that kept a channel out
+        (re-checked even if that block has ended meanwhile); lanes and new events wake sooner."""
         delay = IDLE_POLL_S
         due = await self._store.next_due(now)
         if due is not None:
-            delay = min(delay, due - now)
-        for pacer in self.pacers.values():
-            if (blocked := pacer.blocked_for()) > 0:
-                delay = min(delay, blocked)
+            delay = min(delay, due - time.time())
+        for name in skipped:
+            if (pacer := self.pacers.get(name)) is not None:
+                delay = min(delay, pacer.blocked_for())
         return max(delay, 0.01)
 
     async def _sleep(self, seconds: float) -> None:
@@ -291,7 +297,7 @@ class Worker:
                 await self._store.set_thread(policy.name, row.room_id, outcome.ts, time.time())
             elif thread is not None and outcome.error.endswith("thread_not_found"):
                 await self._store.forget_thread(policy.name, row.room_id)
-                return retry("thread is gone: starting a new one", retry_after=0.0)
+                return Outcome(Result.RETRY, "thread is gone: starting a new one", 0.0, free=True)
         return outcome
 
     async def _send(
@@ -326,11 +332,13 @@ class Worker:
             await self._store.mark_dead(row.id, now, outcome.error)
             self._note(row, "dead", outcome.error)
             log.warning("dead letter %s attempt=%d: %s", tag, row.attempts, outcome.error)
-        elif outcome.rate_limited:
-            wait = outcome.retry_after or 1.0
+        elif outcome.rate_limited or outcome.free:
+            wait = outcome.retry_after if outcome.retry_after is not None else 1.0
             await self._store.mark_retry(row.id, now, now + wait, outcome.error, count=False)
-            self._note(row, "rate_limited", outcome.error)
-            log.info("rate limited %s attempt=%d: retry in %.1fs", tag, row.attempts, wait)
+            self._note(row, "rate_limited" if outcome.rate_limited else "retry", outcome.error)
+            log.info("%s %s attempt=%d: again in %.1fs (attempt given back): %s",
+                     "rate limited" if outcome.rate_limited else "retry", tag, row.attempts, wait,
+                     outcome.error)  # fmt: skip
         elif row.attempts >= self._settings.max_attempts:
             error = f"gave up after {row.attempts} attempts: {outcome.error}"
             await self._store.mark_dead(row.id, now, error)

@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
+import re
 import sqlite3
 import time
 import uuid
@@ -15,14 +17,17 @@ import pytest
 from pydantic import SecretStr
 
 from bridge.channels import Sender
+from bridge.channels.console import ConsoleSender
 from bridge.channels.slack import SlackSender
-from bridge.compose import Composer
-from bridge.config import DeliveryConfig, SlackChannel, load_config
+from bridge.channels.webhook import WebhookSender
+from bridge.compose import DIGEST_ENTRIES, Composer
+from bridge.config import DeliveryConfig, SlackChannel, WebhookChannel, load_config
 from bridge.render import Renderer
+from bridge.samples import sample
 from bridge.store import NewDelivery, NewEvent
 from bridge.store.sqlite import SQLiteStore
 from bridge.worker import ChannelPolicy, Worker, backoff
-from tests.bridge_server import write_config
+from tests.bridge_server import OWNER, write_config
 from tests.slack_standin import SlackStandIn
 
 pytestmark = pytest.mark.anyio
@@ -52,13 +57,20 @@ async def open_store(tmp_path: Path) -> AsyncIterator[OpenStore]:
         await store.close()
 
 
+def make_composer(tmp_path: Path, channels: dict[str, str]) -> Composer:
+    """A Composer whose config declares `channels` (name -> the TOML lines of its table): a
+    digest is rendered with the template of the channel's type."""
+    tables = "".join(f"[channels.{name}]\n{lines}\n" for name, lines in channels.items())
+    routes = f'[[routes]]\nname = "all"\nchannels = {json.dumps(list(channels))}\n'
+    config = load_config(write_config(tmp_path, channels=tables, routes=routes))
+    return Composer(config, Renderer(config.templates))
+
+
 def make_worker(store: SQLiteStore, senders: dict[str, Sender], tmp_path: Path) -> Worker:
     """A worker with no pacing and no digests: what these tests look at is outcomes."""
-    channels = "".join(f'[channels.{name}]\ntype = "console"\n' for name in senders)
-    routes = f'[[routes]]\nname = "all"\nchannels = {json.dumps(list(senders))}\n'
-    config = load_config(write_config(tmp_path, channels=channels, routes=routes))
+    composer = make_composer(tmp_path, {name: 'type = "console"' for name in senders})
     policies = {name: ChannelPolicy(name, sender) for name, sender in senders.items()}
-    return Worker(store, policies, SETTINGS, Composer(config, Renderer(config.templates)), 3600)
+    return Worker(store, policies, SETTINGS, composer, 3600)
 
 
 def senders(
@@ -282,3 +294,275 @@ def test_backoff_doubles_with_jitter_within_bounds(
     assert all(low <= d <= high for d in delays)
     assert all(initial <= d <= maximum for d in delays)
     assert (len(set(delays)) > 1) == (low < high)  # jittered wherever there is room
+
+
+# -- order, threads, digests and pacing: policies built per test --------------------------------
+
+SLACK = 'type = "slack"\nwebhook_url = "https://hooks.example.invalid/x"'  # digests: slack/
+CONSOLE = 'type = "console"'
+
+
+def owner_change(room: str, event_time: int) -> str:
+    """A real owner-change body for `room` at `event_time` (ms), as Tencent sends it."""
+    body = sample(OWNER) | {
+        "RoomId": room,
+        "EventTime": event_time,
+        "OriginalOwner_Account": f"{room}-old",
+        "CurrentOwner_Account": f"{room}-new",
+    }
+    return json.dumps(body)
+
+
+async def record_in(store: SQLiteStore, channel: str, room: str, event_time: int) -> None:
+    """One owner change in `room` at `event_time`, to `channel`, as `{"text": "room@time"}`."""
+    event = NewEvent(
+        sdk_app_id=1400000000, command=OWNER, room_id=room, event_time=event_time,
+        body=owner_change(room, event_time), query="{}", dedup_key=uuid.uuid4().hex,
+    )  # fmt: skip
+    payload = json.dumps({"text": f"{room}@{event_time}"})
+    await store.record(event, [NewDelivery(channel, payload)], time.time(), 0)
+
+
+def labels(payloads: list[dict[str, Any]]) -> list[str]:
+    return [str(p["text"]) for p in payloads]
+
+
+def attempts(path: Path) -> list[int]:
+    return [row[2] for row in deliveries(path)]
+
+
+def worker_with(
+    store: SQLiteStore, composer: Composer, *policies: ChannelPolicy,
+    settings: DeliveryConfig = SETTINGS,
+) -> Worker:  # fmt: skip
+    return Worker(store, {p.name: p for p in policies}, settings, composer, 3600)
+
+
+async def test_a_retry_holds_back_its_room_only(
+    slack: SlackStandIn, session: aiohttp.ClientSession, open_store: OpenStore, tmp_path: Path
+) -> None:
+    store = await open_store()
+    for room, event_time in [("A", 1000), ("B", 1500), ("A", 2000), ("B", 2500), ("A", 3000)]:
+        await record_in(store, "bot", room, event_time)
+    slack.fail_next(1, status=500, kind="api")  # the first request: A's oldest event
+    settings = DeliveryConfig(max_attempts=3, initial_backoff_s=0.3, max_backoff_s=1, timeout_s=2)
+    policy = ChannelPolicy("bot", senders(slack, session)["bot"])
+    worker = worker_with(store, make_composer(tmp_path, {"bot": SLACK}), policy, settings=settings)
+    async with running(worker):
+        await eventually(lambda: states(store.path) == ["delivered"] * 5, within_s=10)
+    posts = slack.posted
+    # B went on while A@1000 waited for its retry; A's later events waited for it.
+    assert labels([p.payload for p in posts]) == ["B@1500", "B@2500", "A@1000", "A@2000", "A@3000"]
+    waited = posts[2].received_at - posts[0].received_at
+    assert 0.2 <= waited < 2.5  # its backoff (0.3 s), not the idle poll (IDLE_POLL_S, 5 s)
+    assert attempts(store.path) == [2, 1, 1, 1, 1]  # A@1000, B@1500, A@2000, B@2500, A@3000
+    assert slack.requests_seen == 6
+
+
+@pytest.mark.parametrize(
+    "recorded", [(3000, 1000, 2000), (2000, 3000, 1000), (3000, 2000, 1000), (1000, 2000, 3000)]
+)
+async def test_one_room_is_delivered_in_event_time_order(
+    slack: SlackStandIn,
+    session: aiohttp.ClientSession,
+    open_store: OpenStore,
+    tmp_path: Path,
+    recorded: tuple[int, ...],
+) -> None:
+    store = await open_store()
+    for event_time in recorded:  # Tencent's order is not the order of arrival
+        await record_in(store, "bot", "R", event_time)
+    policy = ChannelPolicy("bot", senders(slack, session)["bot"])
+    async with running(worker_with(store, make_composer(tmp_path, {"bot": SLACK}), policy)):
+        await eventually(lambda: len(slack.posted) == 3)
+    assert labels([p.payload for p in slack.posted]) == ["R@1000", "R@2000", "R@3000"]
+
+
+def thread_policy(
+    slack: SlackStandIn, session: aiohttp.ClientSession, ttl_s: float
+) -> ChannelPolicy:
+    bot = senders(slack, session)["bot"]
+    return ChannelPolicy("bot", bot, thread_by_room=True, reply_broadcast=True, thread_ttl_s=ttl_s)
+
+
+def by_label(slack: SlackStandIn) -> dict[str, dict[str, Any]]:
+    return {str(p.payload["text"]): p.payload | {"ts": p.ts} for p in slack.posted}
+
+
+async def test_each_room_has_its_thread_across_restarts(
+    slack: SlackStandIn, session: aiohttp.ClientSession, open_store: OpenStore, tmp_path: Path
+) -> None:
+    composer = make_composer(tmp_path, {"bot": SLACK})
+    store = await open_store()
+    for room, event_time in [("R", 1000), ("S", 1500), ("R", 2000), ("S", 2500)]:
+        await record_in(store, "bot", room, event_time)
+    async with running(worker_with(store, composer, thread_policy(slack, session, 3600))):
+        await eventually(lambda: len(slack.posted) == 4)
+    posts = by_label(slack)
+    parent, other = posts["R@1000"], posts["S@1500"]
+    assert "thread_ts" not in parent and "thread_ts" not in other  # each room starts its own
+    for reply, thread in [(posts["R@2000"], parent), (posts["S@2500"], other)]:
+        assert (reply["thread_ts"], reply["reply_broadcast"]) == (thread["ts"], True)
+
+    # A restart: a new store on the same file, a new sender and worker remember the thread.
+    await store.close()
+    store = await open_store()
+    await record_in(store, "bot", "R", 3000)
+    async with running(worker_with(store, composer, thread_policy(slack, session, 3600))):
+        await eventually(lambda: len(slack.posted) == 5)
+    assert by_label(slack)["R@3000"]["thread_ts"] == parent["ts"]
+
+    # A workspace that never saw the parent answers thread_not_found: the worker forgets the
+    # thread and the message goes out again as the parent of a new one.
+    await record_in(store, "bot", "R", 4000)
+    with SlackStandIn() as fresh:
+        worker = worker_with(store, composer, thread_policy(fresh, session, 3600))
+        async with running(worker):
+            await eventually(lambda: len(fresh.posted) == 1)
+            await record_in(store, "bot", "R", 5000)
+            worker.wake()
+            await eventually(lambda: len(fresh.posted) == 2)
+        posts = by_label(fresh)
+        assert fresh.requests_seen == 3
+    assert "thread_ts" not in posts["R@4000"]
+    assert posts["R@5000"]["thread_ts"] == posts["R@4000"]["ts"]
+    assert attempts(store.path)[-2:] == [1, 1]  # the refused reply cost no attempt
+
+
+async def test_a_thread_older_than_its_ttl_is_not_replied_to(
+    slack: SlackStandIn, session: aiohttp.ClientSession, open_store: OpenStore, tmp_path: Path
+) -> None:
+    store = await open_store()
+    await record_in(store, "bot", "R", 1000)
+    policy = thread_policy(slack, session, ttl_s=0.5)
+    worker = worker_with(store, make_composer(tmp_path, {"bot": SLACK}), policy)
+    async with running(worker):
+        await eventually(lambda: len(slack.posted) == 1)
+        await asyncio.sleep(0.7)
+        await record_in(store, "bot", "R", 2000)
+        await record_in(store, "bot", "R", 3000)
+        worker.wake()
+        await eventually(lambda: len(slack.posted) == 3)
+    posts = by_label(slack)
+    assert "thread_ts" not in posts["R@1000"] and "thread_ts" not in posts["R@2000"]
+    assert posts["R@3000"]["thread_ts"] == posts["R@2000"]["ts"]
+
+
+SECTION_ROOM = re.compile(r"Room \*(room-\d+)\*: \1-old → \1-new")  # a digest's owner change
+
+
+@pytest.mark.parametrize(
+    ("count", "digest_after", "rate_per_s", "digests", "singles"),
+    [
+        (30, 10, 1.0, [30], 0),
+        (90, 10, 1.0, [DIGEST_ENTRIES, DIGEST_ENTRIES, 90 - 2 * DIGEST_ENTRIES], 0),
+        (11, 10, 1.0, [11], 0),
+        (10, 10, 50.0, [], 10),  # not more than digest_after: one message each
+        (12, 0, 50.0, [], 12),  # 0: never a digest
+    ],
+)
+async def test_a_backlog_goes_out_as_digests(
+    slack: SlackStandIn,
+    session: aiohttp.ClientSession,
+    open_store: OpenStore,
+    tmp_path: Path,
+    count: int,
+    digest_after: int,
+    rate_per_s: float,
+    digests: list[int],
+    singles: int,
+) -> None:
+    store = await open_store()
+    rooms = [f"room-{i:02d}" for i in range(count)]
+    for i in reversed(range(count)):  # recorded newest first: a digest is still oldest first
+        await record_in(store, "bot", rooms[i], 1_000_000 + i * 1000)
+    policy = ChannelPolicy(
+        "bot", senders(slack, session)["bot"], rate_per_s=rate_per_s, burst=3,
+        digest_after=digest_after,
+    )  # fmt: skip
+    async with running(worker_with(store, make_composer(tmp_path, {"bot": SLACK}), policy)):
+        await eventually(lambda: states(store.path) == ["delivered"] * count)
+    posts = [p.payload for p in slack.posted]
+    assert slack.requests_seen == len(posts) == len(digests) + singles
+    assert attempts(store.path) == [1] * count
+    sent: list[str] = []
+    sizes: list[int] = []
+    for payload in posts:
+        if "blocks" not in payload:
+            sent += [payload["text"].split("@")[0]]
+            continue
+        sections = [b["text"]["text"] for b in payload["blocks"] if b["type"] == "section"]
+        entries = [SECTION_ROOM.findall(text) for text in sections]
+        assert all(len(found) == 1 for found in entries)  # one event per section
+        sent += [found[0] for found in entries]
+        sizes.append(len(entries))
+        assert payload["blocks"][0]["text"]["text"] == f"{len(entries)} Live events"
+    assert sizes == digests
+    assert sent == rooms  # every event exactly once, oldest first
+
+
+async def test_a_console_digest_is_a_header_and_one_line_per_event(
+    open_store: OpenStore, tmp_path: Path
+) -> None:
+    store = await open_store()
+    rooms = [f"room-{i:02d}" for i in range(30)]
+    for i, room in enumerate(rooms):
+        await record_in(store, "console", room, 1_000_000 + i * 1000)
+    stream = io.StringIO()
+    policy = ChannelPolicy("console", ConsoleSender(stream), digest_after=10)
+    async with running(worker_with(store, make_composer(tmp_path, {"console": CONSOLE}), policy)):
+        await eventually(lambda: states(store.path) == ["delivered"] * 30)
+    header, *lines = stream.getvalue().splitlines()
+    assert header.endswith("digest of 30 events:")
+    assert len(lines) == 30
+    assert [line.split("room owner changed: room ")[1].split(",")[0] for line in lines] == rooms
+
+
+@pytest.mark.parametrize(("rooms", "concurrent"), [(12, 4), (1, 1)])
+async def test_a_webhook_sends_rooms_side_by_side_and_each_room_in_order(
+    slack: SlackStandIn,
+    session: aiohttp.ClientSession,
+    open_store: OpenStore,
+    tmp_path: Path,
+    rooms: int,
+    concurrent: int,
+) -> None:
+    store = await open_store()
+    for i in reversed(range(12)):
+        await record_in(store, "hook", f"room-{i % rooms}", 1000 + i)
+    slack.set_sink_delay("hook", 0.2)
+    settings = WebhookChannel(type="webhook", url=SecretStr(slack.sink_url("hook")))
+    policy = ChannelPolicy("hook", WebhookSender("hook", settings, session, 2.0), max_in_flight=4)
+    table = 'type = "webhook"\nurl = "https://sink.example.invalid/"'
+    async with running(worker_with(store, make_composer(tmp_path, {"hook": table}), policy)):
+        await eventually(lambda: len(slack.sink_requests) == 12)
+    assert slack.sink_max_concurrent["hook"] == concurrent
+    assert states(store.path) == ["delivered"] * 12
+    if rooms == 1:
+        sent = labels([json.loads(r.body) for r in slack.sink_requests])
+        assert sent == [f"room-0@{1000 + i}" for i in range(12)]
+
+
+@pytest.mark.parametrize(("via", "rate_per_s", "burst"), [("bot", 5.0, 2), ("hook", 10.0, 2)])
+async def test_pacing_keeps_under_slacks_own_limit(
+    session: aiohttp.ClientSession,
+    open_store: OpenStore,
+    tmp_path: Path,
+    via: str,
+    rate_per_s: float,
+    burst: int,
+) -> None:
+    store = await open_store()
+    count = 20
+    for i in range(count):
+        await record_in(store, via, f"room-{i:02d}", 1000 + i)
+    with SlackStandIn(channels=(CHANNEL, OTHER), rate_per_s=rate_per_s, burst=burst) as paced:
+        policy = ChannelPolicy(
+            via, senders(paced, session)[via], rate_per_s=rate_per_s, burst=burst
+        )
+        async with running(worker_with(store, make_composer(tmp_path, {via: SLACK}), policy)):
+            await eventually(lambda: len(paced.posted) == count, within_s=10)
+        times = [p.received_at for p in paced.posted]
+        assert (paced.rejected_429, paced.requests_seen) == (0, count)
+    assert times[-1] - times[0] >= (count - burst) / rate_per_s - 0.05
+    assert attempts(store.path) == [1] * count

@@ -36,6 +36,7 @@ class Outcome:
     retry_after: float | None = None  # seconds the far end asked us to wait (Retry-After)
     rate_limited: bool = False  # a 429: the channel is blocked, the message did not fail
     ts: str | None = None  # Slack's id of the posted message (bot token only)
+    free: bool = False  # retry without counting an attempt: nothing was wrong with the message
 
 
 DELIVERED = Outcome(Result.DELIVERED)
