@@ -2,8 +2,8 @@
 
 `fit(payload)` returns a copy within Slack's documented limits (50 blocks, header 150, section
 text 3000, 10 fields of 2000, context 10 elements, button URLs 3000, top-level text kept
-under 4000) with long
-values cut and ending in an ellipsis; `LimitError` when the payload cannot be made valid.
+under 4000) with long values cut and ending in an ellipsis; `LimitError` when the payload cannot
+be made valid. `problems(payload)` lists what Slack would refuse (`live-bridge check`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ FIELD_CHARS = 2000
 MAX_FIELDS = 10
 MAX_CONTEXT = 10
 TEXT_OBJECT_CHARS = 3000
-TOP_TEXT_CHARS = 4000
+TOP_TEXT_CHARS = 4000  # ours, for a readable notification
+SLACK_TEXT_CHARS = 40_000  # Slack's
 URL_CHARS = 3000
 ELLIPSIS = "…"
 
@@ -111,3 +112,61 @@ def _fit_block(block: dict[str, Any]) -> dict[str, Any]:
         if isinstance(elements, list):
             out["elements"] = [_fit_text(e, TEXT_OBJECT_CHARS) for e in elements[:MAX_CONTEXT]]
     return out
+
+
+def problems(payload: Any) -> list[str]:
+    """What Slack would refuse in `payload`, in words (empty: Slack takes it). `fit` cuts what is
+    too long; this also finds what no cut can fix, such as an empty header or section."""
+    if not isinstance(payload, dict):
+        return ["not a JSON object"]
+    found = []
+    text = payload.get("text")
+    if not isinstance(text, str) or not text.strip():
+        found.append("no top-level text")
+    elif len(text) > SLACK_TEXT_CHARS:
+        found.append(f"top-level text over {SLACK_TEXT_CHARS} characters")
+    blocks = payload.get("blocks", [])
+    if not isinstance(blocks, list) or not all(isinstance(b, dict) for b in blocks):
+        return [*found, "blocks must be a list of objects"]
+    if len(blocks) > MAX_BLOCKS:
+        found.append(f"{len(blocks)} blocks, over {MAX_BLOCKS}")
+    for number, block in enumerate(blocks, 1):
+        found += [f"block {number} ({block.get('type')}): {p}" for p in _block_problems(block)]
+    return found
+
+
+def _text_problem(obj: Any, limit: int, what: str) -> list[str]:
+    text = obj.get("text") if isinstance(obj, dict) else None
+    if not isinstance(text, str) or not text:
+        return [f"{what} is empty"]
+    return [f"{what} over {limit} characters"] if len(text) > limit else []
+
+
+def _block_problems(block: dict[str, Any]) -> list[str]:
+    kind = block.get("type")
+    if not isinstance(kind, str):
+        return ["no type"]
+    if kind == "header":
+        return _text_problem(block.get("text"), HEADER_CHARS, "text")
+    if kind == "section":
+        fields = block.get("fields")
+        if "text" not in block and not fields:
+            return ["neither text nor fields"]
+        found = _text_problem(block["text"], SECTION_CHARS, "text") if "text" in block else []
+        if fields is not None:
+            if not isinstance(fields, list) or len(fields) > MAX_FIELDS:
+                return [*found, f"fields must be a list of at most {MAX_FIELDS}"]
+            for number, field in enumerate(fields, 1):
+                found += _text_problem(field, FIELD_CHARS, f"field {number}")
+        return found
+    if kind == "context":
+        elements = block.get("elements")
+        if not isinstance(elements, list) or not 0 < len(elements) <= MAX_CONTEXT:
+            return [f"needs 1 to {MAX_CONTEXT} elements"]
+        return [
+            p
+            for number, e in enumerate(elements, 1)
+            if isinstance(e, dict) and "text" in e
+            for p in _text_problem(e, TEXT_OBJECT_CHARS, f"element {number}")
+        ]
+    return []

@@ -1,21 +1,44 @@
-"""Start-up checks that need more than the config file: every template a route can reach.
+"""Template checks: cheap ones at every start-up, thorough ones in `live-bridge check`.
 
-Each (route, channel, command) a route can produce is rendered once with a sample event, so a
-missing template, a syntax error or a StrictUndefined typo stops start-up with the route, the
-channel and the template line named, instead of failing when an event arrives.
+At start-up (`check_templates`) each (route, channel, command) a route can produce, and each
+digest, is rendered once with a sample event: a missing template, a syntax error, a StrictUndefined
+typo or a message Slack would refuse stops start-up naming the route, channel and template line.
+
+    live-bridge check [--config PATH]
+
+loads the config as `serve` does (every `${VAR}` set), then renders each of those again with every
+string and ID of the event set to each hostile value (mentions, quotes, newlines, 5000 characters,
+empty). It fails what does not render, a payload that is not JSON, a message Slack would refuse or
+that lets a `<!channel>`/`<@…>`/`<http…>` through unescaped, and a console line a value can break.
+A value cut to fit Slack's limits is documented behaviour: shown, not a failure. Prints a table
+(route, channel, command, result). Exit status: 0 all well; 1 problems, each on stderr naming the
+config file, route, channel, command and the template's file and line; 2 a config that does not
+load (as `serve`).
 """
 
 from __future__ import annotations
 
+import argparse
+import enum
+import json
+import re
+import sys
 import time
-from collections.abc import Iterator
+import unicodedata
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from typing import Any
 
-from bridge.config import Config, Route
+from bridge import blockkit
+from bridge.config import Config, ConfigError, Route, config_path, load_config
 from bridge.events import MODELS, parse_event
 from bridge.render import Context, Renderer, RenderError
-from bridge.samples import UNKNOWN_SAMPLE, sample
+from bridge.samples import HOSTILE_VALUES, UNKNOWN_SAMPLE, hostile, sample
+
+# An empty room name or account is no attack, but it leaves a message with no text.
+HOSTILE = (*HOSTILE_VALUES, "")
+DIGEST = "digest"
 
 
 @dataclass(frozen=True)
@@ -28,6 +51,26 @@ class Problem:
     def __str__(self) -> str:
         where = f"route {self.route!r}, " if self.route is not None else ""
         return f"{where}channel {self.channel!r}, {self.command}: {self.error}"
+
+
+class Result(enum.StrEnum):
+    OK = "ok"
+    CUT = "ok (long values cut to fit Slack)"  # documented behaviour, not a failure
+    FAIL = "FAIL"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    result: Result
+    detail: str = ""  # why, for FAIL
+
+
+@dataclass(frozen=True)
+class Row:
+    route: str  # "-" for a channel's digest
+    channel: str
+    command: str
+    verdict: Verdict
 
 
 def reachable_commands(route: Route) -> list[str]:
@@ -46,34 +89,183 @@ def _combinations(config: Config) -> Iterator[tuple[Route, str, str]]:
                 yield route, channel, command
 
 
+# Renders the sample (None) or the sample with every string set to a hostile value.
+Render = Callable[[str | None], str]
+
+
 def check_templates(config: Config, renderer: Renderer) -> list[Problem]:
-    """Every problem found rendering what the routes can send; empty when all is well."""
+    """Every problem found rendering samples of what the routes can send; empty when all is well."""
+    return _check(config, renderer, ())[1]
+
+
+def check_config(config: Config, renderer: Renderer) -> tuple[list[Row], list[Problem]]:
+    """`check_templates` and hostile values: a row per (route, channel, command) and per digest,
+    and the problems, one per failing template and command (named with the first route)."""
+    return _check(config, renderer, HOSTILE)
+
+
+def _check(
+    config: Config, renderer: Renderer, values: tuple[str, ...]
+) -> tuple[list[Row], list[Problem]]:
     ctx = Context(sdk_app_id=config.tencent.sdk_app_id[0], received_at=time.time(), query={})
-    problems = _check_digests(config, renderer, ctx)
-    done: set[tuple[str, str, str | None]] = set()
-    for route, name, command in _combinations(config):
-        channel = config.channels[name]
-        key = (channel.type, command, channel.template)
-        if key in done:
-            continue
-        done.add(key)
-        fields = sample(command)
-        try:
-            renderer.render(channel.type, parse_event(fields), fields, ctx, channel.template)
-        except RenderError as exc:
-            problems.append(Problem(route.name, name, command, str(exc)))
-    return problems
-
-
-def _check_digests(config: Config, renderer: Renderer, ctx: Context) -> list[Problem]:
-    """A digest of one sample of every command, for each channel that makes digests."""
-    items = [(parse_event(fields), fields, ctx) for fields in map(sample, [*MODELS, "Live.X"])]
-    problems = []
+    rows, problems = [], []
     for name, channel in config.channels.items():
         if getattr(channel, "digest_after", 0):
             explicit = getattr(channel, "digest_template", None)
-            try:
-                renderer.render_digest(channel.type, items, explicit, whole=False)
-            except RenderError as exc:
-                problems.append(Problem(None, name, "digest", str(exc)))
-    return problems
+            template = explicit or f"{channel.type}/digest.j2"
+            render = _render(renderer, channel.type, explicit, ctx, None)
+            verdict = _verdict(template, render, channel.type, values)
+            rows.append(Row("-", name, DIGEST, verdict))
+            if verdict.result == Result.FAIL:
+                problems.append(Problem(None, name, DIGEST, verdict.detail))
+    done: dict[tuple[str, str, str | None], Verdict] = {}
+    for route, name, command in _combinations(config):
+        kind, explicit = config.channels[name].type, config.channels[name].template
+        if (kind, command, explicit) not in done:
+            template = renderer.template_name(kind, command, explicit)
+            render = _render(renderer, kind, explicit, ctx, command)
+            verdict = done[kind, command, explicit] = _verdict(template, render, kind, values)
+            if verdict.result == Result.FAIL:
+                problems.append(Problem(route.name, name, command, verdict.detail))
+        rows.append(Row(route.name, name, command, done[kind, command, explicit]))
+    return rows, problems
+
+
+def _render(
+    renderer: Renderer, kind: str, explicit: str | None, ctx: Context, command: str | None
+) -> Render:
+    """Renders `command`'s event or, for None, a digest of one event of every command."""
+
+    def render(value: str | None) -> str:
+        bodies = [
+            sample(c) if value is None else _hostile_body(c, value)
+            for c in ([command] if command else [*MODELS, "Live.X"])
+        ]
+        items = [(parse_event(fields), fields, ctx) for fields in bodies]
+        if command is None:
+            return renderer.render_digest(kind, items, explicit, whole=False)
+        return renderer.render(kind, *items[0], explicit)
+
+    return render
+
+
+def _verdict(template: str, render: Render, kind: str, values: tuple[str, ...]) -> Verdict:
+    try:
+        base = render(None)
+    except RenderError as exc:
+        return Verdict(Result.FAIL, str(exc))
+    trouble = _payload_problem(kind, base, None, base)
+    if trouble:
+        return Verdict(Result.FAIL, f"sample event: {template}: {trouble}")
+    failures, cut = [], False
+    for value in values:
+        label = f"hostile value {_label(value)}"
+        try:
+            payload = render(value)
+        except RenderError as exc:
+            failures.append(f"{label}: {exc}")
+            continue
+        trouble = _payload_problem(kind, payload, value, base)
+        if trouble:
+            failures.append(f"{label}: {template}: {trouble}")
+        elif payload.count(blockkit.ELLIPSIS) > base.count(blockkit.ELLIPSIS):
+            # render() has already cut it; a cut leaves an ellipsis the sample did not have.
+            cut = True
+    if len(failures) > 1:
+        return Verdict(Result.FAIL, f"{failures[0]} (and {len(failures) - 1} more hostile values)")
+    if failures:
+        return Verdict(Result.FAIL, failures[0])
+    return Verdict(Result.CUT if cut else Result.OK)
+
+
+# C0 (the newline too), DEL, C1 and the Unicode line and paragraph separators.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _payload_problem(kind: str, text: str, value: str | None, base: str) -> str | None:
+    if kind == "console":
+        if len(_CONTROL.findall(text)) > len(_CONTROL.findall(base)):
+            return "a line break or terminal escape reaches the console"
+        return None
+    if kind != "slack":
+        return None  # render() has checked that a webhook body is JSON
+    payload = json.loads(text)
+    found = blockkit.problems(payload)
+    if found:
+        return "Slack would refuse it: " + "; ".join(found)
+    # The hostile values with a "<" have nothing JSON escapes: found in the text, found in a string.
+    if value is not None and "<" in value and value in text:
+        return "it reaches Slack unescaped, where it would notify people or disguise a link"
+    return None
+
+
+def _hostile_body(command: str, value: str) -> dict[str, Any]:
+    # Tencent sends some IDs as bare numbers; a client picks its own account and room IDs, so a
+    # template must not count on digits (an ID written into JSON without quotes).
+    body: dict[str, Any] = _with_ids(hostile(command, value), value, "")
+    return body
+
+
+def _with_ids(node: Any, value: str, key: str) -> Any:
+    if isinstance(node, dict):
+        return {k: _with_ids(v, value, k) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_with_ids(v, value, key) for v in node]
+    numeric = isinstance(node, int) and not isinstance(node, bool)
+    return value if numeric and key.endswith(("_Account", "RoomId")) else node
+
+
+def _label(value: str) -> str:
+    if len(value) > 40:
+        return f"{value[:10]!r}… ({len(value)} characters)"
+    return repr(value) + (" (empty)" if not value else "")
+
+
+def register(commands: Any) -> None:
+    """Add `check` to the top-level parser's subparsers."""
+    check = commands.add_parser(
+        "check", help="validate the config; render every template, hostile values included"
+    )
+    check.add_argument(
+        "--config", metavar="PATH",
+        help="TOML config (default: $LIVE_BRIDGE_CONFIG, else config.toml)",
+    )  # fmt: skip
+
+
+def main(args: argparse.Namespace) -> int:
+    """Print the table; 0 when everything renders, 1 with the problems on stderr, 2 bad config."""
+    path = config_path(args.config)
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(f"live-bridge: {exc}", file=sys.stderr)
+        return 2
+    rows, problems = check_config(config, Renderer(config.templates))
+    _print_table(
+        ["ROUTE", "CHANNEL", "COMMAND", "RESULT"],
+        [[r.route, r.channel, r.command, r.verdict.result] for r in rows],
+    )
+    for problem in problems:
+        print(f"live-bridge: {path}: {problem}", file=sys.stderr)
+    if problems:
+        print(f"live-bridge: {path}: {len(problems)} problems", file=sys.stderr)
+        return 1
+    print(f"{path}: {len(rows)} combinations render, hostile values included")
+    return 0
+
+
+def _width(text: str) -> int:
+    return sum(2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1 for ch in text)
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return match.group(0).encode("unicode_escape").decode("ascii")
+
+
+def _print_table(header: list[str], rows: list[list[str]]) -> None:
+    # A name from the config with a newline or an escape must not reshape the table.
+    cells = [header, *([_CONTROL.sub(_escaped, c) for c in row] for row in rows)]
+    widths = [max(_width(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
+        padded = (c + " " * (w - _width(c)) for c, w in zip(row, widths, strict=True))
+        print("  ".join(padded).rstrip())

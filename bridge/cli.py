@@ -5,9 +5,16 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from bridge import __version__, outbox, serve
+from bridge import __version__, checks, outbox, preview, send_test, serve, simulate
 
-COMMANDS = {"serve": serve, "outbox": outbox}
+COMMANDS = {
+    "serve": serve,
+    "check": checks,
+    "render": preview,
+    "send-test": send_test,
+    "simulate": simulate,
+    "outbox": outbox,
+}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -108,14 +108,15 @@ class Receiver:
         if said and said != event.CallbackCommand:
             log.info("query says %s, body says %s: using the body", said, event.CallbackCommand)
 
-        deliveries = self._deliveries(event, fields, app_id, now, query)
+        visible = {k: v for k, v in query.items() if k != "sign"}  # templates and store
+        deliveries = self._deliveries(event, fields, app_id, now, visible)
         record = NewEvent(
             sdk_app_id=app_id,
             command=event.CallbackCommand,
             room_id=event.room(),
             event_time=event.EventTime,
             body=body.decode(),
-            query=json.dumps({k: v for k, v in query.items() if k != "sign"}),
+            query=json.dumps(visible),
             dedup_key=dedup_key(fields),
         )
         try:
