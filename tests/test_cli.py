@@ -120,3 +120,17 @@ def test_sigterm_drains_then_stops_keeping_what_is_pending(tmp_path: Path) -> No
     with sqlite3.connect(tmp_path / "bridge.db") as conn:
         states = conn.execute("SELECT state FROM deliveries").fetchall()
     assert states == [("pending",), ("pending",)]  # nothing lost, nothing given up
+
+
+def test_a_reader_that_goes_away_is_no_error() -> None:
+    check = subprocess.Popen(
+        [sys.executable, "-m", "bridge", "check", "--config", str(ROOT / "config.example.toml")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert check.stdout is not None and check.stderr is not None
+    check.stdout.readline()
+    check.stdout.close()  # like `| head -1`
+    stderr = check.stderr.read()
+    check.stderr.close()
+    check.wait(timeout=30)
+    assert b"Traceback" not in stderr
