@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= config.example.toml
 
-.PHONY: run test lint typecheck install clean
+.PHONY: run test lint typecheck install clean bench
 
 # The venv is rebuilt whenever pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -17,14 +17,20 @@ run: install
 	$(VENV)/bin/live-bridge serve --config $(CONFIG)
 
 lint: install
-	$(VENV)/bin/ruff check bridge tests
-	$(VENV)/bin/ruff format --check bridge tests
+	$(VENV)/bin/ruff check bridge tests bench
+	$(VENV)/bin/ruff format --check bridge tests bench
 
 typecheck: install
 	$(VENV)/bin/mypy
 
 test: lint typecheck
 	$(VENV)/bin/pytest -q
+
+# Benchmarks (a few minutes): wrk from Debian's packages, psutil; writes docs/benchmarks.md.
+bench: install
+	command -v wrk >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk)
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	$(PY) -m bench.run
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache

@@ -29,7 +29,7 @@ from bridge.store import Claimed, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
-PER_SEND = 16  # deliveries a lane claims per message it may have in flight
+PER_SEND = 4  # deliveries a lane claims per message it may have in flight
 DIGEST_CLAIM = 200  # deliveries a digesting lane claims at once
 IDLE_POLL_S = 5.0  # a wake-up even with nothing due, for leases that expire
 PRUNE_EVERY_S = 60.0

@@ -134,8 +134,10 @@ class SlackStandIn:
         channels: Iterable[str] = ("C0123456789",),
         rate_per_s: float | None = None,
         burst: int = 1,
+        latency_s: float = 0.0,
     ) -> None:
         self._tokens = frozenset(tokens)
+        self._latency_s = latency_s  # Slack's own answer time, before any check
         self._channels = set(channels)
         self._rate_per_s = rate_per_s
         self._burst = burst
@@ -321,6 +323,8 @@ class SlackStandIn:
 
     async def _post_message(self, request: Request) -> Response:
         body = await request.body()
+        if self._latency_s:
+            await asyncio.sleep(self._latency_s)
         payload = self._parse_api_body(request, body)
         auth = request.headers.get("authorization", "")
         token = auth.removeprefix("Bearer ").strip() if auth else payload.get("token")
@@ -384,6 +388,8 @@ class SlackStandIn:
 
     async def _webhook(self, request: Request) -> Response:
         body = await request.body()
+        if self._latency_s:
+            await asyncio.sleep(self._latency_s)
         with self._lock:
             channel = self._webhooks.get(request.url.path)
             forced = self._take_forced("webhook", channel)

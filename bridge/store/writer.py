@@ -96,16 +96,22 @@ class GroupCommitWriter:
                     conn.execute("ROLLBACK")
             failure = StoreUnavailable(f"store commit failed: {exc}")
             results = [(False, failure)] * len(batch)
+        # One wake-up per event loop for the whole batch, not one per operation.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
         for (_, loop, future), (ok, value) in zip(batch, results, strict=True):
             if isinstance(value, sqlite3.Error):
                 value = StoreUnavailable(f"store write failed: {value}")
-            loop.call_soon_threadsafe(_settle, future, ok, value)
+            by_loop.setdefault(loop, []).append((future, ok, value))
+        for loop, outcomes in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a loop already closed: nobody waits
+                loop.call_soon_threadsafe(_settle, outcomes)
 
 
-def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
-    if future.done():  # the caller went away; the write itself stands
-        return
-    if ok:
-        future.set_result(value)
-    else:
-        future.set_exception(value)
+def _settle(outcomes: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for future, ok, value in outcomes:
+        if future.done():  # the caller went away; the write itself stands
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)

@@ -1,0 +1,22 @@
+-- wrk: POST Tencent's owner-change callback, a different room each time (no dedup shortcut).
+local counter = 0
+local thread_id = 0
+local threads = {}
+
+function setup(thread)
+  thread:set("id", #threads)
+  table.insert(threads, thread)
+end
+
+function init(args)
+  thread_id = id
+end
+
+request = function()
+  counter = counter + 1
+  local body = string.format(
+    '{"CallbackCommand":"Live.CallbackAfterChangeOwner","RoomId":"wrk-%d-%d",' ..
+    '"EventTime":%d,"Operator_Account":"admin","CurrentOwner_Account":"user2",' ..
+    '"OriginalOwner_Account":"user1"}', thread_id, counter, 1703589922780 + counter)
+  return wrk.format("POST", nil, nil, body)
+end
