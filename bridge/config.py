@@ -109,7 +109,8 @@ class TemplatesConfig(Strict):
         try:
             zoneinfo.ZoneInfo(value)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {value!r}") from None
+            # The value is not repeated: it may have come from ${VAR} (messages never hold one).
+            raise ValueError("unknown time zone (an IANA name such as Asia/Shanghai)") from None
         return value
 
     @field_validator("room_url")

@@ -8,10 +8,11 @@ fields are kept; commands outside the table parse as the bare `Envelope`.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 
 class BadEvent(ValueError):
@@ -28,6 +29,16 @@ def _id_digits(value: object) -> object:
 Id = Annotated[str, BeforeValidator(_id_digits)]
 
 
+def _not_bool(value: object) -> object:
+    if isinstance(value, bool):
+        raise ValueError("must be a number of milliseconds, not true or false")
+    return value
+
+
+# Stored as SQLite INTEGER: a 64-bit signed range; anything else is not a time.
+Millis = Annotated[int, BeforeValidator(_not_bool), Field(ge=-(2**63), le=2**63 - 1)]
+
+
 class _Loose(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
@@ -36,7 +47,7 @@ class Envelope(_Loose):
     """Fields every Live callback shares; any command parses at least as this."""
 
     CallbackCommand: str
-    EventTime: int | None = None  # milliseconds; some of Tencent's samples lack it
+    EventTime: Millis | None = None  # milliseconds; some of Tencent's samples lack it
     RoomId: Id | None = None
     Operator_Account: Id | None = None
 
@@ -216,7 +227,14 @@ def _no_constants(name: str) -> Any:
     raise BadEvent(f"body is not JSON: {name} is not a JSON number")
 
 
-_DECODER = json.JSONDecoder(parse_constant=_no_constants)
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: JSON allows the literal, nothing downstream does
+        raise BadEvent("body is not JSON: a number is out of range")
+    return value
+
+
+_DECODER = json.JSONDecoder(parse_constant=_no_constants, parse_float=_finite)
 # Valid UTF-8 cannot hold a surrogate; only a \uD800-\uDFFF escape in the JSON text can.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 

@@ -94,6 +94,11 @@ def test_every_command_in_the_table_has_a_model() -> None:
         (b'{"CallbackCommand": "Live.CallbackAfterModifyAdmin", "Admin_Account": "a"}', "Admin"),
         (b"[" * 100000 + b"]" * 100000, "not valid JSON"),
         (b'{"CallbackCommand": "x", "RoomId": "' + b"9" * 5000 + b'"}', None),  # fine: a string
+        (b'{"CallbackCommand": "x", "EventTime": 9223372036854775808}', "EventTime"),
+        (b'{"CallbackCommand": "x", "EventTime": -9223372036854775809}', "EventTime"),
+        (b'{"CallbackCommand": "x", "EventTime": true}', "EventTime"),
+        (b'{"CallbackCommand": "x", "v": 1e400}', "out of range"),
+        (b'{"CallbackCommand": "x", "v": -1e400}', "out of range"),
     ],
 )
 def test_bad_bodies_are_refused_with_a_short_reason(body: bytes, message: str | None) -> None:

@@ -24,7 +24,9 @@ def test_app_id_accepted(raw: str) -> None:
     assert check_app_id({"sdkappid": raw}, {1400000000}) == 1400000000
 
 
-@pytest.mark.parametrize("raw", [None, "", "1", "abc", "-1400000000", "1400000000x", "١٤"])
+@pytest.mark.parametrize(
+    "raw", [None, "", "1", "abc", "-1400000000", "1400000000x", "١٤", "1" * 5000]
+)
 def test_app_id_refused_403(raw: str | None) -> None:
     query = {} if raw is None else {"sdkappid": raw}
     with pytest.raises(Refused) as caught:
@@ -54,6 +56,7 @@ def test_no_token_no_check() -> None:
         ({"sign": EXAMPLE_SIGN, "requesttime": "1669872113"}, 0, "bad Sign"),
         ({"sign": EXAMPLE_SIGN, "requesttime": "16698721.2"}, 0, "bad RequestTime"),
         ({"sign": "ü", "requesttime": EXAMPLE_TIME}, 0, "bad Sign"),
+        ({"sign": EXAMPLE_SIGN, "requesttime": "1" * 5000}, 0, "bad RequestTime"),
     ],
 )
 def test_signature_refused_401(query: dict[str, str], now_offset: int, reason: str) -> None:
