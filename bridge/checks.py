@@ -31,7 +31,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from bridge import blockkit
-from bridge.config import Config, ConfigError, Route, config_path, load_config
+from bridge.config import CONFIG_HELP, Config, Route, load_for_command
 from bridge.events import MODELS, parse_event
 from bridge.render import Context, Renderer, RenderError
 from bridge.samples import HOSTILE_VALUES, UNKNOWN_SAMPLE, hostile, sample
@@ -227,19 +227,13 @@ def register(commands: Any) -> None:
         "check", help="validate the config; render every template, hostile values included"
     )
     check.add_argument(
-        "--config", metavar="PATH",
-        help="TOML config (default: $LIVE_BRIDGE_CONFIG, else config.toml)",
+        "--config", metavar="PATH", help=CONFIG_HELP,
     )  # fmt: skip
 
 
 def main(args: argparse.Namespace) -> int:
     """Print the table; 0 when everything renders, 1 with the problems on stderr, 2 bad config."""
-    path = config_path(args.config)
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        print(f"live-bridge: {exc}", file=sys.stderr)
-        return 2
+    path, config = load_for_command(args.config)
     rows, problems = check_config(config, Renderer(config.templates))
     _print_table(
         ["ROUTE", "CHANNEL", "COMMAND", "RESULT"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import os
 import re
+import sys
 import tomllib
 import zoneinfo
 from pathlib import Path
@@ -261,6 +262,19 @@ class Config(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         toml = _ExpandedToml(settings_cls)
         return (init_settings, EnvSettingsSource(settings_cls), toml)
+
+
+CONFIG_HELP = "TOML config (default: $LIVE_BRIDGE_CONFIG, else config.toml)"
+
+
+def load_for_command(explicit: str | None) -> tuple[Path, Config]:
+    """For a command: the config and its path, or `live-bridge: <why>` on stderr and exit 2."""
+    path = config_path(explicit)
+    try:
+        return path, load_config(path)
+    except ConfigError as exc:
+        print(f"live-bridge: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def config_path(explicit: str | Path | None) -> Path:

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from bridge.config import Config, ConfigError, config_path, load_config
+from bridge.config import Config, load_for_command
 from bridge.store import ChannelStats, DeliveryRow, State, StoreUnavailable
 from bridge.store.sqlite import SQLiteStore
 
@@ -71,12 +71,7 @@ def main(args: argparse.Namespace) -> int:
             args.usage_error("give delivery IDs or --dead, not both")
         if args.channel is not None and not args.dead:
             args.usage_error("--channel goes with --dead")
-    path = config_path(args.config)
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        print(f"live-bridge: {exc}", file=sys.stderr)
-        return 2
+    path, config = load_for_command(args.config)
     if not config.store.path.exists():
         # Opening would create an empty database, and a wrong store.path would look all clear.
         print(

@@ -24,12 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bridge.config import Channel, Config, ConfigError, config_path, load_config
+from bridge.config import CONFIG_HELP, Channel, Config, ConfigError, config_path, load_config
 from bridge.events import OWNER_CHANGED, BadEvent, decode_body, parse_event
 from bridge.render import Context, Renderer, RenderError
 from bridge.samples import sample
-
-CONFIG_HELP = "TOML config (default: $LIVE_BRIDGE_CONFIG, else config.toml)"
 
 
 class Unusable(Exception):

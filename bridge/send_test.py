@@ -21,9 +21,9 @@ from typing import Any
 import aiohttp
 
 from bridge.channels import Outcome, Result
-from bridge.config import Channel, Config, SlackChannel
+from bridge.config import CONFIG_HELP, Channel, Config, SlackChannel
 from bridge.events import OWNER_CHANGED, parse_event
-from bridge.preview import CONFIG_HELP, Unusable, channel_named, context_now, load
+from bridge.preview import Unusable, channel_named, context_now, load
 from bridge.render import Renderer, RenderError
 from bridge.samples import sample
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 
 from bridge import logs
-from bridge.config import ConfigError, config_path, load_config
+from bridge.config import CONFIG_HELP, ConfigError, load_for_command
 
 if TYPE_CHECKING:
     from bridge.app import Bridge
@@ -22,9 +22,7 @@ LEVELS = ["debug", "info", "warning", "error"]
 
 def register(commands: Any) -> None:
     serve = commands.add_parser("serve", help="receive callbacks and deliver them")
-    serve.add_argument(
-        "--config", help="TOML config (default: $LIVE_BRIDGE_CONFIG, else config.toml)"
-    )
+    serve.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     serve.add_argument("--log-level", default="info", choices=LEVELS)
     serve.add_argument("--log-format", default="text", choices=["text", "json"])
     serve.add_argument(
@@ -38,12 +36,7 @@ def register(commands: Any) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    path = config_path(args.config)
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        print(f"live-bridge: {exc}", file=sys.stderr)
-        return 2
+    path, config = load_for_command(args.config)
     skip = None if args.access_log_callbacks else config.server.callback_path
     logs.setup(args.log_level, args.log_format, skip)
     from bridge.app import create_app  # after logging is set up

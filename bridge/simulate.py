@@ -27,9 +27,9 @@ from urllib.parse import urlencode, urlsplit
 
 from pydantic import SecretStr
 
-from bridge.config import Config
+from bridge.config import CONFIG_HELP, Config
 from bridge.events import OWNER_CHANGED
-from bridge.preview import CONFIG_HELP, Unusable, add_event_arguments, load, read_body
+from bridge.preview import Unusable, add_event_arguments, load, read_body
 from bridge.samples import sample
 from bridge.verify import sign
 
