@@ -33,6 +33,7 @@ PER_SEND = 4  # deliveries a lane claims per message it may have in flight
 DIGEST_CLAIM = 200  # deliveries a digesting lane claims at once
 IDLE_POLL_S = 5.0  # a wake-up even with nothing due, for leases that expire
 PRUNE_EVERY_S = 60.0
+STORE_RETRY_MAX_S = 5.0  # the longest wait between tries while the store cannot commit
 
 
 def backoff(attempt: int, initial: float, maximum: float) -> float:
@@ -111,6 +112,8 @@ class Worker:
         self._lanes: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._last_prune = 0.0
+        self._store_failures = 0
+        self._store_retry_at = 0.0  # time.monotonic(): no claims before this
         self.configure(policies, settings, composer, retention_s)
 
     def configure(
@@ -142,8 +145,12 @@ class Worker:
         self._wake.set()
 
     async def run(self) -> None:
-        failures = 0
         while not self._stopping:
+            if (pause := self._store_pause()) > 0:
+                # The store cannot commit: wait it out. Nothing wakes this sleep, so failing
+                # lanes and new callbacks cannot turn it into a busy loop.
+                await asyncio.sleep(pause)
+                continue
             self._wake.clear()
             # One clock reading per pass: what was not due at `now` is what next_due(now) finds.
             now = time.time()
@@ -151,13 +158,23 @@ class Worker:
                 await self._prune()
                 skipped = await self._dispatch(now)
                 delay = await self._idle_delay(now, skipped)
-                failures = 0
             except StoreUnavailable as exc:
-                failures += 1
-                log.error("worker cannot reach the store: %s", exc)
-                await self._sleep(min(30.0, 0.5 * 2**failures))
+                self._store_failed(exc)
                 continue
+            self._store_failures = 0
             await self._sleep(delay)
+
+    def _store_failed(self, exc: StoreUnavailable) -> None:
+        self._store_failures += 1
+        # Capped exponent: 2 ** 1024 does not convert to a float, and an outage may be long.
+        pause = min(STORE_RETRY_MAX_S, 0.25 * 2 ** min(self._store_failures, 8))
+        self._store_retry_at = time.monotonic() + pause
+        if self._store_failures == 1 or self._store_failures % 20 == 0:
+            log.error("store unavailable (%d times): %s; next try in %.1fs",
+                      self._store_failures, exc, pause)  # fmt: skip
+
+    def _store_pause(self) -> float:
+        return max(0.0, self._store_retry_at - time.monotonic())
 
     async def stop(self, grace_s: float) -> None:
         """Stop claiming; give lanes `grace_s` to finish their sends. Unfinished ones stay
@@ -224,7 +241,7 @@ class Worker:
                     await self._send_each(policy, rows)
         except StoreUnavailable as exc:
             # The leases expire and the deliveries are claimed again: sent at least once.
-            log.error("channel %s: cannot record outcome: %s", policy.name, exc)
+            self._store_failed(exc)
         finally:
             self._busy.discard(policy.name)
             self._wake.set()

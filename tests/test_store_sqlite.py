@@ -316,7 +316,9 @@ async def test_schema_version_recorded_and_newer_refused(tmp_path: Path) -> None
     await s.open()
     await s.ping()
     await s.close()
-    assert rows(path, "SELECT value FROM meta") == [(str(SCHEMA_VERSION),)]
+    assert rows(path, "SELECT value FROM meta WHERE key = 'schema_version'") == [
+        (str(SCHEMA_VERSION),)
+    ]
     conn = sqlite3.connect(path)
     conn.execute("UPDATE meta SET value = '999'")
     conn.commit()

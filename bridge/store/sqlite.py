@@ -10,6 +10,7 @@ import fcntl
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -287,7 +288,11 @@ class SQLiteStore:
         )
 
     async def ping(self) -> None:
-        await self._execute("UPDATE meta SET value = value WHERE key = 'schema_version'")
+        # A row that really changes: SQLite skips an update that writes the same value, and a
+        # commit that writes nothing succeeds on a full or read-only disk.
+        await self._execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('ping', ?)", (str(time.time()),)
+        )
 
     async def prune(self, delivered_before: float, dedup_before: float) -> int:
         def op(conn: sqlite3.Connection) -> int:

@@ -1,0 +1,128 @@
+"""Outage: the sink is down for a while, then up. The bridge backs off visibly (each delivery's
+attempts spread out, doubling up to the cap), stays idle while it waits (its own CPU time, so a
+loaded machine does not matter), and delivers everything once the sink is back."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import os
+import sqlite3
+import statistics
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.bridge_server import (
+    OK_PACKET,
+    SEED_BODY,
+    Subprocess,
+    free_port,
+    post_callback,
+    wait_until,
+    write_config,
+)
+from tests.slack_standin import SlackStandIn
+
+INITIAL_S = 0.2
+CAP_S = 2.0
+OUTAGE_S = 6.5
+LATE_S = 0.5  # how much later than its backoff an attempt may come on a busy machine
+ROOMS = [f"outage-{n}" for n in range(20)]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process `pid` so far (Linux /proc)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()  # the name before ")" may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def owner_change(room: str) -> bytes:
+    return SEED_BODY.replace(b'"room_id"', json.dumps(room).encode())
+
+
+def backoff_bounds(attempt: int) -> tuple[float, float]:
+    """The worker's wait after failed attempt `attempt`: doubling, capped, jittered to half."""
+    base = min(CAP_S, INITIAL_S * 2 ** (attempt - 1))
+    return max(INITIAL_S, base / 2), base
+
+
+def delivery_states(db: Path) -> Counter[str]:
+    conn = sqlite3.connect(db)
+    try:
+        return Counter(row[0] for row in conn.execute("SELECT state FROM deliveries"))
+    finally:
+        conn.close()
+
+
+def test_outage_backs_off_idles_and_then_delivers_everything(
+    tmp_path: Path, slack: SlackStandIn
+) -> None:
+    if not Path(f"/proc/{os.getpid()}/stat").exists():
+        pytest.skip("reading a process's CPU time needs Linux /proc")
+    port = free_port()
+    secret = "whsec_" + base64.b64encode(os.urandom(24)).decode()
+    channels = (
+        f'[channels.sink]\ntype = "webhook"\nurl = "{slack.sink_url()}"\nmax_in_flight = 4\n'
+        f'signing_secret = "{secret}"\n'
+    )
+    routes = '[[routes]]\nname = "all"\nchannels = ["sink"]\n'
+    delivery = f"initial_backoff_s = {INITIAL_S}\nmax_backoff_s = {CAP_S}\nmax_attempts = 50\n"
+    config = write_config(tmp_path, port, channels=channels, routes=routes, delivery=delivery)
+    slack.set_sink_status("sink", 503)
+    with Subprocess(config, port, tmp_path / "bridge.log") as bridge:
+        assert bridge.process is not None
+        began = time.monotonic()
+        for room in ROOMS:
+            assert post_callback(bridge.url, owner_change(room)) == (200, OK_PACKET)
+            time.sleep(0.05)
+        time.sleep(max(0.0, began + 2.5 - time.monotonic()))
+        cpu_before, wall_before = cpu_seconds(bridge.process.pid), time.monotonic()
+        time.sleep(3.0)
+        cpu = cpu_seconds(bridge.process.pid) - cpu_before
+        wall = time.monotonic() - wall_before
+        time.sleep(max(0.0, began + OUTAGE_S - time.monotonic()))
+        outage_ended = time.monotonic()
+        slack.set_sink_status("sink", 200)
+
+        def rooms_delivered(s: SlackStandIn) -> set[str]:
+            return {
+                json.loads(r.body)["event"]["RoomId"]
+                for r in s.sink_requests
+                if r.received_at > outage_ended
+            }
+
+        assert slack.wait_for(lambda s: rooms_delivered(s) == set(ROOMS), timeout=CAP_S + 8)
+        db = tmp_path / "bridge.db"
+        assert wait_until(lambda: delivery_states(db) == {"delivered": len(ROOMS)})
+
+    # Waiting for a backoff is sleeping: a busy loop would show as a whole core.
+    assert cpu / wall < 0.15, f"the bridge used {cpu:.2f}s of CPU in {wall:.2f}s of outage"
+
+    attempts: dict[str, list[float]] = {}
+    for request in slack.sink_requests:
+        attempts.setdefault(request.headers["webhook-id"], []).append(request.received_at)
+    assert len(attempts) == len(ROOMS)  # one stable webhook-id per delivery
+    gaps_by_attempt: dict[int, list[float]] = {}
+    for webhook_id, times in attempts.items():
+        failed = [t for t in times if t < outage_ended]
+        assert len(failed) >= 5, f"{webhook_id}: only {len(failed)} attempts in the outage"
+        after = [t - outage_ended for t in times if t >= outage_ended]
+        assert len(after) == 1, f"{webhook_id}: attempts after the outage at {after}"
+        for attempt, (sent, again) in enumerate(itertools.pairwise(times), start=1):
+            low, high = backoff_bounds(attempt)
+            gap = again - sent
+            assert low - 0.02 <= gap <= high + LATE_S, (
+                f"{webhook_id}: {gap:.2f}s after attempt {attempt}, not in [{low}, {high}]s"
+            )
+            gaps_by_attempt.setdefault(attempt, []).append(gap)
+    medians = {n: round(statistics.median(g), 2) for n, g in sorted(gaps_by_attempt.items())}
+    print(f"CPU {cpu:.2f}s in {wall:.2f}s; median wait after each attempt: {medians}")
+    # Visible growth: the fourth wait is several times the first, and the cap holds.
+    first, fourth = (statistics.median(gaps_by_attempt[n]) for n in (1, 4))
+    assert fourth > 3 * first, f"median waits {first:.2f}s then {fourth:.2f}s"
+    assert max(max(gaps) for gaps in gaps_by_attempt.values()) <= CAP_S + LATE_S
