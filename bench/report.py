@@ -88,8 +88,11 @@ machine described, each pair measured side by side and alternating ({self.rounds
 loopback. These machines are noisy: the ratios measured within the run are the figures that
 count, absolute numbers vary between runs.
 
-**Machine:** {m["cpu"]}, {m["cores"]} cores, {m["memory"]}; Python {m["python"]}; {m["os"]};
-{m["wrk"]}.
+**Machine:** {m["cpu"]}, {m["cores"]} cores, {m["memory"]}; Python {m["python"]};
+{m["os"]}; {m["wrk"]}.
+
+**Command:** `make bench` (installs wrk from Debian's packages and psutil, then runs
+`python -m bench.run`; `BENCH_ROUNDS`, `BENCH_SECONDS`, `BENCH_SUSTAIN_S` shorten it).
 
 ## Targets
 

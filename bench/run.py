@@ -275,7 +275,9 @@ def machine() -> dict[str, str]:
     return {
         "cpu": cpu, "cores": str(os.cpu_count()),
         "memory": f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
-        "python": platform.python_version(), "os": platform.platform(), "wrk": wrk_version.strip(),
+        "python": platform.python_version(),
+        "os": platform.platform(),
+        "wrk": wrk_version.split(" Copyright")[0].strip(),  # the version, not the notice
     }  # fmt: skip
 
 
