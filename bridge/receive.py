@@ -59,9 +59,9 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def dedup_key(fields: dict[str, Any]) -> str:
-    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+def dedup_key(command: str, body: bytes) -> str:
+    """The same command and body again, byte for byte: what Tencent's retry-on-timeout sends."""
+    return hashlib.sha256(command.encode() + b"\0" + body).hexdigest()
 
 
 class Receiver:
@@ -118,7 +118,7 @@ class Receiver:
             event_time=event.EventTime,
             body=body.decode(),
             query=json.dumps(visible),
-            dedup_key=dedup_key(fields),
+            dedup_key=dedup_key(event.CallbackCommand, body),
         )
         try:
             recorded = await self.store.record(

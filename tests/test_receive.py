@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from bridge.receive import dedup_key
 from bridge.verify import sign
 from tests.bridge_server import (
     APP_ID,
@@ -232,3 +233,10 @@ def test_health_and_other_paths_answer_packets(bridge: InThread) -> None:
 def test_content_type_is_not_required_nor_trusted(bridge: InThread) -> None:
     assert post_callback(bridge.url, headers={"Content-Type": "text/plain"}) == (200, OK_PACKET)
     assert wait_until(lambda: len(events(bridge)) == 1)
+
+
+def test_dedup_key_is_command_and_bytes() -> None:
+    owner = "Live.CallbackAfterChangeOwner"
+    assert dedup_key(owner, SEED_BODY) == dedup_key(owner, SEED_BODY)
+    assert dedup_key(owner, SEED_BODY) != dedup_key("Live.CallbackAfterCreateRoom", SEED_BODY)
+    assert dedup_key(owner, SEED_BODY) != dedup_key(owner, SEED_BODY + b" ")
