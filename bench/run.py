@@ -53,19 +53,31 @@ def _answers(url: str) -> bool:
 class Proc:
     """A server process; `peak_rss` is sampled while `sampling()` is active."""
 
-    def __init__(self, args: list[str], ready_url: str, env: dict[str, str] | None = None):
-        self.args, self.ready_url, self.env = args, ready_url, env
+    def __init__(
+        self, args: list[str], port: int, env: dict[str, str] | None = None,
+        ready_path: str | None = "/readyz",
+    ) -> None:  # fmt: skip
+        self.args, self.port, self.env, self.ready_path = args, port, env, ready_path
+        self.callback_url = f"http://127.0.0.1:{port}/tencent/callback"
         self.process: subprocess.Popen[bytes] | None = None
         self.peak_rss = 0
 
+    def ready(self) -> bool:
+        """/readyz says 200; without a ready path (the comparison apps), the port accepts."""
+        if self.ready_path is not None:
+            return _answers(f"http://127.0.0.1:{self.port}{self.ready_path}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
+            return True
+        return False
+
     def start(self) -> float:
-        """Seconds from spawn to answering `ready_url`."""
+        """Seconds from spawn to ready."""
         started = time.monotonic()
         self.process = subprocess.Popen(
             self.args, env={**os.environ, **(self.env or {})}, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, cwd=ROOT,
         )  # fmt: skip
-        while not _answers(self.ready_url):
+        while not self.ready():
             if self.process.poll() is not None or time.monotonic() - started > 30:
                 raise RuntimeError(f"did not start: {' '.join(self.args)}")
             time.sleep(0.005)
@@ -104,28 +116,7 @@ class Proc:
 def uvicorn_app(app: str, port: int, env: dict[str, str] | None = None) -> Proc:
     args = [sys.executable, "-m", "uvicorn", app, "--port", str(port), "--log-level", "warning",
             "--no-access-log"]  # fmt: skip
-    return _ReadyWhenListening(args, port, env)
-
-
-class _ReadyWhenListening(Proc):
-    """The comparison apps have no /readyz: ready once the port accepts connections."""
-
-    def __init__(self, args: list[str], port: int, env: dict[str, str] | None) -> None:
-        super().__init__(args, f"http://127.0.0.1:{port}/tencent/callback", env)
-
-    def start(self) -> float:
-        started = time.monotonic()
-        self.process = subprocess.Popen(
-            self.args, env={**os.environ, **(self.env or {})}, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, cwd=ROOT,
-        )  # fmt: skip
-        port = int(self.args[self.args.index("--port") + 1])
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-                return time.monotonic() - started
-            if self.process.poll() is not None or time.monotonic() - started > 30:
-                raise RuntimeError(f"did not start: {' '.join(self.args)}")
-            time.sleep(0.005)
+    return Proc(args, port, env, ready_path=None)
 
 
 def bridge(directory: Path, channels: str, routes: str, extra: str = "") -> Proc:
@@ -139,13 +130,11 @@ def bridge(directory: Path, channels: str, routes: str, extra: str = "") -> Proc
     )
     args = [sys.executable, "-m", "bridge", "serve", "--config", str(config), "--log-level",
             "warning", "--no-access-log"]  # fmt: skip
-    return Proc(args, f"http://127.0.0.1:{port}/readyz")
+    return Proc(args, port)
 
 
 def url_of(proc: Proc) -> str:
-    if isinstance(proc, _ReadyWhenListening):
-        return proc.ready_url
-    return proc.ready_url.removesuffix("/readyz") + "/tencent/callback"
+    return proc.callback_url
 
 
 def ack_ceiling(work: Path, report: Report, sink_url: str) -> None:
