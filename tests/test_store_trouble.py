@@ -213,10 +213,11 @@ def assert_all_delivered(
     assert wait_until(lambda: set(delivery_states(db)) == {"delivered"}), delivery_states(db)
 
 
-@pytest.mark.parametrize("kind", TROUBLES)
-def test_callbacks_answer_503_and_the_bridge_recovers(
+@contextlib.contextmanager
+def bridge_in_trouble(
     kind: str, tmp_path: Path, slack: SlackStandIn
-) -> None:
+) -> Iterator[tuple[Trouble, Subprocess, Path]]:
+    """A bridge whose store lives on a filesystem that `trouble.begin()` breaks."""
     trouble = TROUBLES[kind]()
     store = tmp_path / "store"
     store.mkdir()
@@ -224,95 +225,94 @@ def test_callbacks_answer_503_and_the_bridge_recovers(
         config, port = store_config(tmp_path, store, slack)
         with Subprocess(config, port, tmp_path / "bridge.log") as bridge:
             assert bridge.process is not None
-            acknowledged = {f"before-{n}" for n in range(10)}
-            post_all(bridge, sorted(acknowledged))
-            assert_all_delivered(slack, store / "bridge.db", acknowledged)
-            assert {"bridge.db-wal", "bridge.db-shm"} <= {p.name for p in store.iterdir()}
+            yield trouble, bridge, store
 
-            trouble.begin()
-            refused = 0
-            for n in range(500):  # the WAL may have room for a few more commits
-                room = f"during-{n}"
-                status, body = post_callback(bridge.url, owner_change(room))
-                if status == 200:
-                    assert body == OK_PACKET
-                    assert refused == 0, f"{room} acknowledged after a refusal"
-                    acknowledged.add(room)
-                    continue
-                assert (status, json.loads(body)) == (503, FAIL_503), (status, body)
-                refused += 1
-                if refused == 5:
-                    break
-            assert refused == 5
-            assert bridge.process.poll() is None
-            assert get(bridge.url + "/healthz") == (200, {"status": "ok"})
 
-            trouble.end(bridge)
-            assert get(bridge.url + "/readyz") == (200, {"status": "ready"})
-            after = [f"after-{n}" for n in range(10)]
-            post_all(bridge, after)
-            acknowledged.update(after)
-            assert_all_delivered(slack, store / "bridge.db", acknowledged)
-            assert bridge.process.poll() is None
+@pytest.mark.parametrize("kind", TROUBLES)
+def test_callbacks_answer_503_and_the_bridge_recovers(
+    kind: str, tmp_path: Path, slack: SlackStandIn
+) -> None:
+    with bridge_in_trouble(kind, tmp_path, slack) as (trouble, bridge, store):
+        assert bridge.process is not None
+        acknowledged = {f"before-{n}" for n in range(10)}
+        post_all(bridge, sorted(acknowledged))
+        assert_all_delivered(slack, store / "bridge.db", acknowledged)
+        assert {"bridge.db-wal", "bridge.db-shm"} <= {p.name for p in store.iterdir()}
+
+        trouble.begin()
+        refused = 0
+        for n in range(500):  # the WAL may have room for a few more commits
+            room = f"during-{n}"
+            status, body = post_callback(bridge.url, owner_change(room))
+            if status == 200:
+                assert body == OK_PACKET
+                assert refused == 0, f"{room} acknowledged after a refusal"
+                acknowledged.add(room)
+                continue
+            assert (status, json.loads(body)) == (503, FAIL_503), (status, body)
+            refused += 1
+            if refused == 5:
+                break
+        assert refused == 5
+        assert bridge.process.poll() is None
+        assert get(bridge.url + "/healthz") == (200, {"status": "ok"})
+
+        trouble.end(bridge)
+        assert get(bridge.url + "/readyz") == (200, {"status": "ready"})
+        after = [f"after-{n}" for n in range(10)]
+        post_all(bridge, after)
+        acknowledged.update(after)
+        assert_all_delivered(slack, store / "bridge.db", acknowledged)
+        assert bridge.process.poll() is None
 
 
 @pytest.mark.parametrize("kind", TROUBLES)
 def test_readyz_answers_503_while_the_store_cannot_commit(
     kind: str, tmp_path: Path, slack: SlackStandIn
 ) -> None:
-    trouble = TROUBLES[kind]()
-    store = tmp_path / "store"
-    store.mkdir()
-    with trouble.mounted(store):
-        config, port = store_config(tmp_path, store, slack)
-        with Subprocess(config, port, tmp_path / "bridge.log") as bridge:
-            post_all(bridge, ["before"])
-            trouble.begin()
-            # The store refuses commits: the callback says so, and so must /readyz.
-            status, _ = post_callback(bridge.url, owner_change("during"))
-            assert status == 503
-            answers = []
-            for _ in range(5):
-                answers.append(get(bridge.url + "/readyz"))
-                time.sleep(0.1)
-            assert {status for status, _ in answers} == {503}, (
-                f"/readyz answered {answers} while callbacks get 503"
-            )
+    with bridge_in_trouble(kind, tmp_path, slack) as (trouble, bridge, _):
+        post_all(bridge, ["before"])
+        trouble.begin()
+        # The store refuses commits: the callback says so, and so must /readyz.
+        status, _ = post_callback(bridge.url, owner_change("during"))
+        assert status == 503
+        answers = []
+        for _ in range(5):
+            answers.append(get(bridge.url + "/readyz"))
+            time.sleep(0.1)
+        assert {status for status, _ in answers} == {503}, (
+            f"/readyz answered {answers} while callbacks get 503"
+        )
 
 
 @pytest.mark.parametrize("kind", TROUBLES)
 def test_retries_due_meanwhile_wait_idle_then_go_out(
     kind: str, tmp_path: Path, slack: SlackStandIn
 ) -> None:
-    trouble = TROUBLES[kind]()
-    store = tmp_path / "store"
-    store.mkdir()
-    db = store / "bridge.db"
     slack.set_sink_status("sink", 503)  # retries come due while the store is broken
-    with trouble.mounted(store):
-        config, port = store_config(tmp_path, store, slack)
-        with Subprocess(config, port, tmp_path / "bridge.log") as bridge:
-            assert bridge.process is not None
-            rooms = {f"room-{n}" for n in range(10)}
-            post_all(bridge, sorted(rooms))
-            assert slack.wait_for(lambda s: rooms_received(s) == rooms)
-            trouble.begin()
-            cpu_before, wall_before = cpu_seconds(bridge.process.pid), time.monotonic()
-            time.sleep(2.5)  # the retries are due within 0.5 s; the worker cannot claim them
-            cpu = cpu_seconds(bridge.process.pid) - cpu_before
-            wall = time.monotonic() - wall_before
-            assert bridge.process.poll() is None
+    with bridge_in_trouble(kind, tmp_path, slack) as (trouble, bridge, store):
+        assert bridge.process is not None
+        db = store / "bridge.db"
+        rooms = {f"room-{n}" for n in range(10)}
+        post_all(bridge, sorted(rooms))
+        assert slack.wait_for(lambda s: rooms_received(s) == rooms)
+        trouble.begin()
+        cpu_before, wall_before = cpu_seconds(bridge.process.pid), time.monotonic()
+        time.sleep(2.5)  # the retries are due within 0.5 s; the worker cannot claim them
+        cpu = cpu_seconds(bridge.process.pid) - cpu_before
+        wall = time.monotonic() - wall_before
+        assert bridge.process.poll() is None
 
-            trouble.end(bridge)
-            slack.set_sink_status("sink", 200)
-            up_since = time.monotonic()
-            post_all(bridge, ["after"])  # as Tencent would; it also wakes a worker backing off
-            wanted = {*rooms, "after"}
-            delivered = slack.wait_for(
-                lambda s: rooms_received(s, up_since) >= wanted, timeout=15
-            ) and wait_until(lambda: set(delivery_states(db)) == {"delivered"})
-            missing = sorted(wanted - rooms_received(slack, up_since))
-            states = dict(delivery_states(db))
+        trouble.end(bridge)
+        slack.set_sink_status("sink", 200)
+        up_since = time.monotonic()
+        post_all(bridge, ["after"])  # as Tencent would; it also wakes a worker backing off
+        wanted = {*rooms, "after"}
+        delivered = slack.wait_for(
+            lambda s: rooms_received(s, up_since) >= wanted, timeout=15
+        ) and wait_until(lambda: set(delivery_states(db)) == {"delivered"})
+        missing = sorted(wanted - rooms_received(slack, up_since))
+        states = dict(delivery_states(db))
     # A worker spinning on the store shows as a whole core; one that gave up, as no deliveries.
     assert cpu / wall < 0.15 and delivered, (
         f"the bridge used {cpu:.2f}s of CPU in {wall:.2f}s of store trouble; after it, "
