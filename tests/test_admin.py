@@ -21,6 +21,8 @@ from tests.bridge_server import (
     OK_PACKET,
     SEED_BODY,
     InThread,
+    NoRedirect,
+    http_request,
     post_callback,
     wait_until,
     write_config,
@@ -31,23 +33,6 @@ TOKEN = "admin-Zq9-token"
 CHANNEL = '[channels.{name}]\ntype = "webhook"\nurl = "{url}"\n'
 HOOK = CHANNEL.replace("{name}", "hook")
 ROUTE = '[[routes]]\nname = "all"\nchannels = ["hook"]\n'
-
-
-def request(
-    url: str, method: str = "GET", headers: dict[str, str] | None = None, data: bytes | None = None
-) -> tuple[int, dict[str, str], bytes]:
-    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})  # noqa: S310
-    try:
-        with urllib.request.urlopen(req, timeout=10) as response:  # noqa: S310
-            return response.status, dict(response.headers), response.read()
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, dict(exc.headers), exc.read()
-
-
-class NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
 
 
 def room(n: int) -> bytes:
@@ -71,8 +56,10 @@ def test_metrics_are_prometheus_text(bridge: InThread, slack: SlackStandIn) -> N
         assert post_callback(bridge.url, room(n)) == (200, OK_PACKET)
     assert post_callback(bridge.url, query="SdkAppid=1")[0] == 403
     assert slack.wait_for(lambda s: len(s.sink_requests) == 3)
-    assert wait_until(lambda: b'outcome="delivered"} 3.0' in request(bridge.url + "/metrics")[2])
-    status, headers, body = request(bridge.url + "/metrics")
+    assert wait_until(
+        lambda: b'outcome="delivered"} 3.0' in http_request(bridge.url + "/metrics")[2]
+    )
+    status, headers, body = http_request(bridge.url + "/metrics")
     assert status == 200 and headers["content-type"].startswith("text/plain")
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
@@ -102,11 +89,11 @@ def test_without_a_token_only_loopback_clients_are_admitted(bridge: InThread) ->
     # uvicorn takes X-Forwarded-For from a trusted local proxy as the client's address.
     remote = {"X-Forwarded-For": "203.0.113.9"}
     for path, method in [("/metrics", "GET"), ("/status", "GET"), ("/-/reload", "POST")]:
-        assert request(bridge.url + path, method)[0] != 403
-        status, _, body = request(bridge.url + path, method, remote)
+        assert http_request(bridge.url + path, method)[0] != 403
+        status, _, body = http_request(bridge.url + path, method, remote)
         assert status == 403 and b"loopback" in body
-    assert request(bridge.url + "/healthz", headers=remote)[0] == 200
-    assert request(bridge.url + "/readyz", headers=remote)[0] == 200
+    assert http_request(bridge.url + "/healthz", headers=remote)[0] == 200
+    assert http_request(bridge.url + "/readyz", headers=remote)[0] == 200
     assert post_callback(bridge.url, headers=remote) == (200, OK_PACKET)  # Tencent is unaffected
 
 
@@ -140,12 +127,12 @@ def test_with_a_token_bearer_or_cookie_from_anywhere(tmp_path: Path, slack: Slac
     )  # fmt: skip
     with InThread(config) as bridge:
         url = bridge.url
-        status, headers, _ = request(url + "/metrics")
+        status, headers, _ = http_request(url + "/metrics")
         assert status == 401 and headers["www-authenticate"] == "Bearer"
-        assert request(url + "/metrics", headers={"Authorization": "Bearer wrong"})[0] == 401
+        assert http_request(url + "/metrics", headers={"Authorization": "Bearer wrong"})[0] == 401
         remote_with_token = {"Authorization": f"Bearer {TOKEN}", "X-Forwarded-For": "203.0.113.9"}
-        assert request(url + "/metrics", headers=remote_with_token)[0] == 200
-        status, _, page = request(url + "/status")
+        assert http_request(url + "/metrics", headers=remote_with_token)[0] == 200
+        status, _, page = http_request(url + "/status")
         assert status == 401 and b'action="/status/login"' in page
         opener = urllib.request.build_opener(NoRedirect)
         form = f"token={TOKEN}".encode()
@@ -159,8 +146,8 @@ def test_with_a_token_bearer_or_cookie_from_anywhere(tmp_path: Path, slack: Slac
                 cookie = exc.headers["set-cookie"]
         assert "HttpOnly" in cookie and "SameSite=strict" in cookie and TOKEN not in cookie
         session = cookie.split(";", 1)[0]
-        assert request(url + "/status", headers={"Cookie": session})[0] == 200
-        assert request(url + "/status/login", "POST", data=b"token=nope")[0] == 401
+        assert http_request(url + "/status", headers={"Cookie": session})[0] == 200
+        assert http_request(url + "/status/login", "POST", data=b"token=nope")[0] == 401
 
 
 def test_reload_under_live_traffic(tmp_path: Path, slack: SlackStandIn) -> None:
@@ -184,12 +171,12 @@ def test_reload_under_live_traffic(tmp_path: Path, slack: SlackStandIn) -> None:
             audit = CHANNEL.format(name="audit", url=slack.sink_url("audit"))
             config.write_text(original.replace(ROUTE, "") + audit + ROUTE.replace(
                 '["hook"]', '["hook", "audit"]'))  # fmt: skip
-            status, _, body = request(bridge.url + "/-/reload", "POST")
+            status, _, body = http_request(bridge.url + "/-/reload", "POST")
             assert status == 200 and json.loads(body)["status"] == "reloaded"
             time.sleep(0.3)
             # A bad one: refused with the reason, the running config stays.
             config.write_text(original.replace('name = "all"', 'name = "all"\nbogus = 1'))
-            status, _, body = request(bridge.url + "/-/reload", "POST")
+            status, _, body = http_request(bridge.url + "/-/reload", "POST")
             assert status == 400
             assert "[[routes]] #1 bogus: unknown key" in json.loads(body)["message"]
             time.sleep(0.3)
@@ -204,7 +191,7 @@ def test_reload_under_live_traffic(tmp_path: Path, slack: SlackStandIn) -> None:
             lambda s: len([r for r in s.sink_requests if r.path.endswith("/sink")]) == posted
         )
         assert len([r for r in slack.sink_requests if r.path.endswith("/audit")]) > 0
-        metrics = request(bridge.url + "/metrics")[2].decode()
+        metrics = http_request(bridge.url + "/metrics")[2].decode()
         assert 'live_bridge_config_reloads_total{result="success"} 1.0' in metrics
         assert 'live_bridge_config_reloads_total{result="failure"} 1.0' in metrics
 
@@ -224,7 +211,7 @@ def test_reload_buries_deliveries_of_a_removed_channel(tmp_path: Path, slack: Sl
             lambda: ("gone", "pending") in rows(db, "SELECT channel, state FROM deliveries")
         )
         config.write_text(config.read_text().replace(gone, "").replace(both, ROUTE))
-        status, _, body = request(bridge.url + "/-/reload", "POST")
+        status, _, body = http_request(bridge.url + "/-/reload", "POST")
         assert status == 200 and "1 deliveries to removed channels" in json.loads(body)["message"]
     assert ("gone", "dead", "channel removed from the config") in rows(
         db, "SELECT channel, state, last_error FROM deliveries"
@@ -294,5 +281,7 @@ def test_status_page_in_a_real_browser(tmp_path: Path, slack: SlackStandIn) -> N
 
 
 def test_retry_needs_the_pages_form_token(bridge: InThread) -> None:
-    status, _, _ = request(bridge.url + "/status/retry", "POST", data=b"channel=hook&csrf=forged")
+    status, _, _ = http_request(
+        bridge.url + "/status/retry", "POST", data=b"channel=hook&csrf=forged"
+    )
     assert status == 403

@@ -35,7 +35,9 @@ from tests.bridge_server import (
     OK_PACKET,
     SEED_BODY,
     InThread,
+    NoRedirect,
     free_port,
+    http_request,
     post_callback,
     wait_until,
     write_config,
@@ -168,20 +170,10 @@ def config_text(slack: SlackStandIn, port: int, directory: Path) -> str:
 def request(
     url: str, method: str = "GET", data: bytes | None = None, token: str | None = ADMIN
 ) -> tuple[int, str, bytes]:
-    """Status, headers as text, body."""
+    """Status, headers as text, body; with the admin token unless told otherwise."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    req = urllib.request.Request(url, data=data, method=method, headers=headers)  # noqa: S310
-    try:
-        with urllib.request.urlopen(req, timeout=10) as response:  # noqa: S310
-            return response.status, str(response.headers), response.read()
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, str(exc.headers), exc.read()
-
-
-class NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: object, **kwargs: object) -> None:
-        return None
+    status, got, body = http_request(url, method, headers, data)
+    return status, "\n".join(f"{k}: {v}" for k, v in got.items()), body
 
 
 def signed_query(token: str, offset: int = 0, bad_sign: bool = False) -> str:
