@@ -17,6 +17,7 @@ from bridge.events import MODELS, OWNER_CHANGED, parse_event
 from bridge.render import Context, Renderer, RenderError, slack_escape
 from bridge.samples import HOSTILE_VALUES, UNKNOWN_SAMPLE, hostile, sample
 from bridge.store import Claimed
+from tests.payloads import strings
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 APP = 1400000000
@@ -119,16 +120,6 @@ def summary(section: str) -> str:
     date, _, rest = section.partition(" · ")
     assert DATE_TOKEN.fullmatch(date), section
     return rest
-
-
-def strings(node: Any) -> list[str]:
-    if isinstance(node, str):
-        return [node]
-    if isinstance(node, dict):
-        return [s for v in node.values() for s in strings(v)]
-    if isinstance(node, list):
-        return [s for v in node for s in strings(v)]
-    return []
 
 
 def ids(chunks: list[tuple[str, list[Claimed]]]) -> list[int]:

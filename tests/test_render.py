@@ -9,6 +9,7 @@ import pytest
 from bridge.config import TemplatesConfig
 from bridge.events import decode_body, parse_event
 from bridge.render import Context, Renderer, RenderError, slack_escape
+from tests.payloads import strings
 
 ROOT = Path(__file__).parent.parent
 CTX = Context(sdk_app_id=1400000000, received_at=1703589923.5, query={"clientip": "1.2.3.4"})
@@ -30,16 +31,6 @@ def renderer(tmp_path: Path | None = None, **settings: Any) -> Renderer:
 
 def render(kind: str, fields: dict[str, Any], r: Renderer | None = None) -> str:
     return (r or renderer()).render(kind, parse_event(fields), fields, CTX)
-
-
-def strings(node: Any) -> list[str]:
-    if isinstance(node, str):
-        return [node]
-    if isinstance(node, dict):
-        return [s for v in node.values() for s in strings(v)]
-    if isinstance(node, list):
-        return [s for v in node for s in strings(v)]
-    return []
 
 
 def test_owner_changed_slack_message_for_moderators() -> None:

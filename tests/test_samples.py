@@ -15,6 +15,7 @@ from bridge.events import MODELS, OWNER_CHANGED, RoomCreated, parse_event
 from bridge.render import Context, Renderer
 from bridge.samples import HOSTILE_VALUES, SAMPLES, UNKNOWN_SAMPLE, hostile, sample
 from tests.bridge_server import SEED_BODY
+from tests.payloads import strings
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 RENDERER = Renderer(
@@ -40,19 +41,6 @@ def render_slack(body: dict[str, Any]) -> dict[str, Any]:
     payload = json.loads(render("slack", body))
     assert isinstance(payload, dict)
     return payload
-
-
-def strings(node: Any) -> Iterator[str]:
-    """Every string in a decoded JSON value, keys included."""
-    if isinstance(node, str):
-        yield node
-    elif isinstance(node, dict):
-        for key, value in node.items():
-            yield key
-            yield from strings(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from strings(value)
 
 
 def check_slack_shape(payload: dict[str, Any]) -> None:
