@@ -1,9 +1,16 @@
 """The durable store: what the receiver records, what the worker claims, what operators inspect.
 
-`Store` is the protocol every engine implements (SQLite now). Every method is one transaction:
+`Store` is the protocol every engine implements: SQLite (one serving process, embedded) and
+PostgreSQL (any number of serving processes on one database). Every method is one transaction:
 `record` writes an event and its pending deliveries together, so an acknowledged event always has
 its deliveries; `claim` leases due deliveries and counts the attempt in the same commit, and never
 hands out a delivery while an earlier one for the same channel and room is still undelivered.
+
+Several processes share a channel by taking turns: `take_channel` leases the whole channel to one
+process at a time and hands it the channel's pacing state, `leave_channel` saves that state for the
+next holder. So pacing, Retry-After blocks, per-room order, threads and digests need no other
+coordination. Outcomes (`mark_*`, `release`) apply only to deliveries this store instance claimed
+and still holds: a process whose lease ran out cannot overwrite what another process did since.
 """
 
 from __future__ import annotations
@@ -67,6 +74,15 @@ class Claimed:
 
 
 @dataclass(frozen=True)
+class Pace:
+    """A channel's pacing state, shared by the processes that take turns sending to it. Both on
+    the wall clock (time.time()), which every process reads alike."""
+
+    tat: float  # GCRA's theoretical arrival time of the next message; 0: the bucket is full
+    blocked_until: float  # a 429's Retry-After holds the channel until then; 0: not blocked
+
+
+@dataclass(frozen=True)
 class ChannelStats:
     channel: str
     pending: int
@@ -115,7 +131,20 @@ class Store(Protocol):
         self, event: NewEvent, deliveries: Sequence[NewDelivery], now: float, dedup_window_s: float
     ) -> Recorded: ...
 
-    async def due_channels(self, now: float, exclude: Sequence[str]) -> list[str]: ...
+    async def due_channels(self, now: float, exclude: Sequence[str]) -> list[str]:
+        """Channels with claimable deliveries, less `exclude` and channels another process
+        holds (its `take_channel` lease not yet run out)."""
+        ...
+
+    async def take_channel(self, channel: str, now: float, lease_s: float) -> Pace | None:
+        """Lease `channel` to this store instance until `now + lease_s` (renewing a lease it
+        holds already); None while another instance holds it. Returns the pacing state the last
+        holder left, Pace(0, 0) for a channel never sent to."""
+        ...
+
+    async def leave_channel(self, channel: str, pace: Pace) -> None:
+        """Give up this instance's lease of `channel`, saving `pace` for the next holder."""
+        ...
 
     async def claim(self, channel: str, now: float, limit: int, lease_s: float) -> list[Claimed]:
         """Due deliveries of `channel` in (EventTime, arrival) order, each room's in sequence."""
