@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Each entry brings the schema from version i to i + 1; append, never edit.
 MIGRATIONS: tuple[str, ...] = (
@@ -59,6 +59,18 @@ MIGRATIONS: tuple[str, ...] = (
         ts TEXT NOT NULL,
         started_at REAL NOT NULL,
         PRIMARY KEY (channel, room_id)
+    );
+    """,
+    # 3: the store instance holding each claim, and channels leased to one process at a time
+    # with the pacing state the next holder takes over.
+    """
+    ALTER TABLE deliveries ADD COLUMN owner TEXT;
+    CREATE TABLE channels (
+        channel TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        lease_until REAL NOT NULL,
+        tat REAL NOT NULL DEFAULT 0,
+        blocked_until REAL NOT NULL DEFAULT 0
     );
     """,
 )

@@ -1,7 +1,8 @@
 """The embedded SQLite store: WAL, fsync on commit, group commit through one writer thread.
 
 One `live-bridge serve` owns a database file (an advisory lock refuses a second one); the outbox
-commands may open it alongside, since every statement goes through SQLite's own locking.
+commands may open it alongside, since every statement goes through SQLite's own locking. Claims and
+channel leases carry the instance's owner id all the same, so both engines keep one semantics.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import os
 import sqlite3
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,6 +23,7 @@ from bridge.store import (
     DeliveryRow,
     NewDelivery,
     NewEvent,
+    Pace,
     RecentEvent,
     Recorded,
     State,
@@ -56,7 +59,20 @@ ORDER BY d.order_ts, d.id
 LIMIT :limit
 """  # noqa: S608  # constant text, no values
 
-DUE_SQL = f"SELECT DISTINCT d.channel FROM deliveries d WHERE {CLAIMABLE}"  # noqa: S608
+DUE_SQL = f"""
+SELECT DISTINCT d.channel FROM deliveries d
+WHERE {CLAIMABLE}
+  AND NOT EXISTS (SELECT 1 FROM channels c WHERE c.channel = d.channel
+                  AND c.owner != :owner AND c.lease_until > :now)
+"""  # noqa: S608
+
+# A channel is free when never taken, left (lease_until 0) or its holder's lease has run out.
+TAKE_SQL = """
+INSERT INTO channels (channel, owner, lease_until, tat, blocked_until) VALUES (?, ?, ?, 0, 0)
+ON CONFLICT (channel) DO UPDATE SET owner = excluded.owner, lease_until = excluded.lease_until
+WHERE channels.owner = excluded.owner OR channels.lease_until <= ?
+RETURNING tat, blocked_until
+"""
 
 STATS_SQL = """
 SELECT channel,
@@ -97,6 +113,7 @@ class SQLiteStore:
         self._exclusive = exclusive  # the serving process: hold the lock file
         self._writer: GroupCommitWriter | None = None
         self._lock_fd: int | None = None
+        self.owner = uuid.uuid4().hex  # written on what this instance claims and takes
 
     @property
     def commits(self) -> int:
@@ -153,9 +170,16 @@ class SQLiteStore:
         return await self._submit(op)
 
     async def recover(self) -> int:
-        released = await self._execute(
-            "UPDATE deliveries SET state = 'pending', lease_until = NULL WHERE state = 'in_flight'"
-        )
+        # The serving process holds the file's lock: no other process can have anything in flight
+        # or hold a channel (a dead one's channel leases go too; the pacing state stays).
+        def op(conn: sqlite3.Connection) -> int:
+            conn.execute("UPDATE channels SET lease_until = 0")
+            return conn.execute(
+                "UPDATE deliveries SET state = 'pending', lease_until = NULL, owner = NULL"
+                " WHERE state = 'in_flight'"
+            ).rowcount
+
+        released = await self._submit(op)
         if released:
             log.warning("%d deliveries were in flight at the last stop: sending again", released)
         return released
@@ -200,9 +224,20 @@ class SQLiteStore:
         return await self._submit(op)
 
     async def due_channels(self, now: float, exclude: Sequence[str]) -> list[str]:
-        rows = await self._fetch(DUE_SQL, {"now": now})
+        rows = await self._fetch(DUE_SQL, {"now": now, "owner": self.owner})
         skip = set(exclude)
         return [r[0] for r in rows if r[0] not in skip]
+
+    async def take_channel(self, channel: str, now: float, lease_s: float) -> Pace | None:
+        rows = await self._fetch(TAKE_SQL, (channel, self.owner, now + lease_s, now))
+        return Pace(tat=rows[0][0], blocked_until=rows[0][1]) if rows else None
+
+    async def leave_channel(self, channel: str, pace: Pace) -> None:
+        await self._execute(
+            "UPDATE channels SET lease_until = 0, tat = ?, blocked_until = ?"
+            " WHERE channel = ? AND owner = ?",
+            (pace.tat, pace.blocked_until, channel, self.owner),
+        )
 
     async def claim(self, channel: str, now: float, limit: int, lease_s: float) -> list[Claimed]:
         def op(conn: sqlite3.Connection) -> list[Claimed]:
@@ -211,8 +246,8 @@ class SQLiteStore:
             ).fetchall()
             conn.executemany(
                 "UPDATE deliveries SET state = 'in_flight', attempts = attempts + 1,"
-                " lease_until = ?, updated_at = ? WHERE id = ?",
-                [(now + lease_s, now, row[0]) for row in rows],
+                " lease_until = ?, updated_at = ?, owner = ? WHERE id = ?",
+                [(now + lease_s, now, self.owner, row[0]) for row in rows],
             )
             return [
                 Claimed(id=r[0], event_id=r[1], channel=r[2], payload=r[3], attempts=r[4] + 1,
@@ -223,13 +258,15 @@ class SQLiteStore:
 
         return await self._submit(op)
 
-    # Outcomes apply to a delivery still in flight: one buried meanwhile (its channel removed by
-    # a reload) stays dead, except that a delivery that did get through is recorded as such.
+    # Outcomes apply to a delivery this instance claimed and still holds: one buried meanwhile
+    # (its channel removed by a reload) stays dead, except that a delivery that did get through
+    # is recorded as such; one whose lease ran out and that another claim took is left alone.
     async def mark_delivered(self, delivery_id: int, now: float) -> None:
         await self._execute(
             "UPDATE deliveries SET state = 'delivered', delivered_at = ?, updated_at = ?,"
-            " lease_until = NULL WHERE id = ? AND state != 'delivered'",
-            (now, now, delivery_id),
+            " lease_until = NULL, owner = NULL"
+            " WHERE id = ? AND owner = ? AND state IN ('in_flight', 'dead')",
+            (now, now, delivery_id, self.owner),
         )
 
     async def mark_retry(
@@ -238,26 +275,26 @@ class SQLiteStore:
         # count=False gives the attempt back: the far end asked us to wait, nothing failed.
         await self._execute(
             "UPDATE deliveries SET state = 'pending', next_attempt_at = ?, last_error = ?,"
-            " attempts = attempts - ?, lease_until = NULL, updated_at = ?"
-            " WHERE id = ? AND state = 'in_flight'",
-            (next_attempt_at, error, 0 if count else 1, now, delivery_id),
+            " attempts = attempts - ?, lease_until = NULL, updated_at = ?, owner = NULL"
+            " WHERE id = ? AND owner = ? AND state = 'in_flight'",
+            (next_attempt_at, error, 0 if count else 1, now, delivery_id, self.owner),
         )
 
     async def mark_dead(self, delivery_id: int, now: float, error: str) -> None:
         await self._execute(
             "UPDATE deliveries SET state = 'dead', last_error = ?, lease_until = NULL,"
-            " updated_at = ? WHERE id = ? AND state = 'in_flight'",
-            (error, now, delivery_id),
+            " updated_at = ?, owner = NULL WHERE id = ? AND owner = ? AND state = 'in_flight'",
+            (error, now, delivery_id, self.owner),
         )
 
     async def release(self, ids: Sequence[int], now: float, next_attempt_at: float) -> None:
         if ids:
             sql = (
                 "UPDATE deliveries SET state = 'pending', attempts = attempts - 1,"
-                " next_attempt_at = ?, lease_until = NULL, updated_at = ?"
-                " WHERE id IN ({marks}) AND state = 'in_flight'"
+                " next_attempt_at = ?, lease_until = NULL, updated_at = ?, owner = NULL"
+                " WHERE id IN ({marks}) AND owner = ? AND state = 'in_flight'"
             )
-            await self._execute(_in(sql, ids), (next_attempt_at, now, *ids))
+            await self._execute(_in(sql, ids), (next_attempt_at, now, *ids, self.owner))
 
     async def next_due(self, now: float) -> float | None:
         rows = await self._fetch(
@@ -355,7 +392,7 @@ class SQLiteStore:
     async def retry(self, ids: Sequence[int], now: float) -> int:
         sql = (
             "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?,"
-            " lease_until = NULL, updated_at = ? WHERE id IN ({marks})"
+            " lease_until = NULL, updated_at = ?, owner = NULL WHERE id IN ({marks})"
             " AND state IN ('dead', 'pending')"
         )
         return await self._execute(_in(sql, ids), (now, now, *ids))
@@ -363,7 +400,7 @@ class SQLiteStore:
     async def retry_dead(self, channel: str | None, now: float) -> int:
         return await self._execute(
             "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?,"
-            " updated_at = ? WHERE state = 'dead' AND (? IS NULL OR channel = ?)",
+            " updated_at = ?, owner = NULL WHERE state = 'dead' AND (? IS NULL OR channel = ?)",
             (now, now, channel, channel),
         )
 
@@ -372,6 +409,7 @@ class SQLiteStore:
         return await self._execute(_in(sql, ids), ids)
 
     async def bury_unknown_channels(self, known: Sequence[str], now: float, error: str) -> int:
+        # The owner stays: a send under way that gets through is still recorded as delivered.
         sql = (
             "UPDATE deliveries SET state = 'dead', last_error = ?, lease_until = NULL,"
             " updated_at = ? WHERE state IN ('pending', 'in_flight')"

@@ -1,0 +1,21 @@
+"""Which store a config selects: `[store] url` is PostgreSQL, otherwise SQLite at `[store] path`."""
+
+from __future__ import annotations
+
+from bridge.config import StoreConfig
+from bridge.store import Store
+from bridge.store.postgres import PostgresStore
+from bridge.store.sqlite import SQLiteStore
+
+
+def make_store(config: StoreConfig, serving: bool) -> Store:
+    """The store for `config`; `serving` is `live-bridge serve`, which alone holds SQLite's lock
+    (any number of processes serve from one PostgreSQL database)."""
+    if config.url is not None:
+        return PostgresStore(config.url.get_secret_value(), max_size=config.pool_size)
+    return SQLiteStore(config.path, exclusive=serving)
+
+
+def describe(config: StoreConfig) -> str:
+    """The store for logs and pages: never the URL, which may hold a password."""
+    return "PostgreSQL" if config.url is not None else f"SQLite {config.path}"

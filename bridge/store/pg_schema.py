@@ -1,0 +1,207 @@
+"""The PostgreSQL schema, created on first open and migrated by version number, and the store's
+statements longer than a line.
+
+The tables are SQLite's at its version 3, in PostgreSQL's types: times are epoch seconds in
+DOUBLE PRECISION, as the store's callers pass them; Tencent's EventTime (milliseconds) and the ids
+are BIGINT. Several processes may open one database at once: each migrates under one advisory lock,
+in one transaction, so the second finds the work done.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from psycopg import AsyncConnection
+
+from bridge.store import StoreUnavailable
+
+SCHEMA_VERSION = 1
+
+# pg_advisory_xact_lock keys: any two numbers no other user of the database is likely to take.
+MIGRATION_LOCK = 0x6C62_6D69  # "lbmi"
+CLAIM_LOCK = 0x6C62_636C  # "lbcl", with the channel's hash as the second key
+
+# Each entry brings the schema from version i to i + 1; append, never edit.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE events (
+        id BIGSERIAL PRIMARY KEY,
+        received_at DOUBLE PRECISION NOT NULL,
+        sdk_app_id BIGINT NOT NULL,
+        command TEXT NOT NULL,
+        room_id TEXT,
+        event_time BIGINT,
+        body TEXT NOT NULL,
+        query TEXT NOT NULL
+    );
+    CREATE TABLE deliveries (
+        id BIGSERIAL PRIMARY KEY,
+        event_id BIGINT NOT NULL REFERENCES events(id),
+        channel TEXT NOT NULL,
+        state TEXT NOT NULL,
+        payload TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at DOUBLE PRECISION NOT NULL,
+        lease_until DOUBLE PRECISION,
+        owner TEXT,
+        last_error TEXT,
+        created_at DOUBLE PRECISION NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL,
+        delivered_at DOUBLE PRECISION,
+        room_id TEXT,
+        order_ts BIGINT NOT NULL
+    );
+    CREATE INDEX deliveries_channel ON deliveries (channel, state, next_attempt_at);
+    CREATE INDEX deliveries_room ON deliveries (channel, room_id, order_ts, id);
+    CREATE INDEX deliveries_event ON deliveries (event_id);
+    CREATE INDEX deliveries_due ON deliveries (state, next_attempt_at);
+    CREATE INDEX deliveries_done ON deliveries (state, delivered_at);
+    CREATE TABLE dedup (
+        key TEXT PRIMARY KEY,
+        seen_at DOUBLE PRECISION NOT NULL,
+        event_id BIGINT NOT NULL
+    );
+    CREATE INDEX dedup_seen ON dedup (seen_at);
+    CREATE TABLE threads (
+        channel TEXT NOT NULL,
+        room_id TEXT NOT NULL,
+        ts TEXT NOT NULL,
+        started_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (channel, room_id)
+    );
+    CREATE TABLE channels (
+        channel TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        lease_until DOUBLE PRECISION NOT NULL,
+        tat DOUBLE PRECISION NOT NULL DEFAULT 0,
+        blocked_until DOUBLE PRECISION NOT NULL DEFAULT 0
+    );
+    """,
+)
+
+assert len(MIGRATIONS) == SCHEMA_VERSION
+
+
+async def migrate(conn: AsyncConnection[Any]) -> None:
+    """Bring the database to SCHEMA_VERSION; refuse one written by a newer live-bridge."""
+    async with conn.transaction():
+        # Before anything else: two processes creating `meta` at once would collide even with
+        # IF NOT EXISTS, and the second must see the first one's migrations done.
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+        )
+        cursor = await conn.execute("SELECT value FROM meta WHERE key = 'schema_version'")
+        row = await cursor.fetchone()
+        version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise StoreUnavailable(
+                f"schema version {version} is newer than this live-bridge ({SCHEMA_VERSION})"
+            )
+        for number in range(version, SCHEMA_VERSION):
+            await conn.execute(MIGRATIONS[number])
+            await conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema_version', %s)"
+                " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                (str(number + 1),),
+            )
+
+
+# The store's statements longer than a line.
+
+# The same rule as sqlite.CLAIMABLE: due, and no earlier delivery of its room holds it back.
+CLAIMABLE = """
+  ((d.state = 'pending' AND d.next_attempt_at <= %(now)s)
+    OR (d.state = 'in_flight' AND d.lease_until <= %(now)s))
+  AND NOT EXISTS (
+    SELECT 1 FROM deliveries b
+    WHERE b.channel = d.channel AND b.room_id = d.room_id
+      AND (b.order_ts < d.order_ts OR (b.order_ts = d.order_ts AND b.id < d.id))
+      AND ((b.state = 'pending' AND b.next_attempt_at > %(now)s)
+        OR (b.state = 'in_flight' AND b.lease_until > %(now)s)))
+"""
+
+CLAIM_SQL = f"""
+WITH due AS (
+  SELECT d.id FROM deliveries d
+  WHERE d.channel = %(channel)s AND {CLAIMABLE}
+  ORDER BY d.order_ts, d.id
+  LIMIT %(limit)s
+  FOR UPDATE OF d SKIP LOCKED
+)
+UPDATE deliveries d SET state = 'in_flight', attempts = d.attempts + 1,
+  lease_until = %(lease_until)s, updated_at = %(now)s, owner = %(owner)s
+FROM due, events e
+WHERE d.id = due.id AND e.id = d.event_id
+RETURNING d.id, d.event_id, d.channel, d.payload, d.attempts, d.room_id, e.command, e.body,
+  e.query, e.received_at, e.sdk_app_id, d.order_ts
+"""  # noqa: S608  # constant text, no values
+
+DUE_SQL = f"""
+SELECT DISTINCT d.channel FROM deliveries d
+WHERE {CLAIMABLE}
+  AND NOT EXISTS (SELECT 1 FROM channels c WHERE c.channel = d.channel
+                  AND c.owner <> %(owner)s AND c.lease_until > %(now)s)
+"""  # noqa: S608
+
+TAKE_CHANNEL_SQL = """
+INSERT INTO channels (channel, owner, lease_until, tat, blocked_until)
+VALUES (%(channel)s, %(owner)s, %(lease_until)s, 0, 0)
+ON CONFLICT (channel) DO UPDATE SET owner = EXCLUDED.owner, lease_until = EXCLUDED.lease_until
+WHERE channels.owner = EXCLUDED.owner OR channels.lease_until <= %(now)s
+RETURNING tat, blocked_until
+"""
+
+# The key is this event's unless a live entry holds it. A concurrent record of the same key waits
+# on the unique index for this transaction, then finds the key taken: stored exactly once.
+TAKE_KEY_SQL = """
+INSERT INTO dedup (key, seen_at, event_id)
+VALUES (%(key)s, %(now)s, nextval(pg_get_serial_sequence('events', 'id')))
+ON CONFLICT (key) DO UPDATE SET seen_at = EXCLUDED.seen_at, event_id = EXCLUDED.event_id
+WHERE dedup.seen_at <= %(expired)s
+RETURNING event_id
+"""
+
+INSERT_EVENT_SQL = """
+INSERT INTO events (id, received_at, sdk_app_id, command, room_id, event_time, body, query)
+VALUES (COALESCE(%s, nextval(pg_get_serial_sequence('events', 'id'))), %s, %s, %s, %s, %s, %s, %s)
+RETURNING id
+"""
+
+INSERT_DELIVERY_SQL = """
+INSERT INTO deliveries (event_id, channel, state, payload, next_attempt_at, last_error,
+  created_at, updated_at, room_id, order_ts)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+"""
+
+NEXT_DUE_SQL = """
+SELECT LEAST(
+  (SELECT MIN(next_attempt_at) FROM deliveries
+   WHERE state = 'pending' AND next_attempt_at > %(now)s),
+  (SELECT MIN(lease_until) FROM deliveries WHERE state = 'in_flight' AND lease_until > %(now)s))
+"""
+
+STATS_SQL = """
+SELECT channel,
+       COUNT(*) FILTER (WHERE state = 'pending'), COUNT(*) FILTER (WHERE state = 'in_flight'),
+       COUNT(*) FILTER (WHERE state = 'dead'), COUNT(*) FILTER (WHERE state = 'delivered'),
+       MIN(created_at) FILTER (WHERE state = 'pending')
+FROM deliveries GROUP BY channel ORDER BY channel COLLATE "C"
+"""
+
+ROW_COLUMNS = """d.id, d.event_id, d.channel, d.room_id, e.command, d.state, d.attempts,
+  d.last_error, d.created_at, d.updated_at, d.next_attempt_at"""
+
+LIST_SQL = f"""
+SELECT {ROW_COLUMNS}
+FROM deliveries d JOIN events e ON e.id = d.event_id
+WHERE (NOT %(dead)s OR d.state = 'dead') AND (%(channel)s::text IS NULL OR d.channel = %(channel)s)
+  AND d.state <> 'delivered'
+ORDER BY d.id DESC LIMIT %(limit)s
+"""  # noqa: S608
+
+EVENT_ROWS_SQL = f"""
+SELECT {ROW_COLUMNS}
+FROM deliveries d JOIN events e ON e.id = d.event_id
+WHERE d.event_id = ANY(%s::bigint[]) ORDER BY d.id
+"""  # noqa: S608

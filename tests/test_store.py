@@ -1,0 +1,356 @@
+"""The Store contract, run against every engine: SQLite on a file, PostgreSQL on the server that
+LIVE_BRIDGE_TEST_POSTGRES_URL names (skipped where it is unset). Everything is asserted through
+the Store interface, so one test speaks for both engines."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from bridge.store import DeliveryRow, NewDelivery, NewEvent, Pace, State, Store
+from bridge.store.postgres import PostgresStore
+from bridge.store.sqlite import SQLiteStore
+
+pytestmark = pytest.mark.anyio
+
+OpenStore = Callable[[], Awaitable[Store]]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Store]:
+    """Makes store instances that share one database."""
+    if request.param == "postgres":
+        url: str = request.getfixturevalue("postgres_url")
+        return lambda: PostgresStore(url)
+    return lambda: SQLiteStore(tmp_path / "bridge.db")
+
+
+@pytest.fixture
+async def open_store(engine: Callable[[], Store]) -> AsyncIterator[OpenStore]:
+    """Opens another instance on the test's database, as a second process would; closes them
+    all at the end."""
+    stores: list[Store] = []
+
+    async def open_() -> Store:
+        store = engine()
+        await store.open()
+        stores.append(store)
+        return store
+
+    yield open_
+    for store in stores:
+        await store.close()
+
+
+@pytest.fixture
+async def store(open_store: OpenStore) -> Store:
+    return await open_store()
+
+
+def new_event(key: str = "k1", room: str | None = "r1", event_time: int | None = 1000) -> NewEvent:
+    return NewEvent(
+        sdk_app_id=1400000000, command="Live.CallbackAfterChangeOwner", room_id=room,
+        event_time=event_time, body='{"CallbackCommand":"x"}', query="{}", dedup_key=key,
+    )  # fmt: skip
+
+
+async def add(store: Store, key: str, channel: str = "a", room: str | None = "r1",
+              event_time: int | None = 1000, now: float | None = None) -> int:  # fmt: skip
+    recorded = await store.record(
+        new_event(key, room, event_time), [NewDelivery(channel, f"p-{key}")],
+        now if now is not None else time.time(), 0,
+    )  # fmt: skip
+    return recorded.event_id
+
+
+async def deliveries(store: Store) -> list[DeliveryRow]:
+    """Every delivery, delivered ones included, oldest first."""
+    return sorted((d for e in await store.recent_events(1000) for d in e.deliveries),
+                  key=lambda d: d.id)  # fmt: skip
+
+
+async def test_record_writes_event_and_deliveries_together(store: Store) -> None:
+    now = time.time()
+    recorded = await store.record(
+        new_event(), [NewDelivery("a", "p1"), NewDelivery("b", None, error="render failed: x")],
+        now, 600,
+    )  # fmt: skip
+    assert not recorded.duplicate
+    (event,) = await store.recent_events(10)
+    assert (event.id, event.command, event.room_id) == (
+        recorded.event_id, "Live.CallbackAfterChangeOwner", "r1",
+    )  # fmt: skip
+    assert [(d.channel, d.state, d.last_error, d.room_id) for d in event.deliveries] == [
+        ("a", State.PENDING, None, "r1"),
+        ("b", State.DEAD, "render failed: x", "r1"),
+    ]
+    (claimed,) = await store.claim("a", now, 10, 30)
+    assert (claimed.payload, claimed.event_id, claimed.received_at) == ("p1", event.id, now)
+
+
+async def test_duplicate_within_window_is_stored_once(store: Store) -> None:
+    now = time.time()
+    first = await store.record(new_event(), [NewDelivery("a", "p")], now, 600)
+    again = await store.record(new_event(), [NewDelivery("a", "p")], now + 599, 600)
+    assert again.duplicate and again.event_id == first.event_id
+    later = await store.record(new_event(), [NewDelivery("a", "p")], now + 1300, 600)
+    assert not later.duplicate and later.event_id != first.event_id
+    assert len(await deliveries(store)) == 2
+
+
+async def test_dedup_window_zero_disables(store: Store) -> None:
+    now = time.time()
+    await store.record(new_event(), [], now, 0)
+    assert not (await store.record(new_event(), [], now, 0)).duplicate
+
+
+async def test_dedup_holds_across_instances_recording_at_once(open_store: OpenStore) -> None:
+    a, b = await open_store(), await open_store()
+    now = time.time()
+    keys = [f"k{n}" for n in range(20)]
+    results = await asyncio.gather(
+        *(s.record(new_event(key), [NewDelivery("a", "p")], now, 600)
+          for key in keys for s in (a, b))
+    )  # fmt: skip
+    for first, second in zip(results[::2], results[1::2], strict=True):
+        assert sorted([first.duplicate, second.duplicate]) == [False, True]
+        assert first.event_id == second.event_id
+    assert len(await deliveries(a)) == len(keys)
+
+
+async def test_claim_is_per_channel_in_event_time_order(store: Store) -> None:
+    now = time.time()
+    await add(store, "late", room="r1", event_time=3000, now=now)
+    await add(store, "early", room="r2", event_time=1000, now=now)
+    await add(store, "no-time", room="r3", event_time=None, now=now - 10)
+    await add(store, "other", channel="b", now=now)
+    claimed = await store.claim("a", now, 10, 30)
+    assert [c.payload for c in claimed] == ["p-early", "p-late", "p-no-time"]
+    assert all(c.attempts == 1 and c.channel == "a" for c in claimed)
+    assert claimed[0].body == '{"CallbackCommand":"x"}' and claimed[0].sdk_app_id == 1400000000
+    assert await store.claim("a", now, 10, 30) == []  # leased
+    assert [c.payload for c in await store.claim("b", now, 10, 30)] == ["p-other"]
+
+
+async def test_a_room_waits_for_its_earlier_delivery(store: Store) -> None:
+    now = time.time()
+    for n in range(3):
+        await add(store, f"r1-{n}", room="r1", event_time=1000 + n, now=now)
+    await add(store, "r2-0", room="r2", event_time=1500, now=now)
+    await add(store, "roomless", room=None, event_time=500, now=now)
+    first, *_ = await store.claim("a", now, limit=1, lease_s=30)
+    assert first.payload == "p-roomless"
+    head = await store.claim("a", now, limit=1, lease_s=30)
+    assert [c.payload for c in head] == ["p-r1-0"]
+    # r1-0 is in flight: r1's later events wait, r2 does not.
+    assert [c.payload for c in await store.claim("a", now, 10, 30)] == ["p-r2-0"]
+    assert await store.due_channels(now, []) == []
+    # r1-0 fails and is due again later: still nothing for r1 until then.
+    await store.mark_retry(head[0].id, now, now + 60, "HTTP 500", count=True)
+    assert await store.claim("a", now, 10, 30) == []
+    assert await store.next_due(now) == pytest.approx(now + 30)  # leases of r2-0, roomless
+    # Once it is due, it comes first and the rest follow in the same claim, in order.
+    later = await store.claim("a", now + 61, 10, 30)  # the other leases have expired too
+    r1 = [c for c in later if c.room_id == "r1"]
+    assert [c.payload for c in r1] == ["p-r1-0", "p-r1-1", "p-r1-2"]
+    assert r1[0].attempts == 2
+
+
+async def test_dead_letter_releases_its_room(store: Store) -> None:
+    now = time.time()
+    await add(store, "first", event_time=1, now=now)
+    await add(store, "second", event_time=2, now=now)
+    (head,) = await store.claim("a", now, 1, 30)
+    await store.mark_retry(head.id, now, now + 60, "HTTP 500", count=True)
+    assert await store.claim("a", now, 10, 30) == []
+    (again,) = await store.claim("a", now + 61, 1, 30)
+    await store.mark_dead(again.id, now, "gave up")
+    assert [c.payload for c in await store.claim("a", now + 61, 10, 30)] == ["p-second"]
+
+
+async def test_outcomes_apply_only_to_what_is_in_flight(store: Store) -> None:
+    now = time.time()
+    await add(store, "1", room="x", now=now)
+    await add(store, "2", room="y", now=now)
+    one, two = await store.claim("a", now, 10, 30)
+    assert await store.bury_unknown_channels([], now, "channel removed") == 2
+    await store.mark_retry(one.id, now, now, "HTTP 503", count=True)  # too late: stays dead
+    await store.mark_delivered(two.id, now)  # it did get through: recorded as delivered
+    assert [(d.state, d.last_error) for d in await deliveries(store)] == [
+        (State.DEAD, "channel removed"), (State.DELIVERED, "channel removed"),
+    ]  # fmt: skip
+
+
+async def test_outcomes_belong_to_the_instance_that_claimed(open_store: OpenStore) -> None:
+    a, b = await open_store(), await open_store()
+    now = time.time()
+    await add(a, "1", room="x", now=now)
+    await add(a, "2", room="y", now=now)
+    one, two = await a.claim("a", now, 10, 30)
+    # b holds neither: its outcomes change nothing.
+    await b.mark_delivered(one.id, now)
+    await b.mark_retry(one.id, now, now, "HTTP 500", count=True)
+    await b.mark_dead(two.id, now, "HTTP 404")
+    await b.release([one.id, two.id], now, now)
+    assert [(d.state, d.attempts, d.last_error) for d in await deliveries(a)] == [
+        (State.IN_FLIGHT, 1, None), (State.IN_FLIGHT, 1, None),
+    ]  # fmt: skip
+    # a's lease runs out and b claims both again: a's late outcomes change nothing either.
+    assert [c.attempts for c in await b.claim("a", now + 31, 10, 30)] == [2, 2]
+    await a.mark_retry(one.id, now + 32, now + 32, "HTTP 500", count=True)
+    await a.mark_dead(two.id, now + 32, "HTTP 404")
+    await a.release([one.id, two.id], now + 32, now + 32)
+    await a.mark_delivered(one.id, now + 32)
+    assert [(d.state, d.attempts, d.last_error) for d in await deliveries(a)] == [
+        (State.IN_FLIGHT, 2, None), (State.IN_FLIGHT, 2, None),
+    ]  # fmt: skip
+    await b.mark_delivered(one.id, now + 33)
+    await b.mark_dead(two.id, now + 33, "HTTP 404")
+    assert [(d.state, d.last_error) for d in await deliveries(a)] == [
+        (State.DELIVERED, None), (State.DEAD, "HTTP 404"),
+    ]  # fmt: skip
+
+
+async def test_a_late_outcome_counts_while_nobody_took_over(store: Store) -> None:
+    now = time.time()
+    await add(store, "1", now=now)
+    (claimed,) = await store.claim("a", now, 10, 30)
+    await store.mark_delivered(claimed.id, now + 100)  # the lease ran out, the row is still ours
+    assert [d.state for d in await deliveries(store)] == [State.DELIVERED]
+
+
+async def test_a_channel_is_taken_in_turns(open_store: OpenStore) -> None:
+    a, b = await open_store(), await open_store()
+    now = time.time()
+    await add(a, "1", channel="ch", now=now)
+    assert await a.take_channel("ch", now, 30) == Pace(0, 0)  # never sent to
+    assert await a.take_channel("ch", now + 1, 30) == Pace(0, 0)  # renewing its own lease
+    assert await b.take_channel("ch", now + 2, 30) is None
+    assert await b.due_channels(now + 2, []) == []  # a holds it
+    assert await a.due_channels(now + 2, []) == ["ch"]
+    await b.leave_channel("ch", Pace(1.0, 1.0))  # not b's: nothing saved
+    await a.leave_channel("ch", Pace(now + 2.5, now + 7.25))
+    assert await b.due_channels(now + 3, []) == ["ch"]
+    assert await b.take_channel("ch", now + 3, 30) == Pace(now + 2.5, now + 7.25)
+    assert await a.take_channel("ch", now + 4, 30) is None
+    await a.leave_channel("ch", Pace(0, 0))  # b holds it now: nothing saved
+    # b stops without leaving: once its lease has run out, a takes over with the last saved pace.
+    assert await a.take_channel("ch", now + 32, 30) is None
+    assert await a.take_channel("ch", now + 34, 30) == Pace(now + 2.5, now + 7.25)
+    assert await b.due_channels(now + 35, []) == []
+
+
+async def test_due_channels_and_exclusions(store: Store) -> None:
+    now = time.time()
+    await add(store, "1", channel="a", now=now)
+    await add(store, "2", channel="b", now=now)
+    await add(store, "3", channel="c", now=now + 100)
+    assert sorted(await store.due_channels(now, [])) == ["a", "b"]
+    assert await store.due_channels(now, ["a"]) == ["b"]
+
+
+async def test_lease_expiry_reclaims(store: Store) -> None:
+    now = time.time()
+    await add(store, "k", now=now)
+    assert len(await store.claim("a", now, 10, lease_s=30)) == 1
+    assert await store.claim("a", now + 29, 10, 30) == []
+    assert [c.attempts for c in await store.claim("a", now + 31, 10, 30)] == [2]
+
+
+async def test_outcomes_and_release(store: Store) -> None:
+    now = time.time()
+    for key in ("1", "2", "3", "4"):
+        await add(store, key, room=key, now=now)
+    c1, c2, c3, c4 = await store.claim("a", now, 10, 30)
+    await store.mark_delivered(c1.id, now)
+    await store.mark_retry(c2.id, now, now + 5, "HTTP 500", count=True)
+    await store.mark_retry(c3.id, now, now + 1, "HTTP 429", count=False)
+    await store.mark_retry(c4.id, now, now + 5, "HTTP 500", count=True)
+    (again,) = await store.claim("a", now + 6, 1, 30)
+    await store.release([again.id], now, now + 2)
+    assert [(d.state, d.attempts, d.last_error) for d in await deliveries(store)] == [
+        (State.DELIVERED, 1, None),
+        (State.PENDING, 1, "HTTP 500"),  # released: attempt given back, error kept
+        (State.PENDING, 0, "HTTP 429"),
+        (State.PENDING, 1, "HTTP 500"),
+    ]
+    assert await store.next_due(now) == pytest.approx(now + 1)
+
+
+async def test_threads_expire_and_are_forgotten(store: Store) -> None:
+    now = time.time()
+    assert await store.get_thread("bot", "r1", now - 3600) is None
+    await store.set_thread("bot", "r1", "1700000000.000100", now)
+    assert await store.get_thread("bot", "r1", now - 3600) == "1700000000.000100"
+    assert await store.get_thread("bot", "r1", now + 1) is None  # older than the TTL allows
+    assert await store.get_thread("other", "r1", now - 3600) is None
+    await store.set_thread("bot", "r1", "1700000000.000200", now + 2)  # a new thread replaces
+    assert await store.get_thread("bot", "r1", now + 1) == "1700000000.000200"
+    await store.forget_thread("bot", "r1")
+    assert await store.get_thread("bot", "r1", now - 3600) is None
+
+
+async def test_prune_keeps_dead_letters_and_recent_rows(store: Store) -> None:
+    now = time.time()
+    old = now - 100 * 3600
+    await store.record(new_event("old-done", "r1"), [NewDelivery("a", "p")], old, 600)
+    await store.record(new_event("old-dead", "r2"), [NewDelivery("a", None, "x")], old, 600)
+    await store.record(new_event("new-done", "r3"), [NewDelivery("a", "p")], now, 600)
+    await store.record(new_event("unrouted", "r4"), [], old, 600)
+    for c in await store.claim("a", now, 10, 30):
+        await store.mark_delivered(c.id, old if c.room_id == "r1" else now)
+    await store.set_thread("bot", "r1", "1.2", old)
+    pruned = await store.prune(now - 72 * 3600, now - 72 * 3600)
+    assert pruned == 1 + 2 + 3 + 1  # a delivery, two events, three dedup keys, a thread
+    events = await store.recent_events(10)
+    assert [(e.room_id, [d.state for d in e.deliveries]) for e in events] == [
+        ("r3", [State.DELIVERED]), ("r2", [State.DEAD]),
+    ]  # fmt: skip
+    assert await store.get_thread("bot", "r1", 0) is None
+
+
+async def test_stats_list_retry_drop(store: Store) -> None:
+    now = time.time()
+    for n in range(3):
+        await add(store, f"a{n}", channel="a", room=f"r{n}", now=now - n)
+    await store.record(new_event("b0", "rb"), [NewDelivery("b", None, "render failed")], now, 0)
+    c0, c1, c2 = await store.claim("a", now, 10, 30)
+    await store.mark_delivered(c0.id, now)
+    await store.mark_dead(c1.id, now, "HTTP 404")
+    stats = {s.channel: s for s in await store.stats()}
+    assert (stats["a"].pending, stats["a"].in_flight, stats["a"].dead, stats["a"].delivered) == (
+        0, 1, 1, 1,
+    )  # fmt: skip
+    assert stats["b"].dead == 1 and stats["b"].oldest_pending_at is None
+    dead = await store.list_deliveries(True, None, 10)
+    assert [(d.channel, d.state, d.last_error) for d in dead] == [
+        ("b", State.DEAD, "render failed"), ("a", State.DEAD, "HTTP 404"),
+    ]  # fmt: skip
+    assert [d.id for d in await store.list_deliveries(False, "a", 10)] == [c2.id, c1.id]
+    assert await store.retry([c1.id, c2.id], now) == 1  # the in-flight one is not touched
+    assert await store.retry_dead("b", now) == 1
+    stats = {s.channel: s for s in await store.stats()}
+    assert {name: s.pending for name, s in stats.items()} == {"a": 1, "b": 1}
+    assert stats["a"].oldest_pending_at == pytest.approx(now - 1)  # c1's event
+    assert await store.drop([c1.id, c2.id, 999]) == 1
+    assert [d.attempts for d in await store.list_deliveries(False, None, 10)] == [0, 1]
+
+
+async def test_bury_unknown_channels(store: Store) -> None:
+    now = time.time()
+    await add(store, "1", channel="kept", now=now)
+    await add(store, "2", channel="gone", now=now)
+    assert await store.bury_unknown_channels(["kept"], now, "channel removed") == 1
+    assert [(d.channel, d.state, d.last_error) for d in await deliveries(store)] == [
+        ("kept", State.PENDING, None), ("gone", State.DEAD, "channel removed"),
+    ]  # fmt: skip
+    assert await store.bury_unknown_channels([], now, "channel removed") == 1
+
+
+async def test_ping_writes(store: Store) -> None:
+    await store.ping()
+    await store.ping()
