@@ -38,8 +38,8 @@ from bridge.receive import Receiver, packet
 from bridge.render import Renderer
 from bridge.routing import Router
 from bridge.store import Store, StoreUnavailable
-from bridge.store.sqlite import SQLiteStore
-from bridge.worker import ChannelPolicy, Worker
+from bridge.store.engines import describe, make_store
+from bridge.worker import IDLE_POLL_S, SHARED_POLL_S, ChannelPolicy, Worker
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class Bridge:
         self.config = config
         self.path = path
         self.renderer = validate(config)
-        self.store: Store = store or SQLiteStore(config.store.path, exclusive=True)
+        self.store: Store = store or make_store(config.store, serving=True)
         self.metrics = Metrics()
         self.admin = Admin(self)
         self._senders = senders
@@ -127,7 +127,7 @@ class Bridge:
         policies, composer = self._worker_setup(config, self.renderer)
         self.worker = Worker(
             self.store, policies, config.delivery, composer, config.store.retention_h * 3600,
-            self.metrics,
+            self.metrics, SHARED_POLL_S if config.store.url is not None else IDLE_POLL_S,
         )  # fmt: skip
         task = asyncio.create_task(self.worker.run(), name="worker")
         loop = asyncio.get_running_loop()
@@ -135,8 +135,9 @@ class Bridge:
         if hangup:
             loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
         log.info(
-            "live-bridge ready: callbacks at %s, %d channels, %d routes",
+            "live-bridge ready: callbacks at %s, %d channels, %d routes, store %s",
             config.server.callback_path, len(config.channels), len(config.routes),
+            describe(config.store),
         )  # fmt: skip
         try:
             yield

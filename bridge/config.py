@@ -80,8 +80,26 @@ class TencentConfig(Strict):
 
 
 class StoreConfig(Strict):
-    path: Path = Path("live-bridge.db")
+    path: Path = Path("live-bridge.db")  # SQLite: one serving process
+    url: SecretStr | None = None  # PostgreSQL: any number of serving processes on one database
+    pool_size: int = Field(8, ge=1)  # PostgreSQL connections per process
     retention_h: float = Field(72.0, gt=0)  # delivered rows and dedup keys; dead letters stay
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, value: SecretStr | None) -> SecretStr | None:
+        # The value is not repeated: it holds a password.
+        if value is not None and not value.get_secret_value().startswith(
+            ("postgresql://", "postgres://")
+        ):
+            raise ValueError("must be a PostgreSQL URL: postgresql://user:password@host/db")
+        return value
+
+    @model_validator(mode="after")
+    def _one_engine(self) -> StoreConfig:
+        if self.url is not None and "path" in self.model_fields_set:
+            raise ValueError("set path (SQLite) or url (PostgreSQL), not both")
+        return self
 
 
 class DeliveryConfig(Strict):

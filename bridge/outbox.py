@@ -26,12 +26,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from bridge.config import Config, load_for_command
-from bridge.store import ChannelStats, DeliveryRow, State, StoreUnavailable
-from bridge.store.sqlite import SQLiteStore
+from bridge.store import ChannelStats, DeliveryRow, State, Store, StoreUnavailable
+from bridge.store.engines import make_store
 
 ERROR_WIDTH = 60  # LAST ERROR in a table; JSON has it whole
 
-Command = Callable[[SQLiteStore, Config, argparse.Namespace], Awaitable[int]]
+Command = Callable[[Store, Config, argparse.Namespace], Awaitable[int]]
 
 
 def register(commands: Any) -> None:
@@ -72,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
         if args.channel is not None and not args.dead:
             args.usage_error("--channel goes with --dead")
     path, config = load_for_command(args.config)
-    if not config.store.path.exists():
+    if config.store.url is None and not config.store.path.exists():
         # Opening would create an empty database, and a wrong store.path would look all clear.
         print(
             f"live-bridge: {config.store.path}: no such database (store.path in {path})",
@@ -90,7 +90,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 async def _run(command: Command, config: Config, args: argparse.Namespace) -> int:
-    store = SQLiteStore(config.store.path)  # not exclusive: that lock is the server's
+    store = make_store(config.store, serving=False)  # SQLite's lock is the server's
     await store.open()
     try:
         return await command(store, config, args)
@@ -98,7 +98,7 @@ async def _run(command: Command, config: Config, args: argparse.Namespace) -> in
         await store.close()
 
 
-async def _stats(store: SQLiteStore, config: Config, args: argparse.Namespace) -> int:
+async def _stats(store: Store, config: Config, args: argparse.Namespace) -> int:
     by_channel = {s.channel: s for s in await store.stats()}
     for name in config.channels:
         by_channel.setdefault(name, ChannelStats(name, 0, 0, 0, 0, None))
@@ -123,7 +123,7 @@ async def _stats(store: SQLiteStore, config: Config, args: argparse.Namespace) -
     return 0
 
 
-async def _list(store: SQLiteStore, config: Config, args: argparse.Namespace) -> int:
+async def _list(store: Store, config: Config, args: argparse.Namespace) -> int:
     found = await store.list_deliveries(args.dead, args.channel, args.limit)
     if args.json:
         _print_json([_row_json(d) for d in found])
@@ -141,7 +141,7 @@ async def _list(store: SQLiteStore, config: Config, args: argparse.Namespace) ->
     return 0
 
 
-async def _retry(store: SQLiteStore, config: Config, args: argparse.Namespace) -> int:
+async def _retry(store: Store, config: Config, args: argparse.Namespace) -> int:
     now = time.time()
     if args.dead:
         count = await store.retry_dead(args.channel, now)
@@ -152,7 +152,7 @@ async def _retry(store: SQLiteStore, config: Config, args: argparse.Namespace) -
     )  # fmt: skip
 
 
-async def _drop(store: SQLiteStore, config: Config, args: argparse.Namespace) -> int:
+async def _drop(store: Store, config: Config, args: argparse.Namespace) -> int:
     return await _each_id(
         args,
         lambda i: store.drop([i]),

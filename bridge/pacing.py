@@ -6,6 +6,9 @@ far end has answered and counts the message from then, because the far end count
 which is after we sent it and before its answer: our schedule can then never run ahead of the
 far end's own bucket, whatever the network did to the first request of a burst. A block set from
 a 429's Retry-After holds everything until it ends.
+
+Processes that take turns at a channel hand its state on as a `Pace` on the wall clock: `pace()`
+gives it, `adopt()` takes whichever of the two states is stricter.
 """
 
 from __future__ import annotations
@@ -14,15 +17,18 @@ import asyncio
 import time
 from collections.abc import Callable
 
+from bridge.store import Pace
+
 
 class Pacer:
     def __init__(
         self, rate_per_s: float | None, burst: int = 1,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
     ) -> None:  # fmt: skip
         self._interval = 1.0 / rate_per_s if rate_per_s else 0.0
         self._tolerance = (burst - 1) * self._interval  # how far ahead a burst may run
         self._clock = clock
+        self._wall = wall
         self._tat = clock()  # theoretical arrival time of the next message: the bucket is full
         self._blocked_until = 0.0  # on the same clock
         self._lock = asyncio.Lock()
@@ -33,6 +39,24 @@ class Pacer:
         now = self._clock()
         self._blocked_until = max(self._blocked_until, now + seconds)
         self._tat = max(self._tat, now + self._tolerance + self._interval)
+
+    def pace(self) -> Pace:
+        """This pacer's state on the wall clock, for the next process to send to the channel."""
+        now = self._clock()
+        shift = self._wall() - now
+        return Pace(
+            tat=self._tat + shift if self._interval else 0.0,
+            blocked_until=self._blocked_until + shift if self._blocked_until > now else 0.0,
+        )
+
+    def adopt(self, pace: Pace) -> None:
+        """Continue from what another process left (Pace(0, 0): nothing), or from our own state
+        if that is stricter: neither process's messages are forgotten."""
+        shift = self._clock() - self._wall()
+        if pace.tat and self._interval:
+            self._tat = max(self._tat, pace.tat + shift)
+        if pace.blocked_until:
+            self._blocked_until = max(self._blocked_until, pace.blocked_until + shift)
 
     def blocked_for(self) -> float:
         """Seconds until the block ends; 0 when not blocked."""

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 PER_SEND = 4  # deliveries a lane claims per message it may have in flight
 DIGEST_CLAIM = 200  # deliveries a digesting lane claims at once
 IDLE_POLL_S = 5.0  # a wake-up even with nothing due, for leases that expire
+SHARED_POLL_S = 1.0  # the same with a shared store, where other processes' callbacks wake nobody
 PRUNE_EVERY_S = 60.0
 STORE_RETRY_MAX_S = 5.0  # the longest wait between tries while the store cannot commit
 
@@ -98,8 +99,10 @@ class Worker:
     def __init__(
         self, store: Store, policies: Mapping[str, ChannelPolicy], settings: DeliveryConfig,
         composer: Composer, retention_s: float, metrics: Metrics | None = None,
+        poll_s: float = IDLE_POLL_S,
     ) -> None:  # fmt: skip
         self._store = store
+        self._poll_s = poll_s
         self._settings = settings
         self._composer = composer
         self._retention_s = retention_s
@@ -203,7 +206,7 @@ class Worker:
     async def _idle_delay(self, now: float, skipped: list[str]) -> float:
         """Until the next thing due after `now`, or the end of a block that kept a channel out
         (re-checked even if that block has ended meanwhile); lanes and new events wake sooner."""
-        delay = IDLE_POLL_S
+        delay = self._poll_s
         due = await self._store.next_due(now)
         if due is not None:
             delay = min(delay, due - time.time())
@@ -228,8 +231,18 @@ class Worker:
     async def _lane(self, policy: ChannelPolicy) -> None:
         pacer = self.pacers.get(policy.name) or Pacer(policy.rate_per_s, policy.burst)
         lease = policy.lease_s(self._settings.timeout_s)
+        held = False
         try:
             while not self._stopping and pacer.blocked_for() == 0:
+                # The channel is ours for one claim's worth of sends, renewed each round: no
+                # other process paces, threads or orders it meanwhile.
+                pace = await self._store.take_channel(policy.name, time.time(), lease)
+                if pace is None:
+                    return  # another process is sending to this channel
+                held = True
+                pacer.adopt(pace)
+                if pacer.blocked_for() > 0:
+                    return  # blocked by a 429 another process met
                 rows = await self._store.claim(
                     policy.name, time.time(), policy.claim_limit(), lease
                 )
@@ -243,6 +256,11 @@ class Worker:
             # The leases expire and the deliveries are claimed again: sent at least once.
             self._store_failed(exc)
         finally:
+            if held:
+                # Unsaved (store down), the channel's lease runs out and the next holder starts
+                # from its own pacing: at worst one burst early.
+                with contextlib.suppress(StoreUnavailable):
+                    await self._store.leave_channel(policy.name, pacer.pace())
             self._busy.discard(policy.name)
             self._wake.set()
 
@@ -266,7 +284,9 @@ class Worker:
                         pacer.block(outcome.retry_after or 1.0)
                         log.warning("channel %s rate limited for %.1fs", policy.name,
                                     pacer.blocked_for())  # fmt: skip
-                await self._settle(row, outcome)
+                    # Recorded before the slot is free: a crash repeats at most max_in_flight
+                    # sends of a channel, those on the wire or not yet recorded.
+                    await self._settle(row, outcome)
                 if outcome.result is Result.RETRY:  # its room's later events wait for it
                     await self._give_back(sequence[index + 1 :], time.time(), "waiting for room")
                     return

@@ -49,11 +49,13 @@ def write_config(
     routes: str = '[[routes]]\nname = "all"\nchannels = ["console"]\n', extra: str = "",
     tencent: str = "", server: str = "",
     delivery: str = "initial_backoff_s = 0.05\nmax_backoff_s = 0.2\nmax_attempts = 3\n",
+    store: str = 'path = "bridge.db"\n',
 ) -> Path:  # fmt: skip
+    """A config in `directory`; `store` is the [store] table's body (`url = …` for PostgreSQL)."""
     path = directory / "config.toml"
     path.write_text(
         f"[server]\nport = {port}\n{server}\n[tencent]\nsdk_app_id = {APP_ID}\n{tencent}\n"
-        f'[store]\npath = "bridge.db"\n\n[delivery]\ntimeout_s = 2.0\n{delivery}\n'
+        f"[store]\n{store}\n[delivery]\ntimeout_s = 2.0\n{delivery}\n"
         f'[templates]\ndir = "{ROOT / "templates"}"\n\n{extra}\n{channels}\n{routes}'
     )
     return path

@@ -69,6 +69,9 @@ def test_issue_example_loads_with_env(tmp_path: Path, monkeypatch: pytest.Monkey
         ("[channels.z]\ntype = 'slack'\n", "exactly one of webhook_url"),
         ("[templates]\ntimezone = 'Mars/Olympus'\n", "unknown time zone"),
         ("[templates]\nroom_url = 'https://x/{room}'\n", "only use the placeholder {room_id}"),
+        ("[store]\nurl = 'mysql://u:pw@h/db'\n", "[store] url: must be a PostgreSQL URL"),
+        ("[store]\npath = 'a.db'\nurl = 'postgresql://h/db'\n", "set path (SQLite) or url"),
+        ("[store]\npool_size = 0\n", "[store] pool_size"),
     ],
 )
 def test_bad_keys_are_named_with_their_table(tmp_path: Path, extra: str, expected: str) -> None:
@@ -135,6 +138,20 @@ def test_secrets_never_in_error_messages(tmp_path: Path, monkeypatch: pytest.Mon
     assert "VERY-SECRET" not in str(caught.value)
     assert "[channels.hook] url" in str(caught.value)
     assert "[channels.hook] signing_secret" in str(caught.value)
+
+
+def test_store_url_selects_postgresql_and_stays_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://bridge:Pw-VERY-SECRET@db:5432/live")
+    config = load_config(write(tmp_path, MINIMAL + "[store]\nurl = '${DATABASE_URL}'\n"))
+    assert config.store.url is not None
+    assert config.store.url.get_secret_value().endswith("@db:5432/live")
+    assert "VERY-SECRET" not in repr(config) + str(config)
+    bad = MINIMAL + "[store]\nurl = 'postgresql://x:VERY-SECRET@h/db'\npath = 'x.db'\n"
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, bad))
+    assert "VERY-SECRET" not in str(caught.value)
 
 
 def test_env_overrides_nested_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

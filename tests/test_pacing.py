@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from bridge.pacing import Pacer
+from bridge.store import Pace
 from tests.bridge_server import OK_PACKET, SEED_BODY, InThread, post_callback, write_config
 from tests.slack_standin import SlackStandIn
 
@@ -70,6 +71,43 @@ def test_block_without_rate_still_blocks() -> None:
     assert pacer.delay() == pytest.approx(5.0)
     clock.now += 5.0
     assert pacer.delay() == 0.0
+
+
+def test_pace_hands_the_bucket_to_another_process() -> None:
+    # Two processes with different monotonic clocks, one wall clock: what the first spent, the
+    # second does not spend again.
+    wall = Clock()
+    first = Pacer(1.0, 3, Clock(), wall)
+    for _ in range(3):
+        asyncio.run(first.wait())
+    second_clock = Clock()
+    second_clock.now = 50.0
+    second = Pacer(1.0, 3, second_clock, wall)
+    assert second.delay() == 0.0
+    second.adopt(first.pace())
+    assert second.delay() == pytest.approx(1.0)
+
+
+def test_pace_carries_a_block() -> None:
+    wall = Clock()
+    first = Pacer(1.0, 1, Clock(), wall)
+    first.block(30.0)
+    second = Pacer(1.0, 1, Clock(), wall)
+    second.adopt(first.pace())
+    assert second.blocked_for() == pytest.approx(30.0)
+
+
+@pytest.mark.parametrize("rate", [1.0, None])
+def test_adopting_nothing_or_an_older_state_changes_nothing(rate: float | None) -> None:
+    clock = Clock()
+    pacer = Pacer(rate, 2, clock, clock)
+    asyncio.run(pacer.wait())
+    before = (pacer.delay(), pacer.blocked_for())
+    pacer.adopt(Pace(0.0, 0.0))  # a channel never sent to
+    pacer.adopt(Pace(clock.now - 100, clock.now - 100))  # long past
+    assert (pacer.delay(), pacer.blocked_for()) == before
+    if rate is None:
+        assert pacer.pace() == Pace(0.0, 0.0)
 
 
 def test_burst_of_60_to_a_slack_enforcing_1_per_s_gets_no_429(tmp_path: Path) -> None:
