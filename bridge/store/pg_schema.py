@@ -152,26 +152,32 @@ WHERE channels.owner = EXCLUDED.owner OR channels.lease_until <= %(now)s
 RETURNING tat, blocked_until
 """
 
-# The key is this event's unless a live entry holds it. A concurrent record of the same key waits
-# on the unique index for this transaction, then finds the key taken: stored exactly once.
-TAKE_KEY_SQL = """
-INSERT INTO dedup (key, seen_at, event_id)
-VALUES (%(key)s, %(now)s, nextval(pg_get_serial_sequence('events', 'id')))
-ON CONFLICT (key) DO UPDATE SET seen_at = EXCLUDED.seen_at, event_id = EXCLUDED.event_id
-WHERE dedup.seen_at <= %(expired)s
-RETURNING event_id
-"""
-
-INSERT_EVENT_SQL = """
-INSERT INTO events (id, received_at, sdk_app_id, command, room_id, event_time, body, query)
-VALUES (COALESCE(%s, nextval(pg_get_serial_sequence('events', 'id'))), %s, %s, %s, %s, %s, %s, %s)
-RETURNING id
-"""
-
-INSERT_DELIVERY_SQL = """
-INSERT INTO deliveries (event_id, channel, state, payload, next_attempt_at, last_error,
-  created_at, updated_at, room_id, order_ts)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+# A callback in one statement, so one round trip and one commit. The dedup key is this event's
+# unless a live entry holds it; a concurrent record of the same key waits on the unique index for
+# the other transaction, then finds the key taken: stored exactly once. No row back: a duplicate.
+RECORD_SQL = """
+WITH key AS (
+  INSERT INTO dedup (key, seen_at, event_id)
+  SELECT %(key)s, %(now)s, nextval(pg_get_serial_sequence('events', 'id')) WHERE %(dedup)s
+  ON CONFLICT (key) DO UPDATE SET seen_at = EXCLUDED.seen_at, event_id = EXCLUDED.event_id
+  WHERE dedup.seen_at <= %(expired)s
+  RETURNING event_id
+), event AS (
+  INSERT INTO events (id, received_at, sdk_app_id, command, room_id, event_time, body, query)
+  SELECT COALESCE((SELECT event_id FROM key), nextval(pg_get_serial_sequence('events', 'id'))),
+         %(now)s, %(sdk_app_id)s, %(command)s, %(room_id)s, %(event_time)s, %(body)s, %(query)s
+  WHERE NOT %(dedup)s OR EXISTS (SELECT 1 FROM key)
+  RETURNING id
+), delivery AS (
+  INSERT INTO deliveries (event_id, channel, state, payload, next_attempt_at, last_error,
+    created_at, updated_at, room_id, order_ts)
+  SELECT event.id, d.channel, d.state, d.payload, %(now)s, d.error, %(now)s, %(now)s,
+         %(room_id)s, %(order_ts)s
+  FROM event, unnest(%(channels)s::text[], %(states)s::text[], %(payloads)s::text[],
+                     %(errors)s::text[]) WITH ORDINALITY AS d(channel, state, payload, error, n)
+  ORDER BY d.n
+)
+SELECT id FROM event
 """
 
 NEXT_DUE_SQL = """

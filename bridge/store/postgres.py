@@ -41,14 +41,12 @@ from bridge.store.pg_schema import (
     CLAIM_SQL,
     DUE_SQL,
     EVENT_ROWS_SQL,
-    INSERT_DELIVERY_SQL,
-    INSERT_EVENT_SQL,
     LIST_SQL,
     NEXT_DUE_SQL,
+    RECORD_SQL,
     SCHEMA_VERSION,
     STATS_SQL,
     TAKE_CHANNEL_SQL,
-    TAKE_KEY_SQL,
     migrate,
 )
 
@@ -161,37 +159,28 @@ class PostgresStore:
     async def record(
         self, event: NewEvent, deliveries: Sequence[NewDelivery], now: float, dedup_window_s: float
     ) -> Recorded:
-        async with self._connection() as conn, conn.transaction():
-            event_id: int | None = None
-            if dedup_window_s > 0:
-                key = {"key": event.dedup_key, "now": now, "expired": now - dedup_window_s}
-                row = await (await conn.execute(TAKE_KEY_SQL, key)).fetchone()
-                if row is None:
-                    cursor = await conn.execute(
-                        "SELECT event_id FROM dedup WHERE key = %s", (event.dedup_key,)
-                    )
-                    if (first := await cursor.fetchone()) is None:  # the upsert locked it
-                        raise StoreUnavailable("dedup entry vanished while locked")
-                    return Recorded(event_id=first[0], duplicate=True)
-                event_id = row[0]
+        params = {
+            "key": event.dedup_key, "now": now, "expired": now - dedup_window_s,
+            "dedup": dedup_window_s > 0, "sdk_app_id": event.sdk_app_id,
+            "command": event.command, "room_id": event.room_id, "event_time": event.event_time,
+            "body": event.body, "query": event.query,
+            "order_ts": event.event_time if event.event_time is not None else int(now * 1000),
+            "channels": [d.channel for d in deliveries],
+            "states": [State.PENDING if d.error is None else State.DEAD for d in deliveries],
+            "payloads": [d.payload for d in deliveries],
+            "errors": [d.error for d in deliveries],
+        }  # fmt: skip
+        async with self._connection() as conn:
+            row = await (await conn.execute(RECORD_SQL, params)).fetchone()
+            if row is not None:
+                return Recorded(event_id=row[0], duplicate=False)
+            # The key is held: committed by now, since the upsert waited for its transaction.
             cursor = await conn.execute(
-                INSERT_EVENT_SQL,
-                (event_id, now, event.sdk_app_id, event.command, event.room_id, event.event_time,
-                 event.body, event.query),
-            )  # fmt: skip
-            inserted = await cursor.fetchone()
-            assert inserted is not None
-            order_ts = event.event_time if event.event_time is not None else int(now * 1000)
-            async with conn.cursor() as many:
-                await many.executemany(
-                    INSERT_DELIVERY_SQL,
-                    [
-                        (inserted[0], d.channel, State.PENDING if d.error is None else State.DEAD,
-                         d.payload, now, d.error, now, now, event.room_id, order_ts)
-                        for d in deliveries
-                    ],
-                )  # fmt: skip
-            return Recorded(event_id=inserted[0], duplicate=False)
+                "SELECT event_id FROM dedup WHERE key = %s", (event.dedup_key,)
+            )
+            if (first := await cursor.fetchone()) is None:  # pruned in between
+                raise StoreUnavailable("dedup entry vanished while recording")
+            return Recorded(event_id=first[0], duplicate=True)
 
     async def due_channels(self, now: float, exclude: Sequence[str]) -> list[str]:
         rows = await self._fetch(DUE_SQL, {"now": now, "owner": self.owner})
