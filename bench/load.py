@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import secrets
 import statistics
 import subprocess
 import time
@@ -46,10 +47,15 @@ def _ms(text: str) -> float:
     return float(match.group(1)) * _UNITS[match.group(2)]
 
 
-def wrk(url: str, seconds: int, connections: int = 32, threads: int = 2) -> WrkResult:
+def wrk(
+    url: str, seconds: int, connections: int = 32, threads: int = 2, rooms: str | None = None
+) -> WrkResult:
+    """wrk at saturation. Room IDs start with `rooms`, by default new for every run, so no run
+    repeats a body another sent (deduplication would short-cut it)."""
+    rooms = rooms or f"wrk{secrets.token_hex(4)}"
     out = subprocess.run(
         ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency",
-         "-s", str(HERE / "post.lua"), f"{url}?{QUERY}"],
+         "-s", str(HERE / "post.lua"), f"{url}?{QUERY}", "--", rooms],
         capture_output=True, text=True, check=True, timeout=seconds + 60,
     ).stdout  # fmt: skip
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]

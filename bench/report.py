@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.load import WrkResult, median, percentile
+from bench.replicas import CONNECTIONS
 
 NOTES = Path(__file__).parent / "notes.md"  # profiling findings, carried into every report
 TARGETS = {
@@ -29,6 +30,8 @@ class Report:
     idle_rss_mb: float = 0.0
     peak_rss_mb: float = 0.0
     startup_s: list[float] = field(default_factory=list)
+    replicas: dict[str, list[WrkResult]] = field(default_factory=dict)  # sqlite, pg1, pg2
+    replicas_skipped: str | None = None
 
     def _sat(self, name: str, attr: str) -> float:
         return median([getattr(r, attr) for r in self.saturation.get(name, [])])
@@ -64,6 +67,27 @@ class Report:
     def _sat_row(self, label: str, name: str) -> str:
         rps, p50, p99 = (self._sat(name, a) for a in ("rps", "p50_ms", "p99_ms"))
         return f"| {label} | {rps:.0f} | {p50:.2f} | {p99:.2f} |"
+
+    def _replica(self, name: str, attr: str) -> float:
+        return median([getattr(r, attr) for r in self.replicas.get(name, [])])
+
+    def _replicas_section(self) -> str:
+        if self.replicas_skipped is not None or not self.replicas:
+            return f"Not measured in this run: {self.replicas_skipped or 'not run'}."
+        rows = []
+        for label, name in (("SQLite, one process", "sqlite"),
+                            ("PostgreSQL, one replica", "pg1"),
+                            ("PostgreSQL, two replicas", "pg2")):  # fmt: skip
+            rps, p50, p99 = (self._replica(name, a) for a in ("rps", "p50_ms", "p99_ms"))
+            per_round = ", ".join(f"{r.rps:.0f}" for r in self.replicas[name])
+            rows.append(f"| {label} | {rps:.0f} | {p50:.2f} | {p99:.2f} | {per_round} |")
+        sqlite, one, two = (self._replica(n, "rps") for n in ("sqlite", "pg1", "pg2"))
+        return (
+            "| | req/s (median) | p50 ms | p99 ms | per round |\n|---|---|---|---|---|\n"
+            + "\n".join(rows)
+            + f"\n\nPostgreSQL / SQLite for one process: **{one / sqlite:.2f}**; two replicas /"
+            f" one on PostgreSQL: **{two / one:.2f}**."
+        )
 
     @staticmethod
     def _slack_row(label: str, r: dict[str, Any]) -> str:
@@ -149,5 +173,17 @@ At 500 events/s for {self.seconds} s: {self.latency_500.get("delivered", 0):.0f}
 live-bridge {rss}.
 Start-up to `/readyz` answering 200 (5 starts): median **{f["startup_s"]:.2f} s**
 ({", ".join(f"{t:.2f}" for t in self.startup_s)}).
+
+## 5. Several replicas on PostgreSQL
+
+The ack ceiling again (wrk, {CONNECTIONS} connections in all, route to the webhook sink),
+alternating each round: live-bridge on SQLite; on PostgreSQL (`[store] url`, the local server,
+each contender a database of its own, created and dropped by the run) with one replica; and two
+replicas on one database, each sent half of the connections by its own wrk, as behind a load
+balancer (throughput added up, latency the worse of the two). Every replica also delivers what
+it acknowledges, as in benchmark 1, and on this 2-core machine the replicas, PostgreSQL, wrk and
+the sink all share the same two cores.
+
+{self._replicas_section()}
 
 {NOTES.read_text() if NOTES.exists() else ""}"""

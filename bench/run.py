@@ -7,134 +7,30 @@ round by round and the report gives medians and the ratio measured in this run.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 
 from bench.load import WrkResult, burst, fixed_rate, percentile, wrk
+from bench.procs import ROOT, bridge, free_port, url_of, uvicorn_app
+from bench.replicas import compare, server_problem
 from bench.report import Report
 
-ROOT = Path(__file__).parent.parent
 sys.path.insert(0, str(ROOT))  # for the Slack stand-in the tests use
-from tests.slack_standin import SlackStandIn  # noqa: E402
+from tests.slack_standin import SlackStandIn
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 SUSTAIN_S = int(os.environ.get("BENCH_SUSTAIN_S", "30"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as reply:  # noqa: S310
-            return bool(reply.status == 200)
-    except OSError:
-        return False
-
-
-class Proc:
-    """A server process; `peak_rss` is sampled while `sampling()` is active."""
-
-    def __init__(
-        self, args: list[str], port: int, env: dict[str, str] | None = None,
-        ready_path: str | None = "/readyz",
-    ) -> None:  # fmt: skip
-        self.args, self.port, self.env, self.ready_path = args, port, env, ready_path
-        self.callback_url = f"http://127.0.0.1:{port}/tencent/callback"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.peak_rss = 0
-
-    def ready(self) -> bool:
-        """/readyz says 200; without a ready path (the comparison apps), the port accepts."""
-        if self.ready_path is not None:
-            return _answers(f"http://127.0.0.1:{self.port}{self.ready_path}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2):
-            return True
-        return False
-
-    def start(self) -> float:
-        """Seconds from spawn to ready."""
-        started = time.monotonic()
-        self.process = subprocess.Popen(
-            self.args, env={**os.environ, **(self.env or {})}, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, cwd=ROOT,
-        )  # fmt: skip
-        while not self.ready():
-            if self.process.poll() is not None or time.monotonic() - started > 30:
-                raise RuntimeError(f"did not start: {' '.join(self.args)}")
-            time.sleep(0.005)
-        return time.monotonic() - started
-
-    def rss(self) -> int:
-        assert self.process is not None
-        return int(psutil.Process(self.process.pid).memory_info().rss)
-
-    @contextlib.contextmanager
-    def sampling(self) -> Iterator[None]:
-        stop = threading.Event()
-
-        def sample() -> None:
-            while not stop.wait(0.05):
-                with contextlib.suppress(psutil.Error):
-                    self.peak_rss = max(self.peak_rss, self.rss())
-
-        thread = threading.Thread(target=sample, daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-
-
-def uvicorn_app(app: str, port: int, env: dict[str, str] | None = None) -> Proc:
-    args = [sys.executable, "-m", "uvicorn", app, "--port", str(port), "--log-level", "warning",
-            "--no-access-log"]  # fmt: skip
-    return Proc(args, port, env, ready_path=None)
-
-
-def bridge(directory: Path, channels: str, routes: str, extra: str = "") -> Proc:
-    port = free_port()
-    directory.mkdir(parents=True, exist_ok=True)
-    config = directory / "config.toml"
-    config.write_text(
-        f"[server]\nport = {port}\n[tencent]\nsdk_app_id = 1400000000\n"
-        f'[store]\npath = "bridge.db"\n[templates]\ndir = "{ROOT / "templates"}"\n'
-        f"{extra}\n{channels}\n{routes}"
-    )
-    args = [sys.executable, "-m", "bridge", "serve", "--config", str(config), "--log-level",
-            "warning", "--no-access-log"]  # fmt: skip
-    return Proc(args, port)
-
-
-def url_of(proc: Proc) -> str:
-    return proc.callback_url
 
 
 def ack_ceiling(work: Path, report: Report, sink_url: str) -> None:
@@ -255,6 +151,12 @@ def startup(work: Path, report: Report, sink_url: str) -> None:
     report.startup_s = times
 
 
+def replicas(work: Path, report: Report, sink_url: str) -> None:
+    report.replicas_skipped = server_problem()
+    if report.replicas_skipped is None:
+        report.replicas = compare(work, sink_url, ROUNDS, SECONDS)
+
+
 def machine() -> dict[str, str]:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
                 .splitlines() if line.startswith("model name")), platform.processor())  # fmt: skip
@@ -284,6 +186,7 @@ def main() -> None:
             ("hand-written receiver", lambda: handwritten_vs_bridge(work, report)),
             ("delivery", lambda: delivery(work, report, sink_url)),
             ("start-up", lambda: startup(work, report, f"{sink_url}/hook")),
+            ("replicas on PostgreSQL", lambda: replicas(work, report, f"{sink_url}/hook")),
         ]
         try:
             for name, step in steps:
