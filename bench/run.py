@@ -51,9 +51,10 @@ def ack_ceiling(work: Path, report: Report, sink_url: str) -> None:
         report.saturation = results
         report.peak_rss_mb = live.peak_rss / 2**20
         fixed: dict[str, list[list[float]]] = {"bare": [], "bridge": []}
-        for _ in range(ROUNDS):
+        for n in range(ROUNDS):
             for name, proc in (("bare", bare), ("bridge", live)):
-                sent = asyncio.run(fixed_rate(url_of(proc), 1000, SECONDS / 2, f"fixed-{name}"))
+                prefix = f"fixed{n}-{name}"  # new rooms each round: never a duplicate
+                sent = asyncio.run(fixed_rate(url_of(proc), 1000, SECONDS / 2, prefix))
                 fixed[name].append([(s.acked - s.started) * 1000 for s in sent if s.status == 200])
         report.fixed_rate = fixed
     finally:
