@@ -284,9 +284,7 @@ class Worker:
                         pacer.block(outcome.retry_after or 1.0)
                         log.warning("channel %s rate limited for %.1fs", policy.name,
                                     pacer.blocked_for())  # fmt: skip
-                    # Recorded before the slot is free: a crash repeats at most max_in_flight
-                    # sends of a channel, those on the wire or not yet recorded.
-                    await self._settle(row, outcome)
+                await self._settle(row, outcome)
                 if outcome.result is Result.RETRY:  # its room's later events wait for it
                     await self._give_back(sequence[index + 1 :], time.time(), "waiting for room")
                     return

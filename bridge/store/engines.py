@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from bridge.config import StoreConfig
 from bridge.store import Store
-from bridge.store.postgres import PostgresStore
 from bridge.store.sqlite import SQLiteStore
 
 
@@ -12,6 +11,9 @@ def make_store(config: StoreConfig, serving: bool) -> Store:
     """The store for `config`; `serving` is `live-bridge serve`, which alone holds SQLite's lock
     (any number of processes serve from one PostgreSQL database)."""
     if config.url is not None:
+        # Imported only when chosen: psycopg adds an eighth of a second to every start.
+        from bridge.store.postgres import PostgresStore
+
         return PostgresStore(config.url.get_secret_value(), max_size=config.pool_size)
     return SQLiteStore(config.path, exclusive=serving)
 
