@@ -29,7 +29,6 @@ from starlette.types import Receive, Scope, Send
 from bridge.admin import Admin
 from bridge.channels import Sender
 from bridge.channels.console import ConsoleSender
-from bridge.channels.slack import SlackSender
 from bridge.channels.webhook import WebhookSender
 from bridge.checks import check_templates
 from bridge.compose import Composer
@@ -55,6 +54,10 @@ def build_senders(config: Config, session: aiohttp.ClientSession) -> dict[str, S
         if isinstance(channel, ConsoleChannel):
             senders[name] = ConsoleSender()
         elif isinstance(channel, SlackChannel):
+            # Imported only when a Slack channel is configured: slack-sdk costs a tenth of a
+            # second at every start.
+            from bridge.channels.slack import SlackSender
+
             senders[name] = SlackSender(channel, session, timeout)
         else:
             senders[name] = WebhookSender(name, channel, session, timeout)
