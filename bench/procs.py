@@ -66,6 +66,24 @@ class Proc:
             time.sleep(0.005)
         return time.monotonic() - started
 
+    def backlog(self) -> int:
+        """live-bridge's deliveries pending or in flight, from its /metrics."""
+        url = f"http://127.0.0.1:{self.port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            text = reply.read().decode()
+        return sum(
+            int(float(line.rsplit(" ", 1)[1]))
+            for line in text.splitlines()
+            if line.startswith(("live_bridge_pending{", "live_bridge_in_flight{"))
+        )
+
+    def drain(self, timeout: float = 180.0) -> None:
+        """Wait until live-bridge has delivered what it acknowledged, so its backlog does not
+        take CPU from whatever is measured next."""
+        deadline = time.monotonic() + timeout
+        while self.backlog() and time.monotonic() < deadline:
+            time.sleep(0.5)
+
     def rss(self) -> int:
         assert self.process is not None
         return int(psutil.Process(self.process.pid).memory_info().rss)

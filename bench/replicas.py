@@ -82,6 +82,8 @@ def compare(work: Path, sink_url: str, rounds: int, seconds: int) -> dict[str, l
             for _ in range(rounds):
                 for name, group in procs.items():
                     results[name].append(_load(group, seconds))
+                    for proc in group:
+                        proc.drain()
         finally:
             for proc in started:
                 proc.stop()

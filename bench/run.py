@@ -48,6 +48,7 @@ def ack_ceiling(work: Path, report: Report, sink_url: str) -> None:
             results["bare"].append(wrk(url_of(bare), SECONDS))
             with live.sampling():
                 results["bridge"].append(wrk(url_of(live), SECONDS))
+            live.drain()
         report.saturation = results
         report.peak_rss_mb = live.peak_rss / 2**20
         fixed: dict[str, list[list[float]]] = {"bare": [], "bridge": []}
@@ -55,6 +56,8 @@ def ack_ceiling(work: Path, report: Report, sink_url: str) -> None:
             for name, proc in (("bare", bare), ("bridge", live)):
                 prefix = f"fixed{n}-{name}"  # new rooms each round: never a duplicate
                 sent = asyncio.run(fixed_rate(url_of(proc), 1000, SECONDS / 2, prefix))
+                if proc is live:
+                    live.drain()
                 fixed[name].append([(s.acked - s.started) * 1000 for s in sent if s.status == 200])
         report.fixed_rate = fixed
     finally:
@@ -125,7 +128,7 @@ def delivery(work: Path, report: Report, sink: str) -> None:
             "acked_per_s": acked.rps,
             "delivered_per_s": len(in_window) / (ended - started),
         }
-        time.sleep(2)
+        live.drain()
         reset()
         sent = asyncio.run(fixed_rate(url_of(live), 500, SECONDS, "lat"))
         acks = {s.room: s.acked for s in sent if s.status == 200}
