@@ -130,7 +130,8 @@ count, absolute numbers vary between runs.
 so deduplication never short-cuts the work), against a bare Starlette endpoint that reads the
 body and returns the OK packet (`bench/apps.py:bare`, under the same uvicorn) and against
 live-bridge verifying, parsing, routing, rendering and committing each callback with a route to
-a webhook sink (delivering in the background while it is measured).
+a webhook sink (delivering in the background while it is measured; the next contender is
+measured only once that backlog is delivered).
 
 | | req/s (median) | p50 ms | p99 ms |
 |---|---|---|---|
