@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from bridge.store import DeliveryRow, NewDelivery, NewEvent, Pace, State, Store
+from bridge.store import DeliveryRow, NewDelivery, Pace, State, Store
 from bridge.store.postgres import PostgresStore
 from bridge.store.sqlite import SQLiteStore
+from tests.store_rows import add, new_event, opener
 
 pytestmark = pytest.mark.anyio
 
@@ -33,38 +34,13 @@ def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Store
 async def open_store(engine: Callable[[], Store]) -> AsyncIterator[OpenStore]:
     """Opens another instance on the test's database, as a second process would; closes them
     all at the end."""
-    stores: list[Store] = []
-
-    async def open_() -> Store:
-        store = engine()
-        await store.open()
-        stores.append(store)
-        return store
-
-    yield open_
-    for store in stores:
-        await store.close()
+    async with opener(engine) as open_:
+        yield open_
 
 
 @pytest.fixture
 async def store(open_store: OpenStore) -> Store:
     return await open_store()
-
-
-def new_event(key: str = "k1", room: str | None = "r1", event_time: int | None = 1000) -> NewEvent:
-    return NewEvent(
-        sdk_app_id=1400000000, command="Live.CallbackAfterChangeOwner", room_id=room,
-        event_time=event_time, body='{"CallbackCommand":"x"}', query="{}", dedup_key=key,
-    )  # fmt: skip
-
-
-async def add(store: Store, key: str, channel: str = "a", room: str | None = "r1",
-              event_time: int | None = 1000, now: float | None = None) -> int:  # fmt: skip
-    recorded = await store.record(
-        new_event(key, room, event_time), [NewDelivery(channel, f"p-{key}")],
-        now if now is not None else time.time(), 0,
-    )  # fmt: skip
-    return recorded.event_id
 
 
 async def deliveries(store: Store) -> list[DeliveryRow]:

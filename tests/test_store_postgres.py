@@ -16,9 +16,10 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from bridge.store import Claimed, NewDelivery, NewEvent, StoreUnavailable
+from bridge.store import Claimed, NewDelivery, StoreUnavailable
 from bridge.store.pg_schema import SCHEMA_VERSION
 from bridge.store.postgres import PostgresStore
+from tests.store_rows import new_event, opener
 
 pytestmark = pytest.mark.anyio
 
@@ -31,24 +32,12 @@ PostgresSQL = Callable[..., list[tuple[Any, ...]]]  # the `postgres_sql` fixture
 @pytest.fixture
 async def open_store(postgres_url: str) -> AsyncIterator[OpenStore]:
     """Opens a store on the test's database, as another process would; closes them all."""
-    stores: list[PostgresStore] = []
 
-    async def open_(url: str = postgres_url, **options: Any) -> PostgresStore:
-        store = PostgresStore(url, **options)
-        await store.open()
-        stores.append(store)
-        return store
+    def make(url: str = postgres_url, **options: Any) -> PostgresStore:
+        return PostgresStore(url, **options)
 
-    yield open_
-    for store in stores:
-        await store.close()
-
-
-def new_event(key: str, room: str | None = "r1", event_time: int | None = 1000) -> NewEvent:
-    return NewEvent(
-        sdk_app_id=1400000000, command="Live.CallbackAfterChangeOwner", room_id=room,
-        event_time=event_time, body="{}", query="{}", dedup_key=key,
-    )  # fmt: skip
+    async with opener(make) as open_:
+        yield open_
 
 
 def with_password(url: str) -> str:

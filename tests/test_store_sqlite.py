@@ -11,18 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from bridge.store import NewDelivery, NewEvent, Pace, StoreUnavailable
+from bridge.store import NewDelivery, Pace, StoreUnavailable
 from bridge.store.schema import MIGRATIONS, SCHEMA_VERSION, migrate
 from bridge.store.sqlite import SQLiteStore
+from tests.store_rows import add, new_event
 
 pytestmark = pytest.mark.anyio
-
-
-def new_event(key: str = "k1", room: str | None = "r1", event_time: int | None = 1000) -> NewEvent:
-    return NewEvent(
-        sdk_app_id=1400000000, command="Live.CallbackAfterChangeOwner", room_id=room,
-        event_time=event_time, body='{"CallbackCommand":"x"}', query="{}", dedup_key=key,
-    )  # fmt: skip
 
 
 @pytest.fixture
@@ -39,15 +33,6 @@ def rows(path: Path, sql: str) -> list[tuple[object, ...]]:
         return conn.execute(sql).fetchall()
     finally:
         conn.close()
-
-
-async def add(store: SQLiteStore, key: str, channel: str = "a", room: str | None = "r1",
-              event_time: int | None = 1000, now: float | None = None) -> int:  # fmt: skip
-    recorded = await store.record(
-        new_event(key, room, event_time), [NewDelivery(channel, f"p-{key}")],
-        now if now is not None else time.time(), 0,
-    )  # fmt: skip
-    return recorded.event_id
 
 
 async def test_concurrent_records_share_commits(store: SQLiteStore) -> None:

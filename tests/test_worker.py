@@ -29,6 +29,7 @@ from bridge.store.sqlite import SQLiteStore
 from bridge.worker import ChannelPolicy, Worker, backoff
 from tests.bridge_server import OWNER, write_config
 from tests.slack_standin import SlackStandIn
+from tests.store_rows import opener
 
 pytestmark = pytest.mark.anyio
 
@@ -44,17 +45,8 @@ OpenStore = Callable[[], Awaitable[SQLiteStore]]
 @pytest.fixture
 async def open_store(tmp_path: Path) -> AsyncIterator[OpenStore]:
     """Opens the test's database, as often as a test restarts; closes every store at the end."""
-    stores: list[SQLiteStore] = []
-
-    async def open_() -> SQLiteStore:
-        store = SQLiteStore(tmp_path / "bridge.db")
-        await store.open()
-        stores.append(store)
-        return store
-
-    yield open_
-    for store in stores:
-        await store.close()
+    async with opener(lambda: SQLiteStore(tmp_path / "bridge.db")) as open_:
+        yield open_
 
 
 def make_composer(tmp_path: Path, channels: dict[str, str]) -> Composer:
