@@ -3,20 +3,26 @@
 `write_config(dir, port, channels=..., routes=...)` writes a TOML config; `InThread(config)` runs
 `create_app` under uvicorn in a thread; `Subprocess(path)` runs `python -m bridge serve`. Both
 are context managers that stop what they started; `post_callback` talks to either like Tencent.
+`db_rows` and `delivery_states` read a SQLite store beside the bridge, or after it was killed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import json
+import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Coroutine, Mapping
+from collections import Counter
+from collections.abc import Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,6 +41,21 @@ SEED_BODY = (
     b'"OriginalOwner_Account":"user1"}'
 )
 OK_PACKET = b'{"ActionStatus":"OK","ErrorInfo":"","ErrorCode":0}'
+
+
+def signing_secret() -> str:
+    """A new Standard Webhooks signing secret."""
+    return "whsec_" + base64.b64encode(os.urandom(24)).decode()
+
+
+def db_rows(db: Path, sql: str, params: Sequence[object] = ()) -> list[Any]:
+    """The rows of one query on a SQLite store file."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def delivery_states(db: Path) -> Counter[str]:
+    return Counter(row[0] for row in db_rows(db, "SELECT state FROM deliveries"))
 
 
 def free_port() -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import sqlite3
 import threading
 import time
 import urllib.error
@@ -22,6 +21,7 @@ from tests.bridge_server import (
     SEED_BODY,
     InThread,
     NoRedirect,
+    db_rows,
     http_request,
     post_callback,
     wait_until,
@@ -37,11 +37,6 @@ ROUTE = '[[routes]]\nname = "all"\nchannels = ["hook"]\n'
 
 def room(n: int) -> bytes:
     return SEED_BODY.replace(b'"room_id"', f'"room-{n}"'.encode())
-
-
-def rows(db: Path, sql: str) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(db) as conn:
-        return conn.execute(sql).fetchall()
 
 
 @pytest.fixture
@@ -186,7 +181,7 @@ def test_reload_under_live_traffic(tmp_path: Path, slack: SlackStandIn) -> None:
         posted = len(answers)
         assert answers == [(200, OK_PACKET)] * posted  # nothing refused, nothing dropped
         db = bridge.config.store.path
-        assert rows(db, "SELECT COUNT(*) FROM events") == [(posted,)]
+        assert db_rows(db, "SELECT COUNT(*) FROM events") == [(posted,)]
         assert slack.wait_for(
             lambda s: len([r for r in s.sink_requests if r.path.endswith("/sink")]) == posted
         )
@@ -208,12 +203,12 @@ def test_reload_buries_deliveries_of_a_removed_channel(tmp_path: Path, slack: Sl
         assert post_callback(bridge.url) == (200, OK_PACKET)
         db = bridge.config.store.path
         assert wait_until(
-            lambda: ("gone", "pending") in rows(db, "SELECT channel, state FROM deliveries")
+            lambda: ("gone", "pending") in db_rows(db, "SELECT channel, state FROM deliveries")
         )
         config.write_text(config.read_text().replace(gone, "").replace(both, ROUTE))
         status, _, body = http_request(bridge.url + "/-/reload", "POST")
         assert status == 200 and "1 deliveries to removed channels" in json.loads(body)["message"]
-    assert ("gone", "dead", "channel removed from the config") in rows(
+    assert ("gone", "dead", "channel removed from the config") in db_rows(
         db, "SELECT channel, state, last_error FROM deliveries"
     )
 
@@ -251,7 +246,7 @@ def test_status_page_in_a_real_browser(tmp_path: Path, slack: SlackStandIn) -> N
         for n in range(2):
             assert post_callback(bridge.url, room(n)) == (200, OK_PACKET)
         db = bridge.config.store.path
-        assert wait_until(lambda: rows(db, "SELECT state FROM deliveries") == [("dead",)] * 2)
+        assert wait_until(lambda: db_rows(db, "SELECT state FROM deliveries") == [("dead",)] * 2)
         web = webdriver.Chrome(service=Service(driver_path), options=options)
         try:
             web.get(bridge.url + "/status")
@@ -270,7 +265,7 @@ def test_status_page_in_a_real_browser(tmp_path: Path, slack: SlackStandIn) -> N
             assert notice == "2 dead letters of hook are pending again."
             assert slack.wait_for(lambda s: len([r for r in s.sink_requests]) == 4)
             assert wait_until(
-                lambda: rows(db, "SELECT state FROM deliveries") == [("delivered",)] * 2
+                lambda: db_rows(db, "SELECT state FROM deliveries") == [("delivered",)] * 2
             )
             web.refresh()
             row = web.find_element(By.CSS_SELECTOR, 'tr[data-channel="hook"]')

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import base64
 import json
-import os
-import sqlite3
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from standardwebhooks.webhooks import Webhook
@@ -18,9 +14,11 @@ from tests.bridge_server import (
     SEED_BODY,
     InThread,
     Subprocess,
+    db_rows,
     free_port,
     get,
     post_callback,
+    signing_secret,
     wait_until,
     write_config,
 )
@@ -30,16 +28,8 @@ TOKEN = "xoxb-test-token"
 CHANNEL = "C0123456789"
 
 
-def _rows(db: Path, sql: str) -> list[Any]:
-    conn = sqlite3.connect(db)
-    try:
-        return conn.execute(sql).fetchall()
-    finally:
-        conn.close()
-
-
 def deliveries(db: Path) -> list[tuple[str, str, int, str | None]]:
-    return _rows(db, "SELECT channel, state, attempts, last_error FROM deliveries ORDER BY id")
+    return db_rows(db, "SELECT channel, state, attempts, last_error FROM deliveries ORDER BY id")
 
 
 def owner_change(room: str, new: str = "user2") -> bytes:
@@ -51,7 +41,7 @@ def owner_change(room: str, new: str = "user2") -> bytes:
 def test_every_channel_type_delivers(
     tmp_path: Path, slack: SlackStandIn, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    secret = "whsec_" + base64.b64encode(os.urandom(24)).decode()
+    secret = signing_secret()
     channels = f"""
 [channels.console]
 type = "console"
@@ -240,7 +230,7 @@ def test_bad_template_stops_start_up_naming_route(tmp_path: Path) -> None:
 
 def test_kill_9_during_sends_loses_nothing(tmp_path: Path, slack: SlackStandIn) -> None:
     port = free_port()
-    secret = "whsec_" + base64.b64encode(os.urandom(24)).decode()
+    secret = signing_secret()
     channels = (
         f'[channels.sink]\ntype = "webhook"\nurl = "{slack.sink_url()}"\nmax_in_flight = 4\n'
         f'signing_secret = "{secret}"\n'
@@ -255,7 +245,7 @@ def test_kill_9_during_sends_loses_nothing(tmp_path: Path, slack: SlackStandIn) 
         assert slack.wait_for(lambda s: len(s.sink_requests) >= 8)
         bridge.kill()
     in_flight = {  # claimed and not yet recorded at the kill: the only ones that may repeat
-        row[0] for row in _rows(
+        row[0] for row in db_rows(
             tmp_path / "bridge.db",
             "SELECT d.room_id FROM deliveries d WHERE d.state = 'in_flight'",
         )

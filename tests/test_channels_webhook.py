@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import base64
-import os
 import socket
 
 import aiohttp
@@ -12,6 +10,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from bridge.channels import DELIVERED, Outcome, Result
 from bridge.channels.webhook import WebhookSender
 from bridge.config import WebhookChannel
+from tests.bridge_server import signing_secret
 from tests.slack_standin import SlackStandIn
 
 pytestmark = pytest.mark.anyio
@@ -19,10 +18,6 @@ pytestmark = pytest.mark.anyio
 PAYLOAD = '{"event":"room created","room":"r1","owner":"Zoë"}'
 QUERY_TOKEN = "s3cr3tQueryToken"
 HEADER_SECRET = "Bearer s3cr3tHeaderValue"
-
-
-def new_secret() -> str:
-    return "whsec_" + base64.b64encode(os.urandom(32)).decode()
 
 
 def channel(url: str, signing_secret: str | None = None) -> WebhookChannel:
@@ -72,7 +67,7 @@ async def test_delivered_with_configured_headers(
 async def test_signed_request_verifies_with_standard_webhooks(
     slack: SlackStandIn, session: aiohttp.ClientSession
 ) -> None:
-    secret = new_secret()
+    secret = signing_secret()
     assert await send(channel(slack.sink_url(), secret), session) == DELIVERED
     (request,) = slack.sink_requests
     assert {"webhook-id", "webhook-timestamp", "webhook-signature"} <= request.headers.keys()
@@ -82,13 +77,13 @@ async def test_signed_request_verifies_with_standard_webhooks(
     with pytest.raises(WebhookVerificationError):
         Webhook(secret).verify(request.body.replace(b"r1", b"r2"), request.headers)
     with pytest.raises(WebhookVerificationError):
-        Webhook(new_secret()).verify(request.body, request.headers)
+        Webhook(signing_secret()).verify(request.body, request.headers)
 
 
 async def test_webhook_id_is_stable_per_delivery(
     slack: SlackStandIn, session: aiohttp.ClientSession
 ) -> None:
-    settings = channel(slack.sink_url(), new_secret())
+    settings = channel(slack.sink_url(), signing_secret())
     for delivery_id, name in [(7, "hooks"), (7, "hooks"), (8, "hooks"), (7, "other")]:
         assert await send(settings, session, delivery_id, name) == DELIVERED
     first, again, next_delivery, other_channel = (
@@ -118,7 +113,7 @@ async def test_status_is_classified(
 ) -> None:
     slack.set_sink_status("hooks", status)
     url = slack.sink_url("hooks") + f"?token={QUERY_TOKEN}"
-    assert await send(channel(url, new_secret()), session) == expected
+    assert await send(channel(url, signing_secret()), session) == expected
     assert len(slack.sink_requests) == 1
 
 
@@ -138,11 +133,11 @@ async def test_retry_after_is_passed_on(
     expected: Outcome,
 ) -> None:
     slack.fail_next(1, status=status, retry_after=retry_after, kind="sink")
-    assert await send(channel(slack.sink_url(), new_secret()), session) == expected
+    assert await send(channel(slack.sink_url(), signing_secret()), session) == expected
 
 
 async def test_connection_refused_is_retried(session: aiohttp.ClientSession) -> None:
     url = f"http://127.0.0.1:{closed_port()}/hooks/s3cr3tPath?token={QUERY_TOKEN}"
-    outcome = await send(channel(url, new_secret()), session)
+    outcome = await send(channel(url, signing_secret()), session)
     assert outcome.result is Result.RETRY
     assert outcome.error.startswith("cannot connect: ")

@@ -9,13 +9,10 @@ acknowledged: Tencent sees a failure and sends it again, so it is not counted.
 
 from __future__ import annotations
 
-import base64
 import http.client
 import itertools
 import json
-import os
 import random
-import sqlite3
 import threading
 import time
 from collections import Counter
@@ -26,8 +23,11 @@ from tests.bridge_server import (
     OK_PACKET,
     SEED_BODY,
     Subprocess,
+    db_rows,
+    delivery_states,
     free_port,
     post_callback,
+    signing_secret,
     wait_until,
     write_config,
 )
@@ -108,27 +108,14 @@ class Flapper:
         return status
 
 
-def delivery_states(db: Path) -> Counter[str]:
-    conn = sqlite3.connect(db)
-    try:
-        return Counter(row[0] for row in conn.execute("SELECT state FROM deliveries"))
-    finally:
-        conn.close()
-
-
 def delivered_rooms(db: Path) -> set[str]:
-    conn = sqlite3.connect(db)
-    try:
-        rows = conn.execute("SELECT room_id FROM deliveries WHERE state = 'delivered'")
-        return {row[0] for row in rows}
-    finally:
-        conn.close()
+    return {r[0] for r in db_rows(db, "SELECT room_id FROM deliveries WHERE state = 'delivered'")}
 
 
 def test_kill_9_in_a_loop_loses_no_acknowledged_event(tmp_path: Path, slack: SlackStandIn) -> None:
     rng = random.Random(SEED)
     port = free_port()
-    secret = "whsec_" + base64.b64encode(os.urandom(24)).decode()
+    secret = signing_secret()
     channels = (
         f'[channels.sink]\ntype = "webhook"\nurl = "{slack.sink_url()}"\n'
         f'max_in_flight = {MAX_IN_FLIGHT}\nsigning_secret = "{secret}"\n'

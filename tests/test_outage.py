@@ -4,14 +4,11 @@ loaded machine does not matter), and delivers everything once the sink is back."
 
 from __future__ import annotations
 
-import base64
 import itertools
 import json
 import os
-import sqlite3
 import statistics
 import time
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -20,8 +17,10 @@ from tests.bridge_server import (
     OK_PACKET,
     SEED_BODY,
     Subprocess,
+    delivery_states,
     free_port,
     post_callback,
+    signing_secret,
     wait_until,
     write_config,
 )
@@ -51,21 +50,13 @@ def backoff_bounds(attempt: int) -> tuple[float, float]:
     return max(INITIAL_S, base / 2), base
 
 
-def delivery_states(db: Path) -> Counter[str]:
-    conn = sqlite3.connect(db)
-    try:
-        return Counter(row[0] for row in conn.execute("SELECT state FROM deliveries"))
-    finally:
-        conn.close()
-
-
 def test_outage_backs_off_idles_and_then_delivers_everything(
     tmp_path: Path, slack: SlackStandIn
 ) -> None:
     if not Path(f"/proc/{os.getpid()}/stat").exists():
         pytest.skip("reading a process's CPU time needs Linux /proc")
     port = free_port()
-    secret = "whsec_" + base64.b64encode(os.urandom(24)).decode()
+    secret = signing_secret()
     channels = (
         f'[channels.sink]\ntype = "webhook"\nurl = "{slack.sink_url()}"\nmax_in_flight = 4\n'
         f'signing_secret = "{secret}"\n'

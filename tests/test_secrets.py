@@ -36,6 +36,7 @@ from tests.bridge_server import (
     SEED_BODY,
     InThread,
     NoRedirect,
+    db_rows,
     free_port,
     http_request,
     post_callback,
@@ -187,8 +188,7 @@ def room(name: str) -> bytes:
 
 
 def deliveries(db: Path) -> list[tuple[str, str, str | None]]:
-    with contextlib.closing(sqlite3.connect(db)) as conn:
-        return conn.execute("SELECT channel, state, last_error FROM deliveries").fetchall()
+    return db_rows(db, "SELECT channel, state, last_error FROM deliveries")
 
 
 def quiet(db: Path) -> bool:

@@ -14,6 +14,7 @@ import pytest
 from bridge.store import NewDelivery, Pace, StoreUnavailable
 from bridge.store.schema import MIGRATIONS, SCHEMA_VERSION, migrate
 from bridge.store.sqlite import SQLiteStore
+from tests.bridge_server import db_rows
 from tests.store_rows import add, new_event
 
 pytestmark = pytest.mark.anyio
@@ -27,14 +28,6 @@ async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
     await s.close()
 
 
-def rows(path: Path, sql: str) -> list[tuple[object, ...]]:
-    conn = sqlite3.connect(path)
-    try:
-        return conn.execute(sql).fetchall()
-    finally:
-        conn.close()
-
-
 async def test_concurrent_records_share_commits(store: SQLiteStore) -> None:
     before = store.commits
     now = time.time()
@@ -43,7 +36,7 @@ async def test_concurrent_records_share_commits(store: SQLiteStore) -> None:
     )
     assert len({r.event_id for r in results}) == 200
     assert store.commits - before < 100  # one fsync per batch, not per callback
-    assert rows(store.path, "SELECT COUNT(*) FROM deliveries") == [(200,)]
+    assert db_rows(store.path, "SELECT COUNT(*) FROM deliveries") == [(200,)]
 
 
 async def test_recover_releases_what_a_dead_process_had_in_flight(tmp_path: Path) -> None:
@@ -115,7 +108,7 @@ async def test_schema_version_recorded_and_newer_refused(tmp_path: Path) -> None
     await s.open()
     await s.ping()
     await s.close()
-    assert rows(path, "SELECT value FROM meta WHERE key = 'schema_version'") == [
+    assert db_rows(path, "SELECT value FROM meta WHERE key = 'schema_version'") == [
         (str(SCHEMA_VERSION),)
     ]
     conn = sqlite3.connect(path)
@@ -155,7 +148,7 @@ async def test_older_database_is_migrated_keeping_its_rows(
     )
     migrate(conn)
     conn.close()
-    assert rows(path, "SELECT room_id, order_ts, owner FROM deliveries") == [
+    assert db_rows(path, "SELECT room_id, order_ts, owner FROM deliveries") == [
         (*room_and_order, None)
     ]
     s = SQLiteStore(path)
@@ -170,4 +163,4 @@ async def test_older_database_is_migrated_keeping_its_rows(
         assert await s.take_channel("a", now, 30) is not None
     finally:
         await s.close()
-    assert rows(path, "SELECT state FROM deliveries") == [("delivered",)]
+    assert db_rows(path, "SELECT state FROM deliveries") == [("delivered",)]

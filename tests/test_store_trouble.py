@@ -23,11 +23,9 @@ import errno
 import json
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
@@ -38,6 +36,7 @@ from tests.bridge_server import (
     OK_PACKET,
     SEED_BODY,
     Subprocess,
+    delivery_states,
     free_port,
     get,
     post_callback,
@@ -183,14 +182,6 @@ def store_config(tmp_path: Path, store: Path, slack: SlackStandIn) -> tuple[Path
     assert 'path = "bridge.db"' in text
     config.write_text(text.replace('path = "bridge.db"', f'path = "{store / "bridge.db"}"'))
     return config, port
-
-
-def delivery_states(db: Path) -> Counter[str]:
-    conn = sqlite3.connect(db)
-    try:
-        return Counter(row[0] for row in conn.execute("SELECT state FROM deliveries"))
-    finally:
-        conn.close()
 
 
 def rooms_received(slack: SlackStandIn, since: float = 0.0) -> set[str]:

@@ -27,7 +27,7 @@ from bridge.samples import sample
 from bridge.store import NewDelivery, NewEvent
 from bridge.store.sqlite import SQLiteStore
 from bridge.worker import ChannelPolicy, Worker, backoff
-from tests.bridge_server import OWNER, write_config
+from tests.bridge_server import OWNER, db_rows, write_config
 from tests.slack_standin import SlackStandIn
 from tests.store_rows import opener
 
@@ -89,10 +89,7 @@ async def record(store: SQLiteStore, *channels: str) -> None:
 
 
 def deliveries(path: Path) -> list[tuple[Any, ...]]:
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        return conn.execute(
-            "SELECT channel, state, attempts, last_error FROM deliveries ORDER BY id"
-        ).fetchall()
+    return db_rows(path, "SELECT channel, state, attempts, last_error FROM deliveries ORDER BY id")
 
 
 def states(path: Path) -> list[str]:
