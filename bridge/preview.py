@@ -11,8 +11,8 @@ console messages as they are. Exit status: 0 printed; 1 the template fails (the 
 template and line); 2 a config that does not load, an unknown channel (the configured ones are
 listed), or an event that cannot be read or is not a callback.
 
-The helpers here (`load`, `channel_named`, `read_body`, `event_from`, `context_now`) are shared
-with `send-test` and `simulate`.
+The helpers here (`load`, `channel_named`, `read_body`, `event_from`, `context_now`,
+`render_for`) are shared with `send-test` and `simulate`.
 """
 
 from __future__ import annotations
@@ -62,12 +62,8 @@ def main(args: argparse.Namespace) -> int:
     except Unusable as exc:
         print(f"live-bridge: {exc}", file=sys.stderr)
         return 2
-    try:
-        payload = Renderer(config.templates).render(
-            channel.type, parse_event(fields), fields, context_now(config), channel.template
-        )
-    except RenderError as exc:
-        print(f"live-bridge: channel {name!r}, {fields['CallbackCommand']}: {exc}", file=sys.stderr)
+    payload = render_for(config, name, channel, fields)
+    if payload is None:
         return 1
     print(payload if channel.type == "console" else pretty(payload))
     return 0
@@ -84,6 +80,18 @@ def load(explicit: str | None) -> tuple[Path, Config]:
         return path, load_config(path)
     except ConfigError as exc:
         raise Unusable(str(exc)) from None
+
+
+def render_for(config: Config, name: str, channel: Channel, fields: dict[str, Any]) -> str | None:
+    """Channel `name`'s payload for the event `fields`, received now; None when its template
+    fails, which is said on stderr with the template and line."""
+    try:
+        return Renderer(config.templates).render(
+            channel.type, parse_event(fields), fields, context_now(config), channel.template
+        )
+    except RenderError as exc:
+        print(f"live-bridge: channel {name!r}, {fields['CallbackCommand']}: {exc}", file=sys.stderr)
+        return None
 
 
 def channel_named(config: Config, path: Path, name: str) -> tuple[str, Channel]:

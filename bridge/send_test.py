@@ -22,9 +22,8 @@ import aiohttp
 
 from bridge.channels import Outcome, Result
 from bridge.config import CONFIG_HELP, Channel, Config, SlackChannel
-from bridge.events import OWNER_CHANGED, parse_event
-from bridge.preview import Unusable, channel_named, context_now, load
-from bridge.render import Renderer, RenderError
+from bridge.events import OWNER_CHANGED
+from bridge.preview import Unusable, channel_named, load, render_for
 from bridge.samples import sample
 
 
@@ -43,13 +42,8 @@ def main(args: argparse.Namespace) -> int:
     except Unusable as exc:
         print(f"live-bridge: {exc}", file=sys.stderr)
         return 2
-    fields = sample(OWNER_CHANGED)
-    try:
-        payload = Renderer(config.templates).render(
-            channel.type, parse_event(fields), fields, context_now(config), channel.template
-        )
-    except RenderError as exc:
-        print(f"live-bridge: channel {name!r}, {OWNER_CHANGED}: {exc}", file=sys.stderr)
+    payload = render_for(config, name, channel, sample(OWNER_CHANGED))
+    if payload is None:
         return 1
     outcome = asyncio.run(_send(config, name, payload))
     print(f"{name} ({_describe(channel)}): {_outcome(outcome)}")
