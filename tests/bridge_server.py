@@ -48,6 +48,18 @@ def signing_secret() -> str:
     return "whsec_" + base64.b64encode(os.urandom(24)).decode()
 
 
+SINK_ROUTE = '[[routes]]\nname = "all"\nchannels = ["sink"]\n'
+
+
+def signed_sink(url: str, secret: str, max_in_flight: int = 4) -> str:
+    """The TOML of a webhook channel `sink` at `url` that signs with `secret`; SINK_ROUTE
+    routes everything to it."""
+    return (
+        f'[channels.sink]\ntype = "webhook"\nurl = "{url}"\nmax_in_flight = {max_in_flight}\n'
+        f'signing_secret = "{secret}"\n'
+    )
+
+
 def db_rows(db: Path, sql: str, params: Sequence[object] = ()) -> list[Any]:
     """The rows of one query on a SQLite store file."""
     with contextlib.closing(sqlite3.connect(db)) as conn:

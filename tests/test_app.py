@@ -12,12 +12,14 @@ from standardwebhooks.webhooks import Webhook
 from tests.bridge_server import (
     OK_PACKET,
     SEED_BODY,
+    SINK_ROUTE,
     InThread,
     Subprocess,
     db_rows,
     free_port,
     get,
     post_callback,
+    signed_sink,
     signing_secret,
     wait_until,
     write_config,
@@ -231,11 +233,7 @@ def test_bad_template_stops_start_up_naming_route(tmp_path: Path) -> None:
 def test_kill_9_during_sends_loses_nothing(tmp_path: Path, slack: SlackStandIn) -> None:
     port = free_port()
     secret = signing_secret()
-    channels = (
-        f'[channels.sink]\ntype = "webhook"\nurl = "{slack.sink_url()}"\nmax_in_flight = 4\n'
-        f'signing_secret = "{secret}"\n'
-    )
-    routes = '[[routes]]\nname = "all"\nchannels = ["sink"]\n'
+    channels, routes = signed_sink(slack.sink_url(), secret), SINK_ROUTE
     slack.set_sink_delay("sink", 0.3)  # sends are in flight when the kill comes
     config = write_config(tmp_path, port, channels=channels, routes=routes)
     rooms = [f"room-{n}" for n in range(40)]

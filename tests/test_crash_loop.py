@@ -22,11 +22,13 @@ from pathlib import Path
 from tests.bridge_server import (
     OK_PACKET,
     SEED_BODY,
+    SINK_ROUTE,
     Subprocess,
     db_rows,
     delivery_states,
     free_port,
     post_callback,
+    signed_sink,
     signing_secret,
     wait_until,
     write_config,
@@ -116,11 +118,7 @@ def test_kill_9_in_a_loop_loses_no_acknowledged_event(tmp_path: Path, slack: Sla
     rng = random.Random(SEED)
     port = free_port()
     secret = signing_secret()
-    channels = (
-        f'[channels.sink]\ntype = "webhook"\nurl = "{slack.sink_url()}"\n'
-        f'max_in_flight = {MAX_IN_FLIGHT}\nsigning_secret = "{secret}"\n'
-    )
-    routes = '[[routes]]\nname = "all"\nchannels = ["sink"]\n'
+    channels, routes = signed_sink(slack.sink_url(), secret, MAX_IN_FLIGHT), SINK_ROUTE
     # Short backoff: retries keep up with the flapping; nothing may become a dead letter.
     delivery = "initial_backoff_s = 0.05\nmax_backoff_s = 0.3\nmax_attempts = 1000\n"
     config = write_config(tmp_path, port, channels=channels, routes=routes, delivery=delivery)

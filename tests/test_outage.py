@@ -16,10 +16,12 @@ import pytest
 from tests.bridge_server import (
     OK_PACKET,
     SEED_BODY,
+    SINK_ROUTE,
     Subprocess,
     delivery_states,
     free_port,
     post_callback,
+    signed_sink,
     signing_secret,
     wait_until,
     write_config,
@@ -57,11 +59,7 @@ def test_outage_backs_off_idles_and_then_delivers_everything(
         pytest.skip("reading a process's CPU time needs Linux /proc")
     port = free_port()
     secret = signing_secret()
-    channels = (
-        f'[channels.sink]\ntype = "webhook"\nurl = "{slack.sink_url()}"\nmax_in_flight = 4\n'
-        f'signing_secret = "{secret}"\n'
-    )
-    routes = '[[routes]]\nname = "all"\nchannels = ["sink"]\n'
+    channels, routes = signed_sink(slack.sink_url(), secret), SINK_ROUTE
     delivery = f"initial_backoff_s = {INITIAL_S}\nmax_backoff_s = {CAP_S}\nmax_attempts = 50\n"
     config = write_config(tmp_path, port, channels=channels, routes=routes, delivery=delivery)
     slack.set_sink_status("sink", 503)
