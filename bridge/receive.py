@@ -76,6 +76,7 @@ class Receiver:
         self.on_recorded = on_recorded
         self.metrics = metrics
         self.counts: Counter[str] = Counter()  # results by name
+        self._unstored = 0  # callbacks refused in a row because the store could not commit
 
     async def handle(self, request: Request) -> Response:
         started = time.perf_counter()
@@ -125,8 +126,16 @@ class Receiver:
                 record, deliveries, now, self.config.delivery.dedup_window_s
             )
         except StoreUnavailable as exc:
-            log.error("cannot store callback %s: %s", event.CallbackCommand, exc)
+            # One line for an outage, not one per callback: Tencent may call a thousand times
+            # a second, and the metrics count every refusal.
+            self._unstored += 1
+            if self._unstored == 1 or self._unstored % 1000 == 0:
+                log.error("cannot store callbacks (%d refused with 503 so far): %s",
+                          self._unstored, exc)  # fmt: skip
             return packet(503, "store unavailable"), "store_unavailable", record.command
+        if self._unstored:
+            log.warning("store available again: %d callbacks were refused with 503", self._unstored)
+            self._unstored = 0
         if recorded.duplicate:
             log.info("duplicate of event=%d within the dedup window", recorded.event_id)
             return packet(200), "duplicate", record.command
@@ -141,7 +150,8 @@ class Receiver:
     ) -> list[NewDelivery]:  # fmt: skip
         match = self.router.route_event(event)
         if not match.channels:
-            log.info("no route matched %s room=%s", event.CallbackCommand, event.room())
+            # Counted in the metrics (result "unrouted"); a line each would flood the log.
+            log.debug("no route matched %s room=%s", event.CallbackCommand, event.room())
             return []
         ctx = Context(sdk_app_id=app_id, received_at=now, query=query)
         deliveries = []

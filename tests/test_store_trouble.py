@@ -255,6 +255,10 @@ def test_callbacks_answer_503_and_the_bridge_recovers(
         acknowledged.update(after)
         assert_all_delivered(slack, store / "bridge.db", acknowledged)
         assert bridge.process.poll() is None
+    log = (tmp_path / "bridge.log").read_text()
+    assert log.count("cannot store callbacks") == 1  # the outage, not each callback
+    if kind == "full":  # the same process recovers (a read-only disk takes a restart)
+        assert "store available again: 5 callbacks were refused with 503" in log
 
 
 @pytest.mark.parametrize("kind", TROUBLES)

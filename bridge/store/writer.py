@@ -90,7 +90,9 @@ class GroupCommitWriter:
             conn.execute("COMMIT")
             self.commits += 1
         except sqlite3.Error as exc:
-            log.error("store commit failed: %s", exc)
+            # Every caller gets the error, and those that log it do so throttled: one line per
+            # failed batch would be one per callback during an outage.
+            log.debug("store commit failed: %s", exc)
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
