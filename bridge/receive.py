@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -67,15 +66,14 @@ def dedup_key(command: str, body: bytes) -> str:
 class Receiver:
     def __init__(
         self, config: Config, store: Store, router: Router, renderer: Renderer,
-        on_recorded: Callable[[], None], metrics: Metrics | None = None,
+        on_recorded: Callable[[], None], metrics: Metrics,
     ) -> None:  # fmt: skip
         self.config = config
         self.store = store
         self.router = router
         self.renderer = renderer
         self.on_recorded = on_recorded
-        self.metrics = metrics
-        self.counts: Counter[str] = Counter()  # results by name
+        self.metrics = metrics  # counts every callback by command and result
         self._unstored = 0  # callbacks refused in a row because the store could not commit
 
     async def handle(self, request: Request) -> Response:
@@ -89,9 +87,7 @@ class Receiver:
         except Exception:
             log.exception("callback failed")
             response, result = packet(500, "internal error"), "error"
-        self.counts[result] += 1
-        if self.metrics is not None:
-            self.metrics.callback(command, result, time.perf_counter() - started)
+        self.metrics.callback(command, result, time.perf_counter() - started)
         return response
 
     async def _handle(self, request: Request) -> tuple[Response, str, str]:

@@ -201,7 +201,9 @@ def test_unrouted_event_is_acknowledged_and_counted(tmp_path: Path) -> None:
     routes = '[[routes]]\nname = "vip"\nrooms = ["vip-*"]\nchannels = ["console"]\n'
     with InThread(write_config(tmp_path, routes=routes)) as running:
         assert post_callback(running.url) == (200, OK_PACKET)
-        assert running.app.state.bridge.receiver.counts["unrouted"] == 1
+        registry = running.app.state.bridge.metrics.registry
+        labels = {"command": OWNER, "result": "unrouted"}
+        assert registry.get_sample_value("live_bridge_callbacks_total", labels) == 1
         assert len(events(running)) == 1
 
 
