@@ -59,9 +59,18 @@ class Metrics:
             "live_bridge_config_reloads", "Configuration reloads, by result.", ["result"],
             registry=r,
         )  # fmt: skip
+        self._callback_series: dict[tuple[str | None, str], Counter] = {}
 
     def callback(self, command: str | None, result: str, seconds: float) -> None:
-        self.callbacks.labels(command_label(command or ""), result).inc()
+        # labels() builds and locks on every call; the series are few (bounded labels), so
+        # each is looked up once.
+        key = (command, result)
+        series = self._callback_series.get(key)
+        if series is None:
+            series = self.callbacks.labels(command_label(command or ""), result)
+            if len(self._callback_series) < 1000:  # commands come from callers
+                self._callback_series[key] = series
+        series.inc()
         self.ack_latency.observe(seconds)
 
     def outcome(self, channel: str, outcome: str, received_at: float | None = None) -> None:

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import parse_qsl
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -33,13 +34,14 @@ OK_PACKET = b'{"ActionStatus":"OK","ErrorInfo":"","ErrorCode":0}'
 def packet(status: int, info: str = "") -> Response:
     """A Tencent response packet; ErrorCode is the HTTP status of a refusal, 0 for OK."""
     if status == 200:
-        body = OK_PACKET
-    else:
-        body = json.dumps(
-            {"ActionStatus": "FAIL", "ErrorInfo": info, "ErrorCode": status},
-            separators=(",", ":"),
-        ).encode()
+        return _OK  # a Response keeps no per-request state: one serves every OK
+    body = json.dumps(
+        {"ActionStatus": "FAIL", "ErrorInfo": info, "ErrorCode": status}, separators=(",", ":")
+    ).encode()
     return Response(body, status_code=status, media_type="application/json")
+
+
+_OK = Response(OK_PACKET, status_code=200, media_type="application/json")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -93,7 +95,10 @@ class Receiver:
     async def _handle(self, request: Request) -> tuple[Response, str, str]:
         now = time.time()
         tencent = self.config.tencent
-        query = query_keys(request.query_params.multi_items())
+        # parse_qsl straight from the scope: what Starlette's QueryParams does, minus its
+        # multi-dict, which nothing here needs.
+        raw = request.scope["query_string"].decode("latin-1")
+        query = query_keys(parse_qsl(raw, keep_blank_values=True))
         app_id = check_app_id(query, tencent.sdk_app_id)
         check_signature(query, tencent.callback_token, tencent.max_request_age_s, now)
         body = await read_body(request, self.config.server.max_body_bytes)

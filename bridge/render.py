@@ -119,6 +119,21 @@ def _same(text: str) -> str:
     return text
 
 
+def _jsonable(value: Any) -> Any:
+    """What json.dumps cannot encode itself: read-only mappings and models."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="python")
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _tojson_plain(value: Any) -> Json:
+    # Nothing to escape inside the strings: json.dumps encodes the value in C, walking it in
+    # Python only for what it cannot encode. The same JSON as _tojson_for(_same), cheaper.
+    return Json(json.dumps(value, ensure_ascii=False, default=_jsonable))
+
+
 def as_text(value: Any) -> str:
     """Any value as plain one-line text (JSON for lists and objects), to be escaped like text."""
     value = _plain(value)
@@ -136,12 +151,12 @@ FINALIZE: dict[str, Callable[[Any], str]] = {
 
 def _console_tojson(value: Any) -> Json:
     # JSON leaves C1 controls and U+2028 raw; on a terminal they are escapes and line breaks.
-    return Json(_visible(_tojson_for(_same)(value)))
+    return Json(_visible(_tojson_plain(value)))
 
 
 TOJSON: dict[str, Callable[[Any], Json]] = {
     "slack": _tojson_for(slack_escape),
-    "webhook": _tojson_for(_same),
+    "webhook": _tojson_plain,
     "console": _console_tojson,
 }
 

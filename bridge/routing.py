@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
+from fnmatch import translate
 
 from bridge.config import Route
 from bridge.events import Envelope
@@ -23,35 +23,49 @@ class Match:
     routes: tuple[str, ...]  # names of the routes that matched, for logs
 
 
-def _globs(patterns: Sequence[str] | None, value: str | None) -> bool:
+def _compile_globs(patterns: Sequence[str] | None) -> re.Pattern[str] | None:
+    """One regex for a list of globs, as fnmatchcase reads each; None: no matcher given."""
     if patterns is None:
+        return None
+    return re.compile("|".join(translate(p) for p in patterns) or "(?!)")  # []: matches nothing
+
+
+def _globs(compiled: re.Pattern[str] | None, value: str | None) -> bool:
+    if compiled is None:
         return True
-    return value is not None and any(fnmatchcase(value, p) for p in patterns)
+    return value is not None and compiled.match(value) is not None
 
 
 @dataclass(frozen=True)
 class _Compiled:
     route: Route
     regex: re.Pattern[str] | None
+    rooms: re.Pattern[str] | None
+    commands: re.Pattern[str] | None
+    operators: re.Pattern[str] | None
+
+    @classmethod
+    def of(cls, route: Route) -> _Compiled:
+        regex = re.compile(route.room_regex) if route.room_regex is not None else None
+        return cls(
+            route, regex, _compile_globs(route.rooms), _compile_globs(route.commands),
+            _compile_globs(route.operators),
+        )  # fmt: skip
 
     def matches(self, event: Envelope) -> bool:
-        route = self.route
         room = event.room()
-        if not _globs(route.rooms, room):
+        if not _globs(self.rooms, room):
             return False
         if self.regex is not None and (room is None or self.regex.search(room) is None):
             return False
-        if not _globs(route.commands, event.CallbackCommand):
+        if not _globs(self.commands, event.CallbackCommand):
             return False
-        return _globs(route.operators, event.Operator_Account)
+        return _globs(self.operators, event.Operator_Account)
 
 
 class Router:
     def __init__(self, routes: Sequence[Route]) -> None:
-        self._routes = [
-            _Compiled(r, re.compile(r.room_regex) if r.room_regex is not None else None)
-            for r in routes
-        ]
+        self._routes = [_Compiled.of(r) for r in routes]
 
     def route_event(self, event: Envelope) -> Match:
         channels: dict[str, None] = {}

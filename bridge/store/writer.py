@@ -71,22 +71,17 @@ class GroupCommitWriter:
             conn.close()
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Item]) -> None:
-        results: list[tuple[bool, Any]] = []
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            for op, _, _ in batch:
-                conn.execute("SAVEPOINT op")
-                try:
-                    results.append((True, op(conn)))
-                    conn.execute("RELEASE op")
-                except Exception as exc:
-                    if not conn.in_transaction:
-                        # SQLite rolled the whole transaction back (disk full, I/O error):
-                        # the operations before this one are gone too.
-                        raise
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
-                    results.append((False, exc))
+            try:
+                # The common case, every operation succeeding, needs no savepoints: they were two
+                # statements more per operation, on the thread that holds the GIL the longest.
+                results = _run_batch(conn, batch, isolated=False)
+            except _OperationFailed:
+                # Only then does each operation get a savepoint of its own, so the one that fails
+                # rolls back alone and the rest commit. Operations are functions of the
+                # connection alone: running them again after the rollback is safe.
+                conn.execute("ROLLBACK")
+                results = _run_batch(conn, batch, isolated=True)
             conn.execute("COMMIT")
             self.commits += 1
         except sqlite3.Error as exc:
@@ -107,6 +102,41 @@ class GroupCommitWriter:
         for loop, outcomes in by_loop.items():
             with contextlib.suppress(RuntimeError):  # a loop already closed: nobody waits
                 loop.call_soon_threadsafe(_settle, outcomes)
+
+
+def _run_batch(
+    conn: sqlite3.Connection, batch: list[_Item], isolated: bool
+) -> list[tuple[bool, Any]]:
+    """Every operation's result in one open transaction. Not `isolated`: the first failure
+    raises _OperationFailed. `isolated`: each in a savepoint, a failure being its result."""
+    conn.execute("BEGIN IMMEDIATE")
+    results: list[tuple[bool, Any]] = []
+    for op, _, _ in batch:
+        if not isolated:
+            try:
+                results.append((True, op(conn)))
+            except Exception as exc:
+                if not conn.in_transaction:
+                    raise  # SQLite rolled the transaction back itself: disk full, I/O error
+                raise _OperationFailed from exc
+            continue
+        conn.execute("SAVEPOINT op")
+        try:
+            results.append((True, op(conn)))
+            conn.execute("RELEASE op")
+        except Exception as exc:
+            if not conn.in_transaction:
+                # SQLite rolled the whole transaction back (disk full, I/O error): the
+                # operations before this one are gone too.
+                raise
+            conn.execute("ROLLBACK TO op")
+            conn.execute("RELEASE op")
+            results.append((False, exc))
+    return results
+
+
+class _OperationFailed(Exception):
+    """One operation of a batch run without savepoints failed: run the batch again with them."""
 
 
 def _settle(outcomes: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
