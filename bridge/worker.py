@@ -159,8 +159,14 @@ class Worker:
             now = time.time()
             try:
                 await self._prune()
-                skipped = await self._dispatch(now)
-                delay = await self._idle_delay(now, skipped)
+                if self._all_busy():
+                    # Every channel has a lane claiming or is blocked: nothing to ask the store
+                    # until a lane ends (it wakes this loop). Under load a callback wakes the
+                    # loop every time, and two queries per wake-up were most of the writer's time.
+                    delay = self._blocks_end()
+                else:
+                    skipped = await self._dispatch(now)
+                    delay = await self._idle_delay(now, skipped)
             except StoreUnavailable as exc:
                 self._store_failed(exc)
                 continue
@@ -189,6 +195,16 @@ class Worker:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+
+    def _all_busy(self) -> bool:
+        return bool(self._policies) and all(
+            name in self._busy or self.pacers[name].blocked_for() > 0 for name in self._policies
+        )
+
+    def _blocks_end(self) -> float:
+        """Until the first block on a channel without a lane ends, at most the poll interval."""
+        ends = [p.blocked_for() for n, p in self.pacers.items() if n not in self._busy]
+        return max(0.01, min([self._poll_s, *(e for e in ends if e > 0)]))
 
     async def _dispatch(self, now: float) -> list[str]:
         """Start a lane for each channel with claimable work; returns the blocked ones skipped."""

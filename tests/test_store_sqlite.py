@@ -39,6 +39,19 @@ async def test_concurrent_records_share_commits(store: SQLiteStore) -> None:
     assert db_rows(store.path, "SELECT COUNT(*) FROM deliveries") == [(200,)]
 
 
+async def test_concurrent_deliveries_are_all_marked(store: SQLiteStore) -> None:
+    # Marked in batches (one statement for all that finish while a batch commits): none lost.
+    now = time.time()
+    for i in range(100):
+        await add(store, f"k{i}", room=f"r{i}", now=now)
+    assert await store.take_channel("a", now, 3600) is not None
+    claimed = await store.claim("a", now, 100, 3600)
+    await asyncio.gather(*(store.mark_delivered(c.id, now) for c in claimed))
+    assert db_rows(store.path, "SELECT state, COUNT(*) FROM deliveries GROUP BY state") == [
+        ("delivered", 100)
+    ]
+
+
 async def test_recover_releases_what_a_dead_process_had_in_flight(tmp_path: Path) -> None:
     path = tmp_path / "bridge.db"
     s = SQLiteStore(path)

@@ -7,7 +7,9 @@ channel leases carry the instance's owner id all the same, so both engines keep 
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
+import functools
 import logging
 import os
 import sqlite3
@@ -81,6 +83,12 @@ SELECT channel,
 FROM deliveries GROUP BY channel ORDER BY channel
 """
 
+MARK_DELIVERED_SQL = """
+UPDATE deliveries SET state = 'delivered', delivered_at = ?, updated_at = ?, lease_until = NULL,
+       owner = NULL
+WHERE id = ? AND owner = ? AND state IN ('in_flight', 'dead')
+"""
+
 LIST_SQL = """
 SELECT d.id, d.event_id, d.channel, d.room_id, e.command, d.state, d.attempts, d.last_error,
        d.created_at, d.updated_at, d.next_attempt_at
@@ -114,6 +122,8 @@ class SQLiteStore:
         self._writer: GroupCommitWriter | None = None
         self._lock_fd: int | None = None
         self.owner = uuid.uuid4().hex  # written on what this instance claims and takes
+        self._delivered: list[tuple[tuple[Any, ...], asyncio.Future[None]]] = []
+        self._marking: asyncio.Task[None] | None = None  # committing `_delivered` in batches
 
     @property
     def commits(self) -> int:
@@ -147,6 +157,8 @@ class SQLiteStore:
             self._lock_fd = None
 
     async def close(self) -> None:
+        if self._marking is not None:
+            await asyncio.wait([self._marking])  # what is marked delivered is committed first
         if self._writer is not None:
             await self._writer.close()
             self._writer = None
@@ -262,12 +274,35 @@ class SQLiteStore:
     # (its channel removed by a reload) stays dead, except that a delivery that did get through
     # is recorded as such; one whose lease ran out and that another claim took is left alone.
     async def mark_delivered(self, delivery_id: int, now: float) -> None:
-        await self._execute(
-            "UPDATE deliveries SET state = 'delivered', delivered_at = ?, updated_at = ?,"
-            " lease_until = NULL, owner = NULL"
-            " WHERE id = ? AND owner = ? AND state IN ('in_flight', 'dead')",
-            (now, now, delivery_id, self.owner),
-        )
+        # Deliveries that finish while an earlier batch is being committed are marked together,
+        # in one statement: the outcome of most sends, and one operation each was the writer
+        # thread's largest share after the callbacks themselves.
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._delivered.append(((now, now, delivery_id, self.owner), waiter))
+        if self._marking is None:
+            self._marking = asyncio.create_task(self._mark_delivered_batches())
+        await waiter
+
+    async def _mark_delivered_batches(self) -> None:
+        try:
+            while self._delivered:
+                batch, self._delivered = self._delivered, []
+
+                def op(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+                    conn.executemany(MARK_DELIVERED_SQL, rows)
+
+                try:
+                    await self._submit(functools.partial(op, rows=[row for row, _ in batch]))
+                except Exception as exc:
+                    for _, waiter in batch:
+                        if not waiter.done():
+                            waiter.set_exception(exc)
+                else:
+                    for _, waiter in batch:
+                        if not waiter.done():
+                            waiter.set_result(None)
+        finally:
+            self._marking = None
 
     async def mark_retry(
         self, delivery_id: int, now: float, next_attempt_at: float, error: str, count: bool
