@@ -82,6 +82,11 @@ class TencentConfig(Strict):
 class StoreConfig(Strict):
     path: Path = Path("live-bridge.db")  # SQLite: one serving process
     url: SecretStr | None = None  # PostgreSQL: any number of serving processes on one database
+    # SQLite: "full" syncs each commit to disk before the OK packet, so an acknowledged callback
+    # survives power loss; "normal" leaves the last commits to the operating system: they
+    # survive the process being killed, not the machine stopping. Full costs a disk flush per
+    # commit, and the disk's slowest flushes are the slowest acknowledgements.
+    sync: Literal["full", "normal"] = "full"
     pool_size: int = Field(8, ge=1)  # PostgreSQL connections per process
     retention_h: float = Field(72.0, gt=0)  # delivered rows and dedup keys; dead letters stay
 
@@ -99,6 +104,8 @@ class StoreConfig(Strict):
     def _one_engine(self) -> StoreConfig:
         if self.url is not None and "path" in self.model_fields_set:
             raise ValueError("set path (SQLite) or url (PostgreSQL), not both")
+        if self.url is not None and "sync" in self.model_fields_set:
+            raise ValueError("sync is SQLite's: PostgreSQL commits as its server is set up to")
         return self
 
 

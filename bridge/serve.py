@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 import threading
@@ -46,6 +47,11 @@ def main(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"live-bridge: {exc}", file=sys.stderr)
         return 2
+    # What start-up built (modules, models, compiled templates) lives as long as the process:
+    # out of the collector's reach, a full collection under load takes a few milliseconds
+    # instead of 25 to 40, during which no callback is answered.
+    gc.collect()
+    gc.freeze()
     server = DrainingServer(
         uvicorn.Config(
             app,

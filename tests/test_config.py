@@ -72,6 +72,8 @@ def test_issue_example_loads_with_env(tmp_path: Path, monkeypatch: pytest.Monkey
         ("[store]\nurl = 'mysql://u:pw@h/db'\n", "[store] url: must be a PostgreSQL URL"),
         ("[store]\npath = 'a.db'\nurl = 'postgresql://h/db'\n", "set path (SQLite) or url"),
         ("[store]\npool_size = 0\n", "[store] pool_size"),
+        ("[store]\nsync = 'off'\n", "[store] sync"),
+        ("[store]\nurl = 'postgresql://h/db'\nsync = 'normal'\n", "sync is SQLite's"),
     ],
 )
 def test_bad_keys_are_named_with_their_table(tmp_path: Path, extra: str, expected: str) -> None:

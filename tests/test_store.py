@@ -237,6 +237,23 @@ async def test_lease_expiry_reclaims(store: Store) -> None:
     assert [c.attempts for c in await store.claim("a", now + 31, 10, 30)] == [2]
 
 
+async def test_expired_leases_and_pending_are_claimed_in_one_order(store: Store) -> None:
+    # A claim takes in-flight deliveries whose lease ran out (a process died) and pending ones
+    # together, by Tencent's time, up to the limit.
+    now = time.time()
+    await add(store, "early", room="r1", event_time=1000, now=now)
+    await add(store, "late", room="r2", event_time=3000, now=now)
+    assert [c.payload for c in await store.claim("a", now, 10, lease_s=30)] == ["p-early", "p-late"]
+    await add(store, "middle", room="r3", event_time=2000, now=now)
+    assert await store.due_channels(now + 1, []) == ["a"]  # pending "middle"
+    assert [c.payload for c in await store.claim("a", now + 1, 10, 30)] == ["p-middle"]
+    assert await store.due_channels(now + 2, []) == []  # all three in flight, leases running
+    assert await store.due_channels(now + 40, []) == ["a"]  # their leases ran out
+    claimed = await store.claim("a", now + 40, 2, 30)
+    assert [c.payload for c in claimed] == ["p-early", "p-middle"]
+    assert [c.payload for c in await store.claim("a", now + 40, 2, 30)] == ["p-late"]
+
+
 async def test_outcomes_and_release(store: Store) -> None:
     now = time.time()
     for key in ("1", "2", "3", "4"):

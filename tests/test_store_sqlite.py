@@ -4,7 +4,9 @@ its own migrations, recovery at start-up. The Store contract itself is tested in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 
 from bridge.store import NewDelivery, Pace, StoreUnavailable
 from bridge.store.schema import MIGRATIONS, SCHEMA_VERSION, migrate
-from bridge.store.sqlite import SQLiteStore
+from bridge.store.sqlite import CLAIM_SQL, DUE_SQL, SQLiteStore, Sync
 from tests.bridge_server import db_rows
 from tests.store_rows import add, new_event
 
@@ -177,3 +179,51 @@ async def test_older_database_is_migrated_keeping_its_rows(
     finally:
         await s.close()
     assert db_rows(path, "SELECT state FROM deliveries") == [("delivered",)]
+
+
+@pytest.mark.parametrize("sql", [CLAIM_SQL, DUE_SQL], ids=["claim", "due_channels"])
+def test_claims_walk_the_index_instead_of_sorting_the_backlog(tmp_path: Path, sql: str) -> None:
+    # What keeps a claim's cost flat however long the backlog: each part searches
+    # deliveries_claim by channel and state, in order, and nothing sorts or de-duplicates
+    # every waiting row (the outer sort sees at most twice the claim's limit).
+    with contextlib.closing(sqlite3.connect(tmp_path / "bridge.db")) as conn:
+        migrate(conn)
+        params = {"channel": "a", "now": 0.0, "limit": 4, "owner": "x"}
+        plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
+    searches = [step for step in plan if step.startswith("SEARCH d USING INDEX deliveries_claim")]
+    assert len(searches) == 2, plan
+    assert all("(channel=? AND state=?)" in step for step in searches), plan
+    assert not any("FOR DISTINCT" in step or "deliveries_due" in step for step in plan), plan
+
+
+async def test_reads_do_not_wait_for_the_writer(store: SQLiteStore) -> None:
+    await add(store, "k")
+    held = threading.Event()
+    release = threading.Event()
+
+    def slow(conn: sqlite3.Connection) -> None:  # a long operation in the writer's transaction
+        conn.execute("UPDATE meta SET value = value")
+        held.set()
+        release.wait(10)
+
+    writing = asyncio.ensure_future(store._submit(slow))
+    try:
+        await asyncio.to_thread(held.wait, 10)
+        async with asyncio.timeout(5):
+            stats = await store.stats()  # what /metrics and the status page read
+            listed = await store.list_deliveries(False, None, 10)
+        assert [(s.channel, s.pending) for s in stats] == [("a", 1)]
+        assert [d.channel for d in listed] == ["a"]
+    finally:
+        release.set()
+        await writing
+
+
+@pytest.mark.parametrize(("sync", "pragma"), [("full", 2), ("normal", 1)])
+async def test_sync_setting_is_the_writers(tmp_path: Path, sync: Sync, pragma: int) -> None:
+    store = SQLiteStore(tmp_path / "bridge.db", sync=sync)
+    await store.open()
+    try:
+        assert await store._fetch("PRAGMA synchronous") == [(pragma,)]
+    finally:
+        await store.close()

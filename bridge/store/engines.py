@@ -15,7 +15,7 @@ def make_store(config: StoreConfig, serving: bool) -> Store:
         from bridge.store.postgres import PostgresStore
 
         return PostgresStore(config.url.get_secret_value(), max_size=config.pool_size)
-    return SQLiteStore(config.path, exclusive=serving)
+    return SQLiteStore(config.path, exclusive=serving, sync=config.sync)
 
 
 def describe(config: StoreConfig) -> str:

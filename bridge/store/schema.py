@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Each entry brings the schema from version i to i + 1; append, never edit.
 MIGRATIONS: tuple[str, ...] = (
@@ -72,6 +72,12 @@ MIGRATIONS: tuple[str, ...] = (
         tat REAL NOT NULL DEFAULT 0,
         blocked_until REAL NOT NULL DEFAULT 0
     );
+    """,
+    # 4: claims walk each channel's pending deliveries in order (deliveries_claim) instead of
+    # sorting them all; deliveries_channel served only the query that did.
+    """
+    DROP INDEX deliveries_channel;
+    CREATE INDEX deliveries_claim ON deliveries (channel, state, order_ts, id);
     """,
 )
 
