@@ -20,6 +20,7 @@ from pathlib import Path
 
 import psutil
 
+from bench.claims import CLAIM_BACKLOGS, claim_costs
 from bench.load import WrkResult, burst, fixed_rate, percentile, wrk
 from bench.procs import ROOT, bridge, free_port, url_of, uvicorn_app
 from bench.replicas import compare, server_problem
@@ -38,8 +39,11 @@ def ack_ceiling(work: Path, report: Report, sink_url: str) -> None:
     route = '[[routes]]\nname = "all"\nchannels = ["sink"]\n'
     bare = uvicorn_app("bench.apps:bare", free_port())
     live = bridge(work / "ack", hook, route)
+    # The same at [store] sync = "normal": commits left to the OS, no disk flush per commit.
+    normal = bridge(work / "ack-normal", hook, route, store='path = "bridge.db"\nsync = "normal"')
     bare.start()
     live.start()
+    normal.start()
     time.sleep(1)
     report.idle_rss_mb = live.rss() / 2**20
     try:
@@ -51,18 +55,42 @@ def ack_ceiling(work: Path, report: Report, sink_url: str) -> None:
             live.drain()
         report.saturation = results
         report.peak_rss_mb = live.peak_rss / 2**20
-        fixed: dict[str, list[list[float]]] = {"bare": [], "bridge": []}
+        fixed: dict[str, list[list[float]]] = {"bare": [], "bridge": [], "normal": []}
         for n in range(ROUNDS):
-            for name, proc in (("bare", bare), ("bridge", live)):
+            for name, proc in (("bare", bare), ("bridge", live), ("normal", normal)):
                 prefix = f"fixed{n}-{name}"  # new rooms each round: never a duplicate
                 sent = asyncio.run(fixed_rate(url_of(proc), 1000, SECONDS / 2, prefix))
-                if proc is live:
-                    live.drain()
+                if proc is not bare:
+                    proc.drain()
                 fixed[name].append([(s.acked - s.started) * 1000 for s in sent if s.status == 200])
+            report.disk.append(disk_flushes(work, SECONDS / 2))
         report.fixed_rate = fixed
     finally:
         bare.stop()
         live.stop()
+        normal.stop()
+
+
+def disk_flushes(work: Path, seconds: float) -> list[float]:
+    """The disk alone, as SQLite's writer uses it at about this load: 20 KB written over a
+    preallocated file, then flushed (fdatasync), a thousand times a second; ms per flush."""
+    path = work / "flushes"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.ftruncate(fd, 8 << 20)
+        block, offset, times = b"x" * 20_000, 0, []
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            os.pwrite(fd, block, offset)
+            offset = (offset + len(block)) % (8 << 20)
+            started = time.perf_counter()
+            os.fdatasync(fd)
+            times.append((time.perf_counter() - started) * 1000)
+            time.sleep(0.001)
+        return times
+    finally:
+        os.close(fd)
+        path.unlink()
 
 
 def handwritten_vs_bridge(work: Path, report: Report) -> None:
@@ -161,6 +189,10 @@ def replicas(work: Path, report: Report, sink_url: str) -> None:
         report.replicas = compare(work, sink_url, ROUNDS, SECONDS)
 
 
+def claims(work: Path, report: Report) -> None:
+    report.claims = claim_costs(work / "claims.db", CLAIM_BACKLOGS)
+
+
 def machine() -> dict[str, str]:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
                 .splitlines() if line.startswith("model name")), platform.processor())  # fmt: skip
@@ -191,6 +223,7 @@ def main() -> None:
             ("delivery", lambda: delivery(work, report, sink_url)),
             ("start-up", lambda: startup(work, report, f"{sink_url}/hook")),
             ("replicas on PostgreSQL", lambda: replicas(work, report, f"{sink_url}/hook")),
+            ("claims against a backlog", lambda: claims(work, report)),
         ]
         try:
             for name, step in steps:

@@ -15,7 +15,7 @@ from psycopg import AsyncConnection
 
 from bridge.store import StoreUnavailable
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # pg_advisory_xact_lock keys: any two numbers no other user of the database is likely to take.
 MIGRATION_LOCK = 0x6C62_6D69  # "lbmi"
@@ -77,6 +77,12 @@ MIGRATIONS: tuple[str, ...] = (
         blocked_until DOUBLE PRECISION NOT NULL DEFAULT 0
     );
     """,
+    # 2: claims walk each channel's pending deliveries in order (deliveries_claim), as SQLite's
+    # do from its version 4.
+    """
+    DROP INDEX deliveries_channel;
+    CREATE INDEX deliveries_claim ON deliveries (channel, state, order_ts, id);
+    """,
 )
 
 assert len(MIGRATIONS) == SCHEMA_VERSION
@@ -109,25 +115,34 @@ async def migrate(conn: AsyncConnection[Any]) -> None:
 
 # The store's statements longer than a line.
 
-# The same rule as sqlite.CLAIMABLE: due, and no earlier delivery of its room holds it back.
-CLAIMABLE = """
-  ((d.state = 'pending' AND d.next_attempt_at <= %(now)s)
-    OR (d.state = 'in_flight' AND d.lease_until <= %(now)s))
-  AND NOT EXISTS (
+# The same rules as sqlite.py's: due (pending and its time come, or in flight with its lease run
+# out), and no earlier delivery of its room holds it back. Asked apart, each part walks
+# deliveries_claim in order and stops at the limit; one condition with OR scanned and sorted the
+# channel's whole backlog at every claim.
+ROOM_FREE = """
+  NOT EXISTS (
     SELECT 1 FROM deliveries b
     WHERE b.channel = d.channel AND b.room_id = d.room_id
       AND (b.order_ts < d.order_ts OR (b.order_ts = d.order_ts AND b.id < d.id))
       AND ((b.state = 'pending' AND b.next_attempt_at > %(now)s)
         OR (b.state = 'in_flight' AND b.lease_until > %(now)s)))
 """
+PENDING_DUE = f"d.state = 'pending' AND d.next_attempt_at <= %(now)s AND {ROOM_FREE}"
+LEASE_OVER = f"d.state = 'in_flight' AND d.lease_until <= %(now)s AND {ROOM_FREE}"
 
-CLAIM_SQL = f"""
-WITH due AS (
-  SELECT d.id FROM deliveries d
-  WHERE d.channel = %(channel)s AND {CLAIMABLE}
+_CLAIM_PART = """
+  SELECT d.id, d.order_ts FROM deliveries d
+  WHERE d.channel = %(channel)s AND {due}
   ORDER BY d.order_ts, d.id
   LIMIT %(limit)s
   FOR UPDATE OF d SKIP LOCKED
+"""
+CLAIM_SQL = f"""
+WITH pending AS ({_CLAIM_PART.format(due=PENDING_DUE)}),
+expired AS ({_CLAIM_PART.format(due=LEASE_OVER)}),
+due AS (
+  SELECT id FROM (SELECT * FROM pending UNION ALL SELECT * FROM expired) both_
+  ORDER BY order_ts, id LIMIT %(limit)s
 )
 UPDATE deliveries d SET state = 'in_flight', attempts = d.attempts + 1,
   lease_until = %(lease_until)s, updated_at = %(now)s, owner = %(owner)s
@@ -137,11 +152,22 @@ RETURNING d.id, d.event_id, d.channel, d.payload, d.attempts, d.room_id, e.comma
   e.query, e.received_at, e.sdk_app_id, d.order_ts
 """  # noqa: S608  # constant text, no values
 
+# The channels with something due (a skip scan over the channel names, one index search each),
+# none held by another process.
 DUE_SQL = f"""
-SELECT DISTINCT d.channel FROM deliveries d
-WHERE {CLAIMABLE}
-  AND NOT EXISTS (SELECT 1 FROM channels c WHERE c.channel = d.channel
+WITH RECURSIVE names(channel) AS (
+  (SELECT channel FROM deliveries ORDER BY channel LIMIT 1)
+  UNION ALL
+  SELECT (SELECT d.channel FROM deliveries d WHERE d.channel > names.channel
+          ORDER BY d.channel LIMIT 1)
+  FROM names WHERE names.channel IS NOT NULL
+)
+SELECT n.channel FROM names n
+WHERE n.channel IS NOT NULL
+  AND NOT EXISTS (SELECT 1 FROM channels c WHERE c.channel = n.channel
                   AND c.owner <> %(owner)s AND c.lease_until > %(now)s)
+  AND (EXISTS (SELECT 1 FROM deliveries d WHERE d.channel = n.channel AND {PENDING_DUE})
+    OR EXISTS (SELECT 1 FROM deliveries d WHERE d.channel = n.channel AND {LEASE_OVER}))
 """  # noqa: S608
 
 TAKE_CHANNEL_SQL = """
