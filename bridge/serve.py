@@ -47,9 +47,10 @@ def main(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"live-bridge: {exc}", file=sys.stderr)
         return 2
-    # What start-up built (modules, models, compiled templates) lives as long as the process:
-    # out of the collector's reach, a full collection under load takes a few milliseconds
-    # instead of 25 to 40, during which no callback is answered.
+    # What start-up built (modules, models, compiled templates) lives as long as the process.
+    # Frozen, a full collection under load walks about 9,000 objects instead of 52,000, and no
+    # callback is answered while it runs. (After a reload the first config's objects are never
+    # freed: one config's worth, once.)
     gc.collect()
     gc.freeze()
     server = DrainingServer(

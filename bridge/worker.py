@@ -34,6 +34,7 @@ DIGEST_CLAIM = 200  # deliveries a digesting lane claims at once
 IDLE_POLL_S = 5.0  # a wake-up even with nothing due, for leases that expire
 SHARED_POLL_S = 1.0  # the same with a shared store, where other processes' callbacks wake nobody
 PRUNE_EVERY_S = 60.0
+LINGER_S = 0.05  # how long a lane with nothing to send waits for more before it ends
 STORE_RETRY_MAX_S = 5.0  # the longest wait between tries while the store cannot commit
 
 
@@ -111,6 +112,8 @@ class Worker:
         self.pacers: dict[str, Pacer] = {}
         self.states: dict[str, ChannelState] = {}
         self._wake = asyncio.Event()
+        self._arrivals = 0  # wake() calls: new work may be in the store
+        self._lingering: set[asyncio.Future[None]] = set()  # lanes waiting for new work
         self._busy: set[str] = set()
         self._lanes: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -146,6 +149,10 @@ class Worker:
     def wake(self) -> None:
         """Something new may be due: look now instead of at the next poll."""
         self._wake.set()
+        self._arrivals += 1
+        for waiter in self._lingering:
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def run(self) -> None:
         while not self._stopping:
@@ -189,7 +196,7 @@ class Worker:
         """Stop claiming; give lanes `grace_s` to finish their sends. Unfinished ones stay
         claimed in the store and are sent again after restart."""
         self._stopping = True
-        self._wake.set()
+        self.wake()  # lingering lanes end now
         if self._lanes:
             _, pending = await asyncio.wait(self._lanes, timeout=grace_s)
             for task in pending:
@@ -247,38 +254,57 @@ class Worker:
     async def _lane(self, policy: ChannelPolicy) -> None:
         pacer = self.pacers.get(policy.name) or Pacer(policy.rate_per_s, policy.burst)
         lease = policy.lease_s(self._settings.timeout_s)
-        held = False
+        held_until = 0.0  # wall clock: the channel is ours until then
         try:
             while not self._stopping and pacer.blocked_for() == 0:
-                # The channel is ours for one claim's worth of sends, renewed each round: no
-                # other process paces, threads or orders it meanwhile.
-                pace = await self._store.take_channel(policy.name, time.time(), lease)
-                if pace is None:
-                    return  # another process is sending to this channel
-                held = True
-                pacer.adopt(pace)
-                if pacer.blocked_for() > 0:
-                    return  # blocked by a 429 another process met
+                # The channel is ours for one claim's worth of sends, taken again once half of
+                # that has gone: no other process paces, threads or orders it meanwhile, so the
+                # pacer here is the channel's state, and taking it every round (a commit each,
+                # several per event under a steady trickle) would tell nothing new.
+                if time.time() > held_until - lease / 2:
+                    pace = await self._store.take_channel(policy.name, time.time(), lease)
+                    if pace is None:
+                        return  # another process is sending to this channel
+                    held_until = time.time() + lease
+                    pacer.adopt(pace)
+                    if pacer.blocked_for() > 0:
+                        return  # blocked by a 429 another process met
+                seen = self._arrivals
                 rows = await self._store.claim(
                     policy.name, time.time(), policy.claim_limit(), lease
                 )
-                if not rows:
+                if not rows and not await self._more_soon(seen):
                     return
                 if policy.digest_after and len(rows) > policy.digest_after:
                     await self._send_digests(policy, rows)
-                else:
+                elif rows:
                     await self._send_each(policy, rows)
         except StoreUnavailable as exc:
             # The leases expire and the deliveries are claimed again: sent at least once.
             self._store_failed(exc)
         finally:
-            if held:
+            if held_until:
                 # Unsaved (store down), the channel's lease runs out and the next holder starts
                 # from its own pacing: at worst one burst early.
                 with contextlib.suppress(StoreUnavailable):
                     await self._store.leave_channel(policy.name, pacer.pace())
             self._busy.discard(policy.name)
             self._wake.set()
+
+    async def _more_soon(self, seen: int) -> bool:
+        """Whether a callback arrived since `seen` (the count before the claim that found
+        nothing), waiting up to LINGER_S for one. A lane lingers so before it leaves its
+        channel: under a steady trickle, leaving and taking the channel again for each event
+        would be two more commits per event."""
+        if self._arrivals == seen:
+            waiter = asyncio.get_running_loop().create_future()
+            self._lingering.add(waiter)
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(waiter, LINGER_S)
+            finally:
+                self._lingering.discard(waiter)
+        return self._arrivals != seen and not self._stopping
 
     async def _send_each(self, policy: ChannelPolicy, rows: Sequence[Claimed]) -> None:
         rooms: dict[str | int, list[Claimed]] = {}

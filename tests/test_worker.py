@@ -24,7 +24,7 @@ from bridge.compose import DIGEST_ENTRIES, Composer
 from bridge.config import DeliveryConfig, SlackChannel, WebhookChannel, load_config
 from bridge.render import Renderer
 from bridge.samples import sample
-from bridge.store import NewDelivery, NewEvent
+from bridge.store import NewDelivery, NewEvent, Pace
 from bridge.store.sqlite import SQLiteStore
 from bridge.worker import ChannelPolicy, Worker, backoff
 from tests.bridge_server import OWNER, db_rows, write_config
@@ -555,3 +555,36 @@ async def test_pacing_keeps_under_slacks_own_limit(
         assert (paced.rejected_429, paced.requests_seen) == (0, count)
     assert times[-1] - times[0] >= (count - burst) / rate_per_s - 0.05
     assert attempts(store.path) == [1] * count
+
+
+class CountingStore(SQLiteStore):
+    """Counts how often a lane takes and leaves its channel."""
+
+    takes = 0
+    leaves = 0
+
+    async def take_channel(self, channel: str, now: float, lease_s: float) -> Pace | None:
+        self.takes += 1
+        return await super().take_channel(channel, now, lease_s)
+
+    async def leave_channel(self, channel: str, pace: Pace) -> None:
+        self.leaves += 1
+        await super().leave_channel(channel, pace)
+
+
+async def test_a_steady_trickle_keeps_one_lane_and_its_channel(tmp_path: Path) -> None:
+    # Events a few milliseconds apart: the lane waits for the next instead of leaving its
+    # channel and taking it again for each (two commits an event), and leaves once at the end.
+    async with opener(lambda: CountingStore(tmp_path / "bridge.db")) as open_:
+        store = await open_()
+        stream = io.StringIO()
+        worker = make_worker(store, {"console": ConsoleSender(stream)}, tmp_path)
+        async with running(worker):
+            for _ in range(20):
+                await record(store, "console")
+                worker.wake()  # what the receiver does after each commit
+                await asyncio.sleep(0.01)
+            await eventually(lambda: states(store.path) == ["delivered"] * 20)
+            await eventually(lambda: store.leaves == 1)
+        assert store.takes == 1
+        assert len(stream.getvalue().splitlines()) == 20
