@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import logging
 import sys
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 
 from bridge import logs
-from bridge.config import CONFIG_HELP, ConfigError, load_for_command
+from bridge.config import CONFIG_HELP, ConfigError, StoreConfig, load_for_command
 
 if TYPE_CHECKING:
     from bridge.app import Bridge
@@ -47,6 +48,9 @@ def main(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"live-bridge: {exc}", file=sys.stderr)
         return 2
+    if problem := asyncio.run(store_problem(config.store)):
+        print(f"live-bridge: {problem}", file=sys.stderr)
+        return 1
     # What start-up built (modules, models, compiled templates) lives as long as the process.
     # Frozen, a full collection under load walks about 9,000 objects instead of 52,000, and no
     # callback is answered while it runs. (After a reload the first config's objects are never
@@ -68,6 +72,23 @@ def main(args: argparse.Namespace) -> int:
     )
     server.run()
     return 0 if server.started else 1
+
+
+async def store_problem(config: StoreConfig) -> str | None:
+    """Why the store cannot be opened for serving, or None: opened and closed again here, so a
+    read-only disk, a locked file or a database that is down is one line and exit status 1
+    rather than a traceback from the server's start-up. (The server opens it again; should it
+    fail in between, that traceback is still the answer.)"""
+    from bridge.store import StoreUnavailable
+    from bridge.store.engines import make_store
+
+    store = make_store(config, serving=True)
+    try:
+        await store.open()
+    except StoreUnavailable as exc:
+        return str(exc)
+    await store.close()
+    return None
 
 
 class DrainingServer(uvicorn.Server):

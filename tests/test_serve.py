@@ -112,3 +112,25 @@ def test_bad_config_on_sighup_keeps_serving(tmp_path: Path) -> None:
         assert post_callback(url) == (200, OK_PACKET)
     finally:
         stop(process)
+
+
+def test_a_store_it_cannot_open_is_one_line_and_status_1(tmp_path: Path) -> None:
+    # A second serve on the same SQLite file: the first holds it.
+    port = free_port()
+    config = write_config(tmp_path, port)
+    log = tmp_path / "bridge.log"
+    first = start(config, log)
+    try:
+        assert wait_until(lambda: ready(f"http://127.0.0.1:{port}"), timeout=20)
+        second = subprocess.run(
+            [sys.executable, "-m", "bridge", "serve", "--config", str(config)],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+    finally:
+        stop(first)
+    assert second.returncode == 1
+    assert second.stderr.strip().splitlines()[-1] == (
+        f"live-bridge: cannot open store {tmp_path / 'bridge.db'}:"
+        " another live-bridge is serving from this database"
+    )
+    assert "Traceback" not in second.stderr
