@@ -255,6 +255,7 @@ class Worker:
         pacer = self.pacers.get(policy.name) or Pacer(policy.rate_per_s, policy.burst)
         lease = policy.lease_s(self._settings.timeout_s)
         held_until = 0.0  # wall clock: the channel is ours until then
+        sent = False  # the last claim found something: worth waiting for more
         try:
             while not self._stopping and pacer.blocked_for() == 0:
                 # The channel is ours for one claim's worth of sends, taken again once half of
@@ -273,8 +274,9 @@ class Worker:
                 rows = await self._store.claim(
                     policy.name, time.time(), policy.claim_limit(), lease
                 )
-                if not rows and not await self._more_soon(seen):
-                    return
+                if not rows and not (sent and await self._more_soon(seen)):
+                    return  # nothing twice running, or nothing came: the lane ends
+                sent = bool(rows)
                 if policy.digest_after and len(rows) > policy.digest_after:
                     await self._send_digests(policy, rows)
                 elif rows:
@@ -293,9 +295,10 @@ class Worker:
 
     async def _more_soon(self, seen: int) -> bool:
         """Whether a callback arrived since `seen` (the count before the claim that found
-        nothing), waiting up to LINGER_S for one. A lane lingers so before it leaves its
-        channel: under a steady trickle, leaving and taking the channel again for each event
-        would be two more commits per event."""
+        nothing), waiting up to LINGER_S for one. A lane that has just sent lingers so before
+        it leaves its channel: under a steady trickle, leaving and taking the channel again for
+        each event would be two more commits per event. It lingers once: a callback for another
+        channel wakes it too, and a second claim that finds nothing ends it."""
         if self._arrivals == seen:
             waiter = asyncio.get_running_loop().create_future()
             self._lingering.add(waiter)
