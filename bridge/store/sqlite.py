@@ -338,12 +338,9 @@ class SQLiteStore:
         try:
             while self._delivered:
                 batch, self._delivered = self._delivered, []
-
-                def op(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
-                    conn.executemany(MARK_DELIVERED_SQL, rows)
-
+                rows = [row for row, _ in batch]
                 try:
-                    await self._submit(functools.partial(op, rows=[row for row, _ in batch]))
+                    await self._submit(functools.partial(_mark_delivered, rows=rows))
                 except Exception as exc:
                     for _, waiter in batch:
                         if not waiter.done():
@@ -506,6 +503,10 @@ class SQLiteStore:
             " AND channel NOT IN ({marks})"
         )
         return await self._execute(_in(sql, known), (error, now, *known))
+
+
+def _mark_delivered(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    conn.executemany(MARK_DELIVERED_SQL, rows)
 
 
 def _delivery_row(r: Sequence[Any]) -> DeliveryRow:
