@@ -15,13 +15,15 @@ import re
 import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 from zoneinfo import ZoneInfo
 
 import jinja2
+import jinja2.meta
+import jinja2.nodes
 
 from bridge import blockkit
 from bridge.config import TemplatesConfig
@@ -59,7 +61,11 @@ def slack_escape(text: str) -> str:
 
 
 def _json_text(text: str) -> str:
-    return json.dumps(text, ensure_ascii=False)[1:-1]
+    return _encode_string(text)[1:-1]
+
+
+# What json.dumps(text, ensure_ascii=False) calls for a string, minus the encoder it builds.
+_encode_string: Callable[[str], str] = json.encoder.encode_basestring
 
 
 # C0, DEL, C1 and the Unicode line and paragraph separators.
@@ -128,10 +134,15 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
+# Built once: json.dumps with any option builds an encoder per call.
+_PLAIN = json.JSONEncoder(ensure_ascii=False, default=_jsonable)
+_COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def _tojson_plain(value: Any) -> Json:
-    # Nothing to escape inside the strings: json.dumps encodes the value in C, walking it in
-    # Python only for what it cannot encode. The same JSON as _tojson_for(_same), cheaper.
-    return Json(json.dumps(value, ensure_ascii=False, default=_jsonable))
+    # Nothing to escape inside the strings: the encoder works in C, walking the value in Python
+    # only for what it cannot encode. The same JSON as _tojson_for(_same), cheaper.
+    return Json(_PLAIN.encode(value))
 
 
 def as_text(value: Any) -> str:
@@ -183,6 +194,7 @@ class Renderer:
         )
         self._envs: dict[str, jinja2.Environment] = {}
         self._names: dict[tuple[str, str, str | None], str] = {}
+        self._loaded: dict[tuple[str, str], tuple[jinja2.Template, frozenset[str] | None]] = {}
         for kind, finalize in FINALIZE.items():
             env = jinja2.Environment(
                 loader=loader,
@@ -224,7 +236,7 @@ class Renderer:
     ) -> str:  # fmt: skip
         """The payload text for a channel of type `kind`; RenderError names template and line."""
         name = self.template_name(kind, event.CallbackCommand, explicit)
-        text = self._render(kind, name, lambda: self._variables(event, fields, ctx))
+        text = self._render(kind, name, lambda uses: self._variables(event, fields, ctx, uses))
         if kind == "console":
             return text.strip()
         return _check_json(kind, name, text)
@@ -238,7 +250,7 @@ class Renderer:
         it; a single over-long value is cut as in any message."""
         name = explicit or f"{kind}/digest.j2"
 
-        def variables() -> dict[str, Any]:
+        def variables(uses: frozenset[str] | None) -> dict[str, Any]:
             entries = [self._variables(e, f, c) for e, f, c in items]
             return {
                 "entries": entries,
@@ -253,11 +265,14 @@ class Renderer:
             return text.strip()
         return _check_json(kind, name, text, whole)
 
-    def _render(self, kind: str, name: str, variables: Callable[[], dict[str, Any]]) -> str:
+    def _render(
+        self, kind: str, name: str,
+        variables: Callable[[frozenset[str] | None], dict[str, Any]],
+    ) -> str:  # fmt: skip
         template: jinja2.Template | None = None
         try:
-            template = self._envs[kind].get_template(name)
-            return template.render(variables())
+            template, uses = self._template(kind, name)
+            return template.render(variables(uses))
         except jinja2.TemplateNotFound:
             raise RenderError(f"template {name} not found") from None
         except jinja2.TemplateSyntaxError as exc:
@@ -268,38 +283,79 @@ class Renderer:
             where = f"{filename}, line {line}" if line else name
             raise RenderError(f"{where}: {type(exc).__name__}: {exc}") from None
 
+    def _template(self, kind: str, name: str) -> tuple[jinja2.Template, frozenset[str] | None]:
+        """The compiled template, and the variables it names (None: it includes, imports or
+        extends another, so it may name any)."""
+        key = (kind, name)
+        loaded = self._loaded.get(key)
+        if loaded is None:
+            env = self._envs[kind]
+            template = env.get_template(name)
+            # A plain dict for the ChainMap of globals: every render copies them, and copying a
+            # ChainMap walks it in Python.
+            template.globals = dict(template.globals)
+            loaded = template, _variables_used(env, name)
+            self._loaded[key] = loaded
+        return loaded
+
     def _variables(
-        self, event: Envelope, fields: Mapping[str, Any], ctx: Context
-    ) -> dict[str, Any]:
-        received = datetime.fromtimestamp(ctx.received_at, UTC).astimezone(self.zone)
-        happened = received
-        if event.EventTime is not None:
-            # An EventTime no calendar has: the time we received it will do.
-            with contextlib.suppress(OverflowError, OSError, ValueError):
-                happened = datetime.fromtimestamp(event.EventTime / 1000, UTC).astimezone(self.zone)
-        fallback = happened.strftime("%Y-%m-%d %H:%M:%S %Z")
-        date_token = (
-            f"<!date^{int(happened.timestamp())}^{{date_short_pretty}} {{time_secs}}"
-            f"|{slack_escape(fallback)}>"
-        )
-        room_url = None
+        self, event: Envelope, fields: Mapping[str, Any], ctx: Context,
+        uses: frozenset[str] | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """The template's variables; with `uses`, only those it names are worked out (the
+        times and their text cost more than the rest of the webhook body)."""
         room = event.room()
-        if self.settings.room_url and room is not None:
-            room_url = Verbatim(self.settings.room_url.format(room_id=quote(room, safe="")))
-        return {
+        variables: dict[str, Any] = {
             "command": event.CallbackCommand,
             "event": event,
-            "fields": types.MappingProxyType(dict(fields)),
             "sdk_app_id": ctx.sdk_app_id,
-            "query": types.MappingProxyType(dict(ctx.query)),
-            "received_at": received,
-            "received_at_iso": received.isoformat(),
-            "happened_at": happened,
-            "happened_at_text": fallback,
-            "slack_date": Verbatim(date_token),
             "room_id": room,
-            "room_url": room_url,
         }
+        if uses is None or "fields" in uses:
+            variables["fields"] = types.MappingProxyType(dict(fields))
+        if uses is None or "query" in uses:
+            variables["query"] = types.MappingProxyType(dict(ctx.query))
+        if uses is None or not uses.isdisjoint(_RECEIVED):
+            received = datetime.fromtimestamp(ctx.received_at, self.zone)
+            variables["received_at"] = received
+            variables["received_at_iso"] = received.isoformat()
+        if uses is None or not uses.isdisjoint(_HAPPENED):
+            happened = datetime.fromtimestamp(ctx.received_at, self.zone)
+            if event.EventTime is not None:
+                # An EventTime no calendar has: the time we received it will do.
+                with contextlib.suppress(OverflowError, OSError, ValueError):
+                    happened = datetime.fromtimestamp(event.EventTime / 1000, self.zone)
+            fallback = happened.strftime("%Y-%m-%d %H:%M:%S %Z")
+            date_token = (
+                f"<!date^{int(happened.timestamp())}^{{date_short_pretty}} {{time_secs}}"
+                f"|{slack_escape(fallback)}>"
+            )
+            variables["happened_at"] = happened
+            variables["happened_at_text"] = fallback
+            variables["slack_date"] = Verbatim(date_token)
+        if uses is None or "room_url" in uses:
+            room_url = None
+            if self.settings.room_url and room is not None:
+                room_url = Verbatim(self.settings.room_url.format(room_id=quote(room, safe="")))
+            variables["room_url"] = room_url
+        return variables
+
+
+_RECEIVED = frozenset({"received_at", "received_at_iso"})
+_HAPPENED = frozenset({"happened_at", "happened_at_text", "slack_date"})
+_OTHER_TEMPLATES = (jinja2.nodes.Include, jinja2.nodes.Import, jinja2.nodes.FromImport,
+                    jinja2.nodes.Extends)  # fmt: skip
+
+
+def _variables_used(env: jinja2.Environment, name: str) -> frozenset[str] | None:
+    """The variables a template names, from its syntax tree; None when it draws on another
+    template, whose names it cannot see."""
+    assert env.loader is not None
+    source, _, _ = env.loader.get_source(env, name)
+    tree = env.parse(source, name)
+    if any(True for _ in tree.find_all(_OTHER_TEMPLATES)):
+        return None
+    return frozenset(jinja2.meta.find_undeclared_variables(tree))
 
 
 def _check_json(kind: str, name: str, text: str, whole: bool = False) -> str:
@@ -314,7 +370,7 @@ def _check_json(kind: str, name: str, text: str, whole: bool = False) -> str:
             payload = blockkit.fit(payload)
         except blockkit.LimitError as exc:
             raise RenderError(f"{name}: {exc}") from None
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return _COMPACT.encode(payload)
 
 
 def _template_line(tb: types.TracebackType | None, filename: str | None) -> int | None:

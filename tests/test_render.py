@@ -115,6 +115,41 @@ def test_lookup_order_channel_template_then_command_then_default(tmp_path: Path)
     assert json.loads(r.render("slack", event, SEED, CTX, "mine.j2"))["text"] == "mine room_id"
 
 
+# Every variable a template may name, and what it gives for SEED and CTX.
+VARIABLES = {
+    "command": "Live.CallbackAfterChangeOwner", "sdk_app_id": "1400000000",
+    "room_id": "room_id", "event.RoomId": "room_id", "fields.RoomId": "room_id",
+    "query.clientip": "1.2.3.4", "received_at.year": "2023",
+    "received_at_iso": "2023-12-26T11:25:23.500000+00:00", "happened_at.second": "22",
+    "happened_at_text": "2023-12-26 11:25:22 UTC", "slack_date": "<!date^1703589922^",
+    "room_url": "https://c.example/r/room_id",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("variable", VARIABLES)
+@pytest.mark.parametrize("how", ["direct", "include", "import", "extends"])
+def test_every_variable_reaches_the_template_however_it_is_named(
+    tmp_path: Path, variable: str, how: str
+) -> None:
+    # Only the variables a template names are worked out; one that draws on another template
+    # (include, import, extends) gets them all, since its own text does not say which it needs.
+    value = "{{ " + variable + " }}"
+    (tmp_path / "inner.j2").write_text(value)
+    (tmp_path / "macros.j2").write_text("{% macro show() %}" + value + "{% endmacro %}")
+    (tmp_path / "base.j2").write_text('{"text": "{% block body %}{% endblock %}"}')
+    (tmp_path / "mine.j2").write_text(
+        {
+            "direct": '{"text": "' + value + '"}',
+            "include": '{"text": "{% include "inner.j2" %}"}',
+            "import": '{% import "macros.j2" as m with context %}{"text": "{{ m.show() }}"}',
+            "extends": '{% extends "base.j2" %}{% block body %}' + value + "{% endblock %}",
+        }[how]
+    )
+    r = renderer(tmp_path, room_url="https://c.example/r/{room_id}")
+    text = json.loads(r.render("webhook", parse_event(SEED), SEED, CTX, "mine.j2"))["text"]
+    assert text.startswith(VARIABLES[variable])
+
+
 def test_override_directory_replaces_a_shipped_file_by_name(tmp_path: Path) -> None:
     (tmp_path / "slack").mkdir()
     (tmp_path / "slack" / "Live.CallbackAfterChangeOwner.j2").write_text('{"text": "custom"}')
