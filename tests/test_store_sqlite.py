@@ -41,6 +41,29 @@ async def test_concurrent_records_share_commits(store: SQLiteStore) -> None:
     assert db_rows(store.path, "SELECT COUNT(*) FROM deliveries") == [(200,)]
 
 
+async def test_records_in_one_batch_get_their_own_ids_and_repeats_are_duplicates(
+    store: SQLiteStore,
+) -> None:
+    # A batch of callbacks is recorded in one statement per table: each event keeps its own
+    # deliveries, and a repeat within the same batch is a duplicate of the first.
+    now = time.time()
+    keys = ["k0", "k1", "k0", "k2", "k1"]
+    results = await asyncio.gather(
+        *(store.record(new_event(k, room=f"r{k}"), [NewDelivery("a", f"p-{k}"),
+                       NewDelivery("b", f"q-{k}")], now, 600) for k in keys)
+    )  # fmt: skip
+    assert [r.duplicate for r in results] == [False, False, True, False, True]
+    assert results[2].event_id == results[0].event_id
+    assert results[4].event_id == results[1].event_id
+    assert len({r.event_id for r in results}) == 3
+    for result, key in zip(results, keys, strict=True):
+        assert db_rows(
+            store.path, "SELECT channel, payload, room_id FROM deliveries WHERE event_id = ?"
+            " ORDER BY channel", (result.event_id,)
+        ) == [("a", f"p-{key}", f"r{key}"), ("b", f"q-{key}", f"r{key}")]  # fmt: skip
+    assert db_rows(store.path, "SELECT COUNT(*) FROM dedup") == [(3,)]
+
+
 async def test_concurrent_deliveries_are_all_marked(store: SQLiteStore) -> None:
     # Marked in batches (one statement for all that finish while a batch commits): none lost.
     now = time.time()

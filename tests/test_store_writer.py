@@ -4,14 +4,16 @@ back alone while the rest of its batch commits."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import pytest
 
 from bridge.store import StoreUnavailable
-from bridge.store.writer import GroupCommitWriter
+from bridge.store.writer import GroupCommitWriter, Together
 
 pytestmark = pytest.mark.anyio
 
@@ -86,3 +88,70 @@ async def test_operations_after_a_failure_still_batch(
     await asyncio.gather(*(writer.submit(insert(f"k{i}")) for i in range(50)))
     assert writer.commits - before < 50
     assert rows(tmp_path / "w.db") == sorted(f"k{i}" for i in range(50))
+
+
+@dataclasses.dataclass(frozen=True)
+class Insert(Together):
+    """Inserts `key` together with the other Inserts of its batch, in one statement."""
+
+    key: str
+    calls = []  # type: ignore[var-annotated]  # how many ops each run_together call had
+
+    @classmethod
+    def run_together(cls, conn: sqlite3.Connection, ops: Sequence[Insert]) -> list[str]:
+        cls.calls.append(len(ops))
+        marks = ",".join(["(?)"] * len(ops))
+        conn.execute(f"INSERT INTO t (k) VALUES {marks}", [op.key for op in ops])  # noqa: S608
+        return [op.key.upper() for op in ops]
+
+
+async def test_operations_of_one_kind_run_together(
+    writer: GroupCommitWriter, tmp_path: Path
+) -> None:
+    held, release = threading.Event(), threading.Event()
+
+    def hold(conn: sqlite3.Connection) -> None:
+        held.set()
+        release.wait(5)
+
+    Insert.calls.clear()
+    first = asyncio.ensure_future(writer.submit(hold))
+    await asyncio.to_thread(held.wait, 5)  # the writer is busy: what follows is one batch
+    ops: list[Callable[[sqlite3.Connection], str]] = [
+        Insert("a"),
+        insert("plain"),
+        Insert("b"),
+        Insert("c"),
+    ]
+    waiting = [asyncio.ensure_future(writer.submit(op)) for op in ops]
+    await asyncio.sleep(0.05)
+    release.set()
+    await first
+    assert await asyncio.gather(*waiting) == ["A", "plain", "B", "C"]  # each its own result
+    assert Insert.calls == [3]  # one call for the three
+    assert rows(tmp_path / "w.db") == ["a", "b", "c", "plain"]
+
+
+async def test_a_failure_among_ops_run_together_fails_only_its_own(
+    writer: GroupCommitWriter, tmp_path: Path
+) -> None:
+    # Run together, one bad key fails the statement; run again one by one, only it fails.
+    await writer.submit(insert("taken"))
+    held, release = threading.Event(), threading.Event()
+
+    def hold(conn: sqlite3.Connection) -> None:
+        held.set()
+        release.wait(5)
+
+    Insert.calls.clear()
+    first = asyncio.ensure_future(writer.submit(hold))
+    await asyncio.to_thread(held.wait, 5)
+    waiting = [asyncio.ensure_future(writer.submit(Insert(k))) for k in ("x", "taken", "y")]
+    await asyncio.sleep(0.05)
+    release.set()
+    await first
+    results = await asyncio.gather(*waiting, return_exceptions=True)
+    assert results[0] == "X" and results[2] == "Y"
+    assert isinstance(results[1], StoreUnavailable)
+    assert Insert.calls == [3, 1, 1, 1]
+    assert rows(tmp_path / "w.db") == ["taken", "x", "y"]

@@ -8,6 +8,7 @@ channel leases carry the instance's owner id all the same, so both engines keep 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fcntl
 import functools
 import logging
@@ -33,7 +34,7 @@ from bridge.store import (
     StoreUnavailable,
 )
 from bridge.store.schema import SCHEMA_VERSION, migrate
-from bridge.store.writer import GroupCommitWriter
+from bridge.store.writer import GroupCommitWriter, Together
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +108,13 @@ SELECT channel,
 FROM deliveries GROUP BY channel ORDER BY channel
 """
 
+# {values}: one (id, delivered_at) row per delivery, all marked in one statement.
 MARK_DELIVERED_SQL = """
-UPDATE deliveries SET state = 'delivered', delivered_at = ?, updated_at = ?, lease_until = NULL,
-       owner = NULL
-WHERE id = ? AND owner = ? AND state IN ('in_flight', 'dead')
+UPDATE deliveries SET state = 'delivered', delivered_at = v.column2, updated_at = v.column2,
+       lease_until = NULL, owner = NULL
+FROM (VALUES {values}) AS v
+WHERE deliveries.id = v.column1 AND deliveries.owner = ?
+  AND deliveries.state IN ('in_flight', 'dead')
 """
 
 LIST_SQL = """
@@ -151,7 +155,7 @@ class SQLiteStore:
         self.owner = uuid.uuid4().hex  # written on what this instance claims and takes
         self._reader: sqlite3.Connection | None = None  # for what operators read
         self._reading = threading.Lock()
-        self._delivered: list[tuple[tuple[Any, ...], asyncio.Future[None]]] = []
+        self._delivered: list[tuple[tuple[int, float], asyncio.Future[None]]] = []
         self._marking: asyncio.Task[None] | None = None  # committing `_delivered` in batches
 
     @property
@@ -250,41 +254,7 @@ class SQLiteStore:
     async def record(
         self, event: NewEvent, deliveries: Sequence[NewDelivery], now: float, dedup_window_s: float
     ) -> Recorded:
-        def op(conn: sqlite3.Connection) -> Recorded:
-            if dedup_window_s > 0:
-                row = conn.execute(
-                    "SELECT event_id FROM dedup WHERE key = ? AND seen_at > ?",
-                    (event.dedup_key, now - dedup_window_s),
-                ).fetchone()
-                if row is not None:
-                    return Recorded(event_id=row[0], duplicate=True)
-            cursor = conn.execute(
-                "INSERT INTO events (received_at, sdk_app_id, command, room_id, event_time,"
-                " body, query) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (now, event.sdk_app_id, event.command, event.room_id, event.event_time,
-                 event.body, event.query),
-            )  # fmt: skip
-            event_id = cursor.lastrowid
-            assert event_id is not None
-            order_ts = event.event_time if event.event_time is not None else int(now * 1000)
-            conn.executemany(
-                "INSERT INTO deliveries (event_id, channel, state, payload, next_attempt_at,"
-                " last_error, created_at, updated_at, room_id, order_ts)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (event_id, d.channel, State.PENDING if d.error is None else State.DEAD,
-                     d.payload, now, d.error, now, now, event.room_id, order_ts)
-                    for d in deliveries
-                ],
-            )  # fmt: skip
-            if dedup_window_s > 0:
-                conn.execute(
-                    "INSERT OR REPLACE INTO dedup (key, seen_at, event_id) VALUES (?, ?, ?)",
-                    (event.dedup_key, now, event_id),
-                )
-            return Recorded(event_id=event_id, duplicate=False)
-
-        return await self._submit(op)
+        return await self._submit(_Record(event, deliveries, now, dedup_window_s))
 
     async def due_channels(self, now: float, exclude: Sequence[str]) -> list[str]:
         rows = await self._fetch(DUE_SQL, {"now": now, "owner": self.owner})
@@ -307,11 +277,13 @@ class SQLiteStore:
             rows = conn.execute(
                 CLAIM_SQL, {"channel": channel, "now": now, "limit": limit}
             ).fetchall()
-            conn.executemany(
-                "UPDATE deliveries SET state = 'in_flight', attempts = attempts + 1,"
-                " lease_until = ?, updated_at = ?, owner = ? WHERE id = ?",
-                [(now + lease_s, now, self.owner, row[0]) for row in rows],
-            )
+            ids = [row[0] for row in rows]
+            if ids:  # one statement, not one a row: each one stepped is a wait for the GIL
+                conn.execute(
+                    _in("UPDATE deliveries SET state = 'in_flight', attempts = attempts + 1,"
+                        " lease_until = ?, updated_at = ?, owner = ? WHERE id IN ({marks})", ids),
+                    (now + lease_s, now, self.owner, *ids),
+                )  # fmt: skip
             return [
                 Claimed(id=r[0], event_id=r[1], channel=r[2], payload=r[3], attempts=r[4] + 1,
                         room_id=r[5], command=r[6], body=r[7], query=r[8], received_at=r[9],
@@ -329,7 +301,7 @@ class SQLiteStore:
         # in one statement: the outcome of most sends, and one operation each was the writer
         # thread's largest share after the callbacks themselves.
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._delivered.append(((now, now, delivery_id, self.owner), waiter))
+        self._delivered.append(((delivery_id, now), waiter))
         if self._marking is None:
             self._marking = asyncio.create_task(self._mark_delivered_batches())
         await waiter
@@ -340,7 +312,9 @@ class SQLiteStore:
                 batch, self._delivered = self._delivered, []
                 rows = [row for row, _ in batch]
                 try:
-                    await self._submit(functools.partial(_mark_delivered, rows=rows))
+                    await self._submit(
+                        functools.partial(_mark_delivered, rows=rows, owner=self.owner)
+                    )
                 except Exception as exc:
                     for _, waiter in batch:
                         if not waiter.done():
@@ -505,8 +479,84 @@ class SQLiteStore:
         return await self._execute(_in(sql, known), (error, now, *known))
 
 
-def _mark_delivered(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
-    conn.executemany(MARK_DELIVERED_SQL, rows)
+@dataclasses.dataclass(frozen=True)
+class _Record(Together):
+    """One callback's event, its deliveries and its dedup key; the writer records every callback
+    of a batch together, in one statement per table."""
+
+    event: NewEvent
+    deliveries: Sequence[NewDelivery]
+    now: float
+    dedup_window_s: float
+
+    @classmethod
+    def run_together(cls, conn: sqlite3.Connection, ops: Sequence[_Record]) -> list[Recorded]:
+        keys = list({op.event.dedup_key for op in ops if op.dedup_window_s > 0})
+        seen: dict[str, tuple[int, float]] = {}  # key: (event id, seen at)
+        for start in range(0, len(keys), MAX_PARAMS):
+            chunk = keys[start : start + MAX_PARAMS]
+            sql = _in("SELECT key, event_id, seen_at FROM dedup WHERE key IN ({marks})", chunk)
+            seen.update((key, (event_id, at)) for key, event_id, at in conn.execute(sql, chunk))
+        # The ids SQLite would give one by one (the largest so far, plus one), given here so
+        # that the deliveries can name their event in the same few statements.
+        next_id: int = conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM events").fetchone()[0]
+        results: list[Recorded] = []
+        events: list[tuple[Any, ...]] = []
+        deliveries: list[tuple[Any, ...]] = []
+        dedup: list[tuple[Any, ...]] = []
+        for op in ops:
+            event, now = op.event, op.now
+            if op.dedup_window_s > 0:
+                hit = seen.get(event.dedup_key)
+                if hit is not None and hit[1] > now - op.dedup_window_s:
+                    results.append(Recorded(event_id=hit[0], duplicate=True))
+                    continue
+            event_id, next_id = next_id, next_id + 1
+            events.append((event_id, now, event.sdk_app_id, event.command, event.room_id,
+                           event.event_time, event.body, event.query))  # fmt: skip
+            order_ts = event.event_time if event.event_time is not None else int(now * 1000)
+            deliveries.extend(
+                (event_id, d.channel, State.PENDING if d.error is None else State.DEAD,
+                 d.payload, now, d.error, now, now, event.room_id, order_ts)
+                for d in op.deliveries
+            )  # fmt: skip
+            if op.dedup_window_s > 0:
+                dedup.append((event.dedup_key, now, event_id))
+                seen[event.dedup_key] = (event_id, now)  # a repeat in this batch is a duplicate
+            results.append(Recorded(event_id=event_id, duplicate=False))
+        _insert(conn, "INSERT INTO events (id, received_at, sdk_app_id, command, room_id,"
+                " event_time, body, query) VALUES", events)  # fmt: skip
+        _insert(conn, "INSERT INTO deliveries (event_id, channel, state, payload,"
+                " next_attempt_at, last_error, created_at, updated_at, room_id, order_ts)"
+                " VALUES", deliveries)  # fmt: skip
+        _insert(conn, "INSERT OR REPLACE INTO dedup (key, seen_at, event_id) VALUES", dedup)
+        return results
+
+
+# Bound parameters per statement: SQLite's limit before 3.32, the lowest a build may have.
+MAX_PARAMS = 999
+
+
+def _insert(conn: sqlite3.Connection, head: str, rows: Sequence[tuple[Any, ...]]) -> None:
+    """`head` ("INSERT … VALUES") for all `rows`, in as few statements as the limit allows."""
+    if not rows:
+        return
+    width = len(rows[0])
+    per = MAX_PARAMS // width
+    mark = "(" + ",".join("?" * width) + ")"
+    for start in range(0, len(rows), per):
+        chunk = rows[start : start + per]
+        conn.execute(f"{head} {','.join([mark] * len(chunk))}", [v for row in chunk for v in row])
+
+
+def _mark_delivered(conn: sqlite3.Connection, rows: list[tuple[int, float]], owner: str) -> None:
+    """`rows` of (delivery id, delivered at), in as few statements as the limit allows."""
+    per = (MAX_PARAMS - 1) // 2
+    for start in range(0, len(rows), per):
+        chunk = rows[start : start + per]
+        values = ",".join(["(?, ?)"] * len(chunk))
+        sql = MARK_DELIVERED_SQL.replace("{values}", values)
+        conn.execute(sql, [v for row in chunk for v in row] + [owner])
 
 
 def _delivery_row(r: Sequence[Any]) -> DeliveryRow:
