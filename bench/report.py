@@ -154,7 +154,8 @@ measured only once that backlog is delivered).
 {live_row}
 | **ratio** | **{f["throughput_ratio"]:.2f}** | | |
 
-At a fixed 1,000 req/s (open loop, `bench/load.py:fixed_rate`, {self.seconds / 2:.0f} s per round):
+At a fixed 1,000 req/s (open loop, `bench/load.py:fixed_rate`: requests built beforehand, sent on
+keep-alive connections, each one's latency counted from when it was due; {self.seconds / 2:.0f} s per round):
 p50 {self._fixed("bridge", 50):.2f} ms, **p99 {f["p99_at_1000_ms"]:.2f} ms** for live-bridge;
 the bare endpoint p50 {self._fixed("bare", 50):.2f} ms, p99 {self._fixed("bare", 99):.2f} ms.
 With `[store] sync = "normal"` (commits left to the operating system: they survive the process
@@ -166,7 +167,8 @@ flushed with fdatasync a thousand times a second, as the writer does at this rat
 {self._disk(50):.2f} ms, p99 {self._disk(99):.2f} ms, p99.9 {self._disk(99.9):.2f} ms, slowest
 {max((max(r) for r in self.disk if r), default=float("nan")):.1f} ms. Every callback waiting
 for a commit waits for its flush: with the default `sync = "full"`, the disk's slowest flushes
-are the slowest acknowledgements.
+are among the slowest acknowledgements; the notes below show that the event loop's own load
+weighs more.
 
 Per round (req/s): bare {", ".join(f"{r.rps:.0f}" for r in self.saturation.get("bare", []))};
 live-bridge {", ".join(f"{r.rps:.0f}" for r in self.saturation.get("bridge", []))}.
