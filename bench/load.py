@@ -179,6 +179,8 @@ async def fixed_rate(url: str, rate: float, seconds: float, prefix: str) -> list
         due[n] = start + n / rate
         if (delay := due[n] - time.monotonic()) > 0:
             await asyncio.sleep(delay)
+        while idle and idle[-1].transport is None:
+            idle.pop()  # closed by the server while idle (uvicorn's keep-alive timeout is 5 s)
         if idle:
             idle.pop().send(requests[n], n)
         else:

@@ -154,8 +154,9 @@ measured only once that backlog is delivered).
 {live_row}
 | **ratio** | **{f["throughput_ratio"]:.2f}** | | |
 
-At a fixed 1,000 req/s (open loop, `bench/load.py:fixed_rate`: requests built beforehand, sent on
-keep-alive connections, each one's latency counted from when it was due; {self.seconds / 2:.0f} s per round):
+At a fixed 1,000 req/s (open loop, `bench/load.py:fixed_rate`: requests built beforehand, sent
+on keep-alive connections, each one's latency counted from when it was due;
+{self.seconds / 2:.0f} s per round):
 p50 {self._fixed("bridge", 50):.2f} ms, **p99 {f["p99_at_1000_ms"]:.2f} ms** for live-bridge;
 the bare endpoint p50 {self._fixed("bare", 50):.2f} ms, p99 {self._fixed("bare", 99):.2f} ms.
 With `[store] sync = "normal"` (commits left to the operating system: they survive the process

@@ -105,29 +105,32 @@ class Insert(Together):
         return [op.key.upper() for op in ops]
 
 
-async def test_operations_of_one_kind_run_together(
-    writer: GroupCommitWriter, tmp_path: Path
-) -> None:
+async def one_batch(
+    writer: GroupCommitWriter, ops: Sequence[Callable[[sqlite3.Connection], str]]
+) -> list[str | BaseException]:
+    """Each op's result, or its error, all submitted while the writer is held busy, so that
+    they reach it as one batch."""
     held, release = threading.Event(), threading.Event()
 
     def hold(conn: sqlite3.Connection) -> None:
         held.set()
         release.wait(5)
 
-    Insert.calls.clear()
     first = asyncio.ensure_future(writer.submit(hold))
-    await asyncio.to_thread(held.wait, 5)  # the writer is busy: what follows is one batch
-    ops: list[Callable[[sqlite3.Connection], str]] = [
-        Insert("a"),
-        insert("plain"),
-        Insert("b"),
-        Insert("c"),
-    ]
+    await asyncio.to_thread(held.wait, 5)
     waiting = [asyncio.ensure_future(writer.submit(op)) for op in ops]
     await asyncio.sleep(0.05)
     release.set()
     await first
-    assert await asyncio.gather(*waiting) == ["A", "plain", "B", "C"]  # each its own result
+    return await asyncio.gather(*waiting, return_exceptions=True)
+
+
+async def test_operations_of_one_kind_run_together(
+    writer: GroupCommitWriter, tmp_path: Path
+) -> None:
+    Insert.calls.clear()
+    results = await one_batch(writer, [Insert("a"), insert("plain"), Insert("b"), Insert("c")])
+    assert results == ["A", "plain", "B", "C"]  # each its own result
     assert Insert.calls == [3]  # one call for the three
     assert rows(tmp_path / "w.db") == ["a", "b", "c", "plain"]
 
@@ -137,20 +140,8 @@ async def test_a_failure_among_ops_run_together_fails_only_its_own(
 ) -> None:
     # Run together, one bad key fails the statement; run again one by one, only it fails.
     await writer.submit(insert("taken"))
-    held, release = threading.Event(), threading.Event()
-
-    def hold(conn: sqlite3.Connection) -> None:
-        held.set()
-        release.wait(5)
-
     Insert.calls.clear()
-    first = asyncio.ensure_future(writer.submit(hold))
-    await asyncio.to_thread(held.wait, 5)
-    waiting = [asyncio.ensure_future(writer.submit(Insert(k))) for k in ("x", "taken", "y")]
-    await asyncio.sleep(0.05)
-    release.set()
-    await first
-    results = await asyncio.gather(*waiting, return_exceptions=True)
+    results = await one_batch(writer, [Insert("x"), Insert("taken"), Insert("y")])
     assert results[0] == "X" and results[2] == "Y"
     assert isinstance(results[1], StoreUnavailable)
     assert Insert.calls == [3, 1, 1, 1]
