@@ -117,6 +117,8 @@ class Report:
         met = self.summary().splitlines()
         bare_row = self._sat_row("bare Starlette", "bare")
         live_row = self._sat_row("live-bridge", "bridge")
+        receive_row = self._sat_row("live-bridge receiving only (no route matches)", "receive")
+        receive_ratio = self._sat("receive", "rps") / (self._sat("bare", "rps") or float("nan"))
         hand_row = self._slack_row("hand-written", self.slack.get("handwritten", {}))
         slack_row = self._slack_row("live-bridge", self.slack.get("bridge", {}))
         rss = f"RSS idle {self.idle_rss_mb:.0f} MB, under benchmark 1 **{self.peak_rss_mb:.0f} MB**"
@@ -152,7 +154,11 @@ measured only once that backlog is delivered).
 |---|---|---|---|
 {bare_row}
 {live_row}
-| **ratio** | **{f["throughput_ratio"]:.2f}** | | |
+{receive_row}
+| **ratio**, live-bridge / bare | **{f["throughput_ratio"]:.2f}** | | |
+
+Receiving only (verify, parse, commit the event; no route matches, so nothing is rendered or
+delivered) against the bare endpoint: **{receive_ratio:.2f}**.
 
 At a fixed 1,000 req/s (open loop, `bench/load.py:fixed_rate`: requests built beforehand, sent
 on keep-alive connections, each one's latency counted from when it was due;
@@ -161,7 +167,8 @@ p50 {self._fixed("bridge", 50):.2f} ms, **p99 {f["p99_at_1000_ms"]:.2f} ms** for
 the bare endpoint p50 {self._fixed("bare", 50):.2f} ms, p99 {self._fixed("bare", 99):.2f} ms.
 With `[store] sync = "normal"` (commits left to the operating system: they survive the process
 being killed, not the machine losing power) live-bridge gives p50 {self._fixed("normal", 50):.2f}
-ms, p99 {self._fixed("normal", 99):.2f} ms.
+ms, p99 {self._fixed("normal", 99):.2f} ms. Receiving only (no route matches, nothing
+delivered): p50 {self._fixed("receive", 50):.2f} ms, p99 {self._fixed("receive", 99):.2f} ms.
 
 The disk alone, measured between those rounds (`bench/run.py:disk_flushes`: 20 KB written and
 flushed with fdatasync a thousand times a second, as the writer does at this rate): p50
@@ -172,7 +179,8 @@ are among the slowest acknowledgements; the notes below show that the event loop
 weighs more.
 
 Per round (req/s): bare {", ".join(f"{r.rps:.0f}" for r in self.saturation.get("bare", []))};
-live-bridge {", ".join(f"{r.rps:.0f}" for r in self.saturation.get("bridge", []))}.
+live-bridge {", ".join(f"{r.rps:.0f}" for r in self.saturation.get("bridge", []))};
+receiving only {", ".join(f"{r.rps:.0f}" for r in self.saturation.get("receive", []))}.
 
 ## 2. What users write instead
 

@@ -41,23 +41,32 @@ def ack_ceiling(work: Path, report: Report, sink_url: str) -> None:
     live = bridge(work / "ack", hook, route)
     # The same at [store] sync = "normal": commits left to the OS, no disk flush per commit.
     normal = bridge(work / "ack-normal", hook, route, store='path = "bridge.db"\nsync = "normal"')
+    # Receiving only: verified, parsed and committed, but no route matches, so nothing is
+    # rendered or delivered. What acknowledging costs apart from delivering in the same process.
+    unrouted = '[[routes]]\nname = "none"\ncommands = ["Live.NoSuchCommand"]\nchannels = ["sink"]\n'
+    receive = bridge(work / "ack-receive", hook, unrouted)
     bare.start()
     live.start()
     normal.start()
+    receive.start()
     time.sleep(1)
     report.idle_rss_mb = live.rss() / 2**20
     try:
-        results: dict[str, list[WrkResult]] = {"bare": [], "bridge": []}
+        results: dict[str, list[WrkResult]] = {"bare": [], "bridge": [], "receive": []}
         for _ in range(ROUNDS):  # alternating, so drift hits both alike
             results["bare"].append(wrk(url_of(bare), SECONDS))
             with live.sampling():
                 results["bridge"].append(wrk(url_of(live), SECONDS))
             live.drain()
+            results["receive"].append(wrk(url_of(receive), SECONDS))
         report.saturation = results
         report.peak_rss_mb = live.peak_rss / 2**20
-        fixed: dict[str, list[list[float]]] = {"bare": [], "bridge": [], "normal": []}
+        fixed: dict[str, list[list[float]]] = {
+            "bare": [], "bridge": [], "normal": [], "receive": []
+        }  # fmt: skip
+        contenders = (("bare", bare), ("bridge", live), ("normal", normal), ("receive", receive))
         for n in range(ROUNDS):
-            for name, proc in (("bare", bare), ("bridge", live), ("normal", normal)):
+            for name, proc in contenders:
                 prefix = f"fixed{n}-{name}"  # new rooms each round: never a duplicate
                 sent = asyncio.run(fixed_rate(url_of(proc), 1000, SECONDS / 2, prefix))
                 if proc is not bare:
@@ -66,9 +75,8 @@ def ack_ceiling(work: Path, report: Report, sink_url: str) -> None:
             report.disk.append(disk_flushes(work, SECONDS / 2))
         report.fixed_rate = fixed
     finally:
-        bare.stop()
-        live.stop()
-        normal.stop()
+        for proc in (bare, live, normal, receive):
+            proc.stop()
 
 
 def disk_flushes(work: Path, seconds: float) -> list[float]:
