@@ -65,13 +65,15 @@ async def test_records_in_one_batch_get_their_own_ids_and_repeats_are_duplicates
 
 
 async def test_concurrent_deliveries_are_all_marked(store: SQLiteStore) -> None:
-    # Marked in batches (one statement for all that finish while a batch commits): none lost.
+    # Marked in batches (one statement for all that reach the writer together): none lost.
     now = time.time()
     for i in range(100):
         await add(store, f"k{i}", room=f"r{i}", now=now)
     assert await store.take_channel("a", now, 3600) is not None
     claimed = await store.claim("a", now, 100, 3600)
+    before = store.commits
     await asyncio.gather(*(store.mark_delivered(c.id, now) for c in claimed))
+    assert store.commits - before < 100  # marked together, not a commit each
     assert db_rows(store.path, "SELECT state, COUNT(*) FROM deliveries GROUP BY state") == [
         ("delivered", 100)
     ]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import fcntl
-import functools
 import logging
 import os
 import sqlite3
@@ -155,8 +154,6 @@ class SQLiteStore:
         self.owner = uuid.uuid4().hex  # written on what this instance claims and takes
         self._reader: sqlite3.Connection | None = None  # for what operators read
         self._reading = threading.Lock()
-        self._delivered: list[tuple[tuple[int, float], asyncio.Future[None]]] = []
-        self._marking: asyncio.Task[None] | None = None  # committing `_delivered` in batches
 
     @property
     def commits(self) -> int:
@@ -190,8 +187,6 @@ class SQLiteStore:
             self._lock_fd = None
 
     async def close(self) -> None:
-        if self._marking is not None:
-            await asyncio.wait([self._marking])  # what is marked delivered is committed first
         if self._writer is not None:
             await self._writer.close()
             self._writer = None
@@ -297,34 +292,8 @@ class SQLiteStore:
     # (its channel removed by a reload) stays dead, except that a delivery that did get through
     # is recorded as such; one whose lease ran out and that another claim took is left alone.
     async def mark_delivered(self, delivery_id: int, now: float) -> None:
-        # Deliveries that finish while an earlier batch is being committed are marked together,
-        # in one statement: the outcome of most sends, and one operation each was the writer
-        # thread's largest share after the callbacks themselves.
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._delivered.append(((delivery_id, now), waiter))
-        if self._marking is None:
-            self._marking = asyncio.create_task(self._mark_delivered_batches())
-        await waiter
-
-    async def _mark_delivered_batches(self) -> None:
-        try:
-            while self._delivered:
-                batch, self._delivered = self._delivered, []
-                rows = [row for row, _ in batch]
-                try:
-                    await self._submit(
-                        functools.partial(_mark_delivered, rows=rows, owner=self.owner)
-                    )
-                except Exception as exc:
-                    for _, waiter in batch:
-                        if not waiter.done():
-                            waiter.set_exception(exc)
-                else:
-                    for _, waiter in batch:
-                        if not waiter.done():
-                            waiter.set_result(None)
-        finally:
-            self._marking = None
+        # The outcome of most sends: those of one batch are marked together, in one statement.
+        await self._submit(_Delivered(delivery_id, now, self.owner))
 
     async def mark_retry(
         self, delivery_id: int, now: float, next_attempt_at: float, error: str, count: bool
@@ -549,14 +518,23 @@ def _insert(conn: sqlite3.Connection, head: str, rows: Sequence[tuple[Any, ...]]
         conn.execute(f"{head} {','.join([mark] * len(chunk))}", [v for row in chunk for v in row])
 
 
-def _mark_delivered(conn: sqlite3.Connection, rows: list[tuple[int, float]], owner: str) -> None:
-    """`rows` of (delivery id, delivered at), in as few statements as the limit allows."""
-    per = (MAX_PARAMS - 1) // 2
-    for start in range(0, len(rows), per):
-        chunk = rows[start : start + per]
-        values = ",".join(["(?, ?)"] * len(chunk))
-        sql = MARK_DELIVERED_SQL.replace("{values}", values)
-        conn.execute(sql, [v for row in chunk for v in row] + [owner])
+@dataclasses.dataclass(frozen=True)
+class _Delivered(Together):
+    """A delivery that got through; those of a batch are marked in one statement."""
+
+    delivery_id: int
+    at: float
+    owner: str
+
+    @classmethod
+    def run_together(cls, conn: sqlite3.Connection, ops: Sequence[_Delivered]) -> list[None]:
+        owner = ops[0].owner  # a writer serves one store, which has one owner
+        per = (MAX_PARAMS - 1) // 2
+        for start in range(0, len(ops), per):
+            chunk = ops[start : start + per]
+            sql = MARK_DELIVERED_SQL.replace("{values}", ",".join(["(?, ?)"] * len(chunk)))
+            conn.execute(sql, [v for op in chunk for v in (op.delivery_id, op.at)] + [owner])
+        return [None] * len(ops)
 
 
 def _delivery_row(r: Sequence[Any]) -> DeliveryRow:
