@@ -61,10 +61,8 @@ def ack_ceiling(work: Path, report: Report, sink_url: str) -> None:
             results["receive"].append(wrk(url_of(receive), SECONDS))
         report.saturation = results
         report.peak_rss_mb = live.peak_rss / 2**20
-        fixed: dict[str, list[list[float]]] = {
-            "bare": [], "bridge": [], "normal": [], "receive": []
-        }  # fmt: skip
         contenders = (("bare", bare), ("bridge", live), ("normal", normal), ("receive", receive))
+        fixed: dict[str, list[list[float]]] = {name: [] for name, _ in contenders}
         for n in range(ROUNDS):
             for name, proc in contenders:
                 prefix = f"fixed{n}-{name}"  # new rooms each round: never a duplicate
