@@ -88,6 +88,20 @@ class Proc:
         assert self.process is not None
         return int(psutil.Process(self.process.pid).memory_info().rss)
 
+    def thread_cpu(self) -> tuple[float, float]:
+        """CPU seconds so far: the main thread's (the event loop), and all others' together
+        (for live-bridge, its SQLite writer)."""
+        assert self.process is not None
+        pid = self.process.pid
+        main = other = 0.0
+        for thread in psutil.Process(pid).threads():
+            used = thread.user_time + thread.system_time
+            if thread.id == pid:
+                main += used
+            else:
+                other += used
+        return main, other
+
     @contextlib.contextmanager
     def sampling(self) -> Iterator[None]:
         stop = threading.Event()

@@ -7,6 +7,7 @@ round by round and the report gives medians and the ratio measured in this run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -15,14 +16,14 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
 
 from bench.claims import CLAIM_BACKLOGS, claim_costs
 from bench.load import WrkResult, burst, fixed_rate, percentile, wrk
-from bench.procs import ROOT, bridge, free_port, url_of, uvicorn_app
+from bench.procs import ROOT, Proc, bridge, free_port, url_of, uvicorn_app
 from bench.replicas import compare, server_problem
 from bench.report import Report
 
@@ -45,36 +46,54 @@ def ack_ceiling(work: Path, report: Report, sink_url: str) -> None:
     # rendered or delivered. What acknowledging costs apart from delivering in the same process.
     unrouted = '[[routes]]\nname = "none"\ncommands = ["Live.NoSuchCommand"]\nchannels = ["sink"]\n'
     receive = bridge(work / "ack-receive", hook, unrouted)
-    bare.start()
-    live.start()
-    normal.start()
-    receive.start()
+    # The floor of a durable acknowledgement: append the body to SQLite, commit, answer.
+    journal = uvicorn_app("bench.apps:journal", free_port(), {"JOURNAL_DB": str(work / "j.db")})
+    servers = (bare, live, normal, receive, journal)
+    for server in servers:
+        server.start()
     time.sleep(1)
     report.idle_rss_mb = live.rss() / 2**20
     try:
-        results: dict[str, list[WrkResult]] = {"bare": [], "bridge": [], "receive": []}
+        results: dict[str, list[WrkResult]] = {
+            name: [] for name in ("bare", "journal", "bridge", "receive")
+        }
         for _ in range(ROUNDS):  # alternating, so drift hits both alike
             results["bare"].append(wrk(url_of(bare), SECONDS))
-            with live.sampling():
+            results["journal"].append(wrk(url_of(journal), SECONDS))
+            with live.sampling(), cpu_share(report.threads, "bridge", live):
                 results["bridge"].append(wrk(url_of(live), SECONDS))
             live.drain()
-            results["receive"].append(wrk(url_of(receive), SECONDS))
+            with cpu_share(report.threads, "receive", receive):
+                results["receive"].append(wrk(url_of(receive), SECONDS))
         report.saturation = results
         report.peak_rss_mb = live.peak_rss / 2**20
-        contenders = (("bare", bare), ("bridge", live), ("normal", normal), ("receive", receive))
+        contenders = (
+            ("bare", bare), ("journal", journal), ("bridge", live), ("normal", normal),
+            ("receive", receive),
+        )  # fmt: skip
         fixed: dict[str, list[list[float]]] = {name: [] for name, _ in contenders}
         for n in range(ROUNDS):
             for name, proc in contenders:
                 prefix = f"fixed{n}-{name}"  # new rooms each round: never a duplicate
                 sent = asyncio.run(fixed_rate(url_of(proc), 1000, SECONDS / 2, prefix))
-                if proc is not bare:
+                if proc not in (bare, journal):
                     proc.drain()
                 fixed[name].append([(s.acked - s.started) * 1000 for s in sent if s.status == 200])
             report.disk.append(disk_flushes(work, SECONDS / 2))
         report.fixed_rate = fixed
     finally:
-        for proc in (bare, live, normal, receive):
-            proc.stop()
+        for server in servers:
+            server.stop()
+
+
+@contextlib.contextmanager
+def cpu_share(into: dict[str, list[tuple[float, float]]], name: str, proc: Proc) -> Iterator[None]:
+    """The share of a core `proc`'s main thread, and its other threads, used meanwhile."""
+    started, (main, other) = time.monotonic(), proc.thread_cpu()
+    yield
+    elapsed, (main_after, other_after) = time.monotonic() - started, proc.thread_cpu()
+    share = ((main_after - main) / elapsed, (other_after - other) / elapsed)
+    into.setdefault(name, []).append(share)
 
 
 def disk_flushes(work: Path, seconds: float) -> list[float]:
