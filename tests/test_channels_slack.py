@@ -204,6 +204,7 @@ async def test_forced_answers_are_classified(
 @pytest.mark.parametrize(
     ("status", "expected"),
     [
+        (200, Outcome(Result.RETRY, "HTTP 200: not Slack's JSON")),
         (502, Outcome(Result.RETRY, "HTTP 502")),
         (503, Outcome(Result.RETRY, "HTTP 503")),
         (429, Outcome(Result.RETRY, "HTTP 429: ratelimited", 1.0, True)),

@@ -72,7 +72,14 @@ class SlackSender:
         try:
             if self._web is not None:
                 # The configured channel wins over a "channel" key a template may have written.
-                answer = await self._web.chat_postMessage(**{**message, "channel": self._channel})
+                try:
+                    answer = await self._web.chat_postMessage(
+                        **{**message, "channel": self._channel}
+                    )
+                except AttributeError:
+                    # slack-sdk takes any HTTP 200 answer for Slack's JSON object and fails on
+                    # anything else (a proxy's plain text, a JSON array) while checking "ok".
+                    return retry("HTTP 200: not Slack's JSON")
                 ts = answer.get("ts")
                 return Outcome(Result.DELIVERED, ts=ts if isinstance(ts, str) else None)
             assert self._hook is not None
