@@ -1,4 +1,4 @@
-"""`python -m bench.run`: the four benchmarks, side by side in one run, into docs/benchmarks.md.
+"""`python -m bench.run`: the six benchmarks, side by side in one run, into docs/benchmarks.md.
 
 Every contender runs as its own process under the same uvicorn, on loopback; pairs alternate
 round by round and the report gives medians and the ratio measured in this run.
