@@ -170,9 +170,10 @@ measured only once that backlog is delivered).
 Receiving only (verify, parse, commit the event; no route matches, so nothing is rendered or
 delivered) against the bare endpoint: **{receive_ratio:.2f}**. The journal
 (`bench/apps.py:journal`) is the floor of a durable acknowledgement under the same uvicorn: it
-appends each body to SQLite in WAL mode with `synchronous=FULL`, the requests that wait together
-in one commit as live-bridge's writer does, and answers once that commit is on disk; it
-verifies, parses, routes and delivers nothing. Journal / bare: **{journal_ratio:.2f}**.
+appends each body to SQLite through live-bridge's own writer and connection settings (the
+requests that wait together in one commit, WAL, `synchronous=FULL`) and answers once that commit
+is on disk; it verifies, parses, deduplicates, routes and delivers nothing.
+Journal / bare: **{journal_ratio:.2f}**.
 
 Where live-bridge's CPU goes under wrk, as a share of one core (median of the rounds; the event
 loop's thread runs uvicorn, the receiver and the worker, the other thread is the SQLite writer):

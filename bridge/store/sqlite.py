@@ -493,12 +493,12 @@ class _Record(Together):
                 dedup.append((event.dedup_key, now, event_id))
                 seen[event.dedup_key] = (event_id, now)  # a repeat in this batch is a duplicate
             results.append(Recorded(event_id=event_id, duplicate=False))
-        _insert(conn, "INSERT INTO events (id, received_at, sdk_app_id, command, room_id,"
-                " event_time, body, query) VALUES", events)  # fmt: skip
-        _insert(conn, "INSERT INTO deliveries (event_id, channel, state, payload,"
-                " next_attempt_at, last_error, created_at, updated_at, room_id, order_ts)"
-                " VALUES", deliveries)  # fmt: skip
-        _insert(conn, "INSERT OR REPLACE INTO dedup (key, seen_at, event_id) VALUES", dedup)
+        insert_rows(conn, "INSERT INTO events (id, received_at, sdk_app_id, command, room_id,"
+                    " event_time, body, query) VALUES", events)  # fmt: skip
+        insert_rows(conn, "INSERT INTO deliveries (event_id, channel, state, payload,"
+                    " next_attempt_at, last_error, created_at, updated_at, room_id, order_ts)"
+                    " VALUES", deliveries)  # fmt: skip
+        insert_rows(conn, "INSERT OR REPLACE INTO dedup (key, seen_at, event_id) VALUES", dedup)
         return results
 
 
@@ -506,7 +506,7 @@ class _Record(Together):
 MAX_PARAMS = 999
 
 
-def _insert(conn: sqlite3.Connection, head: str, rows: Sequence[tuple[Any, ...]]) -> None:
+def insert_rows(conn: sqlite3.Connection, head: str, rows: Sequence[tuple[Any, ...]]) -> None:
     """`head` ("INSERT … VALUES") for all `rows`, in as few statements as the limit allows."""
     if not rows:
         return
