@@ -1,9 +1,10 @@
 """Group commit for SQLite: one thread, one connection, one fsync for everything queued.
 
 Callers `submit` an operation (a function of the connection). The thread takes everything queued,
-runs each operation inside its own savepoint of one transaction, commits once, and only then
-answers the callers: concurrent callbacks share one fsync, and an operation that fails rolls back
-alone while the rest of its batch commits.
+runs it in one transaction, commits once, and only then answers the callers: concurrent callbacks
+share one fsync. Should an operation fail, the batch is rolled back and run again with a savepoint
+for each operation, so that the one that fails rolls back alone while the rest of its batch
+commits.
 
 Operations of one `Together` kind run as one: every statement sqlite3 steps lets go of the GIL,
 and under load the event loop's thread takes it each time, so each statement cost this thread a
