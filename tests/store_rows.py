@@ -1,13 +1,16 @@
-"""For the store tests: `new_event` builds an event, `add` records one with one delivery, and
-`opener` opens store instances and closes them all at the end."""
+"""For the store tests: `new_event` builds an event, `add` records one with one delivery,
+`opener` opens store instances and closes them all at the end, and `KEYED_BEFORE` and
+`assert_retries_are_duplicates` check the dedup keys an upgrade carries over."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import ParamSpec, TypeVar
 
+from bridge.receive import dedup_key
 from bridge.store import NewDelivery, NewEvent, Store
 
 P = ParamSpec("P")
@@ -48,3 +51,31 @@ async def opener(make: Callable[P, S]) -> AsyncIterator[Callable[P, Awaitable[S]
     finally:
         for store in stores:
             await store.close()
+
+
+# Events stored with the dedup keys of before the keys led with EventTime (SQLite schema 4,
+# PostgreSQL schema 2): (event id, EventTime, body); OLD_KEYS holds each one's key as it was then.
+OWNER = "Live.CallbackAfterChangeOwner"
+
+
+def _body(room: str, at: int | None) -> str:
+    time_field = f',"EventTime":{at}' if at is not None else ""
+    return f'{{"CallbackCommand":"{OWNER}","RoomId":"{room}"{time_field}}}'
+
+
+KEYED_BEFORE = [
+    (n, at, _body(f"r{n}", at))
+    for n, at in ((1, 1703589922780), (2, -1), (3, None), (4, 2**63 - 1))
+]
+OLD_KEYS = [hashlib.sha256(f"{OWNER}\0{body}".encode()).hexdigest() for _, _, body in KEYED_BEFORE]
+
+
+async def assert_retries_are_duplicates(store: Store, now: float) -> None:
+    """Tencent's retry of each event in KEYED_BEFORE, after the upgrade: found, not stored again."""
+    for event_id, at, body in KEYED_BEFORE:
+        retry = NewEvent(
+            sdk_app_id=1400000000, command=OWNER, room_id=f"r{event_id}", event_time=at,
+            body=body, query="{}", dedup_key=dedup_key(OWNER, body.encode(), at),
+        )  # fmt: skip
+        recorded = await store.record(retry, [NewDelivery("a", "p")], now, 600)
+        assert (recorded.event_id, recorded.duplicate) == (event_id, True), body

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 import sqlite3
@@ -238,7 +239,31 @@ def test_content_type_is_not_required_nor_trusted(bridge: InThread) -> None:
 
 
 def test_dedup_key_is_command_and_bytes() -> None:
-    owner = "Live.CallbackAfterChangeOwner"
-    assert dedup_key(owner, SEED_BODY) == dedup_key(owner, SEED_BODY)
-    assert dedup_key(owner, SEED_BODY) != dedup_key("Live.CallbackAfterCreateRoom", SEED_BODY)
-    assert dedup_key(owner, SEED_BODY) != dedup_key(owner, SEED_BODY + b" ")
+    at = 1703589922780
+    key = dedup_key(OWNER, SEED_BODY, at)
+    assert key == dedup_key(OWNER, SEED_BODY, at)
+    assert key != dedup_key("Live.CallbackAfterCreateRoom", SEED_BODY, at)
+    assert key != dedup_key(OWNER, SEED_BODY + b" ", at)
+
+
+@pytest.mark.parametrize(
+    ("event_time", "prefix"),
+    [
+        (1703589922780, "0000018ca5df47dc"),
+        (0, "0000000000000000"),
+        (2**63 - 1, "7fffffffffffffff"),  # the largest EventTime the model accepts
+        (-1, "ffffffffffffffff"),  # two's complement, as SQLite's printf('%016x') writes it
+        (-(2**63), "8000000000000000"),
+        (None, ""),  # some of Tencent's samples have no EventTime
+    ],
+)
+def test_dedup_key_leads_with_the_event_time(event_time: int | None, prefix: str) -> None:
+    digest = hashlib.sha256(OWNER.encode() + b"\0" + SEED_BODY).hexdigest()
+    assert dedup_key(OWNER, SEED_BODY, event_time) == f"{prefix}:{digest}"
+
+
+def test_dedup_keys_sort_in_event_time_order() -> None:
+    # What keeps each commit's dedup writes on the last pages of the index.
+    times = [1703589922780 + step for step in (0, 1, 999, 10**6, 10**9)]
+    keys = [dedup_key(OWNER, b"%d" % n, at) for n, at in enumerate(times)]
+    assert keys == sorted(keys)

@@ -17,9 +17,16 @@ import pytest
 from psycopg import sql
 
 from bridge.store import Claimed, NewDelivery, StoreUnavailable
-from bridge.store.pg_schema import SCHEMA_VERSION
+from bridge.store.pg_schema import MIGRATIONS, SCHEMA_VERSION
 from bridge.store.postgres import PostgresStore
-from tests.store_rows import new_event, opener
+from tests.store_rows import (
+    KEYED_BEFORE,
+    OLD_KEYS,
+    OWNER,
+    assert_retries_are_duplicates,
+    new_event,
+    opener,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -231,3 +238,24 @@ async def test_outage_is_unavailable_then_recovers_losing_nothing(
             await asyncio.sleep(0.2)
     payloads = [c.payload for c in await store.claim("a", now, 10, 30)]
     assert payloads == ["p-before", "p-during"]
+
+
+async def test_dedup_keys_written_before_version_3_still_find_retries(
+    open_store: OpenStore, postgres_url: str, postgres_sql: PostgresSQL
+) -> None:
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        for migration in MIGRATIONS[:2]:
+            conn.execute(migration)
+        conn.execute("INSERT INTO meta VALUES ('schema_version', '2')")
+    now = time.time()
+    for (event_id, at, body), key in zip(KEYED_BEFORE, OLD_KEYS, strict=True):
+        postgres_sql(
+            "INSERT INTO events VALUES (%s, %s, 1400000000, %s, %s, %s, %s, '{}')",
+            event_id, now, OWNER, f"r{event_id}", at, body,
+        )  # fmt: skip
+        postgres_sql("INSERT INTO dedup VALUES (%s, %s, %s)", key, now, event_id)
+    postgres_sql("SELECT setval(pg_get_serial_sequence('events', 'id'), %s)", len(KEYED_BEFORE))
+    store = await open_store()
+    await assert_retries_are_duplicates(store, now + 1)
+    assert postgres_sql("SELECT count(*) FROM events") == [(len(KEYED_BEFORE),)]

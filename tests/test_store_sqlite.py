@@ -17,7 +17,14 @@ from bridge.store import NewDelivery, Pace, StoreUnavailable
 from bridge.store.schema import MIGRATIONS, SCHEMA_VERSION, migrate
 from bridge.store.sqlite import CLAIM_SQL, DUE_SQL, SQLiteStore, Sync
 from tests.bridge_server import db_rows
-from tests.store_rows import add, new_event
+from tests.store_rows import (
+    KEYED_BEFORE,
+    OLD_KEYS,
+    OWNER,
+    add,
+    assert_retries_are_duplicates,
+    new_event,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -252,3 +259,30 @@ async def test_sync_setting_is_the_writers(tmp_path: Path, sync: Sync, pragma: i
         assert await store._fetch("PRAGMA synchronous") == [(pragma,)]
     finally:
         await store.close()
+
+
+async def test_dedup_keys_written_before_version_5_still_find_retries(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    for migration in MIGRATIONS[:4]:
+        for statement in migration.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+    conn.execute("INSERT INTO meta VALUES ('schema_version', '4')")
+    now = time.time()
+    for (event_id, at, body), key in zip(KEYED_BEFORE, OLD_KEYS, strict=True):
+        conn.execute(
+            "INSERT INTO events VALUES (?, ?, 1400000000, ?, ?, ?, ?, '{}')",
+            (event_id, now, OWNER, f"r{event_id}", at, body),
+        )
+        conn.execute("INSERT INTO dedup VALUES (?, ?, ?)", (key, now, event_id))
+    migrate(conn)
+    conn.close()
+    s = SQLiteStore(path)
+    await s.open()
+    try:
+        await assert_retries_are_duplicates(s, now + 1)
+    finally:
+        await s.close()
+    assert db_rows(path, "SELECT count(*) FROM events") == [(len(KEYED_BEFORE),)]

@@ -15,7 +15,7 @@ from psycopg import AsyncConnection
 
 from bridge.store import StoreUnavailable
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # pg_advisory_xact_lock keys: any two numbers no other user of the database is likely to take.
 MIGRATION_LOCK = 0x6C62_6D69  # "lbmi"
@@ -82,6 +82,13 @@ MIGRATIONS: tuple[str, ...] = (
     """
     DROP INDEX deliveries_channel;
     CREATE INDEX deliveries_claim ON deliveries (channel, state, order_ts, id);
+    """,
+    # 3: dedup keys lead with the event's time, as SQLite's do from its version 5.
+    """
+    UPDATE dedup SET key = COALESCE(
+        (SELECT lpad(to_hex(e.event_time), 16, '0') FROM events e WHERE e.id = dedup.event_id),
+        ''
+    ) || ':' || key;
     """,
 )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Each entry brings the schema from version i to i + 1; append, never edit.
 MIGRATIONS: tuple[str, ...] = (
@@ -78,6 +78,15 @@ MIGRATIONS: tuple[str, ...] = (
     """
     DROP INDEX deliveries_channel;
     CREATE INDEX deliveries_claim ON deliveries (channel, state, order_ts, id);
+    """,
+    # 5: dedup keys lead with the event's time (receive.dedup_key), so that they are written in
+    # about the order they sort; keys written before get the same prefix, so that a retry of a
+    # callback stored before the upgrade is still found.
+    """
+    UPDATE dedup SET key = COALESCE(
+        (SELECT printf('%016x', e.event_time) FROM events e
+         WHERE e.id = dedup.event_id AND e.event_time IS NOT NULL), ''
+    ) || ':' || key
     """,
 )
 
