@@ -66,8 +66,8 @@ def dedup_key(command: str, body: bytes, event_time: int | None) -> str:
     The body's EventTime (part of the bytes hashed, so a retry carries the same one) leads the
     key as 16 hex digits, two's complement as SQLite's printf and PostgreSQL's to_hex write it:
     keys arrive in about the order they sort, so each commit adds to the last pages of the
-    dedup index instead of one page at random per callback (31 pages written a batch of 16
-    against 12, measured). A body without EventTime gets an empty prefix."""
+    dedup index instead of one page at random per callback (for a batch of 16 callbacks, 12
+    pages written instead of 31, measured). A body without EventTime gets an empty prefix."""
     digest = hashlib.sha256(command.encode() + b"\0" + body).hexdigest()
     if event_time is None:
         return f":{digest}"
