@@ -12,6 +12,7 @@ from typing import ParamSpec, TypeVar
 
 from bridge.receive import dedup_key
 from bridge.store import NewDelivery, NewEvent, Store
+from tests.bridge_server import OWNER
 
 P = ParamSpec("P")
 S = TypeVar("S", bound=Store)
@@ -55,7 +56,6 @@ async def opener(make: Callable[P, S]) -> AsyncIterator[Callable[P, Awaitable[S]
 
 # Events stored with the dedup keys of before the keys led with EventTime (SQLite schema 4,
 # PostgreSQL schema 2): (event id, EventTime, body); OLD_KEYS holds each one's key as it was then.
-OWNER = "Live.CallbackAfterChangeOwner"
 
 
 def _body(room: str, at: int | None) -> str:

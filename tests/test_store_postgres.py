@@ -19,10 +19,10 @@ from psycopg import sql
 from bridge.store import Claimed, NewDelivery, StoreUnavailable
 from bridge.store.pg_schema import MIGRATIONS, SCHEMA_VERSION
 from bridge.store.postgres import PostgresStore
+from tests.bridge_server import OWNER
 from tests.store_rows import (
     KEYED_BEFORE,
     OLD_KEYS,
-    OWNER,
     assert_retries_are_duplicates,
     new_event,
     opener,

@@ -16,11 +16,10 @@ import pytest
 from bridge.store import NewDelivery, Pace, StoreUnavailable
 from bridge.store.schema import MIGRATIONS, SCHEMA_VERSION, migrate
 from bridge.store.sqlite import CLAIM_SQL, DUE_SQL, SQLiteStore, Sync
-from tests.bridge_server import db_rows
+from tests.bridge_server import OWNER, db_rows
 from tests.store_rows import (
     KEYED_BEFORE,
     OLD_KEYS,
-    OWNER,
     add,
     assert_retries_are_duplicates,
     new_event,
@@ -166,6 +165,18 @@ async def test_schema_version_recorded_and_newer_refused(tmp_path: Path) -> None
         await SQLiteStore(path).open()
 
 
+def old_database(path: Path, version: int) -> sqlite3.Connection:
+    """A database as live-bridge left it at schema `version`, open for rows to be added."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    for migration in MIGRATIONS[:version]:
+        for statement in migration.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+    conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(version),))
+    return conn
+
+
 @pytest.mark.parametrize(
     ("version", "room_and_order"),
     [
@@ -177,13 +188,7 @@ async def test_older_database_is_migrated_keeping_its_rows(
     tmp_path: Path, version: int, room_and_order: tuple[object, ...]
 ) -> None:
     path = tmp_path / "old.db"
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-    for migration in MIGRATIONS[:version]:
-        for statement in migration.split(";"):
-            if statement.strip():
-                conn.execute(statement)
-    conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(version),))
+    conn = old_database(path, version)
     conn.execute(
         "INSERT INTO events VALUES (1, 1700000000.5, 1, 'Live.CallbackAfterChangeOwner', 'r9',"
         " NULL, '{}', '{}')"
@@ -263,13 +268,7 @@ async def test_sync_setting_is_the_writers(tmp_path: Path, sync: Sync, pragma: i
 
 async def test_dedup_keys_written_before_version_5_still_find_retries(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-    for migration in MIGRATIONS[:4]:
-        for statement in migration.split(";"):
-            if statement.strip():
-                conn.execute(statement)
-    conn.execute("INSERT INTO meta VALUES ('schema_version', '4')")
+    conn = old_database(path, 4)
     now = time.time()
     for (event_id, at, body), key in zip(KEYED_BEFORE, OLD_KEYS, strict=True):
         conn.execute(
