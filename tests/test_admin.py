@@ -228,6 +228,20 @@ def test_status_page_in_a_real_browser(tmp_path: Path, slack: SlackStandIn) -> N
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.remote.webelement import WebElement
+    from selenium.webdriver.support import expected_conditions as loaded
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def submit(button: WebElement, selector: str) -> WebElement:
+        """Click a form's button and wait for the next page: a click does not wait for it."""
+        page = web.find_element(By.TAG_NAME, "html")
+        button.click()
+        wait = WebDriverWait(web, 10)
+        wait.until(loaded.staleness_of(page))
+        found: WebElement = wait.until(
+            loaded.presence_of_element_located((By.CSS_SELECTOR, selector))
+        )
+        return found
 
     slack.set_sink_status("sink", 500)
     config = write_config(
@@ -251,8 +265,8 @@ def test_status_page_in_a_real_browser(tmp_path: Path, slack: SlackStandIn) -> N
         try:
             web.get(bridge.url + "/status")
             web.find_element(By.ID, "token").send_keys(TOKEN)
-            web.find_element(By.CSS_SELECTOR, "form button").click()
-            row = web.find_element(By.CSS_SELECTOR, 'tr[data-channel="hook"]')
+            sign_in = web.find_element(By.CSS_SELECTOR, "form button")
+            row = submit(sign_in, 'tr[data-channel="hook"]')
             assert row.find_element(By.CSS_SELECTOR, ".dead-count").text == "2"
             assert "HTTP 500" in row.text
             events = web.find_elements(By.CSS_SELECTOR, "#events tbody tr")
@@ -260,8 +274,7 @@ def test_status_page_in_a_real_browser(tmp_path: Path, slack: SlackStandIn) -> N
             assert rooms == ["room-1", "room-0"]
             assert "hook: dead" in events[0].text
             slack.set_sink_status("sink", 200)
-            row.find_element(By.CSS_SELECTOR, "button").click()
-            notice = web.find_element(By.CSS_SELECTOR, ".notice").text
+            notice = submit(row.find_element(By.CSS_SELECTOR, "button"), ".notice").text
             assert notice == "2 dead letters of hook are pending again."
             assert slack.wait_for(lambda s: len([r for r in s.sink_requests]) == 4)
             assert wait_until(
