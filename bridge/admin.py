@@ -137,14 +137,10 @@ class Admin:
             return datetime.fromtimestamp(ts, UTC).astimezone(zone).strftime("%Y-%m-%d %H:%M:%S")
 
         stats = {s.channel: s for s in await bridge.store.stats()}
-        states = bridge.worker.states if bridge.worker else {}
-        pacers = bridge.worker.pacers if bridge.worker else {}
         channels = []
         for name, channel in config.channels.items():
             s = stats.get(name)
-            state = states.get(name)
-            pacer = pacers.get(name)
-            blocked = pacer.blocked_for() if pacer else 0.0
+            state, blocked = bridge.channel_state(name)
             channels.append({
                 "name": name, "type": channel.type,
                 "pending": s.pending if s else 0, "in_flight": s.in_flight if s else 0,

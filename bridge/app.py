@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from http import HTTPStatus
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 from starlette.applications import Starlette
@@ -39,7 +40,10 @@ from bridge.render import Renderer
 from bridge.routing import Router
 from bridge.store import Store, StoreUnavailable
 from bridge.store.engines import describe, make_store
-from bridge.worker import IDLE_POLL_S, SHARED_POLL_S, ChannelPolicy, Worker
+from bridge.worker import IDLE_POLL_S, SHARED_POLL_S, ChannelPolicy, ChannelState, Worker
+
+if TYPE_CHECKING:
+    from bridge.deliver import DeliveryProcess
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +93,16 @@ class Bridge:
     ) -> None:  # fmt: skip
         self.config = config
         self.path = path
+        if config.delivery.own_process and path is None:
+            raise ConfigError("[delivery] own_process needs a config file, which the process reads")
         self.renderer = validate(config)
         self.store: Store = store or make_store(config.store, serving=True)
         self.metrics = Metrics()
         self.admin = Admin(self)
         self._senders = senders
         self._session: aiohttp.ClientSession | None = None
-        self.worker: Worker | None = None
+        self.worker: Worker | None = None  # delivering in this process
+        self.delivery: DeliveryProcess | None = None  # delivering in a process of its own
         self.draining = False  # set on SIGTERM: /readyz answers 503 from then on
         self.receiver = self._receiver(config, self.renderer)
         self._reloading = asyncio.Lock()
@@ -114,6 +121,17 @@ class Bridge:
     def wake(self) -> None:
         if self.worker is not None:
             self.worker.wake()
+        elif self.delivery is not None:
+            self.delivery.wake()
+
+    def channel_state(self, name: str) -> tuple[ChannelState | None, float]:
+        """What the worker knows of a channel: its state, and how long its block has to run."""
+        if self.delivery is not None:
+            return self.delivery.channel_state(name)
+        if self.worker is None:
+            return None, 0.0
+        pacer = self.worker.pacers.get(name)
+        return self.worker.states.get(name), pacer.blocked_for() if pacer else 0.0
 
     async def callback(self, request: Request) -> Response:
         return await self.receiver.handle(request)  # the receiver of the config now in force
@@ -128,12 +146,20 @@ class Bridge:
         ):
             log.warning("%d deliveries to channels no longer configured are dead letters", buried)
         self._session = aiohttp.ClientSession()
-        policies, composer = self._worker_setup(config, self.renderer)
-        self.worker = Worker(
-            self.store, policies, config.delivery, composer, config.store.retention_h * 3600,
-            self.metrics, SHARED_POLL_S if config.store.url is not None else IDLE_POLL_S,
-        )  # fmt: skip
-        task = asyncio.create_task(self.worker.run(), name="worker")
+        task: asyncio.Task[None] | None = None
+        if config.delivery.own_process:
+            from bridge.deliver import DeliveryProcess
+
+            assert self.path is not None
+            self.delivery = DeliveryProcess(self.path, self.store, self.metrics)
+            await self.delivery.start()
+        else:
+            policies, composer = self._worker_setup(config, self.renderer)
+            self.worker = Worker(
+                self.store, policies, config.delivery, composer, config.store.retention_h * 3600,
+                self.metrics, SHARED_POLL_S if config.store.url is not None else IDLE_POLL_S,
+            )  # fmt: skip
+            task = asyncio.create_task(self.worker.run(), name="worker")
         loop = asyncio.get_running_loop()
         hangup = threading.current_thread() is threading.main_thread()
         if hangup:
@@ -149,10 +175,14 @@ class Bridge:
             if hangup:
                 loop.remove_signal_handler(signal.SIGHUP)
             self.draining = True
-            await self.worker.stop(self.config.delivery.shutdown_grace_s)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            grace = self.config.delivery.shutdown_grace_s
+            if self.delivery is not None:
+                await self.delivery.stop(grace)
+            if self.worker is not None and task is not None:
+                await self.worker.stop(grace)
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await self._session.close()
             await self.store.close()
             log.info("live-bridge stopped")
@@ -173,11 +203,15 @@ class Bridge:
                 return False, str(exc)
             if config.server != self.config.server:
                 log.warning("[server] changes take effect at the next start")
+            if config.delivery.own_process != self.config.delivery.own_process:
+                log.warning("[delivery] own_process changes take effect at the next start")
             if self.worker is not None and self._session is not None:
                 policies, composer = self._worker_setup(config, renderer)
                 self.worker.configure(
                     policies, config.delivery, composer, config.store.retention_h * 3600
                 )
+            if self.delivery is not None:
+                self.delivery.reload()  # the delivery process reads the file again
             self.config, self.renderer = config, renderer
             self.receiver = self._receiver(config, renderer)
             buried = await self.store.bury_unknown_channels(

@@ -116,6 +116,7 @@ class DeliveryConfig(Strict):
     timeout_s: float = Field(10.0, gt=0)
     dedup_window_s: float = Field(600, ge=0)
     shutdown_grace_s: float = Field(10.0, ge=0)  # in-flight sends may finish; the rest stay
+    own_process: bool = False  # deliver from a second process, which `serve` starts and watches
 
     @model_validator(mode="after")
     def _backoff_order(self) -> DeliveryConfig:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -20,6 +21,13 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 ACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 DELIVERY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
+
+
+class Outcomes(Protocol):
+    """Where the worker counts what became of each attempt: the serving process's `Metrics`,
+    or a delivery process's report to it (`bridge.deliver`)."""
+
+    def outcome(self, channel: str, outcome: str, received_at: float | None = None) -> None: ...
 
 
 def command_label(command: str) -> str:
@@ -55,6 +63,10 @@ class Metrics:
             "live_bridge_oldest_pending_age_seconds", "Age of the oldest pending delivery.",
             ["channel"], registry=r,
         )  # fmt: skip
+        self.delivery_restarts = Counter(
+            "live_bridge_delivery_process_restarts",
+            "Times the delivery process ended unasked and was started again.", registry=r,
+        )  # fmt: skip
         self.reloads = Counter(
             "live_bridge_config_reloads", "Configuration reloads, by result.", ["result"],
             registry=r,
@@ -74,9 +86,15 @@ class Metrics:
         self.ack_latency.observe(seconds)
 
     def outcome(self, channel: str, outcome: str, received_at: float | None = None) -> None:
-        self.deliveries.labels(channel, outcome).inc()
+        latency = None
         if outcome == "delivered" and received_at is not None:
-            self.delivery_latency.labels(channel).observe(max(0.0, time.time() - received_at))
+            latency = max(0.0, time.time() - received_at)
+        self.count_outcome(channel, outcome, latency)
+
+    def count_outcome(self, channel: str, outcome: str, latency: float | None) -> None:
+        self.deliveries.labels(channel, outcome).inc()
+        if latency is not None:
+            self.delivery_latency.labels(channel).observe(latency)
 
     def render(self, stats: Sequence[ChannelStats], channels: Sequence[str]) -> bytes:
         """The exposition text, with the store's per-channel numbers as of now."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from bridge.channels import Outcome, Result, Sender, Thread, permanent, retry
 from bridge.compose import DIGEST_ENTRIES, Composer
 from bridge.config import Channel, ConsoleChannel, DeliveryConfig, SlackChannel
-from bridge.metrics import Metrics
+from bridge.metrics import Outcomes
 from bridge.pacing import Pacer
 from bridge.render import RenderError
 from bridge.store import Claimed, Store, StoreUnavailable
@@ -99,7 +99,7 @@ class ChannelState:
 class Worker:
     def __init__(
         self, store: Store, policies: Mapping[str, ChannelPolicy], settings: DeliveryConfig,
-        composer: Composer, retention_s: float, metrics: Metrics | None = None,
+        composer: Composer, retention_s: float, metrics: Outcomes | None = None,
         poll_s: float = IDLE_POLL_S,
     ) -> None:  # fmt: skip
         self._store = store

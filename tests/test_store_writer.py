@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import fcntl
+import os
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -146,3 +148,24 @@ async def test_a_failure_among_ops_run_together_fails_only_its_own(
     assert isinstance(results[1], StoreUnavailable)
     assert Insert.calls == [3, 1, 1, 1]
     assert rows(tmp_path / "w.db") == ["taken", "x", "y"]
+
+
+async def test_each_transaction_waits_for_the_write_lock_and_lets_it_go(tmp_path: Path) -> None:
+    # Another process's writer (here: this test) holds the lock; the commit waits for it.
+    lock = tmp_path / "w.db.write-lock"
+    other = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o600)
+    ours = os.open(lock, os.O_RDONLY)
+    fcntl.flock(other, fcntl.LOCK_EX)
+    w = GroupCommitWriter(_connect(tmp_path / "w.db"), ours)
+    try:
+        pending = asyncio.ensure_future(w.submit(insert("k1")))
+        await asyncio.sleep(0.3)
+        assert not pending.done() and rows(tmp_path / "w.db") == []
+        fcntl.flock(other, fcntl.LOCK_UN)
+        assert await asyncio.wait_for(pending, 5) == "k1"
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again once committed
+        fcntl.flock(other, fcntl.LOCK_UN)
+    finally:
+        await w.close()
+        os.close(ours)
+        os.close(other)

@@ -151,6 +151,7 @@ class SQLiteStore:
         self._exclusive = exclusive  # the serving process: hold the lock file
         self._writer: GroupCommitWriter | None = None
         self._lock_fd: int | None = None
+        self._write_lock_fd: int | None = None
         self.owner = uuid.uuid4().hex  # written on what this instance claims and takes
         self._reader: sqlite3.Connection | None = None  # for what operators read
         self._reading = threading.Lock()
@@ -164,12 +165,17 @@ class SQLiteStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self._exclusive:
                 self._lock()
+            # Every process that writes the file takes this one's flock for each transaction:
+            # the server, its delivery process and the outbox commands hand over at once.
+            self._write_lock_fd = os.open(
+                f"{self.path}.write-lock", os.O_RDONLY | os.O_CREAT, 0o600
+            )
             conn = connect(self.path, self._sync)
             migrate(conn)
         except (sqlite3.Error, OSError) as exc:
             self._unlock()
             raise StoreUnavailable(f"cannot open store {self.path}: {exc}") from None
-        self._writer = GroupCommitWriter(conn)
+        self._writer = GroupCommitWriter(conn, self._write_lock_fd)
         log.info("store open: %s (schema %d)", self.path, SCHEMA_VERSION)
 
     def _lock(self) -> None:
@@ -185,6 +191,9 @@ class SQLiteStore:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing releases the flock
             self._lock_fd = None
+        if self._write_lock_fd is not None:
+            os.close(self._write_lock_fd)
+            self._write_lock_fd = None
 
     async def close(self) -> None:
         if self._writer is not None:

@@ -10,12 +10,19 @@ Operations of one `Together` kind run as one: every statement sqlite3 steps lets
 and under load the event loop's thread takes it each time, so each statement cost this thread a
 wait for it back (about 0.6 ms of waiting for 0.1 ms of work per callback, measured). A batch of
 callbacks recorded in a few multi-row statements waits a few times, not four times a callback.
+
+With a `lock_fd`, each transaction holds an `flock` on it: every process writing the file (the
+server, its delivery process, the outbox commands) then waits for the others in the kernel and
+is woken the moment the lock is free. Without it they would meet in SQLite's busy handler, which
+sleeps 1, 2, 5, … 100 ms between tries (ack p99 11.6 to 17.9 ms at 1,000 callbacks/s against
+6.5 to 9.5 ms with the lock, measured with a delivery process beside the server).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import queue
 import sqlite3
@@ -47,7 +54,8 @@ class Together:
 
 
 class GroupCommitWriter:
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, lock_fd: int | None = None) -> None:
+        self._lock_fd = lock_fd
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._thread = threading.Thread(
             target=self._run, args=(conn,), name="sqlite-writer", daemon=True
@@ -89,6 +97,26 @@ class GroupCommitWriter:
             conn.close()
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Item]) -> None:
+        if self._lock_fd is None:
+            results = self._transact(conn, batch)
+        else:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)  # lets go of the GIL while it waits
+            try:
+                results = self._transact(conn, batch)
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        # One wake-up per event loop for the whole batch, not one per operation.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
+        for (_, loop, future), (ok, value) in zip(batch, results, strict=True):
+            if isinstance(value, sqlite3.Error):
+                value = StoreUnavailable(f"store write failed: {value}")
+            by_loop.setdefault(loop, []).append((future, ok, value))
+        for loop, outcomes in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a loop already closed: nobody waits
+                loop.call_soon_threadsafe(_settle, outcomes)
+
+    def _transact(self, conn: sqlite3.Connection, batch: list[_Item]) -> list[tuple[bool, Any]]:
+        """Each operation's result, committed; or the store's error for every one of them."""
         try:
             try:
                 # The common case, every operation succeeding, needs no savepoints: they were two
@@ -111,15 +139,7 @@ class GroupCommitWriter:
                     conn.execute("ROLLBACK")
             failure = StoreUnavailable(f"store commit failed: {exc}")
             results = [(False, failure)] * len(batch)
-        # One wake-up per event loop for the whole batch, not one per operation.
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
-        for (_, loop, future), (ok, value) in zip(batch, results, strict=True):
-            if isinstance(value, sqlite3.Error):
-                value = StoreUnavailable(f"store write failed: {value}")
-            by_loop.setdefault(loop, []).append((future, ok, value))
-        for loop, outcomes in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # a loop already closed: nobody waits
-                loop.call_soon_threadsafe(_settle, outcomes)
+        return results
 
 
 def _run_batch(

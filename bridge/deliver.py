@@ -1,0 +1,320 @@
+"""The delivery process: with `[delivery] own_process = true`, `live-bridge serve` starts a
+second process that runs the worker, and the serving process only acknowledges.
+
+On two cores, delivering on the event loop that acknowledges took half of what receiving could
+use (bench/notes.md). The two processes share the store; SQLite's writers take turns through
+the writer's lock (bridge/store/writer.py), so the handover is immediate.
+
+The serving process (`DeliveryProcess`) starts the child (`python -m bridge.deliver`) and watches
+it. It writes a byte to the child's stdin whenever a callback or a retry may have made something
+due; a pipe of its own (`--report-fd`; stdout stays the console channel's) brings back, as JSON
+lines, each attempt's outcome (for `/metrics`) and each channel's last success, last error and
+block (for `/status`). SIGHUP and `/-/reload` reach
+the child as SIGHUP; it reads the config file again. Should the child end unasked, the serving
+process releases what it held in the store and starts it again, after 1 s, then 2, up to 30.
+Should the serving process die, the child reads end-of-file on stdin and stops at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO
+
+import aiohttp
+
+from bridge import logs
+from bridge.app import build_policies, build_senders, validate
+from bridge.compose import Composer
+from bridge.config import Config, ConfigError, load_config
+from bridge.metrics import Metrics
+from bridge.render import Renderer
+from bridge.store import Store, StoreUnavailable
+from bridge.store.engines import make_store
+from bridge.worker import IDLE_POLL_S, ChannelPolicy, ChannelState, Worker
+
+log = logging.getLogger("bridge.deliver")  # also when run as __main__
+
+REPORT_EVERY_S = 0.1  # how often the child sends what it counted
+REPORT_MAX = 1000  # outcomes a report line carries at most
+REPORT_LIMIT = 1 << 20  # bytes a report line may have
+RESTART_S = (1.0, 30.0)  # the first and the longest wait before starting the child again
+STOP_MARGIN_S = 5.0  # past the grace period, before a child that does not stop is killed
+
+# A channel's state as the child reports it: last success, last error, its time, block end.
+Reported = tuple[float | None, str | None, float | None, float]
+
+
+# --- the serving process's side ------------------------------------------------------------
+
+
+class DeliveryProcess:
+    """Starts, wakes, reloads, watches and stops the delivery process."""
+
+    def __init__(self, config_path: Path, store: Store, metrics: Metrics) -> None:
+        self._path = config_path
+        self._store = store
+        self._metrics = metrics
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reports: asyncio.StreamReader | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._wake_due = False
+        self.states: dict[str, Reported] = {}
+        self.restarts = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    async def start(self) -> None:
+        await self._spawn()
+        self._task = asyncio.create_task(self._watch(), name="delivery-process")
+
+    def wake(self) -> None:
+        """Something may be due: one byte to the child per turn of the event loop, at most."""
+        if not self._wake_due:
+            self._wake_due = True
+            asyncio.get_running_loop().call_soon(self._send_wake)
+
+    def _send_wake(self) -> None:
+        self._wake_due = False
+        proc = self._proc
+        if proc is not None and proc.stdin is not None and proc.returncode is None:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                proc.stdin.write(b"w")
+
+    def reload(self) -> None:
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.send_signal(signal.SIGHUP)
+
+    def channel_state(self, name: str) -> tuple[ChannelState, float]:
+        """The child's last report on `name`: its state, and how long its block has to run."""
+        success, error, error_at, blocked_until = self.states.get(name, (None, None, None, 0.0))
+        return ChannelState(success, error, error_at), max(0.0, blocked_until - time.time())
+
+    async def stop(self, grace_s: float) -> None:
+        """SIGTERM: the child lets its sends finish for `grace_s`, then ends; killed if not."""
+        self._stopping = True
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), grace_s + STOP_MARGIN_S)
+            except TimeoutError:
+                log.error("the delivery process did not stop in time: killed")
+                proc.kill()
+                await proc.wait()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _spawn(self) -> None:
+        root = logging.getLogger()
+        json_logs = any(isinstance(h.formatter, logs.JsonFormatter) for h in root.handlers)
+        theirs, ours = os.pipe()[::-1]
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "bridge.deliver", "--config", str(self._path.resolve()),
+                "--log-level", logging.getLevelName(root.getEffectiveLevel()).lower(),
+                "--log-format", "json" if json_logs else "text", "--report-fd", str(theirs),
+                stdin=asyncio.subprocess.PIPE, pass_fds=(theirs,),
+                start_new_session=True,  # a Ctrl-C reaches the server, which stops the child
+            )  # fmt: skip
+        except BaseException:
+            os.close(ours)
+            raise
+        finally:
+            os.close(theirs)
+        self._reports = asyncio.StreamReader(limit=REPORT_LIMIT)
+        protocol = asyncio.StreamReaderProtocol(self._reports)
+        pipe = os.fdopen(ours, "rb")  # the transport closes it at the end of the child's reports
+        await asyncio.get_running_loop().connect_read_pipe(lambda: protocol, pipe)
+        log.info("delivery process started: pid %d", self._proc.pid)
+
+    async def _watch(self) -> None:
+        wait = RESTART_S[0]
+        while True:
+            proc, reports = self._proc, self._reports
+            assert proc is not None and reports is not None
+            started = time.monotonic()
+            while line := await reports.readline():
+                self._take(line)
+            status = await proc.wait()
+            if self._stopping:
+                return
+            self.restarts += 1
+            self._metrics.delivery_restarts.inc()
+            if time.monotonic() - started > RESTART_S[1]:
+                wait = RESTART_S[0]  # it ran for a while: this is not a crash loop
+            log.error(
+                "the delivery process ended with status %d; starting it again in %.0fs",
+                status, wait,
+            )  # fmt: skip
+            await asyncio.sleep(wait)
+            wait = min(RESTART_S[1], wait * 2)
+            # Nothing else delivers from this store (SQLite has one serving process): what
+            # the child had in flight or held is free again, not held until its leases end.
+            with contextlib.suppress(StoreUnavailable):
+                await self._store.recover()
+            await self._spawn()
+
+    def _take(self, line: bytes) -> None:
+        try:
+            report = json.loads(line)
+            for channel, outcome, latency in report.get("o", ()):
+                self._metrics.count_outcome(channel, outcome, latency)
+            for channel, (success, error, error_at, blocked) in report.get("s", {}).items():
+                self.states[channel] = (success, error, error_at, float(blocked))
+        except (ValueError, TypeError, AttributeError):
+            log.warning("unreadable report from the delivery process: %.200r", line)
+
+
+# --- the delivery process itself ------------------------------------------------------------
+
+
+class Report:
+    """What the worker counted, written to stdout as JSON lines every REPORT_EVERY_S."""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self._out = out
+        self._outcomes: list[tuple[str, str, float | None]] = []
+        self._states: dict[str, Reported] = {}
+
+    def outcome(self, channel: str, outcome: str, received_at: float | None = None) -> None:
+        latency = None
+        if outcome == "delivered" and received_at is not None:
+            latency = max(0.0, time.time() - received_at)
+        self._outcomes.append((channel, outcome, latency))
+
+    def flush(self, worker: Worker) -> None:
+        """Outcomes since the last flush, and the channel states that changed."""
+        now = time.time()
+        states: dict[str, Reported] = {}
+        for name, s in worker.states.items():
+            pacer = worker.pacers.get(name)
+            blocked = pacer.blocked_for() if pacer else 0.0
+            states[name] = (
+                s.last_success_at, s.last_error, s.last_error_at,
+                round(now + blocked, 3) if blocked > 0 else 0.0,
+            )  # fmt: skip
+        changed = {k: v for k, v in states.items() if self._states.get(k) != v}
+        outcomes, self._outcomes, self._states = self._outcomes, [], states
+        while outcomes or changed:
+            report = {"o": outcomes[:REPORT_MAX], "s": changed}
+            self._out.write(json.dumps(report, separators=(",", ":")).encode() + b"\n")
+            outcomes, changed = outcomes[REPORT_MAX:], {}
+        self._out.flush()
+
+
+class Child:
+    """The worker of one config file, in a process of its own."""
+
+    def __init__(self, path: Path, config: Config, report: IO[bytes]) -> None:
+        self._path = path
+        self.config = config
+        self._renderer = validate(config)
+        self.store = make_store(config.store, serving=False)  # the server holds SQLite's lock
+        self.report = Report(report)
+        self.worker: Worker | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    def _parts(
+        self, config: Config, renderer: Renderer
+    ) -> tuple[dict[str, ChannelPolicy], Composer]:
+        assert self._session is not None
+        policies = build_policies(config, build_senders(config, self._session))
+        return policies, Composer(config, renderer)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        await self.store.open()
+        self._session = aiohttp.ClientSession()
+        config = self.config
+        policies, composer = self._parts(config, self._renderer)
+        self.worker = Worker(
+            self.store, policies, config.delivery, composer, config.store.retention_h * 3600,
+            self.report, IDLE_POLL_S,
+        )  # fmt: skip
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        gc.collect()
+        gc.freeze()
+        tasks = [
+            asyncio.create_task(self.worker.run(), name="worker"),
+            asyncio.create_task(self._report(), name="report"),
+        ]
+        parent = asyncio.create_task(self._wake_ups(), name="wake-ups")
+        stopped = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({parent, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        # The server gone (end of its pipe): stop now, another may start soon. Asked: finish.
+        grace = self.config.delivery.shutdown_grace_s if stopped in done else 0.0
+        await self.worker.stop(grace)
+        for task in [*tasks, parent, stopped]:
+            task.cancel()
+        await asyncio.gather(*tasks, parent, stopped, return_exceptions=True)
+        with contextlib.suppress(BrokenPipeError):
+            self.report.flush(self.worker)
+        await self._session.close()
+        await self.store.close()
+
+    async def _wake_ups(self) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        while await reader.read(4096):
+            assert self.worker is not None
+            self.worker.wake()
+
+    async def _report(self) -> None:
+        while True:
+            await asyncio.sleep(REPORT_EVERY_S)
+            assert self.worker is not None
+            self.report.flush(self.worker)
+
+    def reload(self) -> None:
+        try:
+            config = load_config(self._path)
+            renderer = validate(config)
+        except ConfigError as exc:
+            log.error("delivery process: reload refused, the running config stays: %s", exc)
+            return
+        assert self.worker is not None
+        policies, composer = self._parts(config, renderer)
+        self.worker.configure(policies, config.delivery, composer, config.store.retention_h * 3600)
+        self.config, self._renderer = config, renderer
+        log.info("delivery process: reloaded, %d channels", len(config.channels))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bridge.deliver")
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--log-format", default="text")
+    parser.add_argument("--report-fd", type=int, required=True)
+    args = parser.parse_args(argv)
+    logs.setup(args.log_level, args.log_format, None)
+    try:
+        with open(args.report_fd, "wb") as report:
+            asyncio.run(Child(args.config, load_config(args.config), report).run())
+    except (ConfigError, StoreUnavailable) as exc:
+        log.error("delivery process: %s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,173 @@
+"""The delivery process (`[delivery] own_process = true`): the real server starts a real second
+process, which delivers to the stand-in's sink; it is killed, reloaded and stopped for real."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from bridge.app import create_app
+from bridge.config import ConfigError, load_config
+from bridge.deliver import DeliveryProcess
+from tests.bridge_server import (
+    OK_PACKET,
+    SEED_BODY,
+    InThread,
+    Subprocess,
+    db_rows,
+    free_port,
+    http_request,
+    post_callback,
+    wait_until,
+    write_config,
+)
+from tests.slack_standin import SlackStandIn
+
+HOOK = '[channels.hook]\ntype = "webhook"\nurl = "{url}"\n'
+ROUTE = '[[routes]]\nname = "all"\nchannels = ["hook"]\n'
+OWN = "own_process = true\ninitial_backoff_s = 0.05\nmax_backoff_s = 0.2\nmax_attempts = {n}\n"
+
+
+def room(n: int) -> bytes:
+    return SEED_BODY.replace(b'"room_id"', f'"room-{n}"'.encode())
+
+
+def own_config(tmp_path: Path, url: str, max_attempts: int = 3) -> Path:
+    return write_config(
+        tmp_path, channels=HOOK.format(url=url), routes=ROUTE, delivery=OWN.format(n=max_attempts)
+    )
+
+
+def process(bridge: InThread) -> DeliveryProcess:
+    delivery = bridge.app.bridge.delivery
+    assert delivery is not None
+    return delivery
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    text = http_request(url + "/metrics")[2].decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def gone(pid: int) -> bool:
+    """No such process, or only its zombie left for a parent to reap."""
+    try:
+        return " (Z)" in Path(f"/proc/{pid}/stat").read_text().split(")", 1)[1][:4]
+    except FileNotFoundError:
+        return True
+
+
+def test_the_child_delivers_and_the_server_counts_it(tmp_path: Path, slack: SlackStandIn) -> None:
+    with InThread(own_config(tmp_path, slack.sink_url())) as bridge:
+        assert bridge.app.bridge.worker is None  # nothing delivers in the serving process
+        child = process(bridge).pid
+        assert child is not None and child != os.getpid()
+        for n in range(20):
+            assert post_callback(bridge.url, room(n)) == (200, OK_PACKET)
+        assert slack.wait_for(lambda s: len(s.sink_requests) == 20)
+        delivered = "live_bridge_deliveries_total"
+        assert wait_until(lambda: metric(bridge.url, delivered, outcome="delivered") == 20)
+        assert metric(bridge.url, "live_bridge_delivery_latency_seconds_count") == 20
+        state, blocked = bridge.app.bridge.channel_state("hook")
+        assert state is not None and state.last_success_at is not None and blocked == 0
+        assert metric(bridge.url, "live_bridge_delivery_process_restarts_total") == 0
+    assert wait_until(lambda: gone(child))  # stopped with the server, not left behind
+    db = tmp_path / "bridge.db"
+    assert db_rows(db, "SELECT state, COUNT(*) FROM deliveries GROUP BY 1") == [("delivered", 20)]
+
+
+def test_failures_reach_the_status_page_and_metrics(tmp_path: Path, slack: SlackStandIn) -> None:
+    slack.set_sink_status("sink", 500)
+    with InThread(own_config(tmp_path, slack.sink_url(), max_attempts=1)) as bridge:
+        assert post_callback(bridge.url, room(0)) == (200, OK_PACKET)
+        assert wait_until(lambda: metric(bridge.url, "live_bridge_deliveries_total") == 1)
+        assert metric(bridge.url, "live_bridge_deliveries_total", outcome="dead") == 1
+
+        def last_error() -> str | None:
+            state, _ = bridge.app.bridge.channel_state("hook")
+            return state.last_error if state else None
+
+        assert wait_until(lambda: "HTTP 500" in (last_error() or ""))
+        status, _, page = http_request(bridge.url + "/status")
+        assert status == 200 and b"HTTP 500" in page
+
+
+def test_a_killed_child_is_started_again_and_nothing_waits_for_its_leases(
+    tmp_path: Path, slack: SlackStandIn
+) -> None:
+    slack.set_sink_delay("sink", 3.0)  # the kill comes while these are in flight
+    with InThread(own_config(tmp_path, slack.sink_url())) as bridge:
+        first = process(bridge).pid
+        assert first is not None
+        for n in range(3):
+            assert post_callback(bridge.url, room(n)) == (200, OK_PACKET)
+        db = tmp_path / "bridge.db"
+        in_flight = "SELECT COUNT(*) FROM deliveries WHERE state = 'in_flight'"
+        assert wait_until(lambda: db_rows(db, in_flight) != [(0,)])
+        slack.set_sink_delay("sink", 0.0)
+        os.kill(first, signal.SIGKILL)
+        assert wait_until(lambda: process(bridge).pid not in (first, None))
+        assert metric(bridge.url, "live_bridge_delivery_process_restarts_total") == 1
+        # Released at the restart, not held until their 70 s leases end.
+        assert wait_until(
+            lambda: db_rows(db, "SELECT DISTINCT state FROM deliveries") == [("delivered",)]
+        )
+        assert post_callback(bridge.url, room(9)) == (200, OK_PACKET)
+        assert slack.wait_for(lambda s: any(b"room-9" in r.body for r in s.sink_requests))
+
+
+def paths(slack: SlackStandIn) -> list[str]:
+    return [r.path for r in slack.sink_requests]
+
+
+def test_a_reload_reaches_the_child(tmp_path: Path, slack: SlackStandIn) -> None:
+    config = own_config(tmp_path, slack.sink_url("before"))
+    with InThread(config) as bridge:
+        assert post_callback(bridge.url, room(0)) == (200, OK_PACKET)
+        assert slack.wait_for(lambda s: [r.path for r in s.sink_requests] == ["/sink/before"])
+        text = config.read_text()
+        config.write_text(text.replace(slack.sink_url("before"), slack.sink_url("after")))
+        status, _, _ = http_request(bridge.url + "/-/reload", "POST")
+        assert status == 200
+        time.sleep(0.5)  # the child reads the file on SIGHUP, a moment after the server
+        assert post_callback(bridge.url, room(1)) == (200, OK_PACKET)
+        assert slack.wait_for(lambda s: paths(s) == ["/sink/before", "/sink/after"])
+
+
+def test_the_child_prints_to_the_servers_stdout_and_ends_when_the_server_is_killed(
+    tmp_path: Path, slack: SlackStandIn
+) -> None:
+    port = free_port()
+    console = '[channels.console]\ntype = "console"\n'
+    config = write_config(
+        tmp_path, port, channels=HOOK.format(url=slack.sink_url()) + console,
+        routes=ROUTE.replace('["hook"]', '["hook", "console"]'), delivery=OWN.format(n=3),
+    )  # fmt: skip
+    log = tmp_path / "serve.log"
+    with Subprocess(config, port, log) as server:
+        assert wait_until(lambda: "delivery process started" in log.read_text())
+        found = re.search(r"delivery process started: pid (\d+)", log.read_text())
+        assert found is not None
+        child = int(found.group(1))
+        assert post_callback(server.url, room(0)) == (200, OK_PACKET)
+        assert slack.wait_for(lambda s: len(s.sink_requests) == 1)
+        # The console channel's line, on the stdout the server was started with.
+        assert wait_until(lambda: "room owner changed: room room-0" in log.read_text())
+        server.kill()
+        assert wait_until(lambda: gone(child))  # end of its stdin: the server is gone
+
+
+def test_own_process_needs_the_config_file(tmp_path: Path) -> None:
+    config = load_config(own_config(tmp_path, "http://127.0.0.1:9/"))
+    with pytest.raises(ConfigError, match=r"own_process needs a config file"):
+        create_app(config)
