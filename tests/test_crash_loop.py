@@ -19,6 +19,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 from tests.bridge_server import (
     OK_PACKET,
     SEED_BODY,
@@ -114,13 +116,19 @@ def delivered_rooms(db: Path) -> set[str]:
     return {r[0] for r in db_rows(db, "SELECT room_id FROM deliveries WHERE state = 'delivered'")}
 
 
-def test_kill_9_in_a_loop_loses_no_acknowledged_event(tmp_path: Path, slack: SlackStandIn) -> None:
+@pytest.mark.parametrize("own_process", [False, True], ids=["one-process", "own-process"])
+def test_kill_9_in_a_loop_loses_no_acknowledged_event(
+    tmp_path: Path, slack: SlackStandIn, own_process: bool
+) -> None:
+    """With `own_process`, the kill hits the serving process; its delivery process reads the end
+    of its pipe and stops with its sends, as the one process's worker does when killed."""
     rng = random.Random(SEED)
     port = free_port()
     secret = signing_secret()
     channels, routes = signed_sink(slack.sink_url(), secret, MAX_IN_FLIGHT), SINK_ROUTE
     # Short backoff: retries keep up with the flapping; nothing may become a dead letter.
     delivery = "initial_backoff_s = 0.05\nmax_backoff_s = 0.3\nmax_attempts = 1000\n"
+    delivery += f"own_process = {str(own_process).lower()}\n"
     config = write_config(tmp_path, port, channels=channels, routes=routes, delivery=delivery)
     log = tmp_path / "bridge.log"
     slack.set_sink_delay("sink", SINK_DELAY_S)
