@@ -85,22 +85,29 @@ class Proc:
             time.sleep(0.5)
 
     def rss(self) -> int:
+        """The process's resident memory, with its children's (a delivery process)."""
         assert self.process is not None
-        return int(psutil.Process(self.process.pid).memory_info().rss)
+        process = psutil.Process(self.process.pid)
+        return sum(int(p.memory_info().rss) for p in (process, *process.children(True)))
 
-    def thread_cpu(self) -> tuple[float, float]:
-        """CPU seconds so far: the main thread's (the event loop), and all others' together
-        (for live-bridge, its SQLite writer)."""
+    def thread_cpu(self) -> tuple[float, float, float]:
+        """CPU seconds so far: the main thread's (the event loop), all its others' together
+        (for live-bridge, its SQLite writer), and its children's (a delivery process)."""
         assert self.process is not None
         pid = self.process.pid
-        main = other = 0.0
-        for thread in psutil.Process(pid).threads():
+        main = other = children = 0.0
+        process = psutil.Process(pid)
+        for thread in process.threads():
             used = thread.user_time + thread.system_time
             if thread.id == pid:
                 main += used
             else:
                 other += used
-        return main, other
+        for child in process.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                times = child.cpu_times()
+                children += times.user + times.system
+        return main, other, children
 
     @contextlib.contextmanager
     def sampling(self) -> Iterator[None]:

@@ -33,6 +33,7 @@ from tests.slack_standin import SlackStandIn
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 SUSTAIN_S = int(os.environ.get("BENCH_SUSTAIN_S", "30"))
+OWN_PROCESS = "[delivery]\nown_process = true\n"
 
 
 def ack_ceiling(work: Path, report: Report, sink_url: str) -> None:
@@ -40,6 +41,8 @@ def ack_ceiling(work: Path, report: Report, sink_url: str) -> None:
     route = '[[routes]]\nname = "all"\nchannels = ["sink"]\n'
     bare = uvicorn_app("bench.apps:bare", free_port())
     live = bridge(work / "ack", hook, route)
+    # The same, delivering from a process of its own ([delivery] own_process).
+    own = bridge(work / "ack-own", hook, route, OWN_PROCESS)
     # The same at [store] sync = "normal": commits left to the OS, no disk flush per commit.
     normal = bridge(work / "ack-normal", hook, route, store='path = "bridge.db"\nsync = "normal"')
     # Receiving only: verified, parsed and committed, but no route matches, so nothing is
@@ -48,14 +51,14 @@ def ack_ceiling(work: Path, report: Report, sink_url: str) -> None:
     receive = bridge(work / "ack-receive", hook, unrouted)
     # The floor of a durable acknowledgement: append the body to SQLite, commit, answer.
     journal = uvicorn_app("bench.apps:journal", free_port(), {"JOURNAL_DB": str(work / "j.db")})
-    servers = (bare, live, normal, receive, journal)
+    servers = (bare, live, own, normal, receive, journal)
     for server in servers:
         server.start()
     time.sleep(1)
     report.idle_rss_mb = live.rss() / 2**20
     try:
         results: dict[str, list[WrkResult]] = {
-            name: [] for name in ("bare", "journal", "bridge", "receive")
+            name: [] for name in ("bare", "journal", "bridge", "own", "receive")
         }
         for _ in range(ROUNDS):  # alternating, so drift hits both alike
             results["bare"].append(wrk(url_of(bare), SECONDS))
@@ -63,13 +66,17 @@ def ack_ceiling(work: Path, report: Report, sink_url: str) -> None:
             with live.sampling(), cpu_share(report.threads, "bridge", live):
                 results["bridge"].append(wrk(url_of(live), SECONDS))
             live.drain()
+            with own.sampling(), cpu_share(report.threads, "own", own):
+                results["own"].append(wrk(url_of(own), SECONDS))
+            own.drain()
             with cpu_share(report.threads, "receive", receive):
                 results["receive"].append(wrk(url_of(receive), SECONDS))
         report.saturation = results
         report.peak_rss_mb = live.peak_rss / 2**20
+        report.peak_rss_own_mb = own.peak_rss / 2**20
         contenders = (
-            ("bare", bare), ("journal", journal), ("bridge", live), ("normal", normal),
-            ("receive", receive),
+            ("bare", bare), ("journal", journal), ("bridge", live), ("own", own),
+            ("normal", normal), ("receive", receive),
         )  # fmt: skip
         fixed: dict[str, list[list[float]]] = {name: [] for name, _ in contenders}
         for n in range(ROUNDS):
@@ -87,13 +94,15 @@ def ack_ceiling(work: Path, report: Report, sink_url: str) -> None:
 
 
 @contextlib.contextmanager
-def cpu_share(into: dict[str, list[tuple[float, float]]], name: str, proc: Proc) -> Iterator[None]:
-    """The share of a core `proc`'s main thread, and its other threads, used meanwhile."""
-    started, (main, other) = time.monotonic(), proc.thread_cpu()
+def cpu_share(into: dict[str, list[tuple[float, ...]]], name: str, proc: Proc) -> Iterator[None]:
+    """The share of a core `proc`'s main thread, its other threads and its children used
+    meanwhile."""
+    started, before = time.monotonic(), proc.thread_cpu()
     yield
-    elapsed, (main_after, other_after) = time.monotonic() - started, proc.thread_cpu()
-    share = ((main_after - main) / elapsed, (other_after - other) / elapsed)
-    into.setdefault(name, []).append(share)
+    elapsed, after = time.monotonic() - started, proc.thread_cpu()
+    into.setdefault(name, []).append(
+        tuple((a - b) / elapsed for a, b in zip(after, before, strict=True))
+    )
 
 
 def disk_flushes(work: Path, seconds: float) -> list[float]:
@@ -159,10 +168,13 @@ def handwritten_vs_bridge(work: Path, report: Report) -> None:
                 proc.stop()
 
 
-def delivery(work: Path, report: Report, sink: str) -> None:
+def delivery(work: Path, report: Report, sink: str, extra: str = "") -> None:
+    """Benchmark 3 for the default config, or with `extra` (the delivery process)."""
     hook = f'[channels.sink]\ntype = "webhook"\nurl = "{sink}/hook"\nmax_in_flight = 16\n'
-    live = bridge(work / "delivery", hook, '[[routes]]\nname = "all"\nchannels = ["sink"]\n')
+    route = '[[routes]]\nname = "all"\nchannels = ["sink"]\n'
+    live = bridge(work / f"delivery{len(extra)}", hook, route, extra)
     live.start()
+    key = "own" if extra else "bridge"
 
     def sink_log() -> list[tuple[str, float]]:
         with urllib.request.urlopen(f"{sink}/log", timeout=30) as reply:  # noqa: S310
@@ -177,7 +189,7 @@ def delivery(work: Path, report: Report, sink: str) -> None:
         acked = wrk(url_of(live), SUSTAIN_S, connections=16)
         ended = time.monotonic()
         in_window = [t for _, t in sink_log() if started <= t <= ended]
-        report.sustained = {
+        report.sustained[key] = {
             "acked_per_s": acked.rps,
             "delivered_per_s": len(in_window) / (ended - started),
         }
@@ -190,7 +202,7 @@ def delivery(work: Path, report: Report, sink: str) -> None:
             time.sleep(0.2)
         arrived = {room: t for room, t in sink_log()}
         latency = [(arrived[r] - a) * 1000 for r, a in acks.items() if r in arrived]
-        report.latency_500 = {
+        report.latency_500[key] = {
             "acked": len(acks), "delivered": len(latency),
             "p50_ms": percentile(latency, 50), "p99_ms": percentile(latency, 99),
         }  # fmt: skip
@@ -246,6 +258,7 @@ def main() -> None:
             ("ack ceiling", lambda: ack_ceiling(work, report, f"{sink_url}/hook")),
             ("hand-written receiver", lambda: handwritten_vs_bridge(work, report)),
             ("delivery", lambda: delivery(work, report, sink_url)),
+            ("delivery, own process", lambda: delivery(work, report, sink_url, OWN_PROCESS)),
             ("start-up", lambda: startup(work, report, f"{sink_url}/hook")),
             ("replicas on PostgreSQL", lambda: replicas(work, report, f"{sink_url}/hook")),
             ("claims against a backlog", lambda: claims(work, report)),
