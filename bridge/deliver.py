@@ -8,9 +8,9 @@ the writer's lock (bridge/store/writer.py), so the handover is immediate.
 The serving process (`DeliveryProcess`) starts the child (`python -m bridge.deliver`) and watches
 it. It writes a byte to the child's stdin whenever a callback or a retry may have made something
 due; a pipe of its own (`--report-fd`; stdout stays the console channel's) brings back, as JSON
-lines, each attempt's outcome (for `/metrics`) and each channel's last success, last error and
-block (for `/status`). SIGHUP and `/-/reload` reach
-the child as SIGHUP; it reads the config file again. Should the child end unasked, the serving
+lines, that the child is ready, each attempt's outcome (for `/metrics`) and each channel's last
+success, last error and block (for `/status`). SIGHUP and `/-/reload` reach the child as SIGHUP
+once it is ready; it reads the config file again. Should the child end unasked, the serving
 process releases what it held in the store and starts it again, after 1 s, then 2, up to 30.
 Should the serving process die, the child reads end-of-file on stdin and stops at once.
 """
@@ -41,13 +41,14 @@ from bridge.metrics import Metrics
 from bridge.render import Renderer
 from bridge.store import Store, StoreUnavailable
 from bridge.store.engines import make_store
-from bridge.worker import IDLE_POLL_S, ChannelPolicy, ChannelState, Worker
+from bridge.worker import IDLE_POLL_S, SHARED_POLL_S, ChannelPolicy, ChannelState, Worker
 
 log = logging.getLogger("bridge.deliver")  # also when run as __main__
 
 REPORT_EVERY_S = 0.1  # how often the child sends what it counted
 REPORT_MAX = 1000  # outcomes a report line carries at most
 REPORT_LIMIT = 1 << 20  # bytes a report line may have
+ERROR_CHARS = 500  # of a channel's last error, in a report
 RESTART_S = (1.0, 30.0)  # the first and the longest wait before starting the child again
 STOP_MARGIN_S = 5.0  # past the grace period, before a child that does not stop is killed
 
@@ -70,12 +71,18 @@ class DeliveryProcess:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._wake_due = False
+        self._ready = False  # the child handles SIGHUP: until then, a reload waits
+        self._reload_due = False
         self.states: dict[str, Reported] = {}
-        self.restarts = 0
 
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
+
+    @property
+    def ready(self) -> bool:
+        """The child has said it is ready: its signal handlers are in place."""
+        return self._ready
 
     async def start(self) -> None:
         await self._spawn()
@@ -90,12 +97,17 @@ class DeliveryProcess:
     def _send_wake(self) -> None:
         self._wake_due = False
         proc = self._proc
-        if proc is not None and proc.stdin is not None and proc.returncode is None:
+        if proc is None or proc.stdin is None or proc.returncode is not None:
+            return
+        if proc.stdin.transport.get_write_buffer_size() == 0:  # else a wake-up is on its way
             with contextlib.suppress(ConnectionError, RuntimeError):
                 proc.stdin.write(b"w")
 
     def reload(self) -> None:
-        if self._proc is not None and self._proc.returncode is None:
+        """SIGHUP to the child; one still starting gets it once it is ready."""
+        self._reload_due = True
+        if self._ready and self._proc is not None and self._proc.returncode is None:
+            self._reload_due = False
             self._proc.send_signal(signal.SIGHUP)
 
     def channel_state(self, name: str) -> tuple[ChannelState, float]:
@@ -121,6 +133,7 @@ class DeliveryProcess:
                 await self._task
 
     async def _spawn(self) -> None:
+        self._ready = False
         root = logging.getLogger()
         json_logs = any(isinstance(h.formatter, logs.JsonFormatter) for h in root.handlers)
         theirs, ours = os.pipe()[::-1]
@@ -154,7 +167,6 @@ class DeliveryProcess:
             status = await proc.wait()
             if self._stopping:
                 return
-            self.restarts += 1
             self._metrics.delivery_restarts.inc()
             if time.monotonic() - started > RESTART_S[1]:
                 wait = RESTART_S[0]  # it ran for a while: this is not a crash loop
@@ -162,17 +174,27 @@ class DeliveryProcess:
                 "the delivery process ended with status %d; starting it again in %.0fs",
                 status, wait,
             )  # fmt: skip
-            await asyncio.sleep(wait)
-            wait = min(RESTART_S[1], wait * 2)
-            # Nothing else delivers from this store (SQLite has one serving process): what
-            # the child had in flight or held is free again, not held until its leases end.
-            with contextlib.suppress(StoreUnavailable):
-                await self._store.recover()
-            await self._spawn()
+            while True:
+                await asyncio.sleep(wait)
+                wait = min(RESTART_S[1], wait * 2)
+                # SQLite has one serving process, so nothing else delivers from this store:
+                # what the child had in flight or held is free again now, not when its leases
+                # end. (PostgreSQL's replicas share the store: there its leases run out.)
+                with contextlib.suppress(StoreUnavailable):
+                    await self._store.recover()
+                try:
+                    await self._spawn()
+                    break
+                except OSError as exc:
+                    log.error("cannot start the delivery process: %s; again in %.0fs", exc, wait)
 
     def _take(self, line: bytes) -> None:
         try:
             report = json.loads(line)
+            if report.get("ready"):
+                self._ready = True
+                if self._reload_due:  # asked while it was starting
+                    self.reload()
             for channel, outcome, latency in report.get("o", ()):
                 self._metrics.count_outcome(channel, outcome, latency)
             for channel, (success, error, error_at, blocked) in report.get("s", {}).items():
@@ -185,7 +207,7 @@ class DeliveryProcess:
 
 
 class Report:
-    """What the worker counted, written to stdout as JSON lines every REPORT_EVERY_S."""
+    """What the worker counted, written to the report pipe as JSON lines every REPORT_EVERY_S."""
 
     def __init__(self, out: IO[bytes]) -> None:
         self._out = out
@@ -206,7 +228,7 @@ class Report:
             pacer = worker.pacers.get(name)
             blocked = pacer.blocked_for() if pacer else 0.0
             states[name] = (
-                s.last_success_at, s.last_error, s.last_error_at,
+                s.last_success_at, s.last_error and s.last_error[:ERROR_CHARS], s.last_error_at,
                 round(now + blocked, 3) if blocked > 0 else 0.0,
             )  # fmt: skip
         changed = {k: v for k, v in states.items() if self._states.get(k) != v}
@@ -215,6 +237,10 @@ class Report:
             report = {"o": outcomes[:REPORT_MAX], "s": changed}
             self._out.write(json.dumps(report, separators=(",", ":")).encode() + b"\n")
             outcomes, changed = outcomes[REPORT_MAX:], {}
+        self._out.flush()
+
+    def ready(self) -> None:
+        self._out.write(b'{"ready":1}\n')
         self._out.flush()
 
 
@@ -245,31 +271,32 @@ class Child:
         policies, composer = self._parts(config, self._renderer)
         self.worker = Worker(
             self.store, policies, config.delivery, composer, config.store.retention_h * 3600,
-            self.report, IDLE_POLL_S,
+            self.report, SHARED_POLL_S if config.store.url is not None else IDLE_POLL_S,
         )  # fmt: skip
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self.report.ready()
         gc.collect()
         gc.freeze()
-        tasks = [
-            asyncio.create_task(self.worker.run(), name="worker"),
-            asyncio.create_task(self._report(), name="report"),
-        ]
+        work = asyncio.create_task(self.worker.run(), name="worker")
+        report = asyncio.create_task(self._report(), name="report")
         parent = asyncio.create_task(self._wake_ups(), name="wake-ups")
         stopped = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait({parent, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({work, parent, stopped}, return_when=asyncio.FIRST_COMPLETED)
         # The server gone (end of its pipe): stop now, another may start soon. Asked: finish.
         grace = self.config.delivery.shutdown_grace_s if stopped in done else 0.0
         await self.worker.stop(grace)
-        for task in [*tasks, parent, stopped]:
+        for task in (work, report, parent, stopped):
             task.cancel()
-        await asyncio.gather(*tasks, parent, stopped, return_exceptions=True)
+        await asyncio.gather(work, report, parent, stopped, return_exceptions=True)
         with contextlib.suppress(BrokenPipeError):
             self.report.flush(self.worker)
         await self._session.close()
         await self.store.close()
+        if work in done:
+            work.result()  # the worker failed: its traceback, exit status 1, and a restart
 
     async def _wake_ups(self) -> None:
         loop = asyncio.get_running_loop()

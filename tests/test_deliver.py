@@ -130,18 +130,26 @@ def paths(slack: SlackStandIn) -> list[str]:
     return [r.path for r in slack.sink_requests]
 
 
-def test_a_reload_reaches_the_child(tmp_path: Path, slack: SlackStandIn) -> None:
-    config = own_config(tmp_path, slack.sink_url("before"))
+def test_a_reload_reaches_the_child_even_while_it_starts(
+    tmp_path: Path, slack: SlackStandIn
+) -> None:
+    config = own_config(tmp_path, slack.sink_url("first"))
     with InThread(config) as bridge:
-        assert post_callback(bridge.url, room(0)) == (200, OK_PACKET)
-        assert slack.wait_for(lambda s: [r.path for r in s.sink_requests] == ["/sink/before"])
+        # At once: the child is still importing, and a SIGHUP now would end it.
         text = config.read_text()
-        config.write_text(text.replace(slack.sink_url("before"), slack.sink_url("after")))
-        status, _, _ = http_request(bridge.url + "/-/reload", "POST")
-        assert status == 200
-        time.sleep(0.5)  # the child reads the file on SIGHUP, a moment after the server
+        config.write_text(text.replace(slack.sink_url("first"), slack.sink_url("second")))
+        assert http_request(bridge.url + "/-/reload", "POST")[0] == 200
+        assert wait_until(lambda: process(bridge).ready)
+        time.sleep(0.5)  # the child reads the file on the SIGHUP it gets once ready
+        assert post_callback(bridge.url, room(0)) == (200, OK_PACKET)
+        assert slack.wait_for(lambda s: paths(s) == ["/sink/second"])
+        text = config.read_text()
+        config.write_text(text.replace(slack.sink_url("second"), slack.sink_url("third")))
+        assert http_request(bridge.url + "/-/reload", "POST")[0] == 200
+        time.sleep(0.5)
         assert post_callback(bridge.url, room(1)) == (200, OK_PACKET)
-        assert slack.wait_for(lambda s: paths(s) == ["/sink/before", "/sink/after"])
+        assert slack.wait_for(lambda s: paths(s) == ["/sink/second", "/sink/third"])
+        assert metric(bridge.url, "live_bridge_delivery_process_restarts_total") == 0
 
 
 def test_the_child_prints_to_the_servers_stdout_and_ends_when_the_server_is_killed(
