@@ -37,8 +37,8 @@ class Report:
     replicas_skipped: str | None = None
     disk: list[list[float]] = field(default_factory=list)  # ms per flush, one list a round
     claims: dict[int, dict[str, float]] = field(default_factory=dict)  # backlog: query: ms
-    # contender: (main thread, other threads, child processes) share of a core under wrk, a
-    # triple a round
+    # contender: (main thread, other threads, child processes, the whole machine) share of a
+    # core under wrk, one tuple a round
     threads: dict[str, list[tuple[float, ...]]] = field(default_factory=dict)
 
     def _sat(self, name: str, attr: str) -> float:
@@ -93,11 +93,13 @@ class Report:
 
     def _threads(self, name: str) -> str:
         shares = self.threads.get(name, [])
-        main, other, child = (median([s[i] * 100 for s in shares if len(s) > i]) for i in (0, 1, 2))
+        main, other, child, machine = (
+            median([s[i] * 100 for s in shares if len(s) > i]) for i in range(4)
+        )
         text = f"event loop {main:.0f}%, writer {other:.0f}%"
         if child > 0.5:
-            return f"{text}, delivery process {child:.0f}%, {main + other + child:.0f}% in all"
-        return f"{text}, {main + other:.0f}% in all"
+            text += f", delivery process {child:.0f}%"
+        return f"{text}, {main + other + child:.0f}% in all; the machine {machine:.0f}% busy"
 
     def _sat_row(self, label: str, name: str) -> str:
         rps, p50, p99 = (self._sat(name, a) for a in ("rps", "p50_ms", "p99_ms"))
@@ -210,6 +212,8 @@ loop's thread runs uvicorn, the receiver and the worker, the other thread is the
 
 Python runs one thread at a time (the GIL), so the two shares add up to about one core: only the
 writer's SQLite calls, its commit's flush and the event loop's waits for the network let go of it.
+"The machine" is every process together, wrk and the webhook sink included, out of
+{int(m["cores"]) * 100}% for its {m["cores"]} cores.
 
 At a fixed 1,000 req/s (open loop, `bench/load.py:fixed_rate`: requests built beforehand, sent
 on keep-alive connections, each one's latency counted from when it was due;

@@ -96,13 +96,19 @@ def ack_ceiling(work: Path, report: Report, sink_url: str) -> None:
 @contextlib.contextmanager
 def cpu_share(into: dict[str, list[tuple[float, ...]]], name: str, proc: Proc) -> Iterator[None]:
     """The share of a core `proc`'s main thread, its other threads and its children used
-    meanwhile."""
-    started, before = time.monotonic(), proc.thread_cpu()
+    meanwhile, and the cores the whole machine kept busy (wrk and the sink included)."""
+    started, before = time.monotonic(), (*proc.thread_cpu(), busy_cpu())
     yield
-    elapsed, after = time.monotonic() - started, proc.thread_cpu()
-    into.setdefault(name, []).append(
-        tuple((a - b) / elapsed for a, b in zip(after, before, strict=True))
-    )
+    elapsed, after = time.monotonic() - started, (*proc.thread_cpu(), busy_cpu())
+    shares = tuple((a - b) / elapsed for a, b in zip(after, before, strict=True))
+    into.setdefault(name, []).append(shares)
+
+
+def busy_cpu() -> float:
+    """CPU seconds the machine has spent on anything but idling and waiting for the disk."""
+    times = psutil.cpu_times()
+    busy: float = sum(times) - times.idle - getattr(times, "iowait", 0.0)
+    return busy
 
 
 def disk_flushes(work: Path, seconds: float) -> list[float]:
