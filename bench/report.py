@@ -204,8 +204,11 @@ requests that wait together in one commit, WAL, `synchronous=FULL`) and answers 
 is on disk; it verifies, parses, deduplicates, routes and delivers nothing.
 Journal / bare: **{journal_ratio:.2f}**.
 
-Where live-bridge's CPU goes under wrk, as a share of one core (median of the rounds; the event
-loop's thread runs uvicorn, the receiver and the worker, the other thread is the SQLite writer):
+Where the CPU goes under wrk, as a share of one core (median of the rounds; the event loop's
+thread runs uvicorn, and in live-bridge the receiver and the worker; the other threads are the
+SQLite writer, or for the bare endpoint none that work):
+- the bare endpoint: {self._threads("bare")};
+- the journal: {self._threads("journal")};
 - live-bridge: {self._threads("bridge")};
 - live-bridge with its delivery process: {self._threads("own")};
 - receiving only: {self._threads("receive")}.

@@ -61,8 +61,10 @@ def ack_ceiling(work: Path, report: Report, sink_url: str) -> None:
             name: [] for name in ("bare", "journal", "bridge", "own", "receive")
         }
         for _ in range(ROUNDS):  # alternating, so drift hits both alike
-            results["bare"].append(wrk(url_of(bare), SECONDS))
-            results["journal"].append(wrk(url_of(journal), SECONDS))
+            with cpu_share(report.threads, "bare", bare):
+                results["bare"].append(wrk(url_of(bare), SECONDS))
+            with cpu_share(report.threads, "journal", journal):
+                results["journal"].append(wrk(url_of(journal), SECONDS))
             with live.sampling(), cpu_share(report.threads, "bridge", live):
                 results["bridge"].append(wrk(url_of(live), SECONDS))
             live.drain()
