@@ -27,6 +27,7 @@ from tests.bridge_server import (
     wait_until,
     write_config,
 )
+from tests.conftest import PostgresSQL
 from tests.slack_standin import SlackStandIn
 
 HOOK = '[channels.hook]\ntype = "webhook"\nurl = "{url}"\n'
@@ -179,3 +180,19 @@ def test_own_process_needs_the_config_file(tmp_path: Path) -> None:
     config = load_config(own_config(tmp_path, "http://127.0.0.1:9/"))
     with pytest.raises(ConfigError, match=r"own_process needs a config file"):
         create_app(config)
+
+
+def test_the_child_delivers_from_postgresql(
+    tmp_path: Path, slack: SlackStandIn, postgres_url: str, postgres_sql: PostgresSQL
+) -> None:
+    config = write_config(
+        tmp_path, channels=HOOK.format(url=slack.sink_url()), routes=ROUTE,
+        delivery=OWN.format(n=3), store=f'url = "{postgres_url}"\n',
+    )  # fmt: skip
+    with InThread(config) as bridge:
+        for n in range(10):
+            assert post_callback(bridge.url, room(n)) == (200, OK_PACKET)
+        assert slack.wait_for(lambda s: len(s.sink_requests) == 10)
+        delivered = "live_bridge_deliveries_total"
+        assert wait_until(lambda: metric(bridge.url, delivered, outcome="delivered") == 10)
+    assert postgres_sql("SELECT state, COUNT(*) FROM deliveries GROUP BY 1") == [("delivered", 10)]
