@@ -77,11 +77,15 @@ def free_port() -> int:
         return port
 
 
+# The [delivery] table's body in the tests' configs: quick retries, three attempts.
+DELIVERY = "initial_backoff_s = 0.05\nmax_backoff_s = 0.2\nmax_attempts = 3\n"
+
+
 def write_config(
     directory: Path, port: int = 0, *, channels: str = '[channels.console]\ntype = "console"\n',
     routes: str = '[[routes]]\nname = "all"\nchannels = ["console"]\n', extra: str = "",
     tencent: str = "", server: str = "",
-    delivery: str = "initial_backoff_s = 0.05\nmax_backoff_s = 0.2\nmax_attempts = 3\n",
+    delivery: str = DELIVERY,
     store: str = 'path = "bridge.db"\n',
 ) -> Path:  # fmt: skip
     """A config in `directory`; `store` is the [store] table's body (`url = …` for PostgreSQL)."""

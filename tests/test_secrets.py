@@ -32,6 +32,7 @@ import pytest
 from bridge.verify import sign
 from tests.bridge_server import (
     APP_ID,
+    DELIVERY,
     OK_PACKET,
     SEED_BODY,
     InThread,
@@ -160,10 +161,10 @@ BROKEN_EDITS: tuple[tuple[str, str, str], ...] = (
 )  # fmt: skip
 
 
-def config_text(slack: SlackStandIn, port: int, directory: Path) -> str:
+def config_text(slack: SlackStandIn, port: int, directory: Path, delivery: str = "") -> str:
     path = write_config(
         directory, port, channels=CHANNELS.replace("API_URL", slack.api_url), routes=ROUTES,
-        tencent=TENCENT, extra=ADMIN_TABLE,
+        tencent=TENCENT, extra=ADMIN_TABLE, delivery=DELIVERY + delivery,
     )  # fmt: skip
     return path.read_text()
 
@@ -229,10 +230,15 @@ def up(url: str) -> bool:
         return False
 
 
-def test_no_secret_in_logs_outputs_errors_pages_metrics_or_store(tmp_path: Path) -> None:
+@pytest.mark.parametrize("own_process", [False, True], ids=["one-process", "own-process"])
+def test_no_secret_in_logs_outputs_errors_pages_metrics_or_store(
+    tmp_path: Path, own_process: bool
+) -> None:
+    """With `own_process`, the delivery process's logs, and its reports behind the status page
+    and metrics, are in the evidence too."""
     with SlackStandIn(tokens=[BOT_TOKEN]) as slack:
         secrets = secrets_for(slack, free_port())
-        scenario = Scenario(tmp_path, slack, secrets)
+        scenario = Scenario(tmp_path, slack, secrets, "own_process = true\n" if own_process else "")
         with serving(scenario.config, scenario.log, scenario.env, scenario.url):
             deliveries_that_succeed_retry_and_die(scenario)
             refused_callbacks(scenario)
@@ -241,20 +247,24 @@ def test_no_secret_in_logs_outputs_errors_pages_metrics_or_store(tmp_path: Path)
             admin_surface(scenario)
     log = scenario.evidence.add("serve log", scenario.log.read_bytes())
     check_the_scenario_ran(log, deliveries(scenario.db), scenario.evidence)
+    # Delivered by the delivery process, whose lines are in the same log.
+    assert ("delivery process: reloaded" in log) is own_process
     assert scenario.evidence.leaks(secrets) == []
 
 
 class Scenario:
     """One config (every secret from the environment), its server, and what was seen."""
 
-    def __init__(self, tmp_path: Path, slack: SlackStandIn, secrets: tuple[Secret, ...]) -> None:
+    def __init__(
+        self, tmp_path: Path, slack: SlackStandIn, secrets: tuple[Secret, ...], delivery: str = ""
+    ) -> None:
         self.slack = slack
         self.dir = tmp_path
         self.env = {**os.environ, **{s.env: s.value for s in secrets}}
         self.env.pop("LB_TEST_NEVER_SET", None)
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        self.good = config_text(slack, port, tmp_path)
+        self.good = config_text(slack, port, tmp_path, delivery)
         self.config = tmp_path / "config.toml"
         self.db = tmp_path / "bridge.db"
         self.log = tmp_path / "serve.log"
