@@ -4,6 +4,7 @@ loaded machine does not matter), and delivers everything once the sink is back."
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -35,11 +36,31 @@ LATE_S = 0.5  # how much later than its backoff an attempt may come on a busy ma
 ROOMS = [f"outage-{n}" for n in range(20)]
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of process `pid` so far (Linux /proc)."""
+def stat_fields(pid: int | str) -> list[str]:
+    """/proc/PID/stat after the process's name (which may hold spaces): state, ppid, …"""
     stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()  # the name before ")" may hold spaces
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def family(pid: int) -> list[str]:
+    """Process `pid` and its children (a delivery process)."""
+    members = [str(pid)]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                if stat_fields(entry.name)[1] == str(pid):
+                    members.append(entry.name)
+    return members
+
+
+def cpu_seconds(members: list[str]) -> float:
+    """User plus system CPU time of these processes so far, from Linux /proc."""
+    ticks = 0
+    for member in members:
+        with contextlib.suppress(OSError):
+            fields = stat_fields(member)
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def owner_change(room: str) -> bytes:
@@ -52,8 +73,9 @@ def backoff_bounds(attempt: int) -> tuple[float, float]:
     return max(INITIAL_S, base / 2), base
 
 
+@pytest.mark.parametrize("own_process", [False, True], ids=["one-process", "own-process"])
 def test_outage_backs_off_idles_and_then_delivers_everything(
-    tmp_path: Path, slack: SlackStandIn
+    tmp_path: Path, slack: SlackStandIn, own_process: bool
 ) -> None:
     if not Path(f"/proc/{os.getpid()}/stat").exists():
         pytest.skip("reading a process's CPU time needs Linux /proc")
@@ -61,6 +83,7 @@ def test_outage_backs_off_idles_and_then_delivers_everything(
     secret = signing_secret()
     channels, routes = signed_sink(slack.sink_url(), secret), SINK_ROUTE
     delivery = f"initial_backoff_s = {INITIAL_S}\nmax_backoff_s = {CAP_S}\nmax_attempts = 50\n"
+    delivery += f"own_process = {str(own_process).lower()}\n"
     config = write_config(tmp_path, port, channels=channels, routes=routes, delivery=delivery)
     slack.set_sink_status("sink", 503)
     with Subprocess(config, port, tmp_path / "bridge.log") as bridge:
@@ -70,9 +93,11 @@ def test_outage_backs_off_idles_and_then_delivers_everything(
             assert post_callback(bridge.url, owner_change(room)) == (200, OK_PACKET)
             time.sleep(0.05)
         time.sleep(max(0.0, began + 2.5 - time.monotonic()))
-        cpu_before, wall_before = cpu_seconds(bridge.process.pid), time.monotonic()
+        processes = family(bridge.process.pid)
+        assert len(processes) == (2 if own_process else 1)
+        cpu_before, wall_before = cpu_seconds(processes), time.monotonic()
         time.sleep(3.0)
-        cpu = cpu_seconds(bridge.process.pid) - cpu_before
+        cpu = cpu_seconds(processes) - cpu_before
         wall = time.monotonic() - wall_before
         time.sleep(max(0.0, began + OUTAGE_S - time.monotonic()))
         outage_ended = time.monotonic()
