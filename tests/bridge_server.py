@@ -70,6 +70,41 @@ def delivery_states(db: Path) -> Counter[str]:
     return Counter(row[0] for row in db_rows(db, "SELECT state FROM deliveries"))
 
 
+def stat_fields(pid: int | str) -> list[str]:
+    """/proc/PID/stat after the process's name (which may hold spaces): state, ppid, …"""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def children(pid: int) -> list[int]:
+    """The processes `pid` started (a delivery process), from Linux /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                if stat_fields(entry.name)[1] == str(pid):
+                    found.append(int(entry.name))
+    return found
+
+
+def cpu_seconds(*pids: int) -> float:
+    """User plus system CPU time of these processes so far, from Linux /proc."""
+    ticks = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = stat_fields(pid)
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def gone(pid: int) -> bool:
+    """No such process, or only its zombie left for a parent to reap."""
+    try:
+        return stat_fields(pid)[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

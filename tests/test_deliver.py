@@ -4,7 +4,6 @@ process, which delivers to the stand-in's sink; it is killed, reloaded and stopp
 from __future__ import annotations
 
 import os
-import re
 import signal
 import time
 from pathlib import Path
@@ -20,8 +19,10 @@ from tests.bridge_server import (
     SEED_BODY,
     InThread,
     Subprocess,
+    children,
     db_rows,
     free_port,
+    gone,
     http_request,
     post_callback,
     wait_until,
@@ -58,14 +59,6 @@ def metric(url: str, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return sample.value
     return 0.0
-
-
-def gone(pid: int) -> bool:
-    """No such process, or only its zombie left for a parent to reap."""
-    try:
-        return " (Z)" in Path(f"/proc/{pid}/stat").read_text().split(")", 1)[1][:4]
-    except FileNotFoundError:
-        return True
 
 
 def test_the_child_delivers_and_the_server_counts_it(tmp_path: Path, slack: SlackStandIn) -> None:
@@ -164,10 +157,9 @@ def test_the_child_prints_to_the_servers_stdout_and_ends_when_the_server_is_kill
     )  # fmt: skip
     log = tmp_path / "serve.log"
     with Subprocess(config, port, log) as server:
-        assert wait_until(lambda: "delivery process started" in log.read_text())
-        found = re.search(r"delivery process started: pid (\d+)", log.read_text())
-        assert found is not None
-        child = int(found.group(1))
+        assert server.process is not None
+        assert wait_until(lambda: len(children(server.process.pid)) == 1)
+        [child] = children(server.process.pid)
         assert post_callback(server.url, room(0)) == (200, OK_PACKET)
         assert slack.wait_for(lambda s: len(s.sink_requests) == 1)
         # The console channel's line, on the stdout the server was started with.

@@ -4,7 +4,6 @@ loaded machine does not matter), and delivers everything once the sink is back."
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
@@ -19,6 +18,8 @@ from tests.bridge_server import (
     SEED_BODY,
     SINK_ROUTE,
     Subprocess,
+    children,
+    cpu_seconds,
     delivery_states,
     free_port,
     post_callback,
@@ -34,33 +35,6 @@ CAP_S = 2.0
 OUTAGE_S = 6.5
 LATE_S = 0.5  # how much later than its backoff an attempt may come on a busy machine
 ROOMS = [f"outage-{n}" for n in range(20)]
-
-
-def stat_fields(pid: int | str) -> list[str]:
-    """/proc/PID/stat after the process's name (which may hold spaces): state, ppid, …"""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat[stat.rindex(")") + 2 :].split()
-
-
-def family(pid: int) -> list[str]:
-    """Process `pid` and its children (a delivery process)."""
-    members = [str(pid)]
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError):
-                if stat_fields(entry.name)[1] == str(pid):
-                    members.append(entry.name)
-    return members
-
-
-def cpu_seconds(members: list[str]) -> float:
-    """User plus system CPU time of these processes so far, from Linux /proc."""
-    ticks = 0
-    for member in members:
-        with contextlib.suppress(OSError):
-            fields = stat_fields(member)
-            ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def owner_change(room: str) -> bytes:
@@ -93,11 +67,11 @@ def test_outage_backs_off_idles_and_then_delivers_everything(
             assert post_callback(bridge.url, owner_change(room)) == (200, OK_PACKET)
             time.sleep(0.05)
         time.sleep(max(0.0, began + 2.5 - time.monotonic()))
-        processes = family(bridge.process.pid)
+        processes = [bridge.process.pid, *children(bridge.process.pid)]
         assert len(processes) == (2 if own_process else 1)
-        cpu_before, wall_before = cpu_seconds(processes), time.monotonic()
+        cpu_before, wall_before = cpu_seconds(*processes), time.monotonic()
         time.sleep(3.0)
-        cpu = cpu_seconds(processes) - cpu_before
+        cpu = cpu_seconds(*processes) - cpu_before
         wall = time.monotonic() - wall_before
         time.sleep(max(0.0, began + OUTAGE_S - time.monotonic()))
         outage_ended = time.monotonic()

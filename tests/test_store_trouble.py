@@ -36,9 +36,12 @@ from tests.bridge_server import (
     OK_PACKET,
     SEED_BODY,
     Subprocess,
+    children,
+    cpu_seconds,
     delivery_states,
     free_port,
     get,
+    gone,
     post_callback,
     wait_until,
     write_config,
@@ -50,13 +53,6 @@ FAIL_503 = {"ActionStatus": "FAIL", "ErrorInfo": "store unavailable", "ErrorCode
 
 def owner_change(room: str) -> bytes:
     return SEED_BODY.replace(b'"room_id"', json.dumps(room).encode())
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of process `pid` so far (Linux /proc)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()  # the name before ")" may hold spaces
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run(*command: str) -> subprocess.CompletedProcess[str]:
@@ -143,7 +139,11 @@ class TurnsReadOnly:
         trigger.write_text("1")
 
     def end(self, bridge: Subprocess) -> None:
+        assert bridge.process is not None
+        delivering = children(bridge.process.pid)
         bridge.kill()
+        # The delivery process (own_process) ends by itself; then nothing holds the filesystem.
+        assert wait_until(lambda: all(gone(pid) for pid in delivering))
         unmount(self.directory)
         checked = run("e2fsck", "-fy", str(self.image))
         assert checked.returncode in (0, 1), checked.stdout + checked.stderr  # 1: fixed
@@ -172,11 +172,14 @@ def fill(directory: Path) -> Path:
     return filler
 
 
-def store_config(tmp_path: Path, store: Path, slack: SlackStandIn) -> tuple[Path, int]:
+def store_config(
+    tmp_path: Path, store: Path, slack: SlackStandIn, own_process: bool = False
+) -> tuple[Path, int]:
     port = free_port()
     channels = f'[channels.sink]\ntype = "webhook"\nurl = "{slack.sink_url()}"\n'
     routes = '[[routes]]\nname = "all"\nchannels = ["sink"]\n'
     delivery = "initial_backoff_s = 0.1\nmax_backoff_s = 0.5\nmax_attempts = 1000\n"
+    delivery += f"own_process = {str(own_process).lower()}\n"
     config = write_config(tmp_path, port, channels=channels, routes=routes, delivery=delivery)
     text = config.read_text()
     assert 'path = "bridge.db"' in text
@@ -206,24 +209,25 @@ def assert_all_delivered(
 
 @contextlib.contextmanager
 def bridge_in_trouble(
-    kind: str, tmp_path: Path, slack: SlackStandIn
+    kind: str, tmp_path: Path, slack: SlackStandIn, own_process: bool = False
 ) -> Iterator[tuple[Trouble, Subprocess, Path]]:
     """A bridge whose store lives on a filesystem that `trouble.begin()` breaks."""
     trouble = TROUBLES[kind]()
     store = tmp_path / "store"
     store.mkdir()
     with trouble.mounted(store):
-        config, port = store_config(tmp_path, store, slack)
+        config, port = store_config(tmp_path, store, slack, own_process)
         with Subprocess(config, port, tmp_path / "bridge.log") as bridge:
             assert bridge.process is not None
             yield trouble, bridge, store
 
 
+@pytest.mark.parametrize("own_process", [False, True], ids=["one-process", "own-process"])
 @pytest.mark.parametrize("kind", TROUBLES)
 def test_callbacks_answer_503_and_the_bridge_recovers(
-    kind: str, tmp_path: Path, slack: SlackStandIn
+    kind: str, own_process: bool, tmp_path: Path, slack: SlackStandIn
 ) -> None:
-    with bridge_in_trouble(kind, tmp_path, slack) as (trouble, bridge, store):
+    with bridge_in_trouble(kind, tmp_path, slack, own_process) as (trouble, bridge, store):
         assert bridge.process is not None
         acknowledged = {f"before-{n}" for n in range(10)}
         post_all(bridge, sorted(acknowledged))
