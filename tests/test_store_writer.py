@@ -169,3 +169,19 @@ async def test_each_transaction_waits_for_the_write_lock_and_lets_it_go(tmp_path
         await w.close()
         os.close(ours)
         os.close(other)
+
+
+async def test_gathering_puts_operations_that_come_apart_in_one_commit(tmp_path: Path) -> None:
+    async def apart(writer: GroupCommitWriter) -> None:
+        first = asyncio.ensure_future(writer.submit(insert(f"a{writer.commits}")))
+        await asyncio.sleep(0.05)  # queued while the first waits for the gathering to end
+        second = asyncio.ensure_future(writer.submit(insert(f"b{writer.commits}")))
+        await asyncio.gather(first, second)
+
+    for gather_s, commits in ((0.0, 2), (0.3, 1)):
+        w = GroupCommitWriter(_connect(tmp_path / f"{gather_s}.db"), gather_s=gather_s)
+        try:
+            await apart(w)
+            assert w.commits == commits
+        finally:
+            await w.close()

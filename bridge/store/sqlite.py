@@ -145,9 +145,12 @@ def _in(sql: str, values: Sequence[object]) -> str:
 
 
 class SQLiteStore:
-    def __init__(self, path: Path, exclusive: bool = False, sync: Sync = "full") -> None:
+    def __init__(
+        self, path: Path, exclusive: bool = False, sync: Sync = "full", gather_s: float = 0.0
+    ) -> None:
         self.path = path
         self._sync = sync
+        self._gather_s = gather_s  # see GroupCommitWriter
         self._exclusive = exclusive  # the serving process: hold the lock file
         self._writer: GroupCommitWriter | None = None
         self._lock_fd: int | None = None
@@ -175,7 +178,7 @@ class SQLiteStore:
         except (sqlite3.Error, OSError) as exc:
             self._unlock()
             raise StoreUnavailable(f"cannot open store {self.path}: {exc}") from None
-        self._writer = GroupCommitWriter(conn, self._write_lock_fd)
+        self._writer = GroupCommitWriter(conn, self._write_lock_fd, self._gather_s)
         log.info("store open: %s (schema %d)", self.path, SCHEMA_VERSION)
 
     def _lock(self) -> None:
