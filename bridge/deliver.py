@@ -335,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--log-format", default="text")
     parser.add_argument("--report-fd", type=int, required=True)
     args = parser.parse_args(argv)
-    logs.setup(args.log_level, args.log_format, None)
+    logs.setup(args.log_level, args.log_format, None, process="delivery")
     try:
         with open(args.report_fd, "wb") as report:
             asyncio.run(Child(args.config, load_config(args.config), report).run())

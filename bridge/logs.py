@@ -23,7 +23,12 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, and any extras."""
+    """One JSON object per line: time, level, logger, message, and any extras; from the delivery
+    process, `"process": "delivery"` too."""
+
+    def __init__(self, process: str | None = None) -> None:
+        super().__init__()
+        self._process = process
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
@@ -32,6 +37,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self._process:
+            entry["process"] = self._process
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value if isinstance(value, str | int | float | bool) else str(value)
@@ -54,13 +61,17 @@ class SkipPath(logging.Filter):
         return True
 
 
-def setup(level: str, fmt: str, callback_path: str | None) -> None:
-    """Configure the root logger; `callback_path`, when given, is kept out of the access log."""
+def setup(level: str, fmt: str, callback_path: str | None, process: str | None = None) -> None:
+    """Configure the root logger; `callback_path`, when given, is kept out of the access log.
+    `process` names a process other than the server's in each line (the delivery process)."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonFormatter(process))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        named = f"[{process}] " if process else ""
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s %(levelname)s {named}%(name)s: %(message)s")
+        )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -134,3 +134,23 @@ def test_a_store_it_cannot_open_is_one_line_and_status_1(tmp_path: Path) -> None
         " another live-bridge is serving from this database"
     )
     assert "Traceback" not in second.stderr
+
+
+def test_the_delivery_process_logs_say_so(tmp_path: Path) -> None:
+    port = free_port()
+    delivery = "own_process = true\n"
+    config = write_config(tmp_path, port, delivery=delivery)  # the console channel
+    log = tmp_path / "bridge.log"
+    process = start(config, log, "--log-format", "json")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until(lambda: ready(url), timeout=20)
+        assert post_callback(url) == (200, OK_PACKET)
+        assert wait_until(lambda: '"delivered event=1' in log.read_text())
+    finally:
+        stop(process)
+    entries = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    by_logger = {(e["logger"], e.get("process")) for e in entries}
+    assert ("bridge.worker", "delivery") in by_logger  # sent by the delivery process
+    assert ("bridge.app", None) in by_logger  # the server's lines name no process
+    assert ("bridge.worker", None) not in by_logger
