@@ -1,8 +1,10 @@
 """The embedded SQLite store: WAL, fsync on commit, group commit through one writer thread.
 
-One `live-bridge serve` owns a database file (an advisory lock refuses a second one); the outbox
-commands may open it alongside, since every statement goes through SQLite's own locking. Claims and
-channel leases carry the instance's owner id all the same, so both engines keep one semantics.
+One `live-bridge serve` owns a database file (an advisory lock refuses a second one); its delivery
+process (`[delivery] own_process`) and the outbox commands may open it alongside. Every writer
+takes the file's write lock for each transaction (see writer.py), and SQLite's own locking stays
+underneath. Claims and channel leases carry the instance's owner id, so both engines keep one
+semantics.
 """
 
 from __future__ import annotations
