@@ -1,4 +1,5 @@
-"""`create_app(config)`: the ASGI application with its store, router, renderer and worker.
+"""`create_app(config)`: the ASGI application with its store, router, renderer and worker (or,
+with `[delivery] own_process`, the delivery process that runs the worker: bridge/deliver.py).
 
 Start-up refuses a config whose templates do not render (`ConfigError`). The lifespan opens the
 store before the first request and, on shutdown, lets in-flight sends finish for a grace period;
