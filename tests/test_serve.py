@@ -82,18 +82,25 @@ def run_json_logs_and_reload(tmp_path: Path, slack: SlackStandIn) -> None:
     assert SECRET not in log.read_text()
 
 
-def test_access_log_callbacks_on_request(tmp_path: Path) -> None:
-    port = free_port()
-    config = write_config(tmp_path, port)
-    log = tmp_path / "bridge.log"
-    process = start(config, log, "--access-log-callbacks")
+def post_one(config: Path, port: int, log: Path, *flags: str, until: str) -> str:
+    """Serve `config` with `flags`, post one callback, wait for `until` in the log, stop; the
+    log's text."""
+    process = start(config, log, *flags)
     url = f"http://127.0.0.1:{port}"
     try:
         assert wait_until(lambda: ready(url), timeout=20)
         assert post_callback(url) == (200, OK_PACKET)
-        assert wait_until(lambda: "POST /tencent/callback" in log.read_text())
+        assert wait_until(lambda: until in log.read_text())
     finally:
         stop(process)
+    return log.read_text()
+
+
+def test_access_log_callbacks_on_request(tmp_path: Path) -> None:
+    port = free_port()
+    config = write_config(tmp_path, port)
+    post_one(config, port, tmp_path / "bridge.log", "--access-log-callbacks",
+             until="POST /tencent/callback")  # fmt: skip
 
 
 def test_bad_config_on_sighup_keeps_serving(tmp_path: Path) -> None:
@@ -138,18 +145,10 @@ def test_a_store_it_cannot_open_is_one_line_and_status_1(tmp_path: Path) -> None
 
 def test_the_delivery_process_logs_say_so(tmp_path: Path) -> None:
     port = free_port()
-    delivery = "own_process = true\n"
-    config = write_config(tmp_path, port, delivery=delivery)  # the console channel
-    log = tmp_path / "bridge.log"
-    process = start(config, log, "--log-format", "json")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        assert wait_until(lambda: ready(url), timeout=20)
-        assert post_callback(url) == (200, OK_PACKET)
-        assert wait_until(lambda: '"delivered event=1' in log.read_text())
-    finally:
-        stop(process)
-    entries = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    config = write_config(tmp_path, port, delivery="own_process = true\n")  # a console channel
+    text = post_one(config, port, tmp_path / "bridge.log", "--log-format", "json",
+                    until='"delivered event=1')  # fmt: skip
+    entries = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
     by_logger = {(e["logger"], e.get("process")) for e in entries}
     assert ("bridge.worker", "delivery") in by_logger  # sent by the delivery process
     assert ("bridge.app", None) in by_logger  # the server's lines name no process
