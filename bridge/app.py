@@ -146,7 +146,6 @@ class Bridge:
             list(config.channels), time.time(), REMOVED
         ):
             log.warning("%d deliveries to channels no longer configured are dead letters", buried)
-        self._session = aiohttp.ClientSession()
         task: asyncio.Task[None] | None = None
         if config.delivery.own_process:
             from bridge.deliver import DeliveryProcess
@@ -155,6 +154,7 @@ class Bridge:
             self.delivery = DeliveryProcess(self.path, self.store, self.metrics)
             await self.delivery.start()
         else:
+            self._session = aiohttp.ClientSession()  # the senders' (the worker runs here)
             policies, composer = self._worker_setup(config, self.renderer)
             self.worker = Worker(
                 self.store, policies, config.delivery, composer, config.store.retention_h * 3600,
@@ -184,7 +184,8 @@ class Bridge:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            await self._session.close()
+            if self._session is not None:
+                await self._session.close()
             await self.store.close()
             log.info("live-bridge stopped")
 
