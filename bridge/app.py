@@ -94,6 +94,7 @@ class Bridge:
     ) -> None:  # fmt: skip
         self.config = config
         self.path = path
+        self.own_process = config.delivery.own_process  # a reload changes it at the next start
         if config.delivery.own_process and path is None:
             raise ConfigError("[delivery] own_process needs a config file, which the process reads")
         self.renderer = validate(config)
@@ -110,7 +111,9 @@ class Bridge:
 
     def _receiver(self, config: Config, renderer: Renderer) -> Receiver:
         router = Router(config.routes)
-        return Receiver(config, self.store, router, renderer, self.wake, self.metrics)
+        # With a delivery process, that process renders each message when it sends it.
+        render = not self.own_process
+        return Receiver(config, self.store, router, renderer, self.wake, self.metrics, render)
 
     def _worker_setup(
         self, config: Config, renderer: Renderer
@@ -147,7 +150,7 @@ class Bridge:
         ):
             log.warning("%d deliveries to channels no longer configured are dead letters", buried)
         task: asyncio.Task[None] | None = None
-        if config.delivery.own_process:
+        if self.own_process:
             from bridge.deliver import DeliveryProcess
 
             assert self.path is not None
@@ -205,7 +208,7 @@ class Bridge:
                 return False, str(exc)
             if config.server != self.config.server:
                 log.warning("[server] changes take effect at the next start")
-            if config.delivery.own_process != self.config.delivery.own_process:
+            if config.delivery.own_process != self.own_process:
                 log.warning("[delivery] own_process changes take effect at the next start")
             if self.worker is not None and self._session is not None:
                 policies, composer = self._worker_setup(config, renderer)

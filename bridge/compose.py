@@ -1,8 +1,10 @@
 """What the worker sends for claimed deliveries: the stored payload, a fresh render, or digests.
 
-A delivery whose rendering failed at receive time (stored without a payload, then retried by an
-operator) is rendered again with today's templates. A backlog is combined into digests of at most
-`DIGEST_ENTRIES` events, each split further until no entry would be lost to Slack's limits.
+A delivery stored without a payload is rendered from its stored event with today's templates:
+every one with `[delivery] own_process` (the serving process renders nothing), and one whose
+rendering failed at receive time once an operator retries it. A backlog is combined into
+digests of at most `DIGEST_ENTRIES` events, each split further until no entry would be lost to
+Slack's limits.
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 The OK packet goes out only after the event and one pending delivery per matched channel are
 committed together; delivery happens later, from the store, in the worker. Every answer, refusals
-included, is a Tencent response packet.
+included, is a Tencent response packet. With `[delivery] own_process` the receiver renders
+nothing: the delivery process renders each message from the stored event when it sends it, so
+the serving process does only what acknowledging needs.
 """
 
 from __future__ import annotations
@@ -77,9 +79,11 @@ def dedup_key(command: str, body: bytes, event_time: int | None) -> str:
 class Receiver:
     def __init__(
         self, config: Config, store: Store, router: Router, renderer: Renderer,
-        on_recorded: Callable[[], None], metrics: Metrics,
+        on_recorded: Callable[[], None], metrics: Metrics, render: bool = True,
     ) -> None:  # fmt: skip
         self.config = config
+        # False with a delivery process: rendering is its work (bridge.compose), not the ack's.
+        self.render = render
         self.store = store
         self.router = router
         self.renderer = renderer
@@ -163,6 +167,8 @@ class Receiver:
             # Counted in the metrics (result "unrouted"); a line each would flood the log.
             log.debug("no route matched %s room=%s", event.CallbackCommand, event.room())
             return []
+        if not self.render:
+            return [NewDelivery(name, None) for name in match.channels]
         ctx = Context(sdk_app_id=app_id, received_at=now, query=query)
         deliveries = []
         for name in match.channels:

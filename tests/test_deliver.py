@@ -3,6 +3,7 @@ process, which delivers to the stand-in's sink; it is killed, reloaded and stopp
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -14,8 +15,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from bridge.app import create_app
 from bridge.config import ConfigError, load_config
 from bridge.deliver import DeliveryProcess
+from bridge.events import decode_body, parse_event
+from bridge.render import Context, Renderer
 from tests.bridge_server import (
     OK_PACKET,
+    ROOT,
     SEED_BODY,
     InThread,
     Subprocess,
@@ -118,6 +122,66 @@ def test_a_killed_child_is_started_again_and_nothing_waits_for_its_leases(
         )
         assert post_callback(bridge.url, room(9)) == (200, OK_PACKET)
         assert slack.wait_for(lambda s: any(b"room-9" in r.body for r in s.sink_requests))
+
+
+def test_the_server_stores_no_payload_and_the_child_renders_the_same_message(
+    tmp_path: Path, slack: SlackStandIn
+) -> None:
+    path = own_config(tmp_path, slack.sink_url())
+    with InThread(path) as bridge:
+        assert post_callback(bridge.url, room(0)) == (200, OK_PACKET)
+        assert slack.wait_for(lambda s: len(s.sink_requests) == 1)
+    [(payload, state, body, query, app_id, received_at)] = db_rows(
+        tmp_path / "bridge.db",
+        "SELECT d.payload, d.state, e.body, e.query, e.sdk_app_id, e.received_at"
+        " FROM deliveries d JOIN events e ON e.id = d.event_id",
+    )
+    assert (payload, state) == (None, "delivered")  # rendered when sent, not at receipt
+    # What the serving process would have rendered at receipt, from the same stored event.
+    config = load_config(path)
+    fields = decode_body(body.encode())
+    ctx = Context(sdk_app_id=app_id, received_at=received_at, query=json.loads(query))
+    expected = Renderer(config.templates).render("webhook", parse_event(fields), fields, ctx)
+    assert slack.sink_requests[0].body == expected.encode()
+
+
+TRAP = (
+    '{% if room_id == "boom" %}{{ no_such_name }}{% endif %}'
+    '{"v": 1, "room": {{ room_id | tojson }}}'
+)
+
+
+def test_the_child_renders_with_the_templates_of_the_time_it_sends(
+    tmp_path: Path, slack: SlackStandIn
+) -> None:
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    (templates / "hook.j2").write_text(TRAP)  # renders the start-up samples, not room "boom"
+    config = own_config(tmp_path, slack.sink_url(), max_attempts=1000)
+    text = config.read_text().replace(str(ROOT / "templates"), str(templates))
+    config.write_text(
+        text.replace('type = "webhook"\n', 'type = "webhook"\ntemplate = "hook.j2"\n')
+    )
+    db = tmp_path / "bridge.db"
+    with InThread(config) as bridge:
+        # A template that fails for one event: that delivery is a dead letter saying why.
+        assert post_callback(bridge.url, room(0).replace(b"room-0", b"boom")) == (200, OK_PACKET)
+        dead = "SELECT last_error FROM deliveries WHERE state = 'dead'"
+        assert wait_until(lambda: db_rows(db, dead) != [])
+        [(error,)] = db_rows(db, dead)
+        assert error.startswith("render failed: ") and "hook.j2, line 1" in error
+        # A message still waiting when the template changes is sent with the new one.
+        slack.set_sink_status("sink", 500)
+        assert post_callback(bridge.url, room(1)) == (200, OK_PACKET)
+        assert slack.wait_for(lambda s: len(s.sink_requests) >= 1)
+        (templates / "hook.j2").write_text(TRAP.replace('"v": 1', '"v": 2'))
+        assert http_request(bridge.url + "/-/reload", "POST")[0] == 200
+        time.sleep(0.5)  # the child reads the file on the SIGHUP it gets
+        slack.set_sink_status("sink", 200)
+        delivered = "SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'"
+        assert wait_until(lambda: db_rows(db, delivered) == [(1,)])
+        assert slack.sink_requests[0].body == b'{"v":1,"room":"room-1"}'
+        assert slack.sink_requests[-1].body == b'{"v":2,"room":"room-1"}'
 
 
 def paths(slack: SlackStandIn) -> list[str]:

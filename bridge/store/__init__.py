@@ -46,7 +46,7 @@ class NewEvent:
 @dataclass(frozen=True)
 class NewDelivery:
     channel: str
-    payload: str | None  # the rendered message; None when rendering failed
+    payload: str | None  # the rendered message; None: rendered when sent (bridge.compose)
     error: str | None = None  # why rendering failed: such a delivery starts dead
 
 
