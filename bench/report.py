@@ -183,8 +183,8 @@ body and returns the OK packet (`bench/apps.py:bare`, under the same uvicorn) an
 live-bridge verifying, parsing, routing, rendering and committing each callback with a route to
 a webhook sink (delivering in the background while it is measured; the next contender is
 measured only once that backlog is delivered). live-bridge runs as configured by default, and
-again with `[delivery] own_process = true`: a second process delivers, the serving process only
-acknowledges.
+again with `[delivery] own_process = true`: a second process renders and delivers, the serving
+process only acknowledges.
 
 | | req/s (median) | p50 ms | p99 ms |
 |---|---|---|---|
