@@ -184,6 +184,30 @@ def test_the_child_renders_with_the_templates_of_the_time_it_sends(
         assert slack.sink_requests[-1].body == b'{"v":2,"room":"room-1"}'
 
 
+@pytest.mark.parametrize("own_first", [True, False])
+def test_a_backlog_is_delivered_after_own_process_is_turned_on_or_off(
+    tmp_path: Path, slack: SlackStandIn, own_first: bool
+) -> None:
+    config = own_config(tmp_path, slack.sink_url(), max_attempts=1000)
+    own, one = config.read_text(), config.read_text().replace("own_process = true", "")
+    slack.set_sink_status("sink", 500)  # nothing gets through while the first one runs
+    config.write_text(own if own_first else one)
+    with InThread(config) as bridge:
+        for n in range(3):
+            assert post_callback(bridge.url, room(n)) == (200, OK_PACKET)
+        assert slack.wait_for(lambda s: len(s.sink_requests) >= 3)
+    stored = db_rows(tmp_path / "bridge.db", "SELECT payload IS NULL FROM deliveries")
+    assert stored == [(own_first,)] * 3  # unrendered if the delivery process was to render
+    slack.set_sink_status("sink", 200)
+    config.write_text(one if own_first else own)
+    with InThread(config) as bridge:
+        delivered = "SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'"
+        assert wait_until(lambda: db_rows(tmp_path / "bridge.db", delivered) == [(3,)])
+    bodies = {r.body for r in slack.sink_requests}  # the same message, whoever rendered it
+    assert {json.loads(b)["event"]["RoomId"] for b in bodies} == {"room-0", "room-1", "room-2"}
+    assert len(bodies) == 3
+
+
 def paths(slack: SlackStandIn) -> list[str]:
     return [r.path for r in slack.sink_requests]
 
