@@ -176,12 +176,15 @@ def test_the_child_renders_with_the_templates_of_the_time_it_sends(
         assert slack.wait_for(lambda s: len(s.sink_requests) >= 1)
         (templates / "hook.j2").write_text(TRAP.replace('"v": 1', '"v": 2'))
         assert http_request(bridge.url + "/-/reload", "POST")[0] == 200
-        time.sleep(0.5)  # the child reads the file on the SIGHUP it gets
+        # Its retries, rendered again each time, pick up the new template once the child has
+        # read the file.
+        new = b'{"v":2,"room":"room-1"}'
+        assert slack.wait_for(lambda s: s.sink_requests[-1].body == new)
         slack.set_sink_status("sink", 200)
         delivered = "SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'"
         assert wait_until(lambda: db_rows(db, delivered) == [(1,)])
         assert slack.sink_requests[0].body == b'{"v":1,"room":"room-1"}'
-        assert slack.sink_requests[-1].body == b'{"v":2,"room":"room-1"}'
+        assert slack.sink_requests[-1].body == new
 
 
 @pytest.mark.parametrize("own_first", [True, False])
