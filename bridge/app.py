@@ -95,7 +95,7 @@ class Bridge:
         self.config = config
         self.path = path
         self.own_process = config.delivery.own_process  # a reload changes it at the next start
-        if config.delivery.own_process and path is None:
+        if self.own_process and path is None:
             raise ConfigError("[delivery] own_process needs a config file, which the process reads")
         self.renderer = validate(config)
         self.store: Store = store or make_store(config.store, serving=True)
@@ -134,8 +134,7 @@ class Bridge:
             return self.delivery.channel_state(name)
         if self.worker is None:
             return None, 0.0
-        pacer = self.worker.pacers.get(name)
-        return self.worker.states.get(name), pacer.blocked_for() if pacer else 0.0
+        return self.worker.states.get(name), self.worker.blocked_for(name)
 
     async def callback(self, request: Request) -> Response:
         return await self.receiver.handle(request)  # the receiver of the config now in force

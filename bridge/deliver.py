@@ -37,7 +37,7 @@ from bridge import logs
 from bridge.app import build_policies, build_senders, validate
 from bridge.compose import Composer
 from bridge.config import Config, ConfigError, load_config
-from bridge.metrics import Metrics
+from bridge.metrics import Metrics, delivery_latency
 from bridge.render import Renderer
 from bridge.store import Store, StoreUnavailable
 from bridge.store.engines import make_store
@@ -216,18 +216,14 @@ class Report:
         self._states: dict[str, Reported] = {}
 
     def outcome(self, channel: str, outcome: str, received_at: float | None = None) -> None:
-        latency = None
-        if outcome == "delivered" and received_at is not None:
-            latency = max(0.0, time.time() - received_at)
-        self._outcomes.append((channel, outcome, latency))
+        self._outcomes.append((channel, outcome, delivery_latency(outcome, received_at)))
 
     def flush(self, worker: Worker) -> None:
         """Outcomes since the last flush, and the channel states that changed."""
         now = time.time()
         states: dict[str, Reported] = {}
         for name, s in worker.states.items():
-            pacer = worker.pacers.get(name)
-            blocked = pacer.blocked_for() if pacer else 0.0
+            blocked = worker.blocked_for(name)
             states[name] = (
                 s.last_success_at, s.last_error and s.last_error[:ERROR_CHARS], s.last_error_at,
                 round(now + blocked, 3) if blocked > 0 else 0.0,

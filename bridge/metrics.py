@@ -30,6 +30,13 @@ class Outcomes(Protocol):
     def outcome(self, channel: str, outcome: str, received_at: float | None = None) -> None: ...
 
 
+def delivery_latency(outcome: str, received_at: float | None) -> float | None:
+    """Seconds from acknowledgement to now, for an attempt that delivered; else None."""
+    if outcome == "delivered" and received_at is not None:
+        return max(0.0, time.time() - received_at)
+    return None
+
+
 def command_label(command: str) -> str:
     return command if command in MODELS else "other"
 
@@ -86,10 +93,7 @@ class Metrics:
         self.ack_latency.observe(seconds)
 
     def outcome(self, channel: str, outcome: str, received_at: float | None = None) -> None:
-        latency = None
-        if outcome == "delivered" and received_at is not None:
-            latency = max(0.0, time.time() - received_at)
-        self.count_outcome(channel, outcome, latency)
+        self.count_outcome(channel, outcome, delivery_latency(outcome, received_at))
 
     def count_outcome(self, channel: str, outcome: str, latency: float | None) -> None:
         self.deliveries.labels(channel, outcome).inc()

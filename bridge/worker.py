@@ -146,6 +146,11 @@ class Worker:
             self.states.pop(name, None)
         self._wake.set()
 
+    def blocked_for(self, name: str) -> float:
+        """Seconds until channel `name` may send again after a Retry-After (0: not blocked)."""
+        pacer = self.pacers.get(name)
+        return pacer.blocked_for() if pacer else 0.0
+
     def wake(self) -> None:
         """Something new may be due: look now instead of at the next poll."""
         self._wake.set()
