@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.app import create_app
 from bridge.config import Config, load_config
@@ -167,6 +168,20 @@ def http_request(
     except urllib.error.HTTPError as exc:
         with exc:
             return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def samples(url: str) -> Samples:
+    """Every sample of the bridge at `url`'s /metrics: (name, sorted labels) -> value."""
+    status, _, body = http_request(url + "/metrics")
+    assert status == 200
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+    }
 
 
 class NoRedirect(urllib.request.HTTPRedirectHandler):

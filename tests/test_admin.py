@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.bridge_server import (
     OK_PACKET,
@@ -24,6 +23,7 @@ from tests.bridge_server import (
     db_rows,
     http_request,
     post_callback,
+    samples,
     wait_until,
     write_config,
 )
@@ -54,30 +54,26 @@ def test_metrics_are_prometheus_text(bridge: InThread, slack: SlackStandIn) -> N
     assert wait_until(
         lambda: b'outcome="delivered"} 3.0' in http_request(bridge.url + "/metrics")[2]
     )
-    status, headers, body = http_request(bridge.url + "/metrics")
+    status, headers, _ = http_request(bridge.url + "/metrics")
     assert status == 200 and headers["content-type"].startswith("text/plain")
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(body.decode())
-        for s in family.samples
-    }
+    values = samples(bridge.url)
     owner = "Live.CallbackAfterChangeOwner"
     assert (
-        samples[("live_bridge_callbacks_total", (("command", owner), ("result", "accepted")))] == 3
+        values[("live_bridge_callbacks_total", (("command", owner), ("result", "accepted")))] == 3
     )
     assert (
-        samples[("live_bridge_callbacks_total", (("command", "other"), ("result", "refused_403")))]
+        values[("live_bridge_callbacks_total", (("command", "other"), ("result", "refused_403")))]
         == 1
     )
-    assert samples[("live_bridge_ack_latency_seconds_count", ())] == 4
+    assert values[("live_bridge_ack_latency_seconds_count", ())] == 4
     assert (
-        samples[("live_bridge_deliveries_total", (("channel", "hook"), ("outcome", "delivered")))]
+        values[("live_bridge_deliveries_total", (("channel", "hook"), ("outcome", "delivered")))]
         == 3
     )
-    assert samples[("live_bridge_delivery_latency_seconds_count", (("channel", "hook"),))] == 3
-    assert samples[("live_bridge_pending", (("channel", "hook"),))] == 0
-    assert samples[("live_bridge_dead", (("channel", "hook"),))] == 0
-    assert ("live_bridge_oldest_pending_age_seconds", (("channel", "hook"),)) in samples
+    assert values[("live_bridge_delivery_latency_seconds_count", (("channel", "hook"),))] == 3
+    assert values[("live_bridge_pending", (("channel", "hook"),))] == 0
+    assert values[("live_bridge_dead", (("channel", "hook"),))] == 0
+    assert ("live_bridge_oldest_pending_age_seconds", (("channel", "hook"),)) in values
 
 
 def test_without_a_token_only_loopback_clients_are_admitted(bridge: InThread) -> None:

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.app import create_app
 from bridge.config import ConfigError, load_config
@@ -29,6 +28,7 @@ from tests.bridge_server import (
     gone,
     http_request,
     post_callback,
+    samples,
     wait_until,
     write_config,
 )
@@ -57,12 +57,13 @@ def process(bridge: InThread) -> DeliveryProcess:
 
 
 def metric(url: str, name: str, **labels: str) -> float:
-    text = http_request(url + "/metrics")[2].decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
+    """The first sample named `name` whose labels include `labels`; 0 if there is none."""
+    matching = (
+        v
+        for (n, have), v in samples(url).items()
+        if n == name and labels.items() <= dict(have).items()
+    )
+    return next(matching, 0.0)
 
 
 def test_the_child_delivers_and_the_server_counts_it(tmp_path: Path, slack: SlackStandIn) -> None:

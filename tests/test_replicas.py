@@ -25,7 +25,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.channels.webhook import message_id
 from tests.bridge_server import (
@@ -36,6 +35,7 @@ from tests.bridge_server import (
     get,
     http_request,
     post_callback,
+    samples,
     write_config,
 )
 from tests.conftest import PostgresSQL
@@ -116,16 +116,6 @@ def eventually(predicate: Callable[[], bool], timeout: float, every: float = 0.2
 def states(postgres_sql: PostgresSQL) -> dict[tuple[str, str], int]:
     rows = postgres_sql("SELECT channel, state, count(*) FROM deliveries GROUP BY 1, 2")
     return {(channel, state): count for channel, state, count in rows}
-
-
-def samples(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    status, _, body = http_request(url + "/metrics")
-    assert status == 200
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(body.decode())
-        for s in family.samples
-    }
 
 
 def assert_no_password(*texts: str) -> None:
