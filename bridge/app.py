@@ -30,18 +30,24 @@ from starlette.types import Receive, Scope, Send
 
 from bridge.admin import Admin
 from bridge.channels import Sender
-from bridge.channels.console import ConsoleSender
-from bridge.channels.webhook import WebhookSender
-from bridge.checks import check_templates
+from bridge.channels.build import build_senders
+from bridge.checks import validate
 from bridge.compose import Composer
-from bridge.config import Config, ConfigError, ConsoleChannel, SlackChannel, load_config
+from bridge.config import Config, ConfigError, load_config
 from bridge.metrics import Metrics
 from bridge.receive import Receiver, packet
 from bridge.render import Renderer
 from bridge.routing import Router
 from bridge.store import Store, StoreUnavailable
 from bridge.store.engines import describe, make_store
-from bridge.worker import IDLE_POLL_S, SHARED_POLL_S, ChannelPolicy, ChannelState, Worker
+from bridge.worker import (
+    IDLE_POLL_S,
+    SHARED_POLL_S,
+    ChannelPolicy,
+    ChannelState,
+    Worker,
+    build_policies,
+)
 
 if TYPE_CHECKING:
     from bridge.deliver import DeliveryProcess
@@ -50,39 +56,6 @@ log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 2.0
 REMOVED = "channel removed from the config"
-
-
-def build_senders(config: Config, session: aiohttp.ClientSession) -> dict[str, Sender]:
-    timeout = config.delivery.timeout_s
-    senders: dict[str, Sender] = {}
-    for name, channel in config.channels.items():
-        if isinstance(channel, ConsoleChannel):
-            senders[name] = ConsoleSender()
-        elif isinstance(channel, SlackChannel):
-            # Imported only when a Slack channel is configured: slack-sdk costs a tenth of a
-            # second at every start.
-            from bridge.channels.slack import SlackSender
-
-            senders[name] = SlackSender(channel, session, timeout)
-        else:
-            senders[name] = WebhookSender(name, channel, session, timeout)
-    return senders
-
-
-def build_policies(config: Config, senders: Mapping[str, Sender]) -> dict[str, ChannelPolicy]:
-    return {
-        name: ChannelPolicy.from_config(name, channel, senders[name])
-        for name, channel in config.channels.items()
-    }
-
-
-def validate(config: Config) -> Renderer:
-    """The renderer for `config`, or ConfigError listing every template that does not render."""
-    renderer = Renderer(config.templates)
-    problems = check_templates(config, renderer)
-    if problems:
-        raise ConfigError("templates do not render:\n" + "\n".join(f"  {p}" for p in problems))
-    return renderer
 
 
 class Bridge:

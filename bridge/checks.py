@@ -31,7 +31,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from bridge import blockkit
-from bridge.config import CONFIG_HELP, Config, Route, load_for_command
+from bridge.config import CONFIG_HELP, Config, ConfigError, Route, load_for_command
 from bridge.events import MODELS, parse_event
 from bridge.render import Context, Renderer, RenderError
 from bridge.samples import HOSTILE_VALUES, UNKNOWN_SAMPLE, hostile, sample
@@ -91,6 +91,15 @@ def _combinations(config: Config) -> Iterator[tuple[Route, str, str]]:
 
 # Renders the sample (None) or the sample with every string set to a hostile value.
 Render = Callable[[str | None], str]
+
+
+def validate(config: Config) -> Renderer:
+    """The renderer for `config`, or ConfigError listing every template that does not render."""
+    renderer = Renderer(config.templates)
+    problems = check_templates(config, renderer)
+    if problems:
+        raise ConfigError("templates do not render:\n" + "\n".join(f"  {p}" for p in problems))
+    return renderer
 
 
 def check_templates(config: Config, renderer: Renderer) -> list[Problem]:

@@ -34,14 +34,22 @@ from typing import IO
 import aiohttp
 
 from bridge import logs
-from bridge.app import build_policies, build_senders, validate
+from bridge.channels.build import build_senders
+from bridge.checks import validate
 from bridge.compose import Composer
 from bridge.config import Config, ConfigError, load_config
 from bridge.metrics import Metrics, delivery_latency
 from bridge.render import Renderer
 from bridge.store import Store, StoreUnavailable
 from bridge.store.engines import make_store
-from bridge.worker import IDLE_POLL_S, SHARED_POLL_S, ChannelPolicy, ChannelState, Worker
+from bridge.worker import (
+    IDLE_POLL_S,
+    SHARED_POLL_S,
+    ChannelPolicy,
+    ChannelState,
+    Worker,
+    build_policies,
+)
 
 log = logging.getLogger("bridge.deliver")  # also when run as __main__
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from bridge.channels import Outcome, Result, Sender, Thread, permanent, retry
 from bridge.compose import DIGEST_ENTRIES, Composer
-from bridge.config import Channel, ConsoleChannel, DeliveryConfig, SlackChannel
+from bridge.config import Channel, Config, ConsoleChannel, DeliveryConfig, SlackChannel
 from bridge.metrics import Outcomes
 from bridge.pacing import Pacer
 from bridge.render import RenderError
@@ -94,6 +94,14 @@ class ChannelState:
     last_success_at: float | None = None
     last_error: str | None = None
     last_error_at: float | None = None
+
+
+def build_policies(config: Config, senders: Mapping[str, Sender]) -> dict[str, ChannelPolicy]:
+    """Each configured channel's policy, around its sender."""
+    return {
+        name: ChannelPolicy.from_config(name, channel, senders[name])
+        for name, channel in config.channels.items()
+    }
 
 
 class Worker:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -280,3 +282,14 @@ def test_the_child_delivers_from_postgresql(
         delivered = "live_bridge_deliveries_total"
         assert wait_until(lambda: metric(bridge.url, delivered, outcome="delivered") == 10)
     assert postgres_sql("SELECT state, COUNT(*) FROM deliveries GROUP BY 1") == [("delivered", 10)]
+
+
+def test_the_child_loads_no_web_server() -> None:
+    # It sends from the store: Starlette and uvicorn would be memory and start-up for nothing.
+    code = (
+        "import sys, bridge.deliver; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'starlette', 'uvicorn'}), "
+        "'bridge.app' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["[]", "False"]
