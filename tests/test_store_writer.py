@@ -185,3 +185,20 @@ async def test_gathering_puts_operations_that_come_apart_in_one_commit(tmp_path:
             assert w.commits == commits
         finally:
             await w.close()
+
+
+async def test_an_urgent_operation_ends_the_gathering(tmp_path: Path) -> None:
+    # A claim's sends wait for it: it starts its batch at once, taking along what was gathered.
+    w = GroupCommitWriter(_connect(tmp_path / "w.db"), gather_s=60.0)
+    try:
+        gathered = asyncio.ensure_future(w.submit(insert("marked")))
+        await asyncio.sleep(0.05)  # the writer is gathering
+        urgent = w.submit(insert("claimed"), urgent=True)
+        done = await asyncio.wait_for(asyncio.gather(gathered, urgent), 10)
+        assert list(done) == ["marked", "claimed"]
+        assert w.commits == 1
+        # Alone, it does not wait either.
+        assert await asyncio.wait_for(w.submit(insert("again"), urgent=True), 10) == "again"
+        assert w.commits == 2
+    finally:
+        await w.close()

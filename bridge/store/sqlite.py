@@ -210,10 +210,10 @@ class SQLiteStore:
                 self._reader = None
         self._unlock()
 
-    async def _submit(self, op: Callable[[sqlite3.Connection], T]) -> T:
+    async def _submit(self, op: Callable[[sqlite3.Connection], T], urgent: bool = False) -> T:
         if self._writer is None:
             raise StoreUnavailable("store is not open")
-        return await self._writer.submit(op)
+        return await self._writer.submit(op, urgent)
 
     async def _read(self, op: Callable[[sqlite3.Connection], T]) -> T:
         """`op` on a connection of its own, in a thread: what the status page, /metrics and the
@@ -300,7 +300,7 @@ class SQLiteStore:
                 for r in rows
             ]  # fmt: skip
 
-        return await self._submit(op)
+        return await self._submit(op, urgent=True)  # its sends wait for it
 
     # Outcomes apply to a delivery this instance claimed and still holds: one buried meanwhile
     # (its channel removed by a reload) stays dead, except that a delivery that did get through
