@@ -40,14 +40,7 @@ from bridge.render import Renderer
 from bridge.routing import Router
 from bridge.store import Store, StoreUnavailable
 from bridge.store.engines import describe, make_store
-from bridge.worker import (
-    IDLE_POLL_S,
-    SHARED_POLL_S,
-    ChannelPolicy,
-    ChannelState,
-    Worker,
-    build_policies,
-)
+from bridge.worker import ChannelPolicy, ChannelState, Worker, build_policies
 
 if TYPE_CHECKING:
     from bridge.deliver import DeliveryProcess
@@ -131,10 +124,7 @@ class Bridge:
         else:
             self._session = aiohttp.ClientSession()  # the senders' (the worker runs here)
             policies, composer = self._worker_setup(config, self.renderer)
-            self.worker = Worker(
-                self.store, policies, config.delivery, composer, config.store.retention_h * 3600,
-                self.metrics, SHARED_POLL_S if config.store.url is not None else IDLE_POLL_S,
-            )  # fmt: skip
+            self.worker = Worker.for_config(config, self.store, policies, composer, self.metrics)
             task = asyncio.create_task(self.worker.run(), name="worker")
         loop = asyncio.get_running_loop()
         hangup = threading.current_thread() is threading.main_thread()

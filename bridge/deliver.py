@@ -42,14 +42,7 @@ from bridge.metrics import Metrics, delivery_latency
 from bridge.render import Renderer
 from bridge.store import Store, StoreUnavailable
 from bridge.store.engines import make_store
-from bridge.worker import (
-    IDLE_POLL_S,
-    SHARED_POLL_S,
-    ChannelPolicy,
-    ChannelState,
-    Worker,
-    build_policies,
-)
+from bridge.worker import ChannelPolicy, ChannelState, Worker, build_policies
 
 log = logging.getLogger("bridge.deliver")  # also when run as __main__
 
@@ -275,10 +268,7 @@ class Child:
         self._session = aiohttp.ClientSession()
         config = self.config
         policies, composer = self._parts(config, self._renderer)
-        self.worker = Worker(
-            self.store, policies, config.delivery, composer, config.store.retention_h * 3600,
-            self.report, SHARED_POLL_S if config.store.url is not None else IDLE_POLL_S,
-        )  # fmt: skip
+        self.worker = Worker.for_config(config, self.store, policies, composer, self.report)
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)

@@ -130,6 +130,18 @@ class Worker:
         self._store_retry_at = 0.0  # time.monotonic(): no claims before this
         self.configure(policies, settings, composer, retention_s)
 
+    @classmethod
+    def for_config(
+        cls, config: Config, store: Store, policies: Mapping[str, ChannelPolicy],
+        composer: Composer, metrics: Outcomes,
+    ) -> Worker:  # fmt: skip
+        """The worker `config` asks for: with a shared store (PostgreSQL) it polls more often,
+        as other processes' callbacks wake nobody here."""
+        return cls(
+            store, policies, config.delivery, composer, config.store.retention_h * 3600, metrics,
+            SHARED_POLL_S if config.store.url is not None else IDLE_POLL_S,
+        )  # fmt: skip
+
     def configure(
         self, policies: Mapping[str, ChannelPolicy], settings: DeliveryConfig,
         composer: Composer, retention_s: float,
