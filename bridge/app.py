@@ -20,7 +20,6 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import aiohttp
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -30,7 +29,6 @@ from starlette.types import Receive, Scope, Send
 
 from bridge.admin import Admin
 from bridge.channels import Sender
-from bridge.channels.build import build_senders
 from bridge.checks import validate
 from bridge.compose import Composer
 from bridge.config import Config, ConfigError, load_config
@@ -43,6 +41,8 @@ from bridge.store.engines import describe, make_store
 from bridge.worker import ChannelPolicy, ChannelState, Worker, build_policies
 
 if TYPE_CHECKING:
+    import aiohttp
+
     from bridge.deliver import DeliveryProcess
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,8 @@ class Bridge:
     def _worker_setup(
         self, config: Config, renderer: Renderer
     ) -> tuple[dict[str, ChannelPolicy], Composer]:
+        from bridge.channels.build import build_senders  # and aiohttp: see lifespan
+
         assert self._session is not None
         senders = self._senders or build_senders(config, self._session)
         return build_policies(config, senders), Composer(config, renderer)
@@ -122,6 +124,10 @@ class Bridge:
             self.delivery = DeliveryProcess(self.path, self.store, self.metrics)
             await self.delivery.start()
         else:
+            # Imported only here: with a delivery process, this one sends nothing, and aiohttp
+            # costs it about 9 MB and a tenth of a second at every start.
+            import aiohttp
+
             self._session = aiohttp.ClientSession()  # the senders' (the worker runs here)
             policies, composer = self._worker_setup(config, self.renderer)
             self.worker = Worker.for_config(config, self.store, policies, composer, self.metrics)

@@ -29,12 +29,9 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO
-
-import aiohttp
+from typing import IO, TYPE_CHECKING
 
 from bridge import logs
-from bridge.channels.build import build_senders
 from bridge.checks import validate
 from bridge.compose import Composer
 from bridge.config import Config, ConfigError, load_config
@@ -43,6 +40,9 @@ from bridge.render import Renderer
 from bridge.store import Store, StoreUnavailable
 from bridge.store.engines import make_store
 from bridge.worker import ChannelPolicy, ChannelState, Worker, build_policies
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = logging.getLogger("bridge.deliver")  # also when run as __main__
 
@@ -258,6 +258,8 @@ class Child:
     def _parts(
         self, config: Config, renderer: Renderer
     ) -> tuple[dict[str, ChannelPolicy], Composer]:
+        from bridge.channels.build import build_senders  # the child's alone: see run()
+
         assert self._session is not None
         policies = build_policies(config, build_senders(config, self._session))
         return policies, Composer(config, renderer)
@@ -265,6 +267,10 @@ class Child:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         await self.store.open()
+        # Imported here, not with the module, whose DeliveryProcess the server imports too:
+        # the server sends nothing.
+        import aiohttp
+
         self._session = aiohttp.ClientSession()
         config = self.config
         policies, composer = self._parts(config, self._renderer)

@@ -18,10 +18,7 @@ import secrets
 import sys
 from typing import Any
 
-import aiohttp
-
 from bridge.channels import Outcome, Result
-from bridge.channels.build import build_senders
 from bridge.config import CONFIG_HELP, Channel, Config, SlackChannel
 from bridge.events import OWNER_CHANGED
 from bridge.preview import Unusable, channel_named, load, render_for
@@ -52,6 +49,11 @@ def main(args: argparse.Namespace) -> int:
 
 
 async def _send(config: Config, name: str, payload: str) -> Outcome:
+    # Imported only for this command: the CLI loads every command's module, `serve` included.
+    import aiohttp
+
+    from bridge.channels.build import build_senders
+
     async with aiohttp.ClientSession() as session:
         sender = build_senders(config, session)[name]
         # Never an ID the store hands out (those are positive), and a new one each time, so a

@@ -293,3 +293,25 @@ def test_the_child_loads_no_web_server() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["[]", "False"]
+
+
+def test_only_the_child_loads_the_http_client(tmp_path: Path, slack: SlackStandIn) -> None:
+    # The server sends nothing: aiohttp (its compiled parts, mapped from its package) would be
+    # memory and start-up for nothing. The child, which has sent, shows what a load looks like.
+    port = free_port()
+    config = write_config(
+        tmp_path, port, channels=HOOK.format(url=slack.sink_url()), routes=ROUTE,
+        delivery=OWN.format(n=3),
+    )  # fmt: skip
+    with Subprocess(config, port, tmp_path / "serve.log") as server:
+        assert server.process is not None
+        assert wait_until(lambda: len(children(server.process.pid)) == 1)
+        [child] = children(server.process.pid)
+        assert post_callback(server.url, room(0)) == (200, OK_PACKET)
+        assert slack.wait_for(lambda s: len(s.sink_requests) == 1)
+
+        def mapped(pid: int) -> bool:
+            return "/aiohttp/" in Path(f"/proc/{pid}/maps").read_text()
+
+        assert mapped(child)
+        assert not mapped(server.process.pid)

@@ -10,18 +10,12 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.webhook.async_client import AsyncWebhookClient
 
-from bridge.channels import (
-    DELIVERED,
-    SDK_LOG,
+from bridge.channels import DELIVERED, SDK_LOG, Outcome, Result, Thread, permanent, retry
+from bridge.channels.http import (
     TRANSPORT_ERRORS,
-    Outcome,
-    Result,
-    Thread,
     classify_status,
     describe_exception,
     parse_retry_after,
-    permanent,
-    retry,
 )
 from bridge.config import SlackChannel
 

@@ -8,14 +8,8 @@ from datetime import UTC, datetime
 import aiohttp
 from standardwebhooks.webhooks import Webhook
 
-from bridge.channels import (
-    TRANSPORT_ERRORS,
-    Outcome,
-    Thread,
-    classify_status,
-    describe_exception,
-    retry,
-)
+from bridge.channels import Outcome, Thread, retry
+from bridge.channels.http import TRANSPORT_ERRORS, classify_status, describe_exception
 from bridge.config import WebhookChannel
 
 

@@ -9,14 +9,8 @@ import aiohttp
 import pytest
 from aiohttp.client_reqrep import ConnectionKey
 
-from bridge.channels import (
-    DELIVERED,
-    Outcome,
-    Result,
-    classify_status,
-    describe_exception,
-    parse_retry_after,
-)
+from bridge.channels import DELIVERED, Outcome, Result
+from bridge.channels.http import classify_status, describe_exception, parse_retry_after
 
 SECRET_URL = "https://hooks.example.com/services/T000/B000/s3cr3tPath?token=s3cr3tQuery"
 

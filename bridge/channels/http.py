@@ -1,0 +1,60 @@
+"""The HTTP rules the Slack and webhook senders share: which status is delivered, retried or
+permanent, what Retry-After asks for, and transport failures in words that carry no URL.
+
+Only the senders import this (and so aiohttp): a server whose delivery process sends loads
+neither.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import time
+from collections.abc import Mapping
+
+import aiohttp
+
+from bridge.channels import DELIVERED, Outcome, permanent, retry
+
+
+def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
+    """Retry-After in seconds (delta-seconds or an HTTP date), None when absent or unreadable."""
+    if not headers:
+        return None
+    value = next((v for k, v in headers.items() if k.lower() == "retry-after"), None)
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():  # "²".isdigit() is true, and float() refuses it
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def classify_status(status: int, headers: Mapping[str, str] | None, detail: str = "") -> Outcome:
+    """The shared HTTP rule: 2xx delivered; 408, 429 and 5xx retry; every other status permanent."""
+    error = f"HTTP {status}" + (f": {detail}" if detail else "")
+    if 200 <= status < 300:
+        return DELIVERED
+    if status == 429:
+        return retry(error, parse_retry_after(headers) or 1.0, rate_limited=True)
+    if status == 408 or status >= 500:
+        return retry(error, parse_retry_after(headers))
+    return permanent(error)
+
+
+def describe_exception(exc: BaseException) -> str:
+    """A transport failure in words that cannot carry a URL or a credential."""
+    if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+        return "timed out"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect: {exc.strerror or type(exc.os_error).__name__}"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "server disconnected"
+    return f"transport error: {type(exc).__name__}"
+
+
+TRANSPORT_ERRORS = (asyncio.TimeoutError, aiohttp.ClientError, OSError)
