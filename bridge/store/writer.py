@@ -100,7 +100,7 @@ class GroupCommitWriter:
                 if self._gather_s:
                     # Lets go of the GIL while more operations queue; an urgent one ends it.
                     self._hurry.wait(self._gather_s)
-                self._hurry.clear()
+                    self._hurry.clear()
                 batch = [first]
                 stop = False
                 while len(batch) < MAX_BATCH:
