@@ -125,7 +125,7 @@ class Bridge:
             await self.delivery.start()
         else:
             # Imported only here: with a delivery process, this one sends nothing, and aiohttp
-            # costs it about 9 MB and a tenth of a second at every start.
+            # would cost it about 9 MB.
             import aiohttp
 
             self._session = aiohttp.ClientSession()  # the senders' (the worker runs here)
