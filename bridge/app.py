@@ -229,11 +229,14 @@ class App:
         self.starlette = starlette
         self.bridge = bridge
         self.state = starlette.state
-        self._callback_path = bridge.config.server.callback_path  # [server]: fixed until restart
+        # [server]: fixed until restart. With or without a trailing slash: Tencent follows no
+        # redirect, so a URL registered either way must reach the receiver.
+        base = bridge.config.server.callback_path.rstrip("/")
+        self._callback_paths = frozenset({base or "/", base + "/"})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         callback = scope["type"] == "http" and scope["method"] == "POST"
-        if callback and scope["path"] == self._callback_path:
+        if callback and scope["path"] in self._callback_paths:
             response = await self.bridge.callback(Request(scope, receive))
             await response(scope, receive, send)
         else:
@@ -262,5 +265,8 @@ def create_app(
         lifespan=bridge.lifespan,
         exception_handlers={HTTPException: _http_error, Exception: _http_error},
     )
+    # Starlette would answer a path with a stray trailing slash with an empty 307 redirect: a
+    # 404 packet instead, like any other unknown path.
+    app.router.redirect_slashes = False
     app.state.bridge = bridge
     return App(app, bridge)

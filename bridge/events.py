@@ -268,8 +268,14 @@ def parse_event(fields: dict[str, Any]) -> Envelope:
         raise BadEvent("body needs a string CallbackCommand")
     model = MODELS.get(command, Envelope)
     try:
-        return model.model_validate(fields)
+        event = model.model_validate(fields)
     except ValidationError as exc:
         first = exc.errors(include_input=False, include_url=False)[0]
         where = ".".join(str(p) for p in first["loc"])
         raise BadEvent(f"{where}: {first['msg']}"[:200]) from None
+    # The command and the room are stored as text columns, which in PostgreSQL cannot hold NUL:
+    # refused here as malformed, not later as a store outage (503) that Tencent would retry.
+    room = event.room()
+    if "\0" in command or (room is not None and "\0" in room):
+        raise BadEvent("CallbackCommand and the room ID cannot contain NUL")
+    return event

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
 
@@ -20,6 +21,27 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "asctime",
     "color_message",
 }
+
+
+# C0, DEL, C1, the Unicode line and paragraph separators, and the bidirectional overrides.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def one_line(text: str) -> str:
+    """`text` with every character that could start a new line, move the cursor or reorder
+    what a terminal shows written as its JSON escape: one event, one line, whatever a callback
+    put in its values."""
+    return _CONTROL.sub(lambda m: json.dumps(m.group(0))[1:-1], text)
+
+
+class TextFormatter(logging.Formatter):
+    """Lines for people. The message goes through `one_line`: log calls pass values from
+    callbacks (a command, a room, a template's error), and a newline in one of them must not
+    forge a line of its own. A traceback below it keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # logging's name
+        record.message = one_line(record.message)
+        return super().formatMessage(record)
 
 
 class JsonFormatter(logging.Formatter):
@@ -70,7 +92,7 @@ def setup(level: str, fmt: str, callback_path: str | None, process: str | None =
     else:
         named = f"[{process}] " if process else ""
         handler.setFormatter(
-            logging.Formatter(f"%(asctime)s %(levelname)s {named}%(name)s: %(message)s")
+            TextFormatter(f"%(asctime)s %(levelname)s {named}%(name)s: %(message)s")
         )
     root = logging.getLogger()
     root.handlers[:] = [handler]

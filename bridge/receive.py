@@ -135,10 +135,13 @@ class Receiver:
             query=json.dumps(visible),
             dedup_key=dedup_key(event.CallbackCommand, body, event.EventTime),
         )
+        # Tencent retries only "after" callbacks (on timeout, when the console says so). A
+        # "before" callback asks permission for something happening now, and two of them can be
+        # byte for byte the same (a gift sent twice in the second its `Time` counts): each one
+        # is an event of its own.
+        window = 0.0 if ".CallbackBefore" in record.command else self.config.delivery.dedup_window_s
         try:
-            recorded = await self.store.record(
-                record, deliveries, now, self.config.delivery.dedup_window_s
-            )
+            recorded = await self.store.record(record, deliveries, now, window)
         except StoreUnavailable as exc:
             # One line for an outage, not one per callback: Tencent may call a thousand times
             # a second, and the metrics count every refusal.

@@ -28,6 +28,7 @@ import jinja2.nodes
 from bridge import blockkit
 from bridge.config import TemplatesConfig
 from bridge.events import Envelope
+from bridge.logs import one_line
 
 SHIPPED = next(
     p
@@ -68,15 +69,6 @@ def _json_text(text: str) -> str:
 _encode_string: Callable[[str], str] = json.encoder.encode_basestring
 
 
-# C0, DEL, C1 and the Unicode line and paragraph separators.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-
-
-def _visible(text: str) -> str:
-    # One event, one line: a newline or a terminal escape in a value must not forge output.
-    return _CONTROL.sub(lambda m: json.dumps(m.group(0))[1:-1], text)
-
-
 def _finalize_slack(value: Any) -> str:
     if isinstance(value, Json):
         return str(value)
@@ -94,7 +86,7 @@ def _finalize_webhook(value: Any) -> str:
 def _finalize_console(value: Any) -> str:
     if isinstance(value, Json | Verbatim):
         return str(value)
-    return _visible("" if value is None else str(value))
+    return one_line("" if value is None else str(value))
 
 
 def _plain(value: Any) -> Any:
@@ -162,7 +154,7 @@ FINALIZE: dict[str, Callable[[Any], str]] = {
 
 def _console_tojson(value: Any) -> Json:
     # JSON leaves C1 controls and U+2028 raw; on a terminal they are escapes and line breaks.
-    return Json(_visible(_tojson_plain(value)))
+    return Json(one_line(_tojson_plain(value)))
 
 
 TOJSON: dict[str, Callable[[Any], Json]] = {

@@ -99,6 +99,9 @@ def test_every_command_in_the_table_has_a_model() -> None:
         (b'{"CallbackCommand": "x", "EventTime": true}', "EventTime"),
         (b'{"CallbackCommand": "x", "v": 1e400}', "out of range"),
         (b'{"CallbackCommand": "x", "v": -1e400}', "out of range"),
+        (b'{"CallbackCommand": "x\\u0000"}', "NUL"),
+        (b'{"CallbackCommand": "x", "RoomId": "r\\u0000"}', "NUL"),
+        (b'{"CallbackCommand": "x", "FromRoomId": "r\\u0000"}', "NUL"),
     ],
 )
 def test_bad_bodies_are_refused_with_a_short_reason(body: bytes, message: str | None) -> None:
@@ -110,6 +113,12 @@ def test_bad_bodies_are_refused_with_a_short_reason(body: bytes, message: str | 
     if message is not None:
         assert message in str(caught.value)
     assert len(str(caught.value)) <= 200
+
+
+def test_nul_elsewhere_is_kept() -> None:
+    # Only the command and the room are stored as columns; other values stay in the JSON body.
+    event = parse_event(decode_body(b'{"CallbackCommand": "x", "Operator_Account": "a\\u0000"}'))
+    assert event.Operator_Account == "a\0"
 
 
 def test_huge_integer_literal_is_refused_not_crashing() -> None:

@@ -20,6 +20,7 @@ from tests.bridge_server import (
     SEED_BODY,
     InThread,
     get,
+    http_request,
     post_callback,
     wait_until,
     write_config,
@@ -189,6 +190,20 @@ def test_duplicate_within_window_acknowledged_and_stored_once(
     assert len(slack.sink_requests) == 2
 
 
+def test_before_callbacks_the_same_byte_for_byte_are_each_stored(bridge: InThread) -> None:
+    # Tencent's own gift sample: no EventTime, a Time in seconds. The same gift sent twice in
+    # one second is two gifts, not a retry.
+    gift = (
+        b'{"CallbackCommand":"Live.CallbackBeforeSendGift","Operator_Account":"brennanli",'
+        b'"RoomId":"room_id","GiftWater":{"From_Account":"from","To_Account":["to1"],'
+        b'"Time":1703589922,"GiftId":"gift1","Count":1,"Coins":1000}}'
+    )
+    query = {"SdkAppid": str(APP_ID), "CallbackCommand": "Live.CallbackBeforeSendGift"}
+    assert post_callback(bridge.url, gift, query) == (200, OK_PACKET)
+    assert post_callback(bridge.url, gift, query) == (200, OK_PACKET)
+    assert len(events(bridge)) == 2
+
+
 def test_big_integer_accounts_arrive_with_every_digit(
     bridge: InThread, slack: SlackStandIn
 ) -> None:
@@ -231,6 +246,16 @@ def test_health_and_other_paths_answer_packets(bridge: InThread) -> None:
     status, reply = get(bridge.url + "/tencent/callback")
     assert status == 405 and reply["ActionStatus"] == "FAIL"
     assert get(bridge.url + "/nowhere")[1]["ErrorCode"] == 404
+
+
+def test_a_trailing_slash_reaches_the_receiver_and_nothing_redirects(bridge: InThread) -> None:
+    assert post_callback(bridge.url, path="/tencent/callback/") == (200, OK_PACKET)
+    assert len(events(bridge)) == 1
+    status, headers, body = http_request(bridge.url + "/healthz/")
+    assert status == 404 and "location" not in headers
+    fail_packet(body, 404)
+    status, headers, body = http_request(bridge.url + "/tencent/callback//", "POST", data=SEED_BODY)
+    assert status == 404 and "location" not in headers
 
 
 def test_content_type_is_not_required_nor_trusted(bridge: InThread) -> None:

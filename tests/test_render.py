@@ -197,7 +197,8 @@ def test_impossible_event_time_falls_back_to_received_time(event_time: int) -> N
 
 @pytest.mark.parametrize("char", ["\x85", "\x9b", "\u2028", "\u2029", "\r", "\x00"])
 def test_console_line_stays_one_line(char: str) -> None:
-    line = render("console", {**SEED, "RoomId": f"a{char}b"})
+    # Not in RoomId: a NUL there is refused at parsing (the room is a store column).
+    line = render("console", {**SEED, "CurrentOwner_Account": f"a{char}b"})
     assert len(line.splitlines()) == 1 and char not in line
 
 

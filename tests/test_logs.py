@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from bridge.logs import JsonFormatter, SkipPath, TextFormatter, one_line, setup
+
+FORGED = "x\n2026-01-01 00:00:00,000 ERROR bridge.receive: cannot store callbacks"
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("room-1 ü 🎁 <b>", "room-1 ü 🎁 <b>"),
+        ("two\nlines", "two\\nlines"),
+        ("cr\rlf", "cr\\rlf"),
+        ("tab\there", "tab\\there"),
+        ("nul\0", "nul\\u0000"),
+        ("\x1b[31mred", "\\u001b[31mred"),
+        ("del\x7f c1\x85", "del\\u007f c1\\u0085"),
+        ("ls\u2028ps\u2029", "ls\\u2028ps\\u2029"),
+        ("bidi\u202etxt.exe", "bidi\\u202etxt.exe"),
+        ("isolate\u2066x\u2069", "isolate\\u2066x\\u2069"),
+    ],
+)
+def test_one_line_escapes_what_could_break_or_reorder_a_line(text: str, shown: str) -> None:
+    assert one_line(text) == shown
+
+
+def record(message: str, *args: object, exc: bool = False) -> logging.LogRecord:
+    info = None
+    if exc:
+        try:
+            raise ValueError("boom")
+        except ValueError as caught:
+            info = (type(caught), caught, caught.__traceback__)
+    return logging.LogRecord("bridge.receive", logging.INFO, __file__, 1, message, args, info)
+
+
+def test_a_value_from_a_callback_cannot_forge_a_text_line() -> None:
+    line = TextFormatter("%(levelname)s %(name)s: %(message)s").format(
+        record("query says %s, body says %s: using the body", FORGED, "Live.X")
+    )
+    assert "\n" not in line
+    assert line == (
+        "INFO bridge.receive: query says x\\n2026-01-01 00:00:00,000 ERROR bridge.receive: "
+        "cannot store callbacks, body says Live.X: using the body"
+    )
+
+
+def test_a_traceback_keeps_its_lines_below_the_one_line_message() -> None:
+    text = TextFormatter("%(message)s").format(record("failed: %s", "a\nb", exc=True))
+    first, *rest = text.splitlines()
+    assert first == "failed: a\\nb"
+    assert rest[0] == "Traceback (most recent call last):" and rest[-1] == "ValueError: boom"
+
+
+def test_json_lines_are_one_line_with_the_value_intact() -> None:
+    line = JsonFormatter("delivery").format(record("says %s", FORGED))
+    assert "\n" not in line
+    entry = json.loads(line)
+    assert entry["message"] == f"says {FORGED}"
+    assert entry["level"] == "info" and entry["process"] == "delivery"
+
+
+@pytest.mark.parametrize(
+    ("path", "kept"),
+    [("/tencent/callback", False), ("/tencent/callback?SdkAppid=1", False), ("/healthz", True)],
+)
+def test_the_access_log_leaves_out_the_callback_path(path: str, kept: bool) -> None:
+    access = logging.LogRecord(
+        "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:1", "POST", path, "1.1", 200), None,
+    )  # fmt: skip
+    assert SkipPath("/tencent/callback").filter(access) is kept
+
+
+@pytest.mark.parametrize(("fmt", "formatter"), [("text", TextFormatter), ("json", JsonFormatter)])
+def test_setup_writes_every_line_through_a_one_line_formatter(
+    fmt: str, formatter: type[logging.Formatter]
+) -> None:
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        setup("info", fmt, "/tencent/callback")
+        (handler,) = root.handlers
+        assert type(handler.formatter) is formatter
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
