@@ -23,8 +23,9 @@ SLACK_TEXT_CHARS = 40_000  # Slack's
 URL_CHARS = 3000
 ELLIPSIS = "…"
 
-# Never cut inside an escape (&amp;) or a Slack token (<!date^…|…>, <@U…>).
-_UNSAFE_TAIL = re.compile(r"(&[a-z]{0,4}|<[^>]{0,200})$")
+# Never cut inside an escape (&amp;); a Slack token (<!date^…|…>, <@U…>, <https://…|…>) is
+# dropped whole in `cut`.
+_PARTIAL_ESCAPE = re.compile(r"&[a-z]{0,4}$")
 
 
 class LimitError(ValueError):
@@ -36,7 +37,11 @@ def cut(text: str, limit: int) -> str:
     if len(text) <= limit:
         return text
     head = text[: limit - len(ELLIPSIS)]
-    head = _UNSAFE_TAIL.sub("", head)
+    # Escaped text has no "<" of its own: the last one opens a token, unfinished if no ">" follows.
+    start = head.rfind("<")
+    if start >= 0 and ">" not in head[start:]:
+        head = head[:start]
+    head = _PARTIAL_ESCAPE.sub("", head)
     return head + ELLIPSIS
 
 

@@ -15,6 +15,10 @@ from bridge.blockkit import LimitError, cut, fit, problems
         ("abcdefghijk", 10, "abcdefghi…"),
         ("abcdef&amp;xyz", 9, "abcdef…"),
         ("ab <!date^1|x> tail", 8, "ab …"),
+        ("ab <!date^1|x> tail", 16, "ab <!date^1|x> …"),
+        # A link token of any length is dropped whole, never left open.
+        ("go <https://c.example/" + "%E6" * 300 + "|Open room> now", 400, "go …"),
+        ("a &lt; <b", 8, "a &lt; …"),
     ],
 )
 def test_cut(text: str, limit: int, expected: str) -> None:

@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from pydantic import SecretStr
 
 from bridge.channels import Outcome, Result, Thread, permanent, retry
@@ -229,3 +233,87 @@ async def test_connection_refused_is_retried(session: aiohttp.ClientSession, mod
     assert outcome.result is Result.RETRY
     assert outcome.error.startswith("cannot connect: ")
     assert "://" not in outcome.error and "s3cr3t" not in outcome.error
+
+
+SECRET_PATH = "/services/T0123ABCD/B0123ABCD/s3cr3tW3bh00kT0k3n"
+REDIRECTS: dict[str, type[web.HTTPRedirection]] = {
+    "301": web.HTTPMovedPermanently, "302": web.HTTPFound, "303": web.HTTPSeeOther,
+}  # fmt: skip
+
+
+@pytest.fixture
+async def odd() -> AsyncIterator[tuple[str, list[str]]]:
+    """Not Slack: a redirect, a gateway that echoes the request path, a forged log line, an
+    answer that never comes. Yields its base URL and the requests it saw."""
+    seen: list[str] = []
+    release = asyncio.Event()
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        seen.append(f"{request.method} {request.path}")
+        kind = request.match_info["kind"]
+        if kind == "landing":
+            return web.Response(text="<html>a landing page</html>", content_type="text/html")
+        if kind in REDIRECTS:
+            raise REDIRECTS[kind]("/landing/x")
+        if kind == "echo":
+            return web.Response(status=404, text=f"Cannot POST {request.path}")
+        if kind == "echo-api":
+            return web.json_response({"ok": False, "error": f"Cannot POST {request.path}"})
+        if kind == "forged":
+            return web.Response(status=400, text="bad\n2024-01-01 INFO bridge.worker: delivered")
+        await release.wait()  # "hang": until the test is over
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_route("*", "/{kind}/{rest:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}", seen
+    finally:
+        release.set()
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("kind", ["301", "302", "303"])
+async def test_a_webhook_redirect_is_never_taken_for_delivered(
+    odd: tuple[str, list[str]], session: aiohttp.ClientSession, kind: str
+) -> None:
+    base, seen = odd
+    outcome = await send(hook(f"{base}/{kind}{SECRET_PATH}"), session)
+    # aiohttp followed it as a GET to a page that says 200: nothing was posted.
+    assert seen[-1] == "GET /landing/x"
+    assert outcome == permanent("HTTP 200 without Slack's ok (a redirect followed?)")
+
+
+@pytest.mark.parametrize(
+    ("kind", "mode", "expected"),
+    [
+        ("echo", "webhook", permanent("HTTP 404")),
+        ("forged", "webhook", permanent("HTTP 400")),
+        ("echo-api", "api", retry("HTTP 200: ok false")),
+    ],
+)
+async def test_only_slack_error_names_reach_the_error(
+    odd: tuple[str, list[str]], session: aiohttp.ClientSession, kind: str, mode: str,
+    expected: Outcome,
+) -> None:  # fmt: skip
+    base, _ = odd
+    settings = hook(f"{base}/{kind}{SECRET_PATH}") if mode == "webhook" else bot(f"{base}/{kind}/")
+    assert await send(settings, session) == expected
+
+
+@pytest.mark.parametrize("mode", ["api", "webhook"])
+async def test_a_send_ends_at_the_configured_timeout(
+    odd: tuple[str, list[str]], session: aiohttp.ClientSession, mode: str
+) -> None:
+    # slack-sdk times only sessions it makes itself; the worker's session has no timeout.
+    base, _ = odd
+    settings = bot(f"{base}/hang/") if mode == "api" else hook(f"{base}/hang{SECRET_PATH}")
+    started = time.monotonic()
+    outcome = await SlackSender(settings, session, timeout_s=0.5).send(HI, 1)
+    assert outcome == retry("timed out")
+    assert time.monotonic() - started < 5

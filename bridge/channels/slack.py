@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+import re
 
 import aiohttp
 from slack_sdk.errors import SlackApiError
@@ -32,9 +34,22 @@ PERMANENT_ERRORS = frozenset(
     }
 )  # fmt: skip
 
+# What Slack writes as an error: a name like channel_not_found. Anything else in an answer's body
+# (a proxy's page, a gateway echoing the request path, which holds a webhook's secret) stays out
+# of the delivery's error, and so out of the store, the logs and the status page.
+_ERROR_NAME = re.compile(r"[a-z0-9_]{1,60}")
+
+
+def _error_name(text: str) -> str:
+    text = text.strip()
+    return text if _ERROR_NAME.fullmatch(text) else ""
+
 
 class SlackSender:
     def __init__(self, settings: SlackChannel, session: aiohttp.ClientSession, timeout_s: float):
+        # slack-sdk applies its own timeout only to a session it creates itself, so each send is
+        # also bounded here; its whole-second value stays for any request it times.
+        self._timeout_s = timeout_s
         timeout = max(1, math.ceil(timeout_s))
         self._channel = settings.channel or ""
         self._web: AsyncWebClient | None = None
@@ -64,30 +79,40 @@ class SlackSender:
         if thread is not None:
             message.update(thread_ts=thread.ts, reply_broadcast=thread.broadcast)
         try:
-            if self._web is not None:
-                # The configured channel wins over a "channel" key a template may have written.
-                try:
-                    answer = await self._web.chat_postMessage(
-                        **{**message, "channel": self._channel}
-                    )
-                except AttributeError:
-                    # slack-sdk takes any HTTP 200 answer for Slack's JSON object and fails on
-                    # anything else (a proxy's plain text, a JSON array) while checking "ok".
-                    return retry("HTTP 200: not Slack's JSON")
-                ts = answer.get("ts")
-                return Outcome(Result.DELIVERED, ts=ts if isinstance(ts, str) else None)
-            assert self._hook is not None
-            response = await self._hook.send_dict(message)
+            async with asyncio.timeout(self._timeout_s):
+                if self._web is not None:
+                    return await self._post(message)
+                assert self._hook is not None
+                response = await self._hook.send_dict(message)
         except SlackApiError as exc:
             return _classify_api_error(exc)
         except TRANSPORT_ERRORS as exc:
             return retry(describe_exception(exc))
-        error = (response.body or "").strip()[:100]
+        body = (response.body or "").strip()
         if response.status_code == 200:
-            return DELIVERED
+            if body == "ok":
+                return DELIVERED
+            # Slack answers a webhook with "ok" alone. aiohttp follows redirects, a 302 or 303
+            # as a GET, so a 200 with anything else is some other page: the message was not
+            # posted, and sending it again would meet the same redirect.
+            return permanent("HTTP 200 without Slack's ok (a redirect followed?)")
+        error = _error_name(body)
         if error in PERMANENT_ERRORS:
             return permanent(f"HTTP {response.status_code}: {error}")
         return classify_status(response.status_code, response.headers, error)
+
+
+    async def _post(self, message: dict[str, object]) -> Outcome:
+        assert self._web is not None
+        # The configured channel wins over a "channel" key a template may have written.
+        try:
+            answer = await self._web.chat_postMessage(**{**message, "channel": self._channel})
+        except AttributeError:
+            # slack-sdk takes any HTTP 200 answer for Slack's JSON object and fails on
+            # anything else (a proxy's plain text, a JSON array) while checking "ok".
+            return retry("HTTP 200: not Slack's JSON")
+        ts = answer.get("ts")
+        return Outcome(Result.DELIVERED, ts=ts if isinstance(ts, str) else None)
 
 
 def _classify_api_error(exc: SlackApiError) -> Outcome:
@@ -96,7 +121,7 @@ def _classify_api_error(exc: SlackApiError) -> Outcome:
     response = exc.response
     status: int = getattr(response, "status_code", 0) or getattr(response, "status", 0)
     data = getattr(response, "data", None)
-    error = str(data.get("error", "") or "")[:100] if isinstance(data, dict) else ""
+    error = _error_name(str(data.get("error", "") or "")) if isinstance(data, dict) else ""
     headers = dict(response.headers or {})
     if status == 429 or error == "ratelimited":
         return retry(f"HTTP {status}: ratelimited", parse_retry_after(headers) or 1.0, True)
