@@ -236,7 +236,7 @@ async def test_connection_refused_is_retried(session: aiohttp.ClientSession, mod
 
 
 SECRET_PATH = "/services/T0123ABCD/B0123ABCD/s3cr3tW3bh00kT0k3n"
-REDIRECTS: dict[str, type[web.HTTPRedirection]] = {
+REDIRECTS: dict[str, type[web.HTTPMove]] = {
     "301": web.HTTPMovedPermanently, "302": web.HTTPFound, "303": web.HTTPSeeOther,
 }  # fmt: skip
 

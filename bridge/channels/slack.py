@@ -6,6 +6,7 @@ import asyncio
 import json
 import math
 import re
+from typing import Any
 
 import aiohttp
 from slack_sdk.errors import SlackApiError
@@ -101,8 +102,7 @@ class SlackSender:
             return permanent(f"HTTP {response.status_code}: {error}")
         return classify_status(response.status_code, response.headers, error)
 
-
-    async def _post(self, message: dict[str, object]) -> Outcome:
+    async def _post(self, message: dict[str, Any]) -> Outcome:
         assert self._web is not None
         # The configured channel wins over a "channel" key a template may have written.
         try:
