@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import os
 import re
+import string
 import sys
 import tomllib
 import zoneinfo
@@ -143,11 +144,16 @@ class TemplatesConfig(Strict):
     @field_validator("room_url")
     @classmethod
     def _room_placeholder(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                value.format(room_id="x")
-            except (KeyError, IndexError, ValueError):
-                raise ValueError("room_url may only use the placeholder {room_id}") from None
+        if value is None:
+            return value
+        try:
+            # The bare name only: format() would also follow {room_id.attr} and {room_id[0]}.
+            parsed = string.Formatter().parse(value)
+            if {name for _, name, _, _ in parsed if name is not None} - {"room_id"}:
+                raise ValueError
+            value.format(room_id="x")
+        except (KeyError, IndexError, ValueError):
+            raise ValueError("room_url may only use the placeholder {room_id}") from None
         return value
 
 
@@ -273,8 +279,11 @@ class Config(BaseSettings):
             if route.room_regex is not None:
                 try:
                     re.compile(route.room_regex)
-                except re.error as exc:
-                    raise ValueError(f"route {route.name!r}: bad room_regex: {exc}") from None
+                except (re.error, OverflowError, RecursionError) as exc:
+                    # A repeat count over the engine's limit is an OverflowError, groups nested
+                    # deeper than its parser recurses a RecursionError: bad patterns all the same.
+                    why = "groups nested too deeply" if isinstance(exc, RecursionError) else exc
+                    raise ValueError(f"route {route.name!r}: bad room_regex: {why}") from None
         return self
 
     @classmethod

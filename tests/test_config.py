@@ -69,6 +69,8 @@ def test_issue_example_loads_with_env(tmp_path: Path, monkeypatch: pytest.Monkey
         ("[channels.z]\ntype = 'slack'\n", "exactly one of webhook_url"),
         ("[templates]\ntimezone = 'Mars/Olympus'\n", "unknown time zone"),
         ("[templates]\nroom_url = 'https://x/{room}'\n", "only use the placeholder {room_id}"),
+        ("[templates]\nroom_url = 'https://x/{room_id.foo}'\n", "only use the placeholder"),
+        ("[templates]\nroom_url = 'https://x/{room_id[0]}'\n", "only use the placeholder"),
         ("[store]\nurl = 'mysql://u:pw@h/db'\n", "[store] url: must be a PostgreSQL URL"),
         ("[store]\npath = 'a.db'\nurl = 'postgresql://h/db'\n", "set path (SQLite) or url"),
         ("[store]\npool_size = 0\n", "[store] pool_size"),
@@ -88,6 +90,15 @@ def test_bad_keys_are_named_with_their_table(tmp_path: Path, extra: str, expecte
     [
         ("[[routes]]\nname = 'r'\nchannels = ['nowhere']\n", "route 'r': undefined channel"),
         ("[[routes]]\nname = 'r'\nroom_regex = '(['\nchannels = ['console']\n", "route 'r': bad"),
+        (
+            "[[routes]]\nname = 'r'\nroom_regex = 'a{99999999999}'\nchannels = ['console']\n",
+            "route 'r': bad room_regex",
+        ),
+        (
+            f"[[routes]]\nname = 'r'\nroom_regex = '{'(' * 1200 + ')' * 1200}'\n"
+            "channels = ['console']\n",
+            "route 'r': bad room_regex: groups nested too deeply",
+        ),
         ("[[routes]]\nname = 'all'\nchannels = ['console']\n", "route 'all': another route"),
     ],
 )
