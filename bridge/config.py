@@ -381,9 +381,12 @@ def _expand_tree(node: Any, loc: tuple[int | str, ...], missing: list[str]) -> A
 
 class _ExpandedToml(TomlConfigSettingsSource):
     def _read_file(self, file_path: Any) -> dict[str, Any]:
+        raw = file_path.read_bytes()
         try:
-            with file_path.open(mode="rb") as handle:
-                data = tomllib.load(handle)
+            data = tomllib.loads(raw.decode())
+        except UnicodeDecodeError as exc:
+            line = raw[: exc.start].count(b"\n") + 1
+            raise _LoadError(f"line {line} is not UTF-8 text, as TOML must be") from None
         except tomllib.TOMLDecodeError as exc:
             raise _LoadError(f"not valid TOML: {exc}") from None
         missing: list[str] = []

@@ -185,6 +185,13 @@ def test_not_toml_names_the_line(tmp_path: Path) -> None:
         load_config(write(tmp_path, "[server]\nport = = 1\n"))
 
 
+def test_not_utf8_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_bytes(MINIMAL.encode() + b"# caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"config\.toml: line 11 is not UTF-8"):
+        load_config(path)
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(tmp_path / "absent.toml")
