@@ -25,6 +25,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -296,7 +297,7 @@ class Config(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         toml = _ExpandedToml(settings_cls)
-        return (init_settings, EnvSettingsSource(settings_cls), toml)
+        return (init_settings, _Environment(settings_cls), toml)
 
 
 CONFIG_HELP = "TOML config (default: $LIVE_BRIDGE_CONFIG, else config.toml)"
@@ -396,23 +397,61 @@ class _ExpandedToml(TomlConfigSettingsSource):
         return expanded
 
 
+class _Environment(EnvSettingsSource):
+    def prepare_field_value(
+        self, field_name: str, field: FieldInfo, value: Any, value_is_complex: bool
+    ) -> Any:
+        try:
+            return super().prepare_field_value(field_name, field, value, value_is_complex)
+        except ValueError:
+            # Named, never shown: the value may be a secret.
+            names = ", ".join(_from_environment((field_name,))) or "?"
+            raise ConfigError(
+                f"environment variable {names}: not a value for [{field_name}]"
+                " (a list or a table is written in JSON)"
+            ) from None
+
+
+def _from_environment(loc: tuple[int | str, ...]) -> list[str]:
+    """The LIVE_BRIDGE_* variables that set the key at `loc`: the key itself, a table holding it,
+    or keys inside it. Names match in any case, as pydantic-settings reads them."""
+    keys = [str(k).lower() for k in _keys(loc)]
+    prefix = ENV_PREFIX.lower()
+    names = []
+    for name in os.environ:
+        if keys and name.lower().startswith(prefix):
+            path = name.lower().removeprefix(prefix).split("__")
+            common = min(len(path), len(keys))
+            if path[:common] == keys[:common]:
+                names.append(name)
+    return sorted(names)
+
+
 def _describe(path: Path, exc: ValidationError) -> str:
     lines = [f"{path}: invalid configuration"]
     for error in exc.errors(include_input=False, include_url=False):
-        lines.append(f"  {_where(error['loc'])}: {_what(error)}")
+        names = _from_environment(error["loc"])
+        source = f" (set by {', '.join(names)})" if names else ""
+        lines.append(f"  {_where(error['loc'])}{source}: {_what(error)}")
     return "\n".join(lines)
 
 
 _CHANNEL_TYPES = ("console", "slack", "webhook")
 
 
+def _keys(loc: tuple[int | str, ...]) -> list[int | str]:
+    """The keys of a location as the operator wrote them."""
+    parts = list(loc)
+    if parts[:1] == ["channels"] and len(parts) >= 3 and parts[2] in _CHANNEL_TYPES:
+        del parts[2]  # the discriminator's tag, not a key the operator wrote
+    return parts
+
+
 def _where(loc: tuple[int | str, ...]) -> str:
     """`("channels", "x", "slack", "token")` → `[channels.x] token`; routes by their position."""
-    parts = list(loc)
+    parts = _keys(loc)
     if not parts:
         return "config"
-    if parts[0] == "channels" and len(parts) >= 3 and parts[2] in _CHANNEL_TYPES:
-        del parts[2]  # the discriminator's tag, not a key the operator wrote
     if parts[0] == "routes" and len(parts) >= 2 and isinstance(parts[1], int):
         table, rest = f"[[routes]] #{parts[1] + 1}", parts[2:]
     elif parts[0] == "channels" and len(parts) >= 2:

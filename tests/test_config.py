@@ -175,6 +175,27 @@ def test_env_overrides_nested_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert config.delivery.max_attempts == 3
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("LIVE_BRIDGE_TENCENT__SDK_APP_ID", "Zq7", "variable LIVE_BRIDGE_TENCENT__SDK_APP_ID: not"),
+        ("LIVE_BRIDGE_CHANNELS", "{Zq7", "variable LIVE_BRIDGE_CHANNELS: not a value for"),
+        ("LIVE_BRIDGE_TENCENT", '{"callback_token": "Zq7', "variable LIVE_BRIDGE_TENCENT: not"),
+        ("LIVE_BRIDGE_SERVER__PORT", "Zq7", "[server] port (set by LIVE_BRIDGE_SERVER__PORT): "),
+        ("LIVE_BRIDGE_STORE__URL", "mysql://Zq7", "[store] url (set by LIVE_BRIDGE_STORE__URL): "),
+        ("LIVE_BRIDGE_ROUTES__0__NAME", "Zq7", "routes (set by LIVE_BRIDGE_ROUTES__0__NAME): "),
+    ],
+)
+def test_bad_environment_value_names_the_variable_not_the_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, value: str, expected: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, MINIMAL))
+    assert expected in str(caught.value)
+    assert "Zq7" not in str(caught.value)
+
+
 def test_sdk_app_id_int_or_list(tmp_path: Path) -> None:
     text = MINIMAL.replace("sdk_app_id = 1400000000", "sdk_app_id = [1400000000, 1400000001]")
     assert load_config(write(tmp_path, text)).tencent.sdk_app_id == (1400000000, 1400000001)
