@@ -15,6 +15,7 @@ import tomllib
 import zoneinfo
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -233,6 +234,17 @@ class WebhookChannel(Strict):
             if not secret.startswith("whsec_") or not key:
                 raise ValueError("must be a Standard Webhooks secret (whsec_ + base64)")
         return value
+
+    @model_validator(mode="after")
+    def _one_authorization(self) -> WebhookChannel:
+        # aiohttp refuses to send a request with both: every delivery would fail.
+        url = urlsplit(self.url.get_secret_value())
+        in_url = bool(url.username) or url.password is not None
+        if in_url and any(name.lower() == "authorization" for name in self.headers):
+            raise ValueError(
+                "url has credentials (user:password@) and headers an Authorization: keep one"
+            )
+        return self
 
 
 Channel = Annotated[ConsoleChannel | SlackChannel | WebhookChannel, Field(discriminator="type")]

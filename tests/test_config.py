@@ -153,6 +153,33 @@ def test_secrets_never_in_error_messages(tmp_path: Path, monkeypatch: pytest.Mon
     assert "[channels.hook] signing_secret" in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("url", "header", "refused"),
+    [
+        ("https://bot:Zq7@hooks.example.com/x", "Authorization", True),
+        ("https://:Zq7@hooks.example.com/x", "authorization", True),
+        ("https://bot@hooks.example.com/x", "AUTHORIZATION", True),
+        ("https://bot:Zq7@hooks.example.com/x", "X-Token", False),
+        ("https://hooks.example.com/x?to=a@b", "Authorization", False),
+    ],
+)
+def test_webhook_credentials_in_url_or_authorization_header_not_both(
+    tmp_path: Path, url: str, header: str, refused: bool
+) -> None:
+    text = MINIMAL + f"[channels.hook]\ntype = 'webhook'\nurl = '{url}'\n"
+    text += f"headers = {{ {header} = 'Bearer Zq8' }}\n"
+    if not refused:
+        assert isinstance(load_config(write(tmp_path, text)).channels["hook"], WebhookChannel)
+        return
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    message = str(caught.value)
+    assert "[channels.hook]: url has credentials (user:password@) and headers an Authorization" in (
+        message
+    )
+    assert "Zq7" not in message and "Zq8" not in message
+
+
 def test_store_url_selects_postgresql_and_stays_secret(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
