@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import types
 from collections.abc import Callable, Mapping, Sequence
@@ -24,6 +25,7 @@ from zoneinfo import ZoneInfo
 import jinja2
 import jinja2.meta
 import jinja2.nodes
+from jinja2.loaders import split_template_path
 
 from bridge import blockkit
 from bridge.config import TemplatesConfig
@@ -177,13 +179,34 @@ class Context:
     query: Mapping[str, str]  # ClientIP, OptPlatform, … as received (lower-case keys)
 
 
+class _Folder(jinja2.FileSystemLoader):
+    """A folder of templates; a file that is not UTF-8 is reported like a syntax error, with
+    its file and line."""
+
+    def get_source(
+        self, environment: jinja2.Environment, template: str
+    ) -> tuple[str, str, Callable[[], bool]]:
+        try:
+            return super().get_source(environment, template)
+        except UnicodeDecodeError as exc:
+            line = exc.object[: exc.start].count(b"\n") + 1
+            raise jinja2.TemplateSyntaxError(
+                "not UTF-8 text", line, template, self._filename(template)
+            ) from None
+
+    def _filename(self, template: str) -> str | None:
+        for folder in self.searchpath:
+            path = os.path.join(folder, *split_template_path(template))
+            if os.path.isfile(path):
+                return path
+        return None
+
+
 class Renderer:
     def __init__(self, settings: TemplatesConfig) -> None:
         self.settings = settings
         self.zone = ZoneInfo(settings.timezone)
-        loader = jinja2.ChoiceLoader(
-            [jinja2.FileSystemLoader(settings.dir), jinja2.FileSystemLoader(SHIPPED)]
-        )
+        loader = jinja2.ChoiceLoader([_Folder(settings.dir), _Folder(SHIPPED)])
         self._envs: dict[str, jinja2.Environment] = {}
         self._names: dict[tuple[str, str, str | None], str] = {}
         self._loaded: dict[tuple[str, str], tuple[jinja2.Template, frozenset[str] | None]] = {}
@@ -217,7 +240,7 @@ class Renderer:
             except jinja2.TemplateNotFound:
                 name = f"{kind}/default.j2"
             except jinja2.TemplateSyntaxError:
-                pass  # it exists; rendering reports the syntax error with its line
+                pass  # it exists; rendering reports the syntax error (or bad bytes) and line
             if len(self._names) < 10_000:  # commands come from callers: keep the cache bounded
                 self._names[key] = name
         return name
@@ -265,15 +288,15 @@ class Renderer:
         try:
             template, uses = self._template(kind, name)
             return template.render(variables(uses))
-        except jinja2.TemplateNotFound:
-            raise RenderError(f"template {name} not found") from None
+        except jinja2.TemplateNotFound as exc:
+            if template is None:
+                raise RenderError(f"template {name} not found") from None
+            where = _where(exc) or name  # a template it includes, imports or extends
+            raise RenderError(f"{where}: includes {exc.name}, which does not exist") from None
         except jinja2.TemplateSyntaxError as exc:
             raise RenderError(f"{exc.filename or name}, line {exc.lineno}: {exc.message}") from None
         except Exception as exc:
-            filename = template.filename if template is not None else None
-            line = _template_line(exc.__traceback__, filename)
-            where = f"{filename}, line {line}" if line else name
-            raise RenderError(f"{where}: {type(exc).__name__}: {exc}") from None
+            raise RenderError(f"{_where(exc) or name}: {type(exc).__name__}: {exc}") from None
 
     def _template(self, kind: str, name: str) -> tuple[jinja2.Template, frozenset[str] | None]:
         """The compiled template, and the variables it names (None: it includes, imports or
@@ -365,10 +388,15 @@ def _check_json(kind: str, name: str, text: str, whole: bool = False) -> str:
     return _COMPACT.encode(payload)
 
 
-def _template_line(tb: types.TracebackType | None, filename: str | None) -> int | None:
-    line = None
+def _where(exc: Exception) -> str | None:
+    """`file, line N` of the innermost template code `exc` went through: an included template's
+    own line rather than the include's. Jinja rewrites a render error's traceback so that each
+    template's frame has the template's file and line, and the error in its globals
+    (jinja2.debug.fake_traceback); frames of Python code, Jinja's own among them, are not."""
+    found = None
+    tb = exc.__traceback__
     while tb is not None:
-        if filename and tb.tb_frame.f_code.co_filename == filename:
-            line = tb.tb_lineno
+        if "__jinja_exception__" in tb.tb_frame.f_globals:
+            found = f"{tb.tb_frame.f_code.co_filename}, line {tb.tb_lineno}"
         tb = tb.tb_next
-    return line
+    return found

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -43,12 +44,14 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 
 def write(
-    tmp_path: Path, routes: str, templates: dict[str, str] | None = None, channels: str = CHANNELS
-) -> Path:
-    """A config in tmp_path whose [templates] dir holds `templates` (name → text)."""
+    tmp_path: Path, routes: str, templates: Mapping[str, str | bytes] | None = None,
+    channels: str = CHANNELS,
+) -> Path:  # fmt: skip
+    """A config in tmp_path whose [templates] dir holds `templates` (name → text or bytes)."""
     for name, text in (templates or {}).items():
         (tmp_path / "templates" / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "templates" / name).write_text(text)
+        data = text.encode() if isinstance(text, str) else text
+        (tmp_path / "templates" / name).write_bytes(data)
     path = tmp_path / "config.toml"
     path.write_text(
         '[tencent]\nsdk_app_id = 1400000000\n[store]\npath = "bridge.db"\n'
@@ -96,9 +99,11 @@ def test_every_channel_type_with_the_shipped_templates_passes(tmp_path: Path) ->
     assert not any(r[1] == "bot" and r[2] == "digest" for r in table)  # digest_after = 0
 
 
-TYPO_ON_LINE_3 = {
+TYPO_ON_LINE_3: dict[str, str | bytes] = {
     "syntax": '{\n  "text": "owner changed",\n  "blocks": [{{ event.RoomId }]\n}\n',
     "undefined name": '{\n  "text": "owner changed",\n  "note": "{{ event.RoomIdd }}"\n}\n',
+    "missing include": '{\n  "text": "owner changed",\n  "note": "{% include "x.j2" %}"\n}\n',
+    "not UTF-8": b'{\n  "text": "owner changed",\n  "note": "caf\xe9"\n}\n',
 }
 
 

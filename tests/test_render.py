@@ -179,6 +179,46 @@ def test_missing_template_is_a_render_error(tmp_path: Path) -> None:
         renderer(tmp_path).render("slack", parse_event(SEED), SEED, CTX, "absent.j2")
 
 
+# (what mine.j2 holds, what inner.j2 holds, the file and line the message names, and why)
+INCLUDED_MISTAKES = [
+    ('{"text": "a",\n "b": "{% include "absent.j2" %}"}', None, "mine.j2, line 2",
+     "includes absent.j2, which does not exist"),
+    ('{"text": "a",\n "b": "{% include "inner.j2" %}"}', "x\n{{ event.RoomIdd }}",
+     "inner.j2, line 2", "UndefinedError"),
+    ('{"text": "a",\n "b": "{% include "inner.j2" %}"}', "x\n{% include 'absent.j2' %}",
+     "inner.j2, line 2", "includes absent.j2, which does not exist"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("mine", "inner", "where", "why"), INCLUDED_MISTAKES)
+def test_a_mistake_in_or_of_an_included_template_names_its_file_and_line(
+    tmp_path: Path, mine: str, inner: str | None, where: str, why: str
+) -> None:
+    (tmp_path / "mine.j2").write_text(mine)
+    if inner is not None:
+        (tmp_path / "inner.j2").write_text(inner)
+    with pytest.raises(RenderError) as caught:
+        renderer(tmp_path).render("slack", parse_event(SEED), SEED, CTX, "mine.j2")
+    assert str(caught.value).startswith(f"{tmp_path / where}: ")
+    assert why in str(caught.value)
+
+
+@pytest.mark.parametrize("included", [False, True])
+def test_a_template_that_is_not_utf8_names_its_file_and_line(
+    tmp_path: Path, included: bool
+) -> None:
+    (tmp_path / "slack").mkdir()
+    bad = tmp_path / "slack" / ("inner.j2" if included else "Live.CallbackAfterChangeOwner.j2")
+    bad.write_bytes(b'{"text": "a",\n\n "b": "caf\xe9"}')
+    if included:
+        (tmp_path / "slack" / "Live.CallbackAfterChangeOwner.j2").write_text(
+            '{"text": "a", "b": "{% include "slack/inner.j2" %}"}'
+        )
+    with pytest.raises(RenderError) as caught:
+        render("slack", SEED, renderer(tmp_path))
+    assert str(caught.value) == f"{bad}, line 3: not UTF-8 text"
+
+
 def test_long_values_are_cut_with_an_ellipsis() -> None:
     fields = {**SEED, "RoomId": "x" * 5000, "CurrentOwner_Account": "<" * 3000}
     payload = json.loads(render("slack", fields))
