@@ -39,6 +39,8 @@ from bridge.samples import HOSTILE_VALUES, UNKNOWN_SAMPLE, hostile, sample
 # An empty room name or account is no attack, but it leaves a message with no text.
 HOSTILE = (*HOSTILE_VALUES, "")
 DIGEST = "digest"
+UNLISTED = str(UNKNOWN_SAMPLE["CallbackCommand"])  # a command outside Tencent's table
+GLOB = set("*?[")
 
 
 @dataclass(frozen=True)
@@ -74,12 +76,24 @@ class Row:
 
 
 def reachable_commands(route: Route) -> list[str]:
-    """The commands a route can see: known ones its globs match, plus names it spells out."""
+    """The commands a route can see: known ones its globs match, names it spells out, and a
+    command outside Tencent's table for each glob that matches one (it gets `T/default.j2`)."""
     if route.commands is None:
-        return [*MODELS, str(UNKNOWN_SAMPLE["CallbackCommand"])]
+        return [*MODELS, UNLISTED]
     known = [c for c in MODELS if any(fnmatchcase(c, p) for p in route.commands)]
-    spelled = [p for p in route.commands if p not in MODELS and not set("*?[") & set(p)]
-    return known + spelled
+    spelled = [p for p in route.commands if p not in MODELS and not GLOB & set(p)]
+    unlisted = [_unlisted(p) for p in route.commands if GLOB & set(p)]
+    return list(dict.fromkeys([*known, *spelled, *(c for c in unlisted if c is not None)]))
+
+
+def _unlisted(pattern: str) -> str | None:
+    """A command outside Tencent's table that the glob `pattern` matches: the unknown sample's,
+    or the pattern with its wildcards filled in ("Group.*" → "Group.SomethingNew")."""
+    filled = pattern.replace("*", "SomethingNew").replace("?", "X")
+    for command in (UNLISTED, filled):
+        if command not in MODELS and fnmatchcase(command, pattern):
+            return command
+    return None
 
 
 def _combinations(config: Config) -> Iterator[tuple[Route, str, str]]:

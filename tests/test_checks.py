@@ -121,6 +121,33 @@ def test_template_typo_names_file_route_channel_and_line(tmp_path: Path, typo: s
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("commands", "failing"),
+    [
+        ('["Live.*"]', "Live.CallbackAfterSomethingNew"),
+        ('["Live.CallbackAfter*"]', "Live.CallbackAfterSomethingNew"),
+        ('["Group.*"]', "Group.SomethingNew"),
+        ('["Mic.CallbackAfterSeatInfoChanged", "Group.CallbackAfterSendMsg"]', "Group.Callback"),
+        (f'["{OWNER}"]', None),  # every command it can receive has a template of its own
+    ],
+)
+def test_a_glob_reaches_default_j2_with_a_command_outside_the_table(
+    tmp_path: Path, commands: str, failing: str | None
+) -> None:
+    routes = f'[[routes]]\nname = "live"\ncommands = {commands}\nchannels = ["console"]\n'
+    path = write(tmp_path, routes, {"console/default.j2": "{{ roomid }}\n"})
+    config = load_config(path)
+    problems = [str(p) for p in check_templates(config, Renderer(config.templates))]
+    # The console digest renders one line per event, default.j2 for an unknown command too.
+    problems = [p for p in problems if "digest" not in p]
+    if failing is None:
+        assert problems == []
+    else:
+        assert len(problems) == 1
+        assert problems[0].startswith(f"route 'live', channel 'console', {failing}")
+        assert "default.j2, line 1: UndefinedError" in problems[0]
+
+
 # (what is wrong, channel type, the template for the command, what the message says)
 HOSTILE_FAILURES = [
     (
