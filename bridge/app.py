@@ -29,9 +29,9 @@ from starlette.types import Receive, Scope, Send
 
 from bridge.admin import Admin
 from bridge.channels import Sender
-from bridge.checks import validate
+from bridge.checks import load_validated, validate
 from bridge.compose import Composer
-from bridge.config import Config, ConfigError, load_config
+from bridge.config import Config, ConfigError
 from bridge.metrics import Metrics
 from bridge.receive import Receiver, packet
 from bridge.render import Renderer
@@ -166,13 +166,14 @@ class Bridge:
             try:
                 if self.path is None:
                     raise ConfigError("started without a config file: nothing to reload")
-                config = load_config(self.path)
+                config, renderer = load_validated(self.path)
                 if config.store != self.config.store:
                     raise ConfigError("[store] changes take effect at the next start")
-                renderer = validate(config)
             except ConfigError as exc:
                 self.metrics.reloads.labels("failure").inc()
                 log.error("reload refused, the running config stays: %s", exc)
+                if exc.__cause__ is not None:  # not a config error: a bug, to be found
+                    log.debug("what the reload ran into", exc_info=exc.__cause__)
                 return False, str(exc)
             if config.server != self.config.server:
                 log.warning("[server] changes take effect at the next start")

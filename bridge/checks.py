@@ -28,10 +28,11 @@ import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from pathlib import Path
 from typing import Any
 
 from bridge import blockkit
-from bridge.config import CONFIG_HELP, Config, ConfigError, Route, load_for_command
+from bridge.config import CONFIG_HELP, Config, ConfigError, Route, load_config, load_for_command
 from bridge.events import MODELS, parse_event
 from bridge.render import Context, Renderer, RenderError
 from bridge.samples import HOSTILE_VALUES, UNKNOWN_SAMPLE, hostile, sample
@@ -114,6 +115,19 @@ def validate(config: Config) -> Renderer:
     if problems:
         raise ConfigError("templates do not render:\n" + "\n".join(f"  {p}" for p in problems))
     return renderer
+
+
+def load_validated(path: Path) -> tuple[Config, Renderer]:
+    """For a reload: the config at `path` and its renderer, validated as at start-up, or
+    ConfigError saying why not. Whatever else goes wrong loading them is a ConfigError too (its
+    type and message; the original is its __cause__), so a reload refuses instead of crashing."""
+    try:
+        config = load_config(path)
+        return config, validate(config)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"{path}: cannot be loaded: {type(exc).__name__}: {exc}") from exc
 
 
 def check_templates(config: Config, renderer: Renderer) -> list[Problem]:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from bridge import logs
-from bridge.checks import validate
+from bridge.checks import load_validated, validate
 from bridge.compose import Composer
 from bridge.config import Config, ConfigError, load_config
 from bridge.metrics import Metrics, delivery_latency
@@ -316,8 +316,7 @@ class Child:
 
     def reload(self) -> None:
         try:
-            config = load_config(self._path)
-            renderer = validate(config)
+            config, renderer = load_validated(self._path)
         except ConfigError as exc:
             log.error("delivery process: reload refused, the running config stays: %s", exc)
             return

@@ -9,7 +9,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +207,60 @@ def test_reload_buries_deliveries_of_a_removed_channel(tmp_path: Path, slack: Sl
     assert ("gone", "dead", "channel removed from the config") in db_rows(
         db, "SELECT channel, state, last_error FROM deliveries"
     )
+
+
+def bad_room_url(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = config.read_text()
+    config.write_text(text.replace("[templates]\n", '[templates]\nroom_url = "x/{room_id.a}"\n'))
+
+
+def huge_repeat(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = config.read_text()
+    config.write_text(text.replace('name = "all"', 'name = "all"\nroom_regex = "a{99999999999}"'))
+
+
+def config_not_utf8(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config.write_bytes(config.read_bytes() + b"# caf\xe9\n")
+
+
+def template_not_utf8(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (config.parent / "t" / "webhook").mkdir(parents=True)
+    (config.parent / "t" / "webhook" / "default.j2").write_bytes(b'{"a": "caf\xe9"}')
+    text = config.read_text()
+    config.write_text(text.replace("[templates]\ndir = ", '[templates]\ndir = "t"\n# '))
+
+
+def unforeseen(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def check_templates(*args: object) -> None:
+        raise RuntimeError("no one saw this coming")
+
+    monkeypatch.setattr("bridge.checks.check_templates", check_templates)
+
+
+@pytest.mark.parametrize(
+    ("break_it", "reason"),
+    [
+        (bad_room_url, "[templates] room_url: room_url may only use the placeholder {room_id}"),
+        (huge_repeat, "route 'all': bad room_regex: the repetition number is too large"),
+        (config_not_utf8, "is not UTF-8 text, as TOML must be"),
+        (template_not_utf8, "webhook/default.j2, line 1: not UTF-8 text"),
+        (unforeseen, "config.toml: cannot be loaded: RuntimeError: no one saw this coming"),
+    ],
+)
+def test_a_config_that_fails_in_any_way_is_refused_and_counted(
+    tmp_path: Path, slack: SlackStandIn, monkeypatch: pytest.MonkeyPatch,
+    break_it: Callable[[Path, pytest.MonkeyPatch], None], reason: str,
+) -> None:  # fmt: skip
+    config = write_config(tmp_path, channels=HOOK.format(url=slack.sink_url()), routes=ROUTE)
+    with InThread(config) as bridge:
+        break_it(config, monkeypatch)
+        status, _, body = http_request(bridge.url + "/-/reload", "POST")
+        assert (status, json.loads(body)["status"]) == (400, "refused")
+        assert reason in json.loads(body)["message"]
+        failures = ("live_bridge_config_reloads_total", (("result", "failure"),))
+        assert samples(bridge.url)[failures] == 1
+        assert post_callback(bridge.url) == (200, OK_PACKET)  # the running config serves on
+        assert slack.wait_for(lambda s: len(s.sink_requests) == 1)
 
 
 def chromium() -> tuple[str, str]:
