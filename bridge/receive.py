@@ -90,10 +90,12 @@ class Receiver:
         self.on_recorded = on_recorded
         self.metrics = metrics  # counts every callback by command and result
         self._unstored = 0  # callbacks refused in a row because the store could not commit
+        self.in_flight = 0  # callbacks being handled: a reload waits for the old receiver's
 
     async def handle(self, request: Request) -> Response:
         started = time.perf_counter()
         command: str | None = None  # known once the body parses
+        self.in_flight += 1
         try:
             response, result, command = await self._handle(request)
         except Refused as exc:
@@ -102,6 +104,8 @@ class Receiver:
         except Exception:
             log.exception("callback failed")
             response, result = packet(500, "internal error"), "error"
+        finally:
+            self.in_flight -= 1
         self.metrics.callback(command, result, time.perf_counter() - started)
         return response
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import socket
 import threading
 import time
 import urllib.error
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.bridge_server import (
+    APP_ID,
     OK_PACKET,
     SEED_BODY,
     InThread,
@@ -207,6 +209,90 @@ def test_reload_buries_deliveries_of_a_removed_channel(tmp_path: Path, slack: Sl
     assert ("gone", "dead", "channel removed from the config") in db_rows(
         db, "SELECT channel, state, last_error FROM deliveries"
     )
+
+
+def start_callback(bridge: InThread) -> socket.socket:
+    """A callback to `bridge` whose body is still on its way: the rest is SEED_BODY[20:]."""
+    tencent = socket.create_connection(("127.0.0.1", bridge.port), timeout=10)
+    tencent.sendall(
+        f"POST /tencent/callback?SdkAppid={APP_ID} HTTP/1.1\r\nHost: x\r\n"
+        f"Content-Length: {len(SEED_BODY)}\r\n\r\n".encode()
+        + SEED_BODY[:20]
+    )
+    assert wait_until(lambda: bridge.app.bridge.receiver.in_flight == 1)
+    return tencent
+
+
+def read_reply(tencent: socket.socket) -> bytes:
+    """What the bridge answered the callback `start_callback` began, up to its packet."""
+    reply = b""
+    while not reply.endswith((OK_PACKET, b"}")) and (chunk := tencent.recv(4096)):
+        reply += chunk
+    return reply
+
+
+def reload_in_background(bridge: InThread) -> tuple[threading.Thread, list[tuple[int, str]]]:
+    """POST /-/reload from a thread; the list gets (status, message) when it is answered."""
+    answers: list[tuple[int, str]] = []
+
+    def reload() -> None:
+        status, _, body = http_request(bridge.url + "/-/reload", "POST")
+        answers.append((status, json.loads(body)["message"]))
+
+    thread = threading.Thread(target=reload)
+    thread.start()
+    return thread, answers
+
+
+def test_a_callback_received_across_a_reload_is_buried_with_its_removed_channel(
+    tmp_path: Path, slack: SlackStandIn
+) -> None:
+    gone = CHANNEL.format(name="gone", url=slack.sink_url("gone"))
+    both = ROUTE.replace('["hook"]', '["hook", "gone"]')
+    config = write_config(tmp_path, channels=HOOK.format(url=slack.sink_url()) + gone, routes=both)
+    with InThread(config) as bridge:
+        with start_callback(bridge) as tencent:
+            old = bridge.app.bridge.receiver  # routes to "gone" too
+            config.write_text(config.read_text().replace(gone, "").replace(both, ROUTE))
+            reload, answers = reload_in_background(bridge)
+            assert wait_until(lambda: bridge.app.bridge.receiver is not old)
+            tencent.sendall(SEED_BODY[20:])  # received under the old config, recorded now
+            assert read_reply(tencent).endswith(OK_PACKET)
+            reload.join()
+        # The reload waited for the callback, and buried what it recorded.
+        assert answers == [(200, "reloaded: 1 channels, 1 routes; 1 deliveries to removed "
+                                 "channels are dead letters")]  # fmt: skip
+        assert slack.wait_for(lambda s: len(s.sink_requests) == 1)
+        db = bridge.config.store.path
+    assert sorted(db_rows(db, "SELECT channel, state, last_error FROM deliveries")) == [
+        ("gone", "dead", "channel removed from the config"),
+        ("hook", "delivered", None),
+    ]
+
+
+def test_a_callback_that_outlasts_the_reloads_wait_is_buried_when_it_ends(
+    tmp_path: Path, slack: SlackStandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("bridge.app.SETTLE_S", 0.5)
+    gone = CHANNEL.format(name="gone", url=slack.sink_url("gone"))
+    both = ROUTE.replace('["hook"]', '["hook", "gone"]')
+    config = write_config(tmp_path, channels=HOOK.format(url=slack.sink_url()) + gone, routes=both)
+    with InThread(config) as bridge:
+        db = bridge.config.store.path
+        with start_callback(bridge) as tencent:
+            config.write_text(config.read_text().replace(gone, "").replace(both, ROUTE))
+            started = time.monotonic()
+            status, _, body = http_request(bridge.url + "/-/reload", "POST")
+            assert status == 200 and json.loads(body)["message"] == "reloaded: 1 channels, 1 routes"
+            assert 0.5 <= time.monotonic() - started < 5  # it waited, but only so long
+            tencent.sendall(SEED_BODY[20:])
+            assert read_reply(tencent).endswith(OK_PACKET)
+        assert wait_until(
+            lambda: (
+                ("gone", "dead", "channel removed from the config")
+                in db_rows(db, "SELECT channel, state, last_error FROM deliveries")
+            )
+        )
 
 
 def bad_room_url(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
