@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bridge import __version__
 from tests.bridge_server import (
     OK_PACKET,
@@ -48,6 +50,56 @@ def test_bad_config_exits_2_naming_the_problem(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert f"{bad}: invalid configuration" in result.stderr
     assert "[channels.c] extra: unknown key" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+GOOD = b"""[tencent]
+sdk_app_id = 1400000000
+[store]
+path = "bridge.db"
+[templates]
+dir = "t"
+[channels.c]
+type = "console"
+[[routes]]
+name = "r"
+channels = ["c"]
+"""
+OWNER_TEMPLATE = "t/console/Live.CallbackAfterChangeOwner.j2"
+
+# (what is wrong, the config, its templates, the environment, what the message says)
+BAD_INPUTS: list[tuple[str, bytes, dict[str, bytes], dict[str, str], str]] = [
+    ("a repeat count too large", GOOD.replace(b'"r"', b'"r"\nroom_regex = "a{99999999999}"'),
+     {}, {}, "route 'r': bad room_regex"),
+    ("groups nested too deep", GOOD.replace(b'"r"', b'"r"\nroom_regex = "%s"'
+     % (b"(" * 1200 + b")" * 1200)), {}, {}, "route 'r': bad room_regex"),
+    ("an attribute in room_url", GOOD.replace(b'"t"', b'"t"\nroom_url = "x/{room_id.a}"'), {}, {},
+     "[templates] room_url: room_url may only use the placeholder {room_id}"),
+    ("a config that is not UTF-8", GOOD + b"# caf\xe9\n", {}, {}, "line 12 is not UTF-8 text"),
+    ("a template that is not UTF-8", GOOD, {OWNER_TEMPLATE: b"caf\xe9"}, {},
+     "Live.CallbackAfterChangeOwner.j2, line 1: not UTF-8 text"),
+    ("a list from the environment", GOOD, {}, {"LIVE_BRIDGE_TENCENT__SDK_APP_ID": "abc"},
+     "environment variable LIVE_BRIDGE_TENCENT__SDK_APP_ID: not a value for [tencent]"),
+    ("a table from the environment", GOOD, {}, {"LIVE_BRIDGE_CHANNELS": "{bad"},
+     "environment variable LIVE_BRIDGE_CHANNELS: not a value for [channels]"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("config", "templates", "env", "message"),
+    [case[1:] for case in BAD_INPUTS],
+    ids=[case[0] for case in BAD_INPUTS],
+)
+def test_bad_input_of_any_kind_exits_2_naming_it(
+    tmp_path: Path, config: bytes, templates: dict[str, bytes], env: dict[str, str], message: str
+) -> None:
+    (tmp_path / "config.toml").write_bytes(config)
+    for name, data in templates.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    result = run("serve", "--config", str(tmp_path / "config.toml"), env=env)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
     assert "Traceback" not in result.stderr
 
 
