@@ -5,7 +5,7 @@
 far end has answered and counts the message from then, because the far end counted it on arrival,
 which is after we sent it and before its answer: our schedule can then never run ahead of the
 far end's own bucket, whatever the network did to the first request of a burst. A block set from
-a 429's Retry-After holds everything until it ends.
+a 429's Retry-After holds everything until it ends: `wait()` turns its callers away meanwhile.
 
 Processes that take turns at a channel hand its state on as a `Pace` on the wall clock: `pace()`
 gives it, `adopt()` takes whichever of the two states is stricter.
@@ -70,12 +70,18 @@ class Pacer:
             pause = max(pause, self._tat - self._tolerance - now)
         return max(0.0, pause)
 
-    async def wait(self) -> None:
+    async def wait(self) -> bool:
+        """Returns when one more message may go out, and reserves it; or False, reserving
+        nothing, as soon as a block is on: whoever waits holds claimed deliveries, whose lease a
+        long Retry-After outlasts, so it gives them back rather than wait the block out."""
         async with self._lock:  # concurrent senders of one channel queue here, in order
-            while (pause := self.delay()) > 0:  # noqa: ASYNC110  # waiting on the clock
+            while (pause := self.delay()) > 0:  # waiting on the clock
+                if self.blocked_for() > 0:
+                    return False
                 await asyncio.sleep(pause)
             if self._interval:
                 self._tat = max(self._tat, self._clock()) + self._interval
+            return True
 
     def done(self) -> None:
         """The far end has answered the message `wait()` let through."""

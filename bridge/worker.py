@@ -4,7 +4,8 @@ A dispatcher starts one lane per channel that has claimable work; a lane claims 
 deliveries (each room's in Tencent's order), paces them, and sends them one by one or, past
 `digest_after`, as digests. The worker alone decides what a sender's outcome means: backoff with
 jitter for a retry, a block on the whole channel for a 429's Retry-After (the attempt is given
-back), a dead letter after a permanent failure or the last attempt. A retry holds back the later
+back, and so are the claim's unsent deliveries, with the channel, at once: no lane waits a block
+out), a dead letter after a permanent failure or the last attempt. A retry holds back the later
 deliveries of its room (the store will not hand them out before it), never other rooms.
 """
 
@@ -346,14 +347,22 @@ class Worker:
                 if self._stopping:
                     await self._give_back(sequence[index:], time.time(), "shutting down")
                     return
+                outcome: Outcome | None = None
                 async with slots:
-                    await pacer.wait()
-                    outcome = await self._attempt(policy, row)
-                    pacer.done()
-                    if outcome.rate_limited:  # before the slot is free for another room
-                        pacer.block(outcome.retry_after or 1.0)
-                        log.warning("channel %s rate limited for %.1fs", policy.name,
-                                    pacer.blocked_for())  # fmt: skip
+                    if await pacer.wait():
+                        outcome = await self._attempt(policy, row)
+                        pacer.done()
+                        if outcome.rate_limited:  # before the slot is free for another room
+                            pacer.block(outcome.retry_after or 1.0)
+                            log.warning("channel %s rate limited for %.1fs", policy.name,
+                                        pacer.blocked_for())  # fmt: skip
+                if outcome is None:
+                    # A 429 blocks the channel. Waiting it out would hold these rows and the
+                    # channel past their lease, when another process takes both and sends inside
+                    # the block, and this one sends them again after it. Given back, the lane
+                    # ends and leaves the channel with the block for whoever takes it next.
+                    await self._give_back(sequence[index:], time.time(), "channel rate limited")
+                    return
                 await self._settle(row, outcome)
                 if outcome.result is Result.RETRY:  # its room's later events wait for it
                     await self._give_back(sequence[index + 1 :], time.time(), "waiting for room")
@@ -371,11 +380,10 @@ class Worker:
         pacer = self.pacers.get(policy.name) or Pacer(policy.rate_per_s, policy.burst)
         log.info("channel %s: %d pending, sending %d digests", policy.name, len(rows), len(digests))
         for index, (payload, carried) in enumerate(digests):
-            if self._stopping or pacer.blocked_for() > 0:
+            if self._stopping or not await pacer.wait():  # stopping, or blocked by a 429
                 rest = [row for _, later in digests[index:] for row in later]
                 await self._give_back(rest, time.time(), "digest not sent yet")
                 return
-            await pacer.wait()
             outcome = await self._send(policy, payload, carried[0].id, None)
             pacer.done()
             if outcome.rate_limited:

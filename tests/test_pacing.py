@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,26 @@ def test_block_without_rate_still_blocks() -> None:
     assert pacer.delay() == pytest.approx(5.0)
     clock.now += 5.0
     assert pacer.delay() == 0.0
+
+
+def test_wait_refuses_during_a_block_instead_of_waiting_it_out() -> None:
+    # Whoever waits holds claimed deliveries, whose lease a long Retry-After outlasts: a block,
+    # set before wait() or while it waits its turn, sends the caller away at once.
+    pacer = Pacer(10.0, 1)
+
+    async def scenario() -> tuple[bool, bool, bool, float]:
+        first = await pacer.wait()  # the bucket is full: at once
+        paced = asyncio.create_task(pacer.wait())  # its turn in 0.1 s
+        await asyncio.sleep(0.02)
+        pacer.block(30.0)  # a 429 meanwhile
+        start = time.monotonic()
+        refused = await asyncio.wait_for(paced, 2.0)
+        again = await asyncio.wait_for(pacer.wait(), 2.0)
+        return first, refused, again, time.monotonic() - start
+
+    first, refused, again, took = asyncio.run(scenario())
+    assert (first, refused, again) == (True, False, False)
+    assert took < 0.5
 
 
 def test_pace_hands_the_bucket_to_another_process() -> None:

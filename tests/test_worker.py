@@ -24,7 +24,8 @@ from bridge.compose import DIGEST_ENTRIES, Composer
 from bridge.config import DeliveryConfig, SlackChannel, WebhookChannel, load_config
 from bridge.render import Renderer
 from bridge.samples import sample
-from bridge.store import NewDelivery, NewEvent, Pace
+from bridge.store import NewDelivery, NewEvent, Pace, Store
+from bridge.store.postgres import PostgresStore
 from bridge.store.sqlite import SQLiteStore
 from bridge.worker import ChannelPolicy, Worker, backoff
 from tests.bridge_server import OWNER, db_rows, write_config
@@ -302,7 +303,7 @@ def owner_change(room: str, event_time: int) -> str:
     return json.dumps(body)
 
 
-async def record_in(store: SQLiteStore, channel: str, room: str, event_time: int) -> None:
+async def record_in(store: Store, channel: str, room: str, event_time: int) -> None:
     """One owner change in `room` at `event_time`, to `channel`, as `{"text": "room@time"}`."""
     event = NewEvent(
         sdk_app_id=1400000000, command=OWNER, room_id=room, event_time=event_time,
@@ -321,7 +322,7 @@ def attempts(path: Path) -> list[int]:
 
 
 def worker_with(
-    store: SQLiteStore, composer: Composer, *policies: ChannelPolicy,
+    store: Store, composer: Composer, *policies: ChannelPolicy,
     settings: DeliveryConfig = SETTINGS,
 ) -> Worker:  # fmt: skip
     return Worker(store, {p.name: p for p in policies}, settings, composer, 3600)
@@ -612,3 +613,67 @@ async def test_a_lane_with_nothing_more_ends_though_others_are_busy(tmp_path: Pa
                     assert "quiet" in store.left  # it left while "busy" was still coming
             await eventually(lambda: states(store.path) == ["delivered"] * 31)
         assert store.taken.count("quiet") == 1
+
+
+# -- several store instances on one database: PostgreSQL replicas, or SQLite's two processes ---
+
+OpenShared = Callable[[], Awaitable[Store]]
+LEASE_S = 1.0
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def open_shared(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[OpenShared]:
+    """Opens another store instance on the test's database, as another process would."""
+    if request.param == "postgres":
+        url: str = request.getfixturevalue("postgres_url")
+
+        def make() -> Store:
+            return PostgresStore(url)
+    else:
+
+        def make() -> Store:
+            return SQLiteStore(tmp_path / "bridge.db")
+
+    async with opener(make) as open_:
+        yield open_
+
+
+async def delivery_rows(store: Store) -> list[tuple[str, int]]:
+    """(state, attempts) of every delivery, oldest first, through the Store interface."""
+    rows = sorted((d for e in await store.recent_events(100) for d in e.deliveries),
+                  key=lambda d: d.id)  # fmt: skip
+    return [(d.state, d.attempts) for d in rows]
+
+
+class ShortLease(ChannelPolicy):
+    """A lease of LEASE_S rather than the half-minute or more a claim's sends may take."""
+
+    def lease_s(self, timeout_s: float) -> float:
+        return LEASE_S
+
+
+async def test_a_429_longer_than_the_lease_keeps_every_worker_out_until_it_ends(
+    open_shared: OpenShared, slack: SlackStandIn, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    # Two rooms' deliveries claimed at once; the first meets a 429 whose Retry-After (2 s)
+    # outlasts the lease (1 s). Holding the second through the block let the other worker take
+    # the channel and the delivery when the lease ran out and send inside the block, and then
+    # the first worker sent it again.
+    first, second = await open_shared(), await open_shared()
+    await record_in(first, "hook", "r1", 1000)
+    await record_in(first, "hook", "r2", 2000)
+    slack.fail_next(1, status=429, retry_after=2, kind="webhook")
+    composer = make_composer(tmp_path, {"hook": SLACK})
+    one, other = (
+        worker_with(store, composer, ShortLease("hook", senders(slack, session)["hook"]))
+        for store in (first, second)
+    )
+    async with running(one):
+        await eventually(lambda: slack.rejected_429 == 1)
+        seen_429 = time.monotonic()  # no earlier than the 429 itself
+        async with running(other):
+            await eventually(lambda: len(slack.posted) >= 2)
+            await asyncio.sleep(LEASE_S)  # time for a repeat to show
+    assert min(p.received_at for p in slack.posted) - seen_429 >= 1.9
+    assert sorted(labels([p.payload for p in slack.posted])) == ["r1@1000", "r2@2000"]
+    assert await delivery_rows(first) == [("delivered", 1), ("delivered", 1)]
