@@ -282,6 +282,9 @@ class Worker:
         lease = policy.lease_s(self._settings.timeout_s)
         held_until = 0.0  # wall clock: the channel is ours until then
         sent = False  # the last claim found something: worth waiting for more
+        found = False  # some claim found something: outcomes may have made more due
+        idle = False  # ended by a claim that found nothing, having found nothing before
+        seen = self._arrivals
         try:
             while not self._stopping and pacer.blocked_for() == 0:
                 # The channel is ours for one claim's worth of sends, taken again once half of
@@ -301,8 +304,10 @@ class Worker:
                     policy.name, time.time(), policy.claim_limit(), lease
                 )
                 if not rows and not (sent and await self._more_soon(seen)):
+                    idle = not found
                     return  # nothing twice running, or nothing came: the lane ends
                 sent = bool(rows)
+                found = found or sent
                 if policy.digest_after and len(rows) > policy.digest_after:
                     await self._send_digests(policy, rows)
                 elif rows:
@@ -317,7 +322,13 @@ class Worker:
                 with contextlib.suppress(StoreUnavailable):
                     await self._store.leave_channel(policy.name, pacer.pace())
             self._busy.discard(policy.name)
-            self._wake.set()
+            # A lane that claimed nothing changed nothing, and the dispatcher's plain read may
+            # still find the channel due: a delivery another transaction holds locked, which
+            # claims pass over (SKIP LOCKED). Woken, it would start another lane at once, a busy
+            # loop for as long as the lock is held; it looks at its next poll or due time
+            # instead, or sooner for a callback that came since the claim.
+            if not idle or self._arrivals != seen:
+                self._wake.set()
 
     async def _more_soon(self, seen: int) -> bool:
         """Whether a callback arrived since `seen` (the count before the claim that found

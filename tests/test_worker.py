@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psycopg
 import pytest
 from pydantic import SecretStr
 
@@ -27,7 +28,7 @@ from bridge.samples import sample
 from bridge.store import NewDelivery, NewEvent, Pace, Store
 from bridge.store.postgres import PostgresStore
 from bridge.store.sqlite import SQLiteStore
-from bridge.worker import ChannelPolicy, Worker, backoff
+from bridge.worker import SHARED_POLL_S, ChannelPolicy, Worker, backoff
 from tests.bridge_server import OWNER, db_rows, write_config
 from tests.slack_standin import SlackStandIn
 from tests.store_rows import opener
@@ -677,3 +678,30 @@ async def test_a_429_longer_than_the_lease_keeps_every_worker_out_until_it_ends(
     assert min(p.received_at for p in slack.posted) - seen_429 >= 1.9
     assert sorted(labels([p.payload for p in slack.posted])) == ["r1@1000", "r2@2000"]
     assert await delivery_rows(first) == [("delivered", 1), ("delivered", 1)]
+
+
+async def test_a_locked_due_delivery_leaves_the_worker_idle(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    # Due to the dispatcher's plain read, passed over by the claim's SKIP LOCKED: a lane that
+    # found nothing woke the dispatcher at once, which saw the row due again, over and over.
+    async with opener(lambda: PostgresStore(postgres_url)) as open_:
+        store = await open_()
+        await record_in(store, "console", "r1", 1000)
+        stream = io.StringIO()
+        policy = ChannelPolicy("console", ConsoleSender(stream))
+        composer = make_composer(tmp_path, {"console": CONSOLE})
+        worker = Worker(store, {"console": policy}, SETTINGS, composer, 3600, poll_s=SHARED_POLL_S)
+        with psycopg.connect(postgres_url) as conn:  # a transaction left open, holding the row
+            conn.execute("SELECT id FROM deliveries FOR UPDATE")
+            async with running(worker):
+                await asyncio.sleep(0.2)
+                before, start = store.commits, time.monotonic()
+                await asyncio.sleep(1.5)
+                rate = (store.commits - before) / (time.monotonic() - start)
+                conn.rollback()
+                # The next poll finds it free.
+                await eventually(lambda: stream.getvalue().count("\n") == 1, 2 * SHARED_POLL_S)
+    # A poll is about five transactions: a look for due channels, a lane (take, claim, leave)
+    # and the next due time.
+    assert rate < 10 / SHARED_POLL_S
