@@ -199,11 +199,16 @@ class Worker:
                     delay = self._blocks_end()
                 else:
                     skipped = await self._dispatch(now)
+                    # The store reads. With no lane to write, an outage is over as far as this
+                    # worker can tell; with one, only its claim tells: a full disk still reads,
+                    # and the backoff and the log lines would restart at every pass.
+                    writing = bool(self._busy)  # before an await lets a new lane fail and end
                     delay = await self._idle_delay(now, skipped)
+                    if not writing:
+                        self._store_failures = 0
             except StoreUnavailable as exc:
                 self._store_failed(exc)
                 continue
-            self._store_failures = 0
             await self._sleep(delay)
 
     def _store_failed(self, exc: StoreUnavailable) -> None:
@@ -303,6 +308,7 @@ class Worker:
                 rows = await self._store.claim(
                     policy.name, time.time(), policy.claim_limit(), lease
                 )
+                self._store_failures = 0  # a write went through: the store commits again
                 if not rows and not (sent and await self._more_soon(seen)):
                     idle = not found
                     return  # nothing twice running, or nothing came: the lane ends

@@ -3,7 +3,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import itertools
 import json
+import logging
 import re
 import sqlite3
 import time
@@ -25,7 +27,7 @@ from bridge.compose import DIGEST_ENTRIES, Composer
 from bridge.config import DeliveryConfig, SlackChannel, WebhookChannel, load_config
 from bridge.render import Renderer
 from bridge.samples import sample
-from bridge.store import NewDelivery, NewEvent, Pace, Store
+from bridge.store import Claimed, NewDelivery, NewEvent, Pace, Store, StoreUnavailable
 from bridge.store.postgres import PostgresStore
 from bridge.store.sqlite import SQLiteStore
 from bridge.worker import SHARED_POLL_S, ChannelPolicy, Worker, backoff
@@ -705,3 +707,48 @@ async def test_a_locked_due_delivery_leaves_the_worker_idle(
     # A poll is about five transactions: a look for due channels, a lane (take, claim, leave)
     # and the next due time.
     assert rate < 10 / SHARED_POLL_S
+
+
+class DiskFullStore(SQLiteStore):
+    """SQLite on a full disk, as the worker meets it: while `full`, reads work and the lane's
+    writes (take the channel, claim) fail."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.full = False
+        self.tries: list[float] = []  # time.monotonic() of each write refused
+
+    def _refuse(self) -> None:
+        if self.full:
+            self.tries.append(time.monotonic())
+            raise StoreUnavailable("store commit failed: database or disk is full")
+
+    async def take_channel(self, channel: str, now: float, lease_s: float) -> Pace | None:
+        self._refuse()
+        return await super().take_channel(channel, now, lease_s)
+
+    async def claim(self, channel: str, now: float, limit: int, lease_s: float) -> list[Claimed]:
+        self._refuse()
+        return await super().claim(channel, now, limit, lease_s)
+
+
+async def test_writes_failing_while_reads_work_back_off_and_log_rarely(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The dispatcher's reads succeeding reset the count of failures the lanes' writes made: the
+    # wait stayed at 0.5 s and every failure was the first, an ERROR line each.
+    async with opener(lambda: DiskFullStore(tmp_path / "bridge.db")) as open_:
+        store = await open_()
+        await record(store, "console")
+        store.full = True
+        stream = io.StringIO()
+        caplog.set_level(logging.ERROR, logger="bridge.worker")
+        async with running(make_worker(store, {"console": ConsoleSender(stream)}, tmp_path)):
+            await asyncio.sleep(2.7)  # tries at 0, 0.5 and 1.5 s; the next at 3.5 s
+            tries = list(store.tries)
+            store.full = False
+            await eventually(lambda: states(store.path) == ["delivered"])
+    gaps = [later - earlier for earlier, later in itertools.pairwise(tries)]
+    assert len(tries) == 3 and gaps[0] >= 0.45 and gaps[1] >= 0.95
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith("store unavailable (1 times)")
