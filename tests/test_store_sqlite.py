@@ -8,14 +8,15 @@ import contextlib
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bridge.store import NewDelivery, Pace, StoreUnavailable
 from bridge.store.schema import MIGRATIONS, SCHEMA_VERSION, migrate
-from bridge.store.sqlite import CLAIM_SQL, DUE_SQL, SQLiteStore, Sync
+from bridge.store.sqlite import CLAIM_SQL, DUE_SQL, SQLiteStore, Sync, connect
 from tests.bridge_server import OWNER, db_rows
 from tests.store_rows import (
     KEYED_BEFORE,
@@ -177,6 +178,16 @@ def old_database(path: Path, version: int) -> sqlite3.Connection:
     return conn
 
 
+def add_keyed_before(conn: sqlite3.Connection, now: float) -> None:
+    """The events of KEYED_BEFORE with their dedup keys as written before schema 5."""
+    for (event_id, at, body), key in zip(KEYED_BEFORE, OLD_KEYS, strict=True):
+        conn.execute(
+            "INSERT INTO events VALUES (?, ?, 1400000000, ?, ?, ?, ?, '{}')",
+            (event_id, now, OWNER, f"r{event_id}", at, body),
+        )
+        conn.execute("INSERT INTO dedup VALUES (?, ?, ?)", (key, now, event_id))
+
+
 @pytest.mark.parametrize(
     ("version", "room_and_order"),
     [
@@ -270,12 +281,7 @@ async def test_dedup_keys_written_before_version_5_still_find_retries(tmp_path: 
     path = tmp_path / "old.db"
     conn = old_database(path, 4)
     now = time.time()
-    for (event_id, at, body), key in zip(KEYED_BEFORE, OLD_KEYS, strict=True):
-        conn.execute(
-            "INSERT INTO events VALUES (?, ?, 1400000000, ?, ?, ?, ?, '{}')",
-            (event_id, now, OWNER, f"r{event_id}", at, body),
-        )
-        conn.execute("INSERT INTO dedup VALUES (?, ?, ?)", (key, now, event_id))
+    add_keyed_before(conn, now)
     migrate(conn)
     conn.close()
     s = SQLiteStore(path)
@@ -285,3 +291,47 @@ async def test_dedup_keys_written_before_version_5_still_find_retries(tmp_path: 
     finally:
         await s.close()
     assert db_rows(path, "SELECT count(*) FROM events") == [(len(KEYED_BEFORE),)]
+
+
+class LateConnection(sqlite3.Connection):
+    """Runs `meanwhile` just before its first BEGIN IMMEDIATE: another process migrating the
+    file after this one read the schema version and before it took the write lock."""
+
+    meanwhile: Callable[[], None] | None = None
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        if sql == "BEGIN IMMEDIATE" and (meanwhile := self.meanwhile) is not None:
+            self.meanwhile = None
+            meanwhile()
+        return super().execute(sql, parameters)
+
+
+@pytest.mark.parametrize("version", [0, 1, 4])
+async def test_processes_opening_an_old_database_at_once_migrate_it_once(
+    tmp_path: Path, version: int
+) -> None:
+    # Applied twice, a migration fails (a table or a column already there) or, from version 4,
+    # re-keys dedup a second time, and retries of events stored before are no longer found.
+    path = tmp_path / "old.db"
+    with contextlib.closing(old_database(path, version)) as conn:
+        now = time.time()
+        if version:
+            add_keyed_before(conn, now)
+    with (
+        contextlib.closing(connect(path)) as first,
+        contextlib.closing(
+            sqlite3.connect(path, isolation_level=None, factory=LateConnection)
+        ) as second,
+    ):
+        second.meanwhile = lambda: migrate(first)
+        migrate(second)
+    assert db_rows(path, "SELECT value FROM meta WHERE key = 'schema_version'") == [
+        (str(SCHEMA_VERSION),)
+    ]
+    if version:
+        s = SQLiteStore(path)
+        await s.open()
+        try:
+            await assert_retries_are_duplicates(s, now + 1)
+        finally:
+            await s.close()

@@ -94,25 +94,36 @@ assert len(MIGRATIONS) == SCHEMA_VERSION
 
 
 def migrate(conn: sqlite3.Connection) -> None:
-    """Bring the database to SCHEMA_VERSION; refuse one written by a newer live-bridge."""
+    """Bring the database to SCHEMA_VERSION; refuse one written by a newer live-bridge. Several
+    processes may open one file at once (the server, its delivery process, an outbox command):
+    each migration is applied once, by whichever takes the write lock first."""
     conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    version = int(row[0]) if row else 0
-    if version > SCHEMA_VERSION:
-        raise sqlite3.DatabaseError(
-            f"schema version {version} is newer than this live-bridge ({SCHEMA_VERSION})"
-        )
-    for number in range(version, SCHEMA_VERSION):
+    version = _version(conn)
+    while version < SCHEMA_VERSION:
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for statement in MIGRATIONS[number].split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
-                (str(number + 1),),
-            )
+            # Read again under the write lock: another process may have applied this migration
+            # since, and a second run would add a column twice or re-key dedup twice.
+            version = _version(conn)
+            if version < SCHEMA_VERSION:
+                for statement in MIGRATIONS[version].split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                version += 1
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+                    (str(version),),
+                )
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+    if version > SCHEMA_VERSION:
+        raise sqlite3.DatabaseError(
+            f"schema version {version} is newer than this live-bridge ({SCHEMA_VERSION})"
+        )
+
+
+def _version(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    return int(row[0]) if row else 0
