@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bridge.channels.webhook import message_id
 from bridge.store import DeliveryRow, NewDelivery, Pace, State, Store
 from bridge.store.postgres import PostgresStore
 from bridge.store.sqlite import SQLiteStore
@@ -304,6 +305,27 @@ async def test_prune_keeps_dead_letters_and_recent_rows(store: Store) -> None:
         ("r3", [State.DELIVERED]), ("r2", [State.DEAD]),
     ]  # fmt: skip
     assert await store.get_thread("bot", "r1", 0) is None
+
+
+@pytest.mark.parametrize("delete", ["prune", "drop"])
+async def test_ids_of_deleted_rows_are_not_handed_out_again(store: Store, delete: str) -> None:
+    # A webhook's webhook-id is derived from its delivery's id, and a receiver drops a message
+    # whose id it has seen: a new message with a deleted delivery's id would be dropped as well.
+    now = time.time()
+    old = now - 100 * 3600
+    first = await store.record(new_event("k1"), [NewDelivery("a", "p1")], old, 600)
+    (sent,) = await store.claim("a", old, 10, 30)
+    if delete == "prune":
+        await store.mark_delivered(sent.id, old)
+        assert await store.prune(now - 72 * 3600, now - 72 * 3600) == 3  # delivery, event, key
+    else:  # given up on, though the receiver may have processed it (a timeout, say)
+        await store.mark_dead(sent.id, old, "timed out")
+        assert await store.drop([sent.id]) == 1
+    second = await store.record(new_event("k2"), [NewDelivery("a", "p2")], now, 600)
+    (again,) = await store.claim("a", now, 10, 30)
+    assert second.event_id > first.event_id
+    assert again.id > sent.id
+    assert message_id("a", again.id) != message_id("a", sent.id)
 
 
 async def test_stats_list_retry_drop(store: Store) -> None:

@@ -293,6 +293,34 @@ async def test_dedup_keys_written_before_version_5_still_find_retries(tmp_path: 
     assert db_rows(path, "SELECT count(*) FROM events") == [(len(KEYED_BEFORE),)]
 
 
+async def test_ids_deleted_before_version_6_are_not_handed_out_again(tmp_path: Path) -> None:
+    # Of the rows deleted before the upgrade, only the event ids that dedup keys name are known.
+    path = tmp_path / "old.db"
+    old = time.time() - 100 * 3600
+    with contextlib.closing(old_database(path, 5)) as conn:
+        for event_id in (1, 2):
+            conn.execute(
+                "INSERT INTO events VALUES (?, ?, 1, 'x', 'r1', NULL, '{}', '{}')", (event_id, old)
+            )
+        conn.execute(
+            "INSERT INTO deliveries (id, event_id, channel, state, next_attempt_at, created_at,"
+            " updated_at, delivered_at) VALUES (1, 1, 'a', 'delivered', 0, ?, ?, ?),"
+            " (2, 2, 'a', 'dead', 0, ?, ?, NULL)",
+            (old, old, old, old, old),
+        )
+        conn.execute("INSERT INTO dedup VALUES ('k9', ?, 9)", (time.time(),))  # event 9 pruned
+    s = SQLiteStore(path)
+    await s.open()
+    try:
+        assert await s.drop([2]) == 1
+        assert await s.prune(time.time() - 72 * 3600, old - 1) == 3  # a delivery, two events
+        recorded = await s.record(new_event("k"), [NewDelivery("a", "p")], time.time(), 600)
+        (claimed,) = await s.claim("a", time.time(), 10, 30)
+    finally:
+        await s.close()
+    assert (recorded.event_id, claimed.id) == (10, 3)
+
+
 class LateConnection(sqlite3.Connection):
     """Runs `meanwhile` just before its first BEGIN IMMEDIATE: another process migrating the
     file after this one read the schema version and before it took the write lock."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # Each entry brings the schema from version i to i + 1; append, never edit.
 MIGRATIONS: tuple[str, ...] = (
@@ -87,6 +87,16 @@ MIGRATIONS: tuple[str, ...] = (
         (SELECT printf('%016x', e.event_time) FROM events e
          WHERE e.id = dedup.event_id AND e.event_time IS NOT NULL), ''
     ) || ':' || key
+    """,
+    # 6: ids are never handed out again (sqlite.py, HIGH_WATER_SQL). What was deleted before is
+    # gone, except the event ids that live dedup keys still name; a live-bridge from before
+    # would give ids from MAX(id) + 1 again, so it must refuse the file.
+    """
+    INSERT OR REPLACE INTO meta (key, value)
+    SELECT 'events_high_water', MAX(COALESCE((SELECT MAX(id) FROM events), 0),
+                                    COALESCE((SELECT MAX(event_id) FROM dedup), 0))
+    UNION ALL
+    SELECT 'deliveries_high_water', COALESCE((SELECT MAX(id) FROM deliveries), 0)
     """,
 )
 

@@ -118,6 +118,27 @@ WHERE deliveries.id = v.column1 AND deliveries.owner = ?
   AND deliveries.state IN ('in_flight', 'dead')
 """
 
+
+# Ids are the largest so far plus one, and the largest is kept in `meta` before rows are deleted
+# (pruned, dropped): no id is handed out twice. A webhook's webhook-id is derived from its
+# delivery's id, and a receiver drops a message whose id it has seen. Kept when deleting, which is
+# rare, not when recording: a batch of callbacks reads the marks in the one statement that read
+# MAX(id) already, and writes nothing more.
+def _high_water(table: str) -> str:
+    """The largest id `table` has handed out: its rows' largest, or a larger one deleted."""
+    return (
+        "MAX(COALESCE((SELECT MAX(id) FROM {table}), 0), COALESCE((SELECT CAST(value AS INTEGER)"
+        " FROM meta WHERE key = '{table}_high_water'), 0))"
+    ).replace("{table}", table)
+
+
+NEXT_IDS_SQL = f"SELECT {_high_water('events')} + 1, {_high_water('deliveries')} + 1"
+HIGH_WATER_SQL = f"""
+INSERT OR REPLACE INTO meta (key, value)
+SELECT 'events_high_water', {_high_water("events")}
+UNION ALL SELECT 'deliveries_high_water', {_high_water("deliveries")}
+"""
+
 LIST_SQL = """
 SELECT d.id, d.event_id, d.channel, d.room_id, e.command, d.state, d.attempts, d.last_error,
        d.created_at, d.updated_at, d.next_attempt_at
@@ -373,6 +394,7 @@ class SQLiteStore:
 
     async def prune(self, delivered_before: float, dedup_before: float) -> int:
         def op(conn: sqlite3.Connection) -> int:
+            conn.execute(HIGH_WATER_SQL)
             n = conn.execute(
                 "DELETE FROM deliveries WHERE state = 'delivered' AND delivered_at < ?",
                 (delivered_before,),
@@ -450,7 +472,12 @@ class SQLiteStore:
 
     async def drop(self, ids: Sequence[int]) -> int:
         sql = "DELETE FROM deliveries WHERE id IN ({marks}) AND state IN ('dead', 'pending')"
-        return await self._execute(_in(sql, ids), ids)
+
+        def op(conn: sqlite3.Connection) -> int:
+            conn.execute(HIGH_WATER_SQL)
+            return conn.execute(_in(sql, ids), ids).rowcount
+
+        return await self._submit(op)
 
     async def bury_unknown_channels(self, known: Sequence[str], now: float, error: str) -> int:
         # The owner stays: a send under way that gets through is still recorded as delivered.
@@ -480,9 +507,10 @@ class _Record(Together):
             chunk = keys[start : start + MAX_PARAMS]
             sql = _in("SELECT key, event_id, seen_at FROM dedup WHERE key IN ({marks})", chunk)
             seen.update((key, (event_id, at)) for key, event_id, at in conn.execute(sql, chunk))
-        # The ids SQLite would give one by one (the largest so far, plus one), given here so
-        # that the deliveries can name their event in the same few statements.
-        next_id: int = conn.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM events").fetchone()[0]
+        # The ids given here, not by SQLite (the largest so far, plus one, which would give a
+        # deleted row's id again), so that the deliveries can name their event in the same few
+        # statements.
+        next_id, next_delivery_id = conn.execute(NEXT_IDS_SQL).fetchone()
         results: list[Recorded] = []
         events: list[tuple[Any, ...]] = []
         deliveries: list[tuple[Any, ...]] = []
@@ -499,17 +527,19 @@ class _Record(Together):
                            event.event_time, event.body, event.query))  # fmt: skip
             order_ts = event.event_time if event.event_time is not None else int(now * 1000)
             deliveries.extend(
-                (event_id, d.channel, State.PENDING if d.error is None else State.DEAD,
-                 d.payload, now, d.error, now, now, event.room_id, order_ts)
-                for d in op.deliveries
+                (next_delivery_id + n, event_id, d.channel,
+                 State.PENDING if d.error is None else State.DEAD, d.payload, now, d.error, now,
+                 now, event.room_id, order_ts)
+                for n, d in enumerate(op.deliveries)
             )  # fmt: skip
+            next_delivery_id += len(op.deliveries)
             if op.dedup_window_s > 0:
                 dedup.append((event.dedup_key, now, event_id))
                 seen[event.dedup_key] = (event_id, now)  # a repeat in this batch is a duplicate
             results.append(Recorded(event_id=event_id, duplicate=False))
         insert_rows(conn, "INSERT INTO events (id, received_at, sdk_app_id, command, room_id,"
                     " event_time, body, query) VALUES", events)  # fmt: skip
-        insert_rows(conn, "INSERT INTO deliveries (event_id, channel, state, payload,"
+        insert_rows(conn, "INSERT INTO deliveries (id, event_id, channel, state, payload,"
                     " next_attempt_at, last_error, created_at, updated_at, room_id, order_ts)"
                     " VALUES", deliveries)  # fmt: skip
         insert_rows(conn, "INSERT OR REPLACE INTO dedup (key, seen_at, event_id) VALUES", dedup)
