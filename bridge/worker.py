@@ -279,7 +279,10 @@ class Worker:
             self._last_prune = now
             cutoff = now - self._retention_s
             dedup = now - max(self._retention_s, self._settings.dedup_window_s)
-            if pruned := await self._store.prune(cutoff, dedup):
+            # Threads by the channels' longest thread_ttl_h: a room keeps its thread that long,
+            # however short the retention.
+            ttl = max((p.thread_ttl_s for p in self._policies.values()), default=0.0)
+            if pruned := await self._store.prune(cutoff, dedup, now - ttl):
                 log.info("pruned %d rows older than the retention", pruned)
 
     async def _lane(self, policy: ChannelPolicy) -> None:

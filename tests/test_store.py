@@ -298,13 +298,15 @@ async def test_prune_keeps_dead_letters_and_recent_rows(store: Store) -> None:
     for c in await store.claim("a", now, 10, 30):
         await store.mark_delivered(c.id, old if c.room_id == "r1" else now)
     await store.set_thread("bot", "r1", "1.2", old)
-    pruned = await store.prune(now - 72 * 3600, now - 72 * 3600)
+    await store.set_thread("bot", "r2", "1.3", now - 80 * 3600)  # older than the retention
+    pruned = await store.prune(now - 72 * 3600, now - 72 * 3600, now - 96 * 3600)
     assert pruned == 1 + 2 + 3 + 1  # a delivery, two events, three dedup keys, a thread
     events = await store.recent_events(10)
     assert [(e.room_id, [d.state for d in e.deliveries]) for e in events] == [
         ("r3", [State.DELIVERED]), ("r2", [State.DEAD]),
     ]  # fmt: skip
     assert await store.get_thread("bot", "r1", 0) is None
+    assert await store.get_thread("bot", "r2", 0) == "1.3"  # threads have a cutoff of their own
 
 
 @pytest.mark.parametrize("delete", ["prune", "drop"])
@@ -317,7 +319,7 @@ async def test_ids_of_deleted_rows_are_not_handed_out_again(store: Store, delete
     (sent,) = await store.claim("a", old, 10, 30)
     if delete == "prune":
         await store.mark_delivered(sent.id, old)
-        assert await store.prune(now - 72 * 3600, now - 72 * 3600) == 3  # delivery, event, key
+        assert await store.prune(now - 72 * 3600, now - 72 * 3600, now) == 3  # delivery, event, key
     else:  # given up on, though the receiver may have processed it (a timeout, say)
         await store.mark_dead(sent.id, old, "timed out")
         assert await store.drop([sent.id]) == 1

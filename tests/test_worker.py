@@ -752,3 +752,21 @@ async def test_writes_failing_while_reads_work_back_off_and_log_rarely(
     assert len(tries) == 3 and gaps[0] >= 0.45 and gaps[1] >= 0.95
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and errors[0].startswith("store unavailable (1 times)")
+
+
+async def test_prune_keeps_a_thread_for_the_ttl_not_the_retention(
+    open_store: OpenStore, tmp_path: Path
+) -> None:
+    # The retention is for delivered rows: a room's thread lasts its channel's thread_ttl_h.
+    store = await open_store()
+    hour = 3600.0
+    now = time.time()
+    await store.set_thread("bot", "R", "1.1", now - 13 * hour)  # within the TTL
+    await store.set_thread("bot", "S", "2.2", now - 25 * hour)  # past it
+    policies = {
+        "bot": ChannelPolicy("bot", ConsoleSender(), thread_by_room=True, thread_ttl_s=24 * hour),
+        "short": ChannelPolicy("short", ConsoleSender(), thread_by_room=True, thread_ttl_s=hour),
+    }
+    composer = make_composer(tmp_path, {name: 'type = "console"' for name in policies})
+    await Worker(store, policies, SETTINGS, composer, retention_s=12 * hour)._prune()
+    assert db_rows(store.path, "SELECT room_id, ts FROM threads") == [("R", "1.1")]

@@ -176,7 +176,12 @@ class Store(Protocol):
 
     async def ping(self) -> None: ...
 
-    async def prune(self, delivered_before: float, dedup_before: float) -> int: ...
+    async def prune(
+        self, delivered_before: float, dedup_before: float, threads_before: float
+    ) -> int:
+        """Deletes delivered deliveries and their events, dedup keys and room → thread entries
+        older than each cutoff; dead letters stay. The number of rows deleted."""
+        ...
 
     async def stats(self) -> list[ChannelStats]: ...
 

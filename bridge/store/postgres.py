@@ -284,14 +284,16 @@ class PostgresStore:
             (str(time.time()),),
         )
 
-    async def prune(self, delivered_before: float, dedup_before: float) -> int:
+    async def prune(
+        self, delivered_before: float, dedup_before: float, threads_before: float
+    ) -> int:
         statements: list[tuple[str, float]] = [
             ("DELETE FROM deliveries WHERE state = 'delivered' AND delivered_at < %s",
              delivered_before),
             ("DELETE FROM events WHERE received_at < %s AND NOT EXISTS"
              " (SELECT 1 FROM deliveries d WHERE d.event_id = events.id)", delivered_before),
             ("DELETE FROM dedup WHERE seen_at < %s", dedup_before),
-            ("DELETE FROM threads WHERE started_at < %s", delivered_before),
+            ("DELETE FROM threads WHERE started_at < %s", threads_before),
         ]  # fmt: skip
         n = 0
         async with self._connection() as conn, conn.transaction():

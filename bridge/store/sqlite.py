@@ -392,7 +392,9 @@ class SQLiteStore:
             "INSERT OR REPLACE INTO meta (key, value) VALUES ('ping', ?)", (str(time.time()),)
         )
 
-    async def prune(self, delivered_before: float, dedup_before: float) -> int:
+    async def prune(
+        self, delivered_before: float, dedup_before: float, threads_before: float
+    ) -> int:
         def op(conn: sqlite3.Connection) -> int:
             conn.execute(HIGH_WATER_SQL)
             n = conn.execute(
@@ -406,7 +408,7 @@ class SQLiteStore:
             ).rowcount
             n += conn.execute("DELETE FROM dedup WHERE seen_at < ?", (dedup_before,)).rowcount
             n += conn.execute(
-                "DELETE FROM threads WHERE started_at < ?", (delivered_before,)
+                "DELETE FROM threads WHERE started_at < ?", (threads_before,)
             ).rowcount
             return n
 
