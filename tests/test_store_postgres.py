@@ -17,7 +17,7 @@ import pytest
 from psycopg import sql
 
 from bridge.store import Claimed, NewDelivery, StoreUnavailable
-from bridge.store.pg_schema import MIGRATIONS, SCHEMA_VERSION
+from bridge.store.pg_schema import CLAIM_SQL, MIGRATIONS, SCHEMA_VERSION
 from bridge.store.postgres import PostgresStore
 from tests.bridge_server import OWNER
 from tests.store_rows import (
@@ -183,6 +183,60 @@ async def test_claim_passes_over_a_locked_delivery(
         assert [c.payload for c in claimed] == ["p0", "p2"]
         conn.rollback()
     assert [c.payload for c in await store.claim("a", now, 10, 30)] == ["p1"]
+
+
+@pytest.mark.parametrize("head", ["pending", "lease over"])
+async def test_a_room_waits_while_its_earlier_delivery_is_locked(
+    open_store: OpenStore, postgres_url: str, head: str
+) -> None:
+    # A claim passes over a row another transaction holds (an outbox command, an outcome being
+    # written): the row's room waits for it, other rooms do not.
+    store = await open_store()
+    now = time.time()
+    for key, room, at in [("k1", "r1", 1000), ("k2", "r1", 2000), ("k3", "r2", 1500)]:
+        await store.record(new_event(key, room, at), [NewDelivery("a", f"p-{key}")], now, 0)
+    if head == "lease over":
+        assert [c.payload for c in await store.claim("a", now, 1, 1)] == ["p-k1"]
+    later = now + 2
+    with psycopg.connect(postgres_url) as conn:
+        conn.execute("SELECT id FROM deliveries WHERE payload = 'p-k1' FOR UPDATE")
+        claimed = await asyncio.wait_for(store.claim("a", later, 10, 30), 5)
+        conn.rollback()
+    assert [c.payload for c in claimed] == ["p-k3"]
+    assert [c.payload for c in await store.claim("a", later, 10, 30)] == ["p-k1", "p-k2"]
+
+
+def plan_nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
+    """`node` of an EXPLAIN (FORMAT JSON) plan and every node under it."""
+    return [node, *(n for child in node.get("Plans", []) for n in plan_nodes(child))]
+
+
+async def test_a_claim_reads_the_rows_it_passed_over_from_one_index_range(
+    open_store: OpenStore, postgres_url: str, postgres_sql: PostgresSQL
+) -> None:
+    # What keeps the room check's cost near the claim's own: the rows the claim did not take are
+    # read once, from the range of deliveries_claim its parts walked, not from each room's
+    # history (deliveries_room) once for every row taken.
+    await open_store()
+    postgres_sql(
+        "INSERT INTO events (id, received_at, sdk_app_id, command, room_id, event_time, body,"
+        " query) SELECT g, 0, 1, 'x', 'r' || g % 500, g, '{}', '{}'"
+        " FROM generate_series(1, 40000) g"
+    )
+    postgres_sql(
+        "INSERT INTO deliveries (event_id, channel, state, next_attempt_at, created_at,"
+        " updated_at, room_id, order_ts) SELECT g, 'a',"
+        " CASE WHEN g <= 20000 THEN 'delivered' ELSE 'pending' END, 0, 0, 0, 'r' || g % 500, g"
+        " FROM generate_series(1, 40000) g"
+    )
+    postgres_sql("ANALYZE")
+    params = {"channel": "a", "now": 1.0, "limit": 64, "lease_until": 2.0, "owner": "x"}
+    with psycopg.connect(postgres_url) as conn:
+        ((plan,),) = conn.execute(f"EXPLAIN (FORMAT JSON) {CLAIM_SQL}", params).fetchall()
+    nodes = plan_nodes(plan[0]["Plan"])
+    assert not [n for n in nodes if n["Node Type"] == "Seq Scan"], plan
+    (passed,) = [n for n in nodes if n.get("Subplan Name") == "CTE passed"]
+    assert {n.get("Index Name") for n in plan_nodes(passed)} - {None} == {"deliveries_claim"}
 
 
 async def test_lost_connections_are_replaced(open_store: OpenStore, postgres_url: str) -> None:

@@ -138,17 +138,34 @@ PENDING_DUE = f"d.state = 'pending' AND d.next_attempt_at <= %(now)s AND {ROOM_F
 LEASE_OVER = f"d.state = 'in_flight' AND d.lease_until <= %(now)s AND {ROOM_FREE}"
 
 _CLAIM_PART = """
-  SELECT d.id, d.order_ts FROM deliveries d
+  SELECT d.id, d.order_ts, d.room_id FROM deliveries d
   WHERE d.channel = %(channel)s AND {due}
   ORDER BY d.order_ts, d.id
   LIMIT %(limit)s
   FOR UPDATE OF d SKIP LOCKED
 """
+# ROOM_FREE lets a room's due deliveries through together, counting on the claim to take the
+# earlier ones first; but SKIP LOCKED passes over a row another transaction holds (an outbox
+# command, an outcome being written), and the room's later deliveries would go out before it.
+# So a row taken goes out only if no row of its room still to be sent comes before it untaken
+# (`passed`: locked, or not due or held back, which ROOM_FREE counts already). Those are read
+# once (MATERIALIZED) from the range of deliveries_claim the parts walked. Asked per row taken,
+# the planner walked each room's history on deliveries_room: about 50 ms a claim instead of 2
+# with 200,000 waiting and 200,000 delivered; asked with the due time, generic plans took
+# deliveries_due and read every pending row.
 CLAIM_SQL = f"""
 WITH pending AS ({_CLAIM_PART.format(due=PENDING_DUE)}),
 expired AS ({_CLAIM_PART.format(due=LEASE_OVER)}),
+taken AS (SELECT * FROM pending UNION ALL SELECT * FROM expired),
+passed AS MATERIALIZED (
+  SELECT d.room_id, d.order_ts, d.id FROM deliveries d
+  WHERE d.channel = %(channel)s AND d.state IN ('pending', 'in_flight')
+    AND d.order_ts <= (SELECT MAX(order_ts) FROM taken) AND d.id NOT IN (SELECT id FROM taken)
+),
 due AS (
-  SELECT id FROM (SELECT * FROM pending UNION ALL SELECT * FROM expired) both_
+  SELECT id FROM taken t
+  WHERE NOT EXISTS (SELECT 1 FROM passed p WHERE p.room_id = t.room_id
+                    AND (p.order_ts, p.id) < (t.order_ts, t.id))
   ORDER BY order_ts, id LIMIT %(limit)s
 )
 UPDATE deliveries d SET state = 'in_flight', attempts = d.attempts + 1,
