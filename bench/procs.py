@@ -34,7 +34,7 @@ def _answers(url: str) -> bool:
 
 
 class Proc:
-    """A server process; `peak_rss` is sampled while `sampling()` is active."""
+    """A server process; `peak_rss` and `peak_pss` are sampled while `sampling()` is active."""
 
     def __init__(
         self, args: list[str], port: int, env: dict[str, str] | None = None,
@@ -44,6 +44,7 @@ class Proc:
         self.callback_url = f"http://127.0.0.1:{port}/tencent/callback"
         self.process: subprocess.Popen[bytes] | None = None
         self.peak_rss = 0
+        self.peak_pss = 0
 
     def ready(self) -> bool:
         """/readyz says 200; without a ready path (the comparison apps), the port accepts."""
@@ -90,6 +91,13 @@ class Proc:
         process = psutil.Process(self.process.pid)
         return sum(int(p.memory_info().rss) for p in (process, *process.children(True)))
 
+    def pss(self) -> int:
+        """The same, proportional: a page the process shares with its children (libpython's,
+        pydantic-core's, OpenSSL's) counted once between them, not once each."""
+        assert self.process is not None
+        process = psutil.Process(self.process.pid)
+        return sum(int(p.memory_full_info().pss) for p in (process, *process.children(True)))
+
     def thread_cpu(self) -> tuple[float, float, float]:
         """CPU seconds so far: the main thread's (the event loop), all its others' together
         (for live-bridge, its SQLite writer), and its children's (a delivery process)."""
@@ -114,9 +122,13 @@ class Proc:
         stop = threading.Event()
 
         def sample() -> None:
+            n = 0
             while not stop.wait(0.05):
                 with contextlib.suppress(psutil.Error):
                     self.peak_rss = max(self.peak_rss, self.rss())
+                    if n % 10 == 0:  # reads smaps: every half second is enough, and cheaper
+                        self.peak_pss = max(self.peak_pss, self.pss())
+                n += 1
 
         thread = threading.Thread(target=sample, daemon=True)
         thread.start()

@@ -32,6 +32,7 @@ class Report:
     idle_rss_mb: float = 0.0
     peak_rss_mb: float = 0.0
     peak_rss_own_mb: float = 0.0  # both processes
+    peak_pss_own_mb: float = 0.0  # both processes, shared pages counted once
     startup_s: list[float] = field(default_factory=list)
     replicas: dict[str, list[WrkResult]] = field(default_factory=dict)  # sqlite, pg1, pg2
     replicas_skipped: str | None = None
@@ -155,7 +156,11 @@ class Report:
         hand_row = self._slack_row("hand-written", self.slack.get("handwritten", {}))
         slack_row = self._slack_row("live-bridge", self.slack.get("bridge", {}))
         rss = f"RSS idle {self.idle_rss_mb:.0f} MB, under benchmark 1 **{self.peak_rss_mb:.0f} MB**"
-        own_rss = f"**{self.peak_rss_own_mb:.0f} MB** for the two processes together"
+        own_rss = (
+            f"**{self.peak_rss_own_mb:.0f} MB** for the two processes together (the target's "
+            f"figure; their PSS, which counts the pages they share once, peaked at "
+            f"{self.peak_pss_own_mb:.0f} MB)"
+        )
         return f"""# Benchmarks
 
 Produced by `make bench` (`python -m bench.run`); every figure below comes from one run on the

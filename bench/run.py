@@ -76,6 +76,7 @@ def ack_ceiling(work: Path, report: Report, sink_url: str) -> None:
         report.saturation = results
         report.peak_rss_mb = live.peak_rss / 2**20
         report.peak_rss_own_mb = own.peak_rss / 2**20
+        report.peak_pss_own_mb = own.peak_pss / 2**20
         contenders = (
             ("bare", bare), ("journal", journal), ("bridge", live), ("own", own),
             ("normal", normal), ("receive", receive),
