@@ -394,7 +394,10 @@ def _expand_tree(node: Any, loc: tuple[int | str, ...], missing: list[str]) -> A
 
 class _ExpandedToml(TomlConfigSettingsSource):
     def _read_file(self, file_path: Any) -> dict[str, Any]:
-        raw = file_path.read_bytes()
+        try:
+            raw = file_path.read_bytes()
+        except OSError as exc:  # not readable by this user, an I/O error
+            raise _LoadError(f"cannot be read: {exc.strerror or exc}") from None
         try:
             data = tomllib.loads(raw.decode())
         except UnicodeDecodeError as exc:

@@ -240,6 +240,22 @@ def test_not_utf8_names_the_line(tmp_path: Path) -> None:
         load_config(path)
 
 
+def test_unreadable_file_is_a_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Tests run as root, whom no file mode stops: the refusal is the operating system's.
+    path = tmp_path / "config.toml"
+    path.write_text(MINIMAL)
+    real = Path.read_bytes
+
+    def refused(self: Path) -> bytes:
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", refused)
+    with pytest.raises(ConfigError, match=r"config\.toml: cannot be read: Permission denied"):
+        load_config(path)
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(tmp_path / "absent.toml")
