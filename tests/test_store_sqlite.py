@@ -277,6 +277,16 @@ async def test_sync_setting_is_the_writers(tmp_path: Path, sync: Sync, pragma: i
         await store.close()
 
 
+async def assert_file_finds_retries(path: Path, now: float) -> None:
+    """`assert_retries_are_duplicates` on the SQLite file at `path`, opened as the server does."""
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        await assert_retries_are_duplicates(store, now)
+    finally:
+        await store.close()
+
+
 async def test_dedup_keys_written_before_version_5_still_find_retries(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     conn = old_database(path, 4)
@@ -284,12 +294,7 @@ async def test_dedup_keys_written_before_version_5_still_find_retries(tmp_path: 
     add_keyed_before(conn, now)
     migrate(conn)
     conn.close()
-    s = SQLiteStore(path)
-    await s.open()
-    try:
-        await assert_retries_are_duplicates(s, now + 1)
-    finally:
-        await s.close()
+    await assert_file_finds_retries(path, now + 1)
     assert db_rows(path, "SELECT count(*) FROM events") == [(len(KEYED_BEFORE),)]
 
 
@@ -357,9 +362,4 @@ async def test_processes_opening_an_old_database_at_once_migrate_it_once(
         (str(SCHEMA_VERSION),)
     ]
     if version:
-        s = SQLiteStore(path)
-        await s.open()
-        try:
-            await assert_retries_are_duplicates(s, now + 1)
-        finally:
-            await s.close()
+        await assert_file_finds_retries(path, now + 1)
