@@ -2,8 +2,10 @@
 
 Who may use it: with `[admin] token` set, a request carrying `Authorization: Bearer TOKEN`, or the
 cookie the status page sets once the token has been typed in; with no token, a loopback client
-only. /healthz, /readyz and the callback endpoint are not part of it. The page's retry button
-carries a per-process CSRF token, so another site cannot press it from an operator's browser.
+that names a loopback host (so that a DNS-rebound name cannot reach it from a browser). A POST a
+browser marks as sent from another site is refused, and the page's retry button carries a form
+token (derived from the admin token, so any replica takes it; per process without one).
+/healthz, /readyz and the callback endpoint are not part of it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode, urlsplit
 from zoneinfo import ZoneInfo
 
 import jinja2
@@ -45,10 +48,26 @@ def is_loopback(host: str | None) -> bool:
         return False
 
 
+def names_loopback(host_header: str) -> bool:
+    """Whether a Host header names this machine's loopback: localhost or a loopback address."""
+    try:
+        name = urlsplit(f"//{host_header}").hostname
+    except ValueError:
+        return False
+    return name == "localhost" or is_loopback(name)
+
+
+def cross_site(request: Request) -> bool:
+    """Whether a browser says this request comes from another site (`Sec-Fetch-Site`, which
+    every current browser sends and a page cannot forge). curl and scripts send none. Not the
+    Origin against the Host: a reverse proxy may rewrite the Host."""
+    return request.headers.get("sec-fetch-site", "none") not in ("same-origin", "none")
+
+
 class Admin:
     def __init__(self, bridge: Bridge) -> None:
         self._bridge = bridge
-        self._csrf = secrets.token_urlsafe(32)
+        self._random_form_token = secrets.token_urlsafe(32)
 
     def _token(self) -> str | None:
         token = self._bridge.config.admin.token
@@ -58,10 +77,19 @@ class Admin:
         # The cookie holds a value derived from the token, not the token itself.
         return hmac.new(token.encode(), b"live-bridge status page", hashlib.sha256).hexdigest()
 
+    def _form_token(self) -> str:
+        """The retry button's: from the admin token, the same on every replica behind a load
+        balancer; without one (loopback only, one process), random per process."""
+        token = self._token()
+        if token is None:
+            return self._random_form_token
+        return hmac.new(token.encode(), b"live-bridge retry form", hashlib.sha256).hexdigest()
+
     def allowed(self, request: Request) -> bool:
         token = self._token()
         if token is None:
-            return is_loopback(request.client.host if request.client else None)
+            client = request.client.host if request.client else None
+            return is_loopback(client) and names_loopback(request.headers.get("host", ""))
         header = request.headers.get("authorization", "")
         if header.lower().startswith("bearer "):
             return hmac.compare_digest(header[7:].strip().encode(), token.encode())
@@ -87,6 +115,8 @@ class Admin:
     async def reload(self, request: Request) -> Response:
         if not self.allowed(request):
             return self._refuse(request)
+        if cross_site(request):
+            return JSONResponse({"error": "refused: sent from another site"}, 403)
         ok, message = await self._bridge.reload()
         return JSONResponse(
             {"status": "reloaded" if ok else "refused", "message": message}, 200 if ok else 400
@@ -109,15 +139,20 @@ class Admin:
     async def retry(self, request: Request) -> Response:
         if not self.allowed(request):
             return self._refuse(request, page=True)
+        if cross_site(request):
+            return JSONResponse({"error": "refused: sent from another site"}, 403)
         form = await request.form()
-        if not hmac.compare_digest(str(form.get("csrf", "")).encode(), self._csrf.encode()):
+        csrf = str(form.get("csrf", ""))
+        if not hmac.compare_digest(csrf.encode(), self._form_token().encode()):
             return JSONResponse({"error": "stale or missing form token: reload the page"}, 403)
         channel = str(form.get("channel", ""))
         if channel not in self._bridge.config.channels:
             return JSONResponse({"error": "unknown channel"}, 400)
         retried = await self._bridge.store.retry_dead(channel, time.time())
         self._bridge.wake()
-        return RedirectResponse(f"/status?retried={retried}&channel={channel}", 303)
+        return RedirectResponse(
+            "/status?" + urlencode({"retried": retried, "channel": channel}), 303
+        )
 
     async def status(self, request: Request) -> Response:
         if not self.allowed(request):
@@ -160,7 +195,7 @@ class Admin:
         retried = request.query_params.get("retried")
         return {
             "channels": channels, "events": events, "now": when(now),
-            "zone": config.templates.timezone, "version": __version__, "csrf": self._csrf,
+            "zone": config.templates.timezone, "version": __version__, "csrf": self._form_token(),
             "refresh": REFRESH_S,
             "retried": retried, "retried_channel": request.query_params.get("channel"),
             "draining": bridge.draining,

@@ -163,6 +163,15 @@ class AdminConfig(Strict):
     # /metrics, /status and /-/reload: this bearer token, or loopback clients when unset.
     token: SecretStr | None = None
 
+    @field_validator("token")
+    @classmethod
+    def _not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty token (an unset variable's ${VAR:-}) would admit anyone: its cookie is a
+        # constant anybody can compute.
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("is empty: set a token, or leave it out for loopback clients only")
+        return value
+
 
 class ConsoleChannel(Strict):
     type: Literal["console"]

@@ -83,10 +83,11 @@ class Metrics:
     def callback(self, command: str | None, result: str, seconds: float) -> None:
         # labels() builds and locks on every call; the series are few (bounded labels), so
         # each is looked up once.
-        key = (command, result)
+        # Keyed by the label, never the command: a caller's command may be 250 KB of anything.
+        key = (command_label(command or ""), result)
         series = self._callback_series.get(key)
         if series is None:
-            series = self.callbacks.labels(command_label(command or ""), result)
+            series = self.callbacks.labels(*key)
             if len(self._callback_series) < 1000:  # commands come from callers
                 self._callback_series[key] = series
         series.inc()
@@ -104,6 +105,10 @@ class Metrics:
         """The exposition text, with the store's per-channel numbers as of now."""
         now = time.time()
         by_name = {s.channel: s for s in stats}
+        # A channel gone from the config and the store goes from these too, not stuck at its
+        # last value (a dead-letter alert that never clears). Nothing renders in between.
+        for gauge in (self.pending, self.in_flight, self.dead, self.oldest_pending):
+            gauge.clear()
         for name in sorted({*channels, *by_name}):
             s = by_name.get(name)
             self.pending.labels(name).set(s.pending if s else 0)

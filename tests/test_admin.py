@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
@@ -429,3 +430,79 @@ def test_retry_needs_the_pages_form_token(bridge: InThread) -> None:
         bridge.url + "/status/retry", "POST", data=b"channel=hook&csrf=forged"
     )
     assert status == 403
+
+
+def test_without_a_token_the_host_must_name_loopback(bridge: InThread) -> None:
+    # A DNS-rebound name reaches 127.0.0.1 from an operator's browser, but says so in its Host.
+    port = bridge.port
+    for host, status in [
+        (f"127.0.0.1:{port}", 200), (f"localhost:{port}", 200), (f"[::1]:{port}", 200),
+        (f"rebind.evil.example:{port}", 403), ("", 403),
+    ]:  # fmt: skip
+        assert http_request(bridge.url + "/status", headers={"Host": host})[0] == status, host
+
+
+@pytest.mark.parametrize(
+    ("fetch_site", "status"),
+    [(None, 200), ("none", 200), ("same-origin", 200), ("same-site", 403), ("cross-site", 403)],
+)
+def test_a_post_a_browser_sent_from_another_site_is_refused(
+    bridge: InThread, fetch_site: str | None, status: int
+) -> None:
+    headers = {"Sec-Fetch-Site": fetch_site} if fetch_site else {}
+    assert http_request(bridge.url + "/-/reload", "POST", headers)[0] == status
+    retry = post_form(
+        bridge.url + "/status/retry", {"channel": "hook", "csrf": form_token(bridge)}, headers
+    )
+    assert retry[0] == (303 if status == 200 else 403)
+
+
+def post_form(url: str, body: dict[str, str], headers: dict[str, str]) -> tuple[int, str]:
+    """A form POST, redirects not followed: the status and any Location."""
+    data = urllib.parse.urlencode(body).encode()
+    form = {"Content-Type": "application/x-www-form-urlencoded", **headers}
+    request = urllib.request.Request(url, data=data, headers=form)  # noqa: S310
+    try:
+        with urllib.request.build_opener(NoRedirect).open(request, timeout=5) as reply:
+            return reply.status, ""
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.headers.get("location", "")
+
+
+def form_token(running: InThread) -> str:
+    """The retry form's token, as the status page writes it beside a channel's dead letters."""
+    token: str = running.app.state.bridge.admin._form_token()
+    return token
+
+
+def test_replicas_with_one_admin_token_take_each_others_retry_form(
+    tmp_path: Path, slack: SlackStandIn
+) -> None:
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    hook = HOOK.format(url=slack.sink_url())
+    admin = f'[admin]\ntoken = "{TOKEN}"\n'
+    configs = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        configs.append(write_config(tmp_path / name, channels=hook, routes=ROUTE, extra=admin))
+    with InThread(configs[0]) as first, InThread(configs[1]) as second:
+        csrf = form_token(first)
+        answer = post_form(second.url + "/status/retry", {"channel": "hook", "csrf": csrf}, bearer)
+        assert answer == (303, "/status?retried=0&channel=hook")
+
+
+def test_the_retry_notice_names_a_channel_with_any_characters(
+    tmp_path: Path, slack: SlackStandIn
+) -> None:
+    name = "ops&oncall#2+b"
+    channels = CHANNEL.format(name=f'"{name}"', url=slack.sink_url())
+    config = write_config(tmp_path, channels=channels, routes=ROUTE.replace("hook", name))
+    with InThread(config) as bridge:
+        csrf = form_token(bridge)
+        status, location = post_form(
+            bridge.url + "/status/retry", {"channel": name, "csrf": csrf}, {}
+        )
+        assert status == 303
+        page = http_request(bridge.url + location)[2].decode()
+        assert "0 dead letters of ops&amp;oncall#2+b are pending again" in page

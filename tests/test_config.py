@@ -76,6 +76,8 @@ def test_issue_example_loads_with_env(tmp_path: Path, monkeypatch: pytest.Monkey
         ("[store]\npool_size = 0\n", "[store] pool_size"),
         ("[store]\nsync = 'off'\n", "[store] sync"),
         ("[store]\nurl = 'postgresql://h/db'\nsync = 'normal'\n", "sync is SQLite's"),
+        ("[admin]\ntoken = ''\n", "[admin] token: is empty"),
+        ("[admin]\ntoken = '  '\n", "[admin] token: is empty"),
     ],
 )
 def test_bad_keys_are_named_with_their_table(tmp_path: Path, extra: str, expected: str) -> None:
