@@ -123,7 +123,9 @@ class Bridge:
             from bridge.deliver import DeliveryProcess
 
             assert self.path is not None
-            self.delivery = DeliveryProcess(self.path, self.store, self.metrics)
+            self.delivery = DeliveryProcess(
+                self.path, self.store, self.metrics, lambda: self.config
+            )
             await self.delivery.start()
         else:
             # Imported only here: with a delivery process, this one sends nothing, and aiohttp

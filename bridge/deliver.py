@@ -27,7 +27,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
@@ -64,8 +64,12 @@ Reported = tuple[float | None, str | None, float | None, float]
 class DeliveryProcess:
     """Starts, wakes, reloads, watches and stops the delivery process."""
 
-    def __init__(self, config_path: Path, store: Store, metrics: Metrics) -> None:
+    def __init__(
+        self, config_path: Path, store: Store, metrics: Metrics, running: Callable[[], Config]
+    ) -> None:
+        """`running`: the config the server runs now, which a child started again must match."""
         self._path = config_path
+        self._running = running
         self._store = store
         self._metrics = metrics
         self._proc: asyncio.subprocess.Process | None = None
@@ -141,7 +145,10 @@ class DeliveryProcess:
         theirs, ours = os.pipe()[::-1]
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bridge.deliver", "--config", str(self._path.resolve()),
+                # -P: bridge comes from where the server's came from, not from a bridge/ folder
+                # in the working directory.
+                sys.executable, "-P", "-m", "bridge.deliver",
+                "--config", str(self._path.resolve()),
                 "--log-level", logging.getLevelName(root.getEffectiveLevel()).lower(),
                 "--log-format", "json" if json_logs else "text", "--report-fd", str(theirs),
                 stdin=asyncio.subprocess.PIPE, pass_fds=(theirs,),
@@ -184,11 +191,36 @@ class DeliveryProcess:
                 # end. (PostgreSQL's replicas share the store: there its leases run out.)
                 with contextlib.suppress(StoreUnavailable):
                     await self._store.recover()
+                if problem := await self._config_problem():
+                    log.error(
+                        "the delivery process is not started again: %s; deliveries wait in the "
+                        "store; again in %.0fs", problem, wait,
+                    )  # fmt: skip
+                    continue
                 try:
                     await self._spawn()
                     break
                 except OSError as exc:
                     log.error("cannot start the delivery process: %s; again in %.0fs", exc, wait)
+
+    async def _config_problem(self) -> str | None:
+        """Why the config file as it is now must not start a delivery process, or None. The
+        child reads the file, which may have changed since the server loaded it: another
+        `[store]` (a reload refuses that) would have it deliver from another database, and a file
+        that does not load would have it fail at every start."""
+        try:
+            config, _ = await asyncio.to_thread(load_validated, self._path)
+        except ConfigError as exc:
+            return str(exc)
+        running = self._running()
+        if config.store != running.store:
+            return f"{self._path} names another [store] than the server's (a restart applies it)"
+        if config != running:
+            log.warning(
+                "the delivery process starts with %s as it is now, which the server has not "
+                "loaded: reload to apply it to both", self._path,
+            )  # fmt: skip
+        return None
 
     def _take(self, line: bytes) -> None:
         try:
@@ -200,6 +232,13 @@ class DeliveryProcess:
             for channel, outcome, latency in report.get("o", ()):
                 self._metrics.count_outcome(channel, outcome, latency)
             for channel, (success, error, error_at, blocked) in report.get("s", {}).items():
+                # A child started again reports what it has seen itself: nothing yet. What the
+                # one before saw stays on the status page until there is news.
+                before = self.states.get(channel)
+                if before is not None:
+                    success = before[0] if success is None else success
+                    if error is None:
+                        error, error_at = before[1], before[2]
                 self.states[channel] = (success, error, error_at, float(blocked))
         except (ValueError, TypeError, AttributeError):
             log.warning("unreadable report from the delivery process: %.200r", line)
@@ -238,8 +277,9 @@ class Report:
         self._out.flush()
 
     def ready(self) -> None:
-        self._out.write(b'{"ready":1}\n')
-        self._out.flush()
+        with contextlib.suppress(BrokenPipeError):  # the server is gone; stdin's end says so
+            self._out.write(b'{"ready":1}\n')
+            self._out.flush()
 
 
 class Child:
@@ -341,6 +381,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, StoreUnavailable) as exc:
         log.error("delivery process: %s", exc)
         return 2
+    except BrokenPipeError:
+        # The server is gone (killed): the last report, flushed as the pipe closes, has nobody
+        # to read it. The child has stopped as it should.
+        return 0
     return 0
 
 

@@ -258,8 +258,13 @@ def test_the_child_prints_to_the_servers_stdout_and_ends_when_the_server_is_kill
         assert slack.wait_for(lambda s: len(s.sink_requests) == 1)
         # The console channel's line, on the stdout the server was started with.
         assert wait_until(lambda: "room owner changed: room room-0" in log.read_text())
+        slack.set_sink_delay("sink", 2.0)  # killed while a send is under way
+        assert post_callback(server.url, room(1)) == (200, OK_PACKET)
+        assert wait_until(lambda: "room-1" in log.read_text())
         server.kill()
         assert wait_until(lambda: gone(child))  # end of its stdin: the server is gone
+    # A quiet stop: no traceback of the report pipe the dead server no longer reads.
+    assert "Traceback" not in log.read_text()
 
 
 def test_own_process_needs_the_config_file(tmp_path: Path) -> None:
@@ -315,3 +320,60 @@ def test_only_the_child_loads_the_http_client(tmp_path: Path, slack: SlackStandI
 
         assert mapped(child)
         assert not mapped(server.process.pid)
+
+
+def test_a_child_started_again_never_runs_a_store_the_server_does_not(
+    tmp_path: Path, slack: SlackStandIn
+) -> None:
+    path = own_config(tmp_path, slack.sink_url())
+    with InThread(path) as bridge:
+        first = process(bridge).pid
+        assert first is not None
+        # Edited after start; a reload would refuse it. Then the child dies (the OOM killer).
+        path.write_text(path.read_text().replace('path = "bridge.db"', 'path = "other.db"'))
+        os.kill(first, signal.SIGKILL)
+        assert wait_until(
+            lambda: metric(bridge.url, "live_bridge_delivery_process_restarts_total") == 1
+        )
+        time.sleep(1.5)  # the first try, 1 s after the death, is refused
+        assert process(bridge).pid == first and not (tmp_path / "other.db").exists()
+        assert post_callback(bridge.url, room(0)) == (200, OK_PACKET)  # acknowledged, stored
+        path.write_text(path.read_text().replace('path = "other.db"', 'path = "bridge.db"'))
+        assert wait_until(lambda: process(bridge).pid not in (first, None), timeout=10)
+        assert slack.wait_for(lambda s: len(s.sink_requests) == 1)
+    assert not (tmp_path / "other.db").exists()
+
+
+def test_the_status_page_keeps_what_the_child_before_saw(
+    tmp_path: Path, slack: SlackStandIn
+) -> None:
+    slack.set_sink_status("sink", 500)
+    with InThread(own_config(tmp_path, slack.sink_url(), max_attempts=1)) as bridge:
+        assert post_callback(bridge.url, room(0)) == (200, OK_PACKET)
+
+        def last_error() -> str | None:
+            state, _ = bridge.app.bridge.channel_state("hook")
+            return state.last_error if state else None
+
+        assert wait_until(lambda: "HTTP 500" in (last_error() or ""))
+        first = process(bridge).pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        assert wait_until(lambda: process(bridge).ready and process(bridge).pid != first)
+        time.sleep(0.5)  # several reports of the new child, which has seen nothing yet
+        assert "HTTP 500" in (last_error() or "")
+
+
+def test_the_child_is_bridge_from_where_the_servers_came_from(
+    tmp_path: Path, slack: SlackStandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A bridge/ folder in the working directory (another version's checkout, say) is not it.
+    fake = tmp_path / "cwd" / "bridge"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "deliver.py").write_text("raise SystemExit(3)\n")
+    monkeypatch.chdir(fake.parent)
+    with InThread(own_config(tmp_path, slack.sink_url())) as bridge:
+        assert post_callback(bridge.url, room(0)) == (200, OK_PACKET)
+        assert slack.wait_for(lambda s: len(s.sink_requests) == 1)
+        assert metric(bridge.url, "live_bridge_delivery_process_restarts_total") == 0
