@@ -506,3 +506,5 @@ def test_the_retry_notice_names_a_channel_with_any_characters(
         assert status == 303
         page = http_request(bridge.url + location)[2].decode()
         assert "0 dead letters of ops&amp;oncall#2+b are pending again" in page
+        # The page refreshes itself without the notice, which told of one click.
+        assert '<meta http-equiv="refresh" content="10; url=/status">' in page
