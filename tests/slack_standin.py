@@ -426,16 +426,19 @@ class SlackStandIn:
         try:
             if delay:
                 await asyncio.sleep(delay)
-            return self._sink_answer(name, request.url.path, headers, body)
+            return self._sink_answer(name, request.url.path, headers, body, str(request.url))
         finally:
             with self._lock:
                 self._sink_active[name] -= 1
 
-    def _sink_answer(self, name: str, path: str, headers: dict[str, str], body: bytes) -> Response:
+    def _sink_answer(
+        self, name: str, path: str, headers: dict[str, str], body: bytes, url: str = ""
+    ) -> Response:
         with self._lock:
             forced = self._take_forced("sink", None)
-            if forced is not None:
-                return Response(b"", forced.status, _retry_header(forced.retry_after))
+            if forced is not None:  # "{url}" in the error: a gateway page echoing the request
+                page = (forced.error or "").replace("{url}", url).encode()
+                return Response(page, forced.status, _retry_header(forced.retry_after))
             self._sink_requests.append(SinkRequest(path, headers, body, time.monotonic()))
             status = self._sink_status.get(name, 200)
         return Response(b"ok", status, media_type="text/plain")

@@ -4,15 +4,24 @@ loaded machine does not matter), and delivers everything once the sink is back."
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import json
 import os
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from bridge.channels import Outcome, retry
+from bridge.config import DeliveryConfig
+from bridge.store import NewDelivery, NewEvent
+from bridge.store.sqlite import SQLiteStore
+from bridge.worker import ChannelPolicy, Worker
 from tests.bridge_server import (
     OK_PACKET,
     SEED_BODY,
@@ -29,6 +38,10 @@ from tests.bridge_server import (
     write_config,
 )
 from tests.slack_standin import SlackStandIn
+from tests.test_worker import make_composer
+
+APP = 1400000000
+OWNER = "Live.CallbackAfterChangeOwner"
 
 INITIAL_S = 0.2
 CAP_S = 2.0
@@ -114,3 +127,39 @@ def test_outage_backs_off_idles_and_then_delivers_everything(
     first, fourth = (statistics.median(gaps_by_attempt[n]) for n in (1, 4))
     assert fourth > 3 * first, f"median waits {first:.2f}s then {fourth:.2f}s"
     assert max(max(gaps) for gaps in gaps_by_attempt.values()) <= CAP_S + LATE_S
+
+
+@pytest.mark.anyio
+async def test_waiting_out_a_backoff_does_not_poll_the_store(tmp_path: Path) -> None:
+    """CPU time cannot tell a 50 Hz poll of a small store from sleeping; the store's calls can."""
+
+    class Down:
+        async def send(self, payload: str, delivery_id: int, thread: Any = None) -> Outcome:
+            return retry("HTTP 503")
+
+    store = SQLiteStore(tmp_path / "bridge.db")
+    await store.open()
+    calls: Counter[str] = Counter()
+    for name in ("due_channels", "next_due"):
+        real = getattr(store, name)
+
+        async def counted(*args: Any, _real: Any = real, _name: str = name) -> Any:
+            calls[_name] += 1
+            return await _real(*args)
+
+        setattr(store, name, counted)
+    for n in range(5):
+        event = NewEvent(APP, OWNER, f"r{n}", None, "{}", "{}", f"k{n}")
+        await store.record(event, [NewDelivery("sink", '{"text": "x"}')], time.time(), 0)
+    settings = DeliveryConfig(initial_backoff_s=1.0, max_backoff_s=1.0, max_attempts=50)
+    composer = make_composer(tmp_path, {"sink": 'type = "console"'})
+    worker = Worker(store, {"sink": ChannelPolicy("sink", Down())}, settings, composer, 3600)
+    task = asyncio.create_task(worker.run())
+    await asyncio.sleep(3.0)
+    await worker.stop(1.0)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await store.close()
+    # About two passes per retry round (a lane ends, the backoff ends): a dozen in 3 s.
+    assert sum(calls.values()) < 60, calls

@@ -312,7 +312,7 @@ def deliveries_that_succeed_retry_and_die(scenario: Scenario) -> None:
         "retried",
         {"status": 500, "error": "rollup_error", "kind": "webhook"},
         {"error": "internal_error", "kind": "api"},
-        {"status": 503, "kind": "sink"},
+        {"status": 503, "error": "<h1>503: upstream down for {url}</h1>", "kind": "sink"},
     )
     scenario.deliver(
         "rate-limited",
@@ -324,7 +324,7 @@ def deliveries_that_succeed_retry_and_die(scenario: Scenario) -> None:
         "refused",
         {"status": 404, "error": "channel_not_found", "kind": "webhook"},
         {"error": "channel_not_found", "kind": "api"},
-        {"status": 401, "kind": "sink"},
+        {"status": 401, "error": "<h1>401: no access to {url}</h1>", "kind": "sink"},
     )
 
 
