@@ -16,6 +16,7 @@ import random
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +59,10 @@ class Callbacks:
     not_ok: list[tuple[str, int, bytes]] = field(default_factory=list)  # answered, but not OK
     unanswered: int = 0  # the bridge was down or died mid-request
     stop: threading.Event = field(default_factory=threading.Event)
+    # Set: kill the bridge the moment the next OK arrives (then cleared). An OK sent before its
+    # commit would lose that event; a kill at a random moment rarely lands in so short a gap.
+    kill_at_next_ok: threading.Event = field(default_factory=threading.Event)
+    kill: Callable[[], None] = lambda: None
 
     def run(self) -> None:
         next_at = time.monotonic()
@@ -72,6 +77,9 @@ class Callbacks:
             else:
                 if answer == (200, OK_PACKET):
                     self.acknowledged.append(room)
+                    if self.kill_at_next_ok.is_set():
+                        self.kill()
+                        self.kill_at_next_ok.clear()
                 else:
                     self.not_ok.append((room, *answer))
             next_at = max(next_at + 1 / CALLBACKS_PER_S, time.monotonic() - 0.5)
@@ -140,14 +148,18 @@ def test_kill_9_in_a_loop_loses_no_acknowledged_event(
 
     killed_at: list[float] = []
     with Subprocess(config, port, log) as bridge:
-        callbacks = Callbacks(bridge.url)
+        callbacks = Callbacks(bridge.url, kill=bridge.kill)
         threads = [threading.Thread(target=callbacks.run), threading.Thread(target=flapper.run)]
         for thread in threads:
             thread.start()
         try:
-            for after, down in zip(kill_after, down_for, strict=True):
+            for n, (after, down) in enumerate(zip(kill_after, down_for, strict=True)):
                 time.sleep(after)
-                bridge.kill()
+                if n % 2:  # every other kill comes right after an acknowledgement
+                    callbacks.kill_at_next_ok.set()
+                    assert wait_until(lambda: not callbacks.kill_at_next_ok.is_set()), context
+                else:
+                    bridge.kill()
                 killed_at.append(time.monotonic())
                 time.sleep(down)
                 bridge.start()
