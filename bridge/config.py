@@ -11,10 +11,9 @@ import os
 import re
 import string
 import sys
-import tomllib
 import zoneinfo
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -26,16 +25,17 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic.fields import FieldInfo
-from pydantic_settings import (
-    BaseSettings,
-    EnvSettingsSource,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    TomlConfigSettingsSource,
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from bridge.config_sources import (
+    ENV_PREFIX,
+    Environment,
+    EnvironmentValueError,
+    ExpandedToml,
+    LoadError,
+    describe,
 )
 
-ENV_PREFIX = "LIVE_BRIDGE_"
 DEFAULT_PATH = Path("config.toml")
 
 
@@ -317,8 +317,8 @@ class Config(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        toml = _ExpandedToml(settings_cls)
-        return (init_settings, _Environment(settings_cls), toml)
+        toml = ExpandedToml(settings_cls)
+        return (init_settings, Environment(settings_cls), toml)
 
 
 CONFIG_HELP = "TOML config (default: $LIVE_BRIDGE_CONFIG, else config.toml)"
@@ -353,9 +353,11 @@ def load_config(path: str | Path) -> Config:
     try:
         config: Config = _Bound()
     except ValidationError as exc:
-        raise ConfigError(_describe(path, exc)) from None
-    except _LoadError as exc:
+        raise ConfigError(describe(path, exc)) from None
+    except LoadError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    except EnvironmentValueError as exc:
+        raise ConfigError(str(exc)) from None
     base = path.resolve().parent
     return Config.model_construct(
         **{
@@ -364,139 +366,3 @@ def load_config(path: str | Path) -> Config:
             "templates": config.templates.model_copy(update={"dir": base / config.templates.dir}),
         }
     )
-
-
-class _LoadError(Exception):
-    pass
-
-
-_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def expand_env(text: str, where: str, missing: list[str]) -> str:
-    """Expand ${VAR} and ${VAR:-default}; `$$` is a literal `$`. Unset names go to `missing`."""
-
-    def one(match: re.Match[str]) -> str:
-        if match.group(0) == "$$":
-            return "$"
-        name, default = match.group(1), match.group(2)
-        value = os.environ.get(name)
-        if value is None or (value == "" and default is not None):
-            if default is None:
-                missing.append(f"{where}: environment variable {name} is not set")
-                return ""
-            return default
-        return value
-
-    return _VAR.sub(one, text)
-
-
-def _expand_tree(node: Any, loc: tuple[int | str, ...], missing: list[str]) -> Any:
-    if isinstance(node, str):
-        return expand_env(node, _where(loc), missing)
-    if isinstance(node, dict):
-        return {k: _expand_tree(v, (*loc, k), missing) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_expand_tree(v, (*loc, i), missing) for i, v in enumerate(node)]
-    return node
-
-
-class _ExpandedToml(TomlConfigSettingsSource):
-    def _read_file(self, file_path: Any) -> dict[str, Any]:
-        try:
-            raw = file_path.read_bytes()
-        except OSError as exc:  # not readable by this user, an I/O error
-            raise _LoadError(f"cannot be read: {exc.strerror or exc}") from None
-        try:
-            data = tomllib.loads(raw.decode())
-        except UnicodeDecodeError as exc:
-            line = raw[: exc.start].count(b"\n") + 1
-            raise _LoadError(f"line {line} is not UTF-8 text, as TOML must be") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise _LoadError(f"not valid TOML: {exc}") from None
-        missing: list[str] = []
-        expanded: dict[str, Any] = _expand_tree(data, (), missing)
-        if missing:
-            raise _LoadError("; ".join(missing))
-        return expanded
-
-
-class _Environment(EnvSettingsSource):
-    def prepare_field_value(
-        self, field_name: str, field: FieldInfo, value: Any, value_is_complex: bool
-    ) -> Any:
-        try:
-            return super().prepare_field_value(field_name, field, value, value_is_complex)
-        except ValueError:
-            # Named, never shown: the value may be a secret.
-            names = ", ".join(_from_environment((field_name,))) or "?"
-            raise ConfigError(
-                f"environment variable {names}: not a value for [{field_name}]"
-                " (a list or a table is written in JSON)"
-            ) from None
-
-
-def _from_environment(loc: tuple[int | str, ...]) -> list[str]:
-    """The LIVE_BRIDGE_* variables that set the key at `loc`: the key itself, a table holding it,
-    or keys inside it. Names match in any case, as pydantic-settings reads them."""
-    keys = [str(k).lower() for k in _keys(loc)]
-    prefix = ENV_PREFIX.lower()
-    names = []
-    for name in os.environ:
-        if keys and name.lower().startswith(prefix):
-            path = name.lower().removeprefix(prefix).split("__")
-            common = min(len(path), len(keys))
-            if path[:common] == keys[:common]:
-                names.append(name)
-    return sorted(names)
-
-
-def _describe(path: Path, exc: ValidationError) -> str:
-    lines = [f"{path}: invalid configuration"]
-    for error in exc.errors(include_input=False, include_url=False):
-        names = _from_environment(error["loc"])
-        source = f" (set by {', '.join(names)})" if names else ""
-        lines.append(f"  {_where(error['loc'])}{source}: {_what(error)}")
-    return "\n".join(lines)
-
-
-_CHANNEL_TYPES = ("console", "slack", "webhook")
-
-
-def _keys(loc: tuple[int | str, ...]) -> list[int | str]:
-    """The keys of a location as the operator wrote them."""
-    parts = list(loc)
-    if parts[:1] == ["channels"] and len(parts) >= 3 and parts[2] in _CHANNEL_TYPES:
-        del parts[2]  # the discriminator's tag, not a key the operator wrote
-    return parts
-
-
-def _where(loc: tuple[int | str, ...]) -> str:
-    """`("channels", "x", "slack", "token")` → `[channels.x] token`; routes by their position."""
-    parts = _keys(loc)
-    if not parts:
-        return "config"
-    if parts[0] == "routes" and len(parts) >= 2 and isinstance(parts[1], int):
-        table, rest = f"[[routes]] #{parts[1] + 1}", parts[2:]
-    elif parts[0] == "channels" and len(parts) >= 2:
-        table, rest = f"[channels.{parts[1]}]", parts[2:]
-    elif len(parts) == 1:
-        table, rest = "", parts
-    else:
-        table, rest = f"[{parts[0]}]", parts[1:]
-    key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in rest).lstrip(".")
-    return f"{table} {key}".strip()
-
-
-def _what(error: Any) -> str:
-    kind = error["type"]
-    if kind == "extra_forbidden":
-        return "unknown key"
-    if kind == "missing":
-        return "missing required key"
-    if kind == "union_tag_invalid":
-        return "type must be one of console, slack, webhook"
-    if kind == "union_tag_not_found":
-        return "missing key type (console, slack or webhook)"
-    message = str(error["msg"])
-    return message.removeprefix("Value error, ")

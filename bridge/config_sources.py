@@ -1,0 +1,163 @@
+"""Where the config tree's values come from, and where a bad one came from.
+
+The TOML file, with `${VAR}` and `${VAR:-default}` expanded in every string, and `LIVE_BRIDGE_*`
+variables over it (`LIVE_BRIDGE_STORE__SYNC` sets `[store] sync`). A message about a bad value
+names the file, the table and the key, and the variable that set it, never the value: it may be a
+secret.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import EnvSettingsSource, TomlConfigSettingsSource
+
+ENV_PREFIX = "LIVE_BRIDGE_"
+
+
+class LoadError(Exception):
+    """The file, or the environment, cannot give the tree its values; the message names where
+    and never holds a value."""
+
+
+class EnvironmentValueError(Exception):
+    """A `LIVE_BRIDGE_*` variable that is not a value for its key: the message names the
+    variable, not its value."""
+
+
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(text: str, where: str, missing: list[str]) -> str:
+    """Expand ${VAR} and ${VAR:-default}; `$$` is a literal `$`. Unset names go to `missing`."""
+
+    def one(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, default = match.group(1), match.group(2)
+        value = os.environ.get(name)
+        if value is None or (value == "" and default is not None):
+            if default is None:
+                missing.append(f"{where}: environment variable {name} is not set")
+                return ""
+            return default
+        return value
+
+    return _VAR.sub(one, text)
+
+
+def _expand_tree(node: Any, loc: tuple[int | str, ...], missing: list[str]) -> Any:
+    if isinstance(node, str):
+        return expand_env(node, _where(loc), missing)
+    if isinstance(node, dict):
+        return {k: _expand_tree(v, (*loc, k), missing) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_tree(v, (*loc, i), missing) for i, v in enumerate(node)]
+    return node
+
+
+class ExpandedToml(TomlConfigSettingsSource):
+    def _read_file(self, file_path: Any) -> dict[str, Any]:
+        try:
+            raw = file_path.read_bytes()
+        except OSError as exc:  # not readable by this user, an I/O error
+            raise LoadError(f"cannot be read: {exc.strerror or exc}") from None
+        try:
+            data = tomllib.loads(raw.decode())
+        except UnicodeDecodeError as exc:
+            line = raw[: exc.start].count(b"\n") + 1
+            raise LoadError(f"line {line} is not UTF-8 text, as TOML must be") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise LoadError(f"not valid TOML: {exc}") from None
+        missing: list[str] = []
+        expanded: dict[str, Any] = _expand_tree(data, (), missing)
+        if missing:
+            raise LoadError("; ".join(missing))
+        return expanded
+
+
+class Environment(EnvSettingsSource):
+    def prepare_field_value(
+        self, field_name: str, field: FieldInfo, value: Any, value_is_complex: bool
+    ) -> Any:
+        try:
+            return super().prepare_field_value(field_name, field, value, value_is_complex)
+        except ValueError:
+            # Named, never shown: the value may be a secret.
+            names = ", ".join(_from_environment((field_name,))) or "?"
+            raise EnvironmentValueError(
+                f"environment variable {names}: not a value for [{field_name}]"
+                " (a list or a table is written in JSON)"
+            ) from None
+
+
+def _from_environment(loc: tuple[int | str, ...]) -> list[str]:
+    """The LIVE_BRIDGE_* variables that set the key at `loc`: the key itself, a table holding it,
+    or keys inside it. Names match in any case, as pydantic-settings reads them."""
+    keys = [str(k).lower() for k in _keys(loc)]
+    prefix = ENV_PREFIX.lower()
+    names = []
+    for name in os.environ:
+        if keys and name.lower().startswith(prefix):
+            path = name.lower().removeprefix(prefix).split("__")
+            common = min(len(path), len(keys))
+            if path[:common] == keys[:common]:
+                names.append(name)
+    return sorted(names)
+
+
+def describe(path: Path, exc: ValidationError) -> str:
+    lines = [f"{path}: invalid configuration"]
+    for error in exc.errors(include_input=False, include_url=False):
+        names = _from_environment(error["loc"])
+        source = f" (set by {', '.join(names)})" if names else ""
+        lines.append(f"  {_where(error['loc'])}{source}: {_what(error)}")
+    return "\n".join(lines)
+
+
+_CHANNEL_TYPES = ("console", "slack", "webhook")
+
+
+def _keys(loc: tuple[int | str, ...]) -> list[int | str]:
+    """The keys of a location as the operator wrote them."""
+    parts = list(loc)
+    if parts[:1] == ["channels"] and len(parts) >= 3 and parts[2] in _CHANNEL_TYPES:
+        del parts[2]  # the discriminator's tag, not a key the operator wrote
+    return parts
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    """`("channels", "x", "slack", "token")` → `[channels.x] token`; routes by their position."""
+    parts = _keys(loc)
+    if not parts:
+        return "config"
+    if parts[0] == "routes" and len(parts) >= 2 and isinstance(parts[1], int):
+        table, rest = f"[[routes]] #{parts[1] + 1}", parts[2:]
+    elif parts[0] == "channels" and len(parts) >= 2:
+        table, rest = f"[channels.{parts[1]}]", parts[2:]
+    elif len(parts) == 1:
+        table, rest = "", parts
+    else:
+        table, rest = f"[{parts[0]}]", parts[1:]
+    key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in rest).lstrip(".")
+    return f"{table} {key}".strip()
+
+
+def _what(error: Any) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "missing required key"
+    if kind == "union_tag_invalid":
+        return "type must be one of console, slack, webhook"
+    if kind == "union_tag_not_found":
+        return "missing key type (console, slack or webhook)"
+    message = str(error["msg"])
+    return message.removeprefix("Value error, ")
