@@ -2,7 +2,8 @@
 
 Who may use it: with `[admin] token` set, a request carrying `Authorization: Bearer TOKEN`, or the
 cookie the status page sets once the token has been typed in; with no token, a loopback client
-that names a loopback host (so that a DNS-rebound name cannot reach it from a browser). A POST a
+that names a loopback host (so that a DNS-rebound name cannot reach it from a browser) and comes
+through no proxy (whose forwarded address uvicorn may believe). A POST a
 browser marks as sent from another site is refused, and the page's retry button carries a form
 token (derived from the admin token, so any replica takes it; per process without one).
 /healthz, /readyz and the callback endpoint are not part of it.
@@ -57,6 +58,13 @@ def names_loopback(host_header: str) -> bool:
     return name == "localhost" or is_loopback(name)
 
 
+def came_through_a_proxy(request: Request) -> bool:
+    """Whether the request carries a proxy's headers. uvicorn takes the client's address from
+    X-Forwarded-For when the connection comes from an address in FORWARDED_ALLOW_IPS; set to `*`,
+    any client could name 127.0.0.1 there. A client that is really on loopback needs no proxy."""
+    return "x-forwarded-for" in request.headers or "forwarded" in request.headers
+
+
 def cross_site(request: Request) -> bool:
     """Whether a browser says this request comes from another site (`Sec-Fetch-Site`, which
     every current browser sends and a page cannot forge). curl and scripts send none. Not the
@@ -89,7 +97,11 @@ class Admin:
         token = self._token()
         if token is None:
             client = request.client.host if request.client else None
-            return is_loopback(client) and names_loopback(request.headers.get("host", ""))
+            return (
+                is_loopback(client)
+                and names_loopback(request.headers.get("host", ""))
+                and not came_through_a_proxy(request)
+            )
         header = request.headers.get("authorization", "")
         if header.lower().startswith("bearer "):
             return hmac.compare_digest(header[7:].strip().encode(), token.encode())

@@ -443,6 +443,21 @@ def test_without_a_token_the_host_must_name_loopback(bridge: InThread) -> None:
 
 
 @pytest.mark.parametrize(
+    "headers",
+    [{"X-Forwarded-For": "127.0.0.1"}, {"X-Forwarded-For": "::1, 127.0.0.1"},
+     {"Forwarded": "for=127.0.0.1"}],
+)  # fmt: skip
+def test_without_a_token_a_forwarded_loopback_address_is_refused(
+    bridge: InThread, headers: dict[str, str]
+) -> None:
+    # uvicorn believes X-Forwarded-For from the addresses in FORWARDED_ALLOW_IPS (loopback by
+    # default, as this test's client is; anyone with "*"): a client could name 127.0.0.1 there.
+    assert http_request(bridge.url + "/status")[0] == 200
+    for path, method in [("/metrics", "GET"), ("/status", "GET"), ("/-/reload", "POST")]:
+        assert http_request(bridge.url + path, method, headers)[0] == 403, (path, headers)
+
+
+@pytest.mark.parametrize(
     ("fetch_site", "status"),
     [(None, 200), ("none", 200), ("same-origin", 200), ("same-site", 403), ("cross-site", 403)],
 )
