@@ -170,6 +170,12 @@ TOJSON: dict[str, Callable[[Any], Json]] = {
 COMMAND_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*\.[A-Za-z][A-Za-z0-9_]*$")
 
 
+def is_command_name(value: Any) -> bool:
+    """The Jinja test `x is command_name`: whether `x` may pick a per-command template. A
+    template that includes one by a caller's command (a digest's entries) asks it first."""
+    return isinstance(value, str) and COMMAND_NAME.fullmatch(value) is not None
+
+
 @dataclass(frozen=True)
 class Context:
     """What the bridge knows about one callback, beyond the event itself."""
@@ -223,6 +229,7 @@ class Renderer:
             )
             env.filters["tojson"] = TOJSON[kind]
             env.filters["as_text"] = as_text
+            env.tests["command_name"] = is_command_name
             self._envs[kind] = env
 
     def template_name(self, kind: str, command: str, explicit: str | None) -> str:

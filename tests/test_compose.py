@@ -378,6 +378,20 @@ def test_a_command_named_like_the_digest_is_an_ordinary_unknown_command(
     assert composer.payload(Claimed(**{**row.__dict__, "channel": "console"})) == line[2:]
 
 
+@pytest.mark.parametrize(
+    "command", ["digest", "./digest", "/digest", "./" + OWNER_CHANGED, OWNER_CHANGED + "/"]
+)
+def test_a_command_shaped_like_a_path_picks_no_console_template(
+    composer: Composer, command: str
+) -> None:
+    # The command is the caller's: a path to the digest itself made the include recurse until
+    # the whole digest failed, and "./Live.…" picked a template the event alone does not get.
+    body = {**sample(OWNER_CHANGED), "CallbackCommand": command}
+    rows = [make_row(0, owner_change(0), "console"), make_row(1, body, "console")]
+    [(console, _)] = composer.digests("console", rows)
+    assert console.split("\n")[1:] == ["  " + single_event_line(composer, row) for row in rows]
+
+
 # --- hostile values -------------------------------------------------------------------------------
 
 
