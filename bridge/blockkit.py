@@ -70,13 +70,27 @@ def fit(payload: Any) -> dict[str, Any]:
 
 
 def overflows(payload: Any) -> bool:
-    """Would `fit` have to drop blocks or cut the top-level text (not just cut a value)?"""
+    """Would `fit` have to drop blocks, fields or context elements, or cut the top-level text
+    (not just cut a value)? A digest may give each entry a field or an element, not a block."""
     if not isinstance(payload, dict):
         return False
     blocks = payload.get("blocks")
     text = payload.get("text")
-    too_many = isinstance(blocks, list) and len(blocks) > MAX_BLOCKS
-    return too_many or (isinstance(text, str) and len(text) > TOP_TEXT_CHARS)
+    if isinstance(text, str) and len(text) > TOP_TEXT_CHARS:
+        return True
+    if not isinstance(blocks, list):
+        return False
+    return len(blocks) > MAX_BLOCKS or any(_drops(block) for block in blocks)
+
+
+def _drops(block: Any) -> bool:
+    """Would `_fit_block` leave out some of the block's fields or context elements?"""
+    if not isinstance(block, dict):
+        return False
+    kind, fields, elements = block.get("type"), block.get("fields"), block.get("elements")
+    if kind == "section" and isinstance(fields, list):
+        return len(fields) > MAX_FIELDS
+    return kind == "context" and isinstance(elements, list) and len(elements) > MAX_CONTEXT
 
 
 def _fit_text(obj: Any, limit: int) -> Any:

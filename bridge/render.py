@@ -47,7 +47,8 @@ class RenderError(Exception):
 
 
 class TooBig(RenderError):
-    """A digest that Slack would only take with blocks dropped or its text cut."""
+    """A digest that Slack would only take with blocks, fields or context elements dropped, or
+    its text cut."""
 
 
 class Verbatim(str):

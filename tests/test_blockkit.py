@@ -4,7 +4,7 @@ from typing import Any
 
 import pytest
 
-from bridge.blockkit import LimitError, cut, fit, problems
+from bridge.blockkit import LimitError, cut, fit, overflows, problems
 
 
 @pytest.mark.parametrize(
@@ -125,3 +125,30 @@ def test_what_fit_returns_has_no_problems() -> None:
         "blocks": [header("h" * 200), {"type": "section", "fields": fields}],
     }
     assert problems(message) and problems(fit(message)) == []
+
+
+def context(n: int) -> dict[str, Any]:
+    return {"type": "context", "elements": [{"type": "mrkdwn", "text": "c"}] * n}
+
+
+def fields(n: int) -> dict[str, Any]:
+    return {"type": "section", "fields": [{"type": "mrkdwn", "text": "f"}] * n}
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        ({"text": "hi", "blocks": [section("s")] * 50}, False),
+        ({"text": "hi", "blocks": [section("s")] * 51}, True),
+        ({"text": "t" * 4000}, False),
+        ({"text": "t" * 4001}, True),
+        # A value cut to fit loses no entry of a digest...
+        ({"text": "hi", "blocks": [section("s" * 5000), header("h" * 200)]}, False),
+        # ...fields or context elements left out do.
+        ({"text": "hi", "blocks": [fields(10), context(10)]}, False),
+        ({"text": "hi", "blocks": [fields(11)]}, True),
+        ({"text": "hi", "blocks": [context(11)]}, True),
+    ],
+)
+def test_overflows_when_fit_would_leave_something_out(message: Any, expected: bool) -> None:
+    assert overflows(message) is expected

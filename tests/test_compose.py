@@ -237,6 +237,36 @@ def test_a_digest_over_a_whole_message_limit_is_split_not_cut(
         assert message["blocks"][0]["text"]["text"] == str(len(chunk))
 
 
+@pytest.mark.parametrize(
+    "entry",
+    [
+        '{"type": "context", "elements": [{% for entry in entries %}'
+        '{"type": "mrkdwn", "text": "{{ entry.room_id }}"}{{ "," if not loop.last }}'
+        "{% endfor %}]}",
+        '{"type": "section", "fields": [{% for entry in entries %}'
+        '{"type": "mrkdwn", "text": "{{ entry.room_id }}"}{{ "," if not loop.last }}'
+        "{% endfor %}]}",
+    ],
+    ids=["context elements", "section fields"],
+)
+def test_a_digest_whose_entries_slack_would_leave_out_is_split(
+    config: Config, tmp_path: Path, entry: str
+) -> None:
+    # Slack takes 10 context elements or fields a block: an entry each, 15 entries lost five.
+    (tmp_path / "slack").mkdir()
+    (tmp_path / "slack" / "digest.j2").write_text(
+        '{"text": "{{ count }} events", "blocks": [' + entry + "]}", encoding="utf-8"
+    )
+    composer = Composer(config, Renderer(TemplatesConfig(dir=tmp_path)))
+    rows = [make_row(n, owner_change(n)) for n in range(15)]
+    out = composer.digests("slack", rows)
+    assert ids(out) == list(range(15))
+    for payload, chunk in out:
+        [block] = json.loads(payload)["blocks"]
+        shown = [e["text"] for e in block.get("elements", block.get("fields"))]
+        assert shown == [f"room-{row.id:03d}" for row in chunk]
+
+
 # --- every command ------------------------------------------------------------------------------
 
 SUMMARIES = {
