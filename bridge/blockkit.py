@@ -8,6 +8,7 @@ be made valid. `problems(payload)` lists what Slack would refuse (`live-bridge c
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -21,6 +22,12 @@ TEXT_OBJECT_CHARS = 3000
 TOP_TEXT_CHARS = 4000  # ours, for a readable notification
 SLACK_TEXT_CHARS = 40_000  # Slack's
 URL_CHARS = 3000
+# Not in Slack's reference: chat.postMessage answers msg_blocks_too_long for blocks of about
+# 11,000 to 13,000 characters in all, though each block is within its own limits
+# (slackapi/bolt-js#2509 and #2867; a Slack engineer there: "12,000 text characters with a
+# buffer for block containers"). A digest longer than this in JSON, containers included, is split:
+# the error is permanent, and would make every entry a dead letter at once.
+DIGEST_BLOCKS_CHARS = 12_000
 ELLIPSIS = "…"
 
 # Never cut inside an escape (&amp;); a Slack token (<!date^…|…>, <@U…>, <https://…|…>) is
@@ -71,7 +78,8 @@ def fit(payload: Any) -> dict[str, Any]:
 
 def overflows(payload: Any) -> bool:
     """Would `fit` have to drop blocks, fields or context elements, or cut the top-level text
-    (not just cut a value)? A digest may give each entry a field or an element, not a block."""
+    (not just cut a value)? A digest may give each entry a field or an element, not a block.
+    Or are its blocks longer than Slack is reported to take (`DIGEST_BLOCKS_CHARS`)?"""
     if not isinstance(payload, dict):
         return False
     blocks = payload.get("blocks")
@@ -80,7 +88,15 @@ def overflows(payload: Any) -> bool:
         return True
     if not isinstance(blocks, list):
         return False
-    return len(blocks) > MAX_BLOCKS or any(_drops(block) for block in blocks)
+    if len(blocks) > MAX_BLOCKS or any(_drops(block) for block in blocks):
+        return True
+    if not all(isinstance(block, dict) for block in blocks):
+        return False  # `fit` says what is wrong with them
+    try:
+        fitted = [_fit_block(block) for block in blocks]  # a value cut to fit loses no entry
+    except LimitError:
+        return False
+    return len(json.dumps(fitted, ensure_ascii=False)) > DIGEST_BLOCKS_CHARS
 
 
 def _drops(block: Any) -> bool:

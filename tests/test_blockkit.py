@@ -148,6 +148,9 @@ def fields(n: int) -> dict[str, Any]:
         ({"text": "hi", "blocks": [fields(10), context(10)]}, False),
         ({"text": "hi", "blocks": [fields(11)]}, True),
         ({"text": "hi", "blocks": [context(11)]}, True),
+        # Blocks Slack is reported to refuse in all (msg_blocks_too_long), each within limits.
+        ({"text": "hi", "blocks": [section("s" * 2900)] * 4}, False),
+        ({"text": "hi", "blocks": [section("s" * 2900)] * 5}, True),
     ],
 )
 def test_overflows_when_fit_would_leave_something_out(message: Any, expected: bool) -> None:

@@ -180,8 +180,9 @@ def long_room(n: int, size: int) -> str:
 @pytest.mark.parametrize(
     ("name", "rooms", "digests", "cut"),
     [
-        # Each entry still fits its section: one digest, nothing cut (42 blocks, ~2.9k each).
-        ("long values that fit", [long_room(n, 2800) for n in range(40)], 1, set()),
+        # Each entry still fits its section, but 40 of them are more than Slack takes in all
+        # (msg_blocks_too_long, ~12,000 characters): several digests, nothing cut.
+        ("long values that fit", [long_room(n, 2800) for n in range(40)], None, set()),
         # One entry over a section's limit: cut in place (it would be cut alone too); the
         # digest is not split for it, and the others stay whole.
         (
@@ -265,6 +266,21 @@ def test_a_digest_whose_entries_slack_would_leave_out_is_split(
         [block] = json.loads(payload)["blocks"]
         shown = [e["text"] for e in block.get("elements", block.get("fields"))]
         assert shown == [f"room-{row.id:03d}" for row in chunk]
+
+
+def test_a_digest_of_long_entries_is_split_below_what_slack_is_reported_to_refuse(
+    composer: Composer,
+) -> None:
+    # 40 owner changes with long IDs: within every documented limit in one message, but over the
+    # ~12,000 characters of blocks that chat.postMessage answers with msg_blocks_too_long.
+    rows = [make_row(n, {**owner_change(n), "OriginalOwner_Account": f"u{n}-" + "x" * 300})
+            for n in range(40)]  # fmt: skip
+    out = composer.digests("slack", rows)
+    assert ids(out) == list(range(40)) and len(out) > 1
+    for payload, chunk in out:
+        blocks = checked(payload)["blocks"]
+        assert len(json.dumps(blocks, ensure_ascii=False)) <= 12_000
+        assert len(blocks) == len(chunk) + 2  # header, an entry each, context: nothing cut
 
 
 # --- every command ------------------------------------------------------------------------------
