@@ -6,10 +6,10 @@ The event is the JSON callback body in FILE (`-`: standard input), else the samp
 (default Live.CallbackAfterChangeOwner); a body's own CallbackCommand wins over `--command`. It is
 rendered with the channel's template as a callback received now for the first configured SDKAppID
 would be. Slack and webhook payloads are printed as indented JSON (the Slack sender adds only
-`unfurl_links`/`unfurl_media` false and, with a bot token, `channel` and a thread's `thread_ts`),
-console messages as they are. Exit status: 0 printed; 1 the template fails (the error names
-template and line); 2 a config that does not load, an unknown channel (the configured ones are
-listed), or an event that cannot be read or is not a callback.
+`unfurl_links`/`unfurl_media` false and, with a bot token, `channel` and a thread's `thread_ts`
+and `reply_broadcast`), console messages as they are. Exit status: 0 printed; 1 the template
+fails (the error names template and line); 2 a config that does not load, an unknown channel
+(the configured ones are listed), or an event that cannot be read or is not a callback.
 
 The helpers here (`load`, `channel_named`, `read_body`, `event_from`, `context_now`,
 `render_for`) are shared with `send-test` and `simulate`.
