@@ -9,11 +9,17 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from bridge.store import DeliveryRow, NewDelivery, NewEvent, State
+from bridge.store.postgres import PostgresStore
 from bridge.store.sqlite import SQLiteStore
+from tests.conftest import PostgresSQL
 
 TEMPLATES = Path(__file__).parent.parent / "templates"
 AGE_S = 125.0  # the oldest pending delivery was recorded this long ago
+MANY = 10_000  # delivery IDs given to one command
+MISSED = "not found, or delivered or in flight"
 
 CONFIG = f"""
 [tencent]
@@ -234,3 +240,36 @@ def test_bad_config_exits_2(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "[channels.hook] extra: unknown key" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "key", "left"), [("retry", "retried", [("pending", MANY)]), ("drop", "dropped", [])]
+)
+def test_many_ids_on_postgresql_act_in_one_go(
+    tmp_path: Path, postgres_sql: PostgresSQL, postgres_url: str, command: str, key: str,
+    left: list[tuple[str, int]],
+) -> None:  # fmt: skip
+    # IDs from `list --json`, say: one operation per ID took a pooled connection each, and
+    # thousands waited past the pool's timeout: the command failed partway, a traceback per ID.
+    config = tmp_path / "config.toml"
+    store = f'url = "{postgres_url}"\npool_size = 1'
+    config.write_text(CONFIG.replace('path = "bridge.db"', store))
+    asyncio.run(migrated(postgres_url))
+    postgres_sql("INSERT INTO events VALUES (1, 0, 1400000000, 'Live.X', 'r', 1, '{}', '{}')")
+    postgres_sql(
+        "INSERT INTO deliveries (event_id, channel, state, next_attempt_at, created_at,"
+        " updated_at, order_ts) SELECT 1, 'hook', 'dead', 0, 0, 0, 1 FROM generate_series(1, %s)",
+        MANY,
+    )
+    ids = [str(row[0]) for row in postgres_sql("SELECT id FROM deliveries")]
+    result = run(command, *ids, "999999999", "--json", "--config", str(config))
+    expected = json.dumps({key: MANY}, indent=2) + "\n"
+    assert (result.returncode, result.stdout) == (1, expected), result.stderr[-2000:]
+    assert result.stderr == f"live-bridge: delivery 999999999: {MISSED}\n"
+    assert postgres_sql("SELECT state, count(*) FROM deliveries GROUP BY state") == left
+
+
+async def migrated(url: str) -> None:
+    store = PostgresStore(url)
+    await store.open()
+    await store.close()

@@ -193,11 +193,17 @@ class Store(Protocol):
         """The newest events with their deliveries, newest first."""
         ...
 
-    async def retry(self, ids: Sequence[int], now: float) -> int: ...
+    async def retry(self, ids: Sequence[int], now: float) -> list[int]:
+        """Dead or pending deliveries of `ids` back to pending, due at `now`, attempts reset; in
+        one transaction, however many. The ids it put back, in no particular order."""
+        ...
 
     async def retry_dead(self, channel: str | None, now: float) -> int: ...
 
-    async def drop(self, ids: Sequence[int]) -> int: ...
+    async def drop(self, ids: Sequence[int]) -> list[int]:
+        """Deletes the dead or pending deliveries of `ids`, in one transaction, however many.
+        The ids it deleted, in no particular order."""
+        ...
 
     async def bury_unknown_channels(self, known: Sequence[str], now: float, error: str) -> int:
         """Undelivered deliveries to channels not in `known` become dead letters."""

@@ -326,13 +326,14 @@ class PostgresStore:
             by_event.setdefault(r[1], []).append(_delivery_row(r))
         return [RecentEvent(e[0], e[1], e[2], e[3], tuple(by_event.get(e[0], ()))) for e in events]
 
-    async def retry(self, ids: Sequence[int], now: float) -> int:
-        return await self._execute(
+    async def retry(self, ids: Sequence[int], now: float) -> list[int]:
+        rows = await self._fetch(
             "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = %s,"
             " lease_until = NULL, updated_at = %s, owner = NULL WHERE id = ANY(%s::bigint[])"
-            " AND state IN ('dead', 'pending')",
+            " AND state IN ('dead', 'pending') RETURNING id",
             (now, now, list(ids)),
         )
+        return [r[0] for r in rows]
 
     async def retry_dead(self, channel: str | None, now: float) -> int:
         return await self._execute(
@@ -342,11 +343,13 @@ class PostgresStore:
             (now, now, channel, channel),
         )
 
-    async def drop(self, ids: Sequence[int]) -> int:
-        return await self._execute(
-            "DELETE FROM deliveries WHERE id = ANY(%s::bigint[]) AND state IN ('dead', 'pending')",
+    async def drop(self, ids: Sequence[int]) -> list[int]:
+        rows = await self._fetch(
+            "DELETE FROM deliveries WHERE id = ANY(%s::bigint[]) AND state IN ('dead', 'pending')"
+            " RETURNING id",
             (list(ids),),
         )
+        return [r[0] for r in rows]
 
     async def bury_unknown_channels(self, known: Sequence[str], now: float, error: str) -> int:
         # The owner stays: a send under way that gets through is still recorded as delivered.

@@ -167,6 +167,11 @@ def _in(sql: str, values: Sequence[object]) -> str:
     return sql.replace("{marks}", ",".join("?" * len(values)))
 
 
+def _chunks(values: Sequence[T], size: int) -> list[Sequence[T]]:
+    """`values` in runs of at most `size`: one statement each within SQLite's parameter limit."""
+    return [values[start : start + size] for start in range(0, len(values), size)]
+
+
 class SQLiteStore:
     def __init__(
         self, path: Path, exclusive: bool = False, sync: Sync = "full", gather_s: float = 0.0
@@ -457,13 +462,21 @@ class SQLiteStore:
 
         return await self._read(op)
 
-    async def retry(self, ids: Sequence[int], now: float) -> int:
+    async def retry(self, ids: Sequence[int], now: float) -> list[int]:
         sql = (
             "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?,"
             " lease_until = NULL, updated_at = ?, owner = NULL WHERE id IN ({marks})"
-            " AND state IN ('dead', 'pending')"
+            " AND state IN ('dead', 'pending') RETURNING id"
         )
-        return await self._execute(_in(sql, ids), (now, now, *ids))
+
+        def op(conn: sqlite3.Connection) -> list[int]:
+            return [
+                row[0]
+                for chunk in _chunks(ids, MAX_PARAMS - 2)
+                for row in conn.execute(_in(sql, chunk), (now, now, *chunk)).fetchall()
+            ]
+
+        return await self._submit(op)
 
     async def retry_dead(self, channel: str | None, now: float) -> int:
         return await self._execute(
@@ -472,12 +485,19 @@ class SQLiteStore:
             (now, now, channel, channel),
         )
 
-    async def drop(self, ids: Sequence[int]) -> int:
-        sql = "DELETE FROM deliveries WHERE id IN ({marks}) AND state IN ('dead', 'pending')"
+    async def drop(self, ids: Sequence[int]) -> list[int]:
+        sql = (
+            "DELETE FROM deliveries WHERE id IN ({marks}) AND state IN ('dead', 'pending')"
+            " RETURNING id"
+        )
 
-        def op(conn: sqlite3.Connection) -> int:
+        def op(conn: sqlite3.Connection) -> list[int]:
             conn.execute(HIGH_WATER_SQL)
-            return conn.execute(_in(sql, ids), ids).rowcount
+            return [
+                row[0]
+                for chunk in _chunks(ids, MAX_PARAMS)
+                for row in conn.execute(_in(sql, chunk), chunk).fetchall()
+            ]
 
         return await self._submit(op)
 
