@@ -210,7 +210,12 @@ def _positive(text: str) -> int:
 
 
 def _time(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        # Past any date (year 9999, infinity): a far end's Retry-After sets the next attempt,
+        # however far off, and one such row must not stop the listing of every other.
+        return "never"
 
 
 def _age_s(since: float | None, now: float) -> float | None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bridge.channels.http import parse_retry_after
 from bridge.store import DeliveryRow, NewDelivery, NewEvent, State
 from bridge.store.postgres import PostgresStore
 from bridge.store.sqlite import SQLiteStore
@@ -164,6 +165,34 @@ def test_list_filters_table_and_json(tmp_path: Path) -> None:
     assert run("list", "--dead", "--channel", "quiet", "--config", str(config)).stdout == (
         "no deliveries\n"
     )
+
+
+@pytest.mark.parametrize("retry_after", ["99999999999999", "9" * 400])  # past year 9999; inf
+def test_list_shows_a_retry_no_date_can_hold(tmp_path: Path, retry_after: str) -> None:
+    # A far end's Retry-After on a 5xx sets the next attempt, however far off.
+    config = write_config(tmp_path)
+
+    async def go() -> None:
+        store = SQLiteStore(tmp_path / "bridge.db")
+        await store.open()
+        try:
+            now = time.time()
+            await store.record(NewEvent(1400000000, "Live.X", "r", 1, "{}", "{}", "k"),
+                               [NewDelivery("hook", "p")], now, 0)  # fmt: skip
+            (claimed,) = await store.claim("hook", now, 1, 30)
+            wait = parse_retry_after({"Retry-After": retry_after})
+            assert wait is not None
+            await store.mark_retry(claimed.id, now, now + wait, "HTTP 503", count=True)
+        finally:
+            await store.close()
+
+    asyncio.run(go())
+    table = run("list", "--config", str(config))
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.splitlines()[1].endswith("Z  never"), table.stdout
+    as_json = run("list", "--json", "--config", str(config))
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout)[0]["next_attempt_at"] == "never"
 
 
 def test_retry_by_id_and_dead_by_channel(tmp_path: Path) -> None:
