@@ -8,9 +8,9 @@
 `--config PATH` and `--json` go before or after the subcommand. `list` shows undelivered rows,
 newest first; `retry` puts dead (or pending) deliveries back to pending, due now, attempts reset;
 `drop` deletes dead or pending deliveries, never one in flight or delivered. Exit status: 0 done;
-1 no database at `store.path`, store unavailable, or an ID not found or not in a state to act
-on (named on stderr); 2 bad config or usage. Control characters from the store are shown
-escaped: one row, one line.
+1 no database at `store.path` (no live-bridge tables at `store.url`), store unavailable, or an ID
+not found or not in a state to act on (named on stderr); 2 bad config or usage. Control
+characters from the store are shown escaped: one row, one line.
 """
 
 from __future__ import annotations
@@ -90,7 +90,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 async def _run(command: Command, config: Config, args: argparse.Namespace) -> int:
-    store = make_store(config.store, serving=False)  # SQLite's lock is the server's
+    # SQLite's lock is the server's. A PostgreSQL database no live-bridge has served is a wrong
+    # URL, as a missing SQLite file is a wrong path: nothing is created in it.
+    store = make_store(config.store, serving=False, create=False)
     await store.open()
     try:
         return await command(store, config, args)

@@ -262,6 +262,21 @@ def test_missing_database_exits_1_and_creates_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "bridge.db").exists()
 
 
+def test_database_no_bridge_served_exits_1_and_creates_nothing(
+    tmp_path: Path, postgres_url: str, postgres_sql: PostgresSQL
+) -> None:
+    # As a SQLite path to no file: a URL naming another application's database, say.
+    config = tmp_path / "config.toml"
+    config.write_text(CONFIG.replace('path = "bridge.db"', f'url = "{postgres_url}"'))
+    for command in ("stats", "list", "retry --dead", "drop 1"):
+        result = run(*command.split(), "--config", str(config))
+        assert result.returncode == 1, (command, result.stdout)
+        assert result.stderr.endswith("no live-bridge tables: no live-bridge has served here\n")
+    assert postgres_sql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == [(0,)]
+    asyncio.run(migrated(postgres_url))  # as a server's start does
+    assert run("stats", "--config", str(config)).returncode == 0
+
+
 def test_bad_config_exits_2(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text(CONFIG.replace('type = "webhook"', 'type = "webhook"\nextra = 1'))

@@ -95,12 +95,17 @@ MIGRATIONS: tuple[str, ...] = (
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 
-async def migrate(conn: AsyncConnection[Any]) -> None:
-    """Bring the database to SCHEMA_VERSION; refuse one written by a newer live-bridge."""
+async def migrate(conn: AsyncConnection[Any], create: bool = True) -> None:
+    """Bring the database to SCHEMA_VERSION; refuse one written by a newer live-bridge, and,
+    unless `create`, one without live-bridge's tables."""
     async with conn.transaction():
         # Before anything else: two processes creating `meta` at once would collide even with
         # IF NOT EXISTS, and the second must see the first one's migrations done.
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        if not create:
+            cursor = await conn.execute("SELECT to_regclass('meta') IS NOT NULL")
+            if not (row := await cursor.fetchone()) or not row[0]:
+                raise StoreUnavailable("no live-bridge tables: no live-bridge has served here")
         await conn.execute(
             "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
         )

@@ -65,13 +65,17 @@ Params = Sequence[Any] | Mapping[str, Any]
 
 class PostgresStore:
     def __init__(
-        self, url: str, *, min_size: int = 1, max_size: int = 8, timeout_s: float = 1.5
-    ) -> None:
+        self, url: str, *, min_size: int = 1, max_size: int = 8, timeout_s: float = 1.5,
+        create: bool = True,
+    ) -> None:  # fmt: skip
         """`timeout_s`: the longest an operation waits for a connection before it fails; under
         Tencent's 2 s, so a callback meets a 503 FAIL packet, not a timeout, while the database
-        is away."""
+        is away. `create`: a database without live-bridge's tables gets them; without it, such
+        a database is unavailable (for the outbox commands: a wrong URL must not look all clear
+        and leave tables in someone else's database)."""
         self.owner = uuid.uuid4().hex  # written on what this instance claims and takes
         self._url = url
+        self._create = create
         self._min_size = min_size
         self._max_size = max_size
         self._timeout_s = timeout_s
@@ -86,7 +90,7 @@ class PostgresStore:
             async with await AsyncConnection.connect(
                 self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S
             ) as conn:
-                await migrate(conn)
+                await migrate(conn, self._create)
             pool = AsyncConnectionPool(
                 self._url, min_size=self._min_size, max_size=self._max_size, open=False,
                 kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S},
@@ -98,6 +102,8 @@ class PostgresStore:
             if pool is not None:
                 await pool.close()
             raise StoreUnavailable(f"cannot open store {self.where}: {self._say(exc)}") from None
+        except StoreUnavailable as exc:  # migrate's: what it found there, not where
+            raise StoreUnavailable(f"cannot open store {self.where}: {exc}") from None
         self._pool = pool
         log.info("store open: %s (schema %d)", self.where, SCHEMA_VERSION)
 
