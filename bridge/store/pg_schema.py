@@ -99,6 +99,9 @@ async def migrate(conn: AsyncConnection[Any], create: bool = True) -> None:
     """Bring the database to SCHEMA_VERSION; refuse one written by a newer live-bridge, and,
     unless `create`, one without live-bridge's tables."""
     async with conn.transaction():
+        # Each statement's own snapshot, whatever the server's default: a transaction-wide one
+        # is taken before the lock is granted and misses the migrations done meanwhile.
+        await conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
         # Before anything else: two processes creating `meta` at once would collide even with
         # IF NOT EXISTS, and the second must see the first one's migrations done.
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
