@@ -10,7 +10,12 @@ import pytest
 from aiohttp.client_reqrep import ConnectionKey
 
 from bridge.channels import DELIVERED, Outcome, Result
-from bridge.channels.http import classify_status, describe_exception, parse_retry_after
+from bridge.channels.http import (
+    RETRY_AFTER_MAX_S,
+    classify_status,
+    describe_exception,
+    parse_retry_after,
+)
 
 SECRET_URL = "https://hooks.example.com/services/T000/B000/s3cr3tPath?token=s3cr3tQuery"
 
@@ -71,6 +76,14 @@ def test_parse_retry_after(headers: Mapping[str, str] | None, expected: float | 
 def test_parse_retry_after_reads_an_http_date() -> None:
     seconds = parse_retry_after({"Retry-After": http_date(30)})
     assert seconds is not None and 28 <= seconds <= 30
+
+
+@pytest.mark.parametrize(
+    "value", ["3601", "99999999999999", "9" * 400, "Fri, 31 Dec 9999 23:59:59 GMT"]
+)
+def test_a_retry_after_past_an_hour_is_an_hour(value: str) -> None:
+    # 400 nines is infinity as a float: a channel blocked, or a delivery due, past any date.
+    assert parse_retry_after({"Retry-After": value}) == RETRY_AFTER_MAX_S
 
 
 def connection_key(host: str) -> ConnectionKey:

@@ -16,9 +16,14 @@ import aiohttp
 
 from bridge.channels import DELIVERED, Outcome, permanent, retry
 
+# The longest wait a far end may ask for. More is taken as this: a wrong header, or 400 nines
+# (infinity as a float), would otherwise hold a channel, or a delivery, past any date.
+RETRY_AFTER_MAX_S = 3600.0
+
 
 def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
-    """Retry-After in seconds (delta-seconds or an HTTP date), None when absent or unreadable."""
+    """Retry-After in seconds (delta-seconds or an HTTP date), at most RETRY_AFTER_MAX_S; None
+    when absent or unreadable."""
     if not headers:
         return None
     value = next((v for k, v in headers.items() if k.lower() == "retry-after"), None)
@@ -26,12 +31,12 @@ def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
         return None
     value = value.strip()
     if value.isascii() and value.isdigit():  # "²".isdigit() is true, and float() refuses it
-        return float(value)
+        return min(float(value), RETRY_AFTER_MAX_S)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
-    return max(0.0, when.timestamp() - time.time())
+    return min(max(0.0, when.timestamp() - time.time()), RETRY_AFTER_MAX_S)
 
 
 def classify_status(status: int, headers: Mapping[str, str] | None, detail: str = "") -> Outcome:
