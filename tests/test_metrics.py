@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import time
+
+import pytest
+
 from bridge.metrics import Metrics
 from bridge.store import ChannelStats
 
@@ -33,3 +37,51 @@ def test_a_channel_gone_from_config_and_store_leaves_the_gauges() -> None:
     text = metrics.render([], ["hook"]).decode()
     assert 'channel="gone"' not in text
     assert 'live_bridge_dead{channel="hook"} 0.0' in text
+
+
+def test_oldest_pending_age_is_seconds_since_the_oldest_pending_delivery() -> None:
+    metrics = Metrics()
+    before = time.time()
+    pending = ChannelStats(
+        channel="hook", pending=2, in_flight=0, dead=0, delivered=0,
+        oldest_pending_at=before - 30,
+    )  # fmt: skip
+    metrics.render([pending, stats("quiet", 0)], ["hook", "quiet"])
+    after = time.time()
+    age = metrics.registry.get_sample_value(
+        "live_bridge_oldest_pending_age_seconds", {"channel": "hook"}
+    )
+    assert age is not None and 30 <= age <= 30 + (after - before)
+    quiet = {"channel": "quiet"}
+    assert metrics.registry.get_sample_value("live_bridge_oldest_pending_age_seconds", quiet) == 0
+
+
+@pytest.mark.parametrize(
+    ("outcome", "ago_s", "observed"),
+    [
+        ("delivered", 5.0, True),
+        ("delivered", None, False),  # no received_at: counted, but no latency
+        ("retry", 5.0, False),
+        ("dead", 5.0, False),
+    ],
+)
+def test_delivery_latency_is_seconds_from_acknowledgement_to_delivery(
+    outcome: str, ago_s: float | None, observed: bool
+) -> None:
+    metrics = Metrics()
+    before = time.time()
+    metrics.outcome("hook", outcome, None if ago_s is None else before - ago_s)
+    after = time.time()
+    labels = {"channel": "hook"}
+    count = metrics.registry.get_sample_value("live_bridge_delivery_latency_seconds_count", labels)
+    total = metrics.registry.get_sample_value("live_bridge_delivery_latency_seconds_sum", labels)
+    assert (
+        metrics.registry.get_sample_value(
+            "live_bridge_deliveries_total", {"channel": "hook", "outcome": outcome}
+        )
+        == 1
+    )
+    assert (count or 0) == (1 if observed else 0)
+    if observed:
+        assert ago_s is not None and total is not None
+        assert ago_s <= total <= ago_s + (after - before)
