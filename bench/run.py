@@ -61,10 +61,12 @@ def ack_ceiling(work: Path, report: Report, sink_url: str) -> None:
         results: dict[str, list[WrkResult]] = {
             name: [] for name in ("bare", "journal", "bridge", "own", "receive")
         }
+        # Every round samples its server's memory, not only live-bridge's: the sampler's own CPU
+        # (about 5% of a core) then weighs on both sides of each ratio alike.
         for _ in range(ROUNDS):  # alternating, so drift hits both alike
-            with cpu_share(report.threads, "bare", bare):
+            with bare.sampling(), cpu_share(report.threads, "bare", bare):
                 results["bare"].append(wrk(url_of(bare), SECONDS))
-            with cpu_share(report.threads, "journal", journal):
+            with journal.sampling(), cpu_share(report.threads, "journal", journal):
                 results["journal"].append(wrk(url_of(journal), SECONDS))
             with live.sampling(), cpu_share(report.threads, "bridge", live):
                 results["bridge"].append(wrk(url_of(live), SECONDS))
@@ -72,7 +74,7 @@ def ack_ceiling(work: Path, report: Report, sink_url: str) -> None:
             with own.sampling(), cpu_share(report.threads, "own", own):
                 results["own"].append(wrk(url_of(own), SECONDS))
             own.drain()
-            with cpu_share(report.threads, "receive", receive):
+            with receive.sampling(), cpu_share(report.threads, "receive", receive):
                 results["receive"].append(wrk(url_of(receive), SECONDS))
         report.saturation = results
         report.peak_rss_mb = live.peak_rss / 2**20
