@@ -204,6 +204,30 @@ async def test_claim_passes_over_a_locked_delivery(
     assert [c.payload for c in await store.claim("a", now, 10, 30)] == ["p1"]
 
 
+async def test_a_record_the_database_does_not_answer_is_unavailable_in_time_then_kept(
+    open_store: OpenStore, postgres_url: str
+) -> None:
+    # A lock held elsewhere (a DBA's ALTER TABLE, a stuck transaction) or a server that stops
+    # answering: the callback must get its 503 before Tencent's 2 s, not wait with the query.
+    store = await open_store()
+    now = time.time()
+    with psycopg.connect(postgres_url) as conn:  # a transaction left open, holding the table
+        conn.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(StoreUnavailable, match="did not answer"):
+            await asyncio.wait_for(store.record(new_event("late"), [], now, 600), 10)
+        conn.commit()
+        # The write goes on after the answer: once the lock is gone, it is in the store (its
+        # deliveries go out), and a retry of the callback is a duplicate.
+        for _ in range(200):
+            if conn.execute("SELECT 1 FROM dedup WHERE key = 'late'").fetchall():
+                break
+            conn.rollback()
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the write answered with 503 was dropped")
+    assert (await store.record(new_event("late"), [], now, 600)).duplicate
+
+
 @pytest.mark.parametrize("head", ["pending", "lease over"])
 async def test_a_room_waits_while_its_earlier_delivery_is_locked(
     open_store: OpenStore, postgres_url: str, head: str

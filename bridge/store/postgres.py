@@ -11,6 +11,7 @@ The pool checks a connection before handing it out, so a server that comes back 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -59,6 +60,9 @@ CONNECT_TIMEOUT_S = 3  # libpq's connect_timeout: whole seconds
 # The pool retries a lost connection with a doubling delay for this long, then gives up until the
 # next request tries afresh: a server back after a long outage is used within seconds.
 RECONNECT_TIMEOUT_S = 10.0
+# A callback's write answers within this, under Tencent's 2 s: a lock held elsewhere or a server
+# that stops answering would otherwise keep the callback waiting with its query.
+RECORD_DEADLINE_S = 1.8
 
 Params = Sequence[Any] | Mapping[str, Any]
 
@@ -79,6 +83,7 @@ class PostgresStore:
         self._min_size = min_size
         self._max_size = max_size
         self._timeout_s = timeout_s
+        self._late: set[asyncio.Future[Recorded]] = set()  # writes that outlived their callback
         self._pool: AsyncConnectionPool[AsyncConnection[tuple[Any, ...]]] | None = None
         self.commits = 0  # transactions committed
 
@@ -163,6 +168,24 @@ class PostgresStore:
         return 0
 
     async def record(
+        self, event: NewEvent, deliveries: Sequence[NewDelivery], now: float, dedup_window_s: float
+    ) -> Recorded:
+        """Unavailable after RECORD_DEADLINE_S, while the write goes on: cancelling it would
+        first ask the server to cancel the query, up to 10 s when the server does not answer.
+        Should it commit after all, the event is delivered like any other, and a retry of the
+        callback is a duplicate."""
+        write = asyncio.ensure_future(self._record(event, deliveries, now, dedup_window_s))
+        try:
+            return await asyncio.wait_for(asyncio.shield(write), RECORD_DEADLINE_S)
+        except TimeoutError:
+            self._late.add(write)  # the loop keeps only a weak reference to a task
+            write.add_done_callback(self._late.discard)
+            write.add_done_callback(_late_record)
+            raise StoreUnavailable(
+                f"store unavailable: the database did not answer within {RECORD_DEADLINE_S} s"
+            ) from None
+
+    async def _record(
         self, event: NewEvent, deliveries: Sequence[NewDelivery], now: float, dedup_window_s: float
     ) -> Recorded:
         params = {
@@ -372,3 +395,13 @@ def _delivery_row(r: Sequence[Any]) -> DeliveryRow:
         id=r[0], event_id=r[1], channel=r[2], room_id=r[3], command=r[4], state=State(r[5]),
         attempts=r[6], last_error=r[7], created_at=r[8], updated_at=r[9], next_attempt_at=r[10],
     )  # fmt: skip
+
+
+def _late_record(write: asyncio.Future[Recorded]) -> None:
+    """A callback's write that finished after its 503: said once, its outcome taken."""
+    if write.cancelled():
+        return
+    if (exc := write.exception()) is not None:
+        log.debug("a write answered with 503 failed afterwards: %s", exc)
+    elif not write.result().duplicate:
+        log.info("event=%d was stored after its callback was answered 503", write.result().event_id)
