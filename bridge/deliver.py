@@ -74,6 +74,7 @@ class DeliveryProcess:
         self._metrics = metrics
         self._proc: asyncio.subprocess.Process | None = None
         self._reports: asyncio.StreamReader | None = None
+        self._report_pipe: tuple[asyncio.ReadTransport, IO[bytes]] | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._wake_due = False
@@ -161,8 +162,9 @@ class DeliveryProcess:
             os.close(theirs)
         self._reports = asyncio.StreamReader(limit=REPORT_LIMIT)
         protocol = asyncio.StreamReaderProtocol(self._reports)
-        pipe = os.fdopen(ours, "rb")  # the transport closes it at the end of the child's reports
-        await asyncio.get_running_loop().connect_read_pipe(lambda: protocol, pipe)
+        pipe = os.fdopen(ours, "rb")
+        transport, _ = await asyncio.get_running_loop().connect_read_pipe(lambda: protocol, pipe)
+        self._report_pipe = transport, pipe
         log.info("delivery process started: pid %d", self._proc.pid)
 
     async def _watch(self) -> None:
@@ -171,9 +173,12 @@ class DeliveryProcess:
             proc, reports = self._proc, self._reports
             assert proc is not None and reports is not None
             started = time.monotonic()
-            while line := await reports.readline():
-                self._take(line)
-            status = await proc.wait()
+            try:
+                while line := await reports.readline():
+                    self._take(line)
+                status = await proc.wait()
+            finally:
+                self._close_reports()
             if self._stopping:
                 return
             self._metrics.delivery_restarts.inc()
@@ -202,6 +207,17 @@ class DeliveryProcess:
                     break
                 except OSError as exc:
                     log.error("cannot start the delivery process: %s; again in %.0fs", exc, wait)
+
+    def _close_reports(self) -> None:
+        """Closes the report pipe of a child that has ended. asyncio's transport would close it
+        at the end of the reports, but uvloop's reads a copy of the descriptor and, as the
+        stream's protocol asks at the end of input, keeps it open: both would stay open, one
+        pair per restart, until the garbage collector found them."""
+        if self._report_pipe is not None:
+            transport, pipe = self._report_pipe
+            self._report_pipe = None
+            transport.close()
+            pipe.close()
 
     async def _config_problem(self) -> str | None:
         """Why the config file as it is now must not start a delivery process, or None. The

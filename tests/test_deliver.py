@@ -3,6 +3,8 @@ process, which delivers to the stand-in's sink; it is killed, reloaded and stopp
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
 import os
 import signal
@@ -12,12 +14,16 @@ import time
 from pathlib import Path
 
 import pytest
+import uvloop
 
+from bridge import deliver
 from bridge.app import create_app
 from bridge.config import ConfigError, load_config
 from bridge.deliver import DeliveryProcess
 from bridge.events import decode_body, parse_event
+from bridge.metrics import Metrics
 from bridge.render import Context, Renderer
+from bridge.store.engines import make_store
 from tests.bridge_server import (
     OK_PACKET,
     ROOT,
@@ -377,3 +383,54 @@ def test_the_child_is_bridge_from_where_the_servers_came_from(
         assert post_callback(bridge.url, room(0)) == (200, OK_PACKET)
         assert slack.wait_for(lambda s: len(s.sink_requests) == 1)
         assert metric(bridge.url, "live_bridge_delivery_process_restarts_total") == 0
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def ready_child(delivery: DeliveryProcess, before: int | None = None) -> int:
+    """The pid of a ready delivery process other than `before`, within 10 s."""
+    for _ in range(500):
+        pid = delivery.pid
+        if delivery.ready and pid is not None and pid != before:
+            return pid
+        await asyncio.sleep(0.02)
+    raise AssertionError("no delivery process became ready")
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_child_started_again_leaves_no_pipe_open(
+    tmp_path: Path, slack: SlackStandIn, monkeypatch: pytest.MonkeyPatch, loop: str
+) -> None:
+    # uvicorn serves on uvloop where it is installed, and uvloop keeps a read pipe (and its own
+    # copy of the descriptor) open past the end of input: what the server does not close stays
+    # open until the garbage collector runs, which this test holds off.
+    monkeypatch.setattr(deliver, "RESTART_S", (0.05, 0.05))
+    path = own_config(tmp_path, slack.sink_url())
+    config = load_config(path)
+
+    async def restarts() -> tuple[int, int]:
+        store = make_store(config.store, serving=True)
+        await store.open()
+        delivery = DeliveryProcess(path, store, Metrics(), lambda: config)
+        await delivery.start()
+        try:
+            counts, pid = [], None
+            for _ in range(4):
+                pid = await ready_child(delivery, pid)
+                counts.append(open_fds())
+                os.kill(pid, signal.SIGKILL)
+            return counts[1], counts[-1]
+        finally:
+            await delivery.stop(0.0)
+            await store.close()
+
+    factory = uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop
+    gc.disable()
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            first, last = runner.run(restarts())
+    finally:
+        gc.enable()
+    assert last == first
