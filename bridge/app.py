@@ -124,7 +124,7 @@ class Bridge:
 
             assert self.path is not None
             self.delivery = DeliveryProcess(
-                self.path, self.store, self.metrics, lambda: self.config
+                self.path, self.store, self.metrics, lambda: self.config, lambda: self.draining
             )
             await self.delivery.start()
         else:

@@ -11,8 +11,9 @@ due; a pipe of its own (`--report-fd`; stdout stays the console channel's) bring
 lines, that the child is ready, each attempt's outcome (for `/metrics`) and each channel's last
 success, last error and block (for `/status`). SIGHUP and `/-/reload` reach the child as SIGHUP
 once it is ready; it reads the config file again. Should the child end unasked, the serving
-process releases what it held in the store and starts it again, after 1 s, then 2, up to 30.
-Should the serving process die, the child reads end-of-file on stdin and stops at once.
+process releases what it held in the store and starts it again, after 1 s, then 2, up to 30; not
+while it is stopping itself, as when a SIGTERM reaches both (systemd stops a unit so). Should the
+serving process die, the child reads end-of-file on stdin and stops at once.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ ERROR_CHARS = 500  # of a channel's last error, in a report
 RESTART_S = (1.0, 30.0)  # the first and the longest wait before starting the child again
 STOP_MARGIN_S = 5.0  # past the grace period, before a child that does not stop is killed
 GATHER_S = 0.002  # the child's SQLite writer: fewer, fuller transactions (store/writer.py)
+SIGNAL_SETTLE_S = 0.5  # a child ended on SIGTERM: time for the server's own to be handled
+# The child's exit status after a SIGTERM: 128 + 15 from its handler, as a shell reports it, or
+# -15 when the signal came before the handler was in place.
+TERMINATED = (128 + signal.SIGTERM, -signal.SIGTERM)
 
 # A channel's state as the child reports it: last success, last error, its time, block end.
 Reported = tuple[float | None, str | None, float | None, float]
@@ -65,11 +70,15 @@ class DeliveryProcess:
     """Starts, wakes, reloads, watches and stops the delivery process."""
 
     def __init__(
-        self, config_path: Path, store: Store, metrics: Metrics, running: Callable[[], Config]
-    ) -> None:
-        """`running`: the config the server runs now, which a child started again must match."""
+        self, config_path: Path, store: Store, metrics: Metrics, running: Callable[[], Config],
+        stopping: Callable[[], bool],
+    ) -> None:  # fmt: skip
+        """`running`: the config the server runs now, which a child started again must match.
+        `stopping`: whether the server is stopping (draining after a SIGTERM): no child is
+        started then, and one that ended on SIGTERM too is no crash."""
         self._path = config_path
         self._running = running
+        self._server_stopping = stopping
         self._store = store
         self._metrics = metrics
         self._proc: asyncio.subprocess.Process | None = None
@@ -179,8 +188,10 @@ class DeliveryProcess:
                 status = await proc.wait()
             finally:
                 self._close_reports()
-            if self._stopping:
+            if self._stopping or await self._ended_with_server(status):
                 return
+            # Ended unasked: killed, crashed, or sent a SIGTERM of its own. It is the one that
+            # delivers: started again, as after a crash. (The server's SIGTERM stops both.)
             self._metrics.delivery_restarts.inc()
             if time.monotonic() - started > RESTART_S[1]:
                 wait = RESTART_S[0]  # it ran for a while: this is not a crash loop
@@ -202,11 +213,27 @@ class DeliveryProcess:
                         "store; again in %.0fs", problem, wait,
                     )  # fmt: skip
                     continue
+                if self._server_stopping():
+                    return  # what waits is delivered after the next start
                 try:
                     await self._spawn()
                     break
                 except OSError as exc:
                     log.error("cannot start the delivery process: %s; again in %.0fs", exc, wait)
+
+    async def _ended_with_server(self, status: int) -> bool:
+        """Whether the server is stopping too, so that no child is started again. A child that
+        ended on SIGTERM then is no crash: a SIGTERM sent to the whole service (as systemd
+        stops a unit) reaches both, and the server's own may not have been handled yet."""
+        if status in TERMINATED and not self._server_stopping():
+            await asyncio.sleep(SIGNAL_SETTLE_S)
+        if not self._server_stopping():
+            return False
+        if status in TERMINATED:
+            log.info("the delivery process stopped on SIGTERM, as the server does")
+        else:
+            log.error("the delivery process ended with status %d as the server stops", status)
+        return True
 
     def _close_reports(self) -> None:
         """Closes the report pipe of a child that has ended. asyncio's transport would close it
@@ -309,6 +336,7 @@ class Child:
         self.store = make_store(config.store, serving=False, gather_s=GATHER_S)
         self.report = Report(report)
         self.worker: Worker | None = None
+        self.stopped_by: int | None = None  # the signal that asked it to stop
         self._session: aiohttp.ClientSession | None = None
 
     def _parts(
@@ -332,8 +360,13 @@ class Child:
         policies, composer = self._parts(config, self._renderer)
         self.worker = Worker.for_config(config, self.store, policies, composer, self.report)
         stop = asyncio.Event()
+
+        def asked(sig: signal.Signals) -> None:
+            self.stopped_by = sig
+            stop.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, asked, sig)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.report.ready()
         gc.collect()
@@ -393,7 +426,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.setup(args.log_level, args.log_format, None, process="delivery")
     try:
         with open(args.report_fd, "wb") as report:
-            asyncio.run(Child(args.config, load_config(args.config), report).run())
+            child = Child(args.config, load_config(args.config), report)
+            asyncio.run(child.run())
     except (ConfigError, StoreUnavailable) as exc:
         log.error("delivery process: %s", exc)
         return 2
@@ -401,7 +435,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The server is gone (killed): the last report, flushed as the pipe closes, has nobody
         # to read it. The child has stopped as it should.
         return 0
-    return 0
+    # Stopped by a signal: the status a shell reports for it, so that the server can tell a
+    # SIGTERM (its own, or one sent to the whole service) from a crash.
+    return 128 + child.stopped_by if child.stopped_by else 0
 
 
 if __name__ == "__main__":

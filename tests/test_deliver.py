@@ -273,6 +273,54 @@ def test_the_child_prints_to_the_servers_stdout_and_ends_when_the_server_is_kill
     assert "Traceback" not in log.read_text()
 
 
+RESTARTS = "live_bridge_delivery_process_restarts_total"
+
+
+@pytest.mark.parametrize("child_first", [False, True])
+def test_a_sigterm_to_the_whole_service_starts_no_child_and_counts_no_crash(
+    tmp_path: Path, slack: SlackStandIn, child_first: bool
+) -> None:
+    # systemd stops a unit with a SIGTERM to each of its processes, the delivery process too.
+    # The server drains for 3 s: time for a restart 1 s after the child's end, were it to try.
+    port = free_port()
+    config = write_config(
+        tmp_path, port, channels=HOOK.format(url=slack.sink_url()), routes=ROUTE,
+        delivery=OWN.format(n=3), server="drain_s = 3\n",
+    )  # fmt: skip
+    log = tmp_path / "serve.log"
+    with Subprocess(config, port, log) as server:
+        assert server.process is not None
+        assert wait_until(lambda: "delivery process started" in log.read_text())
+        [child] = children(server.process.pid)
+        assert post_callback(server.url, room(0)) == (200, OK_PACKET)
+        assert slack.wait_for(lambda s: len(s.sink_requests) == 1)  # the child is ready
+        first, second = (child, server.process.pid) if child_first else (server.process.pid, child)
+        os.kill(first, signal.SIGTERM)
+        os.kill(second, signal.SIGTERM)
+        assert wait_until(lambda: gone(child))
+        time.sleep(1.5)  # still draining
+        assert children(server.process.pid) == []
+        assert metric(server.url, RESTARTS) == 0
+        server.process.wait(timeout=15)
+    text = log.read_text()
+    assert text.count("delivery process started") == 1
+    assert " ERROR " not in text and "Traceback" not in text
+
+
+def test_a_sigterm_to_the_child_alone_is_an_end_the_server_did_not_ask_for(
+    tmp_path: Path, slack: SlackStandIn
+) -> None:
+    with InThread(own_config(tmp_path, slack.sink_url())) as bridge:
+        assert wait_until(lambda: process(bridge).ready)
+        first = process(bridge).pid
+        assert first is not None
+        os.kill(first, signal.SIGTERM)
+        assert wait_until(lambda: process(bridge).pid not in (first, None))
+        assert metric(bridge.url, RESTARTS) == 1
+        assert post_callback(bridge.url, room(0)) == (200, OK_PACKET)
+        assert slack.wait_for(lambda s: len(s.sink_requests) == 1)
+
+
 def test_own_process_needs_the_config_file(tmp_path: Path) -> None:
     config = load_config(own_config(tmp_path, "http://127.0.0.1:9/"))
     with pytest.raises(ConfigError, match=r"own_process needs a config file"):
@@ -413,7 +461,7 @@ def test_a_child_started_again_leaves_no_pipe_open(
     async def restarts() -> tuple[int, int]:
         store = make_store(config.store, serving=True)
         await store.open()
-        delivery = DeliveryProcess(path, store, Metrics(), lambda: config)
+        delivery = DeliveryProcess(path, store, Metrics(), lambda: config, lambda: False)
         await delivery.start()
         try:
             counts, pid = [], None
