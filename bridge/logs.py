@@ -12,7 +12,9 @@ import json
 import logging
 import re
 import sys
+import traceback
 from datetime import UTC, datetime
+from types import TracebackType
 
 # Attributes every LogRecord has; anything else was passed as `extra=` and goes into JSON.
 # uvicorn's color_message repeats the message with terminal colours.
@@ -34,19 +36,53 @@ def one_line(text: str) -> str:
     return _CONTROL.sub(lambda m: json.dumps(m.group(0))[1:-1], text)
 
 
+def _each_line(text: str) -> str:
+    return "\n".join(one_line(line) for line in text.split("\n"))
+
+
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
+
+
+def _traceback(ei: ExcInfo) -> str:
+    """The traceback Python would print, with what each exception says (its message and notes,
+    which may quote a callback's values) written by `one_line`: every line is one Python wrote."""
+    exc = traceback.TracebackException(*ei, compact=True)
+    found, seen = [exc], set()
+    while found:
+        one = found.pop()
+        if id(one) in seen:
+            continue
+        seen.add(id(one))
+        # Its message has no public setter; format() writes what str() returns, this attribute.
+        one._str = one_line(str(one))  # type: ignore[attr-defined]
+        if isinstance(one.__notes__, list):
+            one.__notes__ = [one_line(str(note)) for note in one.__notes__]
+        found += [e for e in (one.__cause__, one.__context__, *(one.exceptions or ())) if e]
+    return _each_line("".join(exc.format()).removesuffix("\n"))
+
+
 class TextFormatter(logging.Formatter):
     """Lines for people. The message goes through `one_line`: log calls pass values from
     callbacks (a command, a room, a template's error), and a newline in one of them must not
-    forge a line of its own. A traceback below it keeps its lines."""
+    forge a line of its own. A traceback below it keeps its lines, and each stays one line:
+    what an exception says is escaped as the message is (`ValueError: a\\nb`)."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # logging's name
         record.message = one_line(record.message)
         return super().formatMessage(record)
 
+    def formatException(self, ei: ExcInfo) -> str:  # logging's name
+        return _traceback(ei) if ei[1] is not None else super().formatException(ei)
+
+    def formatStack(self, stack_info: str) -> str:  # logging's name
+        return _each_line(stack_info)
+
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, and any extras; from the delivery
-    process, `"process": "delivery"` too."""
+    process, `"process": "delivery"` too. JSON escapes only C0 characters: the rest of what
+    `one_line` escapes (C1, line separators, bidi overrides) is escaped too, so a line shows
+    as it is wherever it is read."""
 
     def __init__(self, process: str | None = None) -> None:
         super().__init__()
@@ -66,7 +102,10 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = value if isinstance(value, str | int | float | bool) else str(value)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        # Each is inside a string, where its JSON escape stands for the same character.
+        return one_line(json.dumps(entry, ensure_ascii=False))
 
 
 class SkipPath(logging.Filter):

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 
 import pytest
 
@@ -90,3 +91,86 @@ def test_setup_writes_every_line_through_a_one_line_formatter(
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
+
+
+def raised(throw: Callable[[], None]) -> logging.LogRecord:
+    """The record `log.exception("failed")` makes of what `throw` raises."""
+    try:
+        throw()
+    except BaseException as caught:
+        info = (type(caught), caught, caught.__traceback__)
+    return logging.LogRecord("bridge.worker", logging.ERROR, __file__, 1, "failed", (), info)
+
+
+def message() -> None:
+    raise ValueError(FORGED)
+
+
+def note() -> None:
+    exc = KeyError("room")
+    exc.add_note(FORGED)
+    raise exc
+
+
+def cause() -> None:
+    try:
+        message()
+    except ValueError as exc:
+        raise RuntimeError("cannot render") from exc
+
+
+def group() -> None:
+    raise ExceptionGroup("sends failed", [ValueError(FORGED), OSError("x")])
+
+
+def escape() -> None:
+    raise ValueError("x\x1b[2K\r\u202eforged")
+
+
+# How an exception can carry a callback's value into a traceback.
+CARRIERS: dict[str, Callable[[], None]] = {
+    "its message": message,
+    "a note": note,
+    "the exception it was raised from": cause,
+    "an exception group": group,
+    "a terminal escape": escape,
+}
+
+
+@pytest.mark.parametrize("carrier", CARRIERS)
+def test_what_an_exception_says_cannot_forge_a_text_line(carrier: str) -> None:
+    text = TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s").format(
+        raised(CARRIERS[carrier])
+    )
+    lines = text.split("\n")
+    assert lines[1].endswith("Traceback (most recent call last):")  # it keeps its lines
+    assert not any(line.startswith("2026-01-01") for line in lines), text
+    assert one_line(text) == "\\n".join(lines)  # nothing else that breaks or moves a line
+    if carrier != "a terminal escape":
+        assert "x\\n2026-01-01 00:00:00,000 ERROR bridge.receive: cannot store callbacks" in text
+
+
+def test_stack_text_is_escaped_line_by_line() -> None:
+    formatter = TextFormatter("%(message)s")
+    stack = 'Stack (most recent call last):\n  File "x\x1b[2K.py", line 1, in <module>'
+    assert formatter.formatStack(stack) == (
+        'Stack (most recent call last):\n  File "x\\u001b[2K.py", line 1, in <module>'
+    )
+
+
+def test_json_lines_escape_what_json_leaves_as_it_is() -> None:
+    # JSON needs only the C0 characters escaped: a C1 escape, a line separator or a bidi
+    # override would reach a terminal that shows the file, or a reader that splits on them.
+    value = "a\x85b\x9b2Kc\u2028d\u202ee"
+
+    def throw() -> None:
+        raise ValueError(value)
+
+    entry = raised(throw)
+    entry.msg, entry.args, entry.stack_info = "says %s", (value,), "Stack:\n  in x\u2029"
+    line = JsonFormatter().format(entry)
+    assert one_line(line) == line and "\n" not in line
+    parsed = json.loads(line)
+    assert parsed["message"] == f"says {value}"
+    assert parsed["exception"].endswith(f"ValueError: {value}")
+    assert parsed["stack"] == "Stack:\n  in x\u2029"
