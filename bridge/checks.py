@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import enum
+import itertools
 import json
 import re
+import string
 import sys
 import time
 import unicodedata
@@ -42,6 +44,8 @@ HOSTILE = (*HOSTILE_VALUES, "")
 DIGEST = "digest"
 UNLISTED = str(UNKNOWN_SAMPLE["CallbackCommand"])  # a command outside Tencent's table
 GLOB = set("*?[")
+FILL = "SomethingNew"  # what a "*" stands for in a command made up to match a glob
+CHARACTERS = string.ascii_letters + string.digits + string.punctuation  # what "?" and "[" try
 
 
 @dataclass(frozen=True)
@@ -89,12 +93,46 @@ def reachable_commands(route: Route) -> list[str]:
 
 def _unlisted(pattern: str) -> str | None:
     """A command outside Tencent's table that the glob `pattern` matches: the unknown sample's,
-    or the pattern with its wildcards filled in ("Group.*" → "Group.SomethingNew")."""
-    filled = pattern.replace("*", "SomethingNew").replace("?", "X")
-    for command in (UNLISTED, filled):
+    or the pattern with its wildcards filled in ("Group.*" → "Group.SomethingNew",
+    "Live.CallbackAfter[CD]*" → "Live.CallbackAfterCSomethingNew"); None if it matches none."""
+    if fnmatchcase(UNLISTED, pattern):
+        return UNLISTED
+    # Each filling differs from the others: of len(MODELS) + 1 of them, one is not in the table.
+    for parts in itertools.islice(itertools.product(*_choices(pattern)), len(MODELS) + 1):
+        command = "".join(parts)
         if command not in MODELS and fnmatchcase(command, pattern):
             return command
     return None
+
+
+def _choices(pattern: str) -> Iterator[list[str]]:
+    """What each part of a glob may stand for, as fnmatch reads it: a "*" FILL, a "?" any
+    character ("X" first), a "[...]" class the characters it admits, anything else itself."""
+    start = 0
+    while start < len(pattern):
+        char, end = pattern[start], start
+        if char == "*":
+            yield [FILL]
+        elif char == "?":
+            yield list(dict.fromkeys("X" + CHARACTERS))
+        elif char == "[" and (close := _class_end(pattern, start)) != -1:
+            group, end = pattern[start : close + 1], close
+            # Its own characters too: "[é]" admits none of CHARACTERS.
+            yield [c for c in dict.fromkeys(CHARACTERS + group) if fnmatchcase(c, group)]
+        else:
+            yield [char]
+        start = end + 1
+
+
+def _class_end(pattern: str, start: int) -> int:
+    """Where the "[" at `start` is closed, as fnmatch reads it ("!" first negates, a "]" first
+    is a member), or -1: an unclosed "[" is itself."""
+    end = start + 1
+    if pattern.startswith("!", end):
+        end += 1
+    if pattern.startswith("]", end):
+        end += 1
+    return pattern.find("]", end)
 
 
 def _combinations(config: Config) -> Iterator[tuple[Route, str, str]]:
