@@ -99,7 +99,8 @@ class PostgresStore:
             pool = AsyncConnectionPool(
                 self._url, min_size=self._min_size, max_size=self._max_size, open=False,
                 kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S},
-                check=AsyncConnectionPool.check_connection, timeout=self._timeout_s,
+                configure=_read_committed, check=AsyncConnectionPool.check_connection,
+                timeout=self._timeout_s,
                 reconnect_timeout=RECONNECT_TIMEOUT_S, name="live-bridge",
             )  # fmt: skip
             await pool.open(wait=True, timeout=self._timeout_s)
@@ -395,6 +396,14 @@ def _delivery_row(r: Sequence[Any]) -> DeliveryRow:
         id=r[0], event_id=r[1], channel=r[2], room_id=r[3], command=r[4], state=State(r[5]),
         attempts=r[6], last_error=r[7], created_at=r[8], updated_at=r[9], next_attempt_at=r[10],
     )  # fmt: skip
+
+
+async def _read_committed(conn: AsyncConnection[Any]) -> None:
+    """Each statement sees what other replicas committed before it, whatever the server's,
+    database's or role's default: under repeatable read or serializable, a replica that met a row
+    another had just written or locked (the same callback at both, claims side by side) failed
+    with "could not serialize access"."""
+    await conn.execute("SET default_transaction_isolation = 'read committed'")
 
 
 def _late_record(write: asyncio.Future[Recorded]) -> None:
