@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from bridge.store import NewDelivery, Pace, StoreUnavailable
-from bridge.store.schema import MIGRATIONS, SCHEMA_VERSION, migrate
-from bridge.store.sqlite import CLAIM_SQL, DUE_SQL, SQLiteStore, Sync, connect
+from bridge.store.schema import CLAIM_SQL, DUE_SQL, MIGRATIONS, SCHEMA_VERSION, migrate
+from bridge.store.sqlite import SQLiteStore, Sync, connect
 from tests.bridge_server import OWNER, db_rows
 from tests.store_rows import (
     KEYED_BEFORE,

@@ -34,119 +34,24 @@ from bridge.store import (
     State,
     StoreUnavailable,
 )
-from bridge.store.schema import SCHEMA_VERSION, migrate
+from bridge.store.schema import (
+    CLAIM_SQL,
+    DUE_SQL,
+    HIGH_WATER_SQL,
+    LIST_SQL,
+    MARK_DELIVERED_SQL,
+    NEXT_IDS_SQL,
+    SCHEMA_VERSION,
+    STATS_SQL,
+    TAKE_SQL,
+    migrate,
+)
 from bridge.store.writer import GroupCommitWriter, Together
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Sync = Literal["full", "normal"]  # [store] sync
-
-# A delivery waits while an earlier delivery (Tencent's time, then arrival) for its room is still
-# pending or in flight and not itself due, so each room's messages go out in order.
-ROOM_FREE = """
-  NOT EXISTS (
-    SELECT 1 FROM deliveries b
-    WHERE b.channel = d.channel AND b.room_id = d.room_id
-      AND (b.order_ts < d.order_ts OR (b.order_ts = d.order_ts AND b.id < d.id))
-      AND ((b.state = 'pending' AND b.next_attempt_at > :now)
-        OR (b.state = 'in_flight' AND b.lease_until > :now)))
-"""
-# A delivery is due when pending and its time has come, or in flight with an expired lease.
-# The two are asked apart, each walking deliveries_claim (channel, state, order_ts, id) in order
-# and stopping at the first rows it needs. One condition with OR had SQLite sort every claimable
-# row of the channel at each claim: 30 ms a claim with 20,000 waiting, in the writer's
-# transaction, so every callback waited too. The index is named: the planner would rather take
-# deliveries_due for the time and sort.
-PENDING_DUE = f"d.state = 'pending' AND d.next_attempt_at <= :now AND {ROOM_FREE}"
-LEASE_OVER = f"d.state = 'in_flight' AND d.lease_until <= :now AND {ROOM_FREE}"
-
-_CLAIM_PART = """
-SELECT * FROM (
-  SELECT d.id, d.event_id, d.channel, d.payload, d.attempts, d.room_id, e.command, e.body,
-         e.query, e.received_at, e.sdk_app_id, d.order_ts
-  FROM deliveries d INDEXED BY deliveries_claim JOIN events e ON e.id = d.event_id
-  WHERE d.channel = :channel AND {due}
-  ORDER BY d.order_ts, d.id LIMIT :limit)
-"""
-CLAIM_SQL = (
-    _CLAIM_PART.format(due=PENDING_DUE)
-    + "UNION ALL"
-    + _CLAIM_PART.format(due=LEASE_OVER)
-    + "ORDER BY 12, 1 LIMIT :limit"  # order_ts, id
-)
-
-# The channels with something due, one index seek per channel (a skip scan over the channel
-# names), and none held by another process.
-DUE_SQL = f"""
-WITH RECURSIVE names(channel) AS (
-  SELECT MIN(channel) FROM deliveries
-  UNION ALL
-  SELECT (SELECT MIN(d.channel) FROM deliveries d WHERE d.channel > names.channel) FROM names
-  WHERE names.channel IS NOT NULL)
-SELECT n.channel FROM names n
-WHERE n.channel IS NOT NULL
-  AND NOT EXISTS (SELECT 1 FROM channels c WHERE c.channel = n.channel
-                  AND c.owner != :owner AND c.lease_until > :now)
-  AND (EXISTS (SELECT 1 FROM deliveries d INDEXED BY deliveries_claim
-               WHERE d.channel = n.channel AND {PENDING_DUE})
-    OR EXISTS (SELECT 1 FROM deliveries d INDEXED BY deliveries_claim
-               WHERE d.channel = n.channel AND {LEASE_OVER}))
-"""  # noqa: S608  # constant text, no values
-
-# A channel is free when never taken, left (lease_until 0) or its holder's lease has run out.
-TAKE_SQL = """
-INSERT INTO channels (channel, owner, lease_until, tat, blocked_until) VALUES (?, ?, ?, 0, 0)
-ON CONFLICT (channel) DO UPDATE SET owner = excluded.owner, lease_until = excluded.lease_until
-WHERE channels.owner = excluded.owner OR channels.lease_until <= ?
-RETURNING tat, blocked_until
-"""
-
-STATS_SQL = """
-SELECT channel,
-       SUM(state = 'pending'), SUM(state = 'in_flight'), SUM(state = 'dead'),
-       SUM(state = 'delivered'), MIN(CASE WHEN state = 'pending' THEN created_at END)
-FROM deliveries GROUP BY channel ORDER BY channel
-"""
-
-# {values}: one (id, delivered_at) row per delivery, all marked in one statement.
-MARK_DELIVERED_SQL = """
-UPDATE deliveries SET state = 'delivered', delivered_at = v.column2, updated_at = v.column2,
-       lease_until = NULL, owner = NULL
-FROM (VALUES {values}) AS v
-WHERE deliveries.id = v.column1 AND deliveries.owner = ?
-  AND deliveries.state IN ('in_flight', 'dead')
-"""
-
-
-# Ids are the largest so far plus one, and the largest is kept in `meta` before rows are deleted
-# (pruned, dropped): no id is handed out twice. A webhook's webhook-id is derived from its
-# delivery's id, and a receiver drops a message whose id it has seen. Kept when deleting, which is
-# rare, not when recording: a batch of callbacks reads the marks in the one statement that read
-# MAX(id) already, and writes nothing more.
-def _high_water(table: str) -> str:
-    """The largest id `table` has handed out: its rows' largest, or a larger one deleted."""
-    return (
-        "MAX(COALESCE((SELECT MAX(id) FROM {table}), 0), COALESCE((SELECT CAST(value AS INTEGER)"
-        " FROM meta WHERE key = '{table}_high_water'), 0))"
-    ).replace("{table}", table)
-
-
-NEXT_IDS_SQL = f"SELECT {_high_water('events')} + 1, {_high_water('deliveries')} + 1"
-HIGH_WATER_SQL = f"""
-INSERT OR REPLACE INTO meta (key, value)
-SELECT 'events_high_water', {_high_water("events")}
-UNION ALL SELECT 'deliveries_high_water', {_high_water("deliveries")}
-"""
-
-LIST_SQL = """
-SELECT d.id, d.event_id, d.channel, d.room_id, e.command, d.state, d.attempts, d.last_error,
-       d.created_at, d.updated_at, d.next_attempt_at
-FROM deliveries d JOIN events e ON e.id = d.event_id
-WHERE (:dead = 0 OR d.state = 'dead') AND (:channel IS NULL OR d.channel = :channel)
-  AND d.state != 'delivered'
-ORDER BY d.id DESC LIMIT :limit
-"""
 
 
 def connect(path: Path, sync: Sync = "full") -> sqlite3.Connection:
