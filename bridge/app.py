@@ -1,5 +1,6 @@
 """`create_app(config)`: the ASGI application with its store, router, renderer and worker (or,
-with `[delivery] own_process`, the delivery process that runs the worker: bridge/deliver.py).
+with `[delivery] own_process`, the delivery process that runs the worker: bridge/deliver.py,
+watched by bridge/supervise.py).
 
 Start-up refuses a config whose templates do not render (`ConfigError`). The lifespan opens the
 store before the first request and, on shutdown, lets in-flight sends finish for a grace period;
@@ -43,7 +44,7 @@ from bridge.worker import ChannelPolicy, ChannelState, Worker, build_policies
 if TYPE_CHECKING:
     import aiohttp
 
-    from bridge.deliver import DeliveryProcess
+    from bridge.supervise import DeliveryProcess
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ class Bridge:
             log.warning("%d deliveries to channels no longer configured are dead letters", buried)
         task: asyncio.Task[None] | None = None
         if self.own_process:
-            from bridge.deliver import DeliveryProcess
+            from bridge.supervise import DeliveryProcess
 
             assert self.path is not None
             self.delivery = DeliveryProcess(

@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from bridge import deliver
+from bridge import supervise
 from bridge.app import create_app
 from bridge.config import ConfigError, load_config
-from bridge.deliver import DeliveryProcess
 from bridge.events import decode_body, parse_event
 from bridge.metrics import Metrics
 from bridge.render import Context, Renderer
 from bridge.store.engines import make_store
+from bridge.supervise import DeliveryProcess
 from tests.bridge_server import (
     OK_PACKET,
     ROOT,
@@ -454,7 +454,7 @@ def test_a_child_started_again_leaves_no_pipe_open(
     # uvicorn serves on uvloop where it is installed, and uvloop keeps a read pipe (and its own
     # copy of the descriptor) open past the end of input: what the server does not close stays
     # open until the garbage collector runs, which this test holds off.
-    monkeypatch.setattr(deliver, "RESTART_S", (0.05, 0.05))
+    monkeypatch.setattr(supervise, "RESTART_S", (0.05, 0.05))
     path = own_config(tmp_path, slack.sink_url())
     config = load_config(path)
 
