@@ -2,7 +2,8 @@
 
 `fit(payload)` returns a copy within Slack's documented limits (50 blocks, header 150, section
 text 3000, 10 fields of 2000, context 10 elements, button URLs 3000, top-level text kept
-under 4000) with long values cut and ending in an ellipsis; `LimitError` when the payload cannot
+under 4000) and under the blocks' reported total (BLOCKS_CHARS), with long values cut and
+ending in an ellipsis; `LimitError` when the payload cannot
 be made valid. `problems(payload)` lists what Slack would refuse (`live-bridge check`).
 """
 
@@ -25,14 +26,17 @@ URL_CHARS = 3000
 # Not in Slack's reference: chat.postMessage answers msg_blocks_too_long for blocks of about
 # 11,000 to 13,000 characters in all, though each block is within its own limits
 # (slackapi/bolt-js#2509 and #2867; a Slack engineer there: "12,000 text characters with a
-# buffer for block containers"). A digest longer than this in JSON, containers included, is split:
-# the error is permanent, and would make every entry a dead letter at once.
-DIGEST_BLOCKS_CHARS = 12_000
+# buffer for block containers"). The error is permanent: blocks longer than this in JSON,
+# containers included, have their longest texts cut (`fit`), and a digest is split first
+# (`overflows`), which would otherwise make every entry a dead letter at once.
+BLOCKS_CHARS = 12_000
+SHORTEST_CUT = 100  # `fit` cuts no text shorter than this to bring the blocks under BLOCKS_CHARS
 ELLIPSIS = "…"
 
 # Never cut inside an escape (&amp;); a Slack token (<!date^…|…>, <@U…>, <https://…|…>) is
 # dropped whole in `cut`.
 _PARTIAL_ESCAPE = re.compile(r"&[a-z]{0,4}$")
+_COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
 class LimitError(ValueError):
@@ -72,8 +76,36 @@ def fit(payload: Any) -> dict[str, Any]:
         note = {"type": "context", "elements": [
             {"type": "mrkdwn", "text": f"{ELLIPSIS} {dropped} more blocks not shown"}]}  # fmt: skip
         fitted = [*fitted[: MAX_BLOCKS - 1], note]
-    out["blocks"] = fitted
+    out["blocks"] = _shorten(fitted) if _length(fitted) > BLOCKS_CHARS else fitted
     return out
+
+
+def _length(blocks: list[Any]) -> int:
+    """The blocks' length as they are sent: compact JSON (bridge/render.py)."""
+    return len(_COMPACT.encode(blocks))
+
+
+def _shorten(blocks: list[Any]) -> list[Any]:
+    """`blocks` under BLOCKS_CHARS: the longest text halved, and again, as long as they are over
+    and a text of SHORTEST_CUT or more is left to cut."""
+    blocks = json.loads(json.dumps(blocks))  # its own copy: the texts are cut in place
+    texts = [obj for block in blocks for obj in _text_objects(block)]
+    while texts and _length(blocks) > BLOCKS_CHARS:
+        longest = max(texts, key=lambda obj: len(obj["text"]))
+        if len(longest["text"]) < SHORTEST_CUT:
+            break
+        longest["text"] = cut(longest["text"], max(len(longest["text"]) // 2, SHORTEST_CUT - 1))
+    return blocks
+
+
+def _text_objects(block: Any) -> list[dict[str, Any]]:
+    """The text objects of a block whose text `fit` may cut: its text, fields, context elements."""
+    if not isinstance(block, dict):
+        return []
+    found = [block.get("text"), *(block.get("fields") or [])]
+    if block.get("type") == "context":
+        found += block.get("elements") or []
+    return [obj for obj in found if isinstance(obj, dict) and isinstance(obj.get("text"), str)]
 
 
 def overflows(payload: Any) -> bool:
@@ -96,7 +128,7 @@ def overflows(payload: Any) -> bool:
         fitted = [_fit_block(block) for block in blocks]  # a value cut to fit loses no entry
     except LimitError:
         return False
-    return len(json.dumps(fitted, ensure_ascii=False)) > DIGEST_BLOCKS_CHARS
+    return _length(fitted) > BLOCKS_CHARS
 
 
 def _drops(block: Any) -> bool:
@@ -165,6 +197,8 @@ def problems(payload: Any) -> list[str]:
         return [*found, "blocks must be a list of objects"]
     if len(blocks) > MAX_BLOCKS:
         found.append(f"{len(blocks)} blocks, over {MAX_BLOCKS}")
+    if _length(blocks) > BLOCKS_CHARS:
+        found.append(f"blocks over {BLOCKS_CHARS} characters in all (msg_blocks_too_long)")
     for number, block in enumerate(blocks, 1):
         found += [f"block {number} ({block.get('type')}): {p}" for p in _block_problems(block)]
     return found

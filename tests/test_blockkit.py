@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
-from bridge.blockkit import LimitError, cut, fit, overflows, problems
+from bridge.blockkit import BLOCKS_CHARS, ELLIPSIS, LimitError, cut, fit, overflows, problems
 
 
 @pytest.mark.parametrize(
@@ -52,11 +53,42 @@ def test_fit_cuts_every_limit() -> None:
     blocks = out["blocks"]
     assert len(blocks) == 50
     assert len(blocks[0]["text"]["text"]) == 150
-    assert len(blocks[1]["text"]["text"]) == 3000
+    assert blocks[1]["text"]["text"].endswith(ELLIPSIS)
+    assert len(blocks[1]["text"]["text"]) <= 3000
     assert len(blocks[2]["fields"]) == 10
     assert all(len(f["text"]) <= 2000 for f in blocks[2]["fields"])
     assert len(blocks[3]["elements"]) == 10
     assert "more blocks not shown" in blocks[-1]["elements"][0]["text"]
+    # Each block's own limit alone, then the reported total of all of them (below).
+    assert len(blocks_of(fit({"text": "t", "blocks": [section("s" * 4000)]}))[0]) == 3000
+    assert len(json.dumps(blocks, ensure_ascii=False, separators=(",", ":"))) <= BLOCKS_CHARS
+
+
+def blocks_of(message: dict[str, Any]) -> list[str]:
+    return [b["text"]["text"] for b in message["blocks"]]
+
+
+@pytest.mark.parametrize(
+    ("texts", "expected"),
+    [
+        # Under the total: nothing cut.
+        ([2900] * 4, [2900] * 4),
+        # Over it: the longest text is halved, and the next, until the blocks are under it.
+        ([2900] * 3 + [200] * 20, [1450, 1450, 2900] + [200] * 20),
+        ([2900] * 5, [1450, 1450, 2900, 2900, 2900]),
+    ],
+)
+def test_fit_keeps_the_blocks_under_their_reported_total(
+    texts: list[int], expected: list[int]
+) -> None:
+    # chat.postMessage is reported to answer msg_blocks_too_long (permanent) past ~12,000
+    # characters of blocks, each within its own limit (slackapi/bolt-js#2509, #2867).
+    message = {"text": "t", "blocks": [section("s" * n) for n in texts]}
+    out = blocks_of(fit(message))
+    assert [len(text) for text in out] == expected
+    assert all(text.endswith(ELLIPSIS) for text, n in zip(out, texts, strict=True) if len(text) < n)
+    assert problems(fit(message)) == []
+    assert (problems(message) == []) is (out == ["s" * n for n in texts])
 
 
 @pytest.mark.parametrize(
