@@ -13,8 +13,9 @@ import pytest
 from bridge import blockkit
 from bridge.compose import Composer
 from bridge.config import Config, TemplatesConfig, load_config
+from bridge.escape import slack_escape
 from bridge.events import MODELS, OWNER_CHANGED, parse_event
-from bridge.render import Context, Renderer, RenderError, slack_escape
+from bridge.render import Context, Renderer, RenderError
 from bridge.samples import HOSTILE_VALUES, UNKNOWN_SAMPLE, hostile, sample
 from bridge.store import Claimed
 from tests.payloads import strings

@@ -7,8 +7,9 @@ from typing import Any
 import pytest
 
 from bridge.config import TemplatesConfig
+from bridge.escape import slack_escape
 from bridge.events import decode_body, parse_event
-from bridge.render import Context, Renderer, RenderError, slack_escape
+from bridge.render import Context, Renderer, RenderError
 from tests.payloads import strings
 
 ROOT = Path(__file__).parent.parent
