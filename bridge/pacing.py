@@ -25,13 +25,18 @@ class Pacer:
         self, rate_per_s: float | None, burst: int = 1,
         clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
     ) -> None:  # fmt: skip
-        self._interval = 1.0 / rate_per_s if rate_per_s else 0.0
-        self._tolerance = (burst - 1) * self._interval  # how far ahead a burst may run
+        self.retune(rate_per_s, burst)
         self._clock = clock
         self._wall = wall
         self._tat = clock()  # theoretical arrival time of the next message: the bucket is full
         self._blocked_until = 0.0  # on the same clock
         self._lock = asyncio.Lock()
+
+    def retune(self, rate_per_s: float | None, burst: int = 1) -> None:
+        """Pace at a new rate and burst from now on. What was sent and any block stay: a reload
+        must not hand out a full bucket the far end has not refilled, nor lift its block."""
+        self._interval = 1.0 / rate_per_s if rate_per_s else 0.0
+        self._tolerance = (burst - 1) * self._interval  # how far ahead a burst may run
 
     def block(self, seconds: float) -> None:
         """Nothing goes out for `seconds` (a 429's Retry-After); the bucket refills from empty

@@ -148,18 +148,17 @@ class Worker:
         composer: Composer, retention_s: float,
     ) -> None:  # fmt: skip
         """Take a new configuration; lanes already running finish their claim with the old one.
-        A channel whose pacing is unchanged keeps its pacer, and so its place in Slack's bucket."""
-        old = self._policies
+        A channel keeps its pacer, retuned to new pacing: a new one would forget what was just
+        sent (a full bucket straight away, over Slack's own count) and any 429 block, while a
+        running lane, which holds the old one, would keep claiming rows the new one refuses."""
         self._policies = policies
         self._settings = settings
         self._composer = composer
         self._retention_s = retention_s
         for name, policy in policies.items():
-            before = old.get(name)
-            same = before is not None and (before.rate_per_s, before.burst) == (
-                policy.rate_per_s, policy.burst,
-            )  # fmt: skip
-            if not same or name not in self.pacers:
+            if (pacer := self.pacers.get(name)) is not None:
+                pacer.retune(policy.rate_per_s, policy.burst)
+            else:
                 self.pacers[name] = Pacer(policy.rate_per_s, policy.burst)
             self.states.setdefault(name, ChannelState())
         for name in set(self.pacers) - set(policies):

@@ -10,7 +10,7 @@ import re
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -568,6 +568,7 @@ class CountingStore(SQLiteStore):
         super().__init__(path)
         self.taken: list[str] = []
         self.left: list[str] = []
+        self.released = 0  # release() calls: claimed deliveries given back
 
     async def take_channel(self, channel: str, now: float, lease_s: float) -> Pace | None:
         self.taken.append(channel)
@@ -576,6 +577,10 @@ class CountingStore(SQLiteStore):
     async def leave_channel(self, channel: str, pace: Pace) -> None:
         self.left.append(channel)
         await super().leave_channel(channel, pace)
+
+    async def release(self, ids: Sequence[int], now: float, next_attempt_at: float) -> None:
+        self.released += 1
+        await super().release(ids, now, next_attempt_at)
 
 
 async def test_a_steady_trickle_keeps_one_lane_and_its_channel(tmp_path: Path) -> None:
@@ -595,6 +600,33 @@ async def test_a_steady_trickle_keeps_one_lane_and_its_channel(tmp_path: Path) -
             await eventually(lambda: len(store.left) == len(store.taken))
         assert 1 <= len(store.taken) <= 5
         assert len(stream.getvalue().splitlines()) == 20
+
+
+async def test_a_reload_that_changes_a_channels_pacing_keeps_its_count_and_its_blocks(
+    session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    # A reload gave a channel whose rate or burst changed a new pacer with a full bucket: the
+    # lane's next claim went out at once, over Slack's own count, even at a stricter rate. The
+    # 429 that earned blocked the new pacer while the running lane looked at the old one, so
+    # it claimed the channel's rows and gave them back in a loop for the whole Retry-After.
+    async with opener(lambda: CountingStore(tmp_path / "bridge.db")) as open_:
+        store = await open_()
+        for i in range(12):
+            await record_in(store, "bot", f"room-{i:02d}", 1000 + i)
+        with SlackStandIn(rate_per_s=4.0, burst=1) as paced:
+            bot = senders(paced, session)["bot"]
+            composer = make_composer(tmp_path, {"bot": SLACK})
+            worker = worker_with(store, composer, ChannelPolicy("bot", bot, rate_per_s=4.0))
+            async with running(worker):
+                await eventually(lambda: len(paced.posted) == 1)
+                slower = {"bot": ChannelPolicy("bot", bot, rate_per_s=2.0)}
+                worker.configure(slower, SETTINGS, composer, 3600)  # what a reload does
+                await eventually(lambda: len(paced.posted) >= 7, within_s=10)
+                released = store.released
+        times = [p.received_at for p in paced.posted]
+    assert paced.rejected_429 == 0
+    assert released == 0
+    assert min(b - a for a, b in itertools.pairwise(times[1:7])) >= 0.45  # the new rate
 
 
 async def test_a_lane_with_nothing_more_ends_though_others_are_busy(tmp_path: Path) -> None:
