@@ -261,6 +261,10 @@ async def odd() -> AsyncIterator[tuple[str, list[str]]]:
             return web.json_response({"ok": False, "error": f"Cannot POST {request.path}"})
         if kind == "forged":
             return web.Response(status=400, text="bad\n2024-01-01 INFO bridge.worker: delivered")
+        if kind == "latin1":  # a proxy's page that is not UTF-8, with or without a JSON type
+            kind_of = "application/json" if request.path.startswith("/latin1/api") else "text/html"
+            return web.Response(status=502, body="réessayez".encode("latin-1"),
+                                content_type=kind_of)  # fmt: skip
         await release.wait()  # "hang": until the test is over
         return web.Response(text="ok")
 
@@ -304,6 +308,17 @@ async def test_only_slack_error_names_reach_the_error(
     base, _ = odd
     settings = hook(f"{base}/{kind}{SECRET_PATH}") if mode == "webhook" else bot(f"{base}/{kind}/")
     assert await send(settings, session) == expected
+
+
+@pytest.mark.parametrize("mode", ["api", "webhook"])
+async def test_an_answer_that_is_not_utf8_is_a_retry(
+    odd: tuple[str, list[str]], session: aiohttp.ClientSession, mode: str
+) -> None:
+    # slack-sdk's UnicodeDecodeError escaped the sender: the worker logged a traceback for
+    # each attempt of a delivery behind a proxy that writes Latin-1.
+    base, _ = odd
+    settings = bot(f"{base}/latin1/api/") if mode == "api" else hook(f"{base}/latin1{SECRET_PATH}")
+    assert await send(settings, session) == retry("an answer that is not UTF-8 (not Slack's)")
 
 
 @pytest.mark.parametrize("mode", ["api", "webhook"])

@@ -89,6 +89,11 @@ class SlackSender:
             return _classify_api_error(exc)
         except TRANSPORT_ERRORS as exc:
             return retry(describe_exception(exc))
+        except UnicodeDecodeError:
+            # slack-sdk decodes every answer as UTF-8 and lets the error out. Slack writes
+            # UTF-8; a proxy's page in Latin-1 (a 502 saying "réessayez") does not. Its status
+            # is lost with the exception: retry, as for other answers that are not Slack's.
+            return retry("an answer that is not UTF-8 (not Slack's)")
         body = (response.body or "").strip()
         if response.status_code == 200:
             if body == "ok":
