@@ -187,6 +187,13 @@ class Bridge:
                 log.warning("[server] changes take effect at the next start")
             if config.delivery.own_process != self.own_process:
                 log.warning("[delivery] own_process changes take effect at the next start")
+            # A message rendered at receipt for a channel's old type (a webhook's body, a console
+            # line) is not one its new type can send: Slack refused it (no_text), a dead letter
+            # for an acknowledged event, or a webhook got Slack's JSON. Rendered again instead.
+            retyped = [
+                name for name, channel in config.channels.items()
+                if (before := self.config.channels.get(name)) and before.type != channel.type
+            ]  # fmt: skip
             if self.worker is not None and self._session is not None:
                 policies, composer = self._worker_setup(config, renderer)
                 self.worker.configure(
@@ -205,12 +212,15 @@ class Bridge:
                     "their deliveries to removed channels are buried when they finish",
                     unfinished, SETTLE_S,
                 )  # fmt: skip
-                burial = asyncio.create_task(self._bury_when_finished(old))
+                burial = asyncio.create_task(self._bury_when_finished(old, retyped))
                 self._late_burials.add(burial)
                 burial.add_done_callback(self._late_burials.discard)
             buried = await self.store.bury_unknown_channels(
                 list(config.channels), time.time(), REMOVED
             )
+            if retyped and (rerendered := await self.store.forget_payloads(retyped)):
+                log.info("%d deliveries to channels of another type are rendered again when sent",
+                         rerendered)  # fmt: skip
             self.metrics.reloads.labels("success").inc()
             message = f"reloaded: {len(config.channels)} channels, {len(config.routes)} routes"
             if buried:
@@ -218,12 +228,14 @@ class Bridge:
             log.info("%s", message)
             return True, message
 
-    async def _bury_when_finished(self, old: Receiver) -> None:
+    async def _bury_when_finished(self, old: Receiver, retyped: list[str]) -> None:
         await _finish(old, None, step_s=0.1)
         try:
             buried = await self.store.bury_unknown_channels(
                 list(self.config.channels), time.time(), REMOVED
             )
+            if retyped:
+                await self.store.forget_payloads(retyped)
         except StoreUnavailable as exc:
             log.error("deliveries to removed channels stay pending until the next start: %s", exc)
             return

@@ -212,6 +212,33 @@ def test_reload_buries_deliveries_of_a_removed_channel(tmp_path: Path, slack: Sl
     )
 
 
+def test_a_reload_that_changes_a_channels_type_renders_its_waiting_messages_again(
+    tmp_path: Path, slack: SlackStandIn
+) -> None:
+    # Rendered at receipt as a webhook's body, they went to Slack as such after the reload:
+    # refused (no_text), dead letters for events that had been acknowledged.
+    slack.set_sink_status("sink", 503)
+    before = HOOK.format(url=slack.sink_url())
+    after = f'[channels.hook]\ntype = "slack"\nwebhook_url = "{slack.add_webhook()}"\n'
+    config = write_config(
+        tmp_path, channels=before, routes=ROUTE,
+        delivery="initial_backoff_s = 2.0\nmax_backoff_s = 2.0\n",  # the reload comes first
+    )  # fmt: skip
+    with InThread(config) as bridge:
+        for n in range(3):
+            assert post_callback(bridge.url, room(n)) == (200, OK_PACKET)
+        db = bridge.config.store.path
+        assert wait_until(lambda: len(slack.sink_requests) == 3)  # each met the 503 once
+        config.write_text(config.read_text().replace(before, after))
+        assert http_request(bridge.url + "/-/reload", "POST")[0] == 200
+        assert post_callback(bridge.url, room(3)) == (200, OK_PACKET)  # rendered for Slack
+        assert wait_until(lambda: len(slack.posted) == 4)
+        assert wait_until(lambda: {r[0] for r in db_rows(db, "SELECT state FROM deliveries")}
+                          == {"delivered"})  # fmt: skip
+    rooms = sorted(p.payload["blocks"][1]["fields"][0]["text"] for p in slack.posted)
+    assert rooms == [f"*Room*\nroom-{n}" for n in range(4)]  # Slack's own message, each
+
+
 def start_callback(bridge: InThread) -> socket.socket:
     """A callback to `bridge` whose body is still on its way: the rest is SEED_BODY[20:]."""
     tencent = socket.create_connection(("127.0.0.1", bridge.port), timeout=10)

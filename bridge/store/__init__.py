@@ -208,3 +208,8 @@ class Store(Protocol):
     async def bury_unknown_channels(self, known: Sequence[str], now: float, error: str) -> int:
         """Undelivered deliveries to channels not in `known` become dead letters."""
         ...
+
+    async def forget_payloads(self, channels: Sequence[str]) -> int:
+        """Undelivered deliveries to `channels` drop their rendered message: each is rendered
+        again from its event when it is sent. How many did."""
+        ...

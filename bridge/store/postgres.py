@@ -390,6 +390,14 @@ class PostgresStore:
             (error, now, list(known)),
         )
 
+    async def forget_payloads(self, channels: Sequence[str]) -> int:
+        # In flight too: its lane holds the message already; a retry is rendered again.
+        return await self._execute(
+            "UPDATE deliveries SET payload = NULL WHERE state <> 'delivered'"
+            " AND payload IS NOT NULL AND channel = ANY(%s::text[])",
+            (list(channels),),
+        )
+
 
 def _delivery_row(r: Sequence[Any]) -> DeliveryRow:
     return DeliveryRow(

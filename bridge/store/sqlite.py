@@ -415,6 +415,14 @@ class SQLiteStore:
         )
         return await self._execute(_in(sql, known), (error, now, *known))
 
+    async def forget_payloads(self, channels: Sequence[str]) -> int:
+        # In flight too: its lane holds the message already; a retry is rendered again.
+        sql = (
+            "UPDATE deliveries SET payload = NULL WHERE state <> 'delivered'"
+            " AND payload IS NOT NULL AND channel IN ({marks})"
+        )
+        return await self._execute(_in(sql, channels), tuple(channels))
+
 
 @dataclasses.dataclass(frozen=True)
 class _Record(Together):
