@@ -378,6 +378,19 @@ async def test_bury_unknown_channels(store: Store) -> None:
     assert await store.bury_unknown_channels([], now, "channel removed") == 1
 
 
+async def test_forget_payloads_of_undelivered_deliveries(store: Store) -> None:
+    # A reload that gives a channel another type: its waiting messages are rendered again.
+    now = time.time()
+    await add(store, "1", channel="a", room="r1", now=now)
+    await add(store, "2", channel="a", room="r2", now=now)
+    await add(store, "3", channel="b", room="r3", now=now)
+    (first,) = await store.claim("a", now, 1, 30)
+    await store.mark_delivered(first.id, now)
+    assert await store.forget_payloads(["a"]) == 1  # the delivered one keeps what it sent
+    assert [c.payload for c in await store.claim("a", now, 10, 30)] == [None]
+    assert [c.payload for c in await store.claim("b", now, 10, 30)] == ["p-3"]
+
+
 async def test_ping_writes(store: Store) -> None:
     await store.ping()
     await store.ping()
