@@ -109,16 +109,18 @@ class JsonFormatter(logging.Formatter):
 
 
 class SkipPath(logging.Filter):
-    """Drops uvicorn access-log lines for one path (query strings ignored)."""
+    """Drops uvicorn access-log lines for one path, with or without a trailing slash as the
+    receiver answers at both (query strings ignored)."""
 
     def __init__(self, path: str) -> None:
         super().__init__()
-        self._path = path
+        base = path.rstrip("/")
+        self._paths = frozenset({base or "/", base + "/"})
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
         if isinstance(args, tuple) and len(args) >= 3:
-            return str(args[2]).split("?", 1)[0] != self._path
+            return str(args[2]).split("?", 1)[0] not in self._paths
         return True
 
 

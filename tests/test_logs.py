@@ -78,6 +78,28 @@ def test_the_access_log_leaves_out_the_callback_path(path: str, kept: bool) -> N
     assert SkipPath("/tencent/callback").filter(access) is kept
 
 
+@pytest.mark.parametrize("configured", ["/tencent/callback", "/tencent/callback/"])
+@pytest.mark.parametrize(
+    ("path", "kept"),
+    [
+        ("/tencent/callback", False),
+        ("/tencent/callback/", False),
+        ("/tencent/callback/?SdkAppid=1", False),
+        ("/tencent/callback//", True),
+        ("/tencent/callbacks", True),
+    ],
+)
+def test_the_access_log_leaves_out_the_callback_path_with_or_without_a_trailing_slash(
+    configured: str, path: str, kept: bool
+) -> None:
+    # The receiver answers at both (Tencent follows no redirect), so both are left out.
+    access = logging.LogRecord(
+        "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:1", "POST", path, "1.1", 200), None,
+    )  # fmt: skip
+    assert SkipPath(configured).filter(access) is kept
+
+
 @pytest.mark.parametrize(("fmt", "formatter"), [("text", TextFormatter), ("json", JsonFormatter)])
 def test_setup_writes_every_line_through_a_one_line_formatter(
     fmt: str, formatter: type[logging.Formatter]
