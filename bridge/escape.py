@@ -110,7 +110,8 @@ def as_text(value: Any) -> str:
     value = _plain(value)
     if isinstance(value, str):
         return str.__str__(value)
-    return json.dumps(value, ensure_ascii=False)
+    # `fields` and `query` are read-only mappings, which json.dumps cannot encode itself.
+    return json.dumps(value, ensure_ascii=False, default=_jsonable)
 
 
 FINALIZE: dict[str, Callable[[Any], str]] = {

@@ -254,3 +254,25 @@ def test_button_with_an_overlong_url_is_left_out() -> None:
     fields = {**SEED, "RoomId": "x" * 5000}
     payload = json.loads(render("slack", fields, renderer(room_url="https://c.example/{room_id}")))
     assert [b["type"] for b in payload["blocks"]] == ["header", "section", "context"]
+
+
+@pytest.mark.parametrize("kind", ["slack", "webhook", "console"])
+@pytest.mark.parametrize("variable", ["fields", "query", "event", "fields.RoomId"])
+def test_as_text_turns_fields_and_query_into_text(tmp_path: Path, kind: str, variable: str) -> None:
+    # `fields` and `query` are objects like any other to `as_text`, however they are held.
+    (tmp_path / "mine.j2").write_text(
+        "{{ " + variable + " | as_text }}"
+        if kind == "console"
+        else '{"text": "{{ ' + variable + ' | as_text }}"}'
+    )
+    out = renderer(tmp_path).render(kind, parse_event(SEED), SEED, CTX, "mine.j2")
+    text = out if kind == "console" else json.loads(out)["text"]
+    expected = {
+        "fields": json.dumps(SEED, ensure_ascii=False),
+        "query": '{"clientip": "1.2.3.4"}',
+        "fields.RoomId": "room_id",
+    }
+    if variable in expected:
+        assert text == expected[variable]
+    else:
+        assert json.loads(text)["RoomId"] == "room_id"
