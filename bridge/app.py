@@ -274,6 +274,13 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return packet(status, HTTPStatus(status).phrase.lower())
 
 
+def callback_paths(path: str) -> frozenset[str]:
+    """The callback path with and without a trailing slash: Tencent follows no redirect, so a
+    URL registered either way must reach the receiver."""
+    base = path.rstrip("/")
+    return frozenset({base or "/", base + "/"})
+
+
 class App:
     """The ASGI application: a callback goes straight to the receiver, everything else (and a
     callback path asked with another method: 405) through Starlette's middleware and routing.
@@ -286,10 +293,8 @@ class App:
         self.starlette = starlette
         self.bridge = bridge
         self.state = starlette.state
-        # [server]: fixed until restart. With or without a trailing slash: Tencent follows no
-        # redirect, so a URL registered either way must reach the receiver.
-        base = bridge.config.server.callback_path.rstrip("/")
-        self._callback_paths = frozenset({base or "/", base + "/"})
+        # [server]: fixed until restart.
+        self._callback_paths = callback_paths(bridge.config.server.callback_path)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         callback = scope["type"] == "http" and scope["method"] == "POST"
@@ -307,8 +312,13 @@ def create_app(
     """The app for `config`; `path` is where a reload reads the config again."""
     bridge = Bridge(config, store, senders, path)
     admin = bridge.admin
+    # Both forms, as App answers a POST at both: another method gets 405 at either.
+    callbacks = [
+        Route(p, bridge.callback, methods=["POST"])
+        for p in sorted(callback_paths(config.server.callback_path))
+    ]
     routes = [
-        Route(config.server.callback_path, bridge.callback, methods=["POST"]),
+        *callbacks,
         Route("/healthz", bridge.healthz, methods=["GET"]),
         Route("/readyz", bridge.readyz, methods=["GET"]),
         Route("/metrics", admin.metrics, methods=["GET"]),

@@ -243,8 +243,9 @@ def test_store_that_cannot_write_answers_503_then_recovers(bridge: InThread) -> 
 def test_health_and_other_paths_answer_packets(bridge: InThread) -> None:
     assert get(bridge.url + "/healthz") == (200, {"status": "ok"})
     assert get(bridge.url + "/readyz") == (200, {"status": "ready"})
-    status, reply = get(bridge.url + "/tencent/callback")
-    assert status == 405 and reply["ActionStatus"] == "FAIL"
+    for path in ("/tencent/callback", "/tencent/callback/"):
+        status, reply = get(bridge.url + path)
+        assert status == 405 and reply["ActionStatus"] == "FAIL", path
     assert get(bridge.url + "/nowhere")[1]["ErrorCode"] == 404
 
 
