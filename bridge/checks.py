@@ -317,7 +317,8 @@ def main(args: argparse.Namespace) -> int:
     for problem in problems:
         print(f"live-bridge: {path}: {problem}", file=sys.stderr)
     if problems:
-        print(f"live-bridge: {path}: {len(problems)} problems", file=sys.stderr)
+        count = f"{len(problems)} problem" + ("" if len(problems) == 1 else "s")
+        print(f"live-bridge: {path}: {count}", file=sys.stderr)
         return 1
     print(f"{path}: {len(rows)} combinations render, hostile values included")
     return 0
