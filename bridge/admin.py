@@ -197,7 +197,19 @@ class Admin:
                 "last_error": state.last_error if state else None,
                 "last_error_at": when(state.last_error_at if state else None),
                 "blocked_until": when(now + blocked) if blocked > 0 else None,
-                "rate": getattr(channel, "rate_per_s", None),
+                "rate": getattr(channel, "rate_per_s", None), "configured": True,
+            })  # fmt: skip
+        # Channels gone from the config whose deliveries the store still holds (dead letters a
+        # reload buried): /metrics counts them, and so does this page. No retry button: they would
+        # be buried again; `outbox drop` removes them, or the channel can come back.
+        for name in sorted(set(stats) - set(config.channels)):
+            s = stats[name]
+            channels.append({
+                "name": name, "type": "not in the config", "pending": s.pending,
+                "in_flight": s.in_flight, "dead": s.dead, "delivered": s.delivered,
+                "oldest": f"{now - s.oldest_pending_at:.0f}s" if s.oldest_pending_at else "—",
+                "last_success": "—", "last_error": None, "last_error_at": "—",
+                "blocked_until": None, "rate": None, "configured": False,
             })  # fmt: skip
         events = [
             {"when": when(e.received_at), "command": e.command, "room": e.room_id or "—",

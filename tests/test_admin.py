@@ -207,6 +207,11 @@ def test_reload_buries_deliveries_of_a_removed_channel(tmp_path: Path, slack: Sl
         config.write_text(config.read_text().replace(gone, "").replace(both, ROUTE))
         status, _, body = http_request(bridge.url + "/-/reload", "POST")
         assert status == 200 and "1 deliveries to removed channels" in json.loads(body)["message"]
+        # The page shows what the store still holds for it, as /metrics does, with no retry.
+        page = http_request(bridge.url + "/status")[2].decode()
+        row = page.split('<tr data-channel="gone">', 1)[1].split("</tr>", 1)[0]
+        assert "not in the config" in row and 'data-label="Dead">1<' in row
+        assert "/status/retry" not in row
     assert ("gone", "dead", "channel removed from the config") in db_rows(
         db, "SELECT channel, state, last_error FROM deliveries"
     )
