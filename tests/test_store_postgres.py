@@ -168,6 +168,19 @@ async def test_replicas_work_together_whatever_the_default_isolation(
     assert sorted(seen) == sorted(f"k{n}" for n in range(20))  # each once, none refused
 
 
+@pytest.mark.parametrize(("query", "idle"), [("", "30"), ("?keepalives_idle=5", "5")])
+async def test_connections_notice_a_server_gone_silent_unless_the_url_says_otherwise(
+    open_store: OpenStore, postgres_url: str, query: str, idle: str
+) -> None:
+    # Without TCP keepalives and a user timeout, a server whose host vanished (no reset) keeps
+    # every connection waiting about 15 minutes for TCP to give up, the worker's lanes with it.
+    store = await open_store(postgres_url + query)
+    async with store._connection() as conn:
+        options = dict(item.split("=", 1) for item in conn.info.dsn.split())
+    assert options["keepalives"] == "1" and options["keepalives_idle"] == idle
+    assert options["tcp_user_timeout"] == "30000"
+
+
 async def test_recover_leaves_other_processes_claims_alone(open_store: OpenStore) -> None:
     a = await open_store()
     now = time.time()

@@ -57,6 +57,14 @@ log = logging.getLogger(__name__)
 logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 
 CONNECT_TIMEOUT_S = 3  # libpq's connect_timeout: whole seconds
+# A server gone without a word (its host powered off, the network cut) leaves every connection
+# waiting for TCP to give up: about 15 minutes of retransmissions, during which the worker's
+# lanes and the pool's checks wait with it. With these, libpq's connections notice within about
+# 30 s and the pool connects afresh (to a failed-over server, say). A URL's own values win.
+TCP_DEFAULTS = {
+    "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,  # ms: data sent and not acknowledged for this long ends it
+}  # fmt: skip
 # The pool retries a lost connection with a doubling delay for this long, then gives up until the
 # next request tries afresh: a server back after a long outage is used within seconds.
 RECONNECT_TIMEOUT_S = 10.0
@@ -92,13 +100,13 @@ class PostgresStore:
         try:
             # One connection of its own first: a refused connection or a wrong password fails at
             # once with the server's reason, where the pool would retry until its timeout.
-            async with await AsyncConnection.connect(
-                self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S
-            ) as conn:
+            tcp = {k: v for k, v in TCP_DEFAULTS.items() if k not in self._url_options()}
+            options: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT_S, **tcp}
+            async with await AsyncConnection.connect(self._url, autocommit=True, **options) as conn:
                 await migrate(conn, self._create)
             pool = AsyncConnectionPool(
                 self._url, min_size=self._min_size, max_size=self._max_size, open=False,
-                kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S},
+                kwargs={"autocommit": True, **options},
                 configure=_read_committed, check=AsyncConnectionPool.check_connection,
                 timeout=self._timeout_s,
                 reconnect_timeout=RECONNECT_TIMEOUT_S, name="live-bridge",
@@ -117,6 +125,13 @@ class PostgresStore:
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
+
+    def _url_options(self) -> set[str]:
+        """The libpq options the URL sets itself."""
+        try:
+            return set(conninfo_to_dict(self._url))
+        except psycopg.Error:
+            return set()  # the connection says what is wrong with it
 
     @property
     def where(self) -> str:
