@@ -90,7 +90,7 @@ class Bridge:
         from bridge.channels.build import build_senders  # and aiohttp: see lifespan
 
         assert self._session is not None
-        senders = self._senders or build_senders(config, self._session)
+        senders = self._senders or build_senders(config, self._session, self.store.identity)
         return build_policies(config, senders), Composer(config, renderer)
 
     def wake(self) -> None:

@@ -105,7 +105,7 @@ class Child:
         from bridge.channels.build import build_senders  # the child's alone: see run()
 
         assert self._session is not None
-        policies = build_policies(config, build_senders(config, self._session))
+        policies = build_policies(config, build_senders(config, self._session, self.store.identity))
         return policies, Composer(config, renderer)
 
     async def run(self) -> None:

@@ -55,9 +55,9 @@ async def _send(config: Config, name: str, payload: str) -> Outcome:
     from bridge.channels.build import build_senders
 
     async with aiohttp.ClientSession() as session:
-        sender = build_senders(config, session)[name]
-        # Never an ID the store hands out (those are positive), and a new one each time, so a
-        # webhook receiver that drops repeats by webhook-id takes a second test too.
+        # No store: never an ID one hands out (those are positive), and a new one each time, so
+        # a webhook receiver that drops repeats by webhook-id takes a second test too.
+        sender = build_senders(config, session, "send-test")[name]
         return await sender.send(payload, -1 - secrets.randbits(52))
 
 

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import socket
+import time
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -10,8 +12,10 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from bridge.channels import DELIVERED, Outcome, Result
 from bridge.channels.webhook import WebhookSender
 from bridge.config import WebhookChannel
+from bridge.store.sqlite import SQLiteStore
 from tests.bridge_server import signing_secret
 from tests.slack_standin import SlackStandIn
+from tests.store_rows import add
 
 pytestmark = pytest.mark.anyio
 
@@ -33,7 +37,7 @@ async def send(
     settings: WebhookChannel, session: aiohttp.ClientSession, delivery_id: int = 1,
     name: str = "hooks",
 ) -> Outcome:  # fmt: skip
-    outcome = await WebhookSender(name, settings, session, timeout_s=2).send(PAYLOAD, delivery_id)
+    outcome = await WebhookSender(name, settings, session, 2, "store").send(PAYLOAD, delivery_id)
     # The shared check every case passes: no configured secret in what is logged and stored.
     secrets = [settings.url.get_secret_value(), QUERY_TOKEN, HEADER_SECRET, "s3cr3t"]
     if settings.signing_secret is not None:
@@ -91,6 +95,36 @@ async def test_webhook_id_is_stable_per_delivery(
     )
     assert first == again
     assert len({first, next_delivery, other_channel}) == 3
+
+
+async def test_webhook_id_is_not_reused_by_another_store(
+    slack: SlackStandIn, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    # A database replaced (or a second bridge with its own, or a move to PostgreSQL) hands out
+    # delivery ids from 1 again: a receiver dropping repeats by webhook-id would drop its
+    # messages as repeats of the old one's.
+    settings = channel(slack.sink_url(), signing_secret())
+
+    async def send_first(name: str, record: bool) -> None:
+        store = SQLiteStore(tmp_path / name)
+        await store.open()
+        try:
+            if record:
+                await add(store, name, channel="hooks")
+            else:  # a restart: what was in flight is sent again
+                await store.recover()
+            (row,) = await store.claim("hooks", time.time(), 1, 60)
+            sender = WebhookSender("hooks", settings, session, 2, store.identity)
+            assert await sender.send(PAYLOAD, row.id) == DELIVERED
+        finally:
+            await store.close()
+
+    await send_first("old.db", record=True)
+    await send_first("new.db", record=True)
+    await send_first("old.db", record=False)  # the old store again, after a restart
+    old, new, old_again = (r.headers["webhook-id"] for r in slack.sink_requests)
+    assert old != new
+    assert old == old_again
 
 
 @pytest.mark.parametrize(

@@ -327,7 +327,7 @@ async def test_ids_of_deleted_rows_are_not_handed_out_again(store: Store, delete
     (again,) = await store.claim("a", now, 10, 30)
     assert second.event_id > first.event_id
     assert again.id > sent.id
-    assert message_id("a", again.id) != message_id("a", sent.id)
+    assert message_id(store.identity, "a", again.id) != message_id(store.identity, "a", sent.id)
 
 
 async def test_stats_list_retry_drop(store: Store) -> None:

@@ -123,6 +123,9 @@ async def test_processes_starting_at_once_all_migrate(
     assert postgres_sql("SELECT value FROM meta WHERE key = 'schema_version'") == [
         (str(SCHEMA_VERSION),)
     ]
+    # Replicas share the database's identity, so a repeat has the same webhook-id whoever sends.
+    assert postgres_sql("SELECT value FROM meta WHERE key = 'store_id'") == [(stores[0].identity,)]
+    assert {s.identity for s in stores} == {stores[0].identity}
 
 
 @pytest.mark.parametrize("isolation", ["read committed", "repeatable read", "serializable"])

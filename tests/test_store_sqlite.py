@@ -356,10 +356,12 @@ async def test_processes_opening_an_old_database_at_once_migrate_it_once(
             sqlite3.connect(path, isolation_level=None, factory=LateConnection)
         ) as second,
     ):
-        second.meanwhile = lambda: migrate(first)
-        migrate(second)
+        identities: list[str] = []
+        second.meanwhile = lambda: identities.append(migrate(first))
+        identities.append(migrate(second))
     assert db_rows(path, "SELECT value FROM meta WHERE key = 'schema_version'") == [
         (str(SCHEMA_VERSION),)
     ]
+    assert len(identities) == 2 and len(set(identities)) == 1  # one identity: one webhook-id
     if version:
         await assert_file_finds_retries(path, now + 1)

@@ -525,7 +525,9 @@ async def test_a_webhook_sends_rooms_side_by_side_and_each_room_in_order(
         await record_in(store, "hook", f"room-{i % rooms}", 1000 + i)
     slack.set_sink_delay("hook", 0.2)
     settings = WebhookChannel(type="webhook", url=SecretStr(slack.sink_url("hook")))
-    policy = ChannelPolicy("hook", WebhookSender("hook", settings, session, 2.0), max_in_flight=4)
+    policy = ChannelPolicy(
+        "hook", WebhookSender("hook", settings, session, 2.0, "store"), max_in_flight=4
+    )
     table = 'type = "webhook"\nurl = "https://sink.example.invalid/"'
     async with running(worker_with(store, make_composer(tmp_path, {"hook": table}), policy)):
         await eventually(lambda: len(slack.sink_requests) == 12)

@@ -1,4 +1,4 @@
-"""`build_senders(config, session)`: the sender of each configured channel, by name.
+"""`build_senders(config, session, store)`: the sender of each configured channel, by name.
 
 Shared by the server (one process), the delivery process and `live-bridge send-test`, none of
 which needs the others' modules for it.
@@ -14,7 +14,8 @@ from bridge.channels.webhook import WebhookSender
 from bridge.config import Config, ConsoleChannel, SlackChannel
 
 
-def build_senders(config: Config, session: aiohttp.ClientSession) -> dict[str, Sender]:
+def build_senders(config: Config, session: aiohttp.ClientSession, store: str) -> dict[str, Sender]:
+    """`store`: the identity of the store whose delivery ids the senders get (Store.identity)."""
     timeout = config.delivery.timeout_s
     senders: dict[str, Sender] = {}
     for name, channel in config.channels.items():
@@ -27,5 +28,5 @@ def build_senders(config: Config, session: aiohttp.ClientSession) -> dict[str, S
 
             senders[name] = SlackSender(channel, session, timeout)
         else:
-            senders[name] = WebhookSender(name, channel, session, timeout)
+            senders[name] = WebhookSender(name, channel, session, timeout, store)
     return senders

@@ -13,18 +13,21 @@ from bridge.channels.http import TRANSPORT_ERRORS, classify_status, describe_exc
 from bridge.config import WebhookChannel
 
 
-def message_id(channel: str, delivery_id: int) -> str:
-    """Stable per delivery, so a receiver can drop a repeat after a crash or retry."""
-    digest = hashlib.sha256(f"{channel}\0{delivery_id}".encode()).hexdigest()[:24]
+def message_id(store: str, channel: str, delivery_id: int) -> str:
+    """Stable per delivery, so a receiver can drop a repeat after a crash or retry. `store` is
+    the store's identity: another database hands out the same delivery ids again, and its
+    messages must not look like repeats."""
+    digest = hashlib.sha256(f"{store}\0{channel}\0{delivery_id}".encode()).hexdigest()[:24]
     return f"msg_{digest}"
 
 
 class WebhookSender:
     def __init__(
         self, name: str, settings: WebhookChannel, session: aiohttp.ClientSession,
-        timeout_s: float,
+        timeout_s: float, store: str,
     ) -> None:  # fmt: skip
         self._name = name
+        self._store = store  # the store's identity, for message_id
         self._url = settings.url.get_secret_value()
         self._headers = {k: v.get_secret_value() for k, v in settings.headers.items()}
         self._signer = (
@@ -38,7 +41,7 @@ class WebhookSender:
     async def send(self, payload: str, delivery_id: int, thread: Thread | None = None) -> Outcome:
         headers = {"Content-Type": "application/json", **self._headers}
         if self._signer is not None:
-            msg_id = message_id(self._name, delivery_id)
+            msg_id = message_id(self._store, self._name, delivery_id)
             now = datetime.now(UTC)
             headers["webhook-id"] = msg_id
             headers["webhook-timestamp"] = str(int(now.timestamp()))

@@ -119,6 +119,10 @@ class RecentEvent:
 
 
 class Store(Protocol):
+    # Random, made with the database and kept in it: ids start from 1 again in another one
+    # (replaced, or a second bridge's), so webhook-ids mix this in (channels/webhook.py).
+    identity: str
+
     async def open(self) -> None: ...
 
     async def close(self) -> None: ...

@@ -9,6 +9,7 @@ in one transaction, so the second finds the work done.
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 from psycopg import AsyncConnection
@@ -95,9 +96,10 @@ MIGRATIONS: tuple[str, ...] = (
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 
-async def migrate(conn: AsyncConnection[Any], create: bool = True) -> None:
+async def migrate(conn: AsyncConnection[Any], create: bool = True) -> str:
     """Bring the database to SCHEMA_VERSION; refuse one written by a newer live-bridge, and,
-    unless `create`, one without live-bridge's tables."""
+    unless `create`, one without live-bridge's tables. Returns the database's identity
+    (Store.identity)."""
     async with conn.transaction():
         # Each statement's own snapshot, whatever the server's default: a transaction-wide one
         # is taken before the lock is granted and misses the migrations done meanwhile.
@@ -126,6 +128,16 @@ async def migrate(conn: AsyncConnection[Any], create: bool = True) -> None:
                 " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
                 (str(number + 1),),
             )
+        # Made the first time the database is opened, under the lock: every replica reads the
+        # same. Not a migration: an older live-bridge, which has none, may still use it.
+        await conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('store_id', %s) ON CONFLICT (key) DO NOTHING",
+            (secrets.token_hex(16),),
+        )
+        cursor = await conn.execute("SELECT value FROM meta WHERE key = 'store_id'")
+        row = await cursor.fetchone()
+        assert row is not None
+        return str(row[0])
 
 
 # The store's statements longer than a line.

@@ -86,6 +86,7 @@ class PostgresStore:
         a database is unavailable (for the outbox commands: a wrong URL must not look all clear
         and leave tables in someone else's database)."""
         self.owner = uuid.uuid4().hex  # written on what this instance claims and takes
+        self.identity = ""  # the database's, once open (Store.identity)
         self._url = url
         self._create = create
         self._min_size = min_size
@@ -103,7 +104,7 @@ class PostgresStore:
             tcp = {k: v for k, v in TCP_DEFAULTS.items() if k not in self._url_options()}
             options: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT_S, **tcp}
             async with await AsyncConnection.connect(self._url, autocommit=True, **options) as conn:
-                await migrate(conn, self._create)
+                self.identity = await migrate(conn, self._create)
             pool = AsyncConnectionPool(
                 self._url, min_size=self._min_size, max_size=self._max_size, open=False,
                 kwargs={"autocommit": True, **options},

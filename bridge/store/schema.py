@@ -3,6 +3,7 @@ the store runs on it (as pg_schema.py holds PostgreSQL's)."""
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
 
 SCHEMA_VERSION = 6
@@ -104,10 +105,11 @@ MIGRATIONS: tuple[str, ...] = (
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 
-def migrate(conn: sqlite3.Connection) -> None:
+def migrate(conn: sqlite3.Connection) -> str:
     """Bring the database to SCHEMA_VERSION; refuse one written by a newer live-bridge. Several
     processes may open one file at once (the server, its delivery process, an outbox command):
-    each migration is applied once, by whichever takes the write lock first."""
+    each migration is applied once, by whichever takes the write lock first. Returns the
+    database's identity (Store.identity)."""
     conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
     version = _version(conn)
     while version < SCHEMA_VERSION:
@@ -133,6 +135,21 @@ def migrate(conn: sqlite3.Connection) -> None:
         raise sqlite3.DatabaseError(
             f"schema version {version} is newer than this live-bridge ({SCHEMA_VERSION})"
         )
+    return _identity(conn)
+
+
+def _identity(conn: sqlite3.Connection) -> str:
+    """The database's random identity, made the first time it is opened. Not a migration: an
+    older live-bridge, which has none, may still open the file."""
+    select = "SELECT value FROM meta WHERE key = 'store_id'"
+    if (row := conn.execute(select).fetchone()) is None:
+        # OR IGNORE: of two processes opening a new file at once, the first one's stays.
+        conn.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?)",
+            (secrets.token_hex(16),),
+        )
+        row = conn.execute(select).fetchone()
+    return str(row[0])
 
 
 def _version(conn: sqlite3.Connection) -> int:

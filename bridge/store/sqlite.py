@@ -89,6 +89,7 @@ class SQLiteStore:
         self._lock_fd: int | None = None
         self._write_lock_fd: int | None = None
         self.owner = uuid.uuid4().hex  # written on what this instance claims and takes
+        self.identity = ""  # the database's, once open (Store.identity)
         self._reader: sqlite3.Connection | None = None  # for what operators read
         self._reading = threading.Lock()
 
@@ -107,7 +108,7 @@ class SQLiteStore:
                 f"{self.path}.write-lock", os.O_RDONLY | os.O_CREAT, 0o600
             )
             conn = connect(self.path, self._sync)
-            migrate(conn)
+            self.identity = migrate(conn)
         except (sqlite3.Error, OSError) as exc:
             self._unlock()
             raise StoreUnavailable(f"cannot open store {self.path}: {exc}") from None
