@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import types
@@ -268,11 +269,29 @@ def _variables_used(env: jinja2.Environment, name: str) -> frozenset[str] | None
     return frozenset(jinja2.meta.find_undeclared_variables(tree))
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+# Python's json reads NaN and Infinity (and 1e400 as Infinity) and writes them back, which JSON
+# has not: a receiver's parser would refuse every body (receive's decoder refuses them too).
+_STRICT = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite)
+
+
 def _check_json(kind: str, name: str, text: str, whole: bool = False) -> str:
     try:
-        payload = json.loads(text)
+        payload = _STRICT.decode(text)
     except json.JSONDecodeError as exc:
         raise RenderError(f"{name}: output is not JSON (line {exc.lineno}: {exc.msg})") from None
+    except ValueError as exc:  # _no_constant's or _finite's
+        raise RenderError(f"{name}: output is not JSON ({exc})") from None
     if kind == "slack":
         if whole and blockkit.overflows(payload):
             raise TooBig(f"{name}: over Slack's limits")

@@ -175,6 +175,25 @@ def test_template_mistakes_name_file_and_line(tmp_path: Path, template: str, mes
     assert message in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "template",
+    [
+        '{"a": NaN}',
+        '{"a": -Infinity}',
+        '{"a": 1e400}',  # a number JSON allows, read as Infinity and written so
+        '{"a": {{ (event.EventTime * 1e308) | tojson }}}',  # a float out of range: Infinity
+    ],
+)
+def test_a_template_whose_output_is_not_strict_json_is_an_error(
+    tmp_path: Path, template: str
+) -> None:
+    # Python's json reads and writes NaN and Infinity, which JSON has not: the receiver's parser
+    # (JSON.parse, Go's encoding/json, …) would refuse the body every time.
+    (tmp_path / "mine.j2").write_text(template)
+    with pytest.raises(RenderError, match=r"mine\.j2: output is not JSON"):
+        renderer(tmp_path).render("webhook", parse_event(SEED), SEED, CTX, "mine.j2")
+
+
 def test_missing_template_is_a_render_error(tmp_path: Path) -> None:
     with pytest.raises(RenderError, match=r"absent\.j2 not found"):
         renderer(tmp_path).render("slack", parse_event(SEED), SEED, CTX, "absent.j2")
