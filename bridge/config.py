@@ -231,6 +231,17 @@ class WebhookChannel(Strict):
             raise ValueError("must be an http:// or https:// URL")
         return value
 
+    @field_validator("headers")
+    @classmethod
+    def _sendable(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        # aiohttp refuses a request with CR, LF or NUL in a header (header injection), so every
+        # delivery would fail, each retried to a dead letter. A token read from a file often
+        # keeps its newline. The name is no secret; the value stays out of the message.
+        for name, header in value.items():
+            if any(c in name + header.get_secret_value() for c in "\r\n\0"):
+                raise ValueError(f"{name}: a header cannot hold a line break or NUL")
+        return value
+
     @field_validator("signing_secret")
     @classmethod
     def _whsec(cls, value: SecretStr | None) -> SecretStr | None:

@@ -152,6 +152,21 @@ def test_webhook_credentials_in_url_or_authorization_header_not_both(
     assert "Zq7" not in message and "Zq8" not in message
 
 
+@pytest.mark.parametrize("token", ["Zq9\n", "Zq9\r\nX-Evil: 1"])
+def test_webhook_header_value_that_no_request_can_carry_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, token: str
+) -> None:
+    # aiohttp refuses such a request (header injection): every delivery would fail, each one
+    # retried to a dead letter as "internal error in sender".
+    monkeypatch.setenv("HOOK_TOKEN", token)  # a token read from a file, its newline kept
+    text = MINIMAL + "[channels.hook]\ntype = 'webhook'\nurl = 'https://hooks.example.com/x'\n"
+    text += "headers = { X-Token = 'Bearer ${HOOK_TOKEN}' }\n"
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    assert "[channels.hook] headers" in str(caught.value)
+    assert "Zq9" not in str(caught.value)
+
+
 def test_store_url_selects_postgresql_and_stays_secret(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
