@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import base64
 import socket
 import time
 from pathlib import Path
@@ -66,6 +67,26 @@ async def test_delivered_with_configured_headers(
     assert request.headers["authorization"] == HEADER_SECRET
     assert request.headers["x-team"] == "live-ops"
     assert not [h for h in request.headers if h.startswith("webhook-")]
+
+
+@pytest.mark.parametrize(
+    ("credentials", "expected"),
+    [
+        ("ops:pa%20ss", b"ops:pa ss"),
+        ("ops:p%C3%A4ss", "ops:päss".encode("latin-1")),  # as aiohttp always sent it
+        ("ops:p%C3%A4%E5%AF%86", "ops:pä密".encode()),  # no Latin-1 for it: UTF-8 (RFC 7617)
+        ("ops", b"ops:"),
+    ],
+)
+async def test_credentials_in_the_url_are_basic_authentication(
+    slack: SlackStandIn, session: aiohttp.ClientSession, credentials: str, expected: bytes
+) -> None:
+    # A password outside Latin-1 made aiohttp raise at every send, naming one of its characters.
+    url = slack.sink_url("hooks").replace("://", f"://{credentials}@")
+    settings = WebhookChannel(type="webhook", url=SecretStr(url))
+    assert await send(settings, session) == DELIVERED
+    (request,) = slack.sink_requests
+    assert request.headers["authorization"] == "Basic " + base64.b64encode(expected).decode()
 
 
 async def test_signed_request_verifies_with_standard_webhooks(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from datetime import UTC, datetime
+from urllib.parse import unquote, urlsplit
 
 import aiohttp
 from standardwebhooks.webhooks import Webhook
@@ -28,8 +30,10 @@ class WebhookSender:
     ) -> None:  # fmt: skip
         self._name = name
         self._store = store  # the store's identity, for message_id
-        self._url = settings.url.get_secret_value()
+        self._url, authorization = _split_credentials(settings.url.get_secret_value())
         self._headers = {k: v.get_secret_value() for k, v in settings.headers.items()}
+        if authorization is not None:  # the config refuses an Authorization header beside it
+            self._headers["Authorization"] = authorization
         self._signer = (
             Webhook(settings.signing_secret.get_secret_value())
             if settings.signing_secret is not None
@@ -55,3 +59,21 @@ class WebhookSender:
                 return classify_status(response.status, response.headers)
         except TRANSPORT_ERRORS as exc:
             return retry(describe_exception(exc))
+
+
+def _split_credentials(url: str) -> tuple[str, str | None]:
+    """The URL without `user:password@`, and those as a Basic Authorization header. aiohttp
+    would encode them as Latin-1 itself, and raise for a character outside it (the error naming
+    the character, a piece of the password, in a traceback) at every send: such a password is
+    sent as UTF-8, RFC 7617's charset; any other as aiohttp sent it."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url, None
+    login, password = unquote(parts.username or ""), unquote(parts.password or "")
+    credentials = f"{login}:{password}"
+    try:
+        raw = credentials.encode("latin-1")
+    except UnicodeEncodeError:
+        raw = credentials.encode()
+    netloc = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=netloc).geturl(), "Basic " + base64.b64encode(raw).decode()
