@@ -363,18 +363,22 @@ class Worker:
 
         async def room(sequence: list[Claimed]) -> None:
             for index, row in enumerate(sequence):
-                if self._stopping:
-                    await self._give_back(sequence[index:], time.time(), "shutting down")
-                    return
                 outcome: Outcome | None = None
                 async with slots:
-                    if await pacer.wait():
+                    # Stopping is checked again once the slot and the pace allow a send: a stop
+                    # may have come while this room waited for them, and only sends in flight at
+                    # the stop may finish. One started in the grace period, cut off at its end,
+                    # would be sent again at the next start.
+                    if not self._stopping and await pacer.wait() and not self._stopping:
                         outcome = await self._attempt(policy, row)
                         pacer.done()
                         if outcome.rate_limited:  # before the slot is free for another room
                             pacer.block(outcome.retry_after or 1.0)
                             log.warning("channel %s rate limited for %.1fs", policy.name,
                                         pacer.blocked_for())  # fmt: skip
+                if self._stopping and outcome is None:
+                    await self._give_back(sequence[index:], time.time(), "shutting down")
+                    return
                 if outcome is None:
                     # A 429 blocks the channel. Waiting it out would hold these rows and the
                     # channel past their lease, when another process takes both and sends inside
@@ -399,7 +403,8 @@ class Worker:
         pacer = self.pacers.get(policy.name) or Pacer(policy.rate_per_s, policy.burst)
         log.info("channel %s: %d pending, sending %d digests", policy.name, len(rows), len(digests))
         for index, (payload, carried) in enumerate(digests):
-            if self._stopping or not await pacer.wait():  # stopping, or blocked by a 429
+            # Stopping (also once the pace allows it: see _send_each), or blocked by a 429.
+            if self._stopping or not await pacer.wait() or self._stopping:
                 rest = [row for _, later in digests[index:] for row in later]
                 await self._give_back(rest, time.time(), "digest not sent yet")
                 return

@@ -716,6 +716,32 @@ async def test_a_429_longer_than_the_lease_keeps_every_worker_out_until_it_ends(
     assert await delivery_rows(first) == [("delivered", 1), ("delivered", 1)]
 
 
+async def test_a_stopping_worker_lets_a_send_finish_and_starts_no_other(
+    session: aiohttp.ClientSession, open_store: OpenStore, tmp_path: Path
+) -> None:
+    # Rooms A and B share the channel's one slot: B's event waits for A's slow send. Stopped
+    # meanwhile, A's send may finish in the grace period; B's, not started, stays pending. It
+    # went out as soon as the slot was free, and, cut off or unrecorded at the end of the grace,
+    # would be sent again at the next start though nothing of it was in flight at the stop.
+    store = await open_store()
+    await record_in(store, "bot", "A", 1000)
+    await record_in(store, "bot", "B", 2000)
+    with SlackStandIn(latency_s=0.5) as slack:
+        policy = ChannelPolicy("bot", senders(slack, session)["bot"])
+        worker = worker_with(store, make_composer(tmp_path, {"bot": SLACK}), policy)
+        task = asyncio.create_task(worker.run())
+        worker.wake()
+        await eventually(lambda: states(store.path) == ["in_flight", "in_flight"])
+        await worker.stop(2.0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.6)  # a send that did start would have arrived by now
+        assert labels([p.payload for p in slack.posted]) == ["A@1000"]
+    assert states(store.path) == ["delivered", "pending"]
+    assert attempts(store.path) == [1, 0]
+
+
 async def test_a_locked_due_delivery_leaves_the_worker_idle(
     postgres_url: str, tmp_path: Path
 ) -> None:
