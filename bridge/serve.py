@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import signal
 import sys
 import threading
 from types import FrameType
@@ -70,7 +71,13 @@ def main(args: argparse.Namespace) -> int:
         app.state.bridge,
         config.server.drain_s,
     )
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        # Ctrl-C: uvicorn stopped as for SIGTERM, then raised SIGINT again for the exit status
+        # to say why, which asyncio's runner turns into this exception: no traceback after a
+        # clean stop, and the status a shell gives a process Ctrl-C ended.
+        return 128 + signal.SIGINT
     return 0 if server.started else 1
 
 

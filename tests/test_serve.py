@@ -153,3 +153,23 @@ def test_the_delivery_process_logs_say_so(tmp_path: Path) -> None:
     assert ("bridge.worker", "delivery") in by_logger  # sent by the delivery process
     assert ("bridge.app", None) in by_logger  # the server's lines name no process
     assert ("bridge.worker", None) not in by_logger
+
+
+def test_ctrl_c_stops_cleanly_with_status_130(tmp_path: Path) -> None:
+    # uvicorn stops as for SIGTERM, then raises SIGINT again for the exit status to say why;
+    # asyncio's runner made that a KeyboardInterrupt and its traceback after a clean stop.
+    port = free_port()
+    config = write_config(tmp_path, port)
+    log = tmp_path / "bridge.log"
+    process = start(config, log)
+    try:
+        assert wait_until(lambda: ready(f"http://127.0.0.1:{port}"), timeout=20)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=20) == 128 + signal.SIGINT
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    text = log.read_text()
+    assert "live-bridge stopped" in text
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text
