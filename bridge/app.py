@@ -74,6 +74,8 @@ class Bridge:
         self.worker: Worker | None = None  # delivering in this process
         self.delivery: DeliveryProcess | None = None  # delivering in a process of its own
         self.draining = False  # set on SIGTERM: /readyz answers 503 from then on
+        self._stop_now = False  # set on a second signal: no grace for the sends in flight
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.receiver = self._receiver(config, self.renderer)
         self._reloading = asyncio.Lock()
         self._late_burials: set[asyncio.Task[None]] = set()  # see reload()
@@ -92,6 +94,20 @@ class Bridge:
         assert self._session is not None
         senders = self._senders or build_senders(config, self._session, self.store.identity)
         return build_policies(config, senders), Composer(config, renderer)
+
+    def stop_now(self) -> None:
+        """A second SIGTERM or Ctrl-C: the sends in flight get no grace (they stay claimed and
+        are sent again at the next start). Called from a signal handler, which may have
+        interrupted the event loop anywhere: the loop does the rest when it comes to it."""
+        self._stop_now = True
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._cut_grace)
+
+    def _cut_grace(self) -> None:
+        if self.worker is not None:
+            self.worker.hurry()
+        if self.delivery is not None:
+            self.delivery.hurry()
 
     def wake(self) -> None:
         if self.worker is not None:
@@ -137,7 +153,7 @@ class Bridge:
             policies, composer = self._worker_setup(config, self.renderer)
             self.worker = Worker.for_config(config, self.store, policies, composer, self.metrics)
             task = asyncio.create_task(self.worker.run(), name="worker")
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         hangup = threading.current_thread() is threading.main_thread()
         if hangup:
             loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
@@ -152,6 +168,8 @@ class Bridge:
             if hangup:
                 loop.remove_signal_handler(signal.SIGHUP)
             self.draining = True
+            if self._stop_now:  # a second signal came before the first was acted on
+                self._cut_grace()
             for burial in self._late_burials:
                 burial.cancel()  # what they would bury, the next start does
             await asyncio.gather(*self._late_burials, return_exceptions=True)

@@ -8,7 +8,8 @@ the writer's lock (bridge/store/writer.py), so the handover is immediate.
 This module is the child (`python -m bridge.deliver`); the serving process starts and watches it
 (bridge/supervise.py). Its stdin wakes it (a byte whenever a callback or a retry may have made
 something due; end-of-file when the serving process dies, and it stops at once), SIGHUP reloads
-its config from the file, SIGTERM stops it; it reports on a pipe of its own (`--report-fd`).
+its config from the file, SIGTERM stops it (SIGUSR1: at once, its sends in flight cut short); it
+reports on a pipe of its own (`--report-fd`).
 """
 
 from __future__ import annotations
@@ -125,8 +126,17 @@ class Child:
             self.stopped_by = sig
             stop.set()
 
+        def now() -> None:
+            # The server got a second signal: stop, and cut the sends in flight short. The
+            # status stays a SIGTERM's, so the server, stopping, takes it as its own stop.
+            self.stopped_by = self.stopped_by or signal.SIGTERM
+            stop.set()
+            assert self.worker is not None
+            self.worker.hurry()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, asked, sig)
+        loop.add_signal_handler(signal.SIGUSR1, now)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.report.ready()
         gc.collect()

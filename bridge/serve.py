@@ -107,8 +107,17 @@ class DrainingServer(uvicorn.Server):
         self._bridge = bridge
         self._drain_s = drain_s
         self._timer: threading.Timer | None = None
+        self._signalled = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._signalled:
+            # uvicorn alone would only stop waiting for connections, and only on SIGINT; the
+            # sends in flight would still have their whole grace period. The drain ends too,
+            # and its timer with it (it would count as one more signal).
+            self._bridge.stop_now()
+            if self._timer is not None:
+                self._timer.cancel()
+        self._signalled = True
         self._bridge.draining = True
         if self._drain_s > 0 and self._timer is None and not self.should_exit:
             logging.getLogger(__name__).info("draining for %.1fs before closing", self._drain_s)

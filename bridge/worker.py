@@ -126,6 +126,7 @@ class Worker:
         self._busy: set[str] = set()
         self._lanes: set[asyncio.Task[None]] = set()
         self._stopping = False
+        self._hurried = False  # a second signal: no grace for the sends in flight
         self._last_prune = 0.0
         self._store_failures = 0
         self._store_retry_at = 0.0  # time.monotonic(): no claims before this
@@ -228,10 +229,18 @@ class Worker:
         self._stopping = True
         self.wake()  # lingering lanes end now
         if self._lanes:
-            _, pending = await asyncio.wait(self._lanes, timeout=grace_s)
+            _, pending = await asyncio.wait(self._lanes, timeout=0 if self._hurried else grace_s)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+
+    def hurry(self) -> None:
+        """Stop now, before or during `stop()`: the lanes are cancelled, and what they hold
+        stays claimed in the store, sent again after restart (at least once, as after a
+        crash)."""
+        self._stopping = self._hurried = True
+        for task in self._lanes:
+            task.cancel()
 
     def _all_busy(self) -> bool:
         return bool(self._policies) and all(

@@ -7,11 +7,15 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from tests.bridge_server import (
     OK_PACKET,
     SEED_BODY,
+    delivery_states,
     free_port,
     get,
     post_callback,
@@ -173,3 +177,47 @@ def test_ctrl_c_stops_cleanly_with_status_130(tmp_path: Path) -> None:
     text = log.read_text()
     assert "live-bridge stopped" in text
     assert "Traceback" not in text and "KeyboardInterrupt" not in text
+
+
+@pytest.mark.parametrize(
+    ("own_process", "second"), [(False, signal.SIGTERM), (True, signal.SIGINT)]
+)
+def test_a_second_signal_stops_at_once(
+    tmp_path: Path, own_process: bool, second: signal.Signals
+) -> None:
+    # Slack answers in 6 s, the grace is 30 s: a second signal must not wait for the answer.
+    # uvicorn alone only stops waiting for connections, and only on a second SIGINT.
+    with SlackStandIn(tokens=[SECRET], latency_s=6.0) as slack:
+        port = free_port()
+        bot = (
+            '[channels.bot]\ntype = "slack"\ntoken = "${SLACK_TOKEN}"\nchannel = "C0123456789"\n'
+            f'api_url = "{slack.api_url}"\n'
+        )
+        config = write_config(
+            tmp_path, port, channels=bot, routes='[[routes]]\nname = "all"\nchannels = ["bot"]\n',
+            delivery=f"shutdown_grace_s = 30\nown_process = {str(own_process).lower()}\n",
+        )  # fmt: skip
+        config.write_text(config.read_text().replace("timeout_s = 2.0", "timeout_s = 30.0"))
+        log = tmp_path / "bridge.log"
+        process = start(config, log)
+        try:
+            assert wait_until(lambda: ready(f"http://127.0.0.1:{port}"), timeout=20)
+            assert post_callback(f"http://127.0.0.1:{port}") == (200, OK_PACKET)
+            db = tmp_path / "bridge.db"
+            assert wait_until(lambda: delivery_states(db) == {"in_flight": 1})
+            time.sleep(0.3)  # the request is on its way to Slack
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            process.send_signal(second)
+            asked = time.monotonic()
+            process.wait(timeout=20)
+            assert time.monotonic() - asked < 3.0
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    # Cut short, it stays claimed: sent again at the next start.
+    assert delivery_states(db) == {"in_flight": 1}
+    text = log.read_text()
+    assert "live-bridge stopped" in text
+    assert "Traceback" not in text and " ERROR " not in text
