@@ -17,6 +17,7 @@ import logging
 import math
 import random
 import time
+import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -454,8 +455,15 @@ class Worker:
                 return await policy.sender.send(payload, delivery_id, thread)
         except TimeoutError:
             return retry("timed out")
-        except Exception:
-            log.exception("delivery=%d channel=%s: sender failed", delivery_id, policy.name)
+        except Exception as exc:
+            # A sender's own errors are classified without their text; this one is not, and a
+            # library's message may quote a URL, a header or a password: the traceback's frames
+            # and the exception's type, not what it says.
+            log.error(
+                "delivery=%d channel=%s: sender failed: %s (its message is left out: it may "
+                "hold a secret)\n%s", delivery_id, policy.name, type(exc).__name__,
+                "".join(traceback.format_tb(exc.__traceback__)).rstrip(),
+            )  # fmt: skip
             return retry("internal error in sender")
 
     def _note(self, row: Claimed, kind: str, error: str | None = None) -> None:

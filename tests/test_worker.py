@@ -19,7 +19,7 @@ import psycopg
 import pytest
 from pydantic import SecretStr
 
-from bridge.channels import Sender
+from bridge.channels import Outcome, Sender, Thread
 from bridge.channels.console import ConsoleSender
 from bridge.channels.slack import SlackSender
 from bridge.channels.webhook import WebhookSender
@@ -191,6 +191,31 @@ async def test_permanent_failure_is_dead_after_one_attempt(
     assert deliveries(store.path) == [(channel, "dead", 1, error)]
     assert slack.requests_seen == 1
     assert slack.posted == []
+
+
+class Unexpected:
+    """A sender that fails in a way no sender classifies, quoting a secret as libraries may."""
+
+    url = "https://hooks.example/T0/B0/s3cr3tPath"
+
+    async def send(self, payload: str, delivery_id: int, thread: Thread | None = None) -> Outcome:
+        raise ValueError(f"cannot post to {self.url}: bad header")
+
+
+async def test_an_unexpected_sender_error_is_retried_and_logged_without_its_message(
+    open_store: OpenStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = await open_store()
+    await record(store, "odd")
+    with caplog.at_level(logging.ERROR, logger="bridge.worker"):
+        async with running(make_worker(store, {"odd": Unexpected()}, tmp_path)):
+            await eventually(lambda: states(store.path) == ["dead"])
+    assert deliveries(store.path) == [
+        ("odd", "dead", 3, "gave up after 3 attempts: internal error in sender")
+    ]
+    logged = "\n".join(caplog.text.splitlines())
+    assert "sender failed: ValueError" in logged and "in send" in logged  # type and frames
+    assert "s3cr3t" not in logged and "hooks.example" not in logged
 
 
 async def test_a_channel_without_a_policy_is_left_alone(
