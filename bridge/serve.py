@@ -46,8 +46,8 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         app = create_app(config, path)
-    except ConfigError as exc:
-        print(f"live-bridge: {exc}", file=sys.stderr)
+    except ConfigError as exc:  # its templates, which name themselves: the config names them
+        print(f"live-bridge: {path}: {exc}", file=sys.stderr)
         return 2
     if problem := asyncio.run(store_problem(config.store)):
         print(f"live-bridge: {problem}", file=sys.stderr)

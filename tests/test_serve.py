@@ -147,6 +147,19 @@ def test_a_store_it_cannot_open_is_one_line_and_status_1(tmp_path: Path) -> None
     assert "Traceback" not in second.stderr
 
 
+def test_templates_that_do_not_render_name_the_config_and_status_2(tmp_path: Path) -> None:
+    # As `check` does: which file's channels they are, then the template and why.
+    channels = '[channels.console]\ntype = "console"\ntemplate = "missing.j2"\n'
+    config = write_config(tmp_path, free_port(), channels=channels)
+    run = subprocess.run(
+        [sys.executable, "-m", "bridge", "serve", "--config", str(config)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert run.returncode == 2
+    assert run.stderr.startswith(f"live-bridge: {config}: templates do not render:")
+    assert "missing.j2" in run.stderr and "Traceback" not in run.stderr
+
+
 def test_the_delivery_process_logs_say_so(tmp_path: Path) -> None:
     port = free_port()
     config = write_config(tmp_path, port, delivery="own_process = true\n")  # a console channel
