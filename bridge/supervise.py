@@ -40,8 +40,9 @@ RESTART_S = (1.0, 30.0)  # the first and the longest wait before starting the ch
 STOP_MARGIN_S = 5.0  # past the grace period, before a child that does not stop is killed
 SIGNAL_SETTLE_S = 0.5  # a child ended on SIGTERM: time for the server's own to be handled
 # The child's exit status after a SIGTERM: 128 + 15 from its handler, as a shell reports it, or
-# -15 when the signal came before the handler was in place.
-TERMINATED = (128 + signal.SIGTERM, -signal.SIGTERM)
+# -15 when the signal came before the handler was in place; -10 for the server's own SIGUSR1
+# (hurry) that came before its handler.
+TERMINATED = (128 + signal.SIGTERM, -signal.SIGTERM, -signal.SIGUSR1)
 
 
 class DeliveryProcess:

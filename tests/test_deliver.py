@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -319,6 +320,24 @@ def test_a_sigterm_to_the_child_alone_is_an_end_the_server_did_not_ask_for(
         assert metric(bridge.url, RESTARTS) == 1
         assert post_callback(bridge.url, room(0)) == (200, OK_PACKET)
         assert slack.wait_for(lambda s: len(s.sink_requests) == 1)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("status", "level"),
+    [(143, "INFO"), (-signal.SIGTERM, "INFO"), (-signal.SIGUSR1, "INFO"), (1, "ERROR")],
+)
+async def test_a_child_that_ends_as_the_server_stops_is_no_crash(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, status: int, level: str
+) -> None:
+    # A second signal's SIGUSR1 may reach the child before its handler is in place: its default
+    # action ends it with -10, which is the server's own stop, not an error.
+    config = load_config(write_config(tmp_path, delivery="own_process = true\n"))
+    watch = DeliveryProcess(tmp_path / "config.toml", make_store(config.store, serving=False),
+                            Metrics(), lambda: config, lambda: True)  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="bridge.supervise"):
+        assert await watch._ended_with_server(status)
+    assert [r.levelname for r in caplog.records] == [level]
 
 
 def test_own_process_needs_the_config_file(tmp_path: Path) -> None:
