@@ -292,13 +292,6 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return packet(status, HTTPStatus(status).phrase.lower())
 
 
-def callback_paths(path: str) -> frozenset[str]:
-    """The callback path with and without a trailing slash: Tencent follows no redirect, so a
-    URL registered either way must reach the receiver."""
-    base = path.rstrip("/")
-    return frozenset({base or "/", base + "/"})
-
-
 class App:
     """The ASGI application: a callback goes straight to the receiver, everything else (and a
     callback path asked with another method: 405) through Starlette's middleware and routing.
@@ -312,7 +305,7 @@ class App:
         self.bridge = bridge
         self.state = starlette.state
         # [server]: fixed until restart.
-        self._callback_paths = callback_paths(bridge.config.server.callback_path)
+        self._callback_paths = bridge.config.server.callback_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         callback = scope["type"] == "http" and scope["method"] == "POST"
@@ -332,8 +325,7 @@ def create_app(
     admin = bridge.admin
     # Both forms, as App answers a POST at both: another method gets 405 at either.
     callbacks = [
-        Route(p, bridge.callback, methods=["POST"])
-        for p in sorted(callback_paths(config.server.callback_path))
+        Route(p, bridge.callback, methods=["POST"]) for p in sorted(config.server.callback_paths)
     ]
     routes = [
         *callbacks,

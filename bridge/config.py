@@ -56,6 +56,13 @@ class ServerConfig(Strict):
     # stops sending; callbacks that still arrive are acknowledged as usual.
     drain_s: float = Field(0.0, ge=0)
 
+    @property
+    def callback_paths(self) -> frozenset[str]:
+        """The callback path with and without a trailing slash: Tencent follows no redirect, so
+        a URL registered either way reaches the receiver (and stays out of the access log)."""
+        base = self.callback_path.rstrip("/")
+        return frozenset({base or "/", base + "/"})
+
 
 class TencentConfig(Strict):
     sdk_app_id: tuple[int, ...]

@@ -109,13 +109,11 @@ class JsonFormatter(logging.Formatter):
 
 
 class SkipPath(logging.Filter):
-    """Drops uvicorn access-log lines for one path, with or without a trailing slash as the
-    receiver answers at both (query strings ignored)."""
+    """Drops uvicorn access-log lines for the given paths (query strings ignored)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, paths: frozenset[str]) -> None:
         super().__init__()
-        base = path.rstrip("/")
-        self._paths = frozenset({base or "/", base + "/"})
+        self._paths = paths
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
@@ -124,8 +122,10 @@ class SkipPath(logging.Filter):
         return True
 
 
-def setup(level: str, fmt: str, callback_path: str | None, process: str | None = None) -> None:
-    """Configure the root logger; `callback_path`, when given, is kept out of the access log.
+def setup(
+    level: str, fmt: str, callback_paths: frozenset[str] | None, process: str | None = None
+) -> None:
+    """Configure the root logger; `callback_paths`, when given, are kept out of the access log.
     `process` names a process other than the server's in each line (the delivery process)."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
@@ -139,4 +139,4 @@ def setup(level: str, fmt: str, callback_path: str | None, process: str | None =
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     access = logging.getLogger("uvicorn.access")
-    access.filters[:] = [SkipPath(callback_path)] if callback_path else []
+    access.filters[:] = [SkipPath(callback_paths)] if callback_paths else []

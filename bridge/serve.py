@@ -40,7 +40,7 @@ def register(commands: Any) -> None:
 
 def main(args: argparse.Namespace) -> int:
     path, config = load_for_command(args.config)
-    skip = None if args.access_log_callbacks else config.server.callback_path
+    skip = None if args.access_log_callbacks else config.server.callback_paths
     logs.setup(args.log_level, args.log_format, skip)
     from bridge.app import create_app  # after logging is set up
 

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import pytest
 
+from bridge.config import ServerConfig
 from bridge.logs import JsonFormatter, SkipPath, TextFormatter, one_line, setup
 
 FORGED = "x\n2026-01-01 00:00:00,000 ERROR bridge.receive: cannot store callbacks"
@@ -75,7 +76,7 @@ def test_the_access_log_leaves_out_the_callback_path(path: str, kept: bool) -> N
         "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
         ("127.0.0.1:1", "POST", path, "1.1", 200), None,
     )  # fmt: skip
-    assert SkipPath("/tencent/callback").filter(access) is kept
+    assert SkipPath(ServerConfig().callback_paths).filter(access) is kept
 
 
 @pytest.mark.parametrize("configured", ["/tencent/callback", "/tencent/callback/"])
@@ -97,7 +98,7 @@ def test_the_access_log_leaves_out_the_callback_path_with_or_without_a_trailing_
         "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
         ("127.0.0.1:1", "POST", path, "1.1", 200), None,
     )  # fmt: skip
-    assert SkipPath(configured).filter(access) is kept
+    assert SkipPath(ServerConfig(callback_path=configured).callback_paths).filter(access) is kept
 
 
 @pytest.mark.parametrize(("fmt", "formatter"), [("text", TextFormatter), ("json", JsonFormatter)])
@@ -107,7 +108,7 @@ def test_setup_writes_every_line_through_a_one_line_formatter(
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     try:
-        setup("info", fmt, "/tencent/callback")
+        setup("info", fmt, ServerConfig().callback_paths)
         (handler,) = root.handlers
         assert type(handler.formatter) is formatter
     finally:
