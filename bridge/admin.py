@@ -184,12 +184,16 @@ class Admin:
             return datetime.fromtimestamp(ts, UTC).astimezone(zone).strftime("%Y-%m-%d %H:%M:%S")
 
         stats = {s.channel: s for s in await bridge.store.stats()}
+        # Channels gone from the config whose deliveries the store still holds (dead letters a
+        # reload buried) are listed too, as /metrics counts them, without a retry button: they
+        # would be buried again; `outbox drop` removes them, or the channel can come back.
+        gone = sorted(set(stats) - set(config.channels))
         channels = []
-        for name, channel in config.channels.items():
-            s = stats.get(name)
-            state, blocked = bridge.channel_state(name)
+        for name in [*config.channels, *gone]:
+            s, channel = stats.get(name), config.channels.get(name)
+            state, blocked = bridge.channel_state(name) if channel else (None, 0.0)
             channels.append({
-                "name": name, "type": channel.type,
+                "name": name, "type": channel.type if channel else "not in the config",
                 "pending": s.pending if s else 0, "in_flight": s.in_flight if s else 0,
                 "dead": s.dead if s else 0, "delivered": s.delivered if s else 0,
                 "oldest": f"{now - s.oldest_pending_at:.0f}s" if s and s.oldest_pending_at else "—",
@@ -197,19 +201,7 @@ class Admin:
                 "last_error": state.last_error if state else None,
                 "last_error_at": when(state.last_error_at if state else None),
                 "blocked_until": when(now + blocked) if blocked > 0 else None,
-                "rate": getattr(channel, "rate_per_s", None), "configured": True,
-            })  # fmt: skip
-        # Channels gone from the config whose deliveries the store still holds (dead letters a
-        # reload buried): /metrics counts them, and so does this page. No retry button: they would
-        # be buried again; `outbox drop` removes them, or the channel can come back.
-        for name in sorted(set(stats) - set(config.channels)):
-            s = stats[name]
-            channels.append({
-                "name": name, "type": "not in the config", "pending": s.pending,
-                "in_flight": s.in_flight, "dead": s.dead, "delivered": s.delivered,
-                "oldest": f"{now - s.oldest_pending_at:.0f}s" if s.oldest_pending_at else "—",
-                "last_success": "—", "last_error": None, "last_error_at": "—",
-                "blocked_until": None, "rate": None, "configured": False,
+                "rate": getattr(channel, "rate_per_s", None), "configured": channel is not None,
             })  # fmt: skip
         events = [
             {"when": when(e.received_at), "command": e.command, "room": e.room_id or "—",

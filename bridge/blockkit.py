@@ -111,7 +111,7 @@ def _text_objects(block: Any) -> list[dict[str, Any]]:
 def overflows(payload: Any) -> bool:
     """Would `fit` have to drop blocks, fields or context elements, or cut the top-level text
     (not just cut a value)? A digest may give each entry a field or an element, not a block.
-    Or are its blocks longer than Slack is reported to take (`DIGEST_BLOCKS_CHARS`)?"""
+    Or are its blocks longer than Slack is reported to take (`BLOCKS_CHARS`)?"""
     if not isinstance(payload, dict):
         return False
     blocks = payload.get("blocks")

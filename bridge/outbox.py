@@ -215,8 +215,8 @@ def _time(timestamp: float) -> str:
     try:
         return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     except (OverflowError, OSError, ValueError):
-        # Past any date (year 9999, infinity): a far end's Retry-After sets the next attempt,
-        # however far off, and one such row must not stop the listing of every other.
+        # Past any date (year 9999, infinity): a far end's Retry-After set such next attempts
+        # before it was capped at an hour, and one such row must not stop the listing.
         return "never"
 
 
