@@ -233,12 +233,7 @@ class Bridge:
                 burial = asyncio.create_task(self._bury_when_finished(old, retyped))
                 self._late_burials.add(burial)
                 burial.add_done_callback(self._late_burials.discard)
-            buried = await self.store.bury_unknown_channels(
-                list(config.channels), time.time(), REMOVED
-            )
-            if retyped and (rerendered := await self.store.forget_payloads(retyped)):
-                log.info("%d deliveries to channels of another type are rendered again when sent",
-                         rerendered)  # fmt: skip
+            buried = await self._settle_channels(retyped)
             self.metrics.reloads.labels("success").inc()
             message = f"reloaded: {len(config.channels)} channels, {len(config.routes)} routes"
             if buried:
@@ -246,14 +241,22 @@ class Bridge:
             log.info("%s", message)
             return True, message
 
+    async def _settle_channels(self, retyped: list[str]) -> int:
+        """Undelivered deliveries to channels the running config lacks become dead letters; those
+        to `retyped` channels (another type now) are rendered again when sent. How many were
+        buried."""
+        buried = await self.store.bury_unknown_channels(
+            list(self.config.channels), time.time(), REMOVED
+        )
+        if retyped and (rerendered := await self.store.forget_payloads(retyped)):
+            log.info("%d deliveries to channels of another type are rendered again when sent",
+                     rerendered)  # fmt: skip
+        return buried
+
     async def _bury_when_finished(self, old: Receiver, retyped: list[str]) -> None:
         await _finish(old, None, step_s=0.1)
         try:
-            buried = await self.store.bury_unknown_channels(
-                list(self.config.channels), time.time(), REMOVED
-            )
-            if retyped:
-                await self.store.forget_payloads(retyped)
+            buried = await self._settle_channels(retyped)
         except StoreUnavailable as exc:
             log.error("deliveries to removed channels stay pending until the next start: %s", exc)
             return
