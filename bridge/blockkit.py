@@ -36,7 +36,9 @@ ELLIPSIS = "…"
 # Never cut inside an escape (&amp;); a Slack token (<!date^…|…>, <@U…>, <https://…|…>) is
 # dropped whole in `cut`.
 _PARTIAL_ESCAPE = re.compile(r"&[a-z]{0,4}$")
-_COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+# A payload as it is queued and sent (bridge/render.py encodes with it too): built once, as
+# json.dumps with any option builds an encoder per call.
+COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
 class LimitError(ValueError):
@@ -81,8 +83,8 @@ def fit(payload: Any) -> dict[str, Any]:
 
 
 def _length(blocks: list[Any]) -> int:
-    """The blocks' length as they are sent: compact JSON (bridge/render.py)."""
-    return len(_COMPACT.encode(blocks))
+    """The blocks' length as they are sent."""
+    return len(COMPACT.encode(blocks))
 
 
 def _shorten(blocks: list[Any]) -> list[Any]:

@@ -33,8 +33,6 @@ from bridge.config import TemplatesConfig
 from bridge.escape import FINALIZE, TOJSON, Verbatim, as_text, slack_escape
 from bridge.events import Envelope
 
-_COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-
 SHIPPED = next(
     p
     for p in (
@@ -299,7 +297,7 @@ def _check_json(kind: str, name: str, text: str, whole: bool = False) -> str:
             payload = blockkit.fit(payload)
         except blockkit.LimitError as exc:
             raise RenderError(f"{name}: {exc}") from None
-    return _COMPACT.encode(payload)
+    return blockkit.COMPACT.encode(payload)
 
 
 def _where(exc: Exception) -> str | None:
