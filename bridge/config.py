@@ -336,7 +336,7 @@ class Config(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         toml = ExpandedToml(settings_cls)
-        return (init_settings, Environment(settings_cls), toml)
+        return (init_settings, Environment(settings_cls, toml), toml)
 
 
 CONFIG_HELP = "TOML config (default: $LIVE_BRIDGE_CONFIG, else config.toml)"

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from pydantic.fields import FieldInfo
-from pydantic_settings import EnvSettingsSource, TomlConfigSettingsSource
+from pydantic_settings import BaseSettings, EnvSettingsSource, TomlConfigSettingsSource
 
 ENV_PREFIX = "LIVE_BRIDGE_"
 
@@ -34,13 +34,15 @@ class EnvironmentValueError(Exception):
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def expand_env(text: str, where: str, missing: list[str]) -> str:
-    """Expand ${VAR} and ${VAR:-default}; `$$` is a literal `$`. Unset names go to `missing`."""
+def expand_env(text: str, where: str, missing: list[str], named: set[str]) -> str:
+    """Expand ${VAR} and ${VAR:-default}; `$$` is a literal `$`. Unset names go to `missing`,
+    every name to `named`."""
 
     def one(match: re.Match[str]) -> str:
         if match.group(0) == "$$":
             return "$"
         name, default = match.group(1), match.group(2)
+        named.add(name)
         value = os.environ.get(name)
         if value is None or (value == "" and default is not None):
             if default is None:
@@ -52,17 +54,20 @@ def expand_env(text: str, where: str, missing: list[str]) -> str:
     return _VAR.sub(one, text)
 
 
-def _expand_tree(node: Any, loc: tuple[int | str, ...], missing: list[str]) -> Any:
+def _expand_tree(node: Any, loc: tuple[int | str, ...], missing: list[str], named: set[str]) -> Any:
     if isinstance(node, str):
-        return expand_env(node, _where(loc), missing)
+        return expand_env(node, _where(loc), missing, named)
     if isinstance(node, dict):
-        return {k: _expand_tree(v, (*loc, k), missing) for k, v in node.items()}
+        return {k: _expand_tree(v, (*loc, k), missing, named) for k, v in node.items()}
     if isinstance(node, list):
-        return [_expand_tree(v, (*loc, i), missing) for i, v in enumerate(node)]
+        return [_expand_tree(v, (*loc, i), missing, named) for i, v in enumerate(node)]
     return node
 
 
 class ExpandedToml(TomlConfigSettingsSource):
+    # The variables the file names in `${VAR}`: its own to name, whatever their prefix.
+    named: frozenset[str] = frozenset()
+
     def _read_file(self, file_path: Any) -> dict[str, Any]:
         try:
             raw = file_path.read_bytes()
@@ -76,13 +81,43 @@ class ExpandedToml(TomlConfigSettingsSource):
         except tomllib.TOMLDecodeError as exc:
             raise LoadError(f"not valid TOML: {exc}") from None
         missing: list[str] = []
-        expanded: dict[str, Any] = _expand_tree(data, (), missing)
+        named: set[str] = set()
+        expanded: dict[str, Any] = _expand_tree(data, (), missing, named)
         if missing:
             raise LoadError("; ".join(missing))
+        self.named = frozenset(named)
         return expanded
 
 
 class Environment(EnvSettingsSource):
+    def __init__(self, settings_cls: type[BaseSettings], toml: ExpandedToml) -> None:
+        super().__init__(settings_cls)
+        self.toml = toml
+
+    def __call__(self) -> dict[str, Any]:
+        # A `__` says "override a key of a table"; one whose table does not exist is a typo
+        # (LIVE_BRIDGE_SERVERS__PORT) that would otherwise be silently ignored. Names without
+        # `__`, and those the file names in `${VAR}`, are the operator's to use for anything.
+        tables = sorted(self.settings_cls.model_fields)
+        prefix = ENV_PREFIX.lower()
+        strays = [
+            name
+            for name in sorted(os.environ)
+            if name.lower().startswith(prefix)
+            and "__" in name
+            and name not in self.toml.named
+            and name.lower().removeprefix(prefix).split("__")[0] not in tables
+        ]
+        if strays:
+            raise EnvironmentValueError(
+                "; ".join(
+                    f"environment variable {name}: no table [{_table(name)}] to override"
+                    for name in strays
+                )
+                + f" (the tables are {', '.join(tables)})"
+            )
+        return super().__call__()
+
     def prepare_field_value(
         self, field_name: str, field: FieldInfo, value: Any, value_is_complex: bool
     ) -> Any:
@@ -95,6 +130,10 @@ class Environment(EnvSettingsSource):
                 f"environment variable {names}: not a value for [{field_name}]"
                 " (a list or a table is written in JSON)"
             ) from None
+
+
+def _table(name: str) -> str:
+    return name[len(ENV_PREFIX) :].split("__")[0].lower()
 
 
 def _from_environment(loc: tuple[int | str, ...]) -> list[str]:

@@ -96,3 +96,34 @@ def test_unreadable_file_is_a_config_error(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(Path, "read_bytes", refused)
     with pytest.raises(ConfigError, match=r"config\.toml: cannot be read: Permission denied"):
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    "name", ["LIVE_BRIDGE_SERVERS__PORT", "live_bridge_Stores__url", "LIVE_BRIDGE___PORT"]
+)
+def test_override_of_a_table_that_does_not_exist_is_an_error_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    monkeypatch.setenv(name, "9Zq7")
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, MINIMAL))
+    message = str(caught.value)
+    assert f"environment variable {name}: " in message
+    assert "no table" in message
+    assert "Zq7" not in message
+
+
+def test_prefixed_variables_that_are_not_overrides_are_left_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # LIVE_BRIDGE_CONFIG names the file; others are for ${VAR}, the file's own choice of names.
+    monkeypatch.setenv("LIVE_BRIDGE_HOOK_URL", "https://example.invalid/a")
+    monkeypatch.setenv("LIVE_BRIDGE_SECRETS__HOOK", "https://example.invalid/b")
+    text = MINIMAL + (
+        "[channels.a]\ntype = 'webhook'\nurl = '${LIVE_BRIDGE_HOOK_URL}'\n"
+        "[channels.b]\ntype = 'webhook'\nurl = '${LIVE_BRIDGE_SECRETS__HOOK:-x}'\n"
+    )
+    config = load_config(write(tmp_path, text))
+    channel = config.channels["b"]
+    assert isinstance(channel, WebhookChannel)
+    assert channel.url.get_secret_value() == "https://example.invalid/b"
