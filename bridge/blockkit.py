@@ -3,8 +3,9 @@
 `fit(payload)` returns a copy within Slack's documented limits (50 blocks, header 150, section
 text 3000, 10 fields of 2000, context 10 elements, button URLs 3000, top-level text kept
 under 4000) and under the blocks' reported total (BLOCKS_CHARS), with long values cut and
-ending in an ellipsis; `LimitError` when the payload cannot
-be made valid. `problems(payload)` lists what Slack would refuse (`live-bridge check`).
+ending in an ellipsis, and the fields or context elements past the tenth folded into the tenth;
+`LimitError` when the payload cannot be made valid. `problems(payload)` lists what Slack would
+refuse, `crowded(payload)` what `fit` would fold (`live-bridge check`).
 """
 
 from __future__ import annotations
@@ -111,8 +112,8 @@ def _text_objects(block: Any) -> list[dict[str, Any]]:
 
 
 def overflows(payload: Any) -> bool:
-    """Would `fit` have to drop blocks, fields or context elements, or cut the top-level text
-    (not just cut a value)? A digest may give each entry a field or an element, not a block.
+    """Would `fit` have to drop blocks, fold fields or context elements, or cut the top-level
+    text (not just cut a value)? A digest may give each entry a field or an element, not a block.
     Or are its blocks longer than Slack is reported to take (`BLOCKS_CHARS`)?"""
     if not isinstance(payload, dict):
         return False
@@ -134,7 +135,7 @@ def overflows(payload: Any) -> bool:
 
 
 def _drops(block: Any) -> bool:
-    """Would `_fit_block` leave out some of the block's fields or context elements?"""
+    """Would `_fit_block` fold some of the block's fields or context elements into one?"""
     if not isinstance(block, dict):
         return False
     kind, fields, elements = block.get("type"), block.get("fields"), block.get("elements")
@@ -165,12 +166,7 @@ def _fit_block(block: dict[str, Any]) -> dict[str, Any]:
             out["text"] = _fit_text(block["text"], SECTION_CHARS)
         fields = block.get("fields")
         if isinstance(fields, list):
-            kept = [_fit_text(f, FIELD_CHARS) for f in fields[:MAX_FIELDS]]
-            if len(fields) > MAX_FIELDS and kept:
-                last = kept[-1]
-                if isinstance(last, dict) and isinstance(last.get("text"), str):
-                    kept[-1] = {**last, "text": cut(last["text"] + " " + ELLIPSIS, FIELD_CHARS)}
-            out["fields"] = kept
+            out["fields"] = [_fit_text(f, FIELD_CHARS) for f in _fold(fields, MAX_FIELDS, "\n")]
     elif kind == "actions":
         # A cut URL leads nowhere: a button whose URL Slack would refuse is left out.
         elements = block.get("elements")
@@ -179,8 +175,48 @@ def _fit_block(block: dict[str, Any]) -> dict[str, Any]:
     elif kind == "context":
         elements = block.get("elements")
         if isinstance(elements, list):
-            out["elements"] = [_fit_text(e, TEXT_OBJECT_CHARS) for e in elements[:MAX_CONTEXT]]
+            folded = _fold(elements, MAX_CONTEXT, "  ")
+            out["elements"] = [_fit_text(e, TEXT_OBJECT_CHARS) for e in folded]
     return out
+
+
+def _fold(items: list[Any], most: int, separator: str) -> list[Any]:
+    """`items`, or when there are more than `most`, the first `most - 1` and one text object
+    with the text of the rest (an image's alt_text): Slack refuses more (invalid_blocks), and a
+    message must not lose text unseen. The fold is mrkdwn if any of them is."""
+    if len(items) <= most:
+        return items
+    rest = [item for item in items[most - 1 :] if isinstance(item, dict)]
+    texts = [item.get("text", item.get("alt_text")) for item in rest]
+    kinds = {item.get("type") for item in rest}
+    kind = "plain_text" if kinds == {"plain_text"} else "mrkdwn"
+    first = rest[0] if rest else {}
+    # The first's other keys (emoji, verbatim) belong to its type: kept only if the type stays.
+    fold = {**first} if first.get("type") == kind else {"type": kind}
+    fold["text"] = separator.join(t for t in texts if isinstance(t, str) and t) or ELLIPSIS
+    fold.pop("alt_text", None)
+    fold.pop("image_url", None)
+    return [*items[: most - 1], fold]
+
+
+def crowded(payload: Any) -> list[str]:
+    """The blocks with more fields or context elements than Slack takes, in words: `fit` folds
+    the rest into the tenth, so they are sent, but not as the template laid them out."""
+    blocks = payload.get("blocks") if isinstance(payload, dict) else None
+    if not isinstance(blocks, list):
+        return []
+    found = []
+    for number, block in enumerate(blocks, 1):
+        if _drops(block):
+            key, most = (
+                ("fields", MAX_FIELDS) if block["type"] == "section" else ("elements", MAX_CONTEXT)
+            )
+            count = len(block[key])
+            found.append(
+                f"block {number} ({block['type']}): {count} {key}, over {most} (sent with the"
+                f" last {count - most + 1} folded into the {most}th)"
+            )
+    return found
 
 
 def problems(payload: Any) -> list[str]:

@@ -8,8 +8,9 @@ typo or a message Slack would refuse stops start-up naming the route, channel an
 
 loads the config as `serve` does (every `${VAR}` set), then renders each of those again with every
 string and ID of the event set to each hostile value (mentions, quotes, newlines, 5000 characters,
-empty). It fails what does not render, a payload that is not JSON, a message Slack would refuse or
-that lets a `<!channel>`/`<@…>`/`<http…>` through unescaped, and a console line a value can break.
+empty). It fails what does not render, a payload that is not JSON, a message Slack would refuse,
+would take only with fields or context elements folded (`blockkit.crowded`), or that lets a
+`<!channel>`/`<@…>`/`<http…>` through unescaped, and a console line a value can break.
 A value cut to fit Slack's limits is documented behaviour: shown, not a failure. Prints a table
 (route, channel, command, result). Exit status: 0 all well; 1 problems, each on stderr naming the
 config file, route, channel, command and the template's file and line; 2 a config that does not
@@ -188,7 +189,7 @@ def _check(
         if getattr(channel, "digest_after", 0):
             explicit = getattr(channel, "digest_template", None)
             template = explicit or f"{channel.type}/digest.j2"
-            render = _render(renderer, channel.type, explicit, ctx, None)
+            render = _render(renderer, channel.type, explicit, ctx, None, strict=False)
             verdict = _verdict(template, render, channel.type, values)
             rows.append(Row("-", name, DIGEST, verdict))
             if verdict.result == Result.FAIL:
@@ -198,7 +199,7 @@ def _check(
         kind, explicit = config.channels[name].type, config.channels[name].template
         if (kind, command, explicit) not in done:
             template = renderer.template_name(kind, command, explicit)
-            render = _render(renderer, kind, explicit, ctx, command)
+            render = _render(renderer, kind, explicit, ctx, command, strict=bool(values))
             verdict = done[kind, command, explicit] = _verdict(template, render, kind, values)
             if verdict.result == Result.FAIL:
                 problems.append(Problem(route.name, name, command, verdict.detail))
@@ -207,9 +208,12 @@ def _check(
 
 
 def _render(
-    renderer: Renderer, kind: str, explicit: str | None, ctx: Context, command: str | None
-) -> Render:
-    """Renders `command`'s event or, for None, a digest of one event of every command."""
+    renderer: Renderer, kind: str, explicit: str | None, ctx: Context, command: str | None,
+    strict: bool,
+) -> Render:  # fmt: skip
+    """Renders `command`'s event or, for None, a digest of one event of every command. With
+    `strict` (`live-bridge check`, not start-up), a message whose fields or context elements
+    would be folded to fit Slack fails: it is sent, but not as its template lays it out."""
 
     def render(value: str | None) -> str:
         bodies = [
@@ -219,7 +223,7 @@ def _render(
         items = [(parse_event(fields), fields, ctx) for fields in bodies]
         if command is None:
             return renderer.render_digest(kind, items, explicit, whole=False)
-        return renderer.render(kind, *items[0], explicit)
+        return renderer.render(kind, *items[0], explicit, strict)
 
     return render
 

@@ -48,8 +48,13 @@ class RenderError(Exception):
 
 
 class TooBig(RenderError):
-    """A digest that Slack would only take with blocks, fields or context elements dropped, or
-    its text cut."""
+    """A digest that Slack would only take with blocks dropped, fields or context elements
+    folded, or its text cut."""
+
+
+class Crowded(RenderError):
+    """A message with more fields or context elements than Slack takes, which `fit` would fold
+    (raised only when asked, for `live-bridge check`)."""
 
 
 # Only names shaped like Tencent's commands pick a per-command template: "digest", "default"
@@ -141,14 +146,16 @@ class Renderer:
 
     def render(
         self, kind: str, event: Envelope, fields: Mapping[str, Any], ctx: Context,
-        explicit: str | None = None,
+        explicit: str | None = None, strict: bool = False,
     ) -> str:  # fmt: skip
-        """The payload text for a channel of type `kind`; RenderError names template and line."""
+        """The payload text for a channel of type `kind`; RenderError names template and line.
+        With `strict`, a Slack message whose fields or context elements would be folded raises
+        Crowded."""
         name = self.template_name(kind, event.CallbackCommand, explicit)
         text = self._render(kind, name, lambda uses: self._variables(event, fields, ctx, uses))
         if kind == "console":
             return text.strip()
-        return _check_json(kind, name, text)
+        return _check_json(kind, name, text, strict=strict)
 
     def render_digest(
         self, kind: str, items: Sequence[tuple[Envelope, Mapping[str, Any], Context]],
@@ -283,7 +290,7 @@ def _finite(text: str) -> float:
 _STRICT = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite)
 
 
-def _check_json(kind: str, name: str, text: str, whole: bool = False) -> str:
+def _check_json(kind: str, name: str, text: str, whole: bool = False, strict: bool = False) -> str:
     try:
         payload = _STRICT.decode(text)
     except json.JSONDecodeError as exc:
@@ -293,6 +300,8 @@ def _check_json(kind: str, name: str, text: str, whole: bool = False) -> str:
     if kind == "slack":
         if whole and blockkit.overflows(payload):
             raise TooBig(f"{name}: over Slack's limits")
+        if strict and (crowded := blockkit.crowded(payload)):
+            raise Crowded(f"{name}: " + "; ".join(crowded))
         try:
             payload = blockkit.fit(payload)
         except blockkit.LimitError as exc:

@@ -1,11 +1,22 @@
 from __future__ import annotations
 
+import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from pydantic import SecretStr
 
 from bridge.blockkit import BLOCKS_CHARS, ELLIPSIS, LimitError, cut, fit, overflows, problems
+from bridge.channels import Result
+from bridge.channels.slack import SlackSender
+from bridge.config import SlackChannel, TemplatesConfig
+from bridge.events import parse_event
+from bridge.render import Context, Renderer
+from bridge.samples import sample
+from tests.slack_standin import SlackStandIn
 
 
 @pytest.mark.parametrize(
@@ -187,3 +198,82 @@ def fields(n: int) -> dict[str, Any]:
 )
 def test_overflows_when_fit_would_leave_something_out(message: Any, expected: bool) -> None:
     assert overflows(message) is expected
+
+
+def texts(kind: str, prefix: str, n: int) -> list[dict[str, Any]]:
+    return [{"type": kind, "text": f"{prefix}{i}"} for i in range(1, n + 1)]
+
+
+# (the block, where its items are, the tenth item as sent)
+FOLDS = [
+    (
+        {"type": "context", "elements": texts("mrkdwn", "c", 12)},
+        "elements",
+        {"type": "mrkdwn", "text": "c10  c11  c12"},
+    ),
+    (
+        {"type": "section", "fields": texts("plain_text", "f", 11)},
+        "fields",
+        {"type": "plain_text", "text": "f10\nf11"},
+    ),
+    (  # one mrkdwn among them: the fold is mrkdwn; an image is told by its alt_text
+        {
+            "type": "context",
+            "elements": [
+                *texts("plain_text", "p", 9),
+                {"type": "plain_text", "text": "p10", "emoji": True},
+                {"type": "image", "image_url": "https://example.com/a.png", "alt_text": "logo"},
+                {"type": "mrkdwn", "text": "*m12*"},
+            ],
+        },
+        "elements",
+        {"type": "mrkdwn", "text": "p10  logo  *m12*"},
+    ),
+    (  # too long together: cut, and the cut shows
+        {
+            "type": "section",
+            "fields": texts("mrkdwn", "f", 9) + [texts("mrkdwn", "g" * 1500, 1)[0]] * 2,
+        },
+        "fields",
+        {"type": "mrkdwn", "text": "g" * 1500 + "1\n" + "g" * 497 + ELLIPSIS},
+    ),
+]
+
+
+@pytest.mark.parametrize(("block", "key", "tenth"), FOLDS)
+def test_fit_folds_fields_and_context_elements_over_ten_into_the_tenth(
+    block: dict[str, Any], key: str, tenth: dict[str, Any]
+) -> None:
+    out = fit({"text": "hi", "blocks": [block]})
+    kept = out["blocks"][0][key]
+    assert kept[:9] == block[key][:9]
+    assert kept[9:] == [tenth]
+    assert problems(out) == []
+
+
+async def _post_through_the_standin(payload: str) -> dict[str, Any]:
+    with SlackStandIn() as slack:
+        settings = SlackChannel(type="slack", webhook_url=SecretStr(slack.add_webhook()))
+        async with aiohttp.ClientSession() as session:
+            outcome = await SlackSender(settings, session, timeout_s=5).send(payload, 1)
+        assert outcome.result is Result.DELIVERED, outcome.error
+        (posted,) = slack.posted
+        return posted.payload
+
+
+def test_a_message_with_more_than_ten_fields_or_elements_loses_no_text_in_slack(
+    tmp_path: Path,
+) -> None:
+    items = ", ".join(f'{{"type": "mrkdwn", "text": "{{{{ room_id }}}} {i}"}}' for i in range(12))
+    (tmp_path / "crowded.j2").write_text(
+        f'{{"text": "room {{{{ room_id }}}}", "blocks": [{{"type": "section", "fields": '
+        f'[{items}]}}, {{"type": "context", "elements": [{items}]}}]}}'
+    )
+    event = {**sample("Live.CallbackAfterChangeOwner"), "RoomId": "r<1>"}
+    rendered = Renderer(TemplatesConfig(dir=tmp_path)).render(
+        "slack", parse_event(event), event, Context(1400000000, 1703589923.5, {}), "crowded.j2"
+    )
+    posted = asyncio.run(_post_through_the_standin(rendered))  # Slack refuses 11 of either
+    for block, key in zip(posted["blocks"], ("fields", "elements"), strict=True):
+        sent = " ".join(item["text"] for item in block[key])
+        assert [f"r&lt;1&gt; {i}" in sent for i in range(12)] == [True] * 12

@@ -218,6 +218,16 @@ HOSTILE_FAILURES = [
         ["hostile value '' (empty)", "non-empty top-level text"],
     ),
     (
+        "more than 10 context elements: Slack takes 10, delivery folds the rest into the tenth",
+        "slack",
+        '{"text": "x", "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": "x"}},'
+        ' {"type": "context", "elements": ['
+        + ", ".join(['{"type": "mrkdwn", "text": "{{ event.RoomId }}"}'] * 12)
+        + "]}]}",
+        OWNER,
+        ["block 2 (context): 12 elements, over 10 (sent with the last 3 folded into the 10th)"],
+    ),
+    (
         "a newline in a value breaks the console line",
         "console",
         '{% filter replace("\\\\n", "\\n") %}{{ event.RoomId }}{% endfilter %}',
