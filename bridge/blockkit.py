@@ -134,6 +134,35 @@ def overflows(payload: Any) -> bool:
     return _length(fitted) > BLOCKS_CHARS
 
 
+def cut_texts(payload: Any) -> list[str]:
+    """The texts `fit` would cut to their own block's limit (a header, a section's text or
+    fields, a context element), as they are before the cut."""
+    blocks = payload.get("blocks") if isinstance(payload, dict) else None
+    if not isinstance(blocks, list):
+        return []
+    return [
+        obj["text"]
+        for block in blocks
+        for obj, limit in _limited(block)
+        if isinstance(obj, dict) and isinstance(obj.get("text"), str) and len(obj["text"]) > limit
+    ]
+
+
+def _limited(block: Any) -> list[tuple[Any, int]]:
+    """A block's text objects, each with the limit `_fit_block` cuts it to."""
+    kind = block.get("type") if isinstance(block, dict) else None
+    if kind == "header":
+        return [(block.get("text"), HEADER_CHARS)]
+    if kind == "section":
+        fields = block.get("fields")
+        listed = fields if isinstance(fields, list) else []
+        return [(block.get("text"), SECTION_CHARS), *((f, FIELD_CHARS) for f in listed)]
+    if kind == "context":
+        elements = block.get("elements")
+        return [(e, TEXT_OBJECT_CHARS) for e in (elements if isinstance(elements, list) else [])]
+    return []
+
+
 def _drops(block: Any) -> bool:
     """Would `_fit_block` fold some of the block's fields or context elements into one?"""
     if not isinstance(block, dict):

@@ -163,23 +163,43 @@ class Renderer:
     ) -> str:  # fmt: skip
         """One message for several events (`kind/digest.j2`, oldest first). With `whole`, a
         digest that would lose entries to Slack's limits raises TooBig, so the caller can split
-        it; a single over-long value is cut as in any message."""
+        it: fields or context elements over Slack's count, a text cut that holds more than one
+        entry (a template that lists them all in one section). A single over-long value, cut
+        as it would be alone, is cut as in any message."""
         name = explicit or f"{kind}/digest.j2"
-
-        def variables(uses: frozenset[str] | None) -> dict[str, Any]:
-            entries = [self._variables(e, f, c) for e, f, c in items]
-            return {
-                "entries": entries,
-                "count": len(entries),
-                "sdk_app_id": items[0][2].sdk_app_id if items else 0,
-                "first": entries[0] if entries else None,
-                "last": entries[-1] if entries else None,
-            }
-
-        text = self._render(kind, name, variables)
+        text = self._render(kind, name, lambda uses: self._digest_variables(items))
         if kind == "console":
             return text.strip()
-        return _check_json(kind, name, text, whole)
+        fitted = _check_json(kind, name, text, whole)
+        if whole and kind == "slack" and len(items) > 1:
+            cut = set(blockkit.cut_texts(json.loads(text)))
+            for item in items:
+                if not cut:
+                    break
+                cut -= self._cut_alone(name, item)
+            if cut:
+                raise TooBig(f"{name}: a text over Slack's limit holds more than one entry")
+        return fitted
+
+    def _digest_variables(
+        self, items: Sequence[tuple[Envelope, Mapping[str, Any], Context]]
+    ) -> dict[str, Any]:
+        entries = [self._variables(e, f, c) for e, f, c in items]
+        return {
+            "entries": entries,
+            "count": len(entries),
+            "sdk_app_id": items[0][2].sdk_app_id if items else 0,
+            "first": entries[0] if entries else None,
+            "last": entries[-1] if entries else None,
+        }
+
+    def _cut_alone(self, name: str, item: tuple[Envelope, Mapping[str, Any], Context]) -> set[str]:
+        """The texts Slack's limits would cut in a digest of `item` alone."""
+        try:
+            alone = self._render("slack", name, lambda uses: self._digest_variables([item]))
+            return set(blockkit.cut_texts(json.loads(alone)))
+        except (RenderError, ValueError):
+            return set()
 
     def _render(
         self, kind: str, name: str,

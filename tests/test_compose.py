@@ -269,6 +269,51 @@ def test_a_digest_whose_entries_slack_would_leave_out_is_split(
         assert shown == [f"room-{row.id:03d}" for row in chunk]
 
 
+# (a digest template whose entries share one text, the entries' rooms, the one cut alone)
+SHARED_TEXT = [
+    (  # 40 lines of 100-odd characters: over a section's 3,000 together
+        '{"type": "section", "text": {"type": "mrkdwn", "text": "{% for entry in entries %}'
+        '{{ entry.room_id }}\\n{% endfor %}"}}',
+        [long_room(n, 100) for n in range(40)],
+        None,
+    ),
+    (  # a header of 150 characters: ten rooms of 20
+        '{"type": "header", "text": {"type": "plain_text", "text": "{% for entry in entries %}'
+        '{{ entry.room_id }} {% endfor %}"}}',
+        [long_room(n, 20) for n in range(10)],
+        None,
+    ),
+    (  # one room over the limit alone: that one cut (by itself), the others whole
+        '{"type": "section", "text": {"type": "mrkdwn", "text": "{% for entry in entries %}'
+        '{{ entry.room_id }}\\n{% endfor %}"}}',
+        [long_room(n, 4000 if n == 5 else 30) for n in range(12)],
+        5,
+    ),
+]
+
+
+@pytest.mark.parametrize(("block", "rooms", "alone"), SHARED_TEXT)
+def test_a_digest_whose_entries_share_a_text_is_split_not_cut(
+    config: Config, tmp_path: Path, block: str, rooms: list[str], alone: int | None
+) -> None:
+    (tmp_path / "slack").mkdir()
+    (tmp_path / "slack" / "digest.j2").write_text(
+        '{"text": "{{ count }} events", "blocks": [' + block + "]}", encoding="utf-8"
+    )
+    composer = Composer(config, Renderer(TemplatesConfig(dir=tmp_path)))
+    rows = [make_row(n, owner_change(n, room)) for n, room in enumerate(rooms)]
+    out = composer.digests("slack", rows)
+    assert ids(out) == list(range(len(rooms)))
+    for payload, chunk in out:
+        [shown] = json.loads(payload)["blocks"]
+        text = shown["text"]["text"]
+        if alone is not None and [row.id for row in chunk] == [alone]:
+            assert text.endswith(ELLIPSIS) and text.startswith(rooms[alone][:100])
+            continue
+        assert ELLIPSIS not in text
+        assert text.split() == [rooms[row.id] for row in chunk]
+
+
 def test_a_digest_of_long_entries_is_split_below_what_slack_is_reported_to_refuse(
     composer: Composer,
 ) -> None:
