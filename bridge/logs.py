@@ -13,6 +13,7 @@ import logging
 import re
 import sys
 import traceback
+from collections.abc import Callable, Generator
 from datetime import UTC, datetime
 from types import TracebackType
 
@@ -45,7 +46,8 @@ ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tupl
 
 def _traceback(ei: ExcInfo) -> str:
     """The traceback Python would print, with what each exception says (its message and notes,
-    which may quote a callback's values) written by `one_line`: every line is one Python wrote."""
+    a SyntaxError's text, which may quote a callback's values) written by `one_line`: every line
+    is one Python wrote."""
     exc = traceback.TracebackException(*ei, compact=True)
     found, seen = [exc], set()
     while found:
@@ -53,12 +55,20 @@ def _traceback(ei: ExcInfo) -> str:
         if id(one) in seen:
             continue
         seen.add(id(one))
-        # Its message has no public setter; format() writes what str() returns, this attribute.
-        one._str = one_line(str(one))  # type: ignore[attr-defined]
-        if isinstance(one.__notes__, list):
+        # format() writes each exception's own part through its format_exception_only(), one
+        # string a line, but a note on lines of its own: a note is made one line first.
+        if isinstance(one.__notes__, list | tuple):
             one.__notes__ = [one_line(str(note)) for note in one.__notes__]
+        one.format_exception_only = _escaped(one.format_exception_only)  # type: ignore[method-assign]
         found += [e for e in (one.__cause__, one.__context__, *(one.exceptions or ())) if e]
     return _each_line("".join(exc.format()).removesuffix("\n"))
+
+
+Lines = Generator[str, None, None]
+
+
+def _escaped(lines: Callable[[], Lines]) -> Callable[[], Lines]:
+    return lambda: (one_line(line.removesuffix("\n")) + "\n" for line in lines())
 
 
 class TextFormatter(logging.Formatter):

@@ -150,6 +150,11 @@ def escape() -> None:
     raise ValueError("x\x1b[2K\r\u202eforged")
 
 
+def syntax() -> None:
+    # Python formats a SyntaxError from its msg and text, not from what str() says.
+    raise SyntaxError(FORGED, ("cb.txt", 1, 2, "x\x1b[2Kforged\n", 1, 3))
+
+
 # How an exception can carry a callback's value into a traceback.
 CARRIERS: dict[str, Callable[[], None]] = {
     "its message": message,
@@ -157,6 +162,7 @@ CARRIERS: dict[str, Callable[[], None]] = {
     "the exception it was raised from": cause,
     "an exception group": group,
     "a terminal escape": escape,
+    "a syntax error": syntax,
 }
 
 
