@@ -394,3 +394,25 @@ async def test_forget_payloads_of_undelivered_deliveries(store: Store) -> None:
 async def test_ping_writes(store: Store) -> None:
     await store.ping()
     await store.ping()
+
+
+async def test_a_dead_letter_buried_in_flight_waits_for_its_lease_to_be_retried(
+    store: Store, open_store: OpenStore
+) -> None:
+    # A reload buries deliveries of a removed channel, those being sent too: until the lease
+    # runs out, the send may still get through (and is then recorded as delivered).
+    now = time.time()
+    await add(store, "1", channel="a", room="r1", now=now)
+    await add(store, "2", channel="a", room="r2", now=now)
+    sent, failed = await store.claim("a", now, 10, 30)
+    assert await store.bury_unknown_channels([], now + 1, "channel removed") == 2
+    outbox = await open_store()
+    assert await outbox.retry_dead(None, now + 2) == 0
+    assert await outbox.retry([sent.id, failed.id], now + 2) == []
+    await store.mark_delivered(sent.id, now + 3)
+    await store.mark_retry(failed.id, now + 3, now + 4, "HTTP 503", True)  # stays dead
+    assert [d.state for d in await deliveries(store)] == [State.DELIVERED, State.DEAD]
+    assert await outbox.retry([failed.id], now + 29) == []
+    assert await outbox.retry([failed.id], now + 31) == [failed.id]
+    (again,) = await store.claim("a", now + 31, 10, 30)
+    assert again.id == failed.id

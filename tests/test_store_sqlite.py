@@ -109,6 +109,27 @@ async def test_recover_releases_what_a_dead_process_had_in_flight(tmp_path: Path
         await s.close()
 
 
+async def test_recover_frees_a_dead_letter_buried_while_a_dead_process_sent_it(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "bridge.db"
+    s = SQLiteStore(path)
+    await s.open()
+    now = time.time()
+    await add(s, "k", now=now)
+    (claimed,) = await s.claim("a", now, 10, 3600)
+    assert await s.bury_unknown_channels([], now, "channel removed") == 1
+    await s.close()  # killed mid-send: the lease would hold the retry for an hour
+    s = SQLiteStore(path)
+    await s.open()
+    try:
+        assert await s.retry([claimed.id], time.time()) == []
+        assert await s.recover() == 0  # nothing in flight: the dead letter stays dead
+        assert await s.retry([claimed.id], time.time()) == [claimed.id]
+    finally:
+        await s.close()
+
+
 async def test_one_serving_process_per_file(tmp_path: Path) -> None:
     path = tmp_path / "bridge.db"
     server = SQLiteStore(path, exclusive=True)

@@ -855,3 +855,24 @@ async def test_prune_keeps_a_thread_for_the_ttl_not_the_retention(
     composer = make_composer(tmp_path, {name: 'type = "console"' for name in policies})
     await Worker(store, policies, SETTINGS, composer, retention_s=12 * hour)._prune()
     assert db_rows(store.path, "SELECT room_id, ts FROM threads") == [("R", "1.1")]
+
+
+async def test_a_dead_letter_buried_mid_send_and_retried_at_once_is_sent_once(
+    slack: SlackStandIn, session: aiohttp.ClientSession, open_store: OpenStore, tmp_path: Path
+) -> None:
+    # A reload removes the channel while its send is under way (the delivery is buried), the
+    # channel comes back and `outbox retry --dead` runs before that send has finished.
+    store = await open_store()
+    await record_in(store, "hook", "room-1", 1000)
+    slack.set_sink_delay("hook", 0.5)
+    settings = WebhookChannel(type="webhook", url=SecretStr(slack.sink_url("hook")))
+    policy = ChannelPolicy("hook", WebhookSender("hook", settings, session, 2.0, "store"))
+    table = 'type = "webhook"\nurl = "https://sink.example.invalid/"'
+    async with running(worker_with(store, make_composer(tmp_path, {"hook": table}), policy)):
+        await eventually(lambda: states(store.path) == ["in_flight"])
+        assert await store.bury_unknown_channels([], time.time(), "channel removed") == 1
+        outbox = await open_store()  # the command's own connection
+        retried = await outbox.retry_dead(None, time.time())
+        await eventually(lambda: states(store.path) == ["delivered"])
+        await asyncio.sleep(1.0)  # a second send would have arrived by now
+    assert (retried, len(slack.sink_requests)) == (0, 1)  # its send may still get through

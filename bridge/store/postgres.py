@@ -376,17 +376,19 @@ class PostgresStore:
         rows = await self._fetch(
             "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = %s,"
             " lease_until = NULL, updated_at = %s, owner = NULL WHERE id = ANY(%s::bigint[])"
-            " AND state IN ('dead', 'pending') RETURNING id",
-            (now, now, list(ids)),
+            " AND state IN ('dead', 'pending') AND (lease_until IS NULL OR lease_until <= %s)"
+            " RETURNING id",
+            (now, now, list(ids), now),
         )
         return [r[0] for r in rows]
 
     async def retry_dead(self, channel: str | None, now: float) -> int:
         return await self._execute(
             "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = %s,"
-            " updated_at = %s, owner = NULL"
-            " WHERE state = 'dead' AND (%s::text IS NULL OR channel = %s)",
-            (now, now, channel, channel),
+            " lease_until = NULL, updated_at = %s, owner = NULL"
+            " WHERE state = 'dead' AND (%s::text IS NULL OR channel = %s)"
+            " AND (lease_until IS NULL OR lease_until <= %s)",
+            (now, now, channel, channel, now),
         )
 
     async def drop(self, ids: Sequence[int]) -> list[int]:
@@ -398,9 +400,10 @@ class PostgresStore:
         return [r[0] for r in rows]
 
     async def bury_unknown_channels(self, known: Sequence[str], now: float, error: str) -> int:
-        # The owner stays: a send under way that gets through is still recorded as delivered.
+        # The owner and the lease stay: a send under way that gets through is still recorded as
+        # delivered, and until the lease runs out a retry would send it again (see retry).
         return await self._execute(
-            "UPDATE deliveries SET state = 'dead', last_error = %s, lease_until = NULL,"
+            "UPDATE deliveries SET state = 'dead', last_error = %s,"
             " updated_at = %s WHERE state IN ('pending', 'in_flight')"
             " AND channel <> ALL(%s::text[])",
             (error, now, list(known)),

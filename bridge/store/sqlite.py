@@ -182,6 +182,11 @@ class SQLiteStore:
         # or hold a channel (a dead one's channel leases go too; the pacing state stays).
         def op(conn: sqlite3.Connection) -> int:
             conn.execute("UPDATE channels SET lease_until = 0")
+            # Dead letters buried while in flight: their sends are over, they may be retried.
+            conn.execute(
+                "UPDATE deliveries SET lease_until = NULL, owner = NULL"
+                " WHERE state = 'dead' AND owner IS NOT NULL"
+            )
             return conn.execute(
                 "UPDATE deliveries SET state = 'pending', lease_until = NULL, owner = NULL"
                 " WHERE state = 'in_flight'"
@@ -372,14 +377,15 @@ class SQLiteStore:
         sql = (
             "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?,"
             " lease_until = NULL, updated_at = ?, owner = NULL WHERE id IN ({marks})"
-            " AND state IN ('dead', 'pending') RETURNING id"
+            " AND state IN ('dead', 'pending') AND (lease_until IS NULL OR lease_until <= ?)"
+            " RETURNING id"
         )
 
         def op(conn: sqlite3.Connection) -> list[int]:
             return [
                 row[0]
-                for chunk in _chunks(ids, MAX_PARAMS - 2)
-                for row in conn.execute(_in(sql, chunk), (now, now, *chunk)).fetchall()
+                for chunk in _chunks(ids, MAX_PARAMS - 3)
+                for row in conn.execute(_in(sql, chunk), (now, now, *chunk, now)).fetchall()
             ]
 
         return await self._submit(op)
@@ -387,8 +393,9 @@ class SQLiteStore:
     async def retry_dead(self, channel: str | None, now: float) -> int:
         return await self._execute(
             "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?,"
-            " updated_at = ?, owner = NULL WHERE state = 'dead' AND (? IS NULL OR channel = ?)",
-            (now, now, channel, channel),
+            " lease_until = NULL, updated_at = ?, owner = NULL WHERE state = 'dead'"
+            " AND (? IS NULL OR channel = ?) AND (lease_until IS NULL OR lease_until <= ?)",
+            (now, now, channel, channel, now),
         )
 
     async def drop(self, ids: Sequence[int]) -> list[int]:
@@ -408,9 +415,10 @@ class SQLiteStore:
         return await self._submit(op)
 
     async def bury_unknown_channels(self, known: Sequence[str], now: float, error: str) -> int:
-        # The owner stays: a send under way that gets through is still recorded as delivered.
+        # The owner and the lease stay: a send under way that gets through is still recorded as
+        # delivered, and until the lease runs out a retry would send it again (see retry).
         sql = (
-            "UPDATE deliveries SET state = 'dead', last_error = ?, lease_until = NULL,"
+            "UPDATE deliveries SET state = 'dead', last_error = ?,"
             " updated_at = ? WHERE state IN ('pending', 'in_flight')"
             " AND channel NOT IN ({marks})"
         )
