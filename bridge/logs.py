@@ -16,6 +16,7 @@ import traceback
 from collections.abc import Callable, Generator
 from datetime import UTC, datetime
 from types import TracebackType
+from typing import Any
 
 # Attributes every LogRecord has; anything else was passed as `extra=` and goes into JSON.
 # uvicorn's color_message repeats the message with terminal colours.
@@ -67,8 +68,12 @@ def _traceback(ei: ExcInfo) -> str:
 Lines = Generator[str, None, None]
 
 
-def _escaped(lines: Callable[[], Lines]) -> Callable[[], Lines]:
-    return lambda: (one_line(line.removesuffix("\n")) + "\n" for line in lines())
+def _escaped(lines: Callable[..., Lines]) -> Callable[..., Lines]:
+    # Arguments passed on: Python 3.13's format() calls it with colorize=.
+    def escaped(*args: Any, **kwargs: Any) -> Lines:
+        return (one_line(line.removesuffix("\n")) + "\n" for line in lines(*args, **kwargs))
+
+    return escaped
 
 
 class TextFormatter(logging.Formatter):
