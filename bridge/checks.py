@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from bridge import blockkit
-from bridge.config import CONFIG_HELP, Config, ConfigError, Route, load_config, load_for_command
+from bridge.config import CONFIG_HELP, Config, ConfigError, load_config, load_for_command
+from bridge.config_tables import Route
 from bridge.events import MODELS, parse_event
 from bridge.render import Context, Renderer, RenderError
 from bridge.samples import HOSTILE_VALUES, UNKNOWN_SAMPLE, hostile, sample

@@ -1,30 +1,18 @@
 """The typed configuration tree, loaded from TOML with `${VAR}` expansion and env overrides.
 
 `load_config(path)` returns a validated `Config` or raises `ConfigError`, whose message names the
-file, the table and the key at fault and never contains a configured value.
+file, the table and the key at fault and never contains a configured value. The tables and their
+own rules are in config_tables.py; `Config`, the root, checks what spans them.
 """
 
 from __future__ import annotations
 
-import base64
 import os
 import re
-import string
 import sys
-import zoneinfo
 from pathlib import Path
-from typing import Annotated, Literal
-from urllib.parse import urlsplit
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    SecretStr,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from bridge.config_sources import (
@@ -35,258 +23,22 @@ from bridge.config_sources import (
     LoadError,
     describe,
 )
+from bridge.config_tables import (
+    AdminConfig,
+    Channel,
+    DeliveryConfig,
+    Route,
+    ServerConfig,
+    StoreConfig,
+    TemplatesConfig,
+    TencentConfig,
+)
 
 DEFAULT_PATH = Path("config.toml")
 
 
 class ConfigError(Exception):
     """A configuration that must not be started; the message is safe to print."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ServerConfig(Strict):
-    host: str = "127.0.0.1"
-    port: int = Field(8080, ge=0, le=65535)
-    callback_path: str = Field("/tencent/callback", pattern=r"^/")
-    max_body_bytes: int = Field(262_144, gt=0)
-    # On SIGTERM, /readyz answers 503 this long before the listener closes, so a load balancer
-    # stops sending; callbacks that still arrive are acknowledged as usual.
-    drain_s: float = Field(0.0, ge=0)
-
-    @property
-    def callback_paths(self) -> frozenset[str]:
-        """The callback path with and without a trailing slash: Tencent follows no redirect, so
-        a URL registered either way reaches the receiver (and stays out of the access log)."""
-        base = self.callback_path.rstrip("/")
-        return frozenset({base or "/", base + "/"})
-
-
-class TencentConfig(Strict):
-    sdk_app_id: tuple[int, ...]
-    callback_token: SecretStr | None = None
-    max_request_age_s: int = Field(60, gt=0)
-
-    @field_validator("sdk_app_id", mode="before")
-    @classmethod
-    def _one_or_many(cls, value: object) -> object:
-        return [value] if isinstance(value, int | str) else value
-
-    @field_validator("sdk_app_id")
-    @classmethod
-    def _not_empty(cls, value: tuple[int, ...]) -> tuple[int, ...]:
-        if not value:
-            raise ValueError("needs at least one SDKAppID")
-        return value
-
-    @field_validator("callback_token")
-    @classmethod
-    def _token_length(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and not 1 <= len(value.get_secret_value()) <= 128:
-            raise ValueError("Tencent callback tokens are 1 to 128 characters")
-        return value
-
-
-class StoreConfig(Strict):
-    path: Path = Path("live-bridge.db")  # SQLite: one serving process
-    url: SecretStr | None = None  # PostgreSQL: any number of serving processes on one database
-    # SQLite: "full" syncs each commit to disk before the OK packet, so an acknowledged callback
-    # survives power loss; "normal" leaves the last commits to the operating system: they
-    # survive the process being killed, not the machine stopping. Full costs a disk flush per
-    # commit, and the disk's slowest flushes are the slowest acknowledgements.
-    sync: Literal["full", "normal"] = "full"
-    pool_size: int = Field(8, ge=1)  # PostgreSQL connections per process
-    retention_h: float = Field(72.0, gt=0)  # delivered rows and dedup keys; dead letters stay
-
-    @field_validator("url")
-    @classmethod
-    def _postgres_url(cls, value: SecretStr | None) -> SecretStr | None:
-        # The value is not repeated: it holds a password.
-        if value is not None and not value.get_secret_value().startswith(
-            ("postgresql://", "postgres://")
-        ):
-            raise ValueError("must be a PostgreSQL URL: postgresql://user:password@host/db")
-        return value
-
-    @model_validator(mode="after")
-    def _one_engine(self) -> StoreConfig:
-        if self.url is not None and "path" in self.model_fields_set:
-            raise ValueError("set path (SQLite) or url (PostgreSQL), not both")
-        if self.url is not None and "sync" in self.model_fields_set:
-            raise ValueError("sync is SQLite's: PostgreSQL commits as its server is set up to")
-        return self
-
-
-class DeliveryConfig(Strict):
-    max_attempts: int = Field(10, ge=1)
-    initial_backoff_s: float = Field(1.0, gt=0)
-    max_backoff_s: float = Field(300.0, gt=0)
-    timeout_s: float = Field(10.0, gt=0)
-    dedup_window_s: float = Field(600, ge=0)
-    shutdown_grace_s: float = Field(10.0, ge=0)  # in-flight sends may finish; the rest stay
-    own_process: bool = False  # deliver from a second process, which `serve` starts and watches
-
-    @model_validator(mode="after")
-    def _backoff_order(self) -> DeliveryConfig:
-        if self.max_backoff_s < self.initial_backoff_s:
-            raise ValueError("max_backoff_s must not be below initial_backoff_s")
-        return self
-
-
-class TemplatesConfig(Strict):
-    dir: Path = Path("templates")
-    timezone: str = "UTC"
-    room_url: str | None = None
-
-    @field_validator("timezone")
-    @classmethod
-    def _known_zone(cls, value: str) -> str:
-        try:
-            zoneinfo.ZoneInfo(value)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            # The value is not repeated: it may have come from ${VAR} (messages never hold one).
-            raise ValueError("unknown time zone (an IANA name such as Asia/Shanghai)") from None
-        return value
-
-    @field_validator("room_url")
-    @classmethod
-    def _room_placeholder(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        try:
-            # The bare name only: format() would also follow {room_id.attr} and {room_id[0]}.
-            parsed = string.Formatter().parse(value)
-            if {name for _, name, _, _ in parsed if name is not None} - {"room_id"}:
-                raise ValueError
-            value.format(room_id="x")
-        except (KeyError, IndexError, ValueError):
-            raise ValueError("room_url may only use the placeholder {room_id}") from None
-        return value
-
-
-class AdminConfig(Strict):
-    # /metrics, /status and /-/reload: this bearer token, or loopback clients when unset.
-    token: SecretStr | None = None
-
-    @field_validator("token")
-    @classmethod
-    def _not_blank(cls, value: SecretStr | None) -> SecretStr | None:
-        # An empty token (an unset variable's ${VAR:-}) would admit anyone: its cookie is a
-        # constant anybody can compute.
-        if value is not None and not value.get_secret_value().strip():
-            raise ValueError("is empty: set a token, or leave it out for loopback clients only")
-        return value
-
-
-class ConsoleChannel(Strict):
-    type: Literal["console"]
-    template: str | None = None
-    digest_after: int = Field(10, ge=0)  # more pending than this: one digest; 0 turns it off
-    digest_template: str | None = None
-
-
-class SlackChannel(Strict):
-    type: Literal["slack"]
-    webhook_url: SecretStr | None = None
-    token: SecretStr | None = None
-    channel: str | None = None
-    api_url: str = "https://slack.com/api/"
-    template: str | None = None
-    rate_per_s: float = Field(1.0, gt=0)  # Slack: about one message a second per channel
-    burst: int = Field(3, ge=1)
-    digest_after: int = Field(10, ge=0)
-    digest_template: str | None = None
-    thread_by_room: bool = False  # bot token only: one thread per room
-    reply_broadcast: bool = False  # thread replies also shown in the channel
-    thread_ttl_h: float = Field(24.0, gt=0)
-
-    @field_validator("api_url")
-    @classmethod
-    def _trailing_slash(cls, value: str) -> str:
-        # slack-sdk appends the method name to base_url as it is.
-        return value if value.endswith("/") else value + "/"
-
-    @model_validator(mode="after")
-    def _one_mode(self) -> SlackChannel:
-        if (self.webhook_url is None) == (self.token is None):
-            raise ValueError("set exactly one of webhook_url (incoming webhook) or token (bot)")
-        if self.token is not None and not self.channel:
-            raise ValueError("a bot-token channel needs channel = the Slack channel ID")
-        if self.webhook_url is not None and self.channel:
-            raise ValueError("an incoming webhook posts to its own channel: remove channel")
-        if self.webhook_url is not None and self.thread_by_room:
-            raise ValueError("thread_by_room needs a bot token: webhooks do not return the ts")
-        return self
-
-
-class WebhookChannel(Strict):
-    type: Literal["webhook"]
-    url: SecretStr
-    headers: dict[str, SecretStr] = {}
-    signing_secret: SecretStr | None = None
-    template: str | None = None
-    max_in_flight: int = Field(4, ge=1)  # concurrent requests; one room's are still in order
-    rate_per_s: float | None = Field(None, gt=0)
-    burst: int = Field(1, ge=1)
-
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, value: SecretStr) -> SecretStr:
-        if not re.match(r"^https?://[^/\s]+", value.get_secret_value()):
-            raise ValueError("must be an http:// or https:// URL")
-        return value
-
-    @field_validator("headers")
-    @classmethod
-    def _sendable(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
-        # aiohttp refuses a request with CR, LF or NUL in a header (header injection), so every
-        # delivery would fail, each retried to a dead letter. A token read from a file often
-        # keeps its newline. The name is no secret; the value stays out of the message.
-        for name, header in value.items():
-            if any(c in name + header.get_secret_value() for c in "\r\n\0"):
-                raise ValueError(f"{name}: a header cannot hold a line break or NUL")
-        return value
-
-    @field_validator("signing_secret")
-    @classmethod
-    def _whsec(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None:
-            secret = value.get_secret_value()
-            try:
-                key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
-            except ValueError:
-                key = b""
-            if not secret.startswith("whsec_") or not key:
-                raise ValueError("must be a Standard Webhooks secret (whsec_ + base64)")
-        return value
-
-    @model_validator(mode="after")
-    def _one_authorization(self) -> WebhookChannel:
-        # aiohttp refuses to send a request with both: every delivery would fail.
-        url = urlsplit(self.url.get_secret_value())
-        in_url = bool(url.username) or url.password is not None
-        if in_url and any(name.lower() == "authorization" for name in self.headers):
-            raise ValueError(
-                "url has credentials (user:password@) and headers an Authorization: keep one"
-            )
-        return self
-
-
-Channel = Annotated[ConsoleChannel | SlackChannel | WebhookChannel, Field(discriminator="type")]
-
-
-class Route(Strict):
-    name: str = Field(min_length=1)
-    rooms: tuple[str, ...] | None = None
-    room_regex: str | None = None
-    commands: tuple[str, ...] | None = None
-    operators: tuple[str, ...] | None = None
-    channels: tuple[str, ...] = Field(min_length=1)
-    continue_: bool = Field(False, alias="continue")
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 class Config(BaseSettings):

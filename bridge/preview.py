@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bridge.config import CONFIG_HELP, Channel, Config, ConfigError, config_path, load_config
+from bridge.config import CONFIG_HELP, Config, ConfigError, config_path, load_config
+from bridge.config_tables import Channel
 from bridge.events import OWNER_CHANGED, BadEvent, decode_body, parse_event
 from bridge.render import Context, Renderer, RenderError
 from bridge.samples import sample

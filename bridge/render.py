@@ -29,7 +29,7 @@ import jinja2.nodes
 from jinja2.loaders import split_template_path
 
 from bridge import blockkit
-from bridge.config import TemplatesConfig
+from bridge.config_tables import TemplatesConfig
 from bridge.escape import FINALIZE, TOJSON, Verbatim, as_text, slack_escape
 from bridge.events import Envelope
 

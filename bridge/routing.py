@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fnmatch import translate
 
-from bridge.config import Route
+from bridge.config_tables import Route
 from bridge.events import Envelope
 
 

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 
 from bridge import logs
-from bridge.config import CONFIG_HELP, ConfigError, StoreConfig, load_for_command
+from bridge.config import CONFIG_HELP, ConfigError, load_for_command
+from bridge.config_tables import StoreConfig
 
 if TYPE_CHECKING:
     from bridge.app import Bridge

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 from bridge.channels import Outcome, Result, Sender, Thread, permanent, retry
 from bridge.compose import DIGEST_ENTRIES, Composer
-from bridge.config import Channel, Config, ConsoleChannel, DeliveryConfig, SlackChannel
+from bridge.config import Config
+from bridge.config_tables import Channel, ConsoleChannel, DeliveryConfig, SlackChannel
 from bridge.metrics import Outcomes
 from bridge.pacing import Pacer
 from bridge.render import RenderError

@@ -12,7 +12,7 @@ from pydantic import SecretStr
 from bridge.blockkit import BLOCKS_CHARS, ELLIPSIS, LimitError, cut, fit, overflows, problems
 from bridge.channels import Result
 from bridge.channels.slack import SlackSender
-from bridge.config import SlackChannel, TemplatesConfig
+from bridge.config_tables import SlackChannel, TemplatesConfig
 from bridge.events import parse_event
 from bridge.render import Context, Renderer
 from bridge.samples import sample

@@ -14,7 +14,7 @@ from pydantic import SecretStr
 
 from bridge.channels import Outcome, Result, Thread, permanent, retry
 from bridge.channels.slack import SlackSender
-from bridge.config import SlackChannel
+from bridge.config_tables import SlackChannel
 from tests.slack_standin import SlackStandIn
 
 pytestmark = pytest.mark.anyio

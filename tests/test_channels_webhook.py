@@ -12,7 +12,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from bridge.channels import DELIVERED, Outcome, Result
 from bridge.channels.webhook import WebhookSender
-from bridge.config import WebhookChannel
+from bridge.config_tables import WebhookChannel
 from bridge.store.sqlite import SQLiteStore
 from tests.bridge_server import signing_secret
 from tests.slack_standin import SlackStandIn

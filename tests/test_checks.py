@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from bridge.checks import check_templates, reachable_commands
-from bridge.config import Route, load_config
+from bridge.config import load_config
+from bridge.config_tables import Route
 from bridge.events import MODELS, parse_event
 from bridge.render import Context, Renderer, RenderError
 from bridge.routing import Router

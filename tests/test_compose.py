@@ -12,7 +12,8 @@ import pytest
 
 from bridge import blockkit
 from bridge.compose import Composer
-from bridge.config import Config, TemplatesConfig, load_config
+from bridge.config import Config, load_config
+from bridge.config_tables import TemplatesConfig
 from bridge.escape import slack_escape
 from bridge.events import MODELS, OWNER_CHANGED, parse_event
 from bridge.render import Context, Renderer, RenderError

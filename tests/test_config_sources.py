@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bridge.config import ConfigError, WebhookChannel, load_config
+from bridge.config import ConfigError, load_config
+from bridge.config_tables import WebhookChannel
 from tests.test_config import MINIMAL, write
 
 

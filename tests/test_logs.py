@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 
-from bridge.config import ServerConfig
+from bridge.config_tables import ServerConfig
 from bridge.logs import JsonFormatter, SkipPath, TextFormatter, one_line, setup
 
 FORGED = "x\n2026-01-01 00:00:00,000 ERROR bridge.receive: cannot store callbacks"

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from bridge.channels import Outcome, retry
-from bridge.config import DeliveryConfig
+from bridge.config_tables import DeliveryConfig
 from bridge.store import NewDelivery, NewEvent
 from bridge.store.sqlite import SQLiteStore
 from bridge.worker import ChannelPolicy, Worker

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from bridge.config import TemplatesConfig
+from bridge.config_tables import TemplatesConfig
 from bridge.escape import slack_escape
 from bridge.events import decode_body, parse_event
 from bridge.render import Context, Renderer, RenderError

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from bridge.config import Route
+from bridge.config_tables import Route
 from bridge.events import Envelope
 from bridge.routing import Router
 

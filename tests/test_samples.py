@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from bridge.config import TemplatesConfig
+from bridge.config_tables import TemplatesConfig
 from bridge.events import MODELS, OWNER_CHANGED, RoomCreated, parse_event
 from bridge.render import Context, Renderer
 from bridge.samples import HOSTILE_VALUES, SAMPLES, UNKNOWN_SAMPLE, hostile, sample

@@ -24,7 +24,8 @@ from bridge.channels.console import ConsoleSender
 from bridge.channels.slack import SlackSender
 from bridge.channels.webhook import WebhookSender
 from bridge.compose import DIGEST_ENTRIES, Composer
-from bridge.config import DeliveryConfig, SlackChannel, WebhookChannel, load_config
+from bridge.config import load_config
+from bridge.config_tables import DeliveryConfig, SlackChannel, WebhookChannel
 from bridge.render import Renderer
 from bridge.samples import sample
 from bridge.store import Claimed, NewDelivery, NewEvent, Pace, Store, StoreUnavailable

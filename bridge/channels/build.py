@@ -11,7 +11,8 @@ import aiohttp
 from bridge.channels import Sender
 from bridge.channels.console import ConsoleSender
 from bridge.channels.webhook import WebhookSender
-from bridge.config import Config, ConsoleChannel, SlackChannel
+from bridge.config import Config
+from bridge.config_tables import ConsoleChannel, SlackChannel
 
 
 def build_senders(config: Config, session: aiohttp.ClientSession, store: str) -> dict[str, Sender]:

@@ -20,7 +20,7 @@ from bridge.channels.http import (
     describe_exception,
     parse_retry_after,
 )
-from bridge.config import SlackChannel
+from bridge.config_tables import SlackChannel
 
 # Slack's error names that no retry will fix without a change on the operator's side.
 PERMANENT_ERRORS = frozenset(

@@ -12,7 +12,7 @@ from standardwebhooks.webhooks import Webhook
 
 from bridge.channels import Outcome, Thread, retry
 from bridge.channels.http import TRANSPORT_ERRORS, classify_status, describe_exception
-from bridge.config import WebhookChannel
+from bridge.config_tables import WebhookChannel
 
 
 def message_id(store: str, channel: str, delivery_id: int) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bridge.config import StoreConfig
+from bridge.config_tables import StoreConfig
 from bridge.store import Store
 from bridge.store.sqlite import SQLiteStore
 
