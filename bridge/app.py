@@ -29,17 +29,19 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from bridge.admin import Admin
+from bridge.attempts import ChannelState
 from bridge.channels import Sender
 from bridge.checks import load_validated, validate
 from bridge.compose import Composer
 from bridge.config import Config, ConfigError
 from bridge.metrics import Metrics
+from bridge.policy import ChannelPolicy, build_policies
 from bridge.receive import Receiver, packet
 from bridge.render import Renderer
 from bridge.routing import Router
 from bridge.store import Store, StoreUnavailable
 from bridge.store.engines import describe, make_store
-from bridge.worker import ChannelPolicy, ChannelState, Worker, build_policies
+from bridge.worker import Worker
 
 if TYPE_CHECKING:
     import aiohttp

@@ -32,10 +32,11 @@ from bridge.checks import load_validated, validate
 from bridge.compose import Composer
 from bridge.config import Config, ConfigError, load_config
 from bridge.metrics import delivery_latency
+from bridge.policy import ChannelPolicy, build_policies
 from bridge.render import Renderer
 from bridge.store import StoreUnavailable
 from bridge.store.engines import make_store
-from bridge.worker import ChannelPolicy, Worker, build_policies
+from bridge.worker import Worker
 
 if TYPE_CHECKING:
     import aiohttp

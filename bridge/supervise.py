@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import IO
 
 from bridge import logs
+from bridge.attempts import ChannelState
 from bridge.checks import load_validated
 from bridge.config import Config, ConfigError
 from bridge.deliver import Reported
 from bridge.metrics import Metrics
 from bridge.store import Store, StoreUnavailable
-from bridge.worker import ChannelState
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,10 @@ import pytest
 
 from bridge.channels import Outcome, retry
 from bridge.config_tables import DeliveryConfig
+from bridge.policy import ChannelPolicy
 from bridge.store import NewDelivery, NewEvent
 from bridge.store.sqlite import SQLiteStore
-from bridge.worker import ChannelPolicy, Worker
+from bridge.worker import Worker
 from tests.bridge_server import (
     OK_PACKET,
     SEED_BODY,

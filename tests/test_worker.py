@@ -6,7 +6,6 @@ import io
 import itertools
 import json
 import logging
-import re
 import sqlite3
 import time
 import uuid
@@ -19,19 +18,19 @@ import psycopg
 import pytest
 from pydantic import SecretStr
 
-from bridge.channels import Outcome, Sender, Thread
+from bridge.channels import Sender
 from bridge.channels.console import ConsoleSender
 from bridge.channels.slack import SlackSender
-from bridge.channels.webhook import WebhookSender
-from bridge.compose import DIGEST_ENTRIES, Composer
+from bridge.compose import Composer
 from bridge.config import load_config
-from bridge.config_tables import DeliveryConfig, SlackChannel, WebhookChannel
+from bridge.config_tables import DeliveryConfig, SlackChannel
+from bridge.policy import ChannelPolicy
 from bridge.render import Renderer
 from bridge.samples import sample
 from bridge.store import Claimed, NewDelivery, NewEvent, Pace, Store, StoreUnavailable
 from bridge.store.postgres import PostgresStore
 from bridge.store.sqlite import SQLiteStore
-from bridge.worker import SHARED_POLL_S, ChannelPolicy, Worker, backoff
+from bridge.worker import SHARED_POLL_S, Worker
 from tests.bridge_server import OWNER, db_rows, write_config
 from tests.slack_standin import SlackStandIn
 from tests.store_rows import opener
@@ -42,7 +41,6 @@ SETTINGS = DeliveryConfig(max_attempts=3, initial_backoff_s=0.05, max_backoff_s=
 CHANNEL = "C0123456789"  # the bot channel ("bot")
 OTHER = "C0OTHER00"  # the incoming webhook's channel ("hook")
 
-PROHIBITED = {"status": 403, "error": "action_prohibited", "kind": "webhook"}
 
 OpenStore = Callable[[], Awaitable[SQLiteStore]]
 
@@ -137,88 +135,6 @@ async def test_each_delivery_is_sent_once(
     assert slack.requests_seen == 2
 
 
-@pytest.mark.parametrize(
-    ("channel", "force"),
-    [
-        ("bot", {"status": 500, "kind": "api"}),
-        ("bot", {"status": 200, "error": "internal_error", "kind": "api"}),
-        ("hook", {"status": 503, "kind": "webhook"}),
-    ],
-)
-async def test_transient_errors_are_retried_until_delivered(
-    slack: SlackStandIn,
-    session: aiohttp.ClientSession,
-    open_store: OpenStore,
-    channel: str,
-    force: dict[str, Any],
-    tmp_path: Path,
-) -> None:
-    store = await open_store()
-    slack.fail_next(2, **force)
-    await record(store, channel)
-    async with running(make_worker(store, senders(slack, session), tmp_path)):
-        await eventually(lambda: states(store.path) == ["delivered"])
-    ((_, _, attempts, _),) = deliveries(store.path)
-    assert attempts == 3  # every try counts, the successful one included
-    assert (slack.requests_seen, len(slack.posted)) == (3, 1)
-
-
-@pytest.mark.parametrize(
-    ("channel", "bot_channel", "force", "error"),
-    [
-        ("bot", "C0NOTHERE", None, "HTTP 200: channel_not_found"),
-        ("bot", CHANNEL, {"error": "not_in_channel"}, "HTTP 200: not_in_channel"),
-        ("bot", CHANNEL, {"error": "invalid_auth"}, "HTTP 200: invalid_auth"),
-        ("hook", CHANNEL, PROHIBITED, "HTTP 403: action_prohibited"),
-    ],
-)
-async def test_permanent_failure_is_dead_after_one_attempt(
-    slack: SlackStandIn,
-    session: aiohttp.ClientSession,
-    open_store: OpenStore,
-    channel: str,
-    bot_channel: str,
-    force: dict[str, Any] | None,
-    error: str,
-    tmp_path: Path,
-) -> None:
-    store = await open_store()
-    if force is not None:
-        slack.fail_next(1, **force)
-    await record(store, channel)
-    async with running(make_worker(store, senders(slack, session, bot_channel), tmp_path)):
-        await eventually(lambda: states(store.path) == ["dead"])
-        await asyncio.sleep(SETTINGS.max_backoff_s)  # time for a retry that must not come
-    assert deliveries(store.path) == [(channel, "dead", 1, error)]
-    assert slack.requests_seen == 1
-    assert slack.posted == []
-
-
-class Unexpected:
-    """A sender that fails in a way no sender classifies, quoting a secret as libraries may."""
-
-    url = "https://hooks.example/T0/B0/s3cr3tPath"
-
-    async def send(self, payload: str, delivery_id: int, thread: Thread | None = None) -> Outcome:
-        raise ValueError(f"cannot post to {self.url}: bad header")
-
-
-async def test_an_unexpected_sender_error_is_retried_and_logged_without_its_message(
-    open_store: OpenStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    store = await open_store()
-    await record(store, "odd")
-    with caplog.at_level(logging.ERROR, logger="bridge.worker"):
-        async with running(make_worker(store, {"odd": Unexpected()}, tmp_path)):
-            await eventually(lambda: states(store.path) == ["dead"])
-    assert deliveries(store.path) == [
-        ("odd", "dead", 3, "gave up after 3 attempts: internal error in sender")
-    ]
-    logged = "\n".join(caplog.text.splitlines())
-    assert "sender failed: ValueError" in logged and "in send" in logged  # type and frames
-    assert "s3cr3t" not in logged and "hooks.example" not in logged
-
-
 async def test_a_channel_without_a_policy_is_left_alone(
     slack: SlackStandIn, session: aiohttp.ClientSession, open_store: OpenStore, tmp_path: Path
 ) -> None:
@@ -228,46 +144,6 @@ async def test_a_channel_without_a_policy_is_left_alone(
     async with running(make_worker(store, senders(slack, session), tmp_path)):
         await asyncio.sleep(0.2)
     assert deliveries(store.path) == [("unconfigured", "pending", 0, None)]
-
-
-async def test_dead_when_attempts_run_out(
-    slack: SlackStandIn, session: aiohttp.ClientSession, open_store: OpenStore, tmp_path: Path
-) -> None:
-    store = await open_store()
-    slack.fail_next(10, status=500, kind="api")
-    await record(store, "bot")
-    async with running(make_worker(store, senders(slack, session), tmp_path)):
-        await eventually(lambda: states(store.path) == ["dead"])
-        await asyncio.sleep(SETTINGS.max_backoff_s)
-    assert deliveries(store.path) == [
-        ("bot", "dead", 3, "gave up after 3 attempts: HTTP 500: internal_error")
-    ]
-    assert (slack.requests_seen, slack.posted) == (3, [])
-
-
-async def test_rate_limit_blocks_only_its_channel_and_costs_no_attempt(
-    slack: SlackStandIn, session: aiohttp.ClientSession, open_store: OpenStore, tmp_path: Path
-) -> None:
-    store = await open_store()
-    slack.fail_next(1, status=429, retry_after=1, channel=CHANNEL, kind="api")
-    await record(store, "bot", "hook")
-    await record(store, "bot")
-    worker = make_worker(store, senders(slack, session), tmp_path)
-    async with running(worker):
-        await eventually(lambda: slack.rejected_429 == 1)
-        seen_429 = time.monotonic()  # no earlier than the 429 itself
-        await record(store, "hook")
-        worker.wake()
-        await eventually(lambda: len([p for p in slack.posted if p.channel == OTHER]) == 2)
-        assert worker.pacers["bot"].blocked_for() > 0
-        await eventually(lambda: states(store.path).count("delivered") == 4)
-    bot_posts = [p.received_at for p in slack.posted if p.channel == CHANNEL]
-    hook_posts = [p.received_at for p in slack.posted if p.channel == OTHER]
-    assert len(bot_posts) == 2 and min(bot_posts) - seen_429 >= 0.9
-    assert max(bot_posts) - seen_429 < 1.5  # sent when the block ends, not at the next idle poll
-    assert max(hook_posts) < min(bot_posts)  # the other channel went on meanwhile
-    assert [row[2] for row in deliveries(store.path)] == [1, 1, 1, 1]
-    assert (slack.requests_seen, slack.rejected_429) == (5, 1)
 
 
 async def test_in_flight_at_a_crash_is_sent_after_restart(
@@ -291,31 +167,7 @@ async def test_in_flight_at_a_crash_is_sent_after_restart(
     assert len(slack.posted) == 1
 
 
-@pytest.mark.parametrize(
-    ("attempt", "initial", "maximum", "low", "high"),
-    [
-        (1, 1.0, 300.0, 1.0, 1.0),
-        (2, 1.0, 300.0, 1.0, 2.0),
-        (3, 1.0, 300.0, 2.0, 4.0),
-        (4, 1.0, 300.0, 4.0, 8.0),
-        (9, 1.0, 300.0, 128.0, 256.0),
-        (10, 1.0, 300.0, 150.0, 300.0),
-        (5000, 1.0, 300.0, 150.0, 300.0),
-        (2, 1.0, 1.5, 1.0, 1.5),
-        (3, 0.05, 0.2, 0.1, 0.2),
-        (7, 5.0, 5.0, 5.0, 5.0),
-    ],
-)
-def test_backoff_doubles_with_jitter_within_bounds(
-    attempt: int, initial: float, maximum: float, low: float, high: float
-) -> None:
-    delays = [backoff(attempt, initial, maximum) for _ in range(300)]
-    assert all(low <= d <= high for d in delays)
-    assert all(initial <= d <= maximum for d in delays)
-    assert (len(set(delays)) > 1) == (low < high)  # jittered wherever there is room
-
-
-# -- order, threads, digests and pacing: policies built per test --------------------------------
+# -- events in rooms, policies built per test (test_lane.py and test_attempts.py use these too) --
 
 SLACK = 'type = "slack"\nwebhook_url = "https://hooks.example.invalid/x"'  # digests: slack/
 CONSOLE = 'type = "console"'
@@ -357,238 +209,6 @@ def worker_with(
     return Worker(store, {p.name: p for p in policies}, settings, composer, 3600)
 
 
-async def test_a_retry_holds_back_its_room_only(
-    slack: SlackStandIn, session: aiohttp.ClientSession, open_store: OpenStore, tmp_path: Path
-) -> None:
-    store = await open_store()
-    for room, event_time in [("A", 1000), ("B", 1500), ("A", 2000), ("B", 2500), ("A", 3000)]:
-        await record_in(store, "bot", room, event_time)
-    slack.fail_next(1, status=500, kind="api")  # the first request: A's oldest event
-    settings = DeliveryConfig(max_attempts=3, initial_backoff_s=0.3, max_backoff_s=1, timeout_s=2)
-    policy = ChannelPolicy("bot", senders(slack, session)["bot"])
-    worker = worker_with(store, make_composer(tmp_path, {"bot": SLACK}), policy, settings=settings)
-    async with running(worker):
-        await eventually(lambda: states(store.path) == ["delivered"] * 5, within_s=10)
-    posts = slack.posted
-    # B went on while A@1000 waited for its retry; A's later events waited for it.
-    assert labels([p.payload for p in posts]) == ["B@1500", "B@2500", "A@1000", "A@2000", "A@3000"]
-    waited = posts[2].received_at - posts[0].received_at
-    assert 0.2 <= waited < 2.5  # its backoff (0.3 s), not the idle poll (IDLE_POLL_S, 5 s)
-    assert attempts(store.path) == [2, 1, 1, 1, 1]  # A@1000, B@1500, A@2000, B@2500, A@3000
-    assert slack.requests_seen == 6
-
-
-@pytest.mark.parametrize(
-    "recorded", [(3000, 1000, 2000), (2000, 3000, 1000), (3000, 2000, 1000), (1000, 2000, 3000)]
-)
-async def test_one_room_is_delivered_in_event_time_order(
-    slack: SlackStandIn,
-    session: aiohttp.ClientSession,
-    open_store: OpenStore,
-    tmp_path: Path,
-    recorded: tuple[int, ...],
-) -> None:
-    store = await open_store()
-    for event_time in recorded:  # Tencent's order is not the order of arrival
-        await record_in(store, "bot", "R", event_time)
-    policy = ChannelPolicy("bot", senders(slack, session)["bot"])
-    async with running(worker_with(store, make_composer(tmp_path, {"bot": SLACK}), policy)):
-        await eventually(lambda: len(slack.posted) == 3)
-    assert labels([p.payload for p in slack.posted]) == ["R@1000", "R@2000", "R@3000"]
-
-
-def thread_policy(
-    slack: SlackStandIn, session: aiohttp.ClientSession, ttl_s: float
-) -> ChannelPolicy:
-    bot = senders(slack, session)["bot"]
-    return ChannelPolicy("bot", bot, thread_by_room=True, reply_broadcast=True, thread_ttl_s=ttl_s)
-
-
-def by_label(slack: SlackStandIn) -> dict[str, dict[str, Any]]:
-    return {str(p.payload["text"]): p.payload | {"ts": p.ts} for p in slack.posted}
-
-
-async def test_each_room_has_its_thread_across_restarts(
-    slack: SlackStandIn, session: aiohttp.ClientSession, open_store: OpenStore, tmp_path: Path
-) -> None:
-    composer = make_composer(tmp_path, {"bot": SLACK})
-    store = await open_store()
-    for room, event_time in [("R", 1000), ("S", 1500), ("R", 2000), ("S", 2500)]:
-        await record_in(store, "bot", room, event_time)
-    async with running(worker_with(store, composer, thread_policy(slack, session, 3600))):
-        await eventually(lambda: len(slack.posted) == 4)
-    posts = by_label(slack)
-    parent, other = posts["R@1000"], posts["S@1500"]
-    assert "thread_ts" not in parent and "thread_ts" not in other  # each room starts its own
-    for reply, thread in [(posts["R@2000"], parent), (posts["S@2500"], other)]:
-        assert (reply["thread_ts"], reply["reply_broadcast"]) == (thread["ts"], True)
-
-    # A restart: a new store on the same file, a new sender and worker remember the thread.
-    await store.close()
-    store = await open_store()
-    await record_in(store, "bot", "R", 3000)
-    async with running(worker_with(store, composer, thread_policy(slack, session, 3600))):
-        await eventually(lambda: len(slack.posted) == 5)
-    assert by_label(slack)["R@3000"]["thread_ts"] == parent["ts"]
-
-    # A workspace that never saw the parent answers thread_not_found: the worker forgets the
-    # thread and the message goes out again as the parent of a new one.
-    await record_in(store, "bot", "R", 4000)
-    with SlackStandIn() as fresh:
-        worker = worker_with(store, composer, thread_policy(fresh, session, 3600))
-        async with running(worker):
-            await eventually(lambda: len(fresh.posted) == 1)
-            await record_in(store, "bot", "R", 5000)
-            worker.wake()
-            await eventually(lambda: len(fresh.posted) == 2)
-        posts = by_label(fresh)
-        assert fresh.requests_seen == 3
-    assert "thread_ts" not in posts["R@4000"]
-    assert posts["R@5000"]["thread_ts"] == posts["R@4000"]["ts"]
-    assert attempts(store.path)[-2:] == [1, 1]  # the refused reply cost no attempt
-
-
-async def test_a_thread_older_than_its_ttl_is_not_replied_to(
-    slack: SlackStandIn, session: aiohttp.ClientSession, open_store: OpenStore, tmp_path: Path
-) -> None:
-    store = await open_store()
-    await record_in(store, "bot", "R", 1000)
-    policy = thread_policy(slack, session, ttl_s=0.5)
-    worker = worker_with(store, make_composer(tmp_path, {"bot": SLACK}), policy)
-    async with running(worker):
-        await eventually(lambda: len(slack.posted) == 1)
-        await asyncio.sleep(0.7)
-        await record_in(store, "bot", "R", 2000)
-        await record_in(store, "bot", "R", 3000)
-        worker.wake()
-        await eventually(lambda: len(slack.posted) == 3)
-    posts = by_label(slack)
-    assert "thread_ts" not in posts["R@1000"] and "thread_ts" not in posts["R@2000"]
-    assert posts["R@3000"]["thread_ts"] == posts["R@2000"]["ts"]
-
-
-SECTION_ROOM = re.compile(r"Room \*(room-\d+)\*: \1-old → \1-new")  # a digest's owner change
-
-
-@pytest.mark.parametrize(
-    ("count", "digest_after", "rate_per_s", "digests", "singles"),
-    [
-        (30, 10, 1.0, [30], 0),
-        (90, 10, 1.0, [DIGEST_ENTRIES, DIGEST_ENTRIES, 90 - 2 * DIGEST_ENTRIES], 0),
-        (11, 10, 1.0, [11], 0),
-        (10, 10, 50.0, [], 10),  # not more than digest_after: one message each
-        (12, 0, 50.0, [], 12),  # 0: never a digest
-    ],
-)
-async def test_a_backlog_goes_out_as_digests(
-    slack: SlackStandIn,
-    session: aiohttp.ClientSession,
-    open_store: OpenStore,
-    tmp_path: Path,
-    count: int,
-    digest_after: int,
-    rate_per_s: float,
-    digests: list[int],
-    singles: int,
-) -> None:
-    store = await open_store()
-    rooms = [f"room-{i:02d}" for i in range(count)]
-    for i in reversed(range(count)):  # recorded newest first: a digest is still oldest first
-        await record_in(store, "bot", rooms[i], 1_000_000 + i * 1000)
-    policy = ChannelPolicy(
-        "bot", senders(slack, session)["bot"], rate_per_s=rate_per_s, burst=3,
-        digest_after=digest_after,
-    )  # fmt: skip
-    async with running(worker_with(store, make_composer(tmp_path, {"bot": SLACK}), policy)):
-        await eventually(lambda: states(store.path) == ["delivered"] * count)
-    posts = [p.payload for p in slack.posted]
-    assert slack.requests_seen == len(posts) == len(digests) + singles
-    assert attempts(store.path) == [1] * count
-    sent: list[str] = []
-    sizes: list[int] = []
-    for payload in posts:
-        if "blocks" not in payload:
-            sent += [payload["text"].split("@")[0]]
-            continue
-        sections = [b["text"]["text"] for b in payload["blocks"] if b["type"] == "section"]
-        entries = [SECTION_ROOM.findall(text) for text in sections]
-        assert all(len(found) == 1 for found in entries)  # one event per section
-        sent += [found[0] for found in entries]
-        sizes.append(len(entries))
-        assert payload["blocks"][0]["text"]["text"] == f"{len(entries)} Live events"
-    assert sizes == digests
-    assert sent == rooms  # every event exactly once, oldest first
-
-
-async def test_a_console_digest_is_a_header_and_one_line_per_event(
-    open_store: OpenStore, tmp_path: Path
-) -> None:
-    store = await open_store()
-    rooms = [f"room-{i:02d}" for i in range(30)]
-    for i, room in enumerate(rooms):
-        await record_in(store, "console", room, 1_000_000 + i * 1000)
-    stream = io.StringIO()
-    policy = ChannelPolicy("console", ConsoleSender(stream), digest_after=10)
-    async with running(worker_with(store, make_composer(tmp_path, {"console": CONSOLE}), policy)):
-        await eventually(lambda: states(store.path) == ["delivered"] * 30)
-    header, *lines = stream.getvalue().splitlines()
-    assert header.endswith("digest of 30 events:")
-    assert len(lines) == 30
-    assert [line.split("room owner changed: room ")[1].split(",")[0] for line in lines] == rooms
-
-
-@pytest.mark.parametrize(("rooms", "concurrent"), [(12, 4), (1, 1)])
-async def test_a_webhook_sends_rooms_side_by_side_and_each_room_in_order(
-    slack: SlackStandIn,
-    session: aiohttp.ClientSession,
-    open_store: OpenStore,
-    tmp_path: Path,
-    rooms: int,
-    concurrent: int,
-) -> None:
-    store = await open_store()
-    for i in reversed(range(12)):
-        await record_in(store, "hook", f"room-{i % rooms}", 1000 + i)
-    slack.set_sink_delay("hook", 0.2)
-    settings = WebhookChannel(type="webhook", url=SecretStr(slack.sink_url("hook")))
-    policy = ChannelPolicy(
-        "hook", WebhookSender("hook", settings, session, 2.0, "store"), max_in_flight=4
-    )
-    table = 'type = "webhook"\nurl = "https://sink.example.invalid/"'
-    async with running(worker_with(store, make_composer(tmp_path, {"hook": table}), policy)):
-        await eventually(lambda: len(slack.sink_requests) == 12)
-    assert slack.sink_max_concurrent["hook"] == concurrent
-    assert states(store.path) == ["delivered"] * 12
-    if rooms == 1:
-        sent = labels([json.loads(r.body) for r in slack.sink_requests])
-        assert sent == [f"room-0@{1000 + i}" for i in range(12)]
-
-
-@pytest.mark.parametrize(("via", "rate_per_s", "burst"), [("bot", 5.0, 2), ("hook", 10.0, 2)])
-async def test_pacing_keeps_under_slacks_own_limit(
-    session: aiohttp.ClientSession,
-    open_store: OpenStore,
-    tmp_path: Path,
-    via: str,
-    rate_per_s: float,
-    burst: int,
-) -> None:
-    store = await open_store()
-    count = 20
-    for i in range(count):
-        await record_in(store, via, f"room-{i:02d}", 1000 + i)
-    with SlackStandIn(channels=(CHANNEL, OTHER), rate_per_s=rate_per_s, burst=burst) as paced:
-        policy = ChannelPolicy(
-            via, senders(paced, session)[via], rate_per_s=rate_per_s, burst=burst
-        )
-        async with running(worker_with(store, make_composer(tmp_path, {via: SLACK}), policy)):
-            await eventually(lambda: len(paced.posted) == count, within_s=10)
-        times = [p.received_at for p in paced.posted]
-        assert (paced.rejected_429, paced.requests_seen) == (0, count)
-    assert times[-1] - times[0] >= (count - burst) / rate_per_s - 0.05
-    assert attempts(store.path) == [1] * count
-
-
 class CountingStore(SQLiteStore):
     """Records which channels lanes take and leave."""
 
@@ -609,25 +229,6 @@ class CountingStore(SQLiteStore):
     async def release(self, ids: Sequence[int], now: float, next_attempt_at: float) -> None:
         self.released += 1
         await super().release(ids, now, next_attempt_at)
-
-
-async def test_a_steady_trickle_keeps_one_lane_and_its_channel(tmp_path: Path) -> None:
-    # Events 10 ms apart: the lane waits for the next instead of leaving its channel and taking
-    # it again for each (two commits an event). A loaded machine may stretch a gap past the
-    # lane's 50 ms, hence "a few" rather than one.
-    async with opener(lambda: CountingStore(tmp_path / "bridge.db")) as open_:
-        store = await open_()
-        stream = io.StringIO()
-        worker = make_worker(store, {"console": ConsoleSender(stream)}, tmp_path)
-        async with running(worker):
-            for _ in range(20):
-                await record(store, "console")
-                worker.wake()  # what the receiver does after each commit
-                await asyncio.sleep(0.01)
-            await eventually(lambda: states(store.path) == ["delivered"] * 20)
-            await eventually(lambda: len(store.left) == len(store.taken))
-        assert 1 <= len(store.taken) <= 5
-        assert len(stream.getvalue().splitlines()) == 20
 
 
 async def test_a_reload_that_changes_a_channels_pacing_keeps_its_count_and_its_blocks(
@@ -655,27 +256,6 @@ async def test_a_reload_that_changes_a_channels_pacing_keeps_its_count_and_its_b
     assert paced.rejected_429 == 0
     assert released == 0
     assert min(b - a for a, b in itertools.pairwise(times[1:7])) >= 0.45  # the new rate
-
-
-async def test_a_lane_with_nothing_more_ends_though_others_are_busy(tmp_path: Path) -> None:
-    # Callbacks for another channel wake every lingering lane; one that finds nothing twice
-    # ends and leaves its channel instead of claiming again at every callback.
-    async with opener(lambda: CountingStore(tmp_path / "bridge.db")) as open_:
-        store = await open_()
-        stream = io.StringIO()
-        sinks: dict[str, Sender] = {"quiet": ConsoleSender(stream), "busy": ConsoleSender(stream)}
-        worker = make_worker(store, sinks, tmp_path)
-        async with running(worker):
-            await record(store, "quiet")
-            worker.wake()
-            for i in range(30):
-                await record(store, "busy")
-                worker.wake()
-                await asyncio.sleep(0.01)
-                if i == 20:
-                    assert "quiet" in store.left  # it left while "busy" was still coming
-            await eventually(lambda: states(store.path) == ["delivered"] * 31)
-        assert store.taken.count("quiet") == 1
 
 
 # -- several store instances on one database: PostgreSQL replicas, or SQLite's two processes ---

@@ -1,0 +1,141 @@
+"""One attempt at a delivery, and what its outcome makes of the delivery.
+
+An attempt renders the delivery if it was stored unrendered (bridge.compose), finds its room's
+Slack thread, and sends it within the channel's timeout. The worker alone decides what a sender's
+outcome means: delivered; a dead letter after a permanent failure or the last attempt; otherwise a
+retry after a backoff with jitter (or the far end's Retry-After), which costs no attempt when the
+far end only asked to wait. Each is one store write and one log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from bridge.channels import Outcome, Result, Thread, permanent, retry
+from bridge.compose import Composer
+from bridge.config_tables import DeliveryConfig
+from bridge.metrics import Outcomes
+from bridge.policy import ChannelPolicy
+from bridge.render import RenderError
+from bridge.store import Claimed, Store
+
+log = logging.getLogger("bridge.worker")  # the worker's log lines, under its name
+
+
+def backoff(attempt: int, initial: float, maximum: float) -> float:
+    """Seconds before attempt `attempt + 1`: doubling from `initial`, capped, jittered."""
+    # The exponent is capped: 2 ** 1024 no longer converts to a float, and max_attempts is open.
+    base = min(maximum, initial * 2 ** min(attempt - 1, 64))
+    return max(initial, random.uniform(base / 2, base))
+
+
+@dataclass
+class ChannelState:
+    """What the status page shows of a channel beyond the store's counts."""
+
+    last_success_at: float | None = None
+    last_error: str | None = None
+    last_error_at: float | None = None
+
+
+class Attempts:
+    """The worker's attempts (bridge.worker.Worker, through its lanes)."""
+
+    _store: Store
+    _settings: DeliveryConfig
+    _composer: Composer
+    _metrics: Outcomes | None
+    states: dict[str, ChannelState]
+
+    async def _attempt(self, policy: ChannelPolicy, row: Claimed) -> Outcome:
+        try:
+            payload = self._composer.payload(row)
+        except RenderError as exc:
+            return permanent(f"render failed: {exc}")
+        thread = None
+        if policy.thread_by_room and row.room_id is not None:
+            not_before = time.time() - policy.thread_ttl_s
+            if ts := await self._store.get_thread(policy.name, row.room_id, not_before):
+                thread = Thread(ts, policy.reply_broadcast)
+        outcome = await self._send(policy, payload, row.id, thread)
+        if policy.thread_by_room and row.room_id is not None:
+            if thread is None and outcome.result is Result.DELIVERED and outcome.ts:
+                await self._store.set_thread(policy.name, row.room_id, outcome.ts, time.time())
+            elif thread is not None and outcome.error.endswith("thread_not_found"):
+                await self._store.forget_thread(policy.name, row.room_id)
+                return Outcome(Result.RETRY, "thread is gone: starting a new one", 0.0, free=True)
+        return outcome
+
+    async def _send(
+        self, policy: ChannelPolicy, payload: str, delivery_id: int, thread: Thread | None
+    ) -> Outcome:
+        try:
+            async with asyncio.timeout(self._settings.timeout_s + 5.0):
+                return await policy.sender.send(payload, delivery_id, thread)
+        except TimeoutError:
+            return retry("timed out")
+        except Exception as exc:
+            # A sender's own errors are classified without their text; this one is not, and a
+            # library's message may quote a URL, a header or a password: the traceback's frames
+            # and the exception's type, not what it says.
+            log.error(
+                "delivery=%d channel=%s: sender failed: %s (its message is left out: it may "
+                "hold a secret)\n%s", delivery_id, policy.name, type(exc).__name__,
+                "".join(traceback.format_tb(exc.__traceback__)).rstrip(),
+            )  # fmt: skip
+            return retry("internal error in sender")
+
+    def _note(self, row: Claimed, kind: str, error: str | None = None) -> None:
+        state = self.states.setdefault(row.channel, ChannelState())
+        if error is None:
+            state.last_success_at = time.time()
+        else:
+            state.last_error, state.last_error_at = error, time.time()
+        if self._metrics is not None:
+            self._metrics.outcome(row.channel, kind, row.received_at)
+
+    async def _settle(self, row: Claimed, outcome: Outcome) -> None:
+        now = time.time()
+        tag = f"event={row.event_id} delivery={row.id} channel={row.channel}"
+        if outcome.result is Result.DELIVERED:
+            await self._store.mark_delivered(row.id, now)
+            self._note(row, "delivered")
+            log.info("delivered %s attempt=%d", tag, row.attempts)
+        elif outcome.result is Result.PERMANENT:
+            await self._store.mark_dead(row.id, now, outcome.error)
+            self._note(row, "dead", outcome.error)
+            log.warning("dead letter %s attempt=%d: %s", tag, row.attempts, outcome.error)
+        elif outcome.rate_limited or outcome.free:
+            wait = outcome.retry_after if outcome.retry_after is not None else 1.0
+            await self._store.mark_retry(row.id, now, now + wait, outcome.error, count=False)
+            self._note(row, "rate_limited" if outcome.rate_limited else "retry", outcome.error)
+            log.info("%s %s attempt=%d: again in %.1fs (attempt given back): %s",
+                     "rate limited" if outcome.rate_limited else "retry", tag, row.attempts, wait,
+                     outcome.error)  # fmt: skip
+        elif row.attempts >= self._settings.max_attempts:
+            error = f"gave up after {row.attempts} attempts: {outcome.error}"
+            await self._store.mark_dead(row.id, now, error)
+            self._note(row, "dead", error)
+            log.warning("dead letter %s: %s", tag, error)
+        else:
+            self._note(row, "retry", outcome.error)
+            s = self._settings
+            delay = max(
+                backoff(row.attempts, s.initial_backoff_s, s.max_backoff_s),
+                outcome.retry_after or 0.0,
+            )
+            await self._store.mark_retry(row.id, now, now + delay, outcome.error, count=True)
+            log.info("retry %s attempt=%d in %.1fs: %s", tag, row.attempts, delay, outcome.error)
+
+    async def _give_back(self, rows: Sequence[Claimed], at: float, why: str) -> None:
+        if rows:
+            log.debug(
+                "channel %s: %d deliveries back to pending: %s", rows[0].channel, len(rows), why
+            )
+            await self._store.release([row.id for row in rows], time.time(), at)

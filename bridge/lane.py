@@ -1,0 +1,179 @@
+"""A lane: one channel's deliveries claimed, paced and sent while the channel is this process's.
+
+A lane takes its channel (with the pacing the last holder left), claims its due deliveries (each
+room's in Tencent's order), paces them, and sends them one by one, rooms side by side up to
+`max_in_flight`, or, past `digest_after`, as digests. What it claimed and will not send now it
+gives back at once: at a stop; on a 429's block on the channel, with the channel (no lane waits a
+block out); after a retry, the later deliveries of that room (never other rooms'). With nothing
+left to claim it lingers briefly for new callbacks, then leaves the channel.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+
+from bridge.attempts import Attempts
+from bridge.channels import Outcome, Result
+from bridge.pacing import Pacer
+from bridge.policy import ChannelPolicy
+from bridge.render import RenderError
+from bridge.store import Claimed, StoreUnavailable
+
+log = logging.getLogger("bridge.worker")  # the worker's log lines, under its name
+
+LINGER_S = 0.05  # how long a lane with nothing to send waits for more before it ends
+
+
+class Lanes(Attempts, abc.ABC):
+    """The worker's lanes (bridge.worker.Worker starts one per channel with work)."""
+
+    _stopping: bool
+    _arrivals: int
+    _lingering: set[asyncio.Future[None]]
+    _busy: set[str]
+    _wake: asyncio.Event
+    _store_failures: int
+    pacers: dict[str, Pacer]
+
+    @abc.abstractmethod
+    def _store_failed(self, exc: StoreUnavailable) -> None:
+        """The store could not commit: the worker pauses its claims for a while."""
+
+    async def _lane(self, policy: ChannelPolicy) -> None:
+        pacer = self.pacers.get(policy.name) or Pacer(policy.rate_per_s, policy.burst)
+        lease = policy.lease_s(self._settings.timeout_s)
+        held_until = 0.0  # wall clock: the channel is ours until then
+        sent = False  # the last claim found something: worth waiting for more
+        found = False  # some claim found something: outcomes may have made more due
+        idle = False  # ended by a claim that found nothing, having found nothing before
+        seen = self._arrivals
+        try:
+            while not self._stopping and pacer.blocked_for() == 0:
+                # The channel is ours for one claim's worth of sends, taken again once half of
+                # that has gone: no other process paces, threads or orders it meanwhile, so the
+                # pacer here is the channel's state, and taking it every round (a commit each,
+                # several per event under a steady trickle) would tell nothing new.
+                if time.time() > held_until - lease / 2:
+                    pace = await self._store.take_channel(policy.name, time.time(), lease)
+                    if pace is None:
+                        return  # another process is sending to this channel
+                    held_until = time.time() + lease
+                    pacer.adopt(pace)
+                    if pacer.blocked_for() > 0:
+                        return  # blocked by a 429 another process met
+                seen = self._arrivals
+                rows = await self._store.claim(
+                    policy.name, time.time(), policy.claim_limit(), lease
+                )
+                self._store_failures = 0  # a write went through: the store commits again
+                if not rows and not (sent and await self._more_soon(seen)):
+                    idle = not found
+                    return  # nothing twice running, or nothing came: the lane ends
+                sent = bool(rows)
+                found = found or sent
+                if policy.digest_after and len(rows) > policy.digest_after:
+                    await self._send_digests(policy, rows)
+                elif rows:
+                    await self._send_each(policy, rows)
+        except StoreUnavailable as exc:
+            # The leases expire and the deliveries are claimed again: sent at least once.
+            self._store_failed(exc)
+        finally:
+            if held_until:
+                # Unsaved (store down), the channel's lease runs out and the next holder starts
+                # from its own pacing: at worst one burst early.
+                with contextlib.suppress(StoreUnavailable):
+                    await self._store.leave_channel(policy.name, pacer.pace())
+            self._busy.discard(policy.name)
+            # A lane that claimed nothing changed nothing, and the dispatcher's plain read may
+            # still find the channel due: a delivery another transaction holds locked, which
+            # claims pass over (SKIP LOCKED). Woken, it would start another lane at once, a busy
+            # loop for as long as the lock is held; it looks at its next poll or due time
+            # instead, or sooner for a callback that came since the claim.
+            if not idle or self._arrivals != seen:
+                self._wake.set()
+
+    async def _more_soon(self, seen: int) -> bool:
+        """Whether a callback arrived since `seen` (the count before the claim that found
+        nothing), waiting up to LINGER_S for one. A lane that has just sent lingers so before
+        it leaves its channel: under a steady trickle, leaving and taking the channel again for
+        each event would be two more commits per event. It lingers once: a callback for another
+        channel wakes it too, and a second claim that finds nothing ends it."""
+        if self._arrivals == seen:
+            waiter = asyncio.get_running_loop().create_future()
+            self._lingering.add(waiter)
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(waiter, LINGER_S)
+            finally:
+                self._lingering.discard(waiter)
+        return self._arrivals != seen and not self._stopping
+
+    async def _send_each(self, policy: ChannelPolicy, rows: Sequence[Claimed]) -> None:
+        rooms: dict[str | int, list[Claimed]] = {}
+        for row in rows:  # each room in order; a delivery without a room waits for nothing
+            rooms.setdefault(row.room_id if row.room_id is not None else row.id, []).append(row)
+        slots = asyncio.Semaphore(policy.max_in_flight)
+        pacer = self.pacers.get(policy.name) or Pacer(policy.rate_per_s, policy.burst)
+
+        async def room(sequence: list[Claimed]) -> None:
+            for index, row in enumerate(sequence):
+                outcome: Outcome | None = None
+                async with slots:
+                    # Stopping is checked again once the slot and the pace allow a send: a stop
+                    # may have come while this room waited for them, and only sends in flight at
+                    # the stop may finish. One started in the grace period, cut off at its end,
+                    # would be sent again at the next start.
+                    if not self._stopping and await pacer.wait() and not self._stopping:
+                        outcome = await self._attempt(policy, row)
+                        pacer.done()
+                        if outcome.rate_limited:  # before the slot is free for another room
+                            pacer.block(outcome.retry_after or 1.0)
+                            log.warning("channel %s rate limited for %.1fs", policy.name,
+                                        pacer.blocked_for())  # fmt: skip
+                if self._stopping and outcome is None:
+                    await self._give_back(sequence[index:], time.time(), "shutting down")
+                    return
+                if outcome is None:
+                    # A 429 blocks the channel. Waiting it out would hold these rows and the
+                    # channel past their lease, when another process takes both and sends inside
+                    # the block, and this one sends them again after it. Given back, the lane
+                    # ends and leaves the channel with the block for whoever takes it next.
+                    await self._give_back(sequence[index:], time.time(), "channel rate limited")
+                    return
+                await self._settle(row, outcome)
+                if outcome.result is Result.RETRY:  # its room's later events wait for it
+                    await self._give_back(sequence[index + 1 :], time.time(), "waiting for room")
+                    return
+
+        await asyncio.gather(*(room(sequence) for sequence in rooms.values()))
+
+    async def _send_digests(self, policy: ChannelPolicy, rows: Sequence[Claimed]) -> None:
+        try:
+            digests = self._composer.digests(policy.name, rows)
+        except RenderError as exc:
+            log.error("channel %s: digest failed, sending one by one: %s", policy.name, exc)
+            await self._send_each(policy, rows)
+            return
+        pacer = self.pacers.get(policy.name) or Pacer(policy.rate_per_s, policy.burst)
+        log.info("channel %s: %d pending, sending %d digests", policy.name, len(rows), len(digests))
+        for index, (payload, carried) in enumerate(digests):
+            # Stopping (also once the pace allows it: see _send_each), or blocked by a 429.
+            if self._stopping or not await pacer.wait() or self._stopping:
+                rest = [row for _, later in digests[index:] for row in later]
+                await self._give_back(rest, time.time(), "digest not sent yet")
+                return
+            outcome = await self._send(policy, payload, carried[0].id, None)
+            pacer.done()
+            if outcome.rate_limited:
+                pacer.block(outcome.retry_after or 1.0)
+            await asyncio.gather(*(self._settle(row, outcome) for row in carried))
+            if outcome.result is Result.RETRY:
+                rest = [row for _, later in digests[index + 1 :] for row in later]
+                await self._give_back(rest, time.time(), "waiting for an earlier digest")
+                return

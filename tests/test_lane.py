@@ -1,0 +1,283 @@
+"""What a lane does (lane.py): rooms in order and side by side, a retry holding back its room,
+a 429 blocking its channel, digests, pacing, lingering; through a running Worker against the Slack
+stand-in and a real SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import re
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from pydantic import SecretStr
+
+from bridge.channels import Sender
+from bridge.channels.console import ConsoleSender
+from bridge.channels.webhook import WebhookSender
+from bridge.compose import DIGEST_ENTRIES
+from bridge.config_tables import DeliveryConfig, WebhookChannel
+from bridge.policy import ChannelPolicy
+from bridge.store.sqlite import SQLiteStore
+from tests.slack_standin import SlackStandIn
+from tests.store_rows import opener
+from tests.test_worker import (
+    CHANNEL,
+    CONSOLE,
+    OTHER,
+    SLACK,
+    CountingStore,
+    OpenStore,
+    attempts,
+    deliveries,
+    eventually,
+    labels,
+    make_composer,
+    make_worker,
+    record,
+    record_in,
+    running,
+    senders,
+    states,
+    worker_with,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def open_store(tmp_path: Path) -> AsyncIterator[OpenStore]:
+    """Opens the test's database, as often as a test restarts; closes every store at the end."""
+    async with opener(lambda: SQLiteStore(tmp_path / "bridge.db")) as open_:
+        yield open_
+
+
+async def test_rate_limit_blocks_only_its_channel_and_costs_no_attempt(
+    slack: SlackStandIn, session: aiohttp.ClientSession, open_store: OpenStore, tmp_path: Path
+) -> None:
+    store = await open_store()
+    slack.fail_next(1, status=429, retry_after=1, channel=CHANNEL, kind="api")
+    await record(store, "bot", "hook")
+    await record(store, "bot")
+    worker = make_worker(store, senders(slack, session), tmp_path)
+    async with running(worker):
+        await eventually(lambda: slack.rejected_429 == 1)
+        seen_429 = time.monotonic()  # no earlier than the 429 itself
+        await record(store, "hook")
+        worker.wake()
+        await eventually(lambda: len([p for p in slack.posted if p.channel == OTHER]) == 2)
+        assert worker.pacers["bot"].blocked_for() > 0
+        await eventually(lambda: states(store.path).count("delivered") == 4)
+    bot_posts = [p.received_at for p in slack.posted if p.channel == CHANNEL]
+    hook_posts = [p.received_at for p in slack.posted if p.channel == OTHER]
+    assert len(bot_posts) == 2 and min(bot_posts) - seen_429 >= 0.9
+    assert max(bot_posts) - seen_429 < 1.5  # sent when the block ends, not at the next idle poll
+    assert max(hook_posts) < min(bot_posts)  # the other channel went on meanwhile
+    assert [row[2] for row in deliveries(store.path)] == [1, 1, 1, 1]
+    assert (slack.requests_seen, slack.rejected_429) == (5, 1)
+
+
+async def test_a_retry_holds_back_its_room_only(
+    slack: SlackStandIn, session: aiohttp.ClientSession, open_store: OpenStore, tmp_path: Path
+) -> None:
+    store = await open_store()
+    for room, event_time in [("A", 1000), ("B", 1500), ("A", 2000), ("B", 2500), ("A", 3000)]:
+        await record_in(store, "bot", room, event_time)
+    slack.fail_next(1, status=500, kind="api")  # the first request: A's oldest event
+    settings = DeliveryConfig(max_attempts=3, initial_backoff_s=0.3, max_backoff_s=1, timeout_s=2)
+    policy = ChannelPolicy("bot", senders(slack, session)["bot"])
+    worker = worker_with(store, make_composer(tmp_path, {"bot": SLACK}), policy, settings=settings)
+    async with running(worker):
+        await eventually(lambda: states(store.path) == ["delivered"] * 5, within_s=10)
+    posts = slack.posted
+    # B went on while A@1000 waited for its retry; A's later events waited for it.
+    assert labels([p.payload for p in posts]) == ["B@1500", "B@2500", "A@1000", "A@2000", "A@3000"]
+    waited = posts[2].received_at - posts[0].received_at
+    assert 0.2 <= waited < 2.5  # its backoff (0.3 s), not the idle poll (IDLE_POLL_S, 5 s)
+    assert attempts(store.path) == [2, 1, 1, 1, 1]  # A@1000, B@1500, A@2000, B@2500, A@3000
+    assert slack.requests_seen == 6
+
+
+@pytest.mark.parametrize(
+    "recorded", [(3000, 1000, 2000), (2000, 3000, 1000), (3000, 2000, 1000), (1000, 2000, 3000)]
+)
+async def test_one_room_is_delivered_in_event_time_order(
+    slack: SlackStandIn,
+    session: aiohttp.ClientSession,
+    open_store: OpenStore,
+    tmp_path: Path,
+    recorded: tuple[int, ...],
+) -> None:
+    store = await open_store()
+    for event_time in recorded:  # Tencent's order is not the order of arrival
+        await record_in(store, "bot", "R", event_time)
+    policy = ChannelPolicy("bot", senders(slack, session)["bot"])
+    async with running(worker_with(store, make_composer(tmp_path, {"bot": SLACK}), policy)):
+        await eventually(lambda: len(slack.posted) == 3)
+    assert labels([p.payload for p in slack.posted]) == ["R@1000", "R@2000", "R@3000"]
+
+
+SECTION_ROOM = re.compile(r"Room \*(room-\d+)\*: \1-old → \1-new")  # a digest's owner change
+
+
+@pytest.mark.parametrize(
+    ("count", "digest_after", "rate_per_s", "digests", "singles"),
+    [
+        (30, 10, 1.0, [30], 0),
+        (90, 10, 1.0, [DIGEST_ENTRIES, DIGEST_ENTRIES, 90 - 2 * DIGEST_ENTRIES], 0),
+        (11, 10, 1.0, [11], 0),
+        (10, 10, 50.0, [], 10),  # not more than digest_after: one message each
+        (12, 0, 50.0, [], 12),  # 0: never a digest
+    ],
+)
+async def test_a_backlog_goes_out_as_digests(
+    slack: SlackStandIn,
+    session: aiohttp.ClientSession,
+    open_store: OpenStore,
+    tmp_path: Path,
+    count: int,
+    digest_after: int,
+    rate_per_s: float,
+    digests: list[int],
+    singles: int,
+) -> None:
+    store = await open_store()
+    rooms = [f"room-{i:02d}" for i in range(count)]
+    for i in reversed(range(count)):  # recorded newest first: a digest is still oldest first
+        await record_in(store, "bot", rooms[i], 1_000_000 + i * 1000)
+    policy = ChannelPolicy(
+        "bot", senders(slack, session)["bot"], rate_per_s=rate_per_s, burst=3,
+        digest_after=digest_after,
+    )  # fmt: skip
+    async with running(worker_with(store, make_composer(tmp_path, {"bot": SLACK}), policy)):
+        await eventually(lambda: states(store.path) == ["delivered"] * count)
+    posts = [p.payload for p in slack.posted]
+    assert slack.requests_seen == len(posts) == len(digests) + singles
+    assert attempts(store.path) == [1] * count
+    sent: list[str] = []
+    sizes: list[int] = []
+    for payload in posts:
+        if "blocks" not in payload:
+            sent += [payload["text"].split("@")[0]]
+            continue
+        sections = [b["text"]["text"] for b in payload["blocks"] if b["type"] == "section"]
+        entries = [SECTION_ROOM.findall(text) for text in sections]
+        assert all(len(found) == 1 for found in entries)  # one event per section
+        sent += [found[0] for found in entries]
+        sizes.append(len(entries))
+        assert payload["blocks"][0]["text"]["text"] == f"{len(entries)} Live events"
+    assert sizes == digests
+    assert sent == rooms  # every event exactly once, oldest first
+
+
+async def test_a_console_digest_is_a_header_and_one_line_per_event(
+    open_store: OpenStore, tmp_path: Path
+) -> None:
+    store = await open_store()
+    rooms = [f"room-{i:02d}" for i in range(30)]
+    for i, room in enumerate(rooms):
+        await record_in(store, "console", room, 1_000_000 + i * 1000)
+    stream = io.StringIO()
+    policy = ChannelPolicy("console", ConsoleSender(stream), digest_after=10)
+    async with running(worker_with(store, make_composer(tmp_path, {"console": CONSOLE}), policy)):
+        await eventually(lambda: states(store.path) == ["delivered"] * 30)
+    header, *lines = stream.getvalue().splitlines()
+    assert header.endswith("digest of 30 events:")
+    assert len(lines) == 30
+    assert [line.split("room owner changed: room ")[1].split(",")[0] for line in lines] == rooms
+
+
+@pytest.mark.parametrize(("rooms", "concurrent"), [(12, 4), (1, 1)])
+async def test_a_webhook_sends_rooms_side_by_side_and_each_room_in_order(
+    slack: SlackStandIn,
+    session: aiohttp.ClientSession,
+    open_store: OpenStore,
+    tmp_path: Path,
+    rooms: int,
+    concurrent: int,
+) -> None:
+    store = await open_store()
+    for i in reversed(range(12)):
+        await record_in(store, "hook", f"room-{i % rooms}", 1000 + i)
+    slack.set_sink_delay("hook", 0.2)
+    settings = WebhookChannel(type="webhook", url=SecretStr(slack.sink_url("hook")))
+    policy = ChannelPolicy(
+        "hook", WebhookSender("hook", settings, session, 2.0, "store"), max_in_flight=4
+    )
+    table = 'type = "webhook"\nurl = "https://sink.example.invalid/"'
+    async with running(worker_with(store, make_composer(tmp_path, {"hook": table}), policy)):
+        await eventually(lambda: len(slack.sink_requests) == 12)
+    assert slack.sink_max_concurrent["hook"] == concurrent
+    assert states(store.path) == ["delivered"] * 12
+    if rooms == 1:
+        sent = labels([json.loads(r.body) for r in slack.sink_requests])
+        assert sent == [f"room-0@{1000 + i}" for i in range(12)]
+
+
+@pytest.mark.parametrize(("via", "rate_per_s", "burst"), [("bot", 5.0, 2), ("hook", 10.0, 2)])
+async def test_pacing_keeps_under_slacks_own_limit(
+    session: aiohttp.ClientSession,
+    open_store: OpenStore,
+    tmp_path: Path,
+    via: str,
+    rate_per_s: float,
+    burst: int,
+) -> None:
+    store = await open_store()
+    count = 20
+    for i in range(count):
+        await record_in(store, via, f"room-{i:02d}", 1000 + i)
+    with SlackStandIn(channels=(CHANNEL, OTHER), rate_per_s=rate_per_s, burst=burst) as paced:
+        policy = ChannelPolicy(
+            via, senders(paced, session)[via], rate_per_s=rate_per_s, burst=burst
+        )
+        async with running(worker_with(store, make_composer(tmp_path, {via: SLACK}), policy)):
+            await eventually(lambda: len(paced.posted) == count, within_s=10)
+        times = [p.received_at for p in paced.posted]
+        assert (paced.rejected_429, paced.requests_seen) == (0, count)
+    assert times[-1] - times[0] >= (count - burst) / rate_per_s - 0.05
+    assert attempts(store.path) == [1] * count
+
+
+async def test_a_steady_trickle_keeps_one_lane_and_its_channel(tmp_path: Path) -> None:
+    # Events 10 ms apart: the lane waits for the next instead of leaving its channel and taking
+    # it again for each (two commits an event). A loaded machine may stretch a gap past the
+    # lane's 50 ms, hence "a few" rather than one.
+    async with opener(lambda: CountingStore(tmp_path / "bridge.db")) as open_:
+        store = await open_()
+        stream = io.StringIO()
+        worker = make_worker(store, {"console": ConsoleSender(stream)}, tmp_path)
+        async with running(worker):
+            for _ in range(20):
+                await record(store, "console")
+                worker.wake()  # what the receiver does after each commit
+                await asyncio.sleep(0.01)
+            await eventually(lambda: states(store.path) == ["delivered"] * 20)
+            await eventually(lambda: len(store.left) == len(store.taken))
+        assert 1 <= len(store.taken) <= 5
+        assert len(stream.getvalue().splitlines()) == 20
+
+
+async def test_a_lane_with_nothing_more_ends_though_others_are_busy(tmp_path: Path) -> None:
+    # Callbacks for another channel wake every lingering lane; one that finds nothing twice
+    # ends and leaves its channel instead of claiming again at every callback.
+    async with opener(lambda: CountingStore(tmp_path / "bridge.db")) as open_:
+        store = await open_()
+        stream = io.StringIO()
+        sinks: dict[str, Sender] = {"quiet": ConsoleSender(stream), "busy": ConsoleSender(stream)}
+        worker = make_worker(store, sinks, tmp_path)
+        async with running(worker):
+            await record(store, "quiet")
+            worker.wake()
+            for i in range(30):
+                await record(store, "busy")
+                worker.wake()
+                await asyncio.sleep(0.01)
+                if i == 20:
+                    assert "quiet" in store.left  # it left while "busy" was still coming
+            await eventually(lambda: states(store.path) == ["delivered"] * 31)
+        assert store.taken.count("quiet") == 1
