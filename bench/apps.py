@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from bridge.store.sqlite import connect, insert_rows
+from bridge.store.sqlite_file import connect, insert_rows
 from bridge.store.writer import GroupCommitWriter, Together
 
 OK = b'{"ActionStatus":"OK","ErrorInfo":"","ErrorCode":0}'

@@ -1,12 +1,12 @@
-"""What only the SQLite engine does: one serving process per file, group commit, a full disk,
-its own migrations, recovery at start-up. The Store contract itself is tested in test_store.py."""
+"""What only the SQLite engine does: group commit of callbacks, a full disk, its own migrations,
+recovery at start-up. The Store contract itself is tested in test_store.py; the file, its locks
+and connections in test_store_sqlite_file.py."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import sqlite3
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -16,7 +16,8 @@ import pytest
 
 from bridge.store import NewDelivery, Pace, StoreUnavailable
 from bridge.store.schema import CLAIM_SQL, DUE_SQL, MIGRATIONS, SCHEMA_VERSION, migrate
-from bridge.store.sqlite import SQLiteStore, Sync, connect
+from bridge.store.sqlite import SQLiteStore
+from bridge.store.sqlite_file import connect
 from tests.bridge_server import OWNER, db_rows
 from tests.store_rows import (
     KEYED_BEFORE,
@@ -71,21 +72,6 @@ async def test_records_in_one_batch_get_their_own_ids_and_repeats_are_duplicates
     assert db_rows(store.path, "SELECT COUNT(*) FROM dedup") == [(3,)]
 
 
-async def test_concurrent_deliveries_are_all_marked(store: SQLiteStore) -> None:
-    # Marked in batches (one statement for all that reach the writer together): none lost.
-    now = time.time()
-    for i in range(100):
-        await add(store, f"k{i}", room=f"r{i}", now=now)
-    assert await store.take_channel("a", now, 3600) is not None
-    claimed = await store.claim("a", now, 100, 3600)
-    before = store.commits
-    await asyncio.gather(*(store.mark_delivered(c.id, now) for c in claimed))
-    assert store.commits - before < 100  # marked together, not a commit each
-    assert db_rows(store.path, "SELECT state, COUNT(*) FROM deliveries GROUP BY state") == [
-        ("delivered", 100)
-    ]
-
-
 async def test_recover_releases_what_a_dead_process_had_in_flight(tmp_path: Path) -> None:
     path = tmp_path / "bridge.db"
     s = SQLiteStore(path)
@@ -130,23 +116,6 @@ async def test_recover_frees_a_dead_letter_buried_while_a_dead_process_sent_it(
         await s.close()
 
 
-async def test_one_serving_process_per_file(tmp_path: Path) -> None:
-    path = tmp_path / "bridge.db"
-    server = SQLiteStore(path, exclusive=True)
-    await server.open()
-    try:
-        with pytest.raises(StoreUnavailable, match="another live-bridge is serving"):
-            await SQLiteStore(path, exclusive=True).open()
-        reader = SQLiteStore(path)  # the outbox commands may still open it
-        await reader.open()
-        await reader.close()
-    finally:
-        await server.close()
-    again = SQLiteStore(path, exclusive=True)
-    await again.open()
-    await again.close()
-
-
 async def test_full_database_is_unavailable_then_recovers(store: SQLiteStore) -> None:
     now = time.time()
     big = [NewDelivery("a", "x" * 20000)]
@@ -161,13 +130,6 @@ async def test_full_database_is_unavailable_then_recovers(store: SQLiteStore) ->
             await store.record(new_event(f"k{i}"), big, now, 600)
     await store._submit(lambda conn: conn.execute("PRAGMA max_page_count = 1073741823"))
     assert not (await store.record(new_event("after"), big, now, 600)).duplicate
-
-
-async def test_unwritable_location_is_unavailable(tmp_path: Path) -> None:
-    blocker = tmp_path / "file"
-    blocker.write_text("")
-    with pytest.raises(StoreUnavailable, match="cannot open store"):
-        await SQLiteStore(blocker / "sub" / "bridge.db").open()
 
 
 async def test_schema_version_recorded_and_newer_refused(tmp_path: Path) -> None:
@@ -263,39 +225,6 @@ def test_claims_walk_the_index_instead_of_sorting_the_backlog(tmp_path: Path, sq
     assert len(searches) == 2, plan
     assert all("(channel=? AND state=?)" in step for step in searches), plan
     assert not any("FOR DISTINCT" in step or "deliveries_due" in step for step in plan), plan
-
-
-async def test_reads_do_not_wait_for_the_writer(store: SQLiteStore) -> None:
-    await add(store, "k")
-    held = threading.Event()
-    release = threading.Event()
-
-    def slow(conn: sqlite3.Connection) -> None:  # a long operation in the writer's transaction
-        conn.execute("UPDATE meta SET value = value")
-        held.set()
-        release.wait(10)
-
-    writing = asyncio.ensure_future(store._submit(slow))
-    try:
-        await asyncio.to_thread(held.wait, 10)
-        async with asyncio.timeout(5):
-            stats = await store.stats()  # what /metrics and the status page read
-            listed = await store.list_deliveries(False, None, 10)
-        assert [(s.channel, s.pending) for s in stats] == [("a", 1)]
-        assert [d.channel for d in listed] == ["a"]
-    finally:
-        release.set()
-        await writing
-
-
-@pytest.mark.parametrize(("sync", "pragma"), [("full", 2), ("normal", 1)])
-async def test_sync_setting_is_the_writers(tmp_path: Path, sync: Sync, pragma: int) -> None:
-    store = SQLiteStore(tmp_path / "bridge.db", sync=sync)
-    await store.open()
-    try:
-        assert await store._fetch("PRAGMA synchronous") == [(pragma,)]
-    finally:
-        await store.close()
 
 
 async def assert_file_finds_retries(path: Path, now: float) -> None:

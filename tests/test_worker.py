@@ -21,9 +21,10 @@ from pydantic import SecretStr
 from bridge.channels import Sender
 from bridge.channels.console import ConsoleSender
 from bridge.channels.slack import SlackSender
+from bridge.channels.webhook import WebhookSender
 from bridge.compose import Composer
 from bridge.config import load_config
-from bridge.config_tables import DeliveryConfig, SlackChannel
+from bridge.config_tables import DeliveryConfig, SlackChannel, WebhookChannel
 from bridge.policy import ChannelPolicy
 from bridge.render import Renderer
 from bridge.samples import sample

@@ -90,7 +90,7 @@ MIGRATIONS: tuple[str, ...] = (
          WHERE e.id = dedup.event_id AND e.event_time IS NOT NULL), ''
     ) || ':' || key
     """,
-    # 6: ids are never handed out again (sqlite.py, HIGH_WATER_SQL). What was deleted before is
+    # 6: ids are never handed out again (HIGH_WATER_SQL, NEXT_IDS_SQL). What was deleted before is
     # gone, except the event ids that live dedup keys still name; a live-bridge from before
     # would give ids from MAX(id) + 1 again, so it must refuse the file.
     """

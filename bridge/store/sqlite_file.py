@@ -1,0 +1,170 @@
+"""How the SQLite store reaches its file: connections, locks, one writer and one reader.
+
+`connect` opens a connection in the settings every user of the file shares (WAL; fsync on commit
+at `sync = "full"`). `SQLiteFile` holds the serving process's lock on the file, the write lock
+each transaction takes, the group-commit writer every write goes through (writer.py), and a
+connection of its own for what operators read. Statements stay within SQLite's limit on bound
+parameters: `sql_in`, `chunks` and `insert_rows` split them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import sqlite3
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from bridge.store import StoreUnavailable
+from bridge.store.schema import SCHEMA_VERSION, migrate
+from bridge.store.writer import GroupCommitWriter
+
+log = logging.getLogger("bridge.store.sqlite")  # the store's log lines, under its name
+
+T = TypeVar("T")
+Sync = Literal["full", "normal"]  # [store] sync
+
+
+def connect(path: Path, sync: Sync = "full") -> sqlite3.Connection:
+    """A connection in the settings every user of the file must share; `sync` ("full" or
+    "normal") is the writer's."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+    conn.execute("PRAGMA journal_mode=WAL")
+    # FULL: a commit is on disk before the OK packet goes out, power loss included. NORMAL (in
+    # WAL mode): a commit is in the operating system's hands, safe from a crash of the process.
+    conn.execute("PRAGMA synchronous=FULL" if sync == "full" else "PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=10000")
+    return conn
+
+
+def sql_in(sql: str, values: Sequence[object]) -> str:
+    """`sql` with its `{marks}` replaced by one `?` per value: values stay parameters."""
+    return sql.replace("{marks}", ",".join("?" * len(values)))
+
+
+def chunks(values: Sequence[T], size: int) -> list[Sequence[T]]:
+    """`values` in runs of at most `size`: one statement each within SQLite's parameter limit."""
+    return [values[start : start + size] for start in range(0, len(values), size)]
+
+
+# Bound parameters per statement: SQLite's limit before 3.32, the lowest a build may have.
+MAX_PARAMS = 999
+
+
+def insert_rows(conn: sqlite3.Connection, head: str, rows: Sequence[tuple[Any, ...]]) -> None:
+    """`head` ("INSERT … VALUES") for all `rows`, in as few statements as the limit allows."""
+    if not rows:
+        return
+    width = len(rows[0])
+    per = MAX_PARAMS // width
+    mark = "(" + ",".join("?" * width) + ")"
+    for start in range(0, len(rows), per):
+        chunk = rows[start : start + per]
+        conn.execute(f"{head} {','.join([mark] * len(chunk))}", [v for row in chunk for v in row])
+
+
+class SQLiteFile:
+    def __init__(
+        self, path: Path, exclusive: bool = False, sync: Sync = "full", gather_s: float = 0.0
+    ) -> None:
+        self.path = path
+        self._sync = sync
+        self._gather_s = gather_s  # see GroupCommitWriter
+        self._exclusive = exclusive  # the serving process: hold the lock file
+        self._writer: GroupCommitWriter | None = None
+        self._lock_fd: int | None = None
+        self._write_lock_fd: int | None = None
+        self.owner = uuid.uuid4().hex  # written on what this instance claims and takes
+        self.identity = ""  # the database's, once open (Store.identity)
+        self._reader: sqlite3.Connection | None = None  # for what operators read
+        self._reading = threading.Lock()
+
+    @property
+    def commits(self) -> int:
+        return self._writer.commits if self._writer else 0
+
+    async def open(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self._exclusive:
+                self._lock()
+            # Every process that writes the file takes this one's flock for each transaction:
+            # the server, its delivery process and the outbox commands hand over at once.
+            self._write_lock_fd = os.open(
+                f"{self.path}.write-lock", os.O_RDONLY | os.O_CREAT, 0o600
+            )
+            conn = connect(self.path, self._sync)
+            self.identity = migrate(conn)
+        except (sqlite3.Error, OSError) as exc:
+            self._unlock()
+            raise StoreUnavailable(f"cannot open store {self.path}: {exc}") from None
+        self._writer = GroupCommitWriter(conn, self._write_lock_fd, self._gather_s)
+        log.info("store open: %s (schema %d)", self.path, SCHEMA_VERSION)
+
+    def _lock(self) -> None:
+        fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OSError("another live-bridge is serving from this database") from None
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing releases the flock
+            self._lock_fd = None
+        if self._write_lock_fd is not None:
+            os.close(self._write_lock_fd)
+            self._write_lock_fd = None
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            await self._writer.close()
+            self._writer = None
+        with self._reading:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
+        self._unlock()
+
+    async def _submit(self, op: Callable[[sqlite3.Connection], T], urgent: bool = False) -> T:
+        if self._writer is None:
+            raise StoreUnavailable("store is not open")
+        return await self._writer.submit(op, urgent)
+
+    async def _read(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        """`op` on a connection of its own, in a thread: what the status page, /metrics and the
+        outbox commands read (counting every row, say) never holds up the writer's commits."""
+        if self._writer is None:
+            raise StoreUnavailable("store is not open")
+
+        def run() -> T:
+            with self._reading:
+                try:
+                    if self._reader is None:
+                        self._reader = connect(self.path)
+                        self._reader.execute("PRAGMA query_only=ON")
+                    return op(self._reader)
+                except sqlite3.Error as exc:
+                    raise StoreUnavailable(f"store read failed: {exc}") from None
+
+        return await asyncio.to_thread(run)
+
+    async def _execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            return conn.execute(sql, params).rowcount
+
+        return await self._submit(op)
+
+    async def _fetch(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
+        def op(conn: sqlite3.Connection) -> list[Any]:
+            return conn.execute(sql, params).fetchall()
+
+        return await self._submit(op)

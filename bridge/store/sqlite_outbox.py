@@ -1,0 +1,149 @@
+"""The SQLite store's side for operators and upkeep: counts and lists for the status page,
+/metrics and the outbox commands; retry and drop; a reload's changes; retention.
+
+What operators read goes through a connection of its own (SQLiteFile._read): counting every row
+never holds up the writer's commits.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from typing import Any
+
+from bridge.store import ChannelStats, DeliveryRow, RecentEvent, State
+from bridge.store.schema import HIGH_WATER_SQL, LIST_SQL, STATS_SQL
+from bridge.store.sqlite_file import MAX_PARAMS, SQLiteFile, chunks, sql_in
+
+
+class SQLiteOutbox(SQLiteFile):
+    async def prune(
+        self, delivered_before: float, dedup_before: float, threads_before: float
+    ) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            conn.execute(HIGH_WATER_SQL)
+            n = conn.execute(
+                "DELETE FROM deliveries WHERE state = 'delivered' AND delivered_at < ?",
+                (delivered_before,),
+            ).rowcount
+            n += conn.execute(
+                "DELETE FROM events WHERE received_at < ? AND NOT EXISTS"
+                " (SELECT 1 FROM deliveries d WHERE d.event_id = events.id)",
+                (delivered_before,),
+            ).rowcount
+            n += conn.execute("DELETE FROM dedup WHERE seen_at < ?", (dedup_before,)).rowcount
+            n += conn.execute(
+                "DELETE FROM threads WHERE started_at < ?", (threads_before,)
+            ).rowcount
+            return n
+
+        return await self._submit(op)
+
+    async def stats(self) -> list[ChannelStats]:
+        def op(conn: sqlite3.Connection) -> list[ChannelStats]:
+            return [ChannelStats(*row) for row in conn.execute(STATS_SQL)]
+
+        return await self._read(op)
+
+    async def list_deliveries(
+        self, dead_only: bool, channel: str | None, limit: int
+    ) -> list[DeliveryRow]:
+        def op(conn: sqlite3.Connection) -> list[DeliveryRow]:
+            params = {"dead": int(dead_only), "channel": channel, "limit": limit}
+            return [_delivery_row(r) for r in conn.execute(LIST_SQL, params)]
+
+        return await self._read(op)
+
+    async def recent_events(self, limit: int) -> list[RecentEvent]:
+        def op(conn: sqlite3.Connection) -> list[RecentEvent]:
+            events = conn.execute(
+                "SELECT id, received_at, command, room_id FROM events ORDER BY id DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+            if not events:
+                return []
+            ids = [e[0] for e in events]
+            rows = conn.execute(
+                sql_in(
+                    "SELECT d.id, d.event_id, d.channel, d.room_id, e.command, d.state,"
+                    " d.attempts, d.last_error, d.created_at, d.updated_at, d.next_attempt_at"
+                    " FROM deliveries d JOIN events e ON e.id = d.event_id"
+                    " WHERE d.event_id IN ({marks}) ORDER BY d.id",
+                    ids,
+                ),
+                ids,
+            ).fetchall()
+            by_event: dict[int, list[DeliveryRow]] = {}
+            for r in rows:
+                by_event.setdefault(r[1], []).append(_delivery_row(r))
+            return [
+                RecentEvent(e[0], e[1], e[2], e[3], tuple(by_event.get(e[0], ()))) for e in events
+            ]
+
+        return await self._read(op)
+
+    async def retry(self, ids: Sequence[int], now: float) -> list[int]:
+        sql = (
+            "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?,"
+            " lease_until = NULL, updated_at = ?, owner = NULL WHERE id IN ({marks})"
+            " AND state IN ('dead', 'pending') AND (lease_until IS NULL OR lease_until <= ?)"
+            " RETURNING id"
+        )
+
+        def op(conn: sqlite3.Connection) -> list[int]:
+            return [
+                row[0]
+                for chunk in chunks(ids, MAX_PARAMS - 3)
+                for row in conn.execute(sql_in(sql, chunk), (now, now, *chunk, now)).fetchall()
+            ]
+
+        return await self._submit(op)
+
+    async def retry_dead(self, channel: str | None, now: float) -> int:
+        return await self._execute(
+            "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?,"
+            " lease_until = NULL, updated_at = ?, owner = NULL WHERE state = 'dead'"
+            " AND (? IS NULL OR channel = ?) AND (lease_until IS NULL OR lease_until <= ?)",
+            (now, now, channel, channel, now),
+        )
+
+    async def drop(self, ids: Sequence[int]) -> list[int]:
+        sql = (
+            "DELETE FROM deliveries WHERE id IN ({marks}) AND state IN ('dead', 'pending')"
+            " RETURNING id"
+        )
+
+        def op(conn: sqlite3.Connection) -> list[int]:
+            conn.execute(HIGH_WATER_SQL)
+            return [
+                row[0]
+                for chunk in chunks(ids, MAX_PARAMS)
+                for row in conn.execute(sql_in(sql, chunk), chunk).fetchall()
+            ]
+
+        return await self._submit(op)
+
+    async def bury_unknown_channels(self, known: Sequence[str], now: float, error: str) -> int:
+        # The owner and the lease stay: a send under way that gets through is still recorded as
+        # delivered, and until the lease runs out a retry would send it again (see retry).
+        sql = (
+            "UPDATE deliveries SET state = 'dead', last_error = ?,"
+            " updated_at = ? WHERE state IN ('pending', 'in_flight')"
+            " AND channel NOT IN ({marks})"
+        )
+        return await self._execute(sql_in(sql, known), (error, now, *known))
+
+    async def forget_payloads(self, channels: Sequence[str]) -> int:
+        # In flight too: its lane holds the message already; a retry is rendered again.
+        sql = (
+            "UPDATE deliveries SET payload = NULL WHERE state <> 'delivered'"
+            " AND payload IS NOT NULL AND channel IN ({marks})"
+        )
+        return await self._execute(sql_in(sql, channels), tuple(channels))
+
+
+def _delivery_row(r: Sequence[Any]) -> DeliveryRow:
+    return DeliveryRow(
+        id=r[0], event_id=r[1], channel=r[2], room_id=r[3], command=r[4], state=State(r[5]),
+        attempts=r[6], last_error=r[7], created_at=r[8], updated_at=r[9], next_attempt_at=r[10],
+    )  # fmt: skip
