@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from bridge.attempts import Attempts
 from bridge.channels import Outcome, Result
@@ -39,6 +39,12 @@ class Lanes(Attempts, abc.ABC):
     _wake: asyncio.Event
     _store_failures: int
     pacers: dict[str, Pacer]
+    _policies: Mapping[str, ChannelPolicy]
+
+    def _halted(self, policy: ChannelPolicy) -> bool:
+        """Whether `policy`'s lane should start no new send: the worker is stopping, or a reload
+        has removed the channel (its deliveries are dead letters now)."""
+        return self._stopping or policy.name not in self._policies
 
     @abc.abstractmethod
     def _store_failed(self, exc: StoreUnavailable) -> None:
@@ -53,7 +59,7 @@ class Lanes(Attempts, abc.ABC):
         idle = False  # ended by a claim that found nothing, having found nothing before
         seen = self._arrivals
         try:
-            while not self._stopping and pacer.blocked_for() == 0:
+            while not self._halted(policy) and pacer.blocked_for() == 0:
                 # The channel is ours for one claim's worth of sends, taken again once half of
                 # that has gone: no other process paces, threads or orders it meanwhile, so the
                 # pacer here is the channel's state, and taking it every round (a commit each,
@@ -128,16 +134,18 @@ class Lanes(Attempts, abc.ABC):
                     # Stopping is checked again once the slot and the pace allow a send: a stop
                     # may have come while this room waited for them, and only sends in flight at
                     # the stop may finish. One started in the grace period, cut off at its end,
-                    # would be sent again at the next start.
-                    if not self._stopping and await pacer.wait() and not self._stopping:
+                    # would be sent again at the next start. So is a reload that removed the
+                    # channel: the rest of its claim, up to 200 rows, must not follow.
+                    if not self._halted(policy) and await pacer.wait() and not self._halted(policy):
                         outcome = await self._attempt(policy, row)
                         pacer.done()
                         if outcome.rate_limited:  # before the slot is free for another room
                             pacer.block(outcome.retry_after or 1.0)
                             log.warning("channel %s rate limited for %.1fs", policy.name,
                                         pacer.blocked_for())  # fmt: skip
-                if self._stopping and outcome is None:
-                    await self._give_back(sequence[index:], time.time(), "shutting down")
+                if self._halted(policy) and outcome is None:
+                    why = "shutting down" if self._stopping else "channel removed"
+                    await self._give_back(sequence[index:], time.time(), why)
                     return
                 if outcome is None:
                     # A 429 blocks the channel. Waiting it out would hold these rows and the
@@ -163,8 +171,9 @@ class Lanes(Attempts, abc.ABC):
         pacer = self.pacers.get(policy.name) or Pacer(policy.rate_per_s, policy.burst)
         log.info("channel %s: %d pending, sending %d digests", policy.name, len(rows), len(digests))
         for index, (payload, carried) in enumerate(digests):
-            # Stopping (also once the pace allows it: see _send_each), or blocked by a 429.
-            if self._stopping or not await pacer.wait() or self._stopping:
+            # Stopping or removed (also once the pace allows it: see _send_each), or blocked by a
+            # 429.
+            if self._halted(policy) or not await pacer.wait() or self._halted(policy):
                 rest = [row for _, later in digests[index:] for row in later]
                 await self._give_back(rest, time.time(), "digest not sent yet")
                 return

@@ -439,6 +439,29 @@ async def test_prune_keeps_a_thread_for_the_ttl_not_the_retention(
     assert db_rows(store.path, "SELECT room_id, ts FROM threads") == [("R", "1.1")]
 
 
+async def test_a_channel_a_reload_removes_is_sent_nothing_more(
+    slack: SlackStandIn, session: aiohttp.ClientSession, open_store: OpenStore, tmp_path: Path
+) -> None:
+    # Its lane has claimed four deliveries of one room and is sending the first when a reload
+    # removes the channel: that send finishes, the three after it are not sent.
+    store = await open_store()
+    for event_time in range(1000, 1004):
+        await record_in(store, "hook", "room-1", event_time)
+    slack.set_sink_delay("hook", 0.5)
+    settings = WebhookChannel(type="webhook", url=SecretStr(slack.sink_url("hook")))
+    policy = ChannelPolicy("hook", WebhookSender("hook", settings, session, 2.0, "store"))
+    composer = make_composer(tmp_path, {"hook": 'type = "webhook"\nurl = "https://x.invalid/"'})
+    worker = worker_with(store, composer, policy)
+    async with running(worker):
+        await eventually(lambda: slack.sink_max_concurrent.get("hook") == 1)  # the first send
+        worker.configure({}, SETTINGS, composer, 3600)  # the reload, then its burial
+        assert await store.bury_unknown_channels([], time.time(), "channel removed") == 4
+        await eventually(lambda: len(slack.sink_requests) == 1)
+        await asyncio.sleep(1.2)  # the next two sends would have arrived by now
+    assert len(slack.sink_requests) == 1
+    assert states(store.path) == ["delivered", "dead", "dead", "dead"]
+
+
 async def test_a_dead_letter_buried_mid_send_and_retried_at_once_is_sent_once(
     slack: SlackStandIn, session: aiohttp.ClientSession, open_store: OpenStore, tmp_path: Path
 ) -> None:
