@@ -1,0 +1,131 @@
+"""Hostile clients at the HTTP level, against a real `live-bridge serve` on loopback: heads that
+never end or never finish, bodies that never finish, idle connections by the hundred."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.bridge_server import (
+    APP_ID,
+    OK_PACKET,
+    SEED_BODY,
+    Subprocess,
+    free_port,
+    post_callback,
+    write_config,
+)
+
+CALLBACK = f"/tencent/callback?SdkAppid={APP_ID}".encode()
+
+
+@pytest.fixture
+def bridge(tmp_path: Path) -> Iterator[Subprocess]:
+    port = free_port()
+    with Subprocess(write_config(tmp_path, port), port, tmp_path / "bridge.log") as server:
+        yield server
+
+
+@contextlib.contextmanager
+def connection(bridge: Subprocess) -> Iterator[socket.socket]:
+    sock = socket.create_connection(("127.0.0.1", int(bridge.url.rsplit(":", 1)[1])), timeout=5)
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+def answer(sock: socket.socket, within_s: float) -> bytes | None:
+    """Everything the server sends until it closes the connection (or resets it); None if it
+    keeps the connection open longer than `within_s`."""
+    sock.settimeout(within_s)
+    received = b""
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        return None
+    return received
+
+
+def packet_of(response: bytes | None) -> tuple[int, dict[str, object]]:
+    assert response is not None, "the server kept the connection open"
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def send_until_refused(sock: socket.socket, first: bytes, more: bytes, upto: int) -> None:
+    """Send `first`, then `more` again and again up to `upto` bytes, or until the server has
+    answered and closed."""
+    sent = 0
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        sock.sendall(first)
+        while sent < upto:
+            sock.sendall(more)
+            sent += len(more)
+
+
+@pytest.mark.parametrize(
+    ("first", "more", "status"),
+    [
+        (
+            b"POST " + CALLBACK + b" HTTP/1.1\r\nHost: x\r\n",
+            b"X-Flood: " + b"a" * 1000 + b"\r\n",
+            431,
+        ),
+        (b"POST " + CALLBACK + b" HTTP/1.1\r\nX-Long: ", b"a" * 1024, 431),
+        (b"POST " + CALLBACK + b"&pad=", b"a" * 1024, 414),
+    ],
+    ids=["many headers", "one endless header", "endless URL"],
+)
+def test_a_head_that_never_ends_is_refused_with_a_packet_and_memory_stays_bounded(
+    bridge: Subprocess, first: bytes, more: bytes, status: int
+) -> None:
+    assert bridge.process is not None
+    before = rss_bytes(bridge.process.pid)
+    with connection(bridge) as sock:
+        send_until_refused(sock, first, more, 32 * 1024 * 1024)
+        response = answer(sock, 5)
+    grown = rss_bytes(bridge.process.pid) - before
+    info = "request head over 65536 bytes"
+    assert packet_of(response) == (
+        status,
+        {"ActionStatus": "FAIL", "ErrorInfo": info, "ErrorCode": status},
+    )
+    assert grown < 8 * 1024 * 1024, f"the server grew by {grown} bytes"
+    assert post_callback(bridge.url) == (200, OK_PACKET)
+
+
+def callback_request(extra_headers: bytes = b"") -> bytes:
+    return (
+        b"POST " + CALLBACK + b" HTTP/1.1\r\nHost: x\r\n" + extra_headers
+        + b"Content-Length: %d\r\n\r\n" % len(SEED_BODY) + SEED_BODY
+    )  # fmt: skip
+
+
+def test_a_head_under_the_limit_and_pipelined_callbacks_are_answered_in_order(
+    bridge: Subprocess,
+) -> None:
+    big = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 900) for i in range(60))  # ~55 KiB
+    with connection(bridge) as sock:
+        # One write: the head that starts in a chunk is not counted against the limit,
+        # the next heads are.
+        sock.sendall(callback_request(big) * 5 + callback_request(b"Connection: close\r\n"))
+        response = answer(sock, 10)
+    assert response is not None
+    assert response.count(b"HTTP/1.1 200 OK\r\n") == 6
+    assert response.count(OK_PACKET) == 6
