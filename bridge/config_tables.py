@@ -28,6 +28,9 @@ class ServerConfig(Strict):
     port: int = Field(8080, ge=0, le=65535)
     callback_path: str = Field("/tencent/callback", pattern=r"^/")
     max_body_bytes: int = Field(262_144, gt=0)
+    # A request (its head and body) must arrive within this long of the connection opening, of
+    # its first byte, or of the previous answer on the connection; else the connection closes.
+    request_timeout_s: float = Field(10.0, gt=0)
     # On SIGTERM, /readyz answers 503 this long before the listener closes, so a load balancer
     # stops sending; callbacks that still arrive are acknowledged as usual.
     drain_s: float = Field(0.0, ge=0)

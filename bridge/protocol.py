@@ -4,6 +4,12 @@ httptools keeps a request's URL and headers in memory however long they grow, an
 no bound on them (h11, its other protocol, stops at 16 KiB): one client sending headers without
 end could fill the machine's memory. Here a request head over MAX_HEAD_BYTES is refused with a
 Tencent packet and the connection closed.
+
+uvicorn's only timeout is keep-alive, after an answer, and any byte the client sends ends it: a
+connection that sends nothing, half a head or half a body, or a byte now and then, stays open
+for good, and a few thousand of them use up the process's file descriptors (new connections,
+Tencent's included, are then reset). Here each request must arrive whole within
+`[server] request_timeout_s`; else a packet says so (408) and the connection closes.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import asyncio
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from bridge.config_tables import ServerConfig
 from bridge.receive import packet
 
 MAX_HEAD_BYTES = 65_536  # request line and headers; Tencent's are well under 2 KiB
@@ -19,7 +26,7 @@ MAX_HEAD_BYTES = 65_536  # request line and headers; Tencent's are well under 2 
 
 def raw_packet(protocol: HttpToolsProtocol, status: int, info: str) -> bytes:
     """A whole HTTP response carrying a Tencent FAIL packet, for the protocol to write itself
-    (no application sees such a request); the connection closes after it."""
+    (no application answers it); the connection closes after it."""
     body = packet(status, info).body
     head = [STATUS_LINE[status]]
     for name, value in protocol.server_state.default_headers:
@@ -33,11 +40,20 @@ def raw_packet(protocol: HttpToolsProtocol, status: int, info: str) -> bytes:
 
 
 class LimitedProtocol(HttpToolsProtocol):
+    request_timeout_s = 10.0  # protocol_for sets it from the config
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._head_bytes = 0  # of the request head being read
         self._in_head = False  # between a request's first byte and the end of its headers
         self._heads_begun = 0
+        self._arrived = True  # the last request has arrived whole (or none has begun)
+        self._deadline: asyncio.TimerHandle | None = None
+        self._wait_for_request()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_waiting()
+        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         begun = self._heads_begun
@@ -50,17 +66,75 @@ class LimitedProtocol(HttpToolsProtocol):
         self._head_bytes += len(data)
         if self._head_bytes > MAX_HEAD_BYTES:
             status = 414 if len(self.url) > MAX_HEAD_BYTES else 431
-            self.transport.write(
-                raw_packet(self, status, f"request head over {MAX_HEAD_BYTES} bytes")
-            )
-            self.transport.close()
+            self._refuse(status, f"request head over {MAX_HEAD_BYTES} bytes")
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head = True
         self._head_bytes = 0
         self._heads_begun += 1
+        self._arrived = False
+        self._wait_for_request()
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._arrived = True
+        if self.cycle.response_complete and not self.pipeline:
+            self._wait_for_request()  # answered before its body was read: idle again
+        else:
+            self._stop_waiting()  # the application's turn
+
+    def on_response_complete(self) -> None:
+        idle = self._arrived and not self.pipeline
+        super().on_response_complete()
+        if idle:
+            self._wait_for_request()
+        # else a request is still arriving, on its first deadline
+
+    def _wait_for_request(self) -> None:
+        self._stop_waiting()
+        self._deadline = self.loop.call_later(self.request_timeout_s, self._timed_out)
+
+    def _stop_waiting(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _timed_out(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        reading_body = (
+            not self._arrived and not self._in_head and cycle is not None
+            and not cycle.response_started and not self.pipeline
+        )  # fmt: skip
+        if reading_body:
+            # The application is waiting for the body: it is told the client is gone, and
+            # whatever it answers is not written (the packet below is).
+            cycle.disconnected = True
+            cycle.message_event.set()
+        # A head still arriving behind an answer not yet written gets no packet: it would
+        # land inside that answer.
+        head_alone = self._in_head and (cycle is None or cycle.response_complete)
+        if head_alone or reading_body:
+            self._refuse(408, f"request not received within {self.request_timeout_s:g} s")
+        else:
+            self.transport.close()  # idle, or answered and the rest of its body still coming
+
+    def _refuse(self, status: int, info: str) -> None:
+        self.transport.write(raw_packet(self, status, info))
+        self.transport.close()
+
+
+def protocol_for(server: ServerConfig) -> type[LimitedProtocol]:
+    """The protocol class for uvicorn's `http` setting, with the config's timeout."""
+
+    class Configured(LimitedProtocol):
+        request_timeout_s = server.request_timeout_s
+
+    return Configured

@@ -44,7 +44,7 @@ def main(args: argparse.Namespace) -> int:
     skip = None if args.access_log_callbacks else config.server.callback_paths
     logs.setup(args.log_level, args.log_format, skip)
     from bridge.app import create_app  # after logging is set up
-    from bridge.protocol import LimitedProtocol
+    from bridge.protocol import protocol_for
 
     try:
         app = create_app(config, path)
@@ -65,7 +65,7 @@ def main(args: argparse.Namespace) -> int:
             app,
             host=config.server.host,
             port=config.server.port,
-            http=LimitedProtocol,
+            http=protocol_for(config.server),
             log_config=None,
             access_log=args.access_log,
             lifespan="on",

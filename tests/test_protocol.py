@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import resource
 import socket
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ from tests.bridge_server import (
     OK_PACKET,
     SEED_BODY,
     Subprocess,
+    db_rows,
     free_port,
     post_callback,
     write_config,
@@ -129,3 +133,74 @@ def test_a_head_under_the_limit_and_pipelined_callbacks_are_answered_in_order(
     assert response is not None
     assert response.count(b"HTTP/1.1 200 OK\r\n") == 6
     assert response.count(OK_PACKET) == 6
+
+
+def slow_client(sock: socket.socket, trickle: bytes, within_s: float) -> tuple[bytes | None, float]:
+    """Send `trickle` a byte at a time, one every 0.5 s, as long as the connection stays open
+    (at most `within_s`); what the server answered (None: nothing, and it stayed open) and when
+    it closed."""
+    started = time.monotonic()
+    received = b""
+    sock.settimeout(0.5)
+    for i in range(int(within_s / 0.5)):
+        with contextlib.suppress(OSError):
+            sock.sendall(trickle[i % len(trickle) : i % len(trickle) + 1] if trickle else b"")
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            continue
+        except ConnectionResetError:
+            chunk = b""
+        if not chunk:
+            return received, time.monotonic() - started
+        received += chunk
+    return None, within_s
+
+
+def test_slow_and_idle_connections_are_closed_after_request_timeout_s(bridge: Subprocess) -> None:
+    """The default request_timeout_s (10 s): a byte every half second keeps none of them open."""
+    starts = {
+        "idle": (b"", b""),
+        "head": (b"POST " + CALLBACK + b" HTTP/1.1\r\nX-Slow: ", b"abc"),
+        "body": (b"POST " + CALLBACK + b" HTTP/1.1\r\nContent-Length: 999\r\n\r\n{", b" "),
+    }
+    with contextlib.ExitStack() as stack, ThreadPoolExecutor(len(starts)) as pool:
+        futures = {}
+        for name, (first, trickle) in starts.items():
+            sock = stack.enter_context(connection(bridge))
+            sock.sendall(first)
+            futures[name] = pool.submit(slow_client, sock, trickle, 16)
+        # Meanwhile Tencent's callbacks are answered as usual.
+        assert post_callback(bridge.url) == (200, OK_PACKET)
+        results = {name: future.result() for name, future in futures.items()}
+    assert results["idle"][0] == b""
+    info = "request not received within 10 s"
+    for name in ("head", "body"):
+        assert packet_of(results[name][0]) == (
+            408,
+            {"ActionStatus": "FAIL", "ErrorInfo": info, "ErrorCode": 408},
+        ), name
+    for name, (_, closed_after) in results.items():
+        assert 9 < closed_after < 13, (name, closed_after)
+    assert db_rows(bridge.log.parent / "bridge.db", "SELECT count(*) FROM events") == [(1,)]
+
+
+def test_idle_connections_past_the_fd_limit_do_not_shut_tencent_out(tmp_path: Path) -> None:
+    """A process allowed 200 descriptors, 300 connections that send nothing: after
+    request_timeout_s they are closed, and a callback gets through again."""
+    port = free_port()
+    config = write_config(tmp_path, port, server="request_timeout_s = 1\n")
+    with (
+        Subprocess(config, port, tmp_path / "bridge.log") as bridge,
+        contextlib.ExitStack() as stack,
+    ):
+        assert bridge.process is not None
+        resource.prlimit(bridge.process.pid, resource.RLIMIT_NOFILE, (200, 200))
+        for _ in range(300):
+            stack.enter_context(connection(bridge))
+        answered = None
+        deadline = time.monotonic() + 8
+        while answered is None and time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                answered = post_callback(bridge.url)
+        assert answered == (200, OK_PACKET)
