@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from bridge.config import Config
@@ -101,6 +101,11 @@ class Receiver:
         except Refused as exc:
             log.info("refused callback: HTTP %d %s", exc.status, exc.info)
             response, result = packet(exc.status, exc.info), f"refused_{exc.status}"
+        except ClientDisconnect:
+            # The client hung up (or bridge.protocol cut off a body that did not arrive in
+            # time): nobody to answer, nothing stored, and nothing wrong here.
+            log.info("refused callback: client went away before its body arrived")
+            response, result = packet(400, "client went away"), "disconnected"
         except Exception:
             log.exception("callback failed")
             response, result = packet(500, "internal error"), "error"

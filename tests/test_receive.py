@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import socket
 import sqlite3
 import time
@@ -22,6 +23,7 @@ from tests.bridge_server import (
     get,
     http_request,
     post_callback,
+    samples,
     wait_until,
     write_config,
 )
@@ -146,6 +148,26 @@ def test_oversized_chunked_body_is_refused_without_reading_it(bridge: InThread) 
     head, _, body = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 413")
     fail_packet(body[: body.index(b"}") + 1], 413)
+    assert events(bridge) == []
+
+
+def test_a_client_gone_before_its_body_arrived_is_no_error(
+    bridge: InThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hang-up mid-body is the client's doing: one info line and the result `disconnected`,
+    not an ERROR with a traceback (anyone could fill the log with them) counted as `error`."""
+    host, port = bridge.url.removeprefix("http://").split(":")
+    caplog.set_level(logging.INFO)
+    with socket.create_connection((host, int(port))) as conn:
+        conn.sendall(
+            f"POST /tencent/callback?SdkAppid={APP_ID} HTTP/1.1\r\nHost: x\r\n"
+            "Content-Length: 100\r\n\r\n{".encode()
+        )
+        time.sleep(0.2)  # the receiver is reading the body
+    key = ("live_bridge_callbacks_total", (("command", "other"), ("result", "disconnected")))
+    assert wait_until(lambda: samples(bridge.url).get(key) == 1.0)
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert "client went away before its body arrived" in caplog.text
     assert events(bridge) == []
 
 
