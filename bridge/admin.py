@@ -19,7 +19,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 from zoneinfo import ZoneInfo
 
 import jinja2
@@ -28,6 +28,8 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 
 from bridge import __version__
 from bridge.metrics import CONTENT_TYPE
+from bridge.receive import read_body
+from bridge.verify import Refused
 
 if TYPE_CHECKING:
     from bridge.app import Bridge
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 COOKIE = "live_bridge_admin"
 RECENT_EVENTS = 25
 REFRESH_S = 10
+FORM_BYTES = 16_384  # the pages' forms: a token, or a form token and a channel name
 PAGES = jinja2.Environment(
     loader=jinja2.FileSystemLoader(Path(__file__).parent / "pages"),
     autoescape=True,
@@ -70,6 +73,25 @@ def cross_site(request: Request) -> bool:
     every current browser sends and a page cannot forge). curl and scripts send none. Not the
     Origin against the Host: a reverse proxy may rewrite the Host."""
     return request.headers.get("sec-fetch-site", "none") not in ("same-origin", "none")
+
+
+async def small_form(request: Request) -> dict[str, str] | None:
+    """The urlencoded form the pages post, or None when its body is over FORM_BYTES (the rest
+    is not read). Not Starlette's form parser: the login form is open to anyone, and that parser
+    holds 1,000 fields of 1 MB each, or spools a file of any size to disk, before the token is
+    even looked at."""
+    content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    try:
+        body = await read_body(request, FORM_BYTES)
+    except Refused:
+        return None
+    if content_type != "application/x-www-form-urlencoded":
+        return {}
+    return dict(parse_qsl(body.decode("latin-1")))
+
+
+def form_too_large() -> Response:
+    return JSONResponse({"error": f"form over {FORM_BYTES} bytes"}, 413)
 
 
 class Admin:
@@ -136,8 +158,10 @@ class Admin:
 
     async def login(self, request: Request) -> Response:
         token = self._token()
-        form = await request.form()
-        given = str(form.get("token", ""))
+        form = await small_form(request)
+        if form is None:
+            return form_too_large()
+        given = form.get("token", "")
         if token is None or not hmac.compare_digest(given.encode(), token.encode()):
             page = PAGES.get_template("login.html.j2").render(error="That token is not right.")
             return HTMLResponse(page, 401)
@@ -153,11 +177,13 @@ class Admin:
             return self._refuse(request, page=True)
         if cross_site(request):
             return JSONResponse({"error": "refused: sent from another site"}, 403)
-        form = await request.form()
-        csrf = str(form.get("csrf", ""))
+        form = await small_form(request)
+        if form is None:
+            return form_too_large()
+        csrf = form.get("csrf", "")
         if not hmac.compare_digest(csrf.encode(), self._form_token().encode()):
             return JSONResponse({"error": "stale or missing form token: reload the page"}, 403)
-        channel = str(form.get("channel", ""))
+        channel = form.get("channel", "")
         if channel not in self._bridge.config.channels:
             return JSONResponse({"error": "unknown channel"}, 400)
         retried = await self._bridge.store.retry_dead(channel, time.time())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import socket
@@ -462,6 +463,43 @@ def test_retry_needs_the_pages_form_token(bridge: InThread) -> None:
         bridge.url + "/status/retry", "POST", data=b"channel=hook&csrf=forged"
     )
     assert status == 403
+
+
+def form_answer(bridge: InThread, path: str, framing: bytes, body: bytes) -> bytes:
+    """The first bytes the bridge answers to a form POST whose body it is given `body` of (and
+    never the rest), or b"" if it answers nothing within 3 s."""
+    with socket.create_connection(("127.0.0.1", bridge.port), timeout=3) as conn:
+        conn.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{bridge.port}\r\n".encode()
+            + b"Content-Type: application/x-www-form-urlencoded\r\n" + framing + body
+        )  # fmt: skip
+        answer = b""
+        with contextlib.suppress(TimeoutError, ConnectionResetError):
+            while not answer.endswith(b"}") and (chunk := conn.recv(65536)):
+                answer += chunk
+        return answer
+
+
+@pytest.mark.parametrize("path", ["/status/login", "/status/retry"])
+@pytest.mark.parametrize(
+    ("framing", "body"),
+    [
+        (b"Content-Length: 1000000000\r\n\r\n", b"token=" + b"a" * 65536),
+        (
+            b"Transfer-Encoding: chunked\r\n\r\n",
+            b"".join([b"10000\r\n" + b"a" * 65536 + b"\r\n"] * 4),
+        ),
+    ],
+    ids=["content-length", "chunked"],
+)
+def test_an_admin_form_over_16_kib_is_refused_without_reading_it(
+    bridge: InThread, path: str, framing: bytes, body: bytes
+) -> None:
+    """Anyone may post the login form: Starlette's form parser would hold 1,000 fields of 1 MB
+    each in memory (or spool a file of any size to disk) before the token is even looked at."""
+    answer = form_answer(bridge, path, framing, body)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:100]
+    assert answer.endswith(b'{"error":"form over 16384 bytes"}')
 
 
 def test_without_a_token_the_host_must_name_loopback(bridge: InThread) -> None:
