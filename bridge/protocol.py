@@ -68,6 +68,14 @@ class LimitedProtocol(HttpToolsProtocol):
             status = 414 if len(self.url) > MAX_HEAD_BYTES else 431
             self._refuse(status, f"request head over {MAX_HEAD_BYTES} bytes")
 
+    def send_400_response(self, msg: str) -> None:
+        # What httptools cannot parse, uvicorn answers in text; Tencent reads packets. A URL
+        # over 64 KiB that arrived in one chunk is one: httptools' URL offsets are 16 bits.
+        if len(self.url) > MAX_HEAD_BYTES:
+            self._refuse(414, f"request head over {MAX_HEAD_BYTES} bytes")
+        else:
+            self._refuse(400, "invalid HTTP request")
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head = True

@@ -207,3 +207,32 @@ def test_idle_connections_past_the_fd_limit_do_not_shut_tencent_out(tmp_path: Pa
             with contextlib.suppress(OSError):
                 answered = post_callback(bridge.url)
         assert answered == (200, OK_PACKET)
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"POST " + CALLBACK + b" HTTP/1.1\r\nTransfer-Encoding: chunked\r\n"
+         b"Content-Length: 5\r\n\r\n0\r\n\r\n", 400),
+        (b"POST " + CALLBACK + b" HTTP/1.1\r\nContent-Length: 10\r\n\r\n" + SEED_BODY, 400),
+        (b"POST " + CALLBACK + b" HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
+        (b"POST " + CALLBACK + b" HTTP/1.1\r\nX Bad: 1\r\n\r\n", 400),
+        (b"POST " + CALLBACK + b"&" + b"&".join(b"k%d=v" % i for i in range(10_000))
+         + b" HTTP/1.1\r\n\r\n", 414),
+        (b"POST " + CALLBACK + b"&pad=" + b"a" * 65_536 + b" HTTP/1.1\r\n\r\n", 414),
+    ],
+    ids=["transfer-encoding and content-length", "content-length too short", "negative length",
+         "bad header name", "10,000 query parameters", "64 KiB query"],
+)  # fmt: skip
+def test_a_request_that_is_not_http_gets_a_packet_too(
+    bridge: Subprocess, request_bytes: bytes, status: int
+) -> None:
+    """uvicorn answers these itself, before any application: text, where Tencent reads JSON."""
+    with connection(bridge) as sock:
+        sock.sendall(request_bytes)
+        response = answer(sock, 5)
+    assert response is not None
+    # The last answer: a request cut short may have been answered before the rest is refused.
+    code, reply = packet_of(response[response.rindex(b"HTTP/1.1 ") :])
+    assert code == reply["ErrorCode"] == status and reply["ActionStatus"] == "FAIL"
+    assert db_rows(bridge.log.parent / "bridge.db", "SELECT count(*) FROM events") == [(0,)]
