@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import logging
+import resource
 import signal
 import sys
 import threading
@@ -60,6 +62,7 @@ def main(args: argparse.Namespace) -> int:
     # freed: one config's worth, once.)
     gc.collect()
     gc.freeze()
+    raise_descriptor_limit()
     server = DrainingServer(
         uvicorn.Config(
             app,
@@ -82,6 +85,17 @@ def main(args: argparse.Namespace) -> int:
         # clean stop, and the status a shell gives a process Ctrl-C ended.
         return 128 + signal.SIGINT
     return 0 if server.started else 1
+
+
+def raise_descriptor_limit() -> None:
+    """Every connection holds a file descriptor, idle ones too (until `request_timeout_s`), and
+    the soft limit a service starts with is often 1024: a thousand idle connections from anyone
+    would shut Tencent out. The soft limit goes up to the hard one, as Go's runtime does; a
+    system that refuses keeps its own."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 async def store_problem(config: StoreConfig) -> str | None:

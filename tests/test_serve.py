@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import resource
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -234,3 +237,27 @@ def test_a_second_signal_stops_at_once(
     text = log.read_text()
     assert "live-bridge stopped" in text
     assert "Traceback" not in text and " ERROR " not in text
+
+
+def test_the_descriptor_limit_is_raised_to_the_hard_limit(tmp_path: Path) -> None:
+    """Each connection holds a descriptor; started with the soft limit at 256 (systemd's default
+    is 1024), 300 idle connections would shut every new one out until request_timeout_s."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1024:
+        pytest.skip(f"the hard descriptor limit here is {hard}")
+    port = free_port()
+    config = write_config(tmp_path, port)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        process = start(config, tmp_path / "bridge.log")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until(lambda: ready(url), timeout=20)
+        with contextlib.ExitStack() as stack:
+            for _ in range(300):
+                stack.enter_context(socket.create_connection(("127.0.0.1", port)))
+            assert post_callback(url) == (200, OK_PACKET)
+    finally:
+        stop(process)
