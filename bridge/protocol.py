@@ -15,13 +15,17 @@ Tencent's included, are then reset). Here each request must arrive whole within
 from __future__ import annotations
 
 import asyncio
+import logging
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from bridge.config_tables import ServerConfig
 from bridge.receive import packet
 
 MAX_HEAD_BYTES = 65_536  # request line and headers; Tencent's are well under 2 KiB
+
+log = logging.getLogger(__name__)
 
 
 def raw_packet(protocol: HttpToolsProtocol, status: int, info: str) -> bytes:
@@ -49,6 +53,7 @@ class LimitedProtocol(HttpToolsProtocol):
         self._heads_begun = 0
         self._arrived = True  # the last request has arrived whole (or none has begun)
         self._deadline: asyncio.TimerHandle | None = None
+        self._replaying_head = False  # see _ignore_upgrade
         self._wait_for_request()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -56,8 +61,18 @@ class LimitedProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        # uvicorn's, but for an upgrade offer (below) and a head that grows too long.
+        self._unset_keepalive_if_required()
         begun = self._heads_begun
-        super().data_received(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.logger.warning("Invalid HTTP request received.")
+            self.send_400_response("invalid HTTP request")
+            return
+        except httptools.HttpParserUpgrade as upgrade:
+            self._ignore_upgrade(data[upgrade.args[0] :])
+            return
         # A chunk in which a head began or ended is not counted: it may hold a body, or a
         # pipelined request's start. So a head is refused past MAX_HEAD_BYTES plus one chunk
         # (uvloop reads at most 256 KiB), still a bounded amount.
@@ -76,7 +91,45 @@ class LimitedProtocol(HttpToolsProtocol):
         else:
             self._refuse(400, "invalid HTTP request")
 
+    def _ignore_upgrade(self, rest: bytes) -> None:
+        """Serve a request that offers an upgrade (`Upgrade: h2c` from curl --http2, Java's
+        RestClient, Ktor; a WebSocket) as plain HTTP/1.1, as RFC 9110 7.8 allows. httptools
+        ends such a request at its head, its body unread: a fresh parser reads the body from a
+        head that gives only its framing, then the requests after it."""
+        log.debug("upgrade offer ignored")
+        framing = self._body_framing()
+        self.parser = httptools.HttpRequestParser(self)
+        cycle = self.cycle
+        if framing and cycle is not None and not cycle.response_complete:
+            cycle.more_body = True  # its application task has not run yet
+            self._arrived = False
+            self._wait_for_request()
+            self._replaying_head = True
+            self.parser.feed_data(b"POST / HTTP/1.1\r\n" + framing + b"\r\n")
+        if rest:
+            self.data_received(rest)
+
+    def _body_framing(self) -> bytes:
+        """The header that frames the current request's body; b"" if it has none."""
+        # Names in lower case; llhttp refused a second Content-Length, and a Transfer-Encoding
+        # that does not end in chunked.
+        headers = dict(self.headers)
+        if b"chunked" in headers.get(b"transfer-encoding", b"").lower():
+            return b"Transfer-Encoding: chunked\r\n"
+        length = headers.get(b"content-length", b"0").strip()
+        return b"" if length == b"0" else b"Content-Length: " + length + b"\r\n"
+
+    def on_url(self, url: bytes) -> None:
+        if not self._replaying_head:
+            super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._replaying_head:
+            super().on_header(name, value)
+
     def on_message_begin(self) -> None:
+        if self._replaying_head:
+            return
         super().on_message_begin()
         self._in_head = True
         self._head_bytes = 0
@@ -85,6 +138,9 @@ class LimitedProtocol(HttpToolsProtocol):
         self._wait_for_request()
 
     def on_headers_complete(self) -> None:
+        if self._replaying_head:
+            self._replaying_head = False  # the body follows, for the request being answered
+            return
         self._in_head = False
         super().on_headers_complete()
 

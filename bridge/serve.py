@@ -69,6 +69,7 @@ def main(args: argparse.Namespace) -> int:
             host=config.server.host,
             port=config.server.port,
             http=protocol_for(config.server),
+            ws="none",  # no WebSocket here: an upgrade offer is served as plain HTTP
             log_config=None,
             access_log=args.access_log,
             lifespan="on",

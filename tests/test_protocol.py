@@ -236,3 +236,50 @@ def test_a_request_that_is_not_http_gets_a_packet_too(
     code, reply = packet_of(response[response.rindex(b"HTTP/1.1 ") :])
     assert code == reply["ErrorCode"] == status and reply["ActionStatus"] == "FAIL"
     assert db_rows(bridge.log.parent / "bridge.db", "SELECT count(*) FROM events") == [(0,)]
+
+
+H2C = (
+    b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+    b"HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    "segments",
+    [
+        [callback_request(H2C)],
+        [callback_request(H2C)[: -len(SEED_BODY)], SEED_BODY],
+        [callback_request(H2C).replace(b"Content-Length: %d\r\n\r\n" % len(SEED_BODY),
+                                       b"Transfer-Encoding: chunked\r\n\r\n")
+         .replace(SEED_BODY, b"%x\r\n%s\r\n0\r\n\r\n" % (len(SEED_BODY), SEED_BODY))],
+    ],
+    ids=["one segment", "body in a second segment", "chunked"],
+)  # fmt: skip
+def test_an_upgrade_offer_is_ignored_and_the_body_read(
+    bridge: Subprocess, segments: list[bytes]
+) -> None:
+    """curl --http2, Java's RestClient and Ktor offer `Upgrade: h2c` on a plain POST; a server
+    may ignore it (RFC 9110 7.8). httptools skips the body of such a request: the callback was
+    refused as not JSON, or its body parsed as a request of its own."""
+    with connection(bridge) as sock:
+        for segment in segments:
+            sock.sendall(segment)
+            time.sleep(0.1)
+        sock.sendall(callback_request(b"Connection: close\r\n"))  # the next request still parses
+        response = answer(sock, 5)
+    assert response is not None
+    assert response.count(b"HTTP/1.1 200 OK\r\n") == 2 and response.count(OK_PACKET) == 2
+    body = db_rows(bridge.log.parent / "bridge.db", "SELECT body FROM events")
+    assert body == [(SEED_BODY.decode(),)]  # the second one is the first's duplicate
+
+
+def test_a_websocket_request_gets_a_packet(bridge: Subprocess) -> None:
+    with connection(bridge) as sock:
+        sock.sendall(
+            b"GET " + CALLBACK + b" HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        sock.settimeout(5)
+        response = sock.recv(65536)
+    assert packet_of(response)[0] == 405
