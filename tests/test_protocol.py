@@ -4,6 +4,7 @@ never end or never finish, bodies that never finish, idle connections by the hun
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import resource
 import socket
@@ -283,3 +284,35 @@ def test_a_websocket_request_gets_a_packet(bridge: Subprocess) -> None:
         sock.settimeout(5)
         response = sock.recv(65536)
     assert packet_of(response)[0] == 405
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "stored"),
+    [
+        (callback_request().replace(b"HTTP/1.1\r\nHost: x\r\n", b"HTTP/1.0\r\n"), 200, 1),
+        # Not decompressed (Tencent compresses nothing): no zip bomb unfolds here.
+        (b"POST " + CALLBACK + b" HTTP/1.1\r\nConnection: close\r\nContent-Encoding: gzip\r\n"
+         b"Content-Length: %d\r\n\r\n" % len(gzip.compress(SEED_BODY)) + gzip.compress(SEED_BODY),
+         400, 0),
+    ],
+    ids=["HTTP/1.0", "gzip"],
+)  # fmt: skip
+def test_odd_but_honest_requests_get_their_packet(
+    bridge: Subprocess, request_bytes: bytes, status: int, stored: int
+) -> None:
+    with connection(bridge) as sock:
+        sock.sendall(request_bytes)
+        assert packet_of(answer(sock, 5))[0] == status
+    rows = db_rows(bridge.log.parent / "bridge.db", "SELECT count(*) FROM events")
+    assert rows == [(stored,)]
+
+
+def test_expect_100_continue(bridge: Subprocess) -> None:
+    head, body = callback_request(b"Expect: 100-continue\r\nConnection: close\r\n").split(
+        b"\r\n\r\n"
+    )
+    with connection(bridge) as sock:
+        sock.sendall(head + b"\r\n\r\n")
+        assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        assert packet_of(answer(sock, 5)) == (200, json.loads(OK_PACKET))
