@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.bridge_server import (
+    APP_ID,
     OK_PACKET,
     SEED_BODY,
     delivery_states,
@@ -261,3 +262,29 @@ def test_the_descriptor_limit_is_raised_to_the_hard_limit(tmp_path: Path) -> Non
             assert post_callback(url) == (200, OK_PACKET)
     finally:
         stop(process)
+
+
+def test_sigterm_with_a_body_that_never_arrives_stops_after_request_timeout_s(
+    tmp_path: Path,
+) -> None:
+    """uvicorn waits for every request under way before it stops: one client that sent half a
+    body held a SIGTERM off for good (the process ran on until killed)."""
+    port = free_port()
+    config = write_config(tmp_path, port, server="request_timeout_s = 1\n")
+    process = start(config, tmp_path / "bridge.log")
+    try:
+        assert wait_until(lambda: ready(f"http://127.0.0.1:{port}"), timeout=20)
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(
+                f"POST /tencent/callback?SdkAppid={APP_ID} HTTP/1.1\r\n"
+                "Content-Length: 100\r\n\r\n{".encode()
+            )
+            time.sleep(0.3)  # the receiver is waiting for the rest
+            started = time.monotonic()
+            process.terminate()
+            assert process.wait(timeout=10) == -signal.SIGTERM
+            assert time.monotonic() - started < 3
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
