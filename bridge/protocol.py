@@ -10,6 +10,8 @@ connection that sends nothing, half a head or half a body, or a byte now and the
 for good, and a few thousand of them use up the process's file descriptors (new connections,
 Tencent's included, are then reset). Here each request must arrive whole within
 `[server] request_timeout_s`; else a packet says so (408) and the connection closes.
+
+A connection with more than MAX_PIPELINED requests waiting for their answers is cut off.
 """
 
 from __future__ import annotations
@@ -24,8 +26,13 @@ from bridge.config_tables import ServerConfig
 from bridge.receive import packet
 
 MAX_HEAD_BYTES = 65_536  # request line and headers; Tencent's are well under 2 KiB
+MAX_PIPELINED = 64  # requests waiting behind the one being answered; Tencent pipelines none
 
 log = logging.getLogger(__name__)
+
+
+class TooDeep(Exception):
+    """More requests pipelined than MAX_PIPELINED: stops httptools mid-chunk."""
 
 
 def raw_packet(protocol: HttpToolsProtocol, status: int, info: str) -> bytes:
@@ -54,6 +61,7 @@ class LimitedProtocol(HttpToolsProtocol):
         self._arrived = True  # the last request has arrived whole (or none has begun)
         self._deadline: asyncio.TimerHandle | None = None
         self._replaying_head = False  # see _ignore_upgrade
+        self._pipeline_overflow = False
         self._wait_for_request()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -67,6 +75,9 @@ class LimitedProtocol(HttpToolsProtocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
+            if self._pipeline_overflow:
+                self.transport.abort()  # answers still owed cannot all be given: cut off
+                return
             self.logger.warning("Invalid HTTP request received.")
             self.send_400_response("invalid HTTP request")
             return
@@ -142,6 +153,12 @@ class LimitedProtocol(HttpToolsProtocol):
             self._replaying_head = False  # the body follows, for the request being answered
             return
         self._in_head = False
+        if len(self.pipeline) >= MAX_PIPELINED:
+            # uvicorn stops reading while requests wait, but parses the rest of the chunk in
+            # hand, and reads the next after each answer: a client pipelining faster than it
+            # is answered (one that reads no answers) queued thousands a second, unbounded.
+            self._pipeline_overflow = True
+            raise TooDeep
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:

@@ -23,6 +23,7 @@ from tests.bridge_server import (
     db_rows,
     free_port,
     post_callback,
+    wait_until,
     write_config,
 )
 
@@ -316,3 +317,43 @@ def test_expect_100_continue(bridge: Subprocess) -> None:
         assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
         sock.sendall(body)
         assert packet_of(answer(sock, 5)) == (200, json.loads(OK_PACKET))
+
+
+def server_side_open(server_port: int, client_port: int) -> bool:
+    """Whether the server's end of the connection from `client_port` is still open (Linux)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, remote, state = line.split()[1:4]
+        ours = int(local.split(":")[1], 16) == server_port
+        if ours and int(remote.split(":")[1], 16) == client_port:
+            # ESTABLISHED or CLOSE_WAIT: the process holds it. (Closed with answers unsent, the
+            # kernel keeps it a while in FIN_WAIT1, without a descriptor.)
+            return state in ("01", "08")
+    return False
+
+
+def test_a_client_that_pipelines_without_reading_answers_is_cut_off(tmp_path: Path) -> None:
+    """Requests pipelined without end, answers never read: uvicorn parsed a whole chunk of them
+    after each answer (thousands of waiting requests a second, the server grown by 300 MB in
+    6 s) and the connection stayed for as long as the client kept sending."""
+    port = free_port()
+    with Subprocess(write_config(tmp_path, port), port, tmp_path / "bridge.log") as bridge:
+        assert bridge.process is not None
+        before = rss_bytes(bridge.process.pid)
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", port))
+            sock.setblocking(False)
+            refused = b"POST /tencent/callback?SdkAppid=1 HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}"
+            pending = b""
+            deadline = time.monotonic() + 3
+            with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+                while time.monotonic() < deadline:
+                    pending = pending or refused * 1000
+                    try:
+                        pending = pending[sock.send(pending) :]
+                    except BlockingIOError:
+                        time.sleep(0.05)
+            client_port = sock.getsockname()[1]
+            assert wait_until(lambda: not server_side_open(port, client_port), 5)
+        grown = rss_bytes(bridge.process.pid) - before
+        assert grown < 20 * 1024 * 1024, f"the server grew by {grown} bytes"
