@@ -61,6 +61,24 @@ def answer(sock: socket.socket, within_s: float) -> bytes | None:
     return received
 
 
+def one_response(sock: socket.socket, within_s: float = 5) -> bytes:
+    """One whole response on a connection the server keeps open: its head, then as many bytes
+    of body as its Content-Length says (a recv may return the head alone)."""
+    sock.settimeout(within_s)
+    received = b""
+    while b"\r\n\r\n" not in received:
+        received += sock.recv(65536)
+    head, _, body = received.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
 def packet_of(response: bytes | None) -> tuple[int, dict[str, object]]:
     assert response is not None, "the server kept the connection open"
     head, _, body = response.partition(b"\r\n\r\n")
@@ -282,8 +300,7 @@ def test_a_websocket_request_gets_a_packet(bridge: Subprocess) -> None:
             b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
         )
-        sock.settimeout(5)
-        response = sock.recv(65536)
+        response = one_response(sock)
     assert packet_of(response)[0] == 405
 
 
