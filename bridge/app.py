@@ -80,6 +80,7 @@ class Bridge:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.receiver = self._receiver(config, self.renderer)
         self._reloading = asyncio.Lock()
+        self._ping: asyncio.Future[None] | None = None  # the store ping /readyz waits for
         self._late_burials: set[asyncio.Task[None]] = set()  # see reload()
 
     def _receiver(self, config: Config, renderer: Renderer) -> Receiver:
@@ -269,12 +270,26 @@ class Bridge:
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
+    async def _ping_store(self) -> None:
+        """One ping of the store for every probe that asks while it runs: /readyz is open to
+        anyone, and a ping is a committed write. A probe that gives up leaves it running (so a
+        hung database gets one ping, not one more per probe)."""
+        if self._ping is None:
+            self._ping = asyncio.ensure_future(self.store.ping())
+            self._ping.add_done_callback(self._pinged)
+        await asyncio.shield(self._ping)
+
+    def _pinged(self, ping: asyncio.Future[None]) -> None:
+        self._ping = None
+        if not ping.cancelled():
+            ping.exception()  # retrieved: every probe may have given up on it
+
     async def readyz(self, request: Request) -> Response:
         if self.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
         try:
             async with asyncio.timeout(READY_TIMEOUT_S):
-                await self.store.ping()
+                await self._ping_store()
         except (StoreUnavailable, TimeoutError) as exc:
             return JSONResponse({"status": "unavailable", "reason": str(exc)}, status_code=503)
         return JSONResponse({"status": "ready"})

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -269,3 +271,22 @@ def test_kill_9_during_sends_loses_nothing(tmp_path: Path, slack: SlackStandIn) 
         Webhook(secret).verify(request.body, request.headers)
     assert all(len(ids) == 1 for ids in ids_by_room.values())  # a repeat can be recognised
     assert len({i for ids in ids_by_room.values() for i in ids}) == len(rooms)
+
+
+def test_readyz_asked_at_once_pings_the_store_once(tmp_path: Path) -> None:
+    # /readyz is open to anyone, and a ping is a committed write: a flood of probes must not
+    # become a flood of writes beside the callbacks' own.
+    with InThread(write_config(tmp_path)) as running:
+        store = running.app.bridge.store
+        real_ping, pings = store.ping, []
+
+        async def slow_ping() -> None:
+            pings.append(time.monotonic())
+            await asyncio.sleep(0.5)
+            await real_ping()
+
+        store.ping = slow_ping  # type: ignore[method-assign]
+        with ThreadPoolExecutor(20) as pool:
+            answers = list(pool.map(lambda _: get(running.url + "/readyz"), range(20)))
+    assert answers == [(200, {"status": "ready"})] * 20
+    assert len(pings) <= 3, f"{len(pings)} pings for 20 probes at once"
