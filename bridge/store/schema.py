@@ -256,6 +256,17 @@ SELECT 'events_high_water', {_high_water("events")}
 UNION ALL SELECT 'deliveries_high_water', {_high_water("deliveries")}
 """
 
+# What retention deletes, a batch at a time (each with its cutoff and the batch's size): delivered
+# deliveries, then events with no delivery left, dedup keys and room threads.
+PRUNE_SQL = (
+    "DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries"
+    " WHERE state = 'delivered' AND delivered_at < ? LIMIT ?)",
+    "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE received_at < ? AND NOT EXISTS"
+    " (SELECT 1 FROM deliveries d WHERE d.event_id = events.id) LIMIT ?)",
+    "DELETE FROM dedup WHERE rowid IN (SELECT rowid FROM dedup WHERE seen_at < ? LIMIT ?)",
+    "DELETE FROM threads WHERE rowid IN (SELECT rowid FROM threads WHERE started_at < ? LIMIT ?)",
+)
+
 LIST_SQL = """
 SELECT d.id, d.event_id, d.channel, d.room_id, e.command, d.state, d.attempts, d.last_error,
        d.created_at, d.updated_at, d.next_attempt_at

@@ -12,32 +12,32 @@ from collections.abc import Sequence
 from typing import Any
 
 from bridge.store import ChannelStats, DeliveryRow, RecentEvent, State
-from bridge.store.schema import HIGH_WATER_SQL, LIST_SQL, STATS_SQL
+from bridge.store.schema import HIGH_WATER_SQL, LIST_SQL, PRUNE_SQL, STATS_SQL
 from bridge.store.sqlite_file import MAX_PARAMS, SQLiteFile, chunks, sql_in
+
+PRUNE_BATCH = 500  # rows of each table a prune deletes per transaction (a few ms)
 
 
 class SQLiteOutbox(SQLiteFile):
     async def prune(
         self, delivered_before: float, dedup_before: float, threads_before: float
     ) -> int:
+        # In transactions of at most PRUNE_BATCH rows a table, callbacks committing in between:
+        # rows pile up while the server is down or when the retention is shortened, and in one
+        # transaction 300,000 old events held the writer, and every acknowledgement, for 5 s.
+        cutoffs = (delivered_before, delivered_before, dedup_before, threads_before)
+
         def op(conn: sqlite3.Connection) -> int:
             conn.execute(HIGH_WATER_SQL)
-            n = conn.execute(
-                "DELETE FROM deliveries WHERE state = 'delivered' AND delivered_at < ?",
-                (delivered_before,),
-            ).rowcount
-            n += conn.execute(
-                "DELETE FROM events WHERE received_at < ? AND NOT EXISTS"
-                " (SELECT 1 FROM deliveries d WHERE d.event_id = events.id)",
-                (delivered_before,),
-            ).rowcount
-            n += conn.execute("DELETE FROM dedup WHERE seen_at < ?", (dedup_before,)).rowcount
-            n += conn.execute(
-                "DELETE FROM threads WHERE started_at < ?", (threads_before,)
-            ).rowcount
-            return n
+            return sum(
+                conn.execute(sql, (before, PRUNE_BATCH)).rowcount
+                for sql, before in zip(PRUNE_SQL, cutoffs, strict=True)
+            )
 
-        return await self._submit(op)
+        total = 0
+        while pruned := await self._submit(op):
+            total += pruned
+        return total
 
     async def stats(self) -> list[ChannelStats]:
         def op(conn: sqlite3.Connection) -> list[ChannelStats]:
