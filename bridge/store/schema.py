@@ -6,7 +6,7 @@ from __future__ import annotations
 import secrets
 import sqlite3
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 # Each entry brings the schema from version i to i + 1; append, never edit.
 MIGRATIONS: tuple[str, ...] = (
@@ -99,6 +99,11 @@ MIGRATIONS: tuple[str, ...] = (
                                     COALESCE((SELECT MAX(event_id) FROM dedup), 0))
     UNION ALL
     SELECT 'deliveries_high_water', COALESCE((SELECT MAX(id) FROM deliveries), 0)
+    """,
+    # 7: the prune walks the events older than the retention in order of receipt, not every
+    # event the retention keeps (sqlite.py, OLD_EVENTS_SQL).
+    """
+    CREATE INDEX events_received ON events (received_at)
     """,
 )
 
@@ -257,15 +262,23 @@ UNION ALL SELECT 'deliveries_high_water', {_high_water("deliveries")}
 """
 
 # What retention deletes, a batch at a time (each with its cutoff and the batch's size): delivered
-# deliveries, then events with no delivery left, dedup keys and room threads.
+# deliveries, dedup keys and room threads. Events go afterwards (OLD_EVENTS_SQL).
 PRUNE_SQL = (
     "DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries"
     " WHERE state = 'delivered' AND delivered_at < ? LIMIT ?)",
-    "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE received_at < ? AND NOT EXISTS"
-    " (SELECT 1 FROM deliveries d WHERE d.event_id = events.id) LIMIT ?)",
     "DELETE FROM dedup WHERE rowid IN (SELECT rowid FROM dedup WHERE seen_at < ? LIMIT ?)",
     "DELETE FROM threads WHERE rowid IN (SELECT rowid FROM threads WHERE started_at < ? LIMIT ?)",
 )
+
+# The next events received before the cutoff, after (received_at, id), each with whether no
+# delivery refers to it any more. Walked on from where each batch stopped: the events a prune
+# keeps (those of dead letters) are read once a prune, not once a batch, and the events the
+# retention keeps, most of the file, not at all (events_received).
+OLD_EVENTS_SQL = """
+SELECT id, received_at, NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = events.id)
+FROM events WHERE (received_at, id) > (?, ?) AND received_at < ?
+ORDER BY received_at, id LIMIT ?
+"""
 
 LIST_SQL = """
 SELECT d.id, d.event_id, d.channel, d.room_id, e.command, d.state, d.attempts, d.last_error,

@@ -8,14 +8,17 @@ never holds up the writer's commits.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from bridge.store import ChannelStats, DeliveryRow, RecentEvent, State
-from bridge.store.schema import HIGH_WATER_SQL, LIST_SQL, PRUNE_SQL, STATS_SQL
+from bridge.store.schema import HIGH_WATER_SQL, LIST_SQL, OLD_EVENTS_SQL, PRUNE_SQL, STATS_SQL
 from bridge.store.sqlite_file import MAX_PARAMS, SQLiteFile, chunks, sql_in
 
 PRUNE_BATCH = 500  # rows of each table a prune deletes per transaction (a few ms)
+DELETE_EVENTS_SQL = "DELETE FROM events WHERE id IN ({marks})"
+_Walked = tuple[int, tuple[float, int] | None]  # events deleted; where the walk goes on, if it does
 
 
 class SQLiteOutbox(SQLiteFile):
@@ -25,17 +28,38 @@ class SQLiteOutbox(SQLiteFile):
         # In transactions of at most PRUNE_BATCH rows a table, callbacks committing in between:
         # rows pile up while the server is down or when the retention is shortened, and in one
         # transaction 300,000 old events held the writer, and every acknowledgement, for 5 s.
-        cutoffs = (delivered_before, delivered_before, dedup_before, threads_before)
+        cutoffs = (delivered_before, dedup_before, threads_before)
 
-        def op(conn: sqlite3.Connection) -> int:
+        def rows(conn: sqlite3.Connection) -> int:
             conn.execute(HIGH_WATER_SQL)
             return sum(
                 conn.execute(sql, (before, PRUNE_BATCH)).rowcount
                 for sql, before in zip(PRUNE_SQL, cutoffs, strict=True)
             )
 
+        def events(after: tuple[float, int]) -> Callable[[sqlite3.Connection], _Walked]:
+            def op(conn: sqlite3.Connection) -> _Walked:
+                conn.execute(HIGH_WATER_SQL)
+                walked = conn.execute(
+                    OLD_EVENTS_SQL, (*after, delivered_before, PRUNE_BATCH)
+                ).fetchall()
+                unused = [event_id for event_id, _, free in walked if free]
+                n = (
+                    conn.execute(sql_in(DELETE_EVENTS_SQL, unused), unused).rowcount
+                    if unused
+                    else 0
+                )
+                more = len(walked) == PRUNE_BATCH
+                return n, (walked[-1][1], walked[-1][0]) if more else None
+
+            return op
+
         total = 0
-        while pruned := await self._submit(op):
+        while pruned := await self._submit(rows):
+            total += pruned
+        after: tuple[float, int] | None = (-sys.float_info.max, 0)  # before any time
+        while after is not None:
+            pruned, after = await self._submit(events(after))
             total += pruned
         return total
 
