@@ -369,6 +369,35 @@ async def test_a_prune_walks_past_the_events_of_dead_letters(tmp_path: Path) -> 
     assert db_rows(path, "SELECT COUNT(*), MAX(id) FROM events") == [(kept, kept)]
 
 
+def wal_size(db: Path) -> int:
+    return Path(f"{db}-wal").stat().st_size
+
+
+async def test_the_wal_shrinks_back_after_a_large_transaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A large transaction (retrying or burying a backlog, an upgrade) grows the WAL file to its
+    # size, and SQLite reuses the file from its start without giving the space back: 50,000
+    # dead letters retried left 11 MB until the server stopped.
+    monkeypatch.setattr("bridge.store.sqlite_file.WAL_LIMIT_BYTES", 1 << 20)
+    path = tmp_path / "bridge.db"
+    add_old_delivered(path, 40_000, time.time())
+    with contextlib.closing(connect(path)) as conn:
+        conn.execute("UPDATE deliveries SET state = 'dead'")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        assert await store.retry_dead(None, time.time()) == 40_000
+        grown = wal_size(path)
+        for n in range(3):  # the first commit checkpoints, the next starts the WAL again
+            await add(store, f"k{n}")
+        assert grown > 4 << 20  # past a checkpoint's 1,000 pages
+        assert wal_size(path) <= 1 << 20
+    finally:
+        await store.close()
+
+
 class LateConnection(sqlite3.Connection):
     """Runs `meanwhile` just before its first BEGIN IMMEDIATE: another process migrating the
     file after this one read the schema version and before it took the write lock."""

@@ -28,6 +28,7 @@ log = logging.getLogger("bridge.store.sqlite")  # the store's log lines, under i
 
 T = TypeVar("T")
 Sync = Literal["full", "normal"]  # [store] sync
+WAL_LIMIT_BYTES = 16 << 20  # steady load keeps the WAL near 4 MB (checkpoints every 1,000 pages)
 
 
 def connect(path: Path, sync: Sync = "full") -> sqlite3.Connection:
@@ -40,6 +41,9 @@ def connect(path: Path, sync: Sync = "full") -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=FULL" if sync == "full" else "PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute("PRAGMA busy_timeout=10000")
+    # A large transaction grows the WAL file to its size, and SQLite reuses the file without
+    # giving the space back: truncated to this once a checkpoint lets the WAL start again.
+    conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
     return conn
 
 
