@@ -15,7 +15,14 @@ from typing import Any
 import pytest
 
 from bridge.store import NewDelivery, Pace, StoreUnavailable
-from bridge.store.schema import CLAIM_SQL, DUE_SQL, MIGRATIONS, SCHEMA_VERSION, migrate
+from bridge.store.schema import (
+    CLAIM_SQL,
+    DUE_SQL,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    STATS_SQL,
+    migrate,
+)
 from bridge.store.sqlite import SQLiteStore
 from bridge.store.sqlite_file import Sync, connect
 from bridge.store.sqlite_outbox import PRUNE_BATCH
@@ -226,6 +233,19 @@ def test_claims_walk_the_index_instead_of_sorting_the_backlog(tmp_path: Path, sq
     assert len(searches) == 2, plan
     assert all("(channel=? AND state=?)" in step for step in searches), plan
     assert not any("FOR DISTINCT" in step or "deliveries_due" in step for step in plan), plan
+
+
+def test_stats_count_in_the_index_instead_of_reading_every_row(tmp_path: Path) -> None:
+    # /metrics, /status and `outbox stats` count every delivery the retention keeps. Read row by
+    # row, each with its rendered payload, a million took 1 to 6 s a scrape; counted in
+    # deliveries_claim, channel by channel and state by state, 0.07 to 0.26 s.
+    with contextlib.closing(sqlite3.connect(tmp_path / "bridge.db")) as conn:
+        migrate(conn)
+        plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {STATS_SQL}")]
+    reads = [step for step in plan if " deliveries" in step]
+    assert all(step.startswith("SEARCH deliveries USING") for step in reads), plan
+    counts = "SEARCH deliveries USING COVERING INDEX deliveries_claim (channel=? AND state=?)"
+    assert reads.count(counts) == 4, plan  # pending, in flight, dead, delivered
 
 
 async def assert_file_finds_retries(path: Path, now: float) -> None:

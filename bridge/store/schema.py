@@ -225,10 +225,19 @@ RETURNING tat, blocked_until
 """
 
 STATS_SQL = """
+WITH RECURSIVE channels (channel) AS (
+    SELECT MIN(channel) FROM deliveries
+    UNION ALL
+    SELECT (SELECT MIN(channel) FROM deliveries WHERE channel > c.channel)
+    FROM channels c WHERE c.channel IS NOT NULL
+)
 SELECT channel,
-       SUM(state = 'pending'), SUM(state = 'in_flight'), SUM(state = 'dead'),
-       SUM(state = 'delivered'), MIN(CASE WHEN state = 'pending' THEN created_at END)
-FROM deliveries GROUP BY channel ORDER BY channel
+       (SELECT COUNT(*) FROM deliveries WHERE channel = c.channel AND state = 'pending'),
+       (SELECT COUNT(*) FROM deliveries WHERE channel = c.channel AND state = 'in_flight'),
+       (SELECT COUNT(*) FROM deliveries WHERE channel = c.channel AND state = 'dead'),
+       (SELECT COUNT(*) FROM deliveries WHERE channel = c.channel AND state = 'delivered'),
+       (SELECT MIN(created_at) FROM deliveries WHERE channel = c.channel AND state = 'pending')
+FROM channels c WHERE channel IS NOT NULL ORDER BY channel
 """
 
 # {values}: one (id, delivered_at) row per delivery, all marked in one statement.
