@@ -59,6 +59,7 @@ class Worker(Lanes):
         self._stopping = False
         self._hurried = False  # a second signal: no grace for the sends in flight
         self._last_prune = 0.0
+        self._pruning: asyncio.Task[None] | None = None
         self._store_failures = 0
         self._store_retry_at = 0.0  # time.monotonic(): no claims before this
         self.configure(policies, settings, composer, retention_s)
@@ -121,8 +122,8 @@ class Worker(Lanes):
             self._wake.clear()
             # One clock reading per pass: what was not due at `now` is what next_due(now) finds.
             now = time.time()
+            self._start_prune()
             try:
-                await self._prune()
                 if self._all_busy():
                     # Every channel has a lane claiming or is blocked: nothing to ask the store
                     # until a lane ends (it wakes this loop). Under load a callback wakes the
@@ -159,6 +160,9 @@ class Worker(Lanes):
         claimed in the store and are sent again after restart."""
         self._stopping = True
         self.wake()  # lingering lanes end now
+        if self._pruning is not None:
+            self._pruning.cancel()  # what is left of it, the next prune deletes
+            await asyncio.gather(self._pruning, return_exceptions=True)
         if self._lanes:
             _, pending = await asyncio.wait(self._lanes, timeout=0 if self._hurried else grace_s)
             for task in pending:
@@ -211,6 +215,19 @@ class Worker(Lanes):
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), seconds)
+
+    def _start_prune(self) -> None:
+        """A prune, when one is due, beside the dispatching: a backlog of old rows takes many
+        transactions to prune (seconds, after downtime), and lanes start meanwhile."""
+        due = time.time() - self._last_prune >= PRUNE_EVERY_S
+        if due and (self._pruning is None or self._pruning.done()):
+            self._pruning = asyncio.create_task(self._prune_or_pause(), name="prune")
+
+    async def _prune_or_pause(self) -> None:
+        try:
+            await self._prune()
+        except StoreUnavailable as exc:
+            self._store_failed(exc)
 
     async def _prune(self) -> None:
         now = time.time()

@@ -108,11 +108,11 @@ async def eventually(predicate: Callable[[], bool], within_s: float = 5.0) -> No
 
 
 @contextlib.asynccontextmanager
-async def running(worker: Worker) -> AsyncIterator[None]:
+async def running(worker: Worker) -> AsyncIterator[Worker]:
     task = asyncio.create_task(worker.run())
     worker.wake()
     try:
-        yield
+        yield worker
     finally:
         await worker.stop(1.0)
         task.cancel()
@@ -374,6 +374,39 @@ async def test_a_locked_due_delivery_leaves_the_worker_idle(
     # A poll is about five transactions: a look for due channels, a lane (take, claim, leave)
     # and the next due time.
     assert rate < 10 / SHARED_POLL_S
+
+
+class SlowPruneStore(SQLiteStore):
+    """A prune that lasts until `finish` is set, as a backlog of old rows makes it last."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.pruning = asyncio.Event()
+        self.finish = asyncio.Event()
+
+    async def prune(
+        self, delivered_before: float, dedup_before: float, threads_before: float
+    ) -> int:
+        self.pruning.set()
+        await self.finish.wait()
+        return await super().prune(delivered_before, dedup_before, threads_before)
+
+
+async def test_a_long_prune_does_not_hold_up_deliveries(
+    slack: SlackStandIn, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    # A backlog of old rows (after downtime, or a shorter retention) is pruned in many small
+    # transactions, seconds in all: the worker waited for it before it started any lane.
+    async with opener(lambda: SlowPruneStore(tmp_path / "bridge.db")) as open_:
+        store = await open_()
+        try:
+            async with running(make_worker(store, senders(slack, session), tmp_path)) as worker:
+                await asyncio.wait_for(store.pruning.wait(), 5)
+                await record(store, "hook")
+                worker.wake()
+                await eventually(lambda: states(store.path) == ["delivered"])
+        finally:
+            store.finish.set()
 
 
 class DiskFullStore(SQLiteStore):
