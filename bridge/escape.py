@@ -82,10 +82,6 @@ def _tojson_for(leaf: Callable[[str], str]) -> Callable[[Any], Json]:
     return tojson
 
 
-def _same(text: str) -> str:
-    return text
-
-
 def _jsonable(value: Any) -> Any:
     """What json.dumps cannot encode itself: read-only mappings and models."""
     if isinstance(value, Mapping):
@@ -101,7 +97,7 @@ _PLAIN = json.JSONEncoder(ensure_ascii=False, default=_jsonable)
 
 def _tojson_plain(value: Any) -> Json:
     # Nothing to escape inside the strings: the encoder works in C, walking the value in Python
-    # only for what it cannot encode. The same JSON as _tojson_for(_same), cheaper.
+    # only for what it cannot encode. The same JSON as _tojson_for with no escaping, cheaper.
     return Json(_PLAIN.encode(value))
 
 
