@@ -34,9 +34,19 @@ def test_app_id_refused_403(raw: str | None) -> None:
     assert caught.value.status == 403
 
 
-def test_signature_accepted_at_the_right_time() -> None:
+def test_app_id_of_20_digits_is_still_compared_with_the_config() -> None:
+    # The length guard only spares int() an absurd string: an SDKAppID as long as a uint64 passes.
+    assert check_app_id({"sdkappid": str(2**64 - 1)}, {2**64 - 1}) == 2**64 - 1
+
+
+@pytest.mark.parametrize("offset", [-60, -59, 0, 59, 60])
+def test_signature_accepted_up_to_max_age_either_way(offset: int) -> None:
     query = {"sign": EXAMPLE_SIGN, "requesttime": EXAMPLE_TIME}
-    check_signature(query, TOKEN, 60, now=int(EXAMPLE_TIME) + 59)
+    check_signature(query, TOKEN, 60, now=int(EXAMPLE_TIME) + offset)
+
+
+def test_signature_accepted_in_upper_case() -> None:
+    query = {"sign": EXAMPLE_SIGN, "requesttime": EXAMPLE_TIME}
     check_signature({**query, "sign": EXAMPLE_SIGN.upper()}, TOKEN, 60, now=int(EXAMPLE_TIME))
 
 
