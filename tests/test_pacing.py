@@ -118,6 +118,40 @@ def test_pace_carries_a_block() -> None:
     assert second.blocked_for() == pytest.approx(30.0)
 
 
+@pytest.mark.parametrize(("rate", "expected"), [(1.0, 1.0), (None, 0.0)])
+def test_a_message_counts_from_when_the_far_end_answered(
+    rate: float | None, expected: float
+) -> None:
+    # The far end counted it on arrival, after we sent it: the next one waits a whole interval
+    # from the answer, not from the send.
+    clock = Clock()
+    pacer = Pacer(rate, 1, clock)
+    asyncio.run(pacer.wait())
+    clock.now += 5.0  # a slow answer
+    assert pacer.delay() == 0.0
+    pacer.done()
+    assert pacer.delay() == pytest.approx(expected)
+
+
+def test_pace_is_on_the_wall_clock_whatever_each_process_monotonic_clock_reads() -> None:
+    # Each process's monotonic clock starts anywhere; only the wall clock is shared.
+    wall = Clock()
+    wall.now = 5000.0
+    sender, blocked = Pacer(1.0, 3, Clock(), wall), Pacer(1.0, 1, Clock(), wall)
+    for _ in range(3):
+        asyncio.run(sender.wait())
+    blocked.block(30.0)
+    assert sender.pace().tat == pytest.approx(5003.0)
+    assert blocked.pace().blocked_until == pytest.approx(5030.0)
+    later_clock = Clock()
+    later_clock.now = 50.0
+    later = Pacer(1.0, 3, later_clock, wall)
+    later.adopt(sender.pace())
+    assert later.delay() == pytest.approx(1.0)
+    later.adopt(blocked.pace())
+    assert later.blocked_for() == pytest.approx(30.0)
+
+
 @pytest.mark.parametrize("rate", [1.0, None])
 def test_adopting_nothing_or_an_older_state_changes_nothing(rate: float | None) -> None:
     clock = Clock()
