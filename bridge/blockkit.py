@@ -101,10 +101,8 @@ def _shorten(blocks: list[Any]) -> list[Any]:
     return blocks
 
 
-def _text_objects(block: Any) -> list[dict[str, Any]]:
+def _text_objects(block: dict[str, Any]) -> list[dict[str, Any]]:
     """The text objects of a block whose text `fit` may cut: its text, fields, context elements."""
-    if not isinstance(block, dict):
-        return []
     found = [block.get("text"), *(block.get("fields") or [])]
     if block.get("type") == "context":
         found += block.get("elements") or []
