@@ -9,7 +9,16 @@ import aiohttp
 import pytest
 from pydantic import SecretStr
 
-from bridge.blockkit import BLOCKS_CHARS, ELLIPSIS, LimitError, cut, fit, overflows, problems
+from bridge.blockkit import (
+    BLOCKS_CHARS,
+    COMPACT,
+    ELLIPSIS,
+    LimitError,
+    cut,
+    fit,
+    overflows,
+    problems,
+)
 from bridge.channels import Result
 from bridge.channels.slack import SlackSender
 from bridge.config_tables import SlackChannel, TemplatesConfig
@@ -43,8 +52,32 @@ def section(text: str) -> dict[str, Any]:
 
 
 def test_fit_keeps_a_valid_message_unchanged() -> None:
-    message = {"text": "hi", "blocks": [section("a")]}
+    button = {"type": "button", "text": {"type": "plain_text", "text": "Open room"},
+              "url": "https://c.example/r/room_id"}  # fmt: skip
+    message = {
+        "text": "hi",
+        "blocks": [
+            {"type": "header", "text": {"type": "plain_text", "text": "h"}},
+            section("a"),
+            {"type": "section", "fields": [{"type": "mrkdwn", "text": "f"}] * 10},
+            {"type": "context", "elements": [{"type": "mrkdwn", "text": "c"}] * 10},
+            {"type": "actions", "elements": [button]},
+        ],
+    }
     assert fit(message) == message
+
+
+def test_fit_leaves_what_it_cannot_cut_for_problems_to_name() -> None:
+    # No text to cut, or not a text object: passed on as it is, not a crash at rendering.
+    header = {"type": "header", "text": {"type": "plain_text"}}
+    odd = {"type": "section", "fields": ["f", {"type": "mrkdwn"}]}
+    message = {"text": "hi", "blocks": [header, odd]}
+    assert fit(message) == message
+    assert problems(fit(message)) == [
+        "block 1 (header): text is empty",
+        "block 2 (section): field 1 is empty",
+        "block 2 (section): field 2 is empty",
+    ]
 
 
 def test_fit_cuts_every_limit() -> None:
@@ -69,9 +102,12 @@ def test_fit_cuts_every_limit() -> None:
     assert len(blocks[2]["fields"]) == 10
     assert all(len(f["text"]) <= 2000 for f in blocks[2]["fields"])
     assert len(blocks[3]["elements"]) == 10
-    assert "more blocks not shown" in blocks[-1]["elements"][0]["text"]
+    # 64 blocks: 49 shown, and the note for the other 15.
+    assert blocks[-1]["elements"][0]["text"] == f"{ELLIPSIS} 15 more blocks not shown"
     # Each block's own limit alone, then the reported total of all of them (below).
     assert len(blocks_of(fit({"text": "t", "blocks": [section("s" * 4000)]}))[0]) == 3000
+    one_field = fit({"text": "t", "blocks": [{"type": "section", "fields": fields[:1]}]})
+    assert len(one_field["blocks"][0]["fields"][0]["text"]) == 2000
     assert len(json.dumps(blocks, ensure_ascii=False, separators=(",", ":"))) <= BLOCKS_CHARS
 
 
@@ -102,6 +138,24 @@ def test_fit_keeps_the_blocks_under_their_reported_total(
     assert (problems(message) == []) is (out == ["s" * n for n in texts])
 
 
+def test_fit_cuts_texts_no_shorter_than_99_even_if_the_blocks_stay_over() -> None:
+    # 50 sections of 10 fields: over the total however the texts are cut; each is cut to 99
+    # characters (never below, never stuck above) and the message goes as it is.
+    many = {"type": "section", "fields": [{"type": "mrkdwn", "text": "f" * 150}] * 10}
+    out = fit({"text": "t", "blocks": [many] * 50})
+    assert {len(f["text"]) for block in out["blocks"] for f in block["fields"]} == {99}
+
+
+def test_fit_cuts_a_text_of_exactly_100_when_that_is_what_brings_the_blocks_under() -> None:
+    image = {"type": "image", "image_url": "https://c.example/", "alt_text": "a"}
+    blocks = [section("s" * 100), image]
+    image["image_url"] += "x" * (BLOCKS_CHARS + 1 - len(COMPACT.encode(blocks)))
+    out = fit({"text": "t", "blocks": blocks})
+    assert len(out["blocks"][0]["text"]["text"]) == 99
+    assert len(COMPACT.encode(out["blocks"])) == BLOCKS_CHARS
+    assert problems(out) == []
+
+
 @pytest.mark.parametrize(
     "message",
     [[], {"blocks": []}, {"text": "  "}, {"text": "x", "blocks": {}}, {"text": "x", "blocks": [1]}],
@@ -119,6 +173,7 @@ def header(text: str) -> dict[str, Any]:
     ("message", "expected"),
     [
         ({"text": "hi", "blocks": [header("h"), section("s")]}, []),
+        ({"text": "hi", "blocks": [section("s")] * 50}, []),
         ({"text": "hi"}, []),
         ([], ["not a JSON object"]),
         ({"text": " "}, ["no top-level text"]),
@@ -194,6 +249,9 @@ def fields(n: int) -> dict[str, Any]:
         # Blocks Slack is reported to refuse in all (msg_blocks_too_long), each within limits.
         ({"text": "hi", "blocks": [section("s" * 2900)] * 4}, False),
         ({"text": "hi", "blocks": [section("s" * 2900)] * 5}, True),
+        # Blocks fit refuses: not for a digest to split, for fit to name.
+        ({"text": "hi", "blocks": ["not a block"]}, False),
+        ({"text": "hi", "blocks": [{"text": "no type"}]}, False),
     ],
 )
 def test_overflows_when_fit_would_leave_something_out(message: Any, expected: bool) -> None:
