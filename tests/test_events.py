@@ -115,6 +115,17 @@ def test_bad_bodies_are_refused_with_a_short_reason(body: bytes, message: str | 
     assert len(str(caught.value)) <= 200
 
 
+@pytest.mark.parametrize("millis", [-(2**63), -1, 0, 2**63 - 1])
+def test_event_time_takes_the_whole_64_bit_range(millis: int) -> None:
+    body = b'{"CallbackCommand": "x", "EventTime": %d}' % millis
+    assert parse_event(decode_body(body)).EventTime == millis
+
+
+def test_fractional_numbers_keep_their_value() -> None:
+    fields = decode_body(b'{"CallbackCommand": "x", "Score": 1.5, "Ratio": -2.5e-3}')
+    assert (fields["Score"], fields["Ratio"]) == (1.5, -0.0025)
+
+
 def test_nul_elsewhere_is_kept() -> None:
     # Only the command and the room are stored as columns; other values stay in the JSON body.
     event = parse_event(decode_body(b'{"CallbackCommand": "x", "Operator_Account": "a\\u0000"}'))
