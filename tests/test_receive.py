@@ -84,11 +84,18 @@ def test_query_keys_any_case_and_both_names(bridge: InThread) -> None:
     assert len(events(bridge)) == 2
 
 
-def test_body_command_wins_over_query(bridge: InThread) -> None:
+def test_body_command_wins_over_query(bridge: InThread, caplog: pytest.LogCaptureFixture) -> None:
     query = {"SdkAppid": str(APP_ID), "CallbackCommand": "Live.CallbackMemberStateChanged"}
     body = b'{"CallbackCommand":"Live.CallbackAfterMemberStateChanged","RoomId":"r"}'
-    assert post_callback(bridge.url, body, query) == (200, OK_PACKET)
-    assert events(bridge)[0][0] == "Live.CallbackAfterMemberStateChanged"
+    with caplog.at_level(logging.INFO, logger="bridge.receive"):
+        assert post_callback(bridge.url) == (200, OK_PACKET)  # the query agrees: nothing to say
+        assert caplog.messages == []
+        assert post_callback(bridge.url, body, query) == (200, OK_PACKET)
+    assert caplog.messages == [
+        "query says Live.CallbackMemberStateChanged, "
+        "body says Live.CallbackAfterMemberStateChanged: using the body"
+    ]
+    assert events(bridge)[1][0] == "Live.CallbackAfterMemberStateChanged"
 
 
 @pytest.mark.parametrize(
@@ -115,6 +122,35 @@ def test_refusals_are_fail_packets_and_store_nothing(
     assert got == status
     fail_packet(reply, status)
     assert events(bridge) == []
+
+
+def test_a_refusal_and_an_unexpected_error_are_logged(
+    bridge: InThread, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with caplog.at_level(logging.INFO, logger="bridge.receive"):
+        assert post_callback(bridge.url, query="SdkAppid=1")[0] == 403
+        assert caplog.messages == ["refused callback: HTTP 403 unknown SdkAppid"]
+
+        def broken(event: object) -> None:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(bridge.app.state.bridge.receiver.router, "route_event", broken)
+        status, reply = post_callback(bridge.url)
+    assert status == 500 and fail_packet(reply, 500)["ErrorInfo"] == "internal error"
+    assert caplog.records[-1].getMessage() == "callback failed"
+    assert caplog.records[-1].exc_info is not None  # the traceback, for whoever fixes the bug
+
+
+def test_a_reload_after_callbacks_waits_for_none_of_them(
+    bridge: InThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The receiver counts the callbacks it is handling; a reload waits for the old one's.
+    assert post_callback(bridge.url) == (200, OK_PACKET)
+    assert post_callback(bridge.url, query="SdkAppid=1")[0] == 403
+    with caplog.at_level(logging.INFO, logger="bridge.app"):
+        status, _, body = http_request(bridge.url + "/-/reload", "POST", data=b"")
+    assert status == 200, body
+    assert not [m for m in caplog.messages if "unfinished" in m]
 
 
 def read_reply(conn: socket.socket) -> bytes:
@@ -245,7 +281,9 @@ def test_unrouted_event_is_acknowledged_and_counted(tmp_path: Path) -> None:
         assert len(events(running)) == 1
 
 
-def test_store_that_cannot_write_answers_503_then_recovers(bridge: InThread) -> None:
+def test_store_that_cannot_write_answers_503_then_recovers(
+    bridge: InThread, caplog: pytest.LogCaptureFixture
+) -> None:
     store = bridge.app.state.bridge.store
 
     def full(conn: sqlite3.Connection) -> None:
@@ -254,12 +292,18 @@ def test_store_that_cannot_write_answers_503_then_recovers(bridge: InThread) -> 
 
     bridge.run(store._submit(full))
     big = SEED_BODY.replace(b"user1", b"u" * 100000)
-    status, reply = post_callback(bridge.url, big)
-    assert status == 503
-    fail_packet(reply, 503)
-    assert get(bridge.url + "/readyz")[0] in (200, 503)
-    bridge.run(store._submit(lambda conn: conn.execute("PRAGMA max_page_count = 1073741823")))
-    assert post_callback(bridge.url, big) == (200, OK_PACKET)
+    with caplog.at_level(logging.INFO, logger="bridge.receive"):
+        status, reply = post_callback(bridge.url, big)
+        assert status == 503
+        fail_packet(reply, 503)
+        assert get(bridge.url + "/readyz")[0] in (200, 503)
+        bridge.run(store._submit(lambda conn: conn.execute("PRAGMA max_page_count = 1073741823")))
+        assert post_callback(bridge.url, big) == (200, OK_PACKET)
+    # One line when the outage starts (then one per 1000 refusals), one when it ends.
+    assert [m.split(":")[0] for m in caplog.messages] == [
+        "cannot store callbacks (1 refused with 503 so far)",
+        "store available again",
+    ]
 
 
 def test_health_and_other_paths_answer_packets(bridge: InThread) -> None:
