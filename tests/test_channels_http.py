@@ -38,6 +38,8 @@ def http_date(offset_s: float) -> str:
         (429, {}, "", Outcome(Result.RETRY, "HTTP 429", 1.0, True)),
         (429, None, "ratelimited", Outcome(Result.RETRY, "HTTP 429: ratelimited", 1.0, True)),
         (429, {"Retry-After": "soon"}, "", Outcome(Result.RETRY, "HTTP 429", 1.0, True)),
+        (199, None, "", Outcome(Result.PERMANENT, "HTTP 199")),
+        (300, None, "", Outcome(Result.PERMANENT, "HTTP 300")),
         (301, None, "", Outcome(Result.PERMANENT, "HTTP 301")),
         (400, None, "invalid_payload", Outcome(Result.PERMANENT, "HTTP 400: invalid_payload")),
         (401, None, "", Outcome(Result.PERMANENT, "HTTP 401")),
@@ -83,7 +85,7 @@ def test_parse_retry_after_reads_an_http_date() -> None:
 )
 def test_a_retry_after_past_an_hour_is_an_hour(value: str) -> None:
     # 400 nines is infinity as a float: a channel blocked, or a delivery due, past any date.
-    assert parse_retry_after({"Retry-After": value}) == RETRY_AFTER_MAX_S
+    assert parse_retry_after({"Retry-After": value}) == RETRY_AFTER_MAX_S == 3600.0
 
 
 def connection_key(host: str) -> ConnectionKey:
