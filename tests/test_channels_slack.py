@@ -265,6 +265,9 @@ async def odd() -> AsyncIterator[tuple[str, list[str]]]:
             kind_of = "application/json" if request.path.startswith("/latin1/api") else "text/html"
             return web.Response(status=502, body="réessayez".encode("latin-1"),
                                 content_type=kind_of)  # fmt: skip
+        if kind == "broken":  # a JSON type, a status of its own, and JSON cut short
+            status = int(request.path.split("/")[2])
+            return web.Response(status=status, body=b'{"ok": fa', content_type="application/json")
         await release.wait()  # "hang": until the test is over
         return web.Response(text="ok")
 
@@ -319,6 +322,23 @@ async def test_an_answer_that_is_not_utf8_is_a_retry(
     base, _ = odd
     settings = bot(f"{base}/latin1/api/") if mode == "api" else hook(f"{base}/latin1{SECRET_PATH}")
     assert await send(settings, session) == retry("an answer that is not UTF-8 (not Slack's)")
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        (502, retry("HTTP 502")),
+        (503, retry("HTTP 503")),
+        (404, permanent("HTTP 404")),
+        (200, retry("HTTP 200: ok false")),
+    ],
+)
+async def test_an_api_answer_with_broken_json_is_classified_by_its_status(
+    odd: tuple[str, list[str]], session: aiohttp.ClientSession, status: int, expected: Outcome
+) -> None:
+    # slack-sdk hands over aiohttp's own response then, whose status is `status`.
+    base, _ = odd
+    assert await send(bot(f"{base}/broken/{status}/"), session) == expected
 
 
 @pytest.mark.parametrize("mode", ["api", "webhook"])
