@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import base64
+import re
 import socket
 import time
 from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 from pydantic import SecretStr
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
@@ -76,6 +78,7 @@ async def test_delivered_with_configured_headers(
         ("ops:p%C3%A4ss", "ops:päss".encode("latin-1")),  # as aiohttp always sent it
         ("ops:p%C3%A4%E5%AF%86", "ops:pä密".encode()),  # no Latin-1 for it: UTF-8 (RFC 7617)
         ("ops", b"ops:"),
+        ("%E5%AF%86", "密:".encode()),  # a login alone, outside Latin-1 too
     ],
 )
 async def test_credentials_in_the_url_are_basic_authentication(
@@ -116,6 +119,8 @@ async def test_webhook_id_is_stable_per_delivery(
     )
     assert first == again
     assert len({first, next_delivery, other_channel}) == 3
+    # The same form in every version: a receiver's record of ids outlives an upgrade.
+    assert re.fullmatch("msg_[0-9a-f]{24}", first)
 
 
 async def test_webhook_id_is_not_reused_by_another_store(
@@ -189,6 +194,33 @@ async def test_retry_after_is_passed_on(
 ) -> None:
     slack.fail_next(1, status=status, retry_after=retry_after, kind="sink")
     assert await send(channel(slack.sink_url(), signing_secret()), session) == expected
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_a_redirect_is_never_followed(session: aiohttp.ClientSession, status: int) -> None:
+    # Followed, it would take the signed body and the configured headers somewhere else, and a
+    # 302 answered 200 there would count as delivered.
+    seen: list[str] = []
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        seen.append(request.path)
+        if request.path.startswith("/hooks/"):
+            return web.Response(status=status, headers={"Location": "/elsewhere"})
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_route("*", "/{rest:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/hooks/s3cr3tPath?token={QUERY_TOKEN}"
+        outcome = await send(channel(url, signing_secret()), session)
+    finally:
+        await runner.cleanup()
+    assert outcome == Outcome(Result.PERMANENT, f"HTTP {status}")
+    assert seen == ["/hooks/s3cr3tPath"]
 
 
 async def test_connection_refused_is_retried(session: aiohttp.ClientSession) -> None:
