@@ -240,6 +240,35 @@ def test_a_digest_over_a_whole_message_limit_is_split_not_cut(
         assert message["blocks"][0]["text"]["text"] == str(len(chunk))
 
 
+def rooms_in_text(config: Config, tmp_path: Path) -> Composer:
+    """A composer whose Slack digest is only a text naming each entry's room."""
+    (tmp_path / "slack").mkdir()
+    (tmp_path / "slack" / "digest.j2").write_text(
+        '{"text": "{% for entry in entries %}{{ entry.room_id }} {% endfor %}"}', encoding="utf-8"
+    )
+    return Composer(config, Renderer(TemplatesConfig(dir=tmp_path)))
+
+
+def test_a_digest_is_split_down_to_one_entry_a_message_if_two_are_too_big(
+    config: Config, tmp_path: Path
+) -> None:
+    composer = rooms_in_text(config, tmp_path)
+    rooms = [long_room(n, 2500) for n in range(3)]  # one fits in 4000 characters, two do not
+    out = composer.digests("slack", [make_row(n, owner_change(n, rooms[n])) for n in range(3)])
+    assert [[row.id for row in chunk] for _, chunk in out] == [[0], [1], [2]]
+    assert [json.loads(payload)["text"] for payload, _ in out] == [f"{r} " for r in rooms]
+
+
+def test_an_entry_too_big_even_alone_is_cut_not_lost(config: Config, tmp_path: Path) -> None:
+    composer = rooms_in_text(config, tmp_path)
+    rooms = [long_room(0, 100), long_room(1, 5000)]
+    out = composer.digests("slack", [make_row(n, owner_change(n, rooms[n])) for n in range(2)])
+    assert [[row.id for row in chunk] for _, chunk in out] == [[0], [1]]
+    alone = json.loads(out[1][0])["text"]
+    assert len(alone) == blockkit.TOP_TEXT_CHARS and alone.endswith(ELLIPSIS)
+    assert alone.startswith(rooms[1][:3000])
+
+
 @pytest.mark.parametrize(
     "entry",
     [
@@ -538,6 +567,19 @@ def test_a_delivery_without_payload_is_rendered_again(
     assert composer.payload(row) == expected
     text = json.loads(expected)["text"] if channel == "slack" else expected
     assert str(row.room_id) in text and "\n" not in text
+
+
+@pytest.mark.parametrize(
+    ("stored", "expected"), [('{"clientip": "1.2.3.4"}', '{"clientip": "1.2.3.4"}'), ("", "{}")]
+)
+def test_a_delivery_rendered_again_sees_the_query_it_arrived_with(
+    config: Config, tmp_path: Path, stored: str, expected: str
+) -> None:
+    (tmp_path / "console").mkdir()
+    (tmp_path / "console" / "default.j2").write_text("{{ query | as_text }}", encoding="utf-8")
+    composer = Composer(config, Renderer(TemplatesConfig(dir=tmp_path)))
+    row = Claimed(**{**make_row(0, UNKNOWN_SAMPLE, channel="console").__dict__, "query": stored})
+    assert composer.payload(row) == expected
 
 
 def test_a_stored_event_that_no_longer_parses_is_a_render_error(composer: Composer) -> None:
