@@ -221,6 +221,14 @@ def test_retry_takes_ids_or_dead(tmp_path: Path) -> None:
         assert result.returncode == 2 and "usage:" in result.stderr
 
 
+@pytest.mark.parametrize(
+    "args", [["list", "--limit", "0"], ["drop", "0"], ["retry", str(2**63)], ["drop", "x"]]
+)
+def test_ids_and_limits_are_positive_whole_numbers(tmp_path: Path, args: list[str]) -> None:
+    result = run(*args, "--config", str(write_config(tmp_path)))
+    assert result.returncode == 2 and "not a positive whole number" in result.stderr
+
+
 def test_drop_names_what_it_could_not_drop(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     ids = populate(tmp_path)
