@@ -296,6 +296,7 @@ def test_store_that_cannot_write_answers_503_then_recovers(
         status, reply = post_callback(bridge.url, big)
         assert status == 503
         fail_packet(reply, 503)
+        assert post_callback(bridge.url, big)[0] == 503
         assert get(bridge.url + "/readyz")[0] in (200, 503)
         bridge.run(store._submit(lambda conn: conn.execute("PRAGMA max_page_count = 1073741823")))
         assert post_callback(bridge.url, big) == (200, OK_PACKET)
@@ -304,6 +305,7 @@ def test_store_that_cannot_write_answers_503_then_recovers(
         "cannot store callbacks (1 refused with 503 so far)",
         "store available again",
     ]
+    assert "2 callbacks were refused" in caplog.messages[-1]
 
 
 def test_health_and_other_paths_answer_packets(bridge: InThread) -> None:
