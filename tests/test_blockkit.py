@@ -108,7 +108,16 @@ def test_fit_cuts_every_limit() -> None:
     assert len(blocks_of(fit({"text": "t", "blocks": [section("s" * 4000)]}))[0]) == 3000
     one_field = fit({"text": "t", "blocks": [{"type": "section", "fields": fields[:1]}]})
     assert len(one_field["blocks"][0]["fields"][0]["text"]) == 2000
+    one_element = fit({"text": "t", "blocks": [context_of("c" * 3500)]})
+    assert len(one_element["blocks"][0]["elements"][0]["text"]) == 3000
+    twelve = [{"type": "mrkdwn", "text": f"field {n}"} for n in range(12)]
+    kept = fit({"text": "t", "blocks": [{"type": "section", "fields": twelve}]})["blocks"][0]
+    assert [f["text"] for f in kept["fields"][-2:]] == ["field 8", f"field 9 {ELLIPSIS}"]
     assert len(json.dumps(blocks, ensure_ascii=False, separators=(",", ":"))) <= BLOCKS_CHARS
+
+
+def context_of(text: str) -> dict[str, Any]:
+    return {"type": "context", "elements": [{"type": "mrkdwn", "text": text}]}
 
 
 def blocks_of(message: dict[str, Any]) -> list[str]:
@@ -146,14 +155,37 @@ def test_fit_cuts_texts_no_shorter_than_99_even_if_the_blocks_stay_over() -> Non
     assert {len(f["text"]) for block in out["blocks"] for f in block["fields"]} == {99}
 
 
-def test_fit_cuts_a_text_of_exactly_100_when_that_is_what_brings_the_blocks_under() -> None:
+@pytest.mark.parametrize(("length", "expected"), [(12_000, 100), (12_001, 99)])
+def test_fit_cuts_a_text_of_exactly_100_when_that_brings_the_blocks_under_12000(
+    length: int, expected: int
+) -> None:
     image = {"type": "image", "image_url": "https://c.example/", "alt_text": "a"}
     blocks = [section("s" * 100), image]
-    image["image_url"] += "x" * (BLOCKS_CHARS + 1 - len(COMPACT.encode(blocks)))
+    image["image_url"] += "x" * (length - len(COMPACT.encode(blocks)))
     out = fit({"text": "t", "blocks": blocks})
-    assert len(out["blocks"][0]["text"]["text"]) == 99
-    assert len(COMPACT.encode(out["blocks"])) == BLOCKS_CHARS
+    assert len(out["blocks"][0]["text"]["text"]) == expected
+    assert len(COMPACT.encode(out["blocks"])) == 12_000
     assert problems(out) == []
+
+
+def test_fit_cuts_a_long_context_element_to_bring_the_blocks_under() -> None:
+    blocks = [*[section("s" * 2900)] * 3, section("s" * 200), context_of("c" * 2990)]
+    out = fit({"text": "t", "blocks": blocks})
+    assert len(out["blocks"][-1]["elements"][0]["text"]) == 1495  # the longest text, halved
+    assert out["blocks"][:4] == blocks[:4]
+
+
+def test_fit_leaves_out_buttons_whose_url_slack_would_refuse() -> None:
+    def button(url: str) -> dict[str, Any]:
+        return {"type": "button", "text": {"type": "plain_text", "text": "b"}, "url": url}
+
+    short, long = button("https://c.example/r"), button("https://c.example/" + "r" * 3000)
+    out = fit(
+        {"text": "t", "blocks": [section("s"), {"type": "actions", "elements": [long, short]}]}
+    )
+    assert out["blocks"][1]["elements"] == [short]
+    out = fit({"text": "t", "blocks": [section("s"), {"type": "actions", "elements": [long]}]})
+    assert out["blocks"] == [section("s")]  # an actions block with no button is refused
 
 
 @pytest.mark.parametrize(
@@ -177,6 +209,7 @@ def header(text: str) -> dict[str, Any]:
         ({"text": "hi"}, []),
         ([], ["not a JSON object"]),
         ({"text": " "}, ["no top-level text"]),
+        ({"text": "t" * 40_000}, []),
         ({"text": "t" * 40_001}, ["top-level text over 40000 characters"]),
         ({"text": "hi", "blocks": {}}, ["blocks must be a list of objects"]),
         ({"text": "hi", "blocks": [section("s")] * 51}, ["51 blocks, over 50"]),
