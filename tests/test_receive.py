@@ -84,6 +84,13 @@ def test_query_keys_any_case_and_both_names(bridge: InThread) -> None:
     assert len(events(bridge)) == 2
 
 
+def test_a_blank_query_value_is_kept_and_counts_as_the_first(bridge: InThread) -> None:
+    # Query keys: first occurrence wins, a blank one too; templates see blank values as sent.
+    assert post_callback(bridge.url, query=f"SdkAppid=&SdkAppid={APP_ID}")[0] == 403
+    assert post_callback(bridge.url, query=f"SdkAppid={APP_ID}&OptPlatform=") == (200, OK_PACKET)
+    assert json.loads(events(bridge)[0][3]) == {"sdkappid": str(APP_ID), "optplatform": ""}
+
+
 def test_body_command_wins_over_query(bridge: InThread, caplog: pytest.LogCaptureFixture) -> None:
     query = {"SdkAppid": str(APP_ID), "CallbackCommand": "Live.CallbackMemberStateChanged"}
     body = b'{"CallbackCommand":"Live.CallbackAfterMemberStateChanged","RoomId":"r"}'
