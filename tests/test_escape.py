@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bridge.config import TemplatesConfig
+from bridge.config_tables import TemplatesConfig
 from bridge.events import parse_event
 from bridge.render import Context, Renderer
 
