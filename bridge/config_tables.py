@@ -44,7 +44,8 @@ class ServerConfig(Strict):
 
 
 class TencentConfig(Strict):
-    sdk_app_id: tuple[int, ...]
+    # Positive, and at most 20 digits: what bridge.verify compares a callback's SdkAppid with.
+    sdk_app_id: tuple[Annotated[int, Field(gt=0, lt=10**20)], ...]
     callback_token: SecretStr | None = None
     max_request_age_s: int = Field(60, gt=0)
 

@@ -118,3 +118,14 @@ def test_store_url_selects_postgresql_and_stays_secret(
 def test_sdk_app_id_int_or_list(tmp_path: Path) -> None:
     text = MINIMAL.replace("sdk_app_id = 1400000000", "sdk_app_id = [1400000000, 1400000001]")
     assert load_config(write(tmp_path, text)).tencent.sdk_app_id == (1400000000, 1400000001)
+
+
+@pytest.mark.parametrize("value", ["0", "-1400000000", "100000000000000000000", "[1400000000, 0]"])
+def test_sdk_app_id_outside_what_a_callback_can_carry_is_an_error(
+    tmp_path: Path, value: str
+) -> None:
+    # A callback's SdkAppid is up to 20 digits (bridge.verify): an ID that no callback can match
+    # would refuse every callback with 403.
+    text = MINIMAL.replace("sdk_app_id = 1400000000", f"sdk_app_id = {value}")
+    with pytest.raises(ConfigError, match="sdk_app_id"):
+        load_config(write(tmp_path, text))
