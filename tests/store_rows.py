@@ -8,10 +8,13 @@ import contextlib
 import hashlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import ParamSpec, TypeVar
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
 
 from bridge.receive import dedup_key
 from bridge.store import NewDelivery, NewEvent, Store
+from bridge.store.postgres import PostgresStore
+from bridge.store.sqlite import SQLiteStore
 from tests.bridge_server import OWNER
 
 P = ParamSpec("P")
@@ -79,3 +82,33 @@ async def assert_retries_are_duplicates(store: Store, now: float) -> None:
         )  # fmt: skip
         recorded = await store.record(retry, [NewDelivery("a", "p")], now, 600)
         assert (recorded.event_id, recorded.duplicate) == (event_id, True), body
+
+
+# The stores the store, worker and lane tests open, written once; each test file declares the
+# one it uses: `store = pytest.fixture(sqlite_store)`.
+SQLiteOpener = Callable[[], Awaitable[SQLiteStore]]
+PostgresOpener = Callable[..., Awaitable[PostgresStore]]
+
+
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    """The test's own SQLite store, open."""
+    store = SQLiteStore(tmp_path / "bridge.db")
+    await store.open()
+    yield store
+    await store.close()
+
+
+async def sqlite_opener(tmp_path: Path) -> AsyncIterator[SQLiteOpener]:
+    """Opens the test's database, as often as a test restarts; closes every store at the end."""
+    async with opener(lambda: SQLiteStore(tmp_path / "bridge.db")) as open_:
+        yield open_
+
+
+async def postgres_opener(postgres_url: str) -> AsyncIterator[PostgresOpener]:
+    """Opens a store on the test's database, as another process would; closes them all."""
+
+    def make(url: str = postgres_url, **options: Any) -> PostgresStore:
+        return PostgresStore(url, **options)
+
+    async with opener(make) as open_:
+        yield open_

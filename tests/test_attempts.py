@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +14,8 @@ import pytest
 from bridge.attempts import backoff
 from bridge.channels import Outcome, Thread
 from bridge.policy import ChannelPolicy
-from bridge.store.sqlite import SQLiteStore
 from tests.slack_standin import SlackStandIn
-from tests.store_rows import opener
+from tests.store_rows import sqlite_opener
 from tests.test_worker import (
     CHANNEL,
     SETTINGS,
@@ -39,11 +37,7 @@ from tests.test_worker import (
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-async def open_store(tmp_path: Path) -> AsyncIterator[OpenStore]:
-    """Opens the test's database, as often as a test restarts; closes every store at the end."""
-    async with opener(lambda: SQLiteStore(tmp_path / "bridge.db")) as open_:
-        yield open_
+open_store = pytest.fixture(sqlite_opener)
 
 
 PROHIBITED = {"status": 403, "error": "action_prohibited", "kind": "webhook"}

@@ -9,7 +9,6 @@ import io
 import json
 import re
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -22,9 +21,8 @@ from bridge.channels.webhook import WebhookSender
 from bridge.compose import DIGEST_ENTRIES
 from bridge.config_tables import DeliveryConfig, WebhookChannel
 from bridge.policy import ChannelPolicy
-from bridge.store.sqlite import SQLiteStore
 from tests.slack_standin import SlackStandIn
-from tests.store_rows import opener
+from tests.store_rows import opener, sqlite_opener
 from tests.test_worker import (
     CHANNEL,
     CONSOLE,
@@ -49,11 +47,7 @@ from tests.test_worker import (
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-async def open_store(tmp_path: Path) -> AsyncIterator[OpenStore]:
-    """Opens the test's database, as often as a test restarts; closes every store at the end."""
-    async with opener(lambda: SQLiteStore(tmp_path / "bridge.db")) as open_:
-        yield open_
+open_store = pytest.fixture(sqlite_opener)
 
 
 async def test_rate_limit_blocks_only_its_channel_and_costs_no_attempt(

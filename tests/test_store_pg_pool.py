@@ -8,8 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
 from urllib.parse import quote, urlsplit
 
 import psycopg
@@ -18,7 +17,7 @@ from psycopg import sql
 
 from bridge.store import NewDelivery, StoreUnavailable
 from bridge.store.postgres import PostgresStore
-from tests.store_rows import new_event, opener
+from tests.store_rows import new_event, postgres_opener
 from tests.test_store_postgres import OpenStore
 
 pytestmark = pytest.mark.anyio
@@ -26,15 +25,7 @@ pytestmark = pytest.mark.anyio
 PASSWORD = "S3cretPw-xyz"
 
 
-@pytest.fixture
-async def open_store(postgres_url: str) -> AsyncIterator[OpenStore]:
-    """Opens a store on the test's database, as another process would; closes them all."""
-
-    def make(url: str = postgres_url, **options: Any) -> PostgresStore:
-        return PostgresStore(url, **options)
-
-    async with opener(make) as open_:
-        yield open_
+open_store = pytest.fixture(postgres_opener)
 
 
 def with_password(url: str) -> str:

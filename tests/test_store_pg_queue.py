@@ -6,29 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from typing import Any
 
 import psycopg
 import pytest
 
 from bridge.store import Claimed, NewDelivery
 from bridge.store.postgres import PostgresStore
-from tests.store_rows import new_event, opener
+from tests.store_rows import new_event, postgres_opener
 from tests.test_store_postgres import OpenStore
 
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-async def open_store(postgres_url: str) -> AsyncIterator[OpenStore]:
-    """Opens a store on the test's database, as another process would; closes them all."""
-
-    def make(url: str = postgres_url, **options: Any) -> PostgresStore:
-        return PostgresStore(url, **options)
-
-    async with opener(make) as open_:
-        yield open_
+open_store = pytest.fixture(postgres_opener)
 
 
 async def test_concurrent_claims_hand_out_each_delivery_once_in_room_order(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -23,7 +23,7 @@ from tests.store_rows import (
     OLD_KEYS,
     assert_retries_are_duplicates,
     new_event,
-    opener,
+    postgres_opener,
 )
 
 pytestmark = pytest.mark.anyio
@@ -33,15 +33,7 @@ OpenStore = Callable[..., Awaitable[PostgresStore]]
 PostgresSQL = Callable[..., list[tuple[Any, ...]]]  # the `postgres_sql` fixture
 
 
-@pytest.fixture
-async def open_store(postgres_url: str) -> AsyncIterator[OpenStore]:
-    """Opens a store on the test's database, as another process would; closes them all."""
-
-    def make(url: str = postgres_url, **options: Any) -> PostgresStore:
-        return PostgresStore(url, **options)
-
-    async with opener(make) as open_:
-        yield open_
+open_store = pytest.fixture(postgres_opener)
 
 
 async def test_schema_created_on_open_and_newer_refused(

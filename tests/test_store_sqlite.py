@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +33,13 @@ from tests.store_rows import (
     add,
     assert_retries_are_duplicates,
     new_event,
+    sqlite_store,
 )
 
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    s = SQLiteStore(tmp_path / "bridge.db")
-    await s.open()
-    yield s
-    await s.close()
+store = pytest.fixture(sqlite_store)
 
 
 async def test_concurrent_records_share_commits(store: SQLiteStore) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -14,17 +13,12 @@ import pytest
 from bridge.store import StoreUnavailable
 from bridge.store.sqlite import SQLiteStore
 from bridge.store.sqlite_file import Sync
-from tests.store_rows import add
+from tests.store_rows import add, sqlite_store
 
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    s = SQLiteStore(tmp_path / "bridge.db")
-    await s.open()
-    yield s
-    await s.close()
+store = pytest.fixture(sqlite_store)
 
 
 async def test_one_serving_process_per_file(tmp_path: Path) -> None:

@@ -5,24 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 from bridge.store.sqlite import SQLiteStore
 from tests.bridge_server import db_rows
-from tests.store_rows import add
+from tests.store_rows import add, sqlite_store
 
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    s = SQLiteStore(tmp_path / "bridge.db")
-    await s.open()
-    yield s
-    await s.close()
+store = pytest.fixture(sqlite_store)
 
 
 async def test_concurrent_deliveries_are_all_marked(store: SQLiteStore) -> None:

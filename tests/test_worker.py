@@ -34,7 +34,7 @@ from bridge.store.sqlite import SQLiteStore
 from bridge.worker import SHARED_POLL_S, Worker
 from tests.bridge_server import OWNER, db_rows, write_config
 from tests.slack_standin import SlackStandIn
-from tests.store_rows import opener
+from tests.store_rows import opener, sqlite_opener
 
 pytestmark = pytest.mark.anyio
 
@@ -46,11 +46,7 @@ OTHER = "C0OTHER00"  # the incoming webhook's channel ("hook")
 OpenStore = Callable[[], Awaitable[SQLiteStore]]
 
 
-@pytest.fixture
-async def open_store(tmp_path: Path) -> AsyncIterator[OpenStore]:
-    """Opens the test's database, as often as a test restarts; closes every store at the end."""
-    async with opener(lambda: SQLiteStore(tmp_path / "bridge.db")) as open_:
-        yield open_
+open_store = pytest.fixture(sqlite_opener)
 
 
 def make_composer(tmp_path: Path, channels: dict[str, str]) -> Composer:
