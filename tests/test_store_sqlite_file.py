@@ -4,8 +4,11 @@ write, reads beside the writer, the sync setting."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -76,3 +79,36 @@ async def test_sync_setting_is_the_writers(tmp_path: Path, sync: Sync, pragma: i
         assert await store._fetch("PRAGMA synchronous") == [(pragma,)]
     finally:
         await store.close()
+
+
+def open_files(path: Path) -> list[str]:
+    """This process's file descriptors open on `path` (its -wal and -shm files too)."""
+    targets = []
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # the listing's own, closed by now
+            targets.append(os.readlink(fd))
+    return [target for target in targets if target.startswith(str(path))]
+
+
+def newer_schema(path: Path) -> None:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        conn.execute("INSERT INTO meta VALUES ('schema_version', '999')")
+        conn.commit()
+
+
+def not_a_database(path: Path) -> None:
+    path.write_bytes(b"not a database, " * 1024)
+
+
+@pytest.mark.parametrize("make", [newer_schema, not_a_database])
+async def test_a_store_that_cannot_open_leaves_no_connection_open(
+    tmp_path: Path, make: Callable[[Path], None]
+) -> None:
+    # Until the garbage collector found it, the refused connection held the file open (and on
+    # Python 3.13 it then warned "unclosed database").
+    path = tmp_path / "bridge.db"
+    make(path)
+    with pytest.raises(StoreUnavailable) as refused:
+        await SQLiteStore(path).open()
+    assert open_files(path) == [], refused.value

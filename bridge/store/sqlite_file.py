@@ -35,15 +35,20 @@ def connect(path: Path, sync: Sync = "full") -> sqlite3.Connection:
     """A connection in the settings every user of the file must share; `sync` ("full" or
     "normal") is the writer's."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
-    conn.execute("PRAGMA journal_mode=WAL")
-    # FULL: a commit is on disk before the OK packet goes out, power loss included. NORMAL (in
-    # WAL mode): a commit is in the operating system's hands, safe from a crash of the process.
-    conn.execute("PRAGMA synchronous=FULL" if sync == "full" else "PRAGMA synchronous=NORMAL")
-    conn.execute("PRAGMA foreign_keys=ON")
-    conn.execute("PRAGMA busy_timeout=10000")
-    # A large transaction grows the WAL file to its size, and SQLite reuses the file without
-    # giving the space back: truncated to this once a checkpoint lets the WAL start again.
-    conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is on disk before the OK packet goes out, power loss included. NORMAL
+        # (in WAL mode): a commit is in the operating system's hands, safe from a crash of the
+        # process.
+        conn.execute("PRAGMA synchronous=FULL" if sync == "full" else "PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=10000")
+        # A large transaction grows the WAL file to its size, and SQLite reuses the file without
+        # giving the space back: truncated to this once a checkpoint lets the WAL start again.
+        conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
+    except BaseException:
+        conn.close()  # not a database, say: nobody else holds it to close it
+        raise
     return conn
 
 
@@ -104,7 +109,11 @@ class SQLiteFile:
                 f"{self.path}.write-lock", os.O_RDONLY | os.O_CREAT, 0o600
             )
             conn = connect(self.path, self._sync)
-            self.identity = migrate(conn)
+            try:
+                self.identity = migrate(conn)
+            except BaseException:
+                conn.close()  # a newer schema, a full disk: nobody else holds it to close it
+                raise
         except (sqlite3.Error, OSError) as exc:
             self._unlock()
             raise StoreUnavailable(f"cannot open store {self.path}: {exc}") from None
