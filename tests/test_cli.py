@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -169,7 +170,7 @@ def test_sigterm_drains_then_stops_keeping_what_is_pending(tmp_path: Path) -> No
     log = (tmp_path / "bridge.log").read_text()
     assert "draining for 2.0s before closing" in log
     assert "live-bridge stopped" in log
-    with sqlite3.connect(tmp_path / "bridge.db") as conn:
+    with contextlib.closing(sqlite3.connect(tmp_path / "bridge.db")) as conn:
         states = conn.execute("SELECT state FROM deliveries").fetchall()
     assert states == [("pending",), ("pending",)]  # nothing lost, nothing given up
 

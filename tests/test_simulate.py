@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -41,7 +42,7 @@ def simulate(running: InThread, config: Path, *args: str, stdin: bytes | None = 
 
 def stored(running: InThread) -> list[tuple[int, str, str, dict[str, str]]]:
     """(sdk_app_id, command, room, query) of every stored event, oldest first."""
-    with sqlite3.connect(running.config.store.path) as db:
+    with contextlib.closing(sqlite3.connect(running.config.store.path)) as db:
         found = db.execute("SELECT sdk_app_id, command, room_id, query FROM events ORDER BY id")
         return [(a, c, r, json.loads(q)) for a, c, r, q in found.fetchall()]
 
@@ -159,7 +160,7 @@ def test_readme_curl_line_and_simulate_agree(tmp_path: Path) -> None:
     with InThread(path) as running:
         assert simulate(running, path).returncode == 0
         [(_, _, _, sent)] = stored(running)
-        with sqlite3.connect(running.config.store.path) as db:
+        with contextlib.closing(sqlite3.connect(running.config.store.path)) as db:
             [(sent_body,)] = db.execute("SELECT body FROM events").fetchall()
     readme = {k.lower(): v for k, v in query.items()}
     assert {k: sent[k] for k in readme} == readme  # the same keys, with the same values

@@ -4,6 +4,7 @@ back alone while the rest of its batch commits."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import fcntl
 import os
@@ -34,7 +35,7 @@ async def writer(tmp_path: Path) -> AsyncIterator[GroupCommitWriter]:
 
 
 def rows(path: Path) -> list[str]:
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
         return sorted(r[0] for r in conn.execute("SELECT k FROM t"))
 
 
