@@ -163,10 +163,15 @@ class Child:
     async def _wake_ups(self) -> None:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-        while await reader.read(4096):
-            assert self.worker is not None
-            self.worker.wake()
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), sys.stdin
+        )
+        try:
+            while await reader.read(4096):
+                assert self.worker is not None
+                self.worker.wake()
+        finally:
+            transport.close()  # also when cancelled at a stop
 
     async def _report(self) -> None:
         while True:

@@ -501,3 +501,21 @@ def test_a_child_started_again_leaves_no_pipe_open(
     finally:
         gc.enable()
     assert last == first
+
+
+def test_a_stopped_child_leaves_no_transport_open(
+    tmp_path: Path, slack: SlackStandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Python's development mode reports what a process leaves open at its end; the child's
+    # read of its stdin (the server's wake-ups) was one.
+    monkeypatch.setenv("PYTHONDEVMODE", "1")
+    port = free_port()
+    config = write_config(
+        tmp_path, port, channels=HOOK.format(url=slack.sink_url()), routes=ROUTE,
+        delivery=OWN.format(n=3),
+    )  # fmt: skip
+    log = tmp_path / "serve.log"
+    with Subprocess(config, port, log) as server:
+        assert post_callback(server.url, room(0)) == (200, OK_PACKET)
+        assert slack.wait_for(lambda s: len(s.sink_requests) == 1)
+    assert "unclosed transport" not in log.read_text()
