@@ -1,4 +1,5 @@
 VENV ?= .venv
+PYTHON ?= python3
 PY := $(VENV)/bin/python
 CONFIG ?= config.example.toml
 
@@ -6,7 +7,7 @@ CONFIG ?= config.example.toml
 
 # The venv is rebuilt whenever pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
