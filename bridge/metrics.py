@@ -49,6 +49,12 @@ class Metrics:
             "live_bridge_callbacks", "Callbacks received, by command and result.",
             ["command", "result"], registry=r,
         )  # fmt: skip
+        self.refused_early = Counter(
+            "live_bridge_requests_refused_total",
+            "Requests the HTTP layer refused before any reached the app (bridge.protocol), by"
+            " the status of the packet it wrote; 0: a pipelining client cut off unanswered.",
+            ["status"], registry=r,
+        )  # fmt: skip
         self.ack_latency = Histogram(
             "live_bridge_ack_latency_seconds", "From request start to the reply packet.",
             buckets=ACK_BUCKETS, registry=r,
@@ -92,6 +98,9 @@ class Metrics:
                 self._callback_series[key] = series
         series.inc()
         self.ack_latency.observe(seconds)
+
+    def request_refused(self, status: int) -> None:
+        self.refused_early.labels(str(status)).inc()
 
     def outcome(self, channel: str, outcome: str, received_at: float | None = None) -> None:
         self.count_outcome(channel, outcome, delivery_latency(outcome, received_at))

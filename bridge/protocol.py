@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
@@ -50,8 +51,14 @@ def raw_packet(protocol: HttpToolsProtocol, status: int, info: str) -> bytes:
     return b"".join(head) + bytes(body)
 
 
+def _uncounted(status: int) -> None:
+    pass
+
+
 class LimitedProtocol(HttpToolsProtocol):
     request_timeout_s = 10.0  # protocol_for sets it from the config
+    # Counts what this layer refuses, which no application sees (protocol_for sets it).
+    refused: Callable[[int], None] = staticmethod(_uncounted)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -76,6 +83,7 @@ class LimitedProtocol(HttpToolsProtocol):
             self.parser.feed_data(data)
         except httptools.HttpParserError:
             if self._pipeline_overflow:
+                self.refused(0)
                 self.transport.abort()  # answers still owed cannot all be given: cut off
                 return
             self.logger.warning("Invalid HTTP request received.")
@@ -208,14 +216,19 @@ class LimitedProtocol(HttpToolsProtocol):
             self.transport.close()  # idle, or answered and the rest of its body still coming
 
     def _refuse(self, status: int, info: str) -> None:
+        self.refused(status)
         self.transport.write(raw_packet(self, status, info))
         self.transport.close()
 
 
-def protocol_for(server: ServerConfig) -> type[LimitedProtocol]:
-    """The protocol class for uvicorn's `http` setting, with the config's timeout."""
+def protocol_for(
+    server: ServerConfig, count: Callable[[int], None] = _uncounted
+) -> type[LimitedProtocol]:
+    """The protocol class for uvicorn's `http` setting, with the config's timeout; `count`
+    counts each request it refuses by status (0: cut off unanswered)."""
 
     class Configured(LimitedProtocol):
         request_timeout_s = server.request_timeout_s
+        refused = staticmethod(count)
 
     return Configured

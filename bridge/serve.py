@@ -68,7 +68,7 @@ def main(args: argparse.Namespace) -> int:
             app,
             host=config.server.host,
             port=config.server.port,
-            http=protocol_for(config.server),
+            http=protocol_for(config.server, app.bridge.metrics.request_refused),
             ws="none",  # no WebSocket here: an upgrade offer is served as plain HTTP
             log_config=None,
             access_log=args.access_log,

@@ -23,6 +23,7 @@ from tests.bridge_server import (
     db_rows,
     free_port,
     post_callback,
+    samples,
     wait_until,
     write_config,
 )
@@ -256,6 +257,11 @@ def test_a_request_that_is_not_http_gets_a_packet_too(
     code, reply = packet_of(response[response.rindex(b"HTTP/1.1 ") :])
     assert code == reply["ErrorCode"] == status and reply["ActionStatus"] == "FAIL"
     assert db_rows(bridge.log.parent / "bridge.db", "SELECT count(*) FROM events") == [(0,)]
+    # No application saw it, so /metrics counts it apart from the callbacks.
+    refused = samples(bridge.url)[
+        ("live_bridge_requests_refused_total", (("status", str(status)),))
+    ]
+    assert refused == 1
 
 
 H2C = (
