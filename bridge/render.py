@@ -12,35 +12,21 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import re
 import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 from zoneinfo import ZoneInfo
 
 import jinja2
-import jinja2.meta
-import jinja2.nodes
-from jinja2.loaders import split_template_path
 
 from bridge import blockkit
 from bridge.config_tables import TemplatesConfig
-from bridge.escape import FINALIZE, TOJSON, Verbatim, as_text, slack_escape
+from bridge.escape import Verbatim, slack_escape
 from bridge.events import Envelope
-
-SHIPPED = next(
-    p
-    for p in (
-        Path(__file__).parent / "_templates",  # installed wheel
-        Path(__file__).parent.parent / "templates",  # source checkout
-    )
-    if p.is_dir()
-)
+from bridge.jinja_env import COMMAND_NAME, environments, variables_used
 
 
 class RenderError(Exception):
@@ -57,17 +43,6 @@ class Crowded(RenderError):
     (raised only when asked, for `live-bridge check`)."""
 
 
-# Only names shaped like Tencent's commands pick a per-command template: "digest", "default"
-# or a path never do.
-COMMAND_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*\.[A-Za-z][A-Za-z0-9_]*$")
-
-
-def is_command_name(value: Any) -> bool:
-    """The Jinja test `x is command_name`: whether `x` may pick a per-command template. A
-    template that includes one by a caller's command (a digest's entries) asks it first."""
-    return isinstance(value, str) and COMMAND_NAME.fullmatch(value) is not None
-
-
 @dataclass(frozen=True)
 class Context:
     """What the bridge knows about one callback, beyond the event itself."""
@@ -77,52 +52,13 @@ class Context:
     query: Mapping[str, str]  # ClientIP, OptPlatform, … as received (lower-case keys)
 
 
-class _Folder(jinja2.FileSystemLoader):
-    """A folder of templates; a file that is not UTF-8 is reported like a syntax error, with
-    its file and line."""
-
-    def get_source(
-        self, environment: jinja2.Environment, template: str
-    ) -> tuple[str, str, Callable[[], bool]]:
-        try:
-            return super().get_source(environment, template)
-        except UnicodeDecodeError as exc:
-            line = exc.object[: exc.start].count(b"\n") + 1
-            raise jinja2.TemplateSyntaxError(
-                "not UTF-8 text", line, template, self._filename(template)
-            ) from None
-
-    def _filename(self, template: str) -> str | None:
-        for folder in self.searchpath:
-            path = os.path.join(folder, *split_template_path(template))
-            if os.path.isfile(path):
-                return path
-        return None
-
-
 class Renderer:
     def __init__(self, settings: TemplatesConfig) -> None:
         self.settings = settings
         self.zone = ZoneInfo(settings.timezone)
-        loader = jinja2.ChoiceLoader([_Folder(settings.dir), _Folder(SHIPPED)])
-        self._envs: dict[str, jinja2.Environment] = {}
+        self._envs = environments(settings.dir)
         self._names: dict[tuple[str, str, str | None], str] = {}
         self._loaded: dict[tuple[str, str], tuple[jinja2.Template, frozenset[str] | None]] = {}
-        for kind, finalize in FINALIZE.items():
-            env = jinja2.Environment(
-                loader=loader,
-                undefined=jinja2.StrictUndefined,
-                autoescape=False,  # noqa: S701  # escaping is finalize's job, per output kind
-                finalize=finalize,
-                keep_trailing_newline=False,
-                trim_blocks=True,
-                lstrip_blocks=True,
-                auto_reload=False,  # no stat() per callback; a reload builds a new Renderer
-            )
-            env.filters["tojson"] = TOJSON[kind]
-            env.filters["as_text"] = as_text
-            env.tests["command_name"] = is_command_name
-            self._envs[kind] = env
 
     def template_name(self, kind: str, command: str, explicit: str | None) -> str:
         """The channel's own template, else `kind/COMMAND.j2`, else `kind/default.j2`."""
@@ -155,7 +91,7 @@ class Renderer:
         text = self._render(kind, name, lambda uses: self._variables(event, fields, ctx, uses))
         if kind == "console":
             return text.strip()
-        return _check_json(kind, name, text, strict=strict)
+        return _encode(kind, name, _decode(name, text), strict=strict)
 
     def render_digest(
         self, kind: str, items: Sequence[tuple[Envelope, Mapping[str, Any], Context]],
@@ -170,9 +106,10 @@ class Renderer:
         text = self._render(kind, name, lambda uses: self._digest_variables(items))
         if kind == "console":
             return text.strip()
-        fitted = _check_json(kind, name, text, whole)
+        payload = _decode(name, text)
+        fitted = _encode(kind, name, payload, whole)
         if whole and kind == "slack" and len(items) > 1:
-            cut = set(blockkit.cut_texts(json.loads(text)))
+            cut = set(blockkit.cut_texts(payload))
             for item in items:
                 if not cut:
                     break
@@ -230,7 +167,7 @@ class Renderer:
             # A plain dict for the ChainMap of globals: every render copies them, and copying a
             # ChainMap walks it in Python.
             template.globals = dict(template.globals)
-            loaded = template, _variables_used(env, name)
+            loaded = template, variables_used(env, name)
             self._loaded[key] = loaded
         return loaded
 
@@ -279,19 +216,6 @@ class Renderer:
 
 _RECEIVED = frozenset({"received_at", "received_at_iso"})
 _HAPPENED = frozenset({"happened_at", "happened_at_text", "slack_date"})
-_OTHER_TEMPLATES = (jinja2.nodes.Include, jinja2.nodes.Import, jinja2.nodes.FromImport,
-                    jinja2.nodes.Extends)  # fmt: skip
-
-
-def _variables_used(env: jinja2.Environment, name: str) -> frozenset[str] | None:
-    """The variables a template names, from its syntax tree; None when it draws on another
-    template, whose names it cannot see."""
-    assert env.loader is not None
-    source, _, _ = env.loader.get_source(env, name)
-    tree = env.parse(source, name)
-    if any(True for _ in tree.find_all(_OTHER_TEMPLATES)):
-        return None
-    return frozenset(jinja2.meta.find_undeclared_variables(tree))
 
 
 def _no_constant(name: str) -> Any:
@@ -310,13 +234,17 @@ def _finite(text: str) -> float:
 _STRICT = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite)
 
 
-def _check_json(kind: str, name: str, text: str, whole: bool = False, strict: bool = False) -> str:
+def _decode(name: str, text: str) -> Any:
     try:
-        payload = _STRICT.decode(text)
+        return _STRICT.decode(text)
     except json.JSONDecodeError as exc:
         raise RenderError(f"{name}: output is not JSON (line {exc.lineno}: {exc.msg})") from None
     except ValueError as exc:  # _no_constant's or _finite's
         raise RenderError(f"{name}: output is not JSON ({exc})") from None
+
+
+def _encode(kind: str, name: str, payload: Any, whole: bool = False, strict: bool = False) -> str:
+    """The payload as sent: for Slack, fitted to its limits (`fit` copies, `payload` stays)."""
     if kind == "slack":
         if whole and blockkit.overflows(payload):
             raise TooBig(f"{name}: over Slack's limits")

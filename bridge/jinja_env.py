@@ -1,0 +1,99 @@
+"""The Jinja environments templates render in, one a channel type: where templates are found
+(the config's folder, then the shipped ones), how every value is escaped for where it lands
+(bridge/escape.py's finalize), and which variables a template names.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.meta
+import jinja2.nodes
+from jinja2.loaders import split_template_path
+
+from bridge.escape import FINALIZE, TOJSON, as_text
+
+SHIPPED = next(
+    p
+    for p in (
+        Path(__file__).parent / "_templates",  # installed wheel
+        Path(__file__).parent.parent / "templates",  # source checkout
+    )
+    if p.is_dir()
+)
+
+
+# Only names shaped like Tencent's commands pick a per-command template: "digest", "default"
+# or a path never do.
+COMMAND_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*\.[A-Za-z][A-Za-z0-9_]*$")
+
+
+def is_command_name(value: Any) -> bool:
+    """The Jinja test `x is command_name`: whether `x` may pick a per-command template. A
+    template that includes one by a caller's command (a digest's entries) asks it first."""
+    return isinstance(value, str) and COMMAND_NAME.fullmatch(value) is not None
+
+
+class _Folder(jinja2.FileSystemLoader):
+    """A folder of templates; a file that is not UTF-8 is reported like a syntax error, with
+    its file and line."""
+
+    def get_source(
+        self, environment: jinja2.Environment, template: str
+    ) -> tuple[str, str, Callable[[], bool]]:
+        try:
+            return super().get_source(environment, template)
+        except UnicodeDecodeError as exc:
+            line = exc.object[: exc.start].count(b"\n") + 1
+            raise jinja2.TemplateSyntaxError(
+                "not UTF-8 text", line, template, self._filename(template)
+            ) from None
+
+    def _filename(self, template: str) -> str | None:
+        for folder in self.searchpath:
+            path = os.path.join(folder, *split_template_path(template))
+            if os.path.isfile(path):
+                return path
+        return None
+
+
+def environments(folder: Path) -> dict[str, jinja2.Environment]:
+    """An environment per channel type, each escaping for its own output."""
+    loader = jinja2.ChoiceLoader([_Folder(folder), _Folder(SHIPPED)])
+    envs: dict[str, jinja2.Environment] = {}
+    for kind, finalize in FINALIZE.items():
+        env = jinja2.Environment(
+            loader=loader,
+            undefined=jinja2.StrictUndefined,
+            autoescape=False,  # noqa: S701  # escaping is finalize's job, per output kind
+            finalize=finalize,
+            keep_trailing_newline=False,
+            trim_blocks=True,
+            lstrip_blocks=True,
+            auto_reload=False,  # no stat() per callback; a reload builds a new Renderer
+        )
+        env.filters["tojson"] = TOJSON[kind]
+        env.filters["as_text"] = as_text
+        env.tests["command_name"] = is_command_name
+        envs[kind] = env
+    return envs
+
+
+_OTHER_TEMPLATES = (jinja2.nodes.Include, jinja2.nodes.Import, jinja2.nodes.FromImport,
+                    jinja2.nodes.Extends)  # fmt: skip
+
+
+def variables_used(env: jinja2.Environment, name: str) -> frozenset[str] | None:
+    """The variables a template names, from its syntax tree; None when it draws on another
+    template, whose names it cannot see."""
+    assert env.loader is not None
+    source, _, _ = env.loader.get_source(env, name)
+    tree = env.parse(source, name)
+    if any(True for _ in tree.find_all(_OTHER_TEMPLATES)):
+        return None
+    return frozenset(jinja2.meta.find_undeclared_variables(tree))
