@@ -146,29 +146,37 @@ def cut_texts(payload: Any) -> list[str]:
     ]
 
 
+# What `fit` cuts, by block type: each key's text object (or list of them) to its limit.
+_CUT: dict[str, dict[str, int]] = {
+    "header": {"text": HEADER_CHARS},
+    "section": {"text": SECTION_CHARS, "fields": FIELD_CHARS},
+    "context": {"elements": TEXT_OBJECT_CHARS},
+}
+# What `fit` folds, by block type: the list past its count, and what joins the folded texts.
+_FOLD: dict[str, tuple[str, int, str]] = {
+    "section": ("fields", MAX_FIELDS, "\n"),
+    "context": ("elements", MAX_CONTEXT, "  "),
+}
+
+
 def _limited(block: Any) -> list[tuple[Any, int]]:
     """A block's text objects, each with the limit `_fit_block` cuts it to."""
-    kind = block.get("type") if isinstance(block, dict) else None
-    if kind == "header":
-        return [(block.get("text"), HEADER_CHARS)]
-    if kind == "section":
-        fields = block.get("fields")
-        listed = fields if isinstance(fields, list) else []
-        return [(block.get("text"), SECTION_CHARS), *((f, FIELD_CHARS) for f in listed)]
-    if kind == "context":
-        elements = block.get("elements")
-        return [(e, TEXT_OBJECT_CHARS) for e in (elements if isinstance(elements, list) else [])]
-    return []
+    if not isinstance(block, dict):
+        return []
+    found: list[tuple[Any, int]] = []
+    for key, limit in _CUT.get(str(block.get("type")), {}).items():
+        value = block.get(key)
+        found += [(v, limit) for v in value] if isinstance(value, list) else [(value, limit)]
+    return found
 
 
 def _drops(block: Any) -> bool:
     """Would `_fit_block` fold some of the block's fields or context elements into one?"""
-    if not isinstance(block, dict):
+    if not isinstance(block, dict) or (fold := _FOLD.get(str(block.get("type")))) is None:
         return False
-    kind, fields, elements = block.get("type"), block.get("fields"), block.get("elements")
-    if kind == "section" and isinstance(fields, list):
-        return len(fields) > MAX_FIELDS
-    return kind == "context" and isinstance(elements, list) and len(elements) > MAX_CONTEXT
+    key, most, _ = fold
+    items = block.get(key)
+    return isinstance(items, list) and len(items) > most
 
 
 def _fit_text(obj: Any, limit: int) -> Any:
@@ -186,24 +194,19 @@ def _fit_block(block: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(kind, str):
         raise LimitError("every block needs a type")
     out = dict(block)
-    if kind == "header":
-        out["text"] = _fit_text(block.get("text"), HEADER_CHARS)
-    elif kind == "section":
-        if "text" in block:
-            out["text"] = _fit_text(block["text"], SECTION_CHARS)
-        fields = block.get("fields")
-        if isinstance(fields, list):
-            out["fields"] = [_fit_text(f, FIELD_CHARS) for f in _fold(fields, MAX_FIELDS, "\n")]
-    elif kind == "actions":
+    if (fold := _FOLD.get(kind)) is not None and isinstance(block.get(fold[0]), list):
+        key, most, separator = fold
+        out[key] = _fold(block[key], most, separator)
+    for key, limit in _CUT.get(kind, {}).items():
+        if isinstance(value := out.get(key), list):
+            out[key] = [_fit_text(v, limit) for v in value]
+        elif key in out:
+            out[key] = _fit_text(value, limit)
+    if kind == "actions":
         # A cut URL leads nowhere: a button whose URL Slack would refuse is left out.
         elements = block.get("elements")
         if isinstance(elements, list):
             out["elements"] = [e for e in elements if not _long_url(e)]
-    elif kind == "context":
-        elements = block.get("elements")
-        if isinstance(elements, list):
-            folded = _fold(elements, MAX_CONTEXT, "  ")
-            out["elements"] = [_fit_text(e, TEXT_OBJECT_CHARS) for e in folded]
     return out
 
 
@@ -235,9 +238,7 @@ def crowded(payload: Any) -> list[str]:
     found = []
     for number, block in enumerate(blocks, 1):
         if _drops(block):
-            key, most = (
-                ("fields", MAX_FIELDS) if block["type"] == "section" else ("elements", MAX_CONTEXT)
-            )
+            key, most, _ = _FOLD[block["type"]]
             count = len(block[key])
             found.append(
                 f"block {number} ({block['type']}): {count} {key}, over {most} (sent with the"
