@@ -228,3 +228,68 @@ async def test_connection_refused_is_retried(session: aiohttp.ClientSession) -> 
     outcome = await send(channel(url, signing_secret()), session)
     assert outcome.result is Result.RETRY
     assert outcome.error.startswith("cannot connect: ")
+
+
+async def endless_sink(status: int) -> web.AppRunner:
+    """A far end that answers `status`, then streams a body that never ends."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(status=status)
+        await response.prepare(request)
+        chunk = b"x" * 65_536
+        while True:
+            await response.write(chunk)
+
+    app = web.Application()
+    app.router.add_post("/hooks", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        (200, DELIVERED),
+        (503, Outcome(Result.RETRY, "HTTP 503")),
+        (404, Outcome(Result.PERMANENT, "HTTP 404")),
+    ],
+)
+async def test_an_endless_answer_is_not_read_to_its_end(
+    session: aiohttp.ClientSession, status: int, expected: Outcome
+) -> None:
+    # Read whole, such an answer grew the process until the send timed out, and a delivered
+    # message was then retried for ever (a receiver that echoes a download, a wrong URL).
+    runner = await endless_sink(status)
+    try:
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/hooks"
+        assert await send(channel(url), session) == expected  # not "timed out"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(("size", "reused"), [(0, True), (2_000, True), (1_048_576, False)])
+async def test_a_short_answer_keeps_the_connection_a_long_one_closes_it(
+    session: aiohttp.ClientSession, size: int, reused: bool
+) -> None:
+    ports: list[int] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        assert request.transport is not None
+        ports.append(request.transport.get_extra_info("peername")[1])
+        return web.Response(body=b"y" * size)
+
+    app = web.Application()
+    app.router.add_post("/hooks", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}/hooks"
+        assert [await send(channel(url), session) for _ in range(2)] == [DELIVERED] * 2
+    finally:
+        await runner.cleanup()
+    assert (ports[0] == ports[1]) is reused

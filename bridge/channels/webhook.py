@@ -14,6 +14,13 @@ from bridge.channels import Outcome, Thread, retry
 from bridge.channels.http import TRANSPORT_ERRORS, classify_status, describe_exception
 from bridge.config_tables import WebhookChannel
 
+# Of an answer's body, at most this much is read: the status decides the outcome, and the body
+# is read only so that the connection can carry the next request. A longer one (a receiver that
+# echoes a download, a URL that names a file) closes the connection instead: read whole, it grew
+# the process for as long as it lasted, and one that never ended turned a delivered message
+# into a timeout, retried for ever.
+MAX_ANSWER_BYTES = 65_536
+
 
 def message_id(store: str, channel: str, delivery_id: int) -> str:
     """Stable per delivery, so a receiver can drop a repeat after a crash or retry. `store` is
@@ -55,10 +62,21 @@ class WebhookSender:
                 self._url, data=payload.encode(), headers=headers, timeout=self._timeout,
                 allow_redirects=False,
             ) as response:  # fmt: skip
-                await response.read()
+                await _read_some(response)
                 return classify_status(response.status, response.headers)
         except TRANSPORT_ERRORS as exc:
             return retry(describe_exception(exc))
+
+
+async def _read_some(response: aiohttp.ClientResponse) -> None:
+    """Read the body to its end if it is short; else close the connection."""
+    read = 0
+    while read <= MAX_ANSWER_BYTES:
+        chunk = await response.content.readany()
+        if not chunk:
+            return
+        read += len(chunk)
+    response.close()
 
 
 def _split_credentials(url: str) -> tuple[str, str | None]:
