@@ -18,6 +18,8 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
+from bridge.log_writer import BackgroundHandler
+
 # Attributes every LogRecord has; anything else was passed as `extra=` and goes into JSON.
 # uvicorn's color_message repeats the message with terminal colours.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
@@ -137,12 +139,24 @@ class SkipPath(logging.Filter):
         return True
 
 
+def flush() -> None:
+    """Write the lines still queued for stderr, waiting at most a few seconds for its reader:
+    before an exit that skips exit handlers."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, BackgroundHandler):
+            handler.flush_within()
+
+
 def setup(
     level: str, fmt: str, callback_paths: frozenset[str] | None, process: str | None = None
 ) -> None:
     """Configure the root logger; `callback_paths`, when given, are kept out of the access log.
     `process` names a process other than the server's in each line (the delivery process)."""
-    handler = logging.StreamHandler(sys.stderr)
+    root = logging.getLogger()
+    for old in root.handlers:
+        if isinstance(old, BackgroundHandler):
+            old.close()  # set up again (tests): the previous writer thread stops
+    handler = BackgroundHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter(process))
     else:
@@ -150,7 +164,6 @@ def setup(
         handler.setFormatter(
             TextFormatter(f"%(asctime)s %(levelname)s {named}%(name)s: %(message)s")
         )
-    root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     access = logging.getLogger("uvicorn.access")

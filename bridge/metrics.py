@@ -14,6 +14,7 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from bridge import log_writer
 from bridge.events import MODELS
 from bridge.store import ChannelStats
 
@@ -84,6 +85,12 @@ class Metrics:
             "live_bridge_config_reloads", "Configuration reloads, by result.", ["result"],
             registry=r,
         )  # fmt: skip
+        self.log_lines_dropped = Counter(
+            "live_bridge_log_lines_dropped",
+            "Log lines dropped because stderr was not read fast enough (bridge/log_writer.py).",
+            registry=r,
+        )  # fmt: skip
+        self._log_drops_counted = 0
         self._callback_series: dict[tuple[str | None, str], Counter] = {}
 
     def callback(self, command: str | None, result: str, seconds: float) -> None:
@@ -113,6 +120,10 @@ class Metrics:
     def render(self, stats: Sequence[ChannelStats], channels: Sequence[str]) -> bytes:
         """The exposition text, with the store's per-channel numbers as of now."""
         now = time.time()
+        dropped = log_writer.dropped_total()
+        if dropped > self._log_drops_counted:  # counted where it happens, for every registry
+            self.log_lines_dropped.inc(dropped - self._log_drops_counted)
+            self._log_drops_counted = dropped
         by_name = {s.channel: s for s in stats}
         # A channel gone from the config and the store goes from these too, not stuck at its
         # last value (a dead-letter alert that never clears). Nothing renders in between.

@@ -11,6 +11,7 @@ import resource
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -126,6 +127,17 @@ class DrainingServer(uvicorn.Server):
         self._drain_s = drain_s
         self._timer: threading.Timer | None = None
         self._signalled = False
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn raises the signal that stopped it again once it has, for the exit status:
+        # SIGTERM's default action ends the process there, before exit handlers run. The log
+        # lines still queued for stderr (bridge/log_writer.py) go out first.
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                logs.flush()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._signalled:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import os
@@ -55,3 +56,56 @@ async def test_broken_pipe_is_retried(broken_pipe: TextIO) -> None:
 async def test_stdout_by_default(capsys: pytest.CaptureFixture[str]) -> None:
     assert await ConsoleSender().send(PAYLOADS[0], 1) == DELIVERED
     assert capsys.readouterr().out == PAYLOADS[0] + "\n"
+
+
+@pytest.fixture
+def stalled_pipe() -> Iterator[tuple[int, TextIO]]:
+    """A stream into a pipe nobody reads until the test does; its reading end."""
+    read_fd, write_fd = os.pipe()
+    stream = open(write_fd, "w", encoding="utf-8")  # noqa: SIM115
+    yield read_fd, stream
+    stream.close()
+    os.close(read_fd)
+
+
+async def test_a_stalled_reader_times_the_send_out_without_blocking_the_loop(
+    stalled_pipe: tuple[int, TextIO],
+) -> None:
+    read_fd, stream = stalled_pipe
+    sender = ConsoleSender(stream, timeout_s=0.3)
+    line = "x" * 1000
+    try:
+        # Until the pipe's 64 KiB are full every line is written; then one waits, and the ones
+        # after it too, each send timing out. Meanwhile the loop runs on.
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticking = asyncio.create_task(tick())
+        outcomes = [await sender.send(line, n) for n in range(70)]
+        stuck = [o for o in outcomes if o != DELIVERED]
+        assert stuck and all(o.result is Result.RETRY and o.error == "timed out" for o in stuck)
+        assert ticks > 10 * len(stuck)  # the loop was never blocked
+        ticking.cancel()
+        # Read again: the line being written when the reader stalled goes out, the ones whose
+        # sends gave up before they began do not; new sends are delivered.
+        os.set_blocking(read_fd, False)
+        drained = 0
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(read_fd, 1 << 20):
+                drained += chunk.count(b"\n")
+        await asyncio.sleep(0.2)
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(read_fd, 1 << 20):
+                drained += chunk.count(b"\n")
+        assert drained == len(outcomes) - len(stuck) + 1
+        assert await sender.send(line, 99) == DELIVERED
+    finally:
+        os.set_blocking(read_fd, False)  # a writer still waiting finishes
+        with contextlib.suppress(BlockingIOError):
+            while os.read(read_fd, 1 << 20):
+                pass

@@ -112,6 +112,8 @@ def test_setup_writes_every_line_through_a_one_line_formatter(
         (handler,) = root.handlers
         assert type(handler.formatter) is formatter
     finally:
+        for handler in root.handlers:
+            handler.close()
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
 

@@ -4,6 +4,7 @@ import time
 
 import pytest
 
+from bridge import log_writer
 from bridge.metrics import Metrics
 from bridge.store import ChannelStats
 
@@ -85,3 +86,14 @@ def test_delivery_latency_is_seconds_from_acknowledgement_to_delivery(
     if observed:
         assert ago_s is not None and total is not None
         assert ago_s <= total <= ago_s + (after - before)
+
+
+def test_log_lines_dropped_are_counted_since_the_process_started(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(log_writer, "_dropped", 7)
+    metrics = Metrics()
+    assert "live_bridge_log_lines_dropped_total 7.0" in metrics.render([], []).decode()
+    monkeypatch.setattr(log_writer, "_dropped", 10)
+    assert "live_bridge_log_lines_dropped_total 10.0" in metrics.render([], []).decode()
+    assert "live_bridge_log_lines_dropped_total 10.0" in metrics.render([], []).decode()

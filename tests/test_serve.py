@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
+import re
 import resource
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -288,3 +291,55 @@ def test_sigterm_with_a_body_that_never_arrives_stops_after_request_timeout_s(
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_readers_of_stdout_and_stderr_that_stall_hold_up_no_callback(tmp_path: Path) -> None:
+    """A pipe holds 64 KiB: with stdout (the console channel) and stderr (the logs) read by
+    nobody for a while (a log driver that hangs, `serve | less` scrolled back), the event loop's
+    writes blocked and the bridge answered nothing after some 650 callbacks. Now every callback
+    is answered in time, and what was held back is delivered once the pipes are read again."""
+    port = free_port()
+    delivery = "initial_backoff_s = 0.05\nmax_backoff_s = 0.5\nmax_attempts = 1000\n"
+    config = write_config(tmp_path, port, delivery=delivery)
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bridge", "serve", "--config", str(config)],
+        stdout=out_w, stderr=err_w, cwd=tmp_path,
+    )  # fmt: skip
+    os.close(out_w)
+    os.close(err_w)
+    read: dict[int, bytearray] = {out_r: bytearray(), err_r: bytearray()}
+    readers: list[threading.Thread] = []
+    count = 1500
+    try:
+        assert wait_until(lambda: ready(f"http://127.0.0.1:{port}"), timeout=20)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)  # Tencent's 2 s
+        with contextlib.closing(connection):
+            for n in range(count):
+                body = SEED_BODY.replace(b'"room_id"', b'"room-%d"' % n)
+                connection.request(
+                    "POST", f"/tencent/callback?SdkAppid={APP_ID}&CallbackCommand=x", body
+                )
+                response = connection.getresponse()
+                assert (response.status, response.read()) == (200, OK_PACKET), n
+        for fd in read:  # read again
+            readers.append(threading.Thread(target=drain, args=(fd, read[fd]), daemon=True))
+            readers[-1].start()
+        db = tmp_path / "bridge.db"
+        assert wait_until(lambda: delivery_states(db) == {"delivered": count}, timeout=60)
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+        for reader in readers:
+            reader.join(10)
+        os.close(out_r)
+        os.close(err_r)
+    rooms = {int(m) for m in re.findall(rb"room room-(\d+)", bytes(read[out_r]))}
+    assert rooms == set(range(count))
+    assert b"live-bridge stopped" in read[err_r]  # the lines held back went out, in order
+
+
+def drain(fd: int, into: bytearray) -> None:
+    while chunk := os.read(fd, 1 << 16):
+        into += chunk

@@ -21,7 +21,7 @@ def build_senders(config: Config, session: aiohttp.ClientSession, store: str) ->
     senders: dict[str, Sender] = {}
     for name, channel in config.channels.items():
         if isinstance(channel, ConsoleChannel):
-            senders[name] = ConsoleSender()
+            senders[name] = ConsoleSender(timeout_s=timeout)
         elif isinstance(channel, SlackChannel):
             # Imported only when a Slack channel is configured: slack-sdk costs a tenth of a
             # second at every start.
