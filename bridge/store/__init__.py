@@ -11,6 +11,10 @@ process at a time and hands it the channel's pacing state, `leave_channel` saves
 next holder. So pacing, Retry-After blocks, per-room order, threads and digests need no other
 coordination. Outcomes (`mark_*`, `release`) apply only to deliveries this store instance claimed
 and still holds: a process whose lease ran out cannot overwrite what another process did since.
+
+Processes sharing a store may run different configs for a while (a rolling deploy): each
+`announce`s the channels it serves, and `bury_unknown_channels` spares a channel another one has
+announced (bridge/presence.py decides when).
 """
 
 from __future__ import annotations
@@ -209,8 +213,21 @@ class Store(Protocol):
         The ids it deleted, in no particular order."""
         ...
 
-    async def bury_unknown_channels(self, known: Sequence[str], now: float, error: str) -> int:
-        """Undelivered deliveries to channels not in `known` become dead letters."""
+    async def announce(self, channels: Sequence[str], now: float) -> None:
+        """This store instance serves `channels` as of `now`, for the other instances sharing
+        the store (SQLite has none: nothing is written)."""
+        ...
+
+    async def withdraw(self) -> None:
+        """This instance serves no channel any more (it stops)."""
+        ...
+
+    async def bury_unknown_channels(
+        self, known: Sequence[str], now: float, error: str, announced_since: float | None = None
+    ) -> int:
+        """Undelivered deliveries to channels neither in `known` nor announced by another
+        instance at or after `announced_since` (None: whenever) become dead letters. Another
+        instance's announcements older than `announced_since` are forgotten."""
         ...
 
     async def forget_payloads(self, channels: Sequence[str]) -> int:

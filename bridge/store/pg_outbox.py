@@ -82,16 +82,6 @@ class PostgresOutbox(PostgresPool):
         )
         return [r[0] for r in rows]
 
-    async def bury_unknown_channels(self, known: Sequence[str], now: float, error: str) -> int:
-        # The owner and the lease stay: a send under way that gets through is still recorded as
-        # delivered, and until the lease runs out a retry would send it again (see retry).
-        return await self._execute(
-            "UPDATE deliveries SET state = 'dead', last_error = %s,"
-            " updated_at = %s WHERE state IN ('pending', 'in_flight')"
-            " AND channel <> ALL(%s::text[])",
-            (error, now, list(known)),
-        )
-
     async def forget_payloads(self, channels: Sequence[str]) -> int:
         # In flight too: its lane holds the message already; a retry is rendered again.
         return await self._execute(

@@ -3,8 +3,9 @@ statements longer than a line.
 
 The tables are SQLite's at its version 3, in PostgreSQL's types: times are epoch seconds in
 DOUBLE PRECISION, as the store's callers pass them; Tencent's EventTime (milliseconds) and the ids
-are BIGINT. Several processes may open one database at once: each migrates under one advisory lock,
-in one transaction, so the second finds the work done.
+are BIGINT. `replicas` is PostgreSQL's alone: a SQLite file has one serving process. Several
+processes may open one database at once: each migrates under one advisory lock, in one
+transaction, so the second finds the work done.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from psycopg import AsyncConnection
 
 from bridge.store import StoreUnavailable
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # pg_advisory_xact_lock keys: any two numbers no other user of the database is likely to take.
 MIGRATION_LOCK = 0x6C62_6D69  # "lbmi"
@@ -90,6 +91,15 @@ MIGRATIONS: tuple[str, ...] = (
         (SELECT lpad(to_hex(e.event_time), 16, '0') FROM events e WHERE e.id = dedup.event_id),
         ''
     ) || ':' || key;
+    """,
+    # 4: the channels each replica serves, for burying only what no running replica would send
+    # (pg_presence.py). A step of its own: nothing else depends on it.
+    """
+    CREATE TABLE IF NOT EXISTS replicas (
+        owner TEXT PRIMARY KEY,
+        channels TEXT[] NOT NULL,
+        seen_at DOUBLE PRECISION NOT NULL
+    );
     """,
 )
 

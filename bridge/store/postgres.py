@@ -8,8 +8,9 @@ those deliveries again: sent at least once. Dedup holds through the unique key o
 Any psycopg error becomes StoreUnavailable, whose message never holds the URL or its password.
 The pool checks a connection before handing it out, so a server that comes back is used again.
 
-`PostgresStore` is the pool (pg_pool.py), the worker's side (pg_queue.py) and the operators' side
-(pg_outbox.py); here, recording callbacks, answered within RECORD_DEADLINE_S.
+`PostgresStore` is the pool (pg_pool.py), the worker's side (pg_queue.py), the operators' side
+(pg_outbox.py) and the channels each replica serves (pg_presence.py); here, recording callbacks,
+answered within RECORD_DEADLINE_S.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Sequence
 
 from bridge.store import NewDelivery, NewEvent, Recorded, State, StoreUnavailable
 from bridge.store.pg_outbox import PostgresOutbox
+from bridge.store.pg_presence import PostgresPresence
 from bridge.store.pg_queue import PostgresQueue
 from bridge.store.pg_schema import RECORD_SQL
 
@@ -31,7 +33,7 @@ log = logging.getLogger(__name__)
 RECORD_DEADLINE_S = 1.8
 
 
-class PostgresStore(PostgresQueue, PostgresOutbox):
+class PostgresStore(PostgresQueue, PostgresOutbox, PostgresPresence):
     async def recover(self) -> int:
         # Other processes may be sending right now, and their in-flight rows are theirs: a dead
         # process's leases run out and its deliveries become claimable without any help.

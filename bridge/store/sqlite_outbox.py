@@ -147,7 +147,17 @@ class SQLiteOutbox(SQLiteFile):
 
         return await self._submit(op)
 
-    async def bury_unknown_channels(self, known: Sequence[str], now: float, error: str) -> int:
+    # One serving process per file (its lock): no other instance serves channels, so nothing is
+    # announced and every channel not in `known` is buried at once.
+    async def announce(self, channels: Sequence[str], now: float) -> None:
+        pass
+
+    async def withdraw(self) -> None:
+        pass
+
+    async def bury_unknown_channels(
+        self, known: Sequence[str], now: float, error: str, announced_since: float | None = None
+    ) -> int:
         # The owner and the lease stay: a send under way that gets through is still recorded as
         # delivered, and until the lease runs out a retry would send it again (see retry).
         sql = (
