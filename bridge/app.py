@@ -15,7 +15,6 @@ import contextlib
 import logging
 import signal
 import threading
-import time
 from collections.abc import AsyncIterator, Mapping
 from http import HTTPStatus
 from pathlib import Path
@@ -36,6 +35,7 @@ from bridge.compose import Composer
 from bridge.config import Config, ConfigError
 from bridge.metrics import Metrics
 from bridge.policy import ChannelPolicy, build_policies
+from bridge.presence import Presence
 from bridge.receive import Receiver, packet
 from bridge.render import Renderer
 from bridge.routing import Router
@@ -51,7 +51,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 2.0
-REMOVED = "channel removed from the config"
 SETTLE_S = 2.0  # how long a reload waits for callbacks received under the old config
 
 
@@ -69,6 +68,7 @@ class Bridge:
             raise ConfigError("[delivery] own_process needs a config file, which the process reads")
         self.renderer = validate(config)
         self.store: Store = store or make_store(config.store, serving=True)
+        self.presence = Presence(self.store)  # which channels this replica serves
         self.metrics = Metrics()
         self.admin = Admin(self)
         self._senders = senders
@@ -134,9 +134,8 @@ class Bridge:
         config = self.config
         await self.store.open()
         await self.store.recover()
-        if buried := await self.store.bury_unknown_channels(
-            list(config.channels), time.time(), REMOVED
-        ):
+        await self.presence.announce(list(config.channels))  # before any callback is recorded
+        if buried := await self.presence.bury():
             log.warning("%d deliveries to channels no longer configured are dead letters", buried)
         task: asyncio.Task[None] | None = None
         if self.own_process:
@@ -156,6 +155,9 @@ class Bridge:
             policies, composer = self._worker_setup(config, self.renderer)
             self.worker = Worker.for_config(config, self.store, policies, composer, self.metrics)
             task = asyncio.create_task(self.worker.run(), name="worker")
+        # Shared: other replicas' configs may differ, and one may die without withdrawing.
+        shared = config.store.url is not None
+        announcing = asyncio.create_task(self.presence.run(), name="presence") if shared else None
         loop = self._loop = asyncio.get_running_loop()
         hangup = threading.current_thread() is threading.main_thread()
         if hangup:
@@ -184,6 +186,10 @@ class Bridge:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            if announcing is not None:
+                announcing.cancel()
+                await asyncio.gather(announcing, return_exceptions=True)
+            await self.presence.withdraw()  # once nothing is sent here any more
             if self._session is not None:
                 await self._session.close()
             await self.store.close()
@@ -198,7 +204,10 @@ class Bridge:
                 config, renderer = load_validated(self.path)
                 if config.store != self.config.store:
                     raise ConfigError("[store] changes take effect at the next start")
-            except ConfigError as exc:
+                # Before anything is recorded under it: a replica lacking a channel it adds
+                # must not bury that channel's deliveries meanwhile.
+                await self.presence.announce(list(config.channels))
+            except (ConfigError, StoreUnavailable) as exc:
                 self.metrics.reloads.labels("failure").inc()
                 log.error("reload refused, the running config stays: %s", exc)
                 if exc.__cause__ is not None:  # not a config error: a bug, to be found
@@ -245,12 +254,10 @@ class Bridge:
             return True, message
 
     async def _settle_channels(self, retyped: list[str]) -> int:
-        """Undelivered deliveries to channels the running config lacks become dead letters; those
-        to `retyped` channels (another type now) are rendered again when sent. How many were
-        buried."""
-        buried = await self.store.bury_unknown_channels(
-            list(self.config.channels), time.time(), REMOVED
-        )
+        """Undelivered deliveries to channels no running replica serves (on SQLite: the running
+        config lacks) become dead letters (bridge/presence.py); those to `retyped` channels
+        (another type now) are rendered again when sent. How many were buried."""
+        buried = await self.presence.bury()  # of the channels announced by the reload
         if retyped and (rerendered := await self.store.forget_payloads(retyped)):
             log.info("%d deliveries to channels of another type are rendered again when sent",
                      rerendered)  # fmt: skip

@@ -43,7 +43,8 @@ class Lanes(Attempts, abc.ABC):
 
     def _halted(self, policy: ChannelPolicy) -> bool:
         """Whether `policy`'s lane should start no new send: the worker is stopping, or a reload
-        has removed the channel (its deliveries are dead letters now)."""
+        has removed the channel (its deliveries are dead letters now, or, given back, another
+        replica's to send)."""
         return self._stopping or policy.name not in self._policies
 
     @abc.abstractmethod

@@ -193,7 +193,7 @@ class Worker(Lanes):
         for channel in await self._store.due_channels(now, [*self._busy, *blocked]):
             policy = self._policies.get(channel)
             if policy is None or self._stopping:
-                continue  # a channel no longer configured: buried at start-up or reload
+                continue  # not configured here: another replica's, or buried (bridge/presence.py)
             self._busy.add(channel)
             task = asyncio.create_task(self._lane(policy), name=f"lane:{channel}")
             self._lanes.add(task)
