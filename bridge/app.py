@@ -30,13 +30,14 @@ from starlette.types import Receive, Scope, Send
 from bridge.admin import Admin
 from bridge.attempts import ChannelState
 from bridge.channels import Sender
-from bridge.checks import load_validated, validate
+from bridge.checks import validate
 from bridge.compose import Composer
 from bridge.config import Config, ConfigError
 from bridge.metrics import Metrics
 from bridge.policy import ChannelPolicy, build_policies
 from bridge.presence import Presence
 from bridge.receive import Receiver, packet
+from bridge.reload import Reloads
 from bridge.render import Renderer
 from bridge.routing import Router
 from bridge.store import Store, StoreUnavailable
@@ -51,10 +52,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 2.0
-SETTLE_S = 2.0  # how long a reload waits for callbacks received under the old config
 
 
-class Bridge:
+class Bridge(Reloads):
     """Everything one running live-bridge holds; the app's state."""
 
     def __init__(
@@ -195,85 +195,6 @@ class Bridge:
             await self.store.close()
             log.info("live-bridge stopped")
 
-    async def reload(self) -> tuple[bool, str]:
-        """Read and validate the config file again; swap it in whole, or keep the old one."""
-        async with self._reloading:
-            try:
-                if self.path is None:
-                    raise ConfigError("started without a config file: nothing to reload")
-                config, renderer = load_validated(self.path)
-                if config.store != self.config.store:
-                    raise ConfigError("[store] changes take effect at the next start")
-                # Before anything is recorded under it: a replica lacking a channel it adds
-                # must not bury that channel's deliveries meanwhile.
-                await self.presence.announce(list(config.channels))
-            except (ConfigError, StoreUnavailable) as exc:
-                self.metrics.reloads.labels("failure").inc()
-                log.error("reload refused, the running config stays: %s", exc)
-                if exc.__cause__ is not None:  # not a config error: a bug, to be found
-                    log.debug("what the reload ran into", exc_info=exc.__cause__)
-                return False, str(exc)
-            if config.server != self.config.server:
-                log.warning("[server] changes take effect at the next start")
-            if config.delivery.own_process != self.own_process:
-                log.warning("[delivery] own_process changes take effect at the next start")
-            # A message rendered at receipt for a channel's old type (a webhook's body, a console
-            # line) is not one its new type can send: Slack refused it (no_text), a dead letter
-            # for an acknowledged event, or a webhook got Slack's JSON. Rendered again instead.
-            retyped = [
-                name for name, channel in config.channels.items()
-                if (before := self.config.channels.get(name)) and before.type != channel.type
-            ]  # fmt: skip
-            if self.worker is not None and self._session is not None:
-                policies, composer = self._worker_setup(config, renderer)
-                self.worker.configure(
-                    policies, config.delivery, composer, config.store.retention_h * 3600
-                )
-            if self.delivery is not None:
-                self.delivery.reload()  # the delivery process reads the file again
-            self.config, self.renderer = config, renderer
-            old, self.receiver = self.receiver, self._receiver(config, renderer)
-            # A callback the old receiver is still handling (its body still arriving) is routed
-            # by the old routes: it may yet record a delivery to a removed channel, which no lane
-            # would ever send. Bury once such callbacks have finished; the slow ones, later.
-            if unfinished := await _finish(old, SETTLE_S):
-                log.warning(
-                    "%d callbacks received under the old config still unfinished after %gs: "
-                    "their deliveries to removed channels are buried when they finish",
-                    unfinished, SETTLE_S,
-                )  # fmt: skip
-                burial = asyncio.create_task(self._bury_when_finished(old, retyped))
-                self._late_burials.add(burial)
-                burial.add_done_callback(self._late_burials.discard)
-            buried = await self._settle_channels(retyped)
-            self.metrics.reloads.labels("success").inc()
-            message = f"reloaded: {len(config.channels)} channels, {len(config.routes)} routes"
-            if buried:
-                message += f"; {buried} deliveries to removed channels are dead letters"
-            log.info("%s", message)
-            return True, message
-
-    async def _settle_channels(self, retyped: list[str]) -> int:
-        """Undelivered deliveries to channels no running replica serves (on SQLite: the running
-        config lacks) become dead letters (bridge/presence.py); those to `retyped` channels
-        (another type now) are rendered again when sent. How many were buried."""
-        buried = await self.presence.bury()  # of the channels announced by the reload
-        if retyped and (rerendered := await self.store.forget_payloads(retyped)):
-            log.info("%d deliveries to channels of another type are rendered again when sent",
-                     rerendered)  # fmt: skip
-        return buried
-
-    async def _bury_when_finished(self, old: Receiver, retyped: list[str]) -> None:
-        await _finish(old, None, step_s=0.1)
-        try:
-            buried = await self._settle_channels(retyped)
-        except StoreUnavailable as exc:
-            log.error("deliveries to removed channels stay pending until the next start: %s", exc)
-            return
-        if buried:
-            log.warning("%d deliveries to removed channels are dead letters (recorded by "
-                        "callbacks received under the old config)", buried)  # fmt: skip
-
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -300,17 +221,6 @@ class Bridge:
         except (StoreUnavailable, TimeoutError) as exc:
             return JSONResponse({"status": "unavailable", "reason": str(exc)}, status_code=503)
         return JSONResponse({"status": "ready"})
-
-
-async def _finish(receiver: Receiver, within_s: float | None, step_s: float = 0.01) -> int:
-    """Wait up to `within_s` (None: as long as it takes) for the callbacks `receiver` is
-    handling; returns how many are still unfinished."""
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(within_s):
-            # Polled: the callback path only counts, and a reload can afford the steps.
-            while receiver.in_flight:  # noqa: ASYNC110
-                await asyncio.sleep(step_s)
-    return receiver.in_flight
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -1,25 +1,22 @@
-"""The admin surface on the real app under uvicorn: metrics, status page, reload, who may ask."""
+"""The admin surface on the real app under uvicorn: metrics, status page, who may ask (reloads:
+test_reload.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import shutil
 import socket
-import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.bridge_server import (
-    APP_ID,
     OK_PACKET,
     SEED_BODY,
     InThread,
@@ -143,244 +140,6 @@ def test_with_a_token_bearer_or_cookie_from_anywhere(tmp_path: Path, slack: Slac
         session = cookie.split(";", 1)[0]
         assert http_request(url + "/status", headers={"Cookie": session})[0] == 200
         assert http_request(url + "/status/login", "POST", data=b"token=nope")[0] == 401
-
-
-def test_reload_under_live_traffic(tmp_path: Path, slack: SlackStandIn) -> None:
-    config = write_config(tmp_path, channels=HOOK.format(url=slack.sink_url()), routes=ROUTE)
-    original = config.read_text()
-    answers: list[tuple[int, bytes]] = []
-    stop = threading.Event()
-    with InThread(config) as bridge:
-
-        def traffic() -> None:
-            n = 0
-            while not stop.is_set():
-                answers.append(post_callback(bridge.url, room(n)))
-                n += 1
-
-        sender = threading.Thread(target=traffic)
-        sender.start()
-        try:
-            time.sleep(0.3)
-            # A good config: a second channel, both routed.
-            audit = CHANNEL.format(name="audit", url=slack.sink_url("audit"))
-            config.write_text(original.replace(ROUTE, "") + audit + ROUTE.replace(
-                '["hook"]', '["hook", "audit"]'))  # fmt: skip
-            status, _, body = http_request(bridge.url + "/-/reload", "POST")
-            assert status == 200 and json.loads(body)["status"] == "reloaded"
-            time.sleep(0.3)
-            # A bad one: refused with the reason, the running config stays.
-            config.write_text(original.replace('name = "all"', 'name = "all"\nbogus = 1'))
-            status, _, body = http_request(bridge.url + "/-/reload", "POST")
-            assert status == 400
-            assert "[[routes]] #1 bogus: unknown key" in json.loads(body)["message"]
-            time.sleep(0.3)
-        finally:
-            stop.set()
-            sender.join()
-        posted = len(answers)
-        assert answers == [(200, OK_PACKET)] * posted  # nothing refused, nothing dropped
-        db = bridge.config.store.path
-        assert db_rows(db, "SELECT COUNT(*) FROM events") == [(posted,)]
-        assert slack.wait_for(
-            lambda s: len([r for r in s.sink_requests if r.path.endswith("/sink")]) == posted
-        )
-        assert len([r for r in slack.sink_requests if r.path.endswith("/audit")]) > 0
-        metrics = http_request(bridge.url + "/metrics")[2].decode()
-        assert 'live_bridge_config_reloads_total{result="success"} 1.0' in metrics
-        assert 'live_bridge_config_reloads_total{result="failure"} 1.0' in metrics
-
-
-def test_reload_buries_deliveries_of_a_removed_channel(tmp_path: Path, slack: SlackStandIn) -> None:
-    slack.set_sink_status("gone", 503)
-    gone = CHANNEL.format(name="gone", url=slack.sink_url("gone"))
-    both = ROUTE.replace('["hook"]', '["hook", "gone"]')
-    config = write_config(
-        tmp_path, channels=HOOK.format(url=slack.sink_url()) + gone, routes=both,
-        delivery="initial_backoff_s = 30.0\nmax_backoff_s = 30.0\n",
-    )  # fmt: skip
-    with InThread(config) as bridge:
-        assert post_callback(bridge.url) == (200, OK_PACKET)
-        db = bridge.config.store.path
-        assert wait_until(
-            lambda: ("gone", "pending") in db_rows(db, "SELECT channel, state FROM deliveries")
-        )
-        config.write_text(config.read_text().replace(gone, "").replace(both, ROUTE))
-        status, _, body = http_request(bridge.url + "/-/reload", "POST")
-        assert status == 200 and "1 deliveries to removed channels" in json.loads(body)["message"]
-        # The page shows what the store still holds for it, as /metrics does, with no retry.
-        page = http_request(bridge.url + "/status")[2].decode()
-        row = page.split('<tr data-channel="gone">', 1)[1].split("</tr>", 1)[0]
-        assert "not in the config" in row and 'data-label="Dead">1<' in row
-        assert "/status/retry" not in row
-    assert ("gone", "dead", "channel removed from the config") in db_rows(
-        db, "SELECT channel, state, last_error FROM deliveries"
-    )
-
-
-def test_a_reload_that_changes_a_channels_type_renders_its_waiting_messages_again(
-    tmp_path: Path, slack: SlackStandIn
-) -> None:
-    # Rendered at receipt as a webhook's body, they went to Slack as such after the reload:
-    # refused (no_text), dead letters for events that had been acknowledged.
-    slack.set_sink_status("sink", 503)
-    before = HOOK.format(url=slack.sink_url())
-    after = f'[channels.hook]\ntype = "slack"\nwebhook_url = "{slack.add_webhook()}"\n'
-    config = write_config(
-        tmp_path, channels=before, routes=ROUTE,
-        delivery="initial_backoff_s = 2.0\nmax_backoff_s = 2.0\n",  # the reload comes first
-    )  # fmt: skip
-    with InThread(config) as bridge:
-        for n in range(3):
-            assert post_callback(bridge.url, room(n)) == (200, OK_PACKET)
-        db = bridge.config.store.path
-        assert wait_until(lambda: len(slack.sink_requests) == 3)  # each met the 503 once
-        config.write_text(config.read_text().replace(before, after))
-        assert http_request(bridge.url + "/-/reload", "POST")[0] == 200
-        assert post_callback(bridge.url, room(3)) == (200, OK_PACKET)  # rendered for Slack
-        assert wait_until(lambda: len(slack.posted) == 4)
-        assert wait_until(lambda: {r[0] for r in db_rows(db, "SELECT state FROM deliveries")}
-                          == {"delivered"})  # fmt: skip
-    rooms = sorted(p.payload["blocks"][1]["fields"][0]["text"] for p in slack.posted)
-    assert rooms == [f"*Room*\nroom-{n}" for n in range(4)]  # Slack's own message, each
-
-
-def start_callback(bridge: InThread) -> socket.socket:
-    """A callback to `bridge` whose body is still on its way: the rest is SEED_BODY[20:]."""
-    tencent = socket.create_connection(("127.0.0.1", bridge.port), timeout=10)
-    tencent.sendall(
-        f"POST /tencent/callback?SdkAppid={APP_ID} HTTP/1.1\r\nHost: x\r\n"
-        f"Content-Length: {len(SEED_BODY)}\r\n\r\n".encode()
-        + SEED_BODY[:20]
-    )
-    assert wait_until(lambda: bridge.app.bridge.receiver.in_flight == 1)
-    return tencent
-
-
-def read_reply(tencent: socket.socket) -> bytes:
-    """What the bridge answered the callback `start_callback` began, up to its packet."""
-    reply = b""
-    while not reply.endswith((OK_PACKET, b"}")) and (chunk := tencent.recv(4096)):
-        reply += chunk
-    return reply
-
-
-def reload_in_background(bridge: InThread) -> tuple[threading.Thread, list[tuple[int, str]]]:
-    """POST /-/reload from a thread; the list gets (status, message) when it is answered."""
-    answers: list[tuple[int, str]] = []
-
-    def reload() -> None:
-        status, _, body = http_request(bridge.url + "/-/reload", "POST")
-        answers.append((status, json.loads(body)["message"]))
-
-    thread = threading.Thread(target=reload)
-    thread.start()
-    return thread, answers
-
-
-def test_a_callback_received_across_a_reload_is_buried_with_its_removed_channel(
-    tmp_path: Path, slack: SlackStandIn
-) -> None:
-    gone = CHANNEL.format(name="gone", url=slack.sink_url("gone"))
-    both = ROUTE.replace('["hook"]', '["hook", "gone"]')
-    config = write_config(tmp_path, channels=HOOK.format(url=slack.sink_url()) + gone, routes=both)
-    with InThread(config) as bridge:
-        with start_callback(bridge) as tencent:
-            old = bridge.app.bridge.receiver  # routes to "gone" too
-            config.write_text(config.read_text().replace(gone, "").replace(both, ROUTE))
-            reload, answers = reload_in_background(bridge)
-            assert wait_until(lambda: bridge.app.bridge.receiver is not old)
-            tencent.sendall(SEED_BODY[20:])  # received under the old config, recorded now
-            assert read_reply(tencent).endswith(OK_PACKET)
-            reload.join()
-        # The reload waited for the callback, and buried what it recorded.
-        assert answers == [(200, "reloaded: 1 channels, 1 routes; 1 deliveries to removed "
-                                 "channels are dead letters")]  # fmt: skip
-        assert slack.wait_for(lambda s: len(s.sink_requests) == 1)
-        db = bridge.config.store.path
-    assert sorted(db_rows(db, "SELECT channel, state, last_error FROM deliveries")) == [
-        ("gone", "dead", "channel removed from the config"),
-        ("hook", "delivered", None),
-    ]
-
-
-def test_a_callback_that_outlasts_the_reloads_wait_is_buried_when_it_ends(
-    tmp_path: Path, slack: SlackStandIn, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr("bridge.app.SETTLE_S", 0.5)
-    gone = CHANNEL.format(name="gone", url=slack.sink_url("gone"))
-    both = ROUTE.replace('["hook"]', '["hook", "gone"]')
-    config = write_config(tmp_path, channels=HOOK.format(url=slack.sink_url()) + gone, routes=both)
-    with InThread(config) as bridge:
-        db = bridge.config.store.path
-        with start_callback(bridge) as tencent:
-            config.write_text(config.read_text().replace(gone, "").replace(both, ROUTE))
-            started = time.monotonic()
-            status, _, body = http_request(bridge.url + "/-/reload", "POST")
-            assert status == 200 and json.loads(body)["message"] == "reloaded: 1 channels, 1 routes"
-            assert 0.5 <= time.monotonic() - started < 5  # it waited, but only so long
-            tencent.sendall(SEED_BODY[20:])
-            assert read_reply(tencent).endswith(OK_PACKET)
-        assert wait_until(
-            lambda: (
-                ("gone", "dead", "channel removed from the config")
-                in db_rows(db, "SELECT channel, state, last_error FROM deliveries")
-            )
-        )
-
-
-def bad_room_url(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    text = config.read_text()
-    config.write_text(text.replace("[templates]\n", '[templates]\nroom_url = "x/{room_id.a}"\n'))
-
-
-def huge_repeat(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    text = config.read_text()
-    config.write_text(text.replace('name = "all"', 'name = "all"\nroom_regex = "a{99999999999}"'))
-
-
-def config_not_utf8(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    config.write_bytes(config.read_bytes() + b"# caf\xe9\n")
-
-
-def template_not_utf8(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (config.parent / "t" / "webhook").mkdir(parents=True)
-    (config.parent / "t" / "webhook" / "default.j2").write_bytes(b'{"a": "caf\xe9"}')
-    text = config.read_text()
-    config.write_text(text.replace("[templates]\ndir = ", '[templates]\ndir = "t"\n# '))
-
-
-def unforeseen(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def check_templates(*args: object) -> None:
-        raise RuntimeError("no one saw this coming")
-
-    monkeypatch.setattr("bridge.checks.check_templates", check_templates)
-
-
-@pytest.mark.parametrize(
-    ("break_it", "reason"),
-    [
-        (bad_room_url, "[templates] room_url: room_url may only use the placeholder {room_id}"),
-        (huge_repeat, "route 'all': bad room_regex: the repetition number is too large"),
-        (config_not_utf8, "is not UTF-8 text, as TOML must be"),
-        (template_not_utf8, "webhook/default.j2, line 1: not UTF-8 text"),
-        (unforeseen, "config.toml: cannot be loaded: RuntimeError: no one saw this coming"),
-    ],
-)
-def test_a_config_that_fails_in_any_way_is_refused_and_counted(
-    tmp_path: Path, slack: SlackStandIn, monkeypatch: pytest.MonkeyPatch,
-    break_it: Callable[[Path, pytest.MonkeyPatch], None], reason: str,
-) -> None:  # fmt: skip
-    config = write_config(tmp_path, channels=HOOK.format(url=slack.sink_url()), routes=ROUTE)
-    with InThread(config) as bridge:
-        break_it(config, monkeypatch)
-        status, _, body = http_request(bridge.url + "/-/reload", "POST")
-        assert (status, json.loads(body)["status"]) == (400, "refused")
-        assert reason in json.loads(body)["message"]
-        failures = ("live_bridge_config_reloads_total", (("result", "failure"),))
-        assert samples(bridge.url)[failures] == 1
-        assert post_callback(bridge.url) == (200, OK_PACKET)  # the running config serves on
-        assert slack.wait_for(lambda s: len(s.sink_requests) == 1)
 
 
 def chromium() -> tuple[str, str]:

@@ -1,0 +1,154 @@
+"""`reload()`, on SIGHUP and POST /-/reload: the config file read and validated again, and swapped
+in whole (receiver, routes, templates, the worker's channels, the delivery process's), or refused
+with the running config kept. Deliveries to channels no replica serves any more become dead
+letters (bridge/presence.py), those to channels of another type are rendered again when sent;
+callbacks still being received under the old config are waited for, and what a slow one records
+is settled when it finishes.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from bridge.checks import load_validated
+from bridge.compose import Composer
+from bridge.config import Config, ConfigError
+from bridge.metrics import Metrics
+from bridge.policy import ChannelPolicy
+from bridge.presence import Presence
+from bridge.receive import Receiver
+from bridge.render import Renderer
+from bridge.store import Store, StoreUnavailable
+from bridge.worker import Worker
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from bridge.supervise import DeliveryProcess
+
+log = logging.getLogger(__name__)
+
+SETTLE_S = 2.0  # how long a reload waits for callbacks received under the old config
+
+
+class Reloads(abc.ABC):
+    """Bridge's reloading; the attributes are Bridge's (bridge/app.py)."""
+
+    config: Config
+    path: Path | None
+    own_process: bool
+    renderer: Renderer
+    receiver: Receiver
+    store: Store
+    presence: Presence
+    metrics: Metrics
+    worker: Worker | None
+    delivery: DeliveryProcess | None
+    _session: aiohttp.ClientSession | None
+    _reloading: asyncio.Lock
+    _late_burials: set[asyncio.Task[None]]
+
+    @abc.abstractmethod
+    def _receiver(self, config: Config, renderer: Renderer) -> Receiver:
+        """A receiver for `config`."""
+
+    @abc.abstractmethod
+    def _worker_setup(
+        self, config: Config, renderer: Renderer
+    ) -> tuple[dict[str, ChannelPolicy], Composer]:
+        """The worker's channel policies and composer for `config`."""
+
+    async def reload(self) -> tuple[bool, str]:
+        """Read and validate the config file again; swap it in whole, or keep the old one."""
+        async with self._reloading:
+            try:
+                if self.path is None:
+                    raise ConfigError("started without a config file: nothing to reload")
+                config, renderer = load_validated(self.path)
+                if config.store != self.config.store:
+                    raise ConfigError("[store] changes take effect at the next start")
+                # Before anything is recorded under it: a replica lacking a channel it adds
+                # must not bury that channel's deliveries meanwhile.
+                await self.presence.announce(list(config.channels))
+            except (ConfigError, StoreUnavailable) as exc:
+                self.metrics.reloads.labels("failure").inc()
+                log.error("reload refused, the running config stays: %s", exc)
+                if exc.__cause__ is not None:  # not a config error: a bug, to be found
+                    log.debug("what the reload ran into", exc_info=exc.__cause__)
+                return False, str(exc)
+            if config.server != self.config.server:
+                log.warning("[server] changes take effect at the next start")
+            if config.delivery.own_process != self.own_process:
+                log.warning("[delivery] own_process changes take effect at the next start")
+            # A message rendered at receipt for a channel's old type (a webhook's body, a console
+            # line) is not one its new type can send: Slack refused it (no_text), a dead letter
+            # for an acknowledged event, or a webhook got Slack's JSON. Rendered again instead.
+            retyped = [
+                name for name, channel in config.channels.items()
+                if (before := self.config.channels.get(name)) and before.type != channel.type
+            ]  # fmt: skip
+            if self.worker is not None and self._session is not None:
+                policies, composer = self._worker_setup(config, renderer)
+                self.worker.configure(
+                    policies, config.delivery, composer, config.store.retention_h * 3600
+                )
+            if self.delivery is not None:
+                self.delivery.reload()  # the delivery process reads the file again
+            self.config, self.renderer = config, renderer
+            old, self.receiver = self.receiver, self._receiver(config, renderer)
+            # A callback the old receiver is still handling (its body still arriving) is routed
+            # by the old routes: it may yet record a delivery to a removed channel, which no lane
+            # would ever send. Bury once such callbacks have finished; the slow ones, later.
+            if unfinished := await _finish(old, SETTLE_S):
+                log.warning(
+                    "%d callbacks received under the old config still unfinished after %gs: "
+                    "their deliveries to removed channels are buried when they finish",
+                    unfinished, SETTLE_S,
+                )  # fmt: skip
+                burial = asyncio.create_task(self._bury_when_finished(old, retyped))
+                self._late_burials.add(burial)
+                burial.add_done_callback(self._late_burials.discard)
+            buried = await self._settle_channels(retyped)
+            self.metrics.reloads.labels("success").inc()
+            message = f"reloaded: {len(config.channels)} channels, {len(config.routes)} routes"
+            if buried:
+                message += f"; {buried} deliveries to removed channels are dead letters"
+            log.info("%s", message)
+            return True, message
+
+    async def _settle_channels(self, retyped: list[str]) -> int:
+        """Undelivered deliveries to channels no running replica serves (on SQLite: the running
+        config lacks) become dead letters (bridge/presence.py); those to `retyped` channels
+        (another type now) are rendered again when sent. How many were buried."""
+        buried = await self.presence.bury()  # of the channels announced by the reload
+        if retyped and (rerendered := await self.store.forget_payloads(retyped)):
+            log.info("%d deliveries to channels of another type are rendered again when sent",
+                     rerendered)  # fmt: skip
+        return buried
+
+    async def _bury_when_finished(self, old: Receiver, retyped: list[str]) -> None:
+        await _finish(old, None, step_s=0.1)
+        try:
+            buried = await self._settle_channels(retyped)
+        except StoreUnavailable as exc:
+            log.error("deliveries to removed channels stay pending until the next start: %s", exc)
+            return
+        if buried:
+            log.warning("%d deliveries to removed channels are dead letters (recorded by "
+                        "callbacks received under the old config)", buried)  # fmt: skip
+
+
+async def _finish(receiver: Receiver, within_s: float | None, step_s: float = 0.01) -> int:
+    """Wait up to `within_s` (None: as long as it takes) for the callbacks `receiver` is
+    handling; returns how many are still unfinished."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(within_s):
+            # Polled: the callback path only counts, and a reload can afford the steps.
+            while receiver.in_flight:  # noqa: ASYNC110
+                await asyncio.sleep(step_s)
+    return receiver.in_flight
