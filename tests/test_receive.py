@@ -278,6 +278,22 @@ def test_big_integer_accounts_arrive_with_every_digit(
     assert b'"Operator_Account":144115233775727695' in slack.sink_requests[0].body
 
 
+def test_in_one_process_the_message_is_rendered_at_receipt(
+    bridge: InThread, slack: SlackStandIn
+) -> None:
+    # With a delivery process the payload is left for it to render (test_deliver.py); here the
+    # stored payload is what the sink gets, rendered before the acknowledgement.
+    assert post_callback(bridge.url) == (200, OK_PACKET)
+    assert slack.wait_for(lambda s: len(s.sink_requests) == 1)
+    conn = sqlite3.connect(bridge.config.store.path)
+    try:
+        ((payload,),) = conn.execute("SELECT payload FROM deliveries").fetchall()
+    finally:
+        conn.close()
+    assert payload is not None
+    assert json.loads(payload) == json.loads(slack.sink_requests[0].body)
+
+
 def test_unrouted_event_is_acknowledged_and_counted(tmp_path: Path) -> None:
     routes = '[[routes]]\nname = "vip"\nrooms = ["vip-*"]\nchannels = ["console"]\n'
     with InThread(write_config(tmp_path, routes=routes)) as running:
@@ -305,14 +321,18 @@ def test_store_that_cannot_write_answers_503_then_recovers(
         fail_packet(reply, 503)
         assert post_callback(bridge.url, big)[0] == 503
         assert get(bridge.url + "/readyz")[0] in (200, 503)
+        bridge.app.state.bridge.receiver._unstored = 998  # as if 996 more had been refused
+        assert post_callback(bridge.url, big)[0] == 503  # the 999th: no line
+        assert post_callback(bridge.url, big)[0] == 503  # the 1000th: a line
         bridge.run(store._submit(lambda conn: conn.execute("PRAGMA max_page_count = 1073741823")))
         assert post_callback(bridge.url, big) == (200, OK_PACKET)
-    # One line when the outage starts (then one per 1000 refusals), one when it ends.
+    # One line when the outage starts, then one per 1000 refusals, one when it ends.
     assert [m.split(":")[0] for m in caplog.messages] == [
         "cannot store callbacks (1 refused with 503 so far)",
+        "cannot store callbacks (1000 refused with 503 so far)",
         "store available again",
     ]
-    assert "2 callbacks were refused" in caplog.messages[-1]
+    assert "1000 callbacks were refused" in caplog.messages[-1]
 
 
 def test_health_and_other_paths_answer_packets(bridge: InThread) -> None:
