@@ -176,3 +176,39 @@ async def test_dedup_keys_written_before_version_3_still_find_retries(
     store = await open_store()
     await assert_retries_are_duplicates(store, now + 1)
     assert postgres_sql("SELECT count(*) FROM events") == [(len(KEYED_BEFORE),)]
+
+
+async def test_a_database_of_version_4_gets_the_index_the_prune_walks(
+    open_store: OpenStore, postgres_url: str, postgres_sql: PostgresSQL
+) -> None:
+    # Made by the schema code of before (the migrations are appended to, never edited), with old
+    # rows in it: a delivered callback, and a dead letter whose event stays.
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        for migration in MIGRATIONS[:4]:
+            conn.execute(migration)
+        conn.execute("INSERT INTO meta VALUES ('schema_version', '4')")
+    old = time.time() - 100 * 3600
+    for event_id, state in ((1, "delivered"), (2, "dead")):
+        postgres_sql(
+            "INSERT INTO events VALUES (%s, %s, 1, 'x', 'r1', 1000, '{}', '{}')", event_id, old
+        )
+        postgres_sql(
+            "INSERT INTO deliveries (event_id, channel, state, next_attempt_at, created_at,"
+            " updated_at, delivered_at, room_id, order_ts) VALUES (%s, 'a', %s, %s, %s, %s, %s,"
+            " 'r1', 1000)",
+            event_id, state, old, old, old, old if state == "delivered" else None,
+        )  # fmt: skip
+    postgres_sql("SELECT setval(pg_get_serial_sequence('events', 'id'), 2)")
+    store = await open_store()
+    assert postgres_sql("SELECT value FROM meta WHERE key = 'schema_version'") == [("5",)]
+    assert postgres_sql("SELECT indexdef FROM pg_indexes WHERE indexname = 'events_received'") == [
+        ("CREATE INDEX events_received ON public.events USING btree (received_at, id)",)
+    ]
+    cutoff = time.time() - 72 * 3600
+    assert await store.prune(cutoff, cutoff, cutoff) == 2  # the delivery and its event
+    assert postgres_sql("SELECT id FROM events") == [(2,)]
+    await store.close()
+    postgres_sql("UPDATE meta SET value = '6' WHERE key = 'schema_version'")  # a newer one's
+    with pytest.raises(StoreUnavailable, match="newer"):
+        await PostgresStore(postgres_url).open()
