@@ -14,8 +14,8 @@ from bridge.store.pg_schema import EVENT_ROWS_SQL, LIST_SQL, STATS_SQL
 
 # Rows of each table a prune deletes per transaction: tens of milliseconds. More than SQLite's
 # 500, whose writer every callback waits for: here callbacks write other rows meanwhile, and
-# batches of 500 took half as long again in all (300,000 old callbacks pruned beside 300 new
-# ones a second: 15 to 25 s; in batches of 2,000, 10 to 13 s).
+# batches of 500 took up to twice as long in all (300,000 old callbacks pruned beside 300 new
+# ones a second: 15 to 25 s; in batches of 2,000, 9 to 13 s).
 PRUNE_BATCH = 2000
 
 # What retention deletes, a batch at a time (each with its cutoff and the batch's size): delivered
