@@ -11,8 +11,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
+import psycopg
+
 from bridge.receive import dedup_key
 from bridge.store import NewDelivery, NewEvent, Store
+from bridge.store.pg_schema import MIGRATIONS as PG_MIGRATIONS
 from bridge.store.postgres import PostgresStore
 from bridge.store.sqlite import SQLiteStore
 from tests.bridge_server import OWNER
@@ -112,3 +115,13 @@ async def postgres_opener(postgres_url: str) -> AsyncIterator[PostgresOpener]:
 
     async with opener(make) as open_:
         yield open_
+
+
+def old_postgres(url: str, version: int) -> None:
+    """The database at `url` as live-bridge's schema code left it at `version` (migrations are
+    appended to, never edited), for a test to add rows of that time and migrate."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        for migration in PG_MIGRATIONS[:version]:
+            conn.execute(migration)
+        conn.execute("INSERT INTO meta VALUES ('schema_version', %s)", (str(version),))

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import time
 
-import psycopg
 import pytest
 
 from bridge.store import NewDelivery, State
-from bridge.store.pg_schema import MIGRATIONS, SCHEMA_VERSION
+from bridge.store.pg_schema import SCHEMA_VERSION
 from bridge.store.postgres import PostgresStore
-from tests.store_rows import new_event, postgres_opener
+from tests.store_rows import new_event, old_postgres, postgres_opener
 from tests.test_store_postgres import OpenStore, PostgresSQL
 
 pytestmark = pytest.mark.anyio
@@ -59,11 +58,7 @@ async def test_channels_another_instance_announced_are_spared(open_store: OpenSt
 async def test_a_database_of_the_version_before_gets_the_replicas_table(
     open_store: OpenStore, postgres_url: str, postgres_sql: PostgresSQL
 ) -> None:
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        for migration in MIGRATIONS[:3]:
-            conn.execute(migration)
-        conn.execute("INSERT INTO meta VALUES ('schema_version', '3')")
+    old_postgres(postgres_url, 3)
     store = await open_store()
     await store.announce(["a"], time.time())
     assert postgres_sql("SELECT owner, channels FROM replicas") == [(store.owner, ["a"])]

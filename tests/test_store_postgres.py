@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from bridge.store import NewDelivery, StoreUnavailable
-from bridge.store.pg_schema import CLAIM_SQL, MIGRATIONS, SCHEMA_VERSION
+from bridge.store.pg_schema import CLAIM_SQL, SCHEMA_VERSION
 from bridge.store.postgres import PostgresStore
 from tests.bridge_server import OWNER
 from tests.store_rows import (
@@ -23,6 +23,7 @@ from tests.store_rows import (
     OLD_KEYS,
     assert_retries_are_duplicates,
     new_event,
+    old_postgres,
     postgres_opener,
 )
 
@@ -160,11 +161,7 @@ async def test_a_claim_reads_the_rows_it_passed_over_from_one_index_range(
 async def test_dedup_keys_written_before_version_3_still_find_retries(
     open_store: OpenStore, postgres_url: str, postgres_sql: PostgresSQL
 ) -> None:
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        for migration in MIGRATIONS[:2]:
-            conn.execute(migration)
-        conn.execute("INSERT INTO meta VALUES ('schema_version', '2')")
+    old_postgres(postgres_url, 2)
     now = time.time()
     for (event_id, at, body), key in zip(KEYED_BEFORE, OLD_KEYS, strict=True):
         postgres_sql(
@@ -183,11 +180,7 @@ async def test_a_database_of_version_4_gets_the_index_the_prune_walks(
 ) -> None:
     # Made by the schema code of before (the migrations are appended to, never edited), with old
     # rows in it: a delivered callback, and a dead letter whose event stays.
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        for migration in MIGRATIONS[:4]:
-            conn.execute(migration)
-        conn.execute("INSERT INTO meta VALUES ('schema_version', '4')")
+    old_postgres(postgres_url, 4)
     old = time.time() - 100 * 3600
     for event_id, state in ((1, "delivered"), (2, "dead")):
         postgres_sql(

@@ -11,18 +11,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from bridge.store.pg_pool import PostgresPool
+from bridge.store.pg_schema import CHANNEL_NAMES
 
 # Undelivered deliveries to channels that neither this instance knows nor another has announced
 # recently enough. The channel names come from a skip scan (one index search each, as DUE_SQL's):
 # the burial then reads only the unknown channels' rows, however long the backlog of others.
-BURY_SQL = """
-WITH RECURSIVE names(channel) AS (
-  (SELECT channel FROM deliveries ORDER BY channel LIMIT 1)
-  UNION ALL
-  SELECT (SELECT d.channel FROM deliveries d WHERE d.channel > names.channel
-          ORDER BY d.channel LIMIT 1)
-  FROM names WHERE names.channel IS NOT NULL
-), unknown AS (
+BURY_SQL = f"""{CHANNEL_NAMES}, unknown AS (
   SELECT n.channel FROM names n
   WHERE n.channel IS NOT NULL AND n.channel <> ALL(%(known)s::text[])
     AND NOT EXISTS (SELECT 1 FROM replicas r WHERE r.owner <> %(owner)s
@@ -31,7 +25,7 @@ WITH RECURSIVE names(channel) AS (
 UPDATE deliveries d SET state = 'dead', last_error = %(error)s, updated_at = %(now)s
 FROM unknown u
 WHERE d.channel = u.channel AND d.state IN ('pending', 'in_flight')
-"""
+"""  # noqa: S608
 
 
 class PostgresPresence(PostgresPool):
