@@ -8,6 +8,8 @@ from collections.abc import Mapping
 import aiohttp
 import pytest
 from aiohttp.client_reqrep import ConnectionKey
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from bridge.channels import DELIVERED, Outcome, Result
 from bridge.channels.http import (
@@ -95,6 +97,10 @@ def connection_key(host: str) -> ConnectionKey:
     )  # fmt: skip
 
 
+def request_info() -> aiohttp.RequestInfo:
+    return aiohttp.RequestInfo(URL(SECRET_URL), "POST", CIMultiDictProxy(CIMultiDict()))
+
+
 @pytest.mark.parametrize(
     ("exc", "expected"),
     [
@@ -115,7 +121,12 @@ def connection_key(host: str) -> ConnectionKey:
         ),
         (aiohttp.ServerDisconnectedError(SECRET_URL), "server disconnected"),
         (aiohttp.InvalidURL(SECRET_URL), "transport error: InvalidURL"),
-        (aiohttp.ClientPayloadError(SECRET_URL), "transport error: ClientPayloadError"),
+        (aiohttp.ClientPayloadError(SECRET_URL), "answer cut short"),
+        (
+            aiohttp.TooManyRedirects(request_info(), (), message=SECRET_URL),
+            "too many redirects",
+        ),
+        (aiohttp.ClientResponseError(request_info(), (), message=SECRET_URL), "malformed answer"),
         (OSError(f"cannot reach {SECRET_URL}"), "transport error: OSError"),
         (ValueError(SECRET_URL), "transport error: ValueError"),
     ],

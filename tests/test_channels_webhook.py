@@ -17,6 +17,7 @@ from bridge.channels.webhook import WebhookSender
 from bridge.config_tables import WebhookChannel
 from bridge.store.sqlite import SQLiteStore
 from tests.bridge_server import signing_secret
+from tests.farend import ANSWERS, far_end, fixed, self_signed, with_status
 from tests.slack_standin import SlackStandIn
 from tests.store_rows import add
 
@@ -38,9 +39,10 @@ def channel(url: str, signing_secret: str | None = None) -> WebhookChannel:
 
 async def send(
     settings: WebhookChannel, session: aiohttp.ClientSession, delivery_id: int = 1,
-    name: str = "hooks",
+    name: str = "hooks", timeout_s: float = 2,
 ) -> Outcome:  # fmt: skip
-    outcome = await WebhookSender(name, settings, session, 2, "store").send(PAYLOAD, delivery_id)
+    sender = WebhookSender(name, settings, session, timeout_s, "store")
+    outcome = await sender.send(PAYLOAD, delivery_id)
     # The shared check every case passes: no configured secret in what is logged and stored.
     secrets = [settings.url.get_secret_value(), QUERY_TOKEN, HEADER_SECRET, "s3cr3t"]
     if settings.signing_secret is not None:
@@ -293,3 +295,74 @@ async def test_a_short_answer_keeps_the_connection_a_long_one_closes_it(
     finally:
         await runner.cleanup()
     assert (ports[0] == ports[1]) is reused
+
+
+# A far end's misbehaviour below HTTP, and what the sender makes of it. Once the status line and
+# headers are in, the status decides, as for an endless body: the body only keeps the connection
+# usable, and a 200 whose body then stalls or breaks is a message the receiver took (retried, it
+# would be sent again at every attempt, each one delivered and each one taken for a failure).
+FAR_ENDS: list[tuple[str, Outcome]] = [
+    ("drip", DELIVERED),
+    ("silent", Outcome(Result.RETRY, "timed out")),
+    ("close mid-headers", Outcome(Result.RETRY, "server disconnected")),
+    ("close mid-body", DELIVERED),
+    ("reset mid-body", DELIVERED),
+    ("close-delimited", DELIVERED),
+    ("broken chunked", DELIVERED),
+    ("broken chunked at once", Outcome(Result.RETRY, "malformed answer")),  # no status yet
+    ("length past the body", DELIVERED),
+    ("100 continue first", DELIVERED),
+    ("103 early hints first", DELIVERED),
+    ("header over the limit", Outcome(Result.RETRY, "malformed answer")),
+]
+
+
+@pytest.mark.parametrize(("case", "expected"), FAR_ENDS, ids=[c for c, _ in FAR_ENDS])
+async def test_a_far_end_that_misbehaves(
+    session: aiohttp.ClientSession, case: str, expected: Outcome
+) -> None:
+    started = time.monotonic()
+    async with far_end(ANSWERS[case], fixed(b"200 OK", b"")) as base:
+        settings = channel(f"{base}/hooks/s3cr3tPath?token={QUERY_TOKEN}", signing_secret())
+        assert await send(settings, session, timeout_s=0.3) == expected
+        assert time.monotonic() - started < 0.3 + 0.2
+        # The lane goes on: the next message to that far end, on a connection of its own.
+        assert await send(settings, session, timeout_s=0.3) == DELIVERED
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [(b"503 Service Unavailable", Outcome(Result.RETRY, "HTTP 503")),
+     (b"404 Not Found", Outcome(Result.PERMANENT, "HTTP 404"))],
+)  # fmt: skip
+@pytest.mark.parametrize("case", ["drip", "reset mid-body", "broken chunked"])
+async def test_a_body_that_breaks_leaves_the_status_to_decide(
+    session: aiohttp.ClientSession, case: str, status: bytes, expected: Outcome
+) -> None:
+    async with far_end(with_status(ANSWERS[case], status)) as base:
+        assert await send(channel(f"{base}/hooks"), session, timeout_s=0.3) == expected
+
+
+async def test_https_to_a_plain_http_port_is_retried(session: aiohttp.ClientSession) -> None:
+    async with far_end(ANSWERS["https to plain http"]) as base:
+        url = base.replace("http://", "https://") + f"/hooks/s3cr3tPath?token={QUERY_TOKEN}"
+        outcome = await send(channel(url), session, timeout_s=0.3)
+    assert outcome.result is Result.RETRY
+    assert outcome.error.startswith("cannot connect: ")
+
+
+async def test_a_self_signed_certificate_is_refused(
+    session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    async with far_end(["answer"], fixed(b"200 OK", b""), tls=self_signed(tmp_path)) as base:
+        outcome = await send(channel(f"{base}/hooks/s3cr3tPath"), session, timeout_s=0.3)
+    assert outcome.result is Result.RETRY
+    assert "CERTIFICATE_VERIFY_FAILED" in outcome.error
+
+
+async def test_a_name_that_does_not_resolve_is_retried(session: aiohttp.ClientSession) -> None:
+    url = f"http://nonexistent.invalid/hooks/s3cr3tPath?token={QUERY_TOKEN}"
+    outcome = await send(channel(url), session, timeout_s=0.3)
+    assert outcome.result is Result.RETRY
+    # The resolver's own words, or "timed out" where a resolver does not answer in time.
+    assert outcome.error.startswith("cannot connect: ") or outcome.error == "timed out"

@@ -59,6 +59,12 @@ def describe_exception(exc: BaseException) -> str:
         return f"cannot connect: {exc.strerror or type(exc.os_error).__name__}"
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "server disconnected"
+    if isinstance(exc, aiohttp.TooManyRedirects):
+        return "too many redirects"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "answer cut short"  # a body closed, reset or wrongly encoded midway
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return "malformed answer"  # not HTTP aiohttp can parse: a head over its limits, …
     return f"transport error: {type(exc).__name__}"
 
 

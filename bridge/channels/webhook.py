@@ -69,13 +69,19 @@ class WebhookSender:
 
 
 async def _read_some(response: aiohttp.ClientResponse) -> None:
-    """Read the body to its end if it is short; else close the connection."""
+    """Read the body to its end if it is short and whole; else close the connection. A body
+    that stalls, is cut short, reset or badly chunked changes nothing: the status line has
+    already said whether the receiver took the message, and a 200 taken for a failure would be
+    sent again at every attempt (stalled, until the send times out), each one delivered."""
     read = 0
-    while read <= MAX_ANSWER_BYTES:
-        chunk = await response.content.readany()
-        if not chunk:
-            return
-        read += len(chunk)
+    try:
+        while read <= MAX_ANSWER_BYTES:
+            chunk = await response.content.readany()
+            if not chunk:
+                return
+            read += len(chunk)
+    except TRANSPORT_ERRORS:  # aiohttp's own timeout included: what is left of the send's
+        pass
     response.close()
 
 
