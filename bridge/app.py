@@ -149,9 +149,9 @@ class Bridge(Reloads):
         else:
             # Imported only here: with a delivery process, this one sends nothing, and aiohttp
             # would cost it about 9 MB.
-            import aiohttp
+            from bridge.channels.http import sender_session
 
-            self._session = aiohttp.ClientSession()  # the senders' (the worker runs here)
+            self._session = sender_session()  # the senders' (the worker runs here)
             policies, composer = self._worker_setup(config, self.renderer)
             self.worker = Worker.for_config(config, self.store, policies, composer, self.metrics)
             task = asyncio.create_task(self.worker.run(), name="worker")

@@ -115,9 +115,9 @@ class Child:
         await self.store.open()
         # Imported here, not with the module, whose DeliveryProcess the server imports too:
         # the server sends nothing.
-        import aiohttp
+        from bridge.channels.http import sender_session
 
-        self._session = aiohttp.ClientSession()
+        self._session = sender_session()
         config = self.config
         policies, composer = self._parts(config, self._renderer)
         self.worker = Worker.for_config(config, self.store, policies, composer, self.report)

@@ -51,11 +51,10 @@ def main(args: argparse.Namespace) -> int:
 
 async def _send(config: Config, name: str, payload: str) -> Outcome:
     # Imported only for this command: the CLI loads every command's module, `serve` included.
-    import aiohttp
-
     from bridge.channels.build import build_senders
+    from bridge.channels.http import sender_session
 
-    async with aiohttp.ClientSession() as session:
+    async with sender_session() as session:
         # No store: never an ID one hands out (those are positive), and a new one each time, so
         # a webhook receiver that drops repeats by webhook-id takes a second test too.
         sender = build_senders(config, session, "send-test")[name]

@@ -13,6 +13,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from bridge.channels.http import sender_session
 from tests.slack_standin import SlackStandIn
 
 POSTGRES_VAR = "LIVE_BRIDGE_TEST_POSTGRES_URL"
@@ -34,7 +35,8 @@ def slack() -> Iterator[SlackStandIn]:
 
 @pytest.fixture
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
+    """The senders' session, as the worker makes it."""
+    async with sender_session() as client:
         yield client
 
 

@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from pydantic import SecretStr
 
@@ -20,6 +19,7 @@ from bridge.blockkit import (
     problems,
 )
 from bridge.channels import Result
+from bridge.channels.http import sender_session
 from bridge.channels.slack import SlackSender
 from bridge.config_tables import SlackChannel, TemplatesConfig
 from bridge.events import parse_event
@@ -346,7 +346,7 @@ def test_fit_folds_fields_and_context_elements_over_ten_into_the_tenth(
 async def _post_through_the_standin(payload: str) -> dict[str, Any]:
     with SlackStandIn() as slack:
         settings = SlackChannel(type="slack", webhook_url=SecretStr(slack.add_webhook()))
-        async with aiohttp.ClientSession() as session:
+        async with sender_session() as session:
             outcome = await SlackSender(settings, session, timeout_s=5).send(payload, 1)
         assert outcome.result is Result.DELIVERED, outcome.error
         (posted,) = slack.posted

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -15,6 +17,7 @@ from pydantic import SecretStr
 from bridge.channels import Outcome, Result, Thread, permanent, retry
 from bridge.channels.slack import SlackSender
 from bridge.config_tables import SlackChannel
+from tests.farend import ANSWERS, OK_JSON, far_end, fixed, self_signed
 from tests.slack_standin import SlackStandIn
 
 pytestmark = pytest.mark.anyio
@@ -37,15 +40,17 @@ def hook(url: str) -> SlackChannel:
 
 
 async def send(
-    settings: SlackChannel, session: aiohttp.ClientSession, payload: str = HI
-) -> Outcome:
-    outcome = await SlackSender(settings, session, timeout_s=2).send(payload, 1)
+    settings: SlackChannel, session: aiohttp.ClientSession, payload: str = HI,
+    timeout_s: float = 2,
+) -> Outcome:  # fmt: skip
+    outcome = await SlackSender(settings, session, timeout_s).send(payload, 1)
     # The shared check every case passes: no credential in what is logged and stored.
     for secret in (settings.token, settings.webhook_url):
         if secret is not None:
             value = secret.get_secret_value()
             assert value not in outcome.error
             assert value.rsplit("/", 1)[-1] not in outcome.error
+    assert "://" not in outcome.error
     return outcome
 
 
@@ -352,3 +357,129 @@ async def test_a_send_ends_at_the_configured_timeout(
     outcome = await SlackSender(settings, session, timeout_s=0.5).send(HI, 1)
     assert outcome == retry("timed out")
     assert time.monotonic() - started < 5
+
+
+# A far end's misbehaviour below HTTP (tests/farend.py), for both clients. Slack's verdict is in
+# the body ("ok", or {"ok": true, "ts": …}): a body that never comes whole is no verdict, and
+# the message is sent again (at least once, as after a crash), never taken for delivered.
+SLACK_FAR_ENDS: list[tuple[str, Outcome]] = [
+    ("drip", retry("timed out")),
+    ("silent", retry("timed out")),
+    ("close mid-headers", retry("server disconnected")),
+    ("close mid-body", retry("answer cut short")),
+    ("reset mid-body", retry("answer cut short")),
+    ("close-delimited", Outcome(Result.DELIVERED)),
+    ("broken chunked", retry("timed out")),
+    ("broken chunked at once", retry("malformed answer")),
+    ("length past the body", retry("timed out")),
+    ("100 continue first", Outcome(Result.DELIVERED)),
+    ("103 early hints first", Outcome(Result.DELIVERED)),
+    ("header over the limit", retry("malformed answer")),
+]
+
+
+@pytest.mark.parametrize("mode", ["api", "webhook"])
+@pytest.mark.parametrize(("case", "expected"), SLACK_FAR_ENDS, ids=[c for c, _ in SLACK_FAR_ENDS])
+async def test_a_far_end_that_misbehaves(
+    session: aiohttp.ClientSession, mode: str, case: str, expected: Outcome
+) -> None:
+    body = OK_JSON if mode == "api" else b"ok"
+    started = time.monotonic()
+    async with far_end(ANSWERS[case], fixed(b"200 OK", body), body) as base:
+        settings = bot(f"{base}/api/") if mode == "api" else hook(base + SECRET_PATH)
+        outcome = await send(settings, session, timeout_s=0.3)
+        if expected.result is Result.DELIVERED and mode == "api":
+            expected = Outcome(Result.DELIVERED, ts="1700000000.000100")
+        assert outcome == expected
+        assert time.monotonic() - started < 0.3 + 0.2
+        # The lane goes on: the next message to that far end, on a connection of its own.
+        assert (await send(settings, session, timeout_s=0.3)).result is Result.DELIVERED
+
+
+@pytest.mark.parametrize("mode", ["api", "webhook"])
+@pytest.mark.parametrize("status", [302, 307])
+async def test_a_redirect_loop_is_permanent(
+    session: aiohttp.ClientSession, mode: str, status: int
+) -> None:
+    # slack-sdk's clients follow redirects (a 307 with the message, ten times over); a loop is
+    # a URL that will not change by itself, like the webhooks' 3xx.
+    seen: list[str] = []
+
+    async def loop(request: web.Request) -> web.Response:
+        seen.append(request.method)
+        return web.Response(status=status, headers={"Location": request.path})
+
+    async with serving(loop) as base:
+        settings = bot(f"{base}/api/") if mode == "api" else hook(base + SECRET_PATH)
+        assert await send(settings, session) == permanent("too many redirects")
+    assert len(seen) == 10
+
+
+@pytest.mark.parametrize(
+    ("mode", "status", "expected"),
+    [
+        ("api", 200, retry("HTTP 200: not Slack's JSON (over 1 MiB)")),
+        ("webhook", 200, permanent("HTTP 200 without Slack's ok (over 1 MiB)")),
+        ("api", 502, retry("HTTP 502")),
+        ("webhook", 404, permanent("HTTP 404")),
+    ],
+)
+async def test_an_answer_over_a_mebibyte_is_not_read_whole(
+    session: aiohttp.ClientSession, mode: str, status: int, expected: Outcome
+) -> None:
+    # slack-sdk reads every answer whole: 100 MiB took 350 MB, and one that never ends grew the
+    # process by 500 MB a second until the send timed out.
+    written = 0
+
+    async def huge(request: web.Request) -> web.StreamResponse:
+        nonlocal written
+        await request.read()
+        response = web.StreamResponse(status=status, headers={"Content-Type": "text/plain"})
+        await response.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            while written < 64 * 1_048_576:
+                await response.write(b"x" * 65_536)
+                written += 65_536
+        return response
+
+    async with serving(huge) as base:
+        settings = bot(f"{base}/api/") if mode == "api" else hook(base + SECRET_PATH)
+        assert await send(settings, session) == expected
+    assert written < 16 * 1_048_576  # the rest waited in socket buffers, or was never sent
+
+
+async def test_a_self_signed_certificate_is_refused(
+    session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    async with far_end(["answer"], fixed(b"200 OK", b"ok"), tls=self_signed(tmp_path)) as base:
+        outcome = await send(hook(base + SECRET_PATH), session, timeout_s=0.3)
+    assert outcome.result is Result.RETRY
+    assert "CERTIFICATE_VERIFY_FAILED" in outcome.error
+
+
+@pytest.mark.parametrize("mode", ["api", "webhook"])
+async def test_https_to_plain_http_and_a_name_that_does_not_resolve_are_retried(
+    session: aiohttp.ClientSession, mode: str
+) -> None:
+    async with far_end(ANSWERS["https to plain http"]) as plain:
+        for base in (plain.replace("http://", "https://"), "http://nonexistent.invalid"):
+            settings = bot(f"{base}/api/") if mode == "api" else hook(base + SECRET_PATH)
+            outcome = await send(settings, session, timeout_s=0.3)
+            assert outcome.result is Result.RETRY
+            # "timed out" where a resolver does not answer in time
+            assert outcome.error.startswith("cannot connect: ") or outcome.error == "timed out"
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> AsyncIterator[str]:
+    app = web.Application()
+    app.router.add_route("*", "/{rest:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()

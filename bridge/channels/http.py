@@ -16,6 +16,12 @@ import aiohttp
 
 from bridge.channels import DELIVERED, Outcome, permanent, retry
 
+# The most of an answer a sender's session reads whole. slack-sdk reads every answer so, and
+# grew the process by its size (three times it, as bytes, text and JSON): 100 MiB took 350 MB,
+# and an answer that never ends 500 MB a second until the send timed out. Slack's largest
+# (chat.postMessage echoing a message of 40,000 characters and 50 blocks) is far below it.
+MAX_READ_BYTES = 1_048_576
+
 # The longest wait a far end may ask for. More is taken as this: a wrong header, or 400 nines
 # (infinity as a float), would otherwise hold a channel, or a delivery, past any date.
 RETRY_AFTER_MAX_S = 3600.0
@@ -69,3 +75,36 @@ def describe_exception(exc: BaseException) -> str:
 
 
 TRANSPORT_ERRORS = (asyncio.TimeoutError, aiohttp.ClientError, OSError)
+
+
+class AnswerTooLong(aiohttp.ClientPayloadError):
+    """An answer over MAX_READ_BYTES, its connection closed; its status and headers kept."""
+
+    def __init__(self, status: int, headers: Mapping[str, str]) -> None:
+        super().__init__(f"an answer over {MAX_READ_BYTES} bytes")
+        self.status = status
+        self.headers = headers
+
+
+class BoundedResponse(aiohttp.ClientResponse):
+    """A response whose whole-body read (read, text, json) stops past MAX_READ_BYTES, raising
+    AnswerTooLong. Streaming reads of `content` (the webhook sender's) are left alone."""
+
+    async def read(self) -> bytes:
+        if self._body is None:
+            body = bytearray()
+            try:
+                while chunk := await self.content.readany():
+                    body += chunk
+                    if len(body) > MAX_READ_BYTES:
+                        raise AnswerTooLong(self.status, self.headers)
+            except BaseException:
+                self.close()
+                raise
+            self._body = bytes(body)  # aiohttp's own read() then takes it as read
+        return await super().read()
+
+
+def sender_session() -> aiohttp.ClientSession:
+    """The session the senders share (the worker's, send-test's)."""
+    return aiohttp.ClientSession(response_class=BoundedResponse)

@@ -16,6 +16,7 @@ from slack_sdk.webhook.async_client import AsyncWebhookClient
 from bridge.channels import DELIVERED, SDK_LOG, Outcome, Result, Thread, permanent, retry
 from bridge.channels.http import (
     TRANSPORT_ERRORS,
+    AnswerTooLong,
     classify_status,
     describe_exception,
     parse_retry_after,
@@ -87,6 +88,17 @@ class SlackSender:
                 response = await self._hook.send_dict(message)
         except SlackApiError as exc:
             return _classify_api_error(exc)
+        except AnswerTooLong as exc:
+            # Not Slack's: classified as a short answer that is not Slack's would be.
+            if exc.status != 200:
+                return classify_status(exc.status, exc.headers)
+            if self._web is not None:
+                return retry("HTTP 200: not Slack's JSON (over 1 MiB)")
+            return permanent("HTTP 200 without Slack's ok (over 1 MiB)")
+        except aiohttp.TooManyRedirects:
+            # slack-sdk's clients follow redirects (a 307 or 308 posting the message again each
+            # time): a loop is a URL that will not mend itself, as a webhook's 3xx.
+            return permanent("too many redirects")
         except TRANSPORT_ERRORS as exc:
             return retry(describe_exception(exc))
         except UnicodeDecodeError:
