@@ -1,8 +1,9 @@
 """Far ends that misbehave below HTTP, for the senders' tests: a raw asyncio socket server that
-reads one request and then plays a script of bytes, pauses, closes and resets.
+reads a request and then plays a script of bytes, pauses, closes and resets.
 
-`async with far_end(ANSWERS["drip"]) as url:` serves every connection with that script; the
-scripts in ANSWERS are shared by the webhook and the Slack tests, whose expectations differ.
+`async with far_end(ANSWERS["drip"], answer) as url:` plays that script to the first request and
+`answer` to every later one; the scripts in ANSWERS are shared by the webhook and the Slack
+tests, whose expectations differ.
 """
 
 from __future__ import annotations
@@ -20,17 +21,16 @@ from pathlib import Path
 import pytest
 
 # A step: bytes to write, a float to sleep, "close" (FIN) or "reset" (RST), "answer" or "body"
-# (see far_end), "unread" first to answer before the request is read. A script that ends without
-# "close" or "reset" holds the connection open until the server stops.
+# (see far_end), "unread" first to answer before the request is read.
 Step = bytes | float | str
 Script = Sequence[Step]
 
 OK_JSON = b'{"ok":true,"channel":"C0123456789","ts":"1700000000.000100"}'
 
 
-def fixed(status: bytes, body: bytes, extra: bytes = b"") -> bytes:
+def fixed(status: bytes, body: bytes) -> bytes:
     """A whole HTTP/1.1 answer with a Content-Length."""
-    head = b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\n" + extra
+    head = b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\n"
     return head + b"Content-Length: %d\r\n\r\n" % len(body) + body
 
 
