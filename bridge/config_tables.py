@@ -16,11 +16,31 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf is TOML and a float, but no duration: an infinite timeout_s stopped start-up with
+    # a traceback, an infinite drain_s the process at SIGTERM.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _no_nul(value: Path) -> Path:
+    # No file can have one in its name: opening it raised ValueError, a traceback at start-up.
+    if "\0" in str(value):
+        raise ValueError("a path cannot hold a NUL character")
+    return value
+
+
+LocalPath = Annotated[Path, AfterValidator(_no_nul)]
 
 
 class ServerConfig(Strict):
@@ -33,7 +53,9 @@ class ServerConfig(Strict):
     request_timeout_s: float = Field(10.0, gt=0)
     # On SIGTERM, /readyz answers 503 this long before the listener closes, so a load balancer
     # stops sending; callbacks that still arrive are acknowledged as usual.
-    drain_s: float = Field(0.0, ge=0)
+    # At most a day: threading.Timer cannot wait past TIMEOUT_MAX (292 years), and no load
+    # balancer needs longer than minutes to notice.
+    drain_s: float = Field(0.0, ge=0, le=86_400)
 
     @property
     def callback_paths(self) -> frozenset[str]:
@@ -70,7 +92,7 @@ class TencentConfig(Strict):
 
 
 class StoreConfig(Strict):
-    path: Path = Path("live-bridge.db")  # SQLite: one serving process
+    path: LocalPath = Path("live-bridge.db")  # SQLite: one serving process
     url: SecretStr | None = None  # PostgreSQL: any number of serving processes on one database
     # SQLite: "full" syncs each commit to disk before the OK packet, so an acknowledged callback
     # survives power loss; "normal" leaves the last commits to the operating system: they
@@ -116,7 +138,7 @@ class DeliveryConfig(Strict):
 
 
 class TemplatesConfig(Strict):
-    dir: Path = Path("templates")
+    dir: LocalPath = Path("templates")
     timezone: str = "UTC"
     room_url: str | None = None
 
@@ -226,7 +248,7 @@ class WebhookChannel(Strict):
         # keeps its newline. The name is no secret; the value stays out of the message.
         for name, header in value.items():
             if any(c in name + header.get_secret_value() for c in "\r\n\0"):
-                raise ValueError(f"{name}: a header cannot hold a line break or NUL")
+                raise ValueError(f"{name!r}: a header cannot hold a line break or NUL")
         return value
 
     @field_validator("signing_secret")

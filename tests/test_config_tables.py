@@ -129,3 +129,54 @@ def test_sdk_app_id_outside_what_a_callback_can_carry_is_an_error(
     text = MINIMAL.replace("sdk_app_id = 1400000000", f"sdk_app_id = {value}")
     with pytest.raises(ConfigError, match="sdk_app_id"):
         load_config(write(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ("[delivery]\ntimeout_s = inf\n", "[delivery] timeout_s: Input should be a finite number"),
+        ("[delivery]\nshutdown_grace_s = inf\n", "[delivery] shutdown_grace_s: Input should be a"),
+        ("[delivery]\ninitial_backoff_s = inf\nmax_backoff_s = inf\n", "initial_backoff_s: Input"),
+        ("[server]\ndrain_s = inf\n", "[server] drain_s: Input should be a finite number"),
+        ("[server]\nrequest_timeout_s = inf\n", "[server] request_timeout_s: Input should be a"),
+        ("[store]\nretention_h = inf\n", "[store] retention_h: Input should be a finite number"),
+        ("[channels.s]\ntype = 'console'\n[channels.w]\ntype = 'webhook'\nurl = 'http://x'\n"
+         "rate_per_s = inf\n", "[channels.w] rate_per_s: Input should be a finite number"),
+    ],
+)  # fmt: skip
+def test_an_infinite_number_is_refused(tmp_path: Path, extra: str, expected: str) -> None:
+    # An infinite timeout_s crashed start-up (a Slack channel's timeout is a whole number of
+    # seconds); an infinite drain_s, the process at SIGTERM.
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, MINIMAL + extra))
+    assert expected in str(caught.value)
+
+
+def test_a_drain_longer_than_a_timer_can_wait_is_refused(tmp_path: Path) -> None:
+    # threading.Timer cannot wait past threading.TIMEOUT_MAX (292 years): SIGTERM then raised
+    # OverflowError in the timer's thread and the process never stopped.
+    with pytest.raises(ConfigError, match=r"\[server\] drain_s: Input should be less than"):
+        load_config(write(tmp_path, MINIMAL + "[server]\ndrain_s = 1e10\n"))
+    config = load_config(write(tmp_path, MINIMAL + "[server]\ndrain_s = 86400\n"))
+    assert config.server.drain_s == 86400
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ('[store]\npath = "a\\u0000b.db"\n', "[store] path: a path cannot hold a NUL"),
+        ('[templates]\ndir = "a\\u0000b"\n', "[templates] dir: a path cannot hold a NUL"),
+    ],
+)
+def test_a_path_with_a_nul_is_refused(tmp_path: Path, extra: str, expected: str) -> None:
+    # No file can have one: serve stopped with a traceback (ValueError: embedded null byte).
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, MINIMAL + extra))
+    assert expected in str(caught.value)
+
+
+def test_a_header_name_with_a_line_break_is_shown_escaped(tmp_path: Path) -> None:
+    extra = '[channels.w]\ntype = "webhook"\nurl = "http://x"\nheaders = { "X-A\\nB" = "v" }\n'
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, MINIMAL + extra))
+    assert "[channels.w] headers: 'X-A\\nB': a header cannot hold" in str(caught.value)
