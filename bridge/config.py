@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import sys
 from pathlib import Path
 
@@ -115,7 +116,7 @@ def load_config(path: str | Path) -> Config:
     """Read, expand and validate the config at `path`; relative paths resolve against its folder."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
+        raise ConfigError(f"{path}: {_not_a_file(path)}")
 
     class _Bound(Config):
         model_config = SettingsConfigDict(toml_file=path)
@@ -127,7 +128,7 @@ def load_config(path: str | Path) -> Config:
     except LoadError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     except EnvironmentValueError as exc:
-        raise ConfigError(str(exc)) from None
+        raise ConfigError(f"{path}: {exc}") from None
     base = path.resolve().parent
     return Config.model_construct(
         **{
@@ -136,3 +137,17 @@ def load_config(path: str | Path) -> Config:
             "templates": config.templates.model_copy(update={"dir": base / config.templates.dir}),
         }
     )
+
+
+def _not_a_file(path: Path) -> str:
+    """Why `path`, which is no regular file, cannot be the config: "no such file" only when
+    there is none, so an operator does not look for one that is there."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "no such config file"
+    except OSError as exc:  # a symlink loop, a folder it may not enter
+        return f"cannot be read: {exc.strerror or exc}"
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a config file"
+    return "is not a regular file"  # a FIFO or a device: reading one may never end

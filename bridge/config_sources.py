@@ -8,6 +8,7 @@ secret.
 
 from __future__ import annotations
 
+import codecs
 import os
 import re
 import tomllib
@@ -74,6 +75,8 @@ class ExpandedToml(TomlConfigSettingsSource):
         except OSError as exc:  # not readable by this user, an I/O error
             raise LoadError(f"cannot be read: {exc.strerror or exc}") from None
         try:
+            # A byte order mark (Windows editors write one) is no TOML statement.
+            raw = raw.removeprefix(codecs.BOM_UTF8)
             data = tomllib.loads(raw.decode())
         except UnicodeDecodeError as exc:
             line = raw[: exc.start].count(b"\n") + 1
@@ -171,9 +174,21 @@ def _keys(loc: tuple[int | str, ...]) -> list[int | str]:
     return parts
 
 
+# C0 (the newline too), DEL, C1 and the Unicode line and paragraph separators.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _shown(part: int | str) -> int | str:
+    """A key as it can be printed: a line break or terminal escape in a name the operator chose
+    would otherwise break the message's lines or repaint the terminal."""
+    if isinstance(part, int):
+        return part
+    return _CONTROL.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), part)
+
+
 def _where(loc: tuple[int | str, ...]) -> str:
     """`("channels", "x", "slack", "token")` → `[channels.x] token`; routes by their position."""
-    parts = _keys(loc)
+    parts = [_shown(p) for p in _keys(loc)]
     if not parts:
         return "config"
     if parts[0] == "routes" and len(parts) >= 2 and isinstance(parts[1], int):

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -82,6 +84,25 @@ def test_route_cross_references(tmp_path: Path, routes: str, expected: str) -> N
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(tmp_path / "absent.toml")
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda p: p.mkdir(), "is a directory, not a config file"),
+        (lambda p: os.mkfifo(p), "is not a regular file"),
+        (lambda p: p.symlink_to(p), "cannot be read: Too many levels of symbolic links"),
+    ],
+)
+def test_a_config_path_that_is_no_file_says_what_it_is(
+    tmp_path: Path, make: Callable[[Path], None], expected: str
+) -> None:
+    # "no such config file" sent the operator looking for a file that is there.
+    path = tmp_path / "config.toml"
+    make(path)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value) == f"{path}: {expected}"
 
 
 def test_config_path_order(monkeypatch: pytest.MonkeyPatch) -> None:

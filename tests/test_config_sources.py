@@ -128,3 +128,40 @@ def test_prefixed_variables_that_are_not_overrides_are_left_alone(
     channel = config.channels["b"]
     assert isinstance(channel, WebhookChannel)
     assert channel.url.get_secret_value() == "https://example.invalid/b"
+
+
+def test_bad_environment_value_names_the_config_file_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LIVE_BRIDGE_TENCENT__SDK_APP_ID", "Zq7")
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value).startswith(f"{path}: environment variable LIVE_BRIDGE_TENCENT__")
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ('[channels."a\\rb"]\ntype = "x"\n', "[channels.a\\rb]: type must be one of"),
+        ('[channels."a\\nb"]\n', "[channels.a\\nb]: missing key type"),
+        ('[server]\n"x\\u001b[2J" = 1\n', "[server] x\\x1b[2J: unknown key"),
+        ('[channels.c]\ntype = "console"\n"\\u2028" = 1\n', "[channels.c] \\u2028: unknown key"),
+    ],
+)
+def test_a_name_with_a_line_break_or_escape_cannot_break_the_message(
+    tmp_path: Path, extra: str, expected: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, MINIMAL + extra))
+    message = str(caught.value)
+    assert expected in message
+    assert all(line.startswith("  ") for line in message.splitlines()[1:]), message
+    assert "\x1b" not in message and "\r" not in message and "\u2028" not in message
+
+
+def test_a_byte_order_mark_is_not_part_of_the_document(tmp_path: Path) -> None:
+    # Windows editors (Notepad) write one; it is no TOML statement.
+    path = tmp_path / "config.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + MINIMAL.replace("\n", "\r\n").encode())
+    assert load_config(path).routes[0].name == "all"
