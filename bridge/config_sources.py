@@ -32,6 +32,7 @@ class EnvironmentValueError(Exception):
     variable, not its value."""
 
 
+NESTED_TOO_DEEPLY = "tables or arrays nested too deeply"
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -83,9 +84,14 @@ class ExpandedToml(TomlConfigSettingsSource):
             raise LoadError(f"line {line} is not UTF-8 text, as TOML must be") from None
         except tomllib.TOMLDecodeError as exc:
             raise LoadError(f"not valid TOML: {exc}") from None
+        except RecursionError:  # the parser recurses once a level
+            raise LoadError(NESTED_TOO_DEEPLY) from None
         missing: list[str] = []
         named: set[str] = set()
-        expanded: dict[str, Any] = _expand_tree(data, (), missing, named)
+        try:
+            expanded: dict[str, Any] = _expand_tree(data, (), missing, named)
+        except RecursionError:  # a depth the parser just managed (a long dotted key)
+            raise LoadError(NESTED_TOO_DEEPLY) from None
         if missing:
             raise LoadError("; ".join(missing))
         self.named = frozenset(named)

@@ -165,3 +165,20 @@ def test_a_byte_order_mark_is_not_part_of_the_document(tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
     path.write_bytes(b"\xef\xbb\xbf" + MINIMAL.replace("\n", "\r\n").encode())
     assert load_config(path).routes[0].name == "all"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "[server]\nhost = " + "[" * 5000 + "]" * 5000 + "\n",
+        "[server]\nhost = " + "{a=" * 5000 + "1" + "}" * 5000 + "\n",
+        "[channels.x]\ntype = 'console'\n" + ".".join(["a"] * 2000) + " = 1\n",
+    ],
+    ids=["arrays", "inline tables", "dotted key"],
+)
+def test_values_nested_too_deeply_are_a_config_error(tmp_path: Path, extra: str) -> None:
+    # Python's TOML parser, and ${VAR} expansion after it, recurse once a level: RecursionError.
+    path = write(tmp_path, MINIMAL + extra)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value) == f"{path}: tables or arrays nested too deeply"
