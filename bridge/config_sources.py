@@ -132,7 +132,7 @@ class Environment(EnvSettingsSource):
     ) -> Any:
         try:
             return super().prepare_field_value(field_name, field, value, value_is_complex)
-        except ValueError:
+        except (ValueError, RecursionError):  # JSON nested deeper than its decoder recurses
             # Named, never shown: the value may be a secret.
             names = ", ".join(_from_environment((field_name,))) or "?"
             raise EnvironmentValueError(

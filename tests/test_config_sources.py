@@ -59,6 +59,11 @@ def test_env_overrides_nested_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         ("LIVE_BRIDGE_SERVER__PORT", "Zq7", "[server] port (set by LIVE_BRIDGE_SERVER__PORT): "),
         ("LIVE_BRIDGE_STORE__URL", "mysql://Zq7", "[store] url (set by LIVE_BRIDGE_STORE__URL): "),
         ("LIVE_BRIDGE_ROUTES__0__NAME", "Zq7", "routes (set by LIVE_BRIDGE_ROUTES__0__NAME): "),
+        # JSON nested deeper than Python's decoder recurses: RecursionError, a traceback.
+        ("LIVE_BRIDGE_CHANNELS", "[" * 100_000 + "Zq7", "variable LIVE_BRIDGE_CHANNELS: not"),
+        ("LIVE_BRIDGE_TENCENT", '{"a":' * 100_000 + "Zq7", "variable LIVE_BRIDGE_TENCENT: not"),
+        ("LIVE_BRIDGE_TENCENT__SDK_APP_ID", "[" * 100_000, "LIVE_BRIDGE_TENCENT__SDK_APP_ID: n"),
+        ("LIVE_BRIDGE_CHANNELS__X", "[" * 100_000 + "Zq7", "LIVE_BRIDGE_CHANNELS__X"),
     ],
 )
 def test_bad_environment_value_names_the_variable_not_the_value(
