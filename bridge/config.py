@@ -73,10 +73,7 @@ class Config(BaseSettings):
                 try:
                     re.compile(route.room_regex)
                 except (re.error, OverflowError, RecursionError) as exc:
-                    # A repeat count over the engine's limit is an OverflowError, groups nested
-                    # deeper than its parser recurses a RecursionError: bad patterns all the same.
-                    why = "groups nested too deeply" if isinstance(exc, RecursionError) else exc
-                    raise ValueError(f"route {route.name!r}: bad room_regex: {why}") from None
+                    raise ValueError(f"route {route.name!r}: bad room_regex: {_why(exc)}") from None
         return self
 
     @classmethod
@@ -90,6 +87,20 @@ class Config(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         toml = ExpandedToml(settings_cls)
         return (init_settings, Environment(settings_cls, toml), toml)
+
+
+# re.error quotes the group name it refuses: the pattern's own text, maybe a ${VAR}'s value.
+_QUOTED = re.compile(r" ?'[^']*'")
+
+
+def _why(exc: Exception) -> str:
+    # A repeat count over the engine's limit is an OverflowError, groups nested deeper than
+    # its parser recurses a RecursionError: bad patterns all the same.
+    if isinstance(exc, RecursionError):
+        return "groups nested too deeply"
+    if isinstance(exc, re.error) and exc.pos is not None:
+        return f"{_QUOTED.sub('', exc.msg)} at position {exc.pos}"
+    return str(exc)
 
 
 CONFIG_HELP = "TOML config (default: $LIVE_BRIDGE_CONFIG, else config.toml)"

@@ -174,3 +174,23 @@ continue = true
 name = "everything else"
 channels = ["console"]
 """
+
+
+@pytest.mark.parametrize(
+    ("regex", "expected"),
+    [
+        ("(?P<${NAME}>a)", "bad room_regex: bad character in group name at position 4"),
+        ("(?P=${NAME})", "bad room_regex: bad character in group name at position 4"),
+        ("(?P<a>x)(?P<${NAME}>y)", "bad room_regex: bad character in group name at position 12"),
+    ],
+)
+def test_a_bad_room_regex_does_not_repeat_a_variables_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, regex: str, expected: str
+) -> None:
+    # re.error quotes the group name it refuses, which here is the value of ${NAME}.
+    monkeypatch.setenv("NAME", "Zq7 secret")
+    routes = f"[[routes]]\nname = 'r'\nroom_regex = '{regex}'\nchannels = ['console']\n"
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, MINIMAL + routes))
+    assert f"route 'r': {expected}" in str(caught.value)
+    assert "Zq7" not in str(caught.value)
