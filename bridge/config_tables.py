@@ -42,12 +42,17 @@ def _no_nul(value: Path) -> Path:
 
 LocalPath = Annotated[Path, AfterValidator(_no_nul)]
 
+# Counts reach SQL (a claim's LIMIT is digest_after + 1, or 4 x max_in_flight) and the stores'
+# integer columns: past this, SQLite's 64 bits overflowed and every lane died with nothing
+# delivered. No count means anything this large.
+MAX_COUNT = 2**31 - 1
+
 
 class ServerConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     callback_path: str = Field("/tencent/callback", pattern=r"^/")
-    max_body_bytes: int = Field(262_144, gt=0)
+    max_body_bytes: int = Field(262_144, gt=0, le=MAX_COUNT)
     # A request (its head and body) must arrive within this long of the connection opening, of
     # its first byte, or of the previous answer on the connection; else the connection closes.
     request_timeout_s: float = Field(10.0, gt=0)
@@ -69,7 +74,7 @@ class TencentConfig(Strict):
     # Positive, and at most 20 digits: what bridge.verify compares a callback's SdkAppid with.
     sdk_app_id: tuple[Annotated[int, Field(gt=0, lt=10**20)], ...]
     callback_token: SecretStr | None = None
-    max_request_age_s: int = Field(60, gt=0)
+    max_request_age_s: int = Field(60, gt=0, le=MAX_COUNT)
 
     @field_validator("sdk_app_id", mode="before")
     @classmethod
@@ -99,7 +104,7 @@ class StoreConfig(Strict):
     # survive the process being killed, not the machine stopping. Full costs a disk flush per
     # commit, and the disk's slowest flushes are the slowest acknowledgements.
     sync: Literal["full", "normal"] = "full"
-    pool_size: int = Field(8, ge=1)  # PostgreSQL connections per process
+    pool_size: int = Field(8, ge=1, le=MAX_COUNT)  # PostgreSQL connections per process
     retention_h: float = Field(72.0, gt=0)  # delivered rows and dedup keys; dead letters stay
 
     @field_validator("url")
@@ -122,7 +127,7 @@ class StoreConfig(Strict):
 
 
 class DeliveryConfig(Strict):
-    max_attempts: int = Field(10, ge=1)
+    max_attempts: int = Field(10, ge=1, le=MAX_COUNT)
     initial_backoff_s: float = Field(1.0, gt=0)
     max_backoff_s: float = Field(300.0, gt=0)
     timeout_s: float = Field(10.0, gt=0)
@@ -185,7 +190,8 @@ class AdminConfig(Strict):
 class ConsoleChannel(Strict):
     type: Literal["console"]
     template: str | None = None
-    digest_after: int = Field(10, ge=0)  # more pending than this: one digest; 0 turns it off
+    # More pending than this: one digest; 0 turns it off.
+    digest_after: int = Field(10, ge=0, le=MAX_COUNT)
     digest_template: str | None = None
 
 
@@ -197,8 +203,8 @@ class SlackChannel(Strict):
     api_url: str = "https://slack.com/api/"
     template: str | None = None
     rate_per_s: float = Field(1.0, gt=0)  # Slack: about one message a second per channel
-    burst: int = Field(3, ge=1)
-    digest_after: int = Field(10, ge=0)
+    burst: int = Field(3, ge=1, le=MAX_COUNT)
+    digest_after: int = Field(10, ge=0, le=MAX_COUNT)
     digest_template: str | None = None
     thread_by_room: bool = False  # bot token only: one thread per room
     reply_broadcast: bool = False  # thread replies also shown in the channel
@@ -229,9 +235,10 @@ class WebhookChannel(Strict):
     headers: dict[str, SecretStr] = {}
     signing_secret: SecretStr | None = None
     template: str | None = None
-    max_in_flight: int = Field(4, ge=1)  # concurrent requests; one room's are still in order
+    # Concurrent requests; one room's are still in order.
+    max_in_flight: int = Field(4, ge=1, le=MAX_COUNT)
     rate_per_s: float | None = Field(None, gt=0)
-    burst: int = Field(1, ge=1)
+    burst: int = Field(1, ge=1, le=MAX_COUNT)
 
     @field_validator("url")
     @classmethod

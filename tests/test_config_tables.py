@@ -180,3 +180,33 @@ def test_a_header_name_with_a_line_break_is_shown_escaped(tmp_path: Path) -> Non
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, MINIMAL + extra))
     assert "[channels.w] headers: 'X-A\\nB': a header cannot hold" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("extra", "where"),
+    [
+        ("[server]\nmax_body_bytes = {n}\n", "[server] max_body_bytes"),
+        ("[tencent]\nmax_request_age_s = {n}\n", "[tencent] max_request_age_s"),
+        ("[store]\npool_size = {n}\n", "[store] pool_size"),
+        ("[delivery]\nmax_attempts = {n}\n", "[delivery] max_attempts"),
+        ("[channels.c]\ntype = 'console'\ndigest_after = {n}\n", "[channels.c] digest_after"),
+        ("[channels.s]\ntype = 'slack'\nwebhook_url = 'http://x'\nburst = {n}\n", "s] burst"),
+        (
+            "[channels.w]\ntype = 'webhook'\nurl = 'http://x'\nmax_in_flight = {n}\n",
+            "[channels.w] max_in_flight",
+        ),
+    ],
+)
+def test_a_count_past_a_32_bit_integer_is_refused(tmp_path: Path, extra: str, where: str) -> None:
+    # digest_after = 10**20 (or max_in_flight, times the claim factor) went into a claim's SQL
+    # LIMIT: OverflowError in every lane, and nothing was delivered, with no word at start-up.
+
+    def text(n: int) -> str:  # [tencent] is MINIMAL's own table: the key goes into it
+        if extra.startswith("[tencent]"):
+            return MINIMAL.replace("[tencent]\n", extra.format(n=n))
+        return MINIMAL + extra.format(n=n)
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text(2**31)))
+    assert f"{where}: Input should be less than or equal to 2147483647" in str(caught.value)
+    assert load_config(write(tmp_path, text(2**31 - 1)))
