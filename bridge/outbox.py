@@ -155,9 +155,11 @@ async def _retry(store: Store, config: Config, args: argparse.Namespace) -> int:
 
 
 async def _drop(store: Store, config: Config, args: argparse.Namespace) -> int:
+    now = time.time()
     return await _each_id(
-        args, store.drop, "dropped", "dropped", "not found, or delivered or in flight"
-    )
+        args, lambda ids: store.drop(ids, now), "dropped", "dropped",
+        "not found, or delivered or in flight",
+    )  # fmt: skip
 
 
 COMMANDS: dict[str, Command] = {"stats": _stats, "list": _list, "retry": _retry, "drop": _drop}

@@ -239,9 +239,9 @@ class Model:
             self._retry(r, now)
         return len(back)
 
-    def drop(self, ids: Sequence[int]) -> set[int]:
+    def drop(self, ids: Sequence[int], now: float) -> set[int]:
         dropped = {i for i in set(ids) if (r := self.rows.get(i)) is not None
-                   and r.state in (State.DEAD, State.PENDING)}  # fmt: skip
+                   and r.state in (State.DEAD, State.PENDING) and self.free(r, now)}  # fmt: skip
         for i in dropped:
             del self.rows[i]
             self.gone[i] = "dropped"

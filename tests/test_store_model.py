@@ -497,7 +497,8 @@ class StoreMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def outbox_drop(self, data: st.DataObject) -> None:
         ids = self.some_ids(data)
-        assert sorted(self.run(self.outbox.drop(ids))) == sorted(self.model.drop(ids))
+        dropped = self.run(self.outbox.drop(ids, self.now))
+        assert sorted(dropped) == sorted(self.model.drop(ids, self.now))
 
     @rule(known=st.lists(st.sampled_from(CHANNELS), unique=True, min_size=2, max_size=3))
     def reload_removes_channels(self, known: list[str]) -> None:

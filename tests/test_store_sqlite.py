@@ -284,7 +284,7 @@ async def test_ids_deleted_before_version_6_are_not_handed_out_again(tmp_path: P
     s = SQLiteStore(path)
     await s.open()
     try:
-        assert await s.drop([2]) == [2]
+        assert await s.drop([2], time.time()) == [2]
         assert await s.prune(time.time() - 72 * 3600, old - 1, old - 1) == 3  # a delivery, 2 events
         recorded = await s.record(new_event("k"), [NewDelivery("a", "p")], time.time(), 600)
         (claimed,) = await s.claim("a", time.time(), 10, 30)

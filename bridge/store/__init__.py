@@ -208,9 +208,10 @@ class Store(Protocol):
 
     async def retry_dead(self, channel: str | None, now: float) -> int: ...
 
-    async def drop(self, ids: Sequence[int]) -> list[int]:
-        """Deletes the dead or pending deliveries of `ids`, in one transaction, however many.
-        The ids it deleted, in no particular order."""
+    async def drop(self, ids: Sequence[int], now: float) -> list[int]:
+        """Deletes the dead or pending deliveries of `ids`, in one transaction, however many;
+        not a dead letter buried while it was being sent, until that send's lease has run out
+        (as `retry`). The ids it deleted, in no particular order."""
         ...
 
     async def announce(self, channels: Sequence[str], now: float) -> None:

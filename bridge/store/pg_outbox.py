@@ -132,11 +132,12 @@ class PostgresOutbox(PostgresPool):
             (now, now, channel, channel, now),
         )
 
-    async def drop(self, ids: Sequence[int]) -> list[int]:
+    async def drop(self, ids: Sequence[int], now: float) -> list[int]:
+        # As retry: a dead letter buried while it was sent waits for its lease.
         rows = await self._fetch(
             "DELETE FROM deliveries WHERE id = ANY(%s::bigint[]) AND state IN ('dead', 'pending')"
-            " RETURNING id",
-            (list(ids),),
+            " AND (lease_until IS NULL OR lease_until <= %s) RETURNING id",
+            (list(ids), now),
         )
         return [r[0] for r in rows]
 

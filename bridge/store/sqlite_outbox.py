@@ -131,18 +131,20 @@ class SQLiteOutbox(SQLiteFile):
             (now, now, channel, channel, now),
         )
 
-    async def drop(self, ids: Sequence[int]) -> list[int]:
+    async def drop(self, ids: Sequence[int], now: float) -> list[int]:
+        # As retry: a dead letter buried while it was sent waits for its lease, so that "dropped"
+        # never names a message that is going out (and would then be recorded as delivered).
         sql = (
             "DELETE FROM deliveries WHERE id IN ({marks}) AND state IN ('dead', 'pending')"
-            " RETURNING id"
+            " AND (lease_until IS NULL OR lease_until <= ?) RETURNING id"
         )
 
         def op(conn: sqlite3.Connection) -> list[int]:
             conn.execute(HIGH_WATER_SQL)
             return [
                 row[0]
-                for chunk in chunks(ids, MAX_PARAMS)
-                for row in conn.execute(sql_in(sql, chunk), chunk).fetchall()
+                for chunk in chunks(ids, MAX_PARAMS - 1)
+                for row in conn.execute(sql_in(sql, chunk), (*chunk, now)).fetchall()
             ]
 
         return await self._submit(op)
