@@ -7,6 +7,7 @@ own rules are in config_tables.py; `Config`, the root, checks what spans them.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import stat
@@ -34,6 +35,8 @@ from bridge.config_tables import (
     TemplatesConfig,
     TencentConfig,
 )
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PATH = Path("config.toml")
 
@@ -141,13 +144,34 @@ def load_config(path: str | Path) -> Config:
     except EnvironmentValueError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     base = path.resolve().parent
+    templates = base / config.templates.dir
+    # Absent, the shipped templates serve, as they do for a copy of the example config that
+    # names "templates" without the folder. A folder the config names is said to be missing, or
+    # a typo in its name would leave every override unused without a word.
+    if "dir" in config.templates.model_fields_set and not templates.is_dir():
+        log.warning(
+            "%s: [templates] dir: %s; only the shipped templates serve",
+            path, _not_a_folder(templates),
+        )  # fmt: skip
     return Config.model_construct(
         **{
             **dict(config),
             "store": config.store.model_copy(update={"path": base / config.store.path}),
-            "templates": config.templates.model_copy(update={"dir": base / config.templates.dir}),
+            "templates": config.templates.model_copy(update={"dir": templates}),
         }
     )
+
+
+def _not_a_folder(path: Path) -> str:
+    """Why the templates folder the config names cannot be one. Its name is not repeated: it may
+    have come from ${VAR}, and the operator has it in front of them."""
+    try:
+        path.stat()
+    except FileNotFoundError:
+        return "no such folder (a relative one is taken from the config file's folder)"
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror or exc}"
+    return "not a folder"
 
 
 def _not_a_file(path: Path) -> str:

@@ -105,6 +105,42 @@ def test_a_config_path_that_is_no_file_says_what_it_is(
     assert str(caught.value) == f"{path}: {expected}"
 
 
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (None, "no such folder (a relative one is taken from the config file's folder)"),
+        (lambda p: p.write_text("x"), "not a folder"),
+        (lambda p: p.symlink_to(p), "cannot be read: Too many levels of symbolic links"),
+    ],
+    ids=["absent", "a file", "a symlink loop"],
+)
+def test_a_templates_folder_the_config_names_is_said_to_be_missing(
+    tmp_path: Path, make: Callable[[Path], None] | None, expected: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    # A typo in the folder's name left every override unused without a word.
+    if make is not None:
+        make(tmp_path / "my-templates")
+    path = write(tmp_path, MINIMAL + '[templates]\ndir = "my-templates"\n')
+    assert load_config(path).templates.dir == tmp_path / "my-templates"  # the shipped ones serve
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: [templates] dir: {expected}; only the shipped templates serve"
+    ]
+    caplog.clear()
+    (tmp_path / "my-templates").unlink(missing_ok=True)
+    (tmp_path / "my-templates").mkdir()
+    load_config(path)
+    assert caplog.records == []
+
+
+def test_the_default_templates_folder_may_be_absent_unsaid(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Unnamed, it is optional: the shipped templates serve, and nothing is said.
+    assert load_config(write(tmp_path, MINIMAL)).templates.dir == tmp_path / "templates"
+    assert caplog.records == []
+
+
 def test_config_path_order(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LIVE_BRIDGE_CONFIG", raising=False)
     assert config_path(None) == Path("config.toml")
