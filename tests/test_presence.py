@@ -99,8 +99,10 @@ def test_a_replica_without_a_channel_leaves_its_deliveries_to_the_replica_that_h
     with InThread(new) as a:
         with InThread(old) as b:
             assert post_callback(a.url) == (200, OK_PACKET)
-            assert slack.wait_for(refused_once)  # pending, its next attempt 30 s away
-            assert states(postgres_sql)["x"] == PENDING
+            assert slack.wait_for(refused_once)
+            # Pending once its outcome is recorded (the sink answers before that), the next
+            # attempt 30 s away.
+            assert wait_until(lambda: states(postgres_sql)["x"] == PENDING)
             assert reload(b) == "reloaded: 1 channels, 1 routes"  # with its old file
             assert states(postgres_sql)["x"] == PENDING
         with InThread(old):  # B starts again (crashed, rescheduled) with the old config
