@@ -25,7 +25,7 @@ typecheck: install
 	$(VENV)/bin/mypy
 
 test: lint typecheck
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n auto
 
 # Benchmarks (a few minutes): wrk from Debian's packages, psutil; writes docs/benchmarks.md.
 bench: install
