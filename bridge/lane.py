@@ -105,6 +105,16 @@ class Lanes(Attempts, abc.ABC):
             if not idle or self._arrivals != seen:
                 self._wake.set()
 
+    def _pause(self, policy: ChannelPolicy, pacer: Pacer, outcome: Outcome) -> None:
+        """Nothing more to the channel for the outcome's Retry-After: a 429, or a send this
+        process could not make (no file descriptor), which would fail for every delivery."""
+        pacer.block(outcome.retry_after or 1.0)
+        if outcome.rate_limited:
+            log.warning("channel %s rate limited for %.1fs", policy.name, pacer.blocked_for())
+        else:
+            log.warning("channel %s paused for %.1fs: %s", policy.name, pacer.blocked_for(),
+                        outcome.error)  # fmt: skip
+
     async def _more_soon(self, seen: int) -> bool:
         """Whether a callback arrived since `seen` (the count before the claim that found
         nothing), waiting up to LINGER_S for one. A lane that has just sent lingers so before
@@ -140,10 +150,8 @@ class Lanes(Attempts, abc.ABC):
                     if not self._halted(policy) and await pacer.wait() and not self._halted(policy):
                         outcome = await self._attempt(policy, row)
                         pacer.done()
-                        if outcome.rate_limited:  # before the slot is free for another room
-                            pacer.block(outcome.retry_after or 1.0)
-                            log.warning("channel %s rate limited for %.1fs", policy.name,
-                                        pacer.blocked_for())  # fmt: skip
+                        if outcome.rate_limited or outcome.local:  # before the slot is free
+                            self._pause(policy, pacer, outcome)
                 if self._halted(policy) and outcome is None:
                     why = "shutting down" if self._stopping else "channel removed"
                     await self._give_back(sequence[index:], time.time(), why)
@@ -153,7 +161,7 @@ class Lanes(Attempts, abc.ABC):
                     # channel past their lease, when another process takes both and sends inside
                     # the block, and this one sends them again after it. Given back, the lane
                     # ends and leaves the channel with the block for whoever takes it next.
-                    await self._give_back(sequence[index:], time.time(), "channel rate limited")
+                    await self._give_back(sequence[index:], time.time(), "channel blocked")
                     return
                 await self._settle(row, outcome)
                 if outcome.result is Result.RETRY:  # its room's later events wait for it
@@ -180,8 +188,8 @@ class Lanes(Attempts, abc.ABC):
                 return
             outcome = await self._send(policy, payload, carried[0].id, None)
             pacer.done()
-            if outcome.rate_limited:
-                pacer.block(outcome.retry_after or 1.0)
+            if outcome.rate_limited or outcome.local:
+                self._pause(policy, pacer, outcome)
             await asyncio.gather(*(self._settle(row, outcome) for row in carried))
             if outcome.result is Result.RETRY:
                 rest = [row for _, later in digests[index + 1 :] for row in later]

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import email.utils
+import errno
 import socket
 import time
 from collections.abc import Mapping
@@ -13,10 +14,12 @@ from yarl import URL
 
 from bridge.channels import DELIVERED, Outcome, Result
 from bridge.channels.http import (
+    LOCAL_PAUSE_S,
     RETRY_AFTER_MAX_S,
     classify_status,
     describe_exception,
     parse_retry_after,
+    transport_failure,
 )
 
 SECRET_URL = "https://hooks.example.com/services/T000/B000/s3cr3tPath?token=s3cr3tQuery"
@@ -149,3 +152,44 @@ async def test_describe_exception_of_a_real_refused_connection() -> None:
     described = describe_exception(info.value)
     assert described.startswith("cannot connect: ")
     assert "://" not in described and "s3cr3t" not in described and "/services" not in described
+
+
+def wrapped(error: OSError) -> BaseException:
+    """`error` as aiohttp raises it from a connect, and as the cause of another error."""
+    try:
+        try:
+            raise error
+        except OSError as exc:
+            raise aiohttp.ClientConnectionError("connection failed") from exc
+    except aiohttp.ClientConnectionError as outer:
+        return outer
+
+
+@pytest.mark.parametrize(
+    ("exc", "local"),
+    [
+        (OSError(errno.EMFILE, "Too many open files"), True),
+        (OSError(errno.ENFILE, "Too many open files in system"), True),
+        (aiohttp.ClientConnectorError(connection_key("hooks.example.com"),
+                                      OSError(errno.EMFILE, "Too many open files")), True),
+        (wrapped(OSError(errno.EMFILE, "Too many open files")), True),
+        (aiohttp.ClientConnectorError(connection_key("hooks.example.com"),
+                                      ConnectionRefusedError(111, "Connection refused")), False),
+        (OSError(errno.ENOSPC, "No space left on device"), False),
+        (TimeoutError(), False),
+    ],
+    ids=["EMFILE", "ENFILE", "EMFILE on connect", "EMFILE as a cause", "refused", "ENOSPC",
+         "timeout"],
+)  # fmt: skip
+def test_a_transport_failure_for_want_of_a_descriptor_costs_no_attempt(
+    exc: BaseException, local: bool
+) -> None:
+    """This process's limit, not the channel's fault: a free retry that pauses the channel."""
+    outcome = transport_failure(exc)
+    assert outcome.result is Result.RETRY
+    assert (outcome.local, outcome.free) == (local, local)
+    assert outcome.retry_after == (LOCAL_PAUSE_S if local else None)
+    if local:
+        assert outcome.error.startswith("cannot connect: too many open files")
+    else:
+        assert outcome.error == describe_exception(exc)

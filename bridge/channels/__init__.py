@@ -32,6 +32,9 @@ class Outcome:
     rate_limited: bool = False  # a 429: the channel is blocked, the message did not fail
     ts: str | None = None  # Slack's id of the posted message (bot token only)
     free: bool = False  # retry without counting an attempt: nothing was wrong with the message
+    # This process, not the channel, failed (out of file descriptors): the channel pauses for
+    # retry_after, as for a 429, and the attempt is given back (free).
+    local: bool = False
 
 
 DELIVERED = Outcome(Result.DELIVERED)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import errno
+import os
 import time
 from collections.abc import Mapping
 
 import aiohttp
 
-from bridge.channels import DELIVERED, Outcome, permanent, retry
+from bridge.channels import DELIVERED, Outcome, Result, permanent, retry
 
 # The most of an answer a sender's session reads whole. slack-sdk reads every answer so, and
 # grew the process by its size (three times it, as bytes, text and JSON): 100 MiB took 350 MB,
@@ -75,6 +77,37 @@ def describe_exception(exc: BaseException) -> str:
 
 
 TRANSPORT_ERRORS = (asyncio.TimeoutError, aiohttp.ClientError, OSError)
+
+# Errors that say this process (EMFILE: its `nofile` limit) or the machine (ENFILE) has no file
+# descriptor left for a socket: the channel is not at fault, and counted as attempts they made
+# dead letters of every delivery within minutes of a leak or a crowd of idle connections.
+OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
+
+# How long a channel pauses after a send found no descriptor: one attempt per channel this
+# often, not one per delivery (a backlog of thousands would be a busy loop of failing connects).
+LOCAL_PAUSE_S = 2.0
+
+
+def out_of_descriptors(exc: BaseException) -> int | None:
+    """EMFILE or ENFILE when that is why `exc` (or an error it wraps) happened, else None."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # aiohttp and slack-sdk wrap a few levels deep at most
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno in OUT_OF_DESCRIPTORS:
+            return seen.errno
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def transport_failure(exc: BaseException) -> Outcome:
+    """A transport error's outcome: a retry, which pauses the channel and costs no attempt when
+    this process could not open a socket."""
+    code = out_of_descriptors(exc)
+    if code is not None:
+        error = f"cannot connect: {os.strerror(code).lower()} in live-bridge (not the channel)"
+        return Outcome(Result.RETRY, error, LOCAL_PAUSE_S, free=True, local=True)
+    return retry(describe_exception(exc))
 
 
 class AnswerTooLong(aiohttp.ClientPayloadError):

@@ -18,8 +18,8 @@ from bridge.channels.http import (
     TRANSPORT_ERRORS,
     AnswerTooLong,
     classify_status,
-    describe_exception,
     parse_retry_after,
+    transport_failure,
 )
 from bridge.config_tables import SlackChannel
 
@@ -100,7 +100,7 @@ class SlackSender:
             # time): a loop is a URL that will not mend itself, as a webhook's 3xx.
             return permanent("too many redirects")
         except TRANSPORT_ERRORS as exc:
-            return retry(describe_exception(exc))
+            return transport_failure(exc)
         except UnicodeDecodeError:
             # slack-sdk decodes every answer as UTF-8 and lets the error out. Slack writes
             # UTF-8; a proxy's page in Latin-1 (a 502 saying "réessayez") does not. Its status

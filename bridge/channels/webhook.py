@@ -10,8 +10,8 @@ from urllib.parse import unquote, urlsplit
 import aiohttp
 from standardwebhooks.webhooks import Webhook
 
-from bridge.channels import Outcome, Thread, retry
-from bridge.channels.http import TRANSPORT_ERRORS, classify_status, describe_exception
+from bridge.channels import Outcome, Thread
+from bridge.channels.http import TRANSPORT_ERRORS, classify_status, transport_failure
 from bridge.config_tables import WebhookChannel
 
 # Of an answer's body, at most this much is read: the status decides the outcome, and the body
@@ -65,7 +65,7 @@ class WebhookSender:
                 await _read_some(response)
                 return classify_status(response.status, response.headers)
         except TRANSPORT_ERRORS as exc:
-            return retry(describe_exception(exc))
+            return transport_failure(exc)
 
 
 async def _read_some(response: aiohttp.ClientResponse) -> None:

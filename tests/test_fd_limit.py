@@ -1,0 +1,169 @@
+"""A bridge at its limit of open files (`nofile`): a leak elsewhere, a crowd of connections, a
+container's low limit. Each case lowers the limit of a running `live-bridge serve` (or of its
+delivery process) to the descriptors it holds, so that the next socket or file it opens fails
+with EMFILE, and checks what it does meanwhile and once descriptors are free again."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.bridge_server import (
+    APP_ID,
+    OK_PACKET,
+    SEED_BODY,
+    SINK_ROUTE,
+    Subprocess,
+    children,
+    cpu_seconds,
+    delivery_states,
+    free_port,
+    post_callback,
+    wait_until,
+    write_config,
+)
+from tests.slack_standin import SlackStandIn
+from tests.test_protocol import one_response
+
+ROOMS = ["fd-1", "fd-2", "fd-3"]
+DELIVERY_FAST = "initial_backoff_s = 0.2\nmax_backoff_s = 1.0\nmax_attempts = 3\n"
+MODES = [False, True]
+MODE_IDS = ["one-process", "own-process"]
+
+
+def owner_change(room: str) -> bytes:
+    return SEED_BODY.replace(b'"room_id"', json.dumps(room).encode())
+
+
+def open_fds(pid: int) -> set[int]:
+    return {int(name) for name in os.listdir(f"/proc/{pid}/fd")}
+
+
+def lowest_free(pid: int) -> int:
+    """The descriptor the process would be given next, once what it holds has settled (a
+    connection accepted, another one closed): the same for half a second."""
+    used = open_fds(pid)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        if (now := open_fds(pid)) == used:
+            break
+        used = now
+    return next(n for n in range(len(used) + 1) if n not in used)
+
+
+@contextlib.contextmanager
+def at_limit(pid: int, spare: int = 0) -> Iterator[int]:
+    """The process's soft limit lowered to the descriptors it holds, plus `spare`; given back
+    after. (A limit below descriptors already open leaves them open: only new ones fail.)"""
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    limit = lowest_free(pid) + spare
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, hard))
+    try:
+        yield limit
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def callback_bytes(room: str) -> bytes:
+    body = owner_change(room)
+    return (
+        b"POST /tencent/callback?SdkAppid=%d HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+        % (APP_ID, len(body))
+        + body
+    )
+
+
+def no_traceback(log: Path) -> None:
+    text = log.read_text()
+    assert "Traceback" not in text, text[-4000:]
+
+
+@pytest.fixture(autouse=True)
+def linux_proc() -> None:
+    if not Path(f"/proc/{os.getpid()}/fd").exists():
+        pytest.skip("lowering a process's limit to what it holds needs Linux /proc")
+
+
+# -- senders: a connect that finds no descriptor --------------------------------------------------
+
+CONSOLE = '[channels.console]\ntype = "console"\n'
+WARM_ROUTE = '[[routes]]\nname = "warm"\nrooms = ["warm"]\nchannels = ["console"]\n'
+
+
+def channel_toml(kind: str, stand_in: SlackStandIn) -> str:
+    if kind == "webhook":
+        return f'[channels.sink]\ntype = "webhook"\nurl = "{stand_in.sink_url()}"\n'
+    if kind == "slack-token":
+        auth = 'token = "xoxb-test-token"\nchannel = "C0123456789"\n'
+        auth += f'api_url = "{stand_in.api_url}"\n'
+    else:
+        auth = f'webhook_url = "{stand_in.add_webhook()}"\n'
+    return f'[channels.sink]\ntype = "slack"\n{auth}rate_per_s = 50\nburst = 10\n'
+
+
+def delivered_rooms(stand_in: SlackStandIn, kind: str) -> list[str]:
+    if kind == "webhook":
+        return [json.loads(r.body)["event"]["RoomId"] for r in stand_in.sink_requests]
+    return [room for p in stand_in.posted for room in ROOMS if room in json.dumps(p.payload)]
+
+
+@pytest.mark.parametrize("own_process", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("kind", ["webhook", "slack-token", "slack-webhook"])
+def test_a_send_that_finds_no_descriptor_waits_at_no_cost_and_delivers_once_one_is_free(
+    tmp_path: Path, slack: SlackStandIn, kind: str, own_process: bool
+) -> None:
+    """Not the channel's fault: no attempt counted (max_attempts = 3 would bury all three in a
+    second), no busy loop while it lasts, each message delivered once after."""
+    port = free_port()
+    delivery = f"{DELIVERY_FAST}own_process = {str(own_process).lower()}\n"
+    channels = channel_toml(kind, slack) + CONSOLE
+    config = write_config(tmp_path, port, channels=channels, routes=WARM_ROUTE + SINK_ROUTE,
+                          delivery=delivery, server="request_timeout_s = 60\n")  # fmt: skip
+    log = tmp_path / "bridge.log"
+    db = tmp_path / "bridge.db"
+    with Subprocess(config, port, log) as bridge, contextlib.ExitStack() as stack:
+        assert bridge.process is not None
+        server = bridge.process.pid
+        # Its worker running (the delivery process's too), with no connection to the sink yet.
+        assert post_callback(bridge.url, owner_change("warm")) == (200, OK_PACKET)
+        assert wait_until(lambda: delivery_states(db) == {"delivered": 1}, timeout=20)
+        processes = [server, *children(server)]
+        sender = processes[-1]  # the delivery process, if there is one
+        if own_process:
+            stack.enter_context(at_limit(sender))
+            for room in ROOMS:
+                assert post_callback(bridge.url, owner_change(room)) == (200, OK_PACKET)
+        else:
+            # The callbacks come on a connection opened before, which stays open: the sender,
+            # woken by their commits, finds no descriptor.
+            sock = stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=5))
+            stack.enter_context(at_limit(sender))
+            for room in ROOMS:
+                sock.sendall(callback_bytes(room))
+                assert one_response(sock).endswith(OK_PACKET)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\n")  # held open: a head still arriving
+        assert wait_until(lambda: "paused for" in log.read_text(), timeout=10), log.read_text()
+        cpu_before, wall_before = cpu_seconds(*processes), time.monotonic()
+        time.sleep(3.0)
+        cpu = cpu_seconds(*processes) - cpu_before
+        wall = time.monotonic() - wall_before
+        assert delivery_states(db) == {"delivered": 1, "pending": len(ROOMS)}
+        stack.close()  # the descriptors are free again
+        assert wait_until(lambda: delivery_states(db) == {"delivered": 1 + len(ROOMS)}, 20), (
+            log.read_text()[-4000:]
+        )
+    assert cpu / wall < 0.15, f"the bridge used {cpu:.2f}s of CPU in {wall:.2f}s at its limit"
+    assert sorted(delivered_rooms(slack, kind)) == ROOMS
+    text = log.read_text()
+    assert "in live-bridge (not the channel)" in text and "dead letter" not in text
+    no_traceback(log)
