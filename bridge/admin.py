@@ -42,6 +42,12 @@ PAGES = jinja2.Environment(
     loader=jinja2.FileSystemLoader(Path(__file__).parent / "pages"),
     autoescape=True,
     undefined=jinja2.StrictUndefined,
+    auto_reload=False,
+)
+# Compiled here, once: read from disk at the first request, a page needed a file descriptor, and
+# a process at its limit of open files answered /status with a 500 and a traceback.
+BASE_PAGE, LOGIN_PAGE, STATUS_PAGE = (
+    PAGES.get_template(f"{name}.html.j2") for name in ("base", "login", "status")
 )
 
 
@@ -134,7 +140,7 @@ class Admin:
         if self._token() is None:
             return JSONResponse({"error": "admin endpoints answer loopback clients only"}, 403)
         if page:
-            return HTMLResponse(PAGES.get_template("login.html.j2").render(error=None), 401)
+            return HTMLResponse(LOGIN_PAGE.render(error=None), 401)
         return JSONResponse(
             {"error": "admin token required"}, 401, headers={"WWW-Authenticate": "Bearer"}
         )
@@ -163,7 +169,7 @@ class Admin:
             return form_too_large()
         given = form.get("token", "")
         if token is None or not hmac.compare_digest(given.encode(), token.encode()):
-            page = PAGES.get_template("login.html.j2").render(error="That token is not right.")
+            page = LOGIN_PAGE.render(error="That token is not right.")
             return HTMLResponse(page, 401)
         response = RedirectResponse("/status", 303)
         response.set_cookie(
@@ -195,7 +201,7 @@ class Admin:
     async def status(self, request: Request) -> Response:
         if not self.allowed(request):
             return self._refuse(request, page=True)
-        page = PAGES.get_template("status.html.j2").render(await self._page(request))
+        page = STATUS_PAGE.render(await self._page(request))
         return HTMLResponse(page, headers={"Cache-Control": "no-store"})
 
     async def _page(self, request: Request) -> dict[str, Any]:

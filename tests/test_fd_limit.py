@@ -21,12 +21,15 @@ from tests.bridge_server import (
     OK_PACKET,
     SEED_BODY,
     SINK_ROUTE,
+    Samples,
     Subprocess,
     children,
     cpu_seconds,
     delivery_states,
     free_port,
+    http_request,
     post_callback,
+    samples,
     wait_until,
     write_config,
 )
@@ -166,4 +169,74 @@ def test_a_send_that_finds_no_descriptor_waits_at_no_cost_and_delivers_once_one_
     assert sorted(delivered_rooms(slack, kind)) == ROOMS
     text = log.read_text()
     assert "in live-bridge (not the channel)" in text and "dead letter" not in text
+    no_traceback(log)
+
+
+# -- the server: callbacks, probes, admin pages and a reload, one descriptor spare ----------------
+
+
+def postgres_or_sqlite(engine: str, request: pytest.FixtureRequest) -> str:
+    """The [store] table's body for `engine`."""
+    if engine == "sqlite":
+        return 'path = "bridge.db"\n'
+    url: str = request.getfixturevalue("postgres_url")
+    return f'url = "{url}"\npool_size = 2\n'
+
+
+@pytest.mark.parametrize("own_process", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("engine", ["sqlite", "postgres"])
+def test_callbacks_probes_pages_and_reloads_are_answered_at_the_limit(
+    tmp_path: Path, request: pytest.FixtureRequest, engine: str, own_process: bool
+) -> None:
+    """Room for one connection and nothing else: every request gets its answer (a reload a
+    refusal that says why, the running config kept), never a 500 or a traceback; once
+    descriptors are free, everything acknowledged is delivered and the pages count it."""
+    port = free_port()
+    delivery = f"{DELIVERY_FAST}own_process = {str(own_process).lower()}\n"
+    store = postgres_or_sqlite(engine, request)
+    config = write_config(tmp_path, port, delivery=delivery, store=store)
+    log = tmp_path / "bridge.log"
+    with Subprocess(config, port, log) as bridge:
+        assert bridge.process is not None
+        pid = bridge.process.pid
+        answers: dict[str, tuple[int, bytes]] = {}
+        with at_limit(pid, spare=1) as limit:
+
+            def one_slot() -> bool:
+                used = open_fds(pid)
+                return any(n not in used for n in range(limit))
+
+            for n, what in enumerate(["callback", "/readyz", "/metrics", "/status", "reload"]):
+                assert wait_until(one_slot), "the last request's connection is still open"
+                if what == "callback":
+                    answers[what] = post_callback(bridge.url, owner_change(f"limit-{n}"))
+                elif what == "reload":
+                    status, _, body = http_request(bridge.url + "/-/reload", "POST")
+                    answers[what] = status, body
+                else:
+                    status, _, body = http_request(bridge.url + what)
+                    answers[what] = status, body
+        assert answers["callback"] == (200, OK_PACKET)
+        assert {k: v[0] for k, v in answers.items()} == {
+            "callback": 200, "/readyz": 200, "/metrics": 200, "/status": 200, "reload": 400,
+        }, answers  # fmt: skip
+        assert b"Too many open files" in answers["reload"][1]
+        assert wait_until(lambda: "reload refused, the running config stays" in log.read_text())
+        # Free again: the callback is delivered, the page and the metrics count it.
+        assert http_request(bridge.url + "/-/reload", "POST")[0] == 200
+        assert post_callback(bridge.url, owner_change("after")) == (200, OK_PACKET)
+        console = (("channel", "console"),)
+
+        def delivered(metrics: Samples) -> bool:
+            return (
+                metrics[("live_bridge_pending", console)] == 0
+                and metrics[("live_bridge_in_flight", console)] == 0
+                and metrics[("live_bridge_dead", console)] == 0
+            )
+
+        assert wait_until(lambda: delivered(samples(bridge.url)), timeout=20)
+        accepted = (("command", "Live.CallbackAfterChangeOwner"), ("result", "accepted"))
+        assert samples(bridge.url)[("live_bridge_callbacks_total", accepted)] == 2
+        status, _, page = http_request(bridge.url + "/status")
+        assert status == 200 and b"limit-0" in page and b"after" in page
     no_traceback(log)

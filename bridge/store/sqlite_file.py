@@ -111,6 +111,9 @@ class SQLiteFile:
             conn = connect(self.path, self._sync)
             try:
                 self.identity = migrate(conn)
+                # Opened now, not at the first read: a process at its limit of open files
+                # could then no longer answer /metrics, /status or the outbox commands.
+                self._reader = self._open_reader()
             except BaseException:
                 conn.close()  # a newer schema, a full disk: nobody else holds it to close it
                 raise
@@ -162,13 +165,17 @@ class SQLiteFile:
             with self._reading:
                 try:
                     if self._reader is None:
-                        self._reader = connect(self.path)
-                        self._reader.execute("PRAGMA query_only=ON")
+                        self._reader = self._open_reader()
                     return op(self._reader)
                 except sqlite3.Error as exc:
                     raise StoreUnavailable(f"store read failed: {exc}") from None
 
         return await asyncio.to_thread(run)
+
+    def _open_reader(self) -> sqlite3.Connection:
+        reader = connect(self.path)
+        reader.execute("PRAGMA query_only=ON")
+        return reader
 
     async def _execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> int:
         def op(conn: sqlite3.Connection) -> int:
