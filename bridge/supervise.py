@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import signal
 import sys
 import time
@@ -206,7 +207,10 @@ class DeliveryProcess:
                     await self._spawn()
                     break
                 except OSError as exc:
-                    log.error("cannot start the delivery process: %s; again in %.0fs", exc, wait)
+                    log.error(
+                        "cannot start the delivery process: %s (%s); again in %.0fs",
+                        exc, open_files(), wait,
+                    )  # fmt: skip
 
     async def _ended_with_server(self, status: int) -> bool:
         """Whether the server is stopping too, so that no child is started again. A child that
@@ -272,3 +276,14 @@ class DeliveryProcess:
                 self.states[channel] = (success, error, error_at, float(blocked))
         except (ValueError, TypeError, AttributeError):
             log.warning("unreadable report from the delivery process: %.200r", line)
+
+
+def open_files() -> str:
+    """This process's open files against its limit: at the limit, starting the child fails
+    for want of a pipe, with an error that may not say so ("[Errno -1] Unknown error -1")."""
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    try:
+        count = len(os.listdir("/proc/self/fd")) - 1  # less the one that lists them
+    except OSError:  # not Linux, or no descriptor even for that
+        return f"limit of open files {limit}"
+    return f"{count} open files of a limit of {limit}"

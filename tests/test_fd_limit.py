@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import resource
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -239,4 +240,35 @@ def test_callbacks_probes_pages_and_reloads_are_answered_at_the_limit(
         assert samples(bridge.url)[("live_bridge_callbacks_total", accepted)] == 2
         status, _, page = http_request(bridge.url + "/status")
         assert status == 200 and b"limit-0" in page and b"after" in page
+    no_traceback(log)
+
+
+# -- the delivery process: killed while the server is at its limit --------------------------------
+
+
+def test_a_delivery_process_that_dies_at_the_limit_is_started_again_once_descriptors_are_free(
+    tmp_path: Path,
+) -> None:
+    """Starting it needs pipes: while there are none, the server says why and tries again; then
+    it starts, and what was acknowledged meanwhile is delivered."""
+    port = free_port()
+    delivery = f"{DELIVERY_FAST}own_process = true\n"
+    config = write_config(tmp_path, port, delivery=delivery)
+    log = tmp_path / "bridge.log"
+    db = tmp_path / "bridge.db"
+    with Subprocess(config, port, log) as bridge:
+        assert bridge.process is not None
+        pid = bridge.process.pid
+        [child] = children(pid)
+        with at_limit(pid, spare=1):
+            os.kill(child, signal.SIGKILL)
+            assert wait_until(lambda: "cannot start the delivery process" in log.read_text(), 15)
+            assert post_callback(bridge.url, owner_change("while-down")) == (200, OK_PACKET)
+        line = next(
+            line for line in log.read_text().splitlines() if "cannot start the delivery" in line
+        )
+        assert "open files" in line, line
+        assert wait_until(lambda: delivery_states(db) == {"delivered": 1}, timeout=40)
+        [restarted] = children(pid)
+        assert restarted != child
     no_traceback(log)
