@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import logging
 import secrets
 import time
 from datetime import UTC, datetime
@@ -29,10 +30,13 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from bridge import __version__
 from bridge.metrics import CONTENT_TYPE
 from bridge.receive import read_body
+from bridge.store import StoreUnavailable
 from bridge.verify import Refused
 
 if TYPE_CHECKING:
     from bridge.app import Bridge
+
+log = logging.getLogger(__name__)
 
 COOKIE = "live_bridge_admin"
 RECENT_EVENTS = 25
@@ -100,6 +104,13 @@ def form_too_large() -> Response:
     return JSONResponse({"error": f"form over {FORM_BYTES} bytes"}, 413)
 
 
+def store_unavailable(path: str, exc: StoreUnavailable) -> Response:
+    """A page or metrics the store could not give (a database away, no file descriptor left
+    for a connection): 503 saying so, as /readyz does, not a 500 and a traceback."""
+    log.warning("%s: %s", path, exc)
+    return JSONResponse({"error": str(exc)}, 503)
+
+
 class Admin:
     def __init__(self, bridge: Bridge) -> None:
         self._bridge = bridge
@@ -149,7 +160,11 @@ class Admin:
         if not self.allowed(request):
             return self._refuse(request)
         bridge = self._bridge
-        body = bridge.metrics.render(await bridge.store.stats(), list(bridge.config.channels))
+        try:
+            stats = await bridge.store.stats()
+        except StoreUnavailable as exc:
+            return store_unavailable("/metrics", exc)
+        body = bridge.metrics.render(stats, list(bridge.config.channels))
         return Response(body, media_type=CONTENT_TYPE)
 
     async def reload(self, request: Request) -> Response:
@@ -192,7 +207,10 @@ class Admin:
         channel = form.get("channel", "")
         if channel not in self._bridge.config.channels:
             return JSONResponse({"error": "unknown channel"}, 400)
-        retried = await self._bridge.store.retry_dead(channel, time.time())
+        try:
+            retried = await self._bridge.store.retry_dead(channel, time.time())
+        except StoreUnavailable as exc:
+            return store_unavailable("/status/retry", exc)
         self._bridge.wake()
         return RedirectResponse(
             "/status?" + urlencode({"retried": retried, "channel": channel}), 303
@@ -201,7 +219,10 @@ class Admin:
     async def status(self, request: Request) -> Response:
         if not self.allowed(request):
             return self._refuse(request, page=True)
-        page = STATUS_PAGE.render(await self._page(request))
+        try:
+            page = STATUS_PAGE.render(await self._page(request))
+        except StoreUnavailable as exc:
+            return store_unavailable("/status", exc)
         return HTMLResponse(page, headers={"Cache-Control": "no-store"})
 
     async def _page(self, request: Request) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import urllib.request
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -28,6 +29,7 @@ from tests.bridge_server import (
     wait_until,
     write_config,
 )
+from tests.pg_proxy import PgProxy
 from tests.slack_standin import SlackStandIn
 
 TOKEN = "admin-Zq9-token"
@@ -352,3 +354,27 @@ def test_the_retry_notice_names_a_channel_with_any_characters(
         assert "0 dead letters of ops&amp;oncall#2+b are pending again" in page
         # The page refreshes itself without the notice, which told of one click.
         assert '<meta http-equiv="refresh" content="10; url=/status">' in page
+
+
+def test_pages_the_store_cannot_give_are_503_not_500(tmp_path: Path, postgres_url: str) -> None:
+    """The database away (or no descriptor left for a connection to it): /metrics, /status and
+    the retry button say so with a 503, as /readyz does, never a 500 with a traceback."""
+    server = urlsplit(postgres_url)
+    with PgProxy(server.hostname or "127.0.0.1", server.port or 5432) as proxy:
+        url = server._replace(netloc=f"{server.username or 'postgres'}@127.0.0.1:{proxy.port}")
+        config = write_config(tmp_path, store=f'url = "{url.geturl()}"\n')
+        with InThread(config) as bridge:
+            assert http_request(bridge.url + "/metrics")[0] == 200
+            proxy.cut()
+            form = urllib.parse.urlencode({"csrf": bridge.app.bridge.admin._form_token(),
+                                           "channel": "console"}).encode()  # fmt: skip
+            headers = {"Content-Type": "application/x-www-form-urlencoded"}
+            answers = {
+                path: http_request(bridge.url + path) for path in ("/metrics", "/status")
+            } | {"/status/retry": http_request(bridge.url + "/status/retry", "POST", headers, form)}
+            for path, (status, _, body) in answers.items():
+                assert status == 503, (path, status, body)
+                assert b"store unavailable" in body, (path, body)
+            proxy.restore()
+            assert wait_until(lambda: http_request(bridge.url + "/metrics")[0] == 200, 15)
+            assert http_request(bridge.url + "/status")[0] == 200
