@@ -47,6 +47,7 @@ REPORT_EVERY_S = 0.1  # how often the child sends what it counted
 REPORT_MAX = 1000  # outcomes a report line carries at most
 ERROR_CHARS = 500  # of a channel's last error, in a report
 GATHER_S = 0.002  # the child's SQLite writer: fewer, fuller transactions (store/writer.py)
+RELOAD_AGAIN_S = (1.0, 60.0)  # the first and the longest wait before a refused reload is retried
 
 # A channel's state as the child reports it: last success, last error, its time, block end.
 Reported = tuple[float | None, str | None, float | None, float]
@@ -100,6 +101,8 @@ class Child:
         self.worker: Worker | None = None
         self.stopped_by: int | None = None  # the signal that asked it to stop
         self._session: aiohttp.ClientSession | None = None
+        self._reload_again: asyncio.TimerHandle | None = None
+        self._reload_wait = RELOAD_AGAIN_S[0]
 
     def _parts(
         self, config: Config, renderer: Renderer
@@ -149,6 +152,8 @@ class Child:
         done, _ = await asyncio.wait({work, parent, stopped}, return_when=asyncio.FIRST_COMPLETED)
         # The server gone (end of its pipe): stop now, another may start soon. Asked: finish.
         grace = self.config.delivery.shutdown_grace_s if stopped in done else 0.0
+        if self._reload_again is not None:
+            self._reload_again.cancel()
         await self.worker.stop(grace)
         for task in (work, report, parent, stopped):
             task.cancel()
@@ -180,11 +185,27 @@ class Child:
             self.report.flush(self.worker)
 
     def reload(self) -> None:
+        """The server has reloaded this file: so does the child. Refused, it tries again, as
+        the server took the file (the child may have failed alone, at its limit of open files,
+        say); otherwise it would deliver by the old config, a new channel's messages not at all,
+        until the next reload."""
+        if self._reload_again is not None:
+            self._reload_again.cancel()
+            self._reload_again = None
         try:
             config, renderer = load_validated(self._path)
         except ConfigError as exc:
-            log.error("delivery process: reload refused, the running config stays: %s", exc)
+            wait, self._reload_wait = (
+                self._reload_wait,
+                min(RELOAD_AGAIN_S[1], self._reload_wait * 2),
+            )
+            log.error(
+                "delivery process: reload refused, the running config stays: %s; trying again"
+                " in %.0fs", exc, wait,
+            )  # fmt: skip
+            self._reload_again = asyncio.get_running_loop().call_later(wait, self.reload)
             return
+        self._reload_wait = RELOAD_AGAIN_S[0]
         assert self.worker is not None
         policies, composer = self._parts(config, renderer)
         self.worker.configure(policies, config.delivery, composer, config.store.retention_h * 3600)

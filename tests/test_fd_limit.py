@@ -26,6 +26,7 @@ from tests.bridge_server import (
     Subprocess,
     children,
     cpu_seconds,
+    db_rows,
     delivery_states,
     free_port,
     http_request,
@@ -271,4 +272,36 @@ def test_a_delivery_process_that_dies_at_the_limit_is_started_again_once_descrip
         assert wait_until(lambda: delivery_states(db) == {"delivered": 1}, timeout=40)
         [restarted] = children(pid)
         assert restarted != child
+    no_traceback(log)
+
+
+def test_a_reload_the_delivery_process_could_not_read_is_taken_once_it_can(
+    tmp_path: Path,
+) -> None:
+    """The server reloads (a new channel) while the delivery process has no descriptor to read
+    the file: it keeps its config, says why, and takes the new one once it can, so the new
+    channel's message goes out without another reload."""
+    port = free_port()
+    delivery = f"{DELIVERY_FAST}own_process = true\n"
+    config = write_config(tmp_path, port, delivery=delivery)
+    log = tmp_path / "bridge.log"
+    db = tmp_path / "bridge.db"
+    with Subprocess(config, port, log) as bridge:
+        assert bridge.process is not None
+        assert post_callback(bridge.url, owner_change("warm")) == (200, OK_PACKET)
+        assert wait_until(lambda: delivery_states(db) == {"delivered": 1}, timeout=20)
+        [child] = children(bridge.process.pid)
+        with at_limit(child):
+            channels = f'{CONSOLE}[channels.other]\ntype = "console"\n'
+            routes = '[[routes]]\nname = "all"\nchannels = ["other"]\n'
+            write_config(tmp_path, port, delivery=delivery, channels=channels, routes=routes)
+            assert http_request(bridge.url + "/-/reload", "POST")[0] == 200
+            assert wait_until(lambda: "delivery process: reload refused" in log.read_text())
+            assert post_callback(bridge.url, owner_change("new")) == (200, OK_PACKET)
+            time.sleep(1.0)
+            assert delivery_states(db) == {"delivered": 1, "pending": 1}
+        assert wait_until(lambda: delivery_states(db) == {"delivered": 2}, timeout=30), (
+            log.read_text()[-3000:]
+        )
+        assert db_rows(db, "SELECT channel FROM deliveries WHERE id = 2") == [("other",)]
     no_traceback(log)
