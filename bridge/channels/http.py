@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import errno
-import os
 import time
 from collections.abc import Mapping
 
@@ -81,7 +80,10 @@ TRANSPORT_ERRORS = (asyncio.TimeoutError, aiohttp.ClientError, OSError)
 # Errors that say this process (EMFILE: its `nofile` limit) or the machine (ENFILE) has no file
 # descriptor left for a socket: the channel is not at fault, and counted as attempts they made
 # dead letters of every delivery within minutes of a leak or a crowd of idle connections.
-OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
+OUT_OF_DESCRIPTORS = {
+    errno.EMFILE: "too many open files in live-bridge",
+    errno.ENFILE: "too many open files on the host",
+}
 
 # How long a channel pauses after a send found no descriptor: one attempt per channel this
 # often, not one per delivery (a backlog of thousands would be a busy loop of failing connects).
@@ -105,7 +107,7 @@ def transport_failure(exc: BaseException) -> Outcome:
     this process could not open a socket."""
     code = out_of_descriptors(exc)
     if code is not None:
-        error = f"cannot connect: {os.strerror(code).lower()} in live-bridge (not the channel)"
+        error = f"cannot connect: {OUT_OF_DESCRIPTORS[code]} (not the channel)"
         return Outcome(Result.RETRY, error, LOCAL_PAUSE_S, free=True, local=True)
     return retry(describe_exception(exc))
 
