@@ -4,8 +4,10 @@ A lane takes its channel (with the pacing the last holder left), claims its due 
 room's in Tencent's order), paces them, and sends them one by one, rooms side by side up to
 `max_in_flight`, or, past `digest_after`, as digests. What it claimed and will not send now it
 gives back at once: at a stop; on a 429's block on the channel, with the channel (no lane waits a
-block out); after a retry, the later deliveries of that room (never other rooms'). With nothing
-left to claim it lingers briefly for new callbacks, then leaves the channel.
+block out); after a retry, the later deliveries of that room (never other rooms'). An outcome the
+store cannot take ends the lane once the sends under way finish; the rest of the claim waits for
+its lease to run out. With nothing left to claim it lingers briefly for new callbacks, then
+leaves the channel.
 """
 
 from __future__ import annotations
@@ -137,6 +139,12 @@ class Lanes(Attempts, abc.ABC):
             rooms.setdefault(row.room_id if row.room_id is not None else row.id, []).append(row)
         slots = asyncio.Semaphore(policy.max_in_flight)
         pacer = self.pacers.get(policy.name) or Pacer(policy.rate_per_s, policy.burst)
+        # The store's first failure to take an outcome: the rooms start no other send. Each would
+        # go out unrecorded (the store is away), and again when the lease runs out.
+        failed: list[StoreUnavailable] = []
+
+        def may_send() -> bool:
+            return not failed and not self._halted(policy)
 
         async def room(sequence: list[Claimed]) -> None:
             for index, row in enumerate(sequence):
@@ -147,11 +155,13 @@ class Lanes(Attempts, abc.ABC):
                     # the stop may finish. One started in the grace period, cut off at its end,
                     # would be sent again at the next start. So is a reload that removed the
                     # channel: the rest of its claim, up to 200 rows, must not follow.
-                    if not self._halted(policy) and await pacer.wait() and not self._halted(policy):
+                    if may_send() and await pacer.wait() and may_send():
                         outcome = await self._attempt(policy, row)
                         pacer.done()
                         if outcome.rate_limited or outcome.local:  # before the slot is free
                             self._pause(policy, pacer, outcome)
+                if failed and outcome is None:
+                    return  # the rest stays claimed, sent again when the lease runs out
                 if self._halted(policy) and outcome is None:
                     why = "shutting down" if self._stopping else "channel removed"
                     await self._give_back(sequence[index:], time.time(), why)
@@ -168,7 +178,16 @@ class Lanes(Attempts, abc.ABC):
                     await self._give_back(sequence[index + 1 :], time.time(), "waiting for room")
                     return
 
-        await asyncio.gather(*(room(sequence) for sequence in rooms.values()))
+        async def until_failed(sequence: list[Claimed]) -> None:
+            try:
+                await room(sequence)
+            except StoreUnavailable as exc:
+                failed.append(exc)
+
+        # Every room ends before the lane does: none sends on beside the channel's next lane.
+        await asyncio.gather(*(until_failed(sequence) for sequence in rooms.values()))
+        if failed:
+            raise failed[0]
 
     async def _send_digests(self, policy: ChannelPolicy, rows: Sequence[Claimed]) -> None:
         try:

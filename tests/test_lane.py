@@ -1,15 +1,18 @@
 """What a lane does (lane.py): rooms in order and side by side, a retry holding back its room,
 a 429 blocking its channel, digests, pacing, lingering; through a running Worker against the Slack
-stand-in and a real SQLite file."""
+stand-in and a real SQLite file (PostgreSQL behind a proxy, for a database that goes away)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import re
 import time
+from collections import Counter
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
@@ -21,6 +24,9 @@ from bridge.channels.webhook import WebhookSender
 from bridge.compose import DIGEST_ENTRIES
 from bridge.config_tables import DeliveryConfig, WebhookChannel
 from bridge.policy import ChannelPolicy
+from bridge.store import StoreUnavailable
+from bridge.store.postgres import PostgresStore
+from tests.pg_proxy import PgProxy
 from tests.slack_standin import SlackStandIn
 from tests.store_rows import opener, sqlite_opener
 from tests.test_worker import (
@@ -275,3 +281,65 @@ async def test_a_lane_with_nothing_more_ends_though_others_are_busy(tmp_path: Pa
                     assert "quiet" in store.left  # it left while "busy" was still coming
             await eventually(lambda: states(store.path) == ["delivered"] * 31)
         assert store.taken.count("quiet") == 1
+
+
+class FourSecondLease(ChannelPolicy):
+    """A lease of 4 s rather than the half-minute or more a claim's sends may take."""
+
+    def lease_s(self, timeout_s: float) -> float:
+        return 4.0
+
+
+async def test_an_outcome_the_store_cannot_take_stops_the_claims_other_sends(
+    postgres_url: str, slack: SlackStandIn, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    # Two rooms' sends in flight (of a claim of eight, two at a time) when the database goes
+    # away: their outcomes cannot be written, and the claim's other rooms waited for a slot.
+    # Those went out all the same, one pair after another, each outcome failing in turn, so
+    # each was sent again once the lease ran out; and rooms still sending after the lane had
+    # ended ran beside the next lane's sends. Now the sends that began before the store's first
+    # failure was known finish, and no other.
+    server = urlsplit(postgres_url)
+    with PgProxy(server.hostname or "127.0.0.1", server.port or 5432) as proxy:
+        proxied = urlsplit(postgres_url)._replace(netloc=f"postgres@127.0.0.1:{proxy.port}")
+        # A short wait for a pooled connection (the default is 1.5 s): an outcome fails 0.5 s
+        # after its send. The pool's first connection has as long, tried again on a busy machine.
+        async with opener(lambda: PostgresStore(proxied.geturl(), timeout_s=0.5)) as open_:
+            for _ in range(10):
+                with contextlib.suppress(StoreUnavailable):
+                    store = await open_()
+                    break
+            else:
+                pytest.fail("the store did not open through the proxy")
+            for i in range(16):
+                await record_in(store, "hook", f"room-{i:02d}", 1000 + i)
+            slack.set_sink_delay("hook", 1.5)
+            settings = WebhookChannel(type="webhook", url=SecretStr(slack.sink_url("hook")))
+            sender = WebhookSender("hook", settings, session, 5.0, store.identity)
+            policy = FourSecondLease("hook", sender, max_in_flight=2)
+            table = 'type = "webhook"\nurl = "https://sink.example.invalid/"'
+            worker = worker_with(store, make_composer(tmp_path, {"hook": table}), policy)
+            async with running(worker):
+                await eventually(lambda: slack.sink_max_concurrent.get("hook") == 2)
+                await asyncio.to_thread(proxy.cut)
+                # The first pair is answered at 1.5 s and fails to be recorded at 2 s; the
+                # second pair began at 1.5 s. Without the stop, the third would go at 3 s,
+                # answered at 4.5 s.
+                await asyncio.sleep(5.0)
+                during_cut = len(slack.sink_requests)
+                slack.set_sink_delay("hook", 0.05)
+                await asyncio.to_thread(proxy.restore)
+                # The lease runs out: the claim's eight are claimed again, the first four to be
+                # sent a second time, and the other eight follow.
+                await eventually(lambda: len({r.body for r in slack.sink_requests}) == 16, 30)
+                for _ in range(500):
+                    if [s.delivered for s in await store.stats()] == [16]:
+                        break
+                    await asyncio.sleep(0.01)
+            assert [(s.pending, s.in_flight, s.delivered) for s in await store.stats()] == [
+                (0, 0, 16)
+            ]
+    assert during_cut == 4
+    assert slack.sink_max_concurrent["hook"] == 2
+    sent = Counter(json.loads(r.body)["text"] for r in slack.sink_requests)
+    assert sorted(sent.values()) == [1] * 12 + [2] * 4  # the first two pairs, again
