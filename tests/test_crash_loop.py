@@ -94,12 +94,14 @@ class Flapper:
     recorded before a switch began got the old status and one recorded after it ended the new."""
 
     slack: SlackStandIn
+    names: tuple[str, ...] = ("sink",)  # the sinks switched, together
     switches: list[tuple[float, float, int]] = field(default_factory=list)  # began, ended, status
     stop: threading.Event = field(default_factory=threading.Event)
 
     def set(self, status: int) -> None:
         began = time.monotonic()
-        self.slack.set_sink_status("sink", status)
+        for name in self.names:
+            self.slack.set_sink_status(name, status)
         self.switches.append((began, time.monotonic(), status))
 
     def run(self) -> None:
