@@ -36,7 +36,7 @@ class PgProxy:
 
     def __exit__(self, *exc_info: object) -> None:
         with contextlib.suppress(Exception):
-            self._call(self._close())
+            self._call(self._stop())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         self._loop.close()
@@ -69,6 +69,16 @@ class PgProxy:
         for writer in list(self._open):
             writer.transport.abort()  # a reset, not a goodbye: what a crashed server looks like
         self._open.clear()
+
+    async def _stop(self) -> None:
+        await self._close()
+        # Each connection's task ends here, not pending on a closed loop: its coroutine, closed
+        # by the garbage collector, would fail ("Event loop is closed") in the test that runs
+        # then, an unraisable exception pytest turns into that test's error.
+        tasks = asyncio.all_tasks() - {asyncio.current_task()}
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
