@@ -5,9 +5,9 @@ room's in Tencent's order), paces them, and sends them one by one, rooms side by
 `max_in_flight`, or, past `digest_after`, as digests. What it claimed and will not send now it
 gives back at once: at a stop; on a 429's block on the channel, with the channel (no lane waits a
 block out); after a retry, the later deliveries of that room (never other rooms'). An outcome the
-store cannot take ends the lane once the sends under way finish; the rest of the claim waits for
-its lease to run out. With nothing left to claim it lingers briefly for new callbacks, then
-leaves the channel.
+store cannot take ends the lane once the sends under way finish; the rest of the claim is given
+back, or, if the store cannot take that either, waits for its lease to run out. With nothing left
+to claim it lingers briefly for new callbacks, then leaves the channel.
 """
 
 from __future__ import annotations
@@ -142,6 +142,7 @@ class Lanes(Attempts, abc.ABC):
         # The store's first failure to take an outcome: the rooms start no other send. Each would
         # go out unrecorded (the store is away), and again when the lease runs out.
         failed: list[StoreUnavailable] = []
+        unsent: list[Claimed] = []
 
         def may_send() -> bool:
             return not failed and not self._halted(policy)
@@ -161,7 +162,8 @@ class Lanes(Attempts, abc.ABC):
                         if outcome.rate_limited or outcome.local:  # before the slot is free
                             self._pause(policy, pacer, outcome)
                 if failed and outcome is None:
-                    return  # the rest stays claimed, sent again when the lease runs out
+                    unsent.extend(sequence[index:])
+                    return
                 if self._halted(policy) and outcome is None:
                     why = "shutting down" if self._stopping else "channel removed"
                     await self._give_back(sequence[index:], time.time(), why)
@@ -187,6 +189,10 @@ class Lanes(Attempts, abc.ABC):
         # Every room ends before the lane does: none sends on beside the channel's next lane.
         await asyncio.gather(*(until_failed(sequence) for sequence in rooms.values()))
         if failed:
+            # Given back if the store takes it (a passing failure): claimable at once. If not,
+            # sent when the lease runs out.
+            with contextlib.suppress(StoreUnavailable):
+                await self._give_back(unsent, time.time(), "store unavailable")
             raise failed[0]
 
     async def _send_digests(self, policy: ChannelPolicy, rows: Sequence[Claimed]) -> None:

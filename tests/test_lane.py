@@ -26,6 +26,7 @@ from bridge.config_tables import DeliveryConfig, WebhookChannel
 from bridge.policy import ChannelPolicy
 from bridge.store import StoreUnavailable
 from bridge.store.postgres import PostgresStore
+from bridge.store.sqlite import SQLiteStore
 from tests.pg_proxy import PgProxy
 from tests.slack_standin import SlackStandIn
 from tests.store_rows import opener, sqlite_opener
@@ -343,3 +344,38 @@ async def test_an_outcome_the_store_cannot_take_stops_the_claims_other_sends(
     assert slack.sink_max_concurrent["hook"] == 2
     sent = Counter(json.loads(r.body)["text"] for r in slack.sink_requests)
     assert sorted(sent.values()) == [1] * 12 + [2] * 4  # the first two pairs, again
+
+
+class OneOutcomeLost(SQLiteStore):
+    """SQLite that fails the first outcome it is asked to write, as a connection reset would."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.lost: list[int] = []
+
+    async def mark_delivered(self, delivery_id: int, now: float) -> None:
+        if not self.lost:
+            self.lost.append(delivery_id)
+            raise StoreUnavailable("store unavailable: connection reset")
+        await super().mark_delivered(delivery_id, now)
+
+
+async def test_a_passing_store_failure_gives_the_rest_of_the_claim_back(
+    slack: SlackStandIn, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    # The lane stops its sends at the failure; what it had not sent yet is given back, so it
+    # goes out at the next claim rather than when the lease runs out (half a minute here).
+    async with opener(lambda: OneOutcomeLost(tmp_path / "bridge.db")) as open_:
+        store = await open_()
+        for i in range(8):
+            await record_in(store, "hook", f"room-{i}", 1000 + i)
+        slack.set_sink_delay("hook", 0.2)
+        settings = WebhookChannel(type="webhook", url=SecretStr(slack.sink_url("hook")))
+        policy = ChannelPolicy(
+            "hook", WebhookSender("hook", settings, session, 2.0, "store"), max_in_flight=2
+        )
+        table = 'type = "webhook"\nurl = "https://sink.example.invalid/"'
+        async with running(worker_with(store, make_composer(tmp_path, {"hook": table}), policy)):
+            await eventually(lambda: states(store.path).count("delivered") == 7, 10)
+        assert len(slack.sink_requests) == 8  # each once: the lost one is still in flight
+        assert states(store.path)[store.lost[0] - 1] == "in_flight"
