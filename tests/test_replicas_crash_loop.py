@@ -16,6 +16,9 @@ What the test holds the bridge to:
 - At the end every event reached both sinks with a 200, one webhook-id per delivery, every
   delivery is 'delivered' (nothing pending, in flight or dead), each event stored once with its
   two deliveries, and no delivery process outlived its server.
+- Each room in Tencent's order: no event of a room reached a sink before the room's event
+  acknowledged before it had been taken there (each replica's callbacks go to rooms of its own,
+  in turn, so an event is acknowledged before the next of its room is posted).
 - A delivery reached a sink twice with a 200 only where a disruption explains it: a kill takes
   the sends in flight with it (at most `max_in_flight` a channel), a cut the outcomes of what the
   replica had claimed (at most a claim, `claim_limit`, a channel); their first 200 came shortly
@@ -38,7 +41,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -60,9 +63,9 @@ from tests.bridge_server import (
 )
 from tests.conftest import PostgresSQL
 from tests.pg_proxy import PgProxy
-from tests.slack_standin import SlackStandIn
-from tests.test_crash_loop import Flapper, owner_change
-from tests.test_replicas import eventually, states, store_url
+from tests.slack_standin import SinkRequest, SlackStandIn
+from tests.test_crash_loop import Flapper
+from tests.test_replicas import EVENT_TIME_MS, event_body, eventually, states, store_url
 
 SEED = int(os.environ.get("CRASH_LOOP_SEED", "20261207"))
 REPLICAS = ("a", "b", "c")
@@ -71,6 +74,7 @@ SINKS = ("one", "two")  # every event goes to both
 MAX_IN_FLIGHT = 4
 TIMEOUT_S = 1.0  # [delivery] timeout_s: the leases of a dead replica run out sooner
 CALLBACKS_PER_S = 15.0  # to each replica
+ROOMS = 8  # each replica's callbacks go to its own rooms, in turn
 SINK_DELAY_S = 0.02  # so that sends are in flight when a kill or a cut comes
 # Each kind once a run, in an order the seed draws.
 KINDS = ("kill", "kill at ok", "kill delivery", "cut one", "cut all", "kill")
@@ -85,6 +89,17 @@ POLICY = ChannelPolicy("sink", cast(Sender, None), max_in_flight=MAX_IN_FLIGHT)
 LEASE_S = POLICY.lease_s(TIMEOUT_S)
 
 
+def body(key: str) -> bytes:
+    """The callback of event `key`: "ROOM/N", the Nth callback a poster made, in room ROOM."""
+    room, n = key.split("/")
+    return event_body(int(n), room)
+
+
+def key_of(request: SinkRequest) -> str:
+    event = json.loads(request.body)["event"]
+    return f"{event['RoomId']}/{event['EventTime'] - EVENT_TIME_MS}"
+
+
 @dataclass
 class Poster:
     """Distinct callbacks posted to one replica at a steady rate from a thread (as a load
@@ -93,7 +108,7 @@ class Poster:
     name: str
     url: str
     kill: Callable[[], None]
-    acknowledged: list[str] = field(default_factory=list)
+    acknowledged: list[str] = field(default_factory=list)  # event keys, in the order posted
     refused: list[str] = field(default_factory=list)  # 503 FAIL: the database away
     unanswered: list[str] = field(default_factory=list)  # down, or died mid-request
     not_ok: list[tuple[str, int, bytes]] = field(default_factory=list)  # any other answer
@@ -106,21 +121,21 @@ class Poster:
         for n in itertools.count():
             if self.stop.is_set():
                 return
-            room = f"{self.name}-{n}"
+            key = f"{self.name}-{n % ROOMS}/{n}"
             try:
-                answer = post_callback(self.url, owner_change(room))
+                answer = post_callback(self.url, body(key))
             except (OSError, http.client.HTTPException):
-                self.unanswered.append(room)
+                self.unanswered.append(key)
             else:
                 if answer == (200, OK_PACKET):
-                    self.acknowledged.append(room)
+                    self.acknowledged.append(key)
                     if self.kill_at_next_ok.is_set():
                         self.kill()
                         self.kill_at_next_ok.clear()
                 elif answer == REFUSED:
-                    self.refused.append(room)
+                    self.refused.append(key)
                 else:
-                    self.not_ok.append((room, *answer))
+                    self.not_ok.append((key, *answer))
             next_at = max(next_at + 1 / CALLBACKS_PER_S, time.monotonic() - 0.5)
             time.sleep(max(0.0, next_at - time.monotonic()))
 
@@ -170,13 +185,46 @@ class Disruption:
         return self.began - 1.0 < first_200 < self.ended + 5.0
 
 
-def sink_rooms(slack: SlackStandIn, flapper: Flapper, sink: str) -> set[str]:
-    """The rooms whose events sink `sink` took with a 200 (or while switching, unknowable)."""
+def sink_keys(slack: SlackStandIn, flapper: Flapper, sink: str) -> set[str]:
+    """The events sink `sink` took with a 200 (or while switching, unknowable)."""
     return {
-        json.loads(r.body)["event"]["RoomId"]
+        key_of(r)
         for r in slack.sink_requests
         if r.path == f"/sink/{sink}" and flapper.answered(r) != 503
     }
+
+
+def stored_keys(postgres_sql: PostgresSQL) -> set[str]:
+    rows = postgres_sql("SELECT room_id || '/' || (event_time - %s) FROM events", EVENT_TIME_MS)
+    return {row[0] for row in rows}
+
+
+def out_of_order(
+    requests: list[SinkRequest], flapper: Flapper, posters: Iterable[Poster]
+) -> list[tuple[str, str, str]]:
+    """(sink, earlier, later) for each event a sink got before it had taken (200) the event
+    acknowledged before it in its room: each room goes out in Tencent's order, kills and cuts
+    notwithstanding. Only events acknowledged at once count: Tencent's later retries of the
+    others come out of order by nature."""
+    first_sent: dict[tuple[str, str], float] = {}
+    first_taken: dict[tuple[str, str], float] = {}
+    for request in requests:  # in the order the sink answered them
+        at = (request.path, key_of(request))
+        first_sent.setdefault(at, request.received_at)
+        if flapper.answered(request) != 503:  # 200, or unknowable: never a false alarm
+            first_taken.setdefault(at, request.received_at)
+    found = []
+    for poster in posters:
+        last: dict[str, str] = {}  # each room's event acknowledged last
+        for key in poster.acknowledged:
+            room = key.split("/")[0]
+            if (earlier := last.get(room)) is not None:
+                for sink in SINKS:
+                    path = f"/sink/{sink}"
+                    if first_sent[(path, key)] < first_taken[(path, earlier)]:
+                        found.append((sink, earlier, key))
+            last[room] = key
+    return found
 
 
 def delivery_pids(bridge: Subprocess) -> list[int]:
@@ -329,24 +377,22 @@ def test_replicas_in_a_crash_loop_with_the_database_cut_lose_no_acknowledged_eve
         replicas.note_delivery_pids()
         disrupted_until = time.monotonic()
 
-        acknowledged = {room for p in posters.values() for room in p.acknowledged}
-        refused = {room for p in posters.values() for room in p.refused}
-        unanswered = {room for p in posters.values() for room in p.unanswered}
+        acknowledged = {key for p in posters.values() for key in p.acknowledged}
+        refused = {key for p in posters.values() for key in p.refused}
+        unanswered = {key for p in posters.values() for key in p.unanswered}
         assert [a for p in posters.values() for a in p.not_ok] == [], context
         assert len(acknowledged) > 300, context  # the loop ran under load
         assert unanswered, context  # the kills hit it
         assert refused, context  # and so did the cuts
         # Refused or unanswered, and stored all the same: the write committed, the answer lost.
-        stored_anyway = postgres_sql(
-            "SELECT count(*) FROM events WHERE room_id = ANY(%s)", list(refused | unanswered)
-        )[0][0]
+        stored_anyway = len(stored_keys(postgres_sql) & (refused | unanswered))
 
         # Tencent sends a failed callback again; by now every replica reaches the database.
         assert eventually(replicas.ready, 30), context
         retried: dict[str, tuple[int, bytes]] = {}
-        for n, room in enumerate(sorted(refused | unanswered)):
+        for n, key in enumerate(sorted(refused | unanswered)):
             url = bridges[REPLICAS[n % len(REPLICAS)]].url
-            retried[room] = post_callback(url, owner_change(room))
+            retried[key] = post_callback(url, body(key))
         assert all(answer == (200, OK_PACKET) for answer in retried.values()), (
             f"{context}; {Counter(retried.values())}"
         )
@@ -354,11 +400,11 @@ def test_replicas_in_a_crash_loop_with_the_database_cut_lose_no_acknowledged_eve
 
         # A dead replica's leases run out within LEASE_S; then what it held is sent again.
         def all_there() -> bool:
-            return all(sink_rooms(slack, flapper, sink) >= everything for sink in SINKS)
+            return all(sink_keys(slack, flapper, sink) >= everything for sink in SINKS)
 
         assert eventually(all_there, LEASE_S + 30), (
             f"{context}; never delivered: "
-            f"{ {s: sorted(everything - sink_rooms(slack, flapper, s))[:10] for s in SINKS} }"
+            f"{ {s: sorted(everything - sink_keys(slack, flapper, s))[:10] for s in SINKS} }"
         )
         drained_s = time.monotonic() - disrupted_until
         # A delivery sent just before its replica died (answered 200, not recorded) stays in
@@ -377,23 +423,25 @@ def test_replicas_in_a_crash_loop_with_the_database_cut_lose_no_acknowledged_eve
     # Stored once each (Tencent's retries of the stored ones were duplicates), with both
     # deliveries.
     events = postgres_sql(
-        "SELECT e.room_id, count(DISTINCT e.id), count(d.id) FROM events e"
-        " JOIN deliveries d ON d.event_id = e.id GROUP BY e.room_id"
+        "SELECT e.room_id || '/' || (e.event_time - %s), count(DISTINCT e.id), count(d.id)"
+        " FROM events e JOIN deliveries d ON d.event_id = e.id GROUP BY 1",
+        EVENT_TIME_MS,
     )
-    assert {room for room, _, _ in events} == everything, context
+    assert {key for key, _, _ in events} == everything, context
     assert [row for row in events if row[1:] != (1, len(SINKS))] == [], context
 
     ids_by_delivery: dict[tuple[str, str], set[str]] = {}
     answered_200: dict[str, list[float]] = {}
     requests = slack.sink_requests
     for request in requests:
-        room = json.loads(request.body)["event"]["RoomId"]
         webhook_id = request.headers["webhook-id"]
-        ids_by_delivery.setdefault((request.path, room), set()).add(webhook_id)
+        ids_by_delivery.setdefault((request.path, key_of(request)), set()).add(webhook_id)
         if flapper.answered(request) == 200:
             answered_200.setdefault(webhook_id, []).append(request.received_at)
     # A delivery keeps its webhook-id across attempts, replicas and restarts.
     assert all(len(ids) == 1 for ids in ids_by_delivery.values()), context
+    disorder = out_of_order(requests, flapper, posters.values())
+    assert disorder == [], f"{context}; sent before its room's event before: {disorder[:10]}"
     repeated = {w: times for w, times in answered_200.items() if len(times) > 1}
     unexplained = {
         w: times
