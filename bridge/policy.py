@@ -17,6 +17,7 @@ from bridge.config_tables import Channel, ConsoleChannel, SlackChannel
 
 PER_SEND = 4  # deliveries a lane claims per message it may have in flight
 DIGEST_CLAIM = 200  # deliveries a digesting lane claims at once
+THREAD_TTL_S = 86400.0  # how long a room keeps its Slack thread, unless thread_ttl_h says
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class ChannelPolicy:
     digest_after: int = 0  # 0: never digest
     thread_by_room: bool = False
     reply_broadcast: bool = False
-    thread_ttl_s: float = 86400.0
+    thread_ttl_s: float = THREAD_TTL_S
 
     @classmethod
     def from_config(cls, name: str, channel: Channel, sender: Sender) -> ChannelPolicy:

@@ -25,7 +25,7 @@ from bridge.config_tables import DeliveryConfig
 from bridge.lane import Lanes
 from bridge.metrics import Outcomes
 from bridge.pacing import Pacer
-from bridge.policy import ChannelPolicy
+from bridge.policy import THREAD_TTL_S, ChannelPolicy
 from bridge.store import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -235,8 +235,11 @@ class Worker(Lanes):
             self._last_prune = now
             cutoff = now - self._retention_s
             dedup = now - max(self._retention_s, self._settings.dedup_window_s)
-            # Threads by the channels' longest thread_ttl_h: a room keeps its thread that long,
-            # however short the retention.
-            ttl = max((p.thread_ttl_s for p in self._policies.values()), default=0.0)
+            # Threads by the longest thread_ttl_h of the channels that thread by room: a room
+            # keeps its thread that long, however short the retention. The others have no TTL
+            # to give (their default kept every thread a day); with none, the default stays,
+            # for a replica on the same database whose config threads (a rolling deploy).
+            threading = [p.thread_ttl_s for p in self._policies.values() if p.thread_by_room]
+            ttl = max(threading, default=THREAD_TTL_S)
             if pruned := await self._store.prune(cutoff, dedup, now - ttl):
                 log.info("pruned %d rows older than the retention", pruned)

@@ -468,6 +468,26 @@ async def test_prune_keeps_a_thread_for_the_ttl_not_the_retention(
     assert db_rows(store.path, "SELECT room_id, ts FROM threads") == [("R", "1.1")]
 
 
+async def test_prune_takes_the_ttl_of_the_channels_that_thread_only(
+    open_store: OpenStore, tmp_path: Path
+) -> None:
+    # A channel that keeps no threads (a webhook, a console, a Slack incoming webhook) has no
+    # TTL to give: its default of 24 h kept every room's thread a day, whatever thread_ttl_h
+    # the channel that threads was given, so ever-new rooms piled up a day of rows.
+    store = await open_store()
+    hour = 3600.0
+    now = time.time()
+    await store.set_thread("bot", "R", "1.1", now - 0.5 * hour)  # within the TTL
+    await store.set_thread("bot", "S", "2.2", now - 2 * hour)  # past it
+    policies = {
+        "bot": ChannelPolicy("bot", ConsoleSender(), thread_by_room=True, thread_ttl_s=hour),
+        "plain": ChannelPolicy("plain", ConsoleSender()),
+    }
+    composer = make_composer(tmp_path, {name: 'type = "console"' for name in policies})
+    await Worker(store, policies, SETTINGS, composer, retention_s=12 * hour)._prune()
+    assert db_rows(store.path, "SELECT room_id, ts FROM threads") == [("R", "1.1")]
+
+
 async def test_a_channel_a_reload_removes_is_sent_nothing_more(
     slack: SlackStandIn, session: aiohttp.ClientSession, open_store: OpenStore, tmp_path: Path
 ) -> None:
