@@ -28,6 +28,8 @@ from bridge.escape import Verbatim, slack_escape
 from bridge.events import Envelope
 from bridge.jinja_env import COMMAND_NAME, environments, variables_used
 
+CACHED_COMMAND_CHARS = 128  # Tencent's are under 50; a longer one's template is looked up each time
+
 
 class RenderError(Exception):
     """A template that cannot produce a valid payload; names the template and line."""
@@ -76,7 +78,9 @@ class Renderer:
                 name = f"{kind}/default.j2"
             except jinja2.TemplateSyntaxError:
                 pass  # it exists; rendering reports the syntax error (or bad bytes) and line
-            if len(self._names) < 10_000:  # commands come from callers: keep the cache bounded
+            # Commands come from callers: the cache is bounded in entries and in their size (a
+            # command may be as long as a body: 10,000 of 60 KB would hold 600 MB).
+            if len(self._names) < 10_000 and len(command) <= CACHED_COMMAND_CHARS:
                 self._names[key] = name
         return name
 
