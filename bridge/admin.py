@@ -11,6 +11,7 @@ token (derived from the admin token, so any replica takes it; per process withou
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import ipaddress
@@ -164,6 +165,7 @@ class Admin:
             stats = await bridge.store.stats()
         except StoreUnavailable as exc:
             return store_unavailable("/metrics", exc)
+        bridge.metrics.tasks.set(len(asyncio.all_tasks()))  # this request's among them
         body = bridge.metrics.render(stats, list(bridge.config.channels))
         return Response(body, media_type=CONTENT_TYPE)
 

@@ -90,6 +90,12 @@ class Metrics:
             "Log lines dropped because stderr was not read fast enough (bridge/log_writer.py).",
             registry=r,
         )  # fmt: skip
+        self.tasks = Gauge(
+            "live_bridge_event_loop_tasks",
+            "Tasks on the serving process's event loop at the scrape: callbacks being handled,"
+            " lanes, timers. One that climbs with the traffic or the reloads is a leak.",
+            registry=r,
+        )  # fmt: skip
         self._log_drops_counted = 0
         self._callback_series: dict[tuple[str | None, str], Counter] = {}
 

@@ -185,6 +185,7 @@ class Sample:
     threads: int
     rss_kb: int
     metrics_bytes: int
+    tasks: int  # the serving process's (live_bridge_event_loop_tasks)
 
 
 def sample(pid: int, url: str) -> Sample:
@@ -195,9 +196,15 @@ def sample(pid: int, url: str) -> Sample:
         with contextlib.suppress(FileNotFoundError):  # closed since
             fds.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
     sockets = sum(1 for fd in fds if fd.startswith("socket:"))
+    metrics = http_request(url + "/metrics")[2]
+    tasks = next(
+        line
+        for line in metrics.decode().splitlines()
+        if line.startswith("live_bridge_event_loop_tasks ")
+    )
     return Sample(
-        len(fds) - sockets, sockets, len(os.listdir(f"/proc/{pid}/task")), rss,
-        len(http_request(url + "/metrics")[2]),
+        len(fds) - sockets, sockets, len(os.listdir(f"/proc/{pid}/task")), rss, len(metrics),
+        int(float(tasks.split()[1])),
     )  # fmt: skip
 
 
@@ -256,6 +263,7 @@ def test_a_long_run_stays_bounded(
         # Connections come and go; a leak of one per callback would be hundreds.
         assert all(s.fds <= warm.fds + 2 and s.sockets <= warm.sockets + 10 for s in later), report
         assert all(s.threads <= warm.threads + 2 for s in later), report
+        assert all(s.tasks <= warm.tasks + 10 for s in later), report
         # A phase sends 100 odd commands of 60 KB: 6 MB a phase, were they kept.
         assert later[-1].rss_kb - warm.rss_kb < 4_000, report
         assert later[-1].metrics_bytes < warm.metrics_bytes * 1.05, report
@@ -436,4 +444,5 @@ def test_a_reload_storm_loses_nothing(
     # max_in_flight to each of the three channels. One more a reload would be tens.
     for was, now in zip(before, after, strict=True):
         assert now.fds <= was.fds + 2 and now.threads <= was.threads + 1, (before, after)
+        assert now.tasks <= was.tasks + 10, (before, after)
         assert now.sockets <= was.sockets + 3 * 4, (before, after)
