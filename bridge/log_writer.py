@@ -17,7 +17,11 @@ import queue
 import threading
 from typing import TextIO
 
-MAX_QUEUED = 10_000  # lines waiting for the reader; a few MB at most
+MAX_QUEUED = 10_000  # lines waiting for the reader
+# and their characters: a line may quote a callback's commands (query and body, up to 300 KB),
+# and 2,000 callbacks with commands of 30 KB grew a process with a stalled stderr by 210 MB.
+# Ordinary lines stop at MAX_QUEUED first, at a few MB.
+MAX_QUEUED_CHARS = 16 << 20
 FLUSH_S = 2.0  # at exit, how long the lines still queued may take to go out
 
 _dropped = 0  # in this process, since it started; read by the metrics
@@ -37,6 +41,7 @@ class BackgroundHandler(logging.Handler):
         # handler's lock.
         self._lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._queued = 0  # lines put and not yet written
+        self._queued_chars = 0  # their characters
         self._written = threading.Condition()
         self._unreported = 0  # lines dropped since the last warning was queued
         self._thread = threading.Thread(target=self._write_lines, name="log-writer", daemon=True)
@@ -50,7 +55,8 @@ class BackgroundHandler(logging.Handler):
             self.handleError(record)
             return
         with self._written:
-            if self._queued >= MAX_QUEUED:
+            full = self._queued_chars + len(line) > MAX_QUEUED_CHARS and self._queued > 0
+            if self._queued >= MAX_QUEUED or full:
                 _dropped += 1
                 self._unreported += 1
                 return
@@ -76,6 +82,7 @@ class BackgroundHandler(logging.Handler):
 
     def _put(self, line: str) -> None:
         self._queued += 1
+        self._queued_chars += len(line)
         self._lines.put(line)
 
     def _write_lines(self) -> None:
@@ -87,6 +94,7 @@ class BackgroundHandler(logging.Handler):
                 pass  # a closed or broken stderr: nowhere left to say so
             with self._written:
                 self._queued -= 1
+                self._queued_chars -= len(line)
                 self._written.notify_all()
 
     def _drop_warning(self, count: int) -> str:

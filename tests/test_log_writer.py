@@ -84,6 +84,33 @@ def test_a_stalled_reader_never_blocks_the_logging_thread() -> None:
     assert len(written) - 1 + dropped == lines
 
 
+def test_long_lines_waiting_for_a_stalled_reader_are_bounded_in_size_too() -> None:
+    # A line may quote a callback's command, as long as its body: 10,000 of them waiting held
+    # gigabytes. Here 40 MB in fewer lines than MAX_QUEUED; at most 16 MiB of them wait.
+    long = "x" * 100_000
+    lines = 400
+    with stalled_pipe() as (read_fd, handler):
+        before = log_writer.dropped_total()
+        for n in range(lines):
+            handler.handle(logging.LogRecord("bridge.receive", logging.INFO, __file__, 1,
+                                             "%05d %s", (n, long), None))  # fmt: skip
+        dropped = log_writer.dropped_total() - before
+        out = bytearray()
+        reading = threading.Thread(target=lambda: _read_to_end(read_fd, out), daemon=True)
+        reading.start()
+        handler.handle(record(lines))
+        assert handler.flush_within(30)
+        handler.close()
+        handler.stream.close()
+        reading.join(10)
+    got = out.decode().splitlines()
+    written = [line for line in got if line.startswith("INFO 0")]
+    # What waited fitted the bound, give or take what the pipe took before it stalled.
+    assert dropped >= lines // 3 and len(written) + dropped == lines
+    assert sum(map(len, written)) <= 17 << 20
+    assert [int(m[1]) for line in got if (m := DROPPED.fullmatch(line))] == [dropped]
+
+
 def test_lines_are_written_whole_in_order_and_flushed_at_close(tmp_path: object) -> None:
     read_fd, write_fd = os.pipe()
     with open(write_fd, "w", encoding="utf-8") as stream:
