@@ -109,3 +109,27 @@ async def test_a_stalled_reader_times_the_send_out_without_blocking_the_loop(
         with contextlib.suppress(BlockingIOError):
             while os.read(read_fd, 1 << 20):
                 pass
+
+
+async def test_lines_waiting_for_a_stalled_reader_are_bounded(
+    stalled_pipe: tuple[int, TextIO],
+) -> None:
+    # A send that gave up leaves its line queued until the writer comes to it: while stdout
+    # stalled, every retry queued its message again, and the process grew without end (40 MB
+    # here). Past 16 MiB waiting, a send is a retry at once.
+    read_fd, stream = stalled_pipe
+    sender = ConsoleSender(stream, timeout_s=0.05)
+    line = "x" * (1 << 20)
+    try:
+        outcomes = [await sender.send(line, n) for n in range(40)]
+        errors = [o.error for o in outcomes if o != DELIVERED]
+        assert set(errors) == {"timed out", "stdout is not being read"}
+        assert errors.count("timed out") <= 17
+    finally:
+        os.set_blocking(read_fd, False)  # the writer finishes what it began, skips the rest
+        for _ in range(100):
+            with contextlib.suppress(BlockingIOError):
+                while os.read(read_fd, 1 << 20):
+                    pass
+            await asyncio.sleep(0.02)
+    assert await sender.send("again", 99) == DELIVERED

@@ -3,7 +3,9 @@
 The line is written by a thread of its own, never by the event loop: a pipe holds 64 KiB, and
 when its reader stalls (`serve | less` scrolled back, a log driver that hangs) a write blocks.
 On the event loop that stopped every callback's answer; here the send times out after
-`[delivery] timeout_s` and is retried, as for any channel that is down.
+`[delivery] timeout_s` and is retried, as for any channel that is down. A line whose send gave
+up stays queued until the writer comes to it, so while stdout stalls, retries queue their lines
+again and again: past MAX_WAITING_CHARS, a send is refused at once (a retry) instead.
 """
 
 from __future__ import annotations
@@ -17,10 +19,14 @@ from typing import TextIO
 
 from bridge.channels import DELIVERED, Outcome, Thread, retry
 
+MAX_WAITING_CHARS = 16 << 20  # of the lines queued for the writer
+
 _Line = tuple[TextIO, str, "concurrent.futures.Future[None]"]
 _lines: queue.SimpleQueue[_Line] = queue.SimpleQueue()
 _writer: threading.Thread | None = None
 _starting = threading.Lock()
+_waiting = threading.Lock()
+_waiting_chars = 0  # of the lines queued and not yet written or skipped
 
 
 class ConsoleSender:
@@ -31,7 +37,8 @@ class ConsoleSender:
     async def send(self, payload: str, delivery_id: int, thread: Thread | None = None) -> Outcome:
         written: concurrent.futures.Future[None] = concurrent.futures.Future()
         _start_writer()
-        _lines.put((self._stream or sys.stdout, payload + "\n", written))
+        if not _queue((self._stream or sys.stdout, payload + "\n", written)):
+            return retry("stdout is not being read")
         try:
             async with asyncio.timeout(self._timeout_s):
                 await asyncio.wrap_future(written)
@@ -52,15 +59,35 @@ def _start_writer() -> None:
             _writer.start()
 
 
+def _queue(line: _Line) -> bool:
+    """Queue `line` for the writer, unless the lines waiting already fill MAX_WAITING_CHARS."""
+    global _waiting_chars
+    with _waiting:
+        if _waiting_chars and _waiting_chars + len(line[1]) > MAX_WAITING_CHARS:
+            return False
+        _waiting_chars += len(line[1])
+        _lines.put(line)
+        return True
+
+
 def _write_lines() -> None:
+    global _waiting_chars
     while True:
         stream, text, written = _lines.get()
-        if not written.set_running_or_notify_cancel():
-            continue  # its send gave up waiting
         try:
-            stream.write(text)
-            stream.flush()
-        except (OSError, ValueError) as exc:
-            written.set_exception(exc)
-        else:
-            written.set_result(None)
+            _write(stream, text, written)
+        finally:
+            with _waiting:
+                _waiting_chars -= len(text)
+
+
+def _write(stream: TextIO, text: str, written: concurrent.futures.Future[None]) -> None:
+    if not written.set_running_or_notify_cancel():
+        return  # its send gave up waiting
+    try:
+        stream.write(text)
+        stream.flush()
+    except (OSError, ValueError) as exc:
+        written.set_exception(exc)
+    else:
+        written.set_result(None)
