@@ -56,7 +56,7 @@ class Lanes(Attempts, abc.ABC):
     async def _lane(self, policy: ChannelPolicy) -> None:
         pacer = self.pacers.get(policy.name) or Pacer(policy.rate_per_s, policy.burst)
         lease = policy.lease_s(self._settings.timeout_s)
-        held_until = 0.0  # wall clock: the channel is ours until then
+        held_until = 0.0  # time.monotonic(): the channel is ours until then (0: not taken)
         sent = False  # the last claim found something: worth waiting for more
         found = False  # some claim found something: outcomes may have made more due
         idle = False  # ended by a claim that found nothing, having found nothing before
@@ -67,11 +67,12 @@ class Lanes(Attempts, abc.ABC):
                 # that has gone: no other process paces, threads or orders it meanwhile, so the
                 # pacer here is the channel's state, and taking it every round (a commit each,
                 # several per event under a steady trickle) would tell nothing new.
-                if time.time() > held_until - lease / 2:
+                if time.monotonic() > held_until - lease / 2:
+                    taken = time.monotonic()
                     pace = await self._store.take_channel(policy.name, time.time(), lease)
                     if pace is None:
                         return  # another process is sending to this channel
-                    held_until = time.time() + lease
+                    held_until = taken + lease
                     pacer.adopt(pace)
                     if pacer.blocked_for() > 0:
                         return  # blocked by a 429 another process met

@@ -19,6 +19,9 @@ from collections.abc import Callable
 
 from bridge.store import Pace
 
+# The longest block a 429 sets: the senders cap its Retry-After (bridge.channels.http).
+LONGEST_BLOCK_S = 3600.0
+
 
 class Pacer:
     def __init__(
@@ -56,12 +59,17 @@ class Pacer:
 
     def adopt(self, pace: Pace) -> None:
         """Continue from what another process left (Pace(0, 0): nothing), or from our own state
-        if that is stricter: neither process's messages are forgotten."""
-        shift = self._clock() - self._wall()
+        if that is stricter: neither process's messages are forgotten. Nothing is taken further
+        ahead than a pacer ever sets it: a state saved before the wall clock went back would
+        otherwise hold the channel for the size of the step."""
+        now = self._clock()
+        shift = now - self._wall()
         if pace.tat and self._interval:
-            self._tat = max(self._tat, pace.tat + shift)
+            latest = now + self._tolerance + self._interval  # wait(), done() and block() at most
+            self._tat = max(self._tat, min(pace.tat + shift, latest))
         if pace.blocked_until:
-            self._blocked_until = max(self._blocked_until, pace.blocked_until + shift)
+            latest = now + LONGEST_BLOCK_S
+            self._blocked_until = max(self._blocked_until, min(pace.blocked_until + shift, latest))
 
     def blocked_for(self) -> float:
         """Seconds until the block ends; 0 when not blocked."""

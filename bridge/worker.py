@@ -58,7 +58,7 @@ class Worker(Lanes):
         self._lanes: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._hurried = False  # a second signal: no grace for the sends in flight
-        self._last_prune = 0.0
+        self._last_prune: float | None = None  # time.monotonic(): unmoved by a clock step
         self._pruning: asyncio.Task[None] | None = None
         self._store_failures = 0
         self._store_retry_at = 0.0  # time.monotonic(): no claims before this
@@ -219,7 +219,7 @@ class Worker(Lanes):
     def _start_prune(self) -> None:
         """A prune, when one is due, beside the dispatching: a backlog of old rows takes many
         transactions to prune (seconds, after downtime), and lanes start meanwhile."""
-        due = time.time() - self._last_prune >= PRUNE_EVERY_S
+        due = self._last_prune is None or time.monotonic() - self._last_prune >= PRUNE_EVERY_S
         if due and (self._pruning is None or self._pruning.done()):
             self._pruning = asyncio.create_task(self._prune_or_pause(), name="prune")
 
@@ -230,9 +230,9 @@ class Worker(Lanes):
             self._store_failed(exc)
 
     async def _prune(self) -> None:
-        now = time.time()
-        if now - self._last_prune >= PRUNE_EVERY_S:
-            self._last_prune = now
+        now, ticks = time.time(), time.monotonic()
+        if self._last_prune is None or ticks - self._last_prune >= PRUNE_EVERY_S:
+            self._last_prune = ticks
             cutoff = now - self._retention_s
             dedup = now - max(self._retention_s, self._settings.dedup_window_s)
             # Threads by the longest thread_ttl_h of the channels that thread by room: a room

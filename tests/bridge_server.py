@@ -253,10 +253,14 @@ class InThread:
 
 
 class Subprocess:
-    """`python -m bridge serve --config PATH` as a child process, ready when /readyz says so."""
+    """`python -m bridge serve --config PATH` as a child process, ready when /readyz says so;
+    `env`: variables set for it on top of this process's."""
 
-    def __init__(self, config_path: Path, port: int, log: Path) -> None:
+    def __init__(
+        self, config_path: Path, port: int, log: Path, env: Mapping[str, str] | None = None
+    ) -> None:
         self.config_path = config_path
+        self.env = {**os.environ, **env} if env is not None else None  # None: this process's
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
         self.process: subprocess.Popen[bytes] | None = None
@@ -265,7 +269,7 @@ class Subprocess:
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "bridge", "serve", "--config", str(self.config_path)],
-                stdout=out, stderr=subprocess.STDOUT, cwd=self.config_path.parent,
+                stdout=out, stderr=subprocess.STDOUT, cwd=self.config_path.parent, env=self.env,
             )  # fmt: skip
         if not wait_until(self._ready, timeout=20):
             self.kill()

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from bridge.store import (
+    CLOCK_STEP_S,
     ChannelStats,
     Claimed,
     DeliveryRow,
@@ -81,11 +82,15 @@ class Model:
         assert event_id > self.top_event, f"event id {event_id} handed out before"
         self.top_event = event_id
         self.events[event_id] = (event, now)
-        order_ts = event.event_time if event.event_time is not None else int(now * 1000)
         for delivery_id, d in deliveries:
             assert delivery_id > self.top_delivery, f"delivery id {delivery_id} handed out before"
             self.top_delivery = delivery_id
             self.acknowledged.add(delivery_id)
+            order_ts = event.event_time
+            if order_ts is None:  # by arrival, after what its room has already
+                order_ts = max([int(now * 1000)] + [r.order_ts for r in self.rows.values()
+                               if r.channel == d.channel and event.room_id is not None
+                               and r.room_id == event.room_id])  # fmt: skip
             self.rows[delivery_id] = Row(
                 delivery_id, event_id, d.channel, event.room_id, order_ts,
                 State.PENDING if d.error is None else State.DEAD, d.payload, d.error,
@@ -97,14 +102,14 @@ class Model:
     # --- the worker -----------------------------------------------------------------------------
 
     def _due(self, r: Row, now: float) -> bool:
-        if r.state is State.PENDING:
-            return r.next_attempt_at <= now
+        if r.state is State.PENDING:  # or written before the clock went back
+            return r.next_attempt_at <= now or r.updated_at > now + CLOCK_STEP_S
         return r.state is State.IN_FLIGHT and r.lease_until is not None and r.lease_until <= now
 
     def _holds_back(self, b: Row, now: float) -> bool:
         """Whether undelivered `b` keeps the later deliveries of its room waiting."""
         if b.state is State.PENDING:
-            return b.next_attempt_at > now
+            return b.next_attempt_at > now and b.updated_at <= now + CLOCK_STEP_S
         return b.state is State.IN_FLIGHT and b.lease_until is not None and b.lease_until > now
 
     def claimable(self, channel: str, now: float) -> list[Row]:
@@ -141,7 +146,8 @@ class Model:
 
     def next_due(self, now: float) -> float | None:
         times = [r.next_attempt_at for r in self.rows.values()
-                 if r.state is State.PENDING and r.next_attempt_at > now]  # fmt: skip
+                 if r.state is State.PENDING and r.next_attempt_at > now
+                 and r.updated_at <= now + CLOCK_STEP_S]  # fmt: skip
         times += [r.lease_until for r in self.rows.values() if r.state is State.IN_FLIGHT
                   and r.lease_until is not None and r.lease_until > now]  # fmt: skip
         return min(times, default=None)

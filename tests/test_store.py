@@ -225,9 +225,50 @@ async def test_due_channels_and_exclusions(store: Store) -> None:
     now = time.time()
     await add(store, "1", channel="a", now=now)
     await add(store, "2", channel="b", now=now)
-    await add(store, "3", channel="c", now=now + 100)
+    await add(store, "3", channel="c", now=now)
+    (waiting,) = await store.claim("c", now, 10, 30)
+    await store.mark_retry(waiting.id, now, now + 100, "HTTP 503", count=True)
     assert sorted(await store.due_channels(now, [])) == ["a", "b"]
     assert await store.due_channels(now, ["a"]) == ["b"]
+
+
+async def test_what_was_written_before_the_clock_went_back_waits_no_longer(store: Store) -> None:
+    """Rows written an hour ahead of `now` (the wall clock stepped back since): pending ones,
+    just recorded or backing off, are due at once, and hold back no later delivery of their
+    room; one in flight keeps its lease, as its send may be under way."""
+    now = time.time()
+    before = now + 3600  # the clock read this when they were written
+    await add(store, "recorded", channel="a", room="r1", event_time=1000, now=before)
+    await add(store, "retried", channel="a", room="r2", event_time=1000, now=before)
+    await add(store, "sending", channel="a", room="r3", event_time=1000, now=before)
+    claimed = {c.room_id: c for c in await store.claim("a", before, 10, 30)}
+    await store.release([claimed["r1"].id], before, before)
+    await store.mark_retry(claimed["r2"].id, before, before + 60, "HTTP 503", count=True)
+    for room in ("r1", "r2", "r3"):  # the clock went back: the rooms' next events
+        await add(store, f"later-{room}", channel="a", room=room, event_time=2000, now=now)
+    assert await store.due_channels(now, []) == ["a"]
+    assert await store.next_due(now) == before + 30  # the lease; the pending ones are due now
+    got = await store.claim("a", now, 10, 30)
+    assert [(c.room_id, c.payload) for c in got] == [
+        ("r1", "p-recorded"), ("r2", "p-retried"), ("r1", "p-later-r1"), ("r2", "p-later-r2"),
+    ]  # fmt: skip
+    # A small step (under CLOCK_STEP_S) waits for the clock as before.
+    await add(store, "small", channel="b", room="r4", now=now)
+    (small,) = await store.claim("b", now, 10, 30)
+    await store.mark_retry(small.id, now + 0.5, now + 10, "HTTP 503", count=True)
+    assert await store.claim("b", now, 10, 30) == []
+
+
+async def test_an_event_without_event_time_goes_after_its_room(store: Store) -> None:
+    """By arrival, and after everything its room has already in the channel: one that comes
+    after the clock went back does not overtake its room's earlier events."""
+    now = time.time()
+    await add(store, "early", room="r1", event_time=None, now=now + 3600)
+    await add(store, "tencent", room="r1", event_time=int((now + 7200) * 1000), now=now + 3600)
+    await add(store, "late", room="r1", event_time=None, now=now)
+    await add(store, "other-room", room="r2", event_time=None, now=now)
+    got = await store.claim("a", now, 10, 30)
+    assert [c.payload for c in got] == ["p-other-room", "p-early", "p-tencent", "p-late"]
 
 
 async def test_lease_expiry_reclaims(store: Store) -> None:

@@ -24,6 +24,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+# A pending delivery written (updated_at) more than this after `now` was written before the wall
+# clock went back: it is due at once rather than when the clock reaches its time again, which
+# after an hour's step back would be an hour late, and its room's later deliveries with it. A
+# send in flight keeps its lease: it may be under way, and a longer lease sends nothing twice.
+CLOCK_STEP_S = 1.0
+
 
 class StoreUnavailable(Exception):
     """The store could not commit; the caller must not acknowledge."""

@@ -15,7 +15,7 @@ from typing import Any
 
 from psycopg import AsyncConnection
 
-from bridge.store import StoreUnavailable
+from bridge.store import CLOCK_STEP_S, StoreUnavailable
 
 SCHEMA_VERSION = 5
 
@@ -167,10 +167,15 @@ ROOM_FREE = """
     SELECT 1 FROM deliveries b
     WHERE b.channel = d.channel AND b.room_id = d.room_id
       AND (b.order_ts < d.order_ts OR (b.order_ts = d.order_ts AND b.id < d.id))
-      AND ((b.state = 'pending' AND b.next_attempt_at > %(now)s)
+      AND ((b.state = 'pending' AND b.next_attempt_at > %(now)s
+             AND b.updated_at <= %(now)s + {step})
         OR (b.state = 'in_flight' AND b.lease_until > %(now)s)))
-"""
-PENDING_DUE = f"d.state = 'pending' AND d.next_attempt_at <= %(now)s AND {ROOM_FREE}"
+""".replace("{step}", repr(CLOCK_STEP_S))
+PENDING_DUE = (
+    "d.state = 'pending'"
+    f" AND (d.next_attempt_at <= %(now)s OR d.updated_at > %(now)s + {CLOCK_STEP_S!r})"
+    f" AND {ROOM_FREE}"
+)
 LEASE_OVER = f"d.state = 'in_flight' AND d.lease_until <= %(now)s AND {ROOM_FREE}"
 
 _CLAIM_PART = """
@@ -244,6 +249,8 @@ RETURNING tat, blocked_until
 # A callback in one statement, so one round trip and one commit. The dedup key is this event's
 # unless a live entry holds it; a concurrent record of the same key waits on the unique index for
 # the other transaction, then finds the key taken: stored exactly once. No row back: a duplicate.
+# An event without Tencent's EventTime goes after what its room has already (as schema.py's
+# ORDER_AFTER_ROOM).
 RECORD_SQL = """
 WITH key AS (
   INSERT INTO dedup (key, seen_at, event_id)
@@ -261,7 +268,9 @@ WITH key AS (
   INSERT INTO deliveries (event_id, channel, state, payload, next_attempt_at, last_error,
     created_at, updated_at, room_id, order_ts)
   SELECT event.id, d.channel, d.state, d.payload, %(now)s, d.error, %(now)s, %(now)s,
-         %(room_id)s, %(order_ts)s
+         %(room_id)s, CASE WHEN %(after_room)s THEN GREATEST(%(order_ts)s, (
+           SELECT MAX(r.order_ts) FROM deliveries r
+           WHERE r.channel = d.channel AND r.room_id = %(room_id)s)) ELSE %(order_ts)s END
   FROM event, unnest(%(channels)s::text[], %(states)s::text[], %(payloads)s::text[],
                      %(errors)s::text[]) WITH ORDINALITY AS d(channel, state, payload, error, n)
   ORDER BY d.n
@@ -272,9 +281,9 @@ SELECT id FROM event
 NEXT_DUE_SQL = """
 SELECT LEAST(
   (SELECT MIN(next_attempt_at) FROM deliveries
-   WHERE state = 'pending' AND next_attempt_at > %(now)s),
+   WHERE state = 'pending' AND next_attempt_at > %(now)s AND updated_at <= %(now)s + {step}),
   (SELECT MIN(lease_until) FROM deliveries WHERE state = 'in_flight' AND lease_until > %(now)s))
-"""
+""".replace("{step}", repr(CLOCK_STEP_S))
 
 STATS_SQL = """
 SELECT channel,

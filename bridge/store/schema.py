@@ -6,6 +6,8 @@ from __future__ import annotations
 import secrets
 import sqlite3
 
+from bridge.store import CLOCK_STEP_S
+
 SCHEMA_VERSION = 7
 
 # Each entry brings the schema from version i to i + 1; append, never edit.
@@ -164,6 +166,11 @@ def _version(conn: sqlite3.Connection) -> int:
 
 # --- the statements the store runs ---------------------------------------------------------------
 
+# An event without Tencent's EventTime is ordered by its arrival, and after everything its room
+# has already: by the clock alone, one that came after a step back would go before its room's
+# earlier events still waiting (one at a time: the events of one batch are counted too).
+ORDER_AFTER_ROOM = "SELECT MAX(order_ts) FROM deliveries WHERE channel = ? AND room_id = ?"
+
 # A delivery waits while an earlier delivery (Tencent's time, then arrival) for its room is still
 # pending or in flight and not itself due, so each room's messages go out in order.
 ROOM_FREE = """
@@ -171,16 +178,20 @@ ROOM_FREE = """
     SELECT 1 FROM deliveries b
     WHERE b.channel = d.channel AND b.room_id = d.room_id
       AND (b.order_ts < d.order_ts OR (b.order_ts = d.order_ts AND b.id < d.id))
-      AND ((b.state = 'pending' AND b.next_attempt_at > :now)
+      AND ((b.state = 'pending' AND b.next_attempt_at > :now AND b.updated_at <= :now + {step})
         OR (b.state = 'in_flight' AND b.lease_until > :now)))
-"""
+""".replace("{step}", repr(CLOCK_STEP_S))
 # A delivery is due when pending and its time has come, or in flight with an expired lease.
 # The two are asked apart, each walking deliveries_claim (channel, state, order_ts, id) in order
 # and stopping at the first rows it needs. One condition with OR had SQLite sort every claimable
 # row of the channel at each claim: 30 ms a claim with 20,000 waiting, in the writer's
 # transaction, so every callback waited too. The index is named: the planner would rather take
 # deliveries_due for the time and sort.
-PENDING_DUE = f"d.state = 'pending' AND d.next_attempt_at <= :now AND {ROOM_FREE}"
+# Or written before the clock went back (bridge.store.CLOCK_STEP_S).
+PENDING_DUE = (
+    "d.state = 'pending'"
+    f" AND (d.next_attempt_at <= :now OR d.updated_at > :now + {CLOCK_STEP_S!r}) AND {ROOM_FREE}"
+)
 LEASE_OVER = f"d.state = 'in_flight' AND d.lease_until <= :now AND {ROOM_FREE}"
 
 _CLAIM_PART = """

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from bridge.store import NewDelivery, NewEvent, Recorded, State
-from bridge.store.schema import NEXT_IDS_SQL
+from bridge.store.schema import NEXT_IDS_SQL, ORDER_AFTER_ROOM
 from bridge.store.sqlite_file import MAX_PARAMS, insert_rows, sql_in
 from bridge.store.sqlite_outbox import SQLiteOutbox
 from bridge.store.sqlite_queue import SQLiteQueue
@@ -90,6 +90,7 @@ class _Record(Together):
         events: list[tuple[Any, ...]] = []
         deliveries: list[tuple[Any, ...]] = []
         dedup: list[tuple[Any, ...]] = []
+        rooms = _Rooms()
         for op in ops:
             event, now = op.event, op.now
             if op.dedup_window_s > 0:
@@ -101,12 +102,14 @@ class _Record(Together):
             events.append((event_id, now, event.sdk_app_id, event.command, event.room_id,
                            event.event_time, event.body, event.query))  # fmt: skip
             order_ts = event.event_time if event.event_time is not None else int(now * 1000)
-            deliveries.extend(
-                (next_delivery_id + n, event_id, d.channel,
-                 State.PENDING if d.error is None else State.DEAD, d.payload, now, d.error, now,
-                 now, event.room_id, order_ts)
-                for n, d in enumerate(op.deliveries)
-            )  # fmt: skip
+            for n, d in enumerate(op.deliveries):
+                order = order_ts
+                if event.room_id is not None:
+                    order = rooms.after(conn, d.channel, event.room_id, order_ts,
+                                        event.event_time is None)  # fmt: skip
+                deliveries.append((next_delivery_id + n, event_id, d.channel,
+                    State.PENDING if d.error is None else State.DEAD, d.payload, now, d.error,
+                    now, now, event.room_id, order))  # fmt: skip
             next_delivery_id += len(op.deliveries)
             if op.dedup_window_s > 0:
                 dedup.append((event.dedup_key, now, event_id))
@@ -119,3 +122,25 @@ class _Record(Together):
                     " VALUES", deliveries)  # fmt: skip
         insert_rows(conn, "INSERT OR REPLACE INTO dedup (key, seen_at, event_id) VALUES", dedup)
         return results
+
+
+class _Rooms:
+    """Orders the deliveries of one batch of callbacks."""
+
+    def __init__(self) -> None:
+        self._stored: dict[tuple[str, str], int | None] = {}  # the file's latest, once read
+        self._batch: dict[tuple[str, str], int] = {}  # this batch's latest
+
+    def after(
+        self, conn: sqlite3.Connection, channel: str, room_id: str, order_ts: int, arrival: bool
+    ) -> int:
+        """The order of a delivery to `channel` of an event in `room_id`: `order_ts`, or, for an
+        event ordered by its arrival (no EventTime), after everything its room has already
+        (ORDER_AFTER_ROOM), this batch's deliveries included."""
+        key = (channel, room_id)
+        if arrival:
+            if key not in self._stored:
+                self._stored[key] = conn.execute(ORDER_AFTER_ROOM, key).fetchone()[0]
+            order_ts = max(order_ts, self._stored[key] or order_ts, self._batch.get(key, order_ts))
+        self._batch[key] = max(order_ts, self._batch.get(key, order_ts))
+        return order_ts

@@ -12,7 +12,7 @@ import dataclasses
 import sqlite3
 from collections.abc import Sequence
 
-from bridge.store import Claimed, Pace
+from bridge.store import CLOCK_STEP_S, Claimed, Pace
 from bridge.store.schema import CLAIM_SQL, DUE_SQL, MARK_DELIVERED_SQL, TAKE_SQL
 from bridge.store.sqlite_file import MAX_PARAMS, SQLiteFile, sql_in
 from bridge.store.writer import Together
@@ -93,10 +93,11 @@ class SQLiteQueue(SQLiteFile):
     async def next_due(self, now: float) -> float | None:
         rows = await self._fetch(
             "SELECT MIN(t) FROM (SELECT MIN(next_attempt_at) AS t FROM deliveries"
-            " WHERE state = 'pending' AND next_attempt_at > :now UNION ALL"
+            " WHERE state = 'pending' AND next_attempt_at > :now"
+            " AND updated_at <= :now + :step UNION ALL"
             " SELECT MIN(lease_until) FROM deliveries"
             " WHERE state = 'in_flight' AND lease_until > :now)",
-            {"now": now},
+            {"now": now, "step": CLOCK_STEP_S},
         )
         return None if not rows or rows[0][0] is None else float(rows[0][0])
 
