@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 
 from bridge.attempts import Attempts
 from bridge.channels import Outcome, Result
+from bridge.clock import LeaseClock
 from bridge.pacing import Pacer
 from bridge.policy import ChannelPolicy
 from bridge.render import RenderError
@@ -40,6 +41,7 @@ class Lanes(Attempts, abc.ABC):
     _busy: set[str]
     _wake: asyncio.Event
     _store_failures: int
+    _lease_clock: LeaseClock
     pacers: dict[str, Pacer]
     _policies: Mapping[str, ChannelPolicy]
 
@@ -68,8 +70,10 @@ class Lanes(Attempts, abc.ABC):
                 # pacer here is the channel's state, and taking it every round (a commit each,
                 # several per event under a steady trickle) would tell nothing new.
                 if time.monotonic() > held_until - lease / 2:
-                    taken = time.monotonic()
-                    pace = await self._store.take_channel(policy.name, time.time(), lease)
+                    taken, now = time.monotonic(), time.time()
+                    pace = await self._store.take_channel(
+                        policy.name, now, lease, self._lease_clock.leases_at(now)
+                    )
                     if pace is None:
                         return  # another process is sending to this channel
                     held_until = taken + lease
@@ -77,8 +81,9 @@ class Lanes(Attempts, abc.ABC):
                     if pacer.blocked_for() > 0:
                         return  # blocked by a 429 another process met
                 seen = self._arrivals
+                now = time.time()
                 rows = await self._store.claim(
-                    policy.name, time.time(), policy.claim_limit(), lease
+                    policy.name, now, policy.claim_limit(), lease, self._lease_clock.leases_at(now)
                 )
                 self._store_failures = 0  # a write went through: the store commits again
                 if not rows and not (sent and await self._more_soon(seen)):

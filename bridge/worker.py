@@ -19,6 +19,7 @@ import time
 from collections.abc import Mapping
 
 from bridge.attempts import ChannelState
+from bridge.clock import LeaseClock
 from bridge.compose import Composer
 from bridge.config import Config
 from bridge.config_tables import DeliveryConfig
@@ -62,6 +63,7 @@ class Worker(Lanes):
         self._pruning: asyncio.Task[None] | None = None
         self._store_failures = 0
         self._store_retry_at = 0.0  # time.monotonic(): no claims before this
+        self._lease_clock = LeaseClock()
         self.configure(policies, settings, composer, retention_s)
 
     @classmethod
@@ -88,6 +90,9 @@ class Worker(Lanes):
         self._settings = settings
         self._composer = composer
         self._retention_s = retention_s
+        # Leases taken before a step forward, under the old config's too, with room to spare.
+        longest = max((p.lease_s(settings.timeout_s) for p in policies.values()), default=0.0)
+        self._lease_clock.guard_s = max(self._lease_clock.guard_s, 2 * longest)
         for name, policy in policies.items():
             if (pacer := self.pacers.get(name)) is not None:
                 pacer.retune(policy.rate_per_s, policy.burst)
@@ -190,7 +195,8 @@ class Worker(Lanes):
     async def _dispatch(self, now: float) -> list[str]:
         """Start a lane for each channel with claimable work; returns the blocked ones skipped."""
         blocked = [name for name, pacer in self.pacers.items() if pacer.blocked_for() > 0]
-        for channel in await self._store.due_channels(now, [*self._busy, *blocked]):
+        leases_at = self._lease_clock.leases_at(now)
+        for channel in await self._store.due_channels(now, [*self._busy, *blocked], leases_at):
             policy = self._policies.get(channel)
             if policy is None or self._stopping:
                 continue  # not configured here: another replica's, or buried (bridge/presence.py)

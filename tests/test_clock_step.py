@@ -206,7 +206,8 @@ def test_sqlite_rows_written_before_a_step_back_are_due_at_once(
     port = free_port()
     channels = sink("sink", slack.sink_url("sink"), "rate_per_s = 5.0\n")
     routes = '[[routes]]\nname = "all"\nchannels = ["sink"]\n'
-    config = write_config(tmp_path, port, channels=channels, routes=routes)
+    delivery = "initial_backoff_s = 0.3\nmax_backoff_s = 1.0\nmax_attempts = 1000\n"
+    config = write_config(tmp_path, port, channels=channels, routes=routes, delivery=delivery)
     slack.set_sink_status("sink", 503)
     clock.step(86400)
     base = int(time.time() * 1000)
@@ -221,3 +222,36 @@ def test_sqlite_rows_written_before_a_step_back_are_due_at_once(
         assert slack.wait_for(
             lambda s: len({room for room, _, _ in sent(s, "sink", restarted)}) == 3, timeout=20
         ), db_rows(tmp_path / "bridge.db", "SELECT state, next_attempt_at FROM deliveries")
+
+
+def test_a_step_forward_on_postgres_replicas_sends_nothing_twice(
+    tmp_path: Path, slack: SlackStandIn, clock: Clock, postgres_url: str
+) -> None:
+    """Two replicas on one host share a database; an hour forward while one sends: the other
+    must not take the sends under way for ones whose lease ran out."""
+    channels = sink("slow", slack.sink_url("slow"))
+    routes = '[[routes]]\nname = "all"\nchannels = ["slow"]\n'
+    delivery = "initial_backoff_s = 0.3\nmax_backoff_s = 1.0\nmax_attempts = 1000\n"
+    slack.set_sink_delay("slow", 3.0)
+    env = {**clock.env(), "LIVE_BRIDGE_DELIVERY__TIMEOUT_S": "10"}
+    bridges = []
+    for name in ("a", "b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        port = free_port()
+        config = write_config(
+            folder, port, channels=channels, routes=routes, delivery=delivery,
+            store=f'url = "{postgres_url}"\n',
+        )  # fmt: skip
+        bridges.append(Subprocess(config, port, folder / "bridge.log", env))
+    base = int(time.time() * 1000)
+    rooms = [f"room-{n}" for n in range(3)]
+    with bridges[0] as a, bridges[1]:
+        for n, room in enumerate(rooms):
+            post(a.url, event(room, base + n, n))
+        assert wait_until(lambda: slack.sink_max_concurrent.get("slow", 0) > 0, timeout=20)
+        clock.step(HOUR)  # sends are under way
+        assert wait_until(lambda: rooms_tried(slack, "slow") == set(rooms), timeout=30)
+        time.sleep(5.0)  # time for a second, wrong, send of anything still held
+    ids = Counter(webhook_id for _, _, webhook_id in sent(slack, "slow"))
+    assert set(ids.values()) == {1}, f"sent more than once: {ids}"

@@ -215,9 +215,11 @@ class CountingStore(SQLiteStore):
         self.left: list[str] = []
         self.released = 0  # release() calls: claimed deliveries given back
 
-    async def take_channel(self, channel: str, now: float, lease_s: float) -> Pace | None:
+    async def take_channel(
+        self, channel: str, now: float, lease_s: float, leases_at: float | None = None
+    ) -> Pace | None:
         self.taken.append(channel)
-        return await super().take_channel(channel, now, lease_s)
+        return await super().take_channel(channel, now, lease_s, leases_at)
 
     async def leave_channel(self, channel: str, pace: Pace) -> None:
         self.left.append(channel)
@@ -419,13 +421,17 @@ class DiskFullStore(SQLiteStore):
             self.tries.append(time.monotonic())
             raise StoreUnavailable("store commit failed: database or disk is full")
 
-    async def take_channel(self, channel: str, now: float, lease_s: float) -> Pace | None:
+    async def take_channel(
+        self, channel: str, now: float, lease_s: float, leases_at: float | None = None
+    ) -> Pace | None:
         self._refuse()
-        return await super().take_channel(channel, now, lease_s)
+        return await super().take_channel(channel, now, lease_s, leases_at)
 
-    async def claim(self, channel: str, now: float, limit: int, lease_s: float) -> list[Claimed]:
+    async def claim(
+        self, channel: str, now: float, limit: int, lease_s: float, leases_at: float | None = None
+    ) -> list[Claimed]:
         self._refuse()
-        return await super().claim(channel, now, limit, lease_s)
+        return await super().claim(channel, now, limit, lease_s, leases_at)
 
 
 async def test_writes_failing_while_reads_work_back_off_and_log_rarely(

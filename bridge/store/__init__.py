@@ -145,12 +145,19 @@ class Store(Protocol):
         self, event: NewEvent, deliveries: Sequence[NewDelivery], now: float, dedup_window_s: float
     ) -> Recorded: ...
 
-    async def due_channels(self, now: float, exclude: Sequence[str]) -> list[str]:
+    async def due_channels(
+        self, now: float, exclude: Sequence[str], leases_at: float | None = None
+    ) -> list[str]:
         """Channels with claimable deliveries, less `exclude` and channels another process
-        holds (its `take_channel` lease not yet run out)."""
+        holds (its `take_channel` lease not yet run out). `leases_at` (None: `now`) is the time
+        leases are judged by, here and in `take_channel` and `claim`: earlier than `now` after
+        the clock stepped forward, so that leases taken before the step do not run out by it
+        (bridge/clock.py)."""
         ...
 
-    async def take_channel(self, channel: str, now: float, lease_s: float) -> Pace | None:
+    async def take_channel(
+        self, channel: str, now: float, lease_s: float, leases_at: float | None = None
+    ) -> Pace | None:
         """Lease `channel` to this store instance until `now + lease_s` (renewing a lease it
         holds already); None while another instance holds it. Returns the pacing state the last
         holder left, Pace(0, 0) for a channel never sent to."""
@@ -160,7 +167,9 @@ class Store(Protocol):
         """Give up this instance's lease of `channel`, saving `pace` for the next holder."""
         ...
 
-    async def claim(self, channel: str, now: float, limit: int, lease_s: float) -> list[Claimed]:
+    async def claim(
+        self, channel: str, now: float, limit: int, lease_s: float, leases_at: float | None = None
+    ) -> list[Claimed]:
         """Due deliveries of `channel` in (EventTime, arrival) order, each room's in sequence."""
         ...
 

@@ -16,13 +16,19 @@ from bridge.store.pg_schema import CLAIM_LOCK, CLAIM_SQL, DUE_SQL, NEXT_DUE_SQL,
 
 
 class PostgresQueue(PostgresPool):
-    async def due_channels(self, now: float, exclude: Sequence[str]) -> list[str]:
-        rows = await self._fetch(DUE_SQL, {"now": now, "owner": self.owner})
+    async def due_channels(
+        self, now: float, exclude: Sequence[str], leases_at: float | None = None
+    ) -> list[str]:
+        leases = now if leases_at is None else leases_at
+        rows = await self._fetch(DUE_SQL, {"now": now, "owner": self.owner, "leases": leases})
         skip = set(exclude)
         return [r[0] for r in rows if r[0] not in skip]
 
-    async def take_channel(self, channel: str, now: float, lease_s: float) -> Pace | None:
-        params = {"channel": channel, "owner": self.owner, "lease_until": now + lease_s, "now": now}
+    async def take_channel(
+        self, channel: str, now: float, lease_s: float, leases_at: float | None = None
+    ) -> Pace | None:
+        params = {"channel": channel, "owner": self.owner, "lease_until": now + lease_s,
+                  "leases": now if leases_at is None else leases_at}  # fmt: skip
         rows = await self._fetch(TAKE_CHANNEL_SQL, params)
         return Pace(tat=rows[0][0], blocked_until=rows[0][1]) if rows else None
 
@@ -33,9 +39,12 @@ class PostgresQueue(PostgresPool):
             (pace.tat, pace.blocked_until, channel, self.owner),
         )
 
-    async def claim(self, channel: str, now: float, limit: int, lease_s: float) -> list[Claimed]:
+    async def claim(
+        self, channel: str, now: float, limit: int, lease_s: float, leases_at: float | None = None
+    ) -> list[Claimed]:
+        leases = now if leases_at is None else leases_at
         params = {"channel": channel, "now": now, "limit": limit, "lease_until": now + lease_s,
-                  "owner": self.owner}  # fmt: skip
+                  "owner": self.owner, "leases": leases}  # fmt: skip
         async with self._connection() as conn, conn.transaction():
             # Claims of one channel take turns: SKIP LOCKED alone would let a second claim pass
             # over a room's head another is taking and hand out the delivery after it.

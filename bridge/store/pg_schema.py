@@ -169,14 +169,14 @@ ROOM_FREE = """
       AND (b.order_ts < d.order_ts OR (b.order_ts = d.order_ts AND b.id < d.id))
       AND ((b.state = 'pending' AND b.next_attempt_at > %(now)s
              AND b.updated_at <= %(now)s + {step})
-        OR (b.state = 'in_flight' AND b.lease_until > %(now)s)))
+        OR (b.state = 'in_flight' AND b.lease_until > %(leases)s)))
 """.replace("{step}", repr(CLOCK_STEP_S))
 PENDING_DUE = (
     "d.state = 'pending'"
     f" AND (d.next_attempt_at <= %(now)s OR d.updated_at > %(now)s + {CLOCK_STEP_S!r})"
     f" AND {ROOM_FREE}"
 )
-LEASE_OVER = f"d.state = 'in_flight' AND d.lease_until <= %(now)s AND {ROOM_FREE}"
+LEASE_OVER = f"d.state = 'in_flight' AND d.lease_until <= %(leases)s AND {ROOM_FREE}"
 
 _CLAIM_PART = """
   SELECT d.id, d.order_ts, d.room_id FROM deliveries d
@@ -233,7 +233,7 @@ DUE_SQL = f"""{CHANNEL_NAMES}
 SELECT n.channel FROM names n
 WHERE n.channel IS NOT NULL
   AND NOT EXISTS (SELECT 1 FROM channels c WHERE c.channel = n.channel
-                  AND c.owner <> %(owner)s AND c.lease_until > %(now)s)
+                  AND c.owner <> %(owner)s AND c.lease_until > %(leases)s)
   AND (EXISTS (SELECT 1 FROM deliveries d WHERE d.channel = n.channel AND {PENDING_DUE})
     OR EXISTS (SELECT 1 FROM deliveries d WHERE d.channel = n.channel AND {LEASE_OVER}))
 """  # noqa: S608
@@ -242,7 +242,7 @@ TAKE_CHANNEL_SQL = """
 INSERT INTO channels (channel, owner, lease_until, tat, blocked_until)
 VALUES (%(channel)s, %(owner)s, %(lease_until)s, 0, 0)
 ON CONFLICT (channel) DO UPDATE SET owner = EXCLUDED.owner, lease_until = EXCLUDED.lease_until
-WHERE channels.owner = EXCLUDED.owner OR channels.lease_until <= %(now)s
+WHERE channels.owner = EXCLUDED.owner OR channels.lease_until <= %(leases)s
 RETURNING tat, blocked_until
 """
 

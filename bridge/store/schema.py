@@ -179,7 +179,7 @@ ROOM_FREE = """
     WHERE b.channel = d.channel AND b.room_id = d.room_id
       AND (b.order_ts < d.order_ts OR (b.order_ts = d.order_ts AND b.id < d.id))
       AND ((b.state = 'pending' AND b.next_attempt_at > :now AND b.updated_at <= :now + {step})
-        OR (b.state = 'in_flight' AND b.lease_until > :now)))
+        OR (b.state = 'in_flight' AND b.lease_until > :leases)))
 """.replace("{step}", repr(CLOCK_STEP_S))
 # A delivery is due when pending and its time has come, or in flight with an expired lease.
 # The two are asked apart, each walking deliveries_claim (channel, state, order_ts, id) in order
@@ -192,7 +192,7 @@ PENDING_DUE = (
     "d.state = 'pending'"
     f" AND (d.next_attempt_at <= :now OR d.updated_at > :now + {CLOCK_STEP_S!r}) AND {ROOM_FREE}"
 )
-LEASE_OVER = f"d.state = 'in_flight' AND d.lease_until <= :now AND {ROOM_FREE}"
+LEASE_OVER = f"d.state = 'in_flight' AND d.lease_until <= :leases AND {ROOM_FREE}"
 
 _CLAIM_PART = """
 SELECT * FROM (
@@ -220,7 +220,7 @@ WITH RECURSIVE names(channel) AS (
 SELECT n.channel FROM names n
 WHERE n.channel IS NOT NULL
   AND NOT EXISTS (SELECT 1 FROM channels c WHERE c.channel = n.channel
-                  AND c.owner != :owner AND c.lease_until > :now)
+                  AND c.owner != :owner AND c.lease_until > :leases)
   AND (EXISTS (SELECT 1 FROM deliveries d INDEXED BY deliveries_claim
                WHERE d.channel = n.channel AND {PENDING_DUE})
     OR EXISTS (SELECT 1 FROM deliveries d INDEXED BY deliveries_claim

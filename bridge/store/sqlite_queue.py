@@ -19,13 +19,19 @@ from bridge.store.writer import Together
 
 
 class SQLiteQueue(SQLiteFile):
-    async def due_channels(self, now: float, exclude: Sequence[str]) -> list[str]:
-        rows = await self._fetch(DUE_SQL, {"now": now, "owner": self.owner})
+    async def due_channels(
+        self, now: float, exclude: Sequence[str], leases_at: float | None = None
+    ) -> list[str]:
+        leases = now if leases_at is None else leases_at
+        rows = await self._fetch(DUE_SQL, {"now": now, "owner": self.owner, "leases": leases})
         skip = set(exclude)
         return [r[0] for r in rows if r[0] not in skip]
 
-    async def take_channel(self, channel: str, now: float, lease_s: float) -> Pace | None:
-        rows = await self._fetch(TAKE_SQL, (channel, self.owner, now + lease_s, now))
+    async def take_channel(
+        self, channel: str, now: float, lease_s: float, leases_at: float | None = None
+    ) -> Pace | None:
+        leases = now if leases_at is None else leases_at
+        rows = await self._fetch(TAKE_SQL, (channel, self.owner, now + lease_s, leases))
         return Pace(tat=rows[0][0], blocked_until=rows[0][1]) if rows else None
 
     async def leave_channel(self, channel: str, pace: Pace) -> None:
@@ -35,11 +41,14 @@ class SQLiteQueue(SQLiteFile):
             (pace.tat, pace.blocked_until, channel, self.owner),
         )
 
-    async def claim(self, channel: str, now: float, limit: int, lease_s: float) -> list[Claimed]:
+    async def claim(
+        self, channel: str, now: float, limit: int, lease_s: float, leases_at: float | None = None
+    ) -> list[Claimed]:
+        leases = now if leases_at is None else leases_at
+
         def op(conn: sqlite3.Connection) -> list[Claimed]:
-            rows = conn.execute(
-                CLAIM_SQL, {"channel": channel, "now": now, "limit": limit}
-            ).fetchall()
+            params = {"channel": channel, "now": now, "limit": limit, "leases": leases}
+            rows = conn.execute(CLAIM_SQL, params).fetchall()
             ids = [row[0] for row in rows]
             if ids:  # one statement, not one a row: each one stepped is a wait for the GIL
                 conn.execute(
