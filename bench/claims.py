@@ -54,7 +54,8 @@ def claim_costs(path: Path, backlogs: tuple[int, ...]) -> dict[int, dict[str, fl
                 )
             conn.execute("COMMIT")
             have = backlog
-            params = {"channel": "sink", "now": now + 1, "limit": LIMIT, "owner": "bench"}
+            params = {"channel": "sink", "now": now + 1, "limit": LIMIT, "owner": "bench",
+                      "leases": now + 1}  # fmt: skip
             out[backlog] = {
                 name: _ms_per_query(conn, sql, params)
                 for name, sql in (

@@ -149,7 +149,8 @@ async def test_a_claim_reads_the_rows_it_passed_over_from_one_index_range(
         " FROM generate_series(1, 40000) g"
     )
     postgres_sql("ANALYZE")
-    params = {"channel": "a", "now": 1.0, "limit": 64, "lease_until": 2.0, "owner": "x"}
+    params = {"channel": "a", "now": 1.0, "limit": 64, "lease_until": 2.0, "owner": "x",
+              "leases": 1.0}  # fmt: skip
     with psycopg.connect(postgres_url) as conn:
         ((plan,),) = conn.execute(f"EXPLAIN (FORMAT JSON) {CLAIM_SQL}", params).fetchall()
     nodes = plan_nodes(plan[0]["Plan"])

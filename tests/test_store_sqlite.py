@@ -223,7 +223,7 @@ def test_claims_walk_the_index_instead_of_sorting_the_backlog(tmp_path: Path, sq
     # every waiting row (the outer sort sees at most twice the claim's limit).
     with contextlib.closing(sqlite3.connect(tmp_path / "bridge.db")) as conn:
         migrate(conn)
-        params = {"channel": "a", "now": 0.0, "limit": 4, "owner": "x"}
+        params = {"channel": "a", "now": 0.0, "limit": 4, "owner": "x", "leases": 0.0}
         plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
     searches = [step for step in plan if step.startswith("SEARCH d USING INDEX deliveries_claim")]
     assert len(searches) == 2, plan
