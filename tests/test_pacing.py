@@ -192,3 +192,20 @@ def test_burst_of_60_to_a_slack_enforcing_1_per_s_gets_no_429(tmp_path: Path) ->
         assert owners == list(range(index, 60, 3))  # Tencent's order, per room
     times = [p.received_at for p in slack.posted]
     assert times[-1] - times[0] >= 56  # 3 at once, then one a second
+
+
+def test_a_pace_saved_before_the_clock_went_back_is_taken_at_most_as_far_ahead_as_it_goes() -> None:
+    # A sender saves its pace; the wall clock then steps an hour back before the next holder
+    # takes it. Taken as it reads, it would hold the channel an hour longer.
+    wall, ticks = Clock(), Clock()
+    wall.now = 5000.0
+    sender = Pacer(1.0, 3, Clock(), wall)
+    for _ in range(3):
+        asyncio.run(sender.wait())  # the burst: the bucket is empty
+    sender.block(30.0)
+    saved = sender.pace()
+    wall.now -= 3600.0
+    later = Pacer(1.0, 3, ticks, wall)
+    later.adopt(saved)
+    assert later.pace().tat == pytest.approx(wall.now + 3.0)  # the burst and one message
+    assert later.blocked_for() == pytest.approx(3600.0)  # the longest block a 429 sets
