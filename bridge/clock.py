@@ -15,9 +15,11 @@ import logging
 import time
 from collections.abc import Callable
 
-from bridge.store import CLOCK_STEP_S
-
 log = logging.getLogger("bridge.worker")  # the worker's log lines, under its name
+
+# A change of the wall clock against the monotonic one larger than this is a step (NTP slews
+# smaller differences, at most half a millisecond a second).
+JUMP_S = 1.0
 
 
 class LeaseClock:
@@ -36,7 +38,7 @@ class LeaseClock:
         ticks = self._ticks()
         offset = self._wall() - ticks
         jump, self._offset = offset - self._offset, offset
-        if abs(jump) > CLOCK_STEP_S:
+        if abs(jump) > JUMP_S:
             self._ahead = max(0.0, self._ahead + jump)
             self._until = ticks + self.guard_s
             log.warning("the wall clock stepped %s by %.1fs", "forward" if jump > 0 else "back",

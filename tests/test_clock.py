@@ -30,7 +30,7 @@ class Clocks:
         ([("step", -3600.0)], 0.0),  # back: leases only last longer
         ([("step", 3600.0), ("step", -3600.0)], 0.0),  # forward, then put right
         ([("step", 600.0), ("run", 30.0), ("step", 600.0)], 1200.0),  # two steps add up
-        ([("step", 0.5)], 0.0),  # under CLOCK_STEP_S: noise, or NTP's own small steps
+        ([("step", 0.5)], 0.0),  # under JUMP_S: noise, or NTP's own small steps
         ([("step", 0.5), ("step", 0.5), ("step", 0.5)], 0.0),  # drift, read often
     ],
 )

@@ -28,7 +28,10 @@ from typing import Protocol
 # clock went back: it is due at once rather than when the clock reaches its time again, which
 # after an hour's step back would be an hour late, and its room's later deliveries with it. A
 # send in flight keeps its lease: it may be under way, and a longer lease sends nothing twice.
-CLOCK_STEP_S = 1.0
+# A minute, not less: PostgreSQL replicas whose clocks disagree by more would take each other's
+# backoffs as steps back, and retry a failing channel at once, using up its attempts. A smaller
+# step back delays by at most its size, as before.
+CLOCK_STEP_S = 60.0
 
 
 class StoreUnavailable(Exception):
