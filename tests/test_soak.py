@@ -263,7 +263,9 @@ def test_a_long_run_stays_bounded(
         # Connections come and go; a leak of one per callback would be hundreds.
         assert all(s.fds <= warm.fds + 2 and s.sockets <= warm.sockets + 10 for s in later), report
         assert all(s.threads <= warm.threads + 2 for s in later), report
-        assert all(s.tasks <= warm.tasks + 10 for s in later), report
+        # A scrape sees whatever is under way then (lanes, callbacks, a prune): 6 to 18 in
+        # CI's runs. A leak of one per callback or per refusal would be hundreds.
+        assert all(s.tasks <= warm.tasks + 40 for s in later), report
         # A phase sends 100 odd commands of 60 KB: 6 MB a phase, were they kept.
         assert later[-1].rss_kb - warm.rss_kb < 4_000, report
         assert later[-1].metrics_bytes < warm.metrics_bytes * 1.05, report
