@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bridge.channels.webhook import message_id
-from bridge.store import DeliveryRow, NewDelivery, Pace, State, Store
+from bridge.store import Claimed, DeliveryRow, NewDelivery, Pace, State, Store
 from bridge.store.postgres import PostgresStore
 from bridge.store.sqlite import SQLiteStore
 from tests.store_rows import add, new_event, opener
@@ -437,17 +437,25 @@ async def test_ping_writes(store: Store) -> None:
     await store.ping()
 
 
+async def buried_in_flight(
+    store: Store, open_store: OpenStore, now: float
+) -> tuple[Claimed, Claimed, Store]:
+    """Two deliveries claimed (in flight until now + 30), then buried by a reload that removed
+    their channel; and a second store on the same data, as the outbox commands open."""
+    await add(store, "1", channel="a", room="r1", now=now)
+    await add(store, "2", channel="a", room="r2", now=now)
+    sent, failed = await store.claim("a", now, 10, 30)
+    assert await store.bury_unknown_channels([], now + 1, "channel removed") == 2
+    return sent, failed, await open_store()
+
+
 async def test_a_dead_letter_buried_in_flight_waits_for_its_lease_to_be_retried(
     store: Store, open_store: OpenStore
 ) -> None:
     # A reload buries deliveries of a removed channel, those being sent too: until the lease
     # runs out, the send may still get through (and is then recorded as delivered).
     now = time.time()
-    await add(store, "1", channel="a", room="r1", now=now)
-    await add(store, "2", channel="a", room="r2", now=now)
-    sent, failed = await store.claim("a", now, 10, 30)
-    assert await store.bury_unknown_channels([], now + 1, "channel removed") == 2
-    outbox = await open_store()
+    sent, failed, outbox = await buried_in_flight(store, open_store, now)
     assert await outbox.retry_dead(None, now + 2) == 0
     assert await outbox.retry([sent.id, failed.id], now + 2) == []
     await store.mark_delivered(sent.id, now + 3)
@@ -465,11 +473,7 @@ async def test_a_dead_letter_buried_in_flight_waits_for_its_lease_to_be_dropped(
     # "dropped" must not name a message that is going out: the send under way may still get
     # through and be recorded as delivered, as for retry above.
     now = time.time()
-    await add(store, "1", channel="a", room="r1", now=now)
-    await add(store, "2", channel="a", room="r2", now=now)
-    sent, failed = await store.claim("a", now, 10, 30)
-    assert await store.bury_unknown_channels([], now + 1, "channel removed") == 2
-    outbox = await open_store()
+    sent, failed, outbox = await buried_in_flight(store, open_store, now)
     assert await outbox.drop([sent.id, failed.id], now + 2) == []
     await store.mark_delivered(sent.id, now + 3)
     assert [d.state for d in await deliveries(store)] == [State.DELIVERED, State.DEAD]
