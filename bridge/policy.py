@@ -1,13 +1,16 @@
 """How each channel is sent to: pacing, concurrency, digests and threads, from its config.
 
 A lane claims what one turn of its channel may send (`claim_limit`) under a lease long enough to
-send all of it, paced (`lease_s`).
+send all of it, paced (`lease_s`). Slack counts its limit per Slack channel, whatever the route:
+channels of the config that post to one Slack channel (the same `channel` at the same `api_url`,
+or the same `webhook_url`) share one `destination`, and the worker paces them together.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from bridge.channels import Sender
@@ -33,6 +36,8 @@ class ChannelPolicy:
     thread_by_room: bool = False
     reply_broadcast: bool = False
     thread_ttl_s: float = THREAD_TTL_S
+    # The far end's own rate bucket, for channels that share one; None: this channel's alone.
+    destination: str | None = None
 
     @classmethod
     def from_config(cls, name: str, channel: Channel, sender: Sender) -> ChannelPolicy:
@@ -40,10 +45,16 @@ class ChannelPolicy:
             return cls(
                 name, sender, channel.rate_per_s, channel.burst, 1, channel.digest_after,
                 channel.thread_by_room, channel.reply_broadcast, channel.thread_ttl_h * 3600,
+                slack_destination(channel),
             )  # fmt: skip
         if isinstance(channel, ConsoleChannel):
             return cls(name, sender, digest_after=channel.digest_after)
         return cls(name, sender, channel.rate_per_s, channel.burst, channel.max_in_flight)
+
+    @property
+    def pace_key(self) -> tuple[str, str]:
+        """Channels with the same key are paced together: one bucket, one 429 block."""
+        return ("far end", self.destination) if self.destination else ("channel", self.name)
 
     def claim_limit(self) -> int:
         if self.digest_after:
@@ -60,6 +71,23 @@ class ChannelPolicy:
         )
         paced = sends / self.rate_per_s if self.rate_per_s else 0.0
         return math.ceil(sends / self.max_in_flight) * (timeout_s + 5.0) + paced + 10.0
+
+
+def strictest(policies: Sequence[ChannelPolicy]) -> tuple[float | None, int]:
+    """The pacing that keeps every one of `policies` within its own: the lowest rate (None when
+    none is paced) and the smallest burst."""
+    rates = [p.rate_per_s for p in policies if p.rate_per_s is not None]
+    return (min(rates) if rates else None), min(p.burst for p in policies)
+
+
+def slack_destination(channel: SlackChannel) -> str:
+    """The Slack channel `channel` posts to, as far as the config tells: a bot's channel at its
+    API, or the incoming webhook's URL, hashed (it is a secret), whose channel Slack alone knows.
+    Never logged all the same."""
+    if channel.webhook_url is not None:
+        url = channel.webhook_url.get_secret_value().encode()
+        return "slack webhook " + hashlib.sha256(url).hexdigest()
+    return f"slack {channel.api_url} {channel.channel}"
 
 
 def build_policies(config: Config, senders: Mapping[str, Sender]) -> dict[str, ChannelPolicy]:

@@ -26,7 +26,7 @@ from bridge.config_tables import DeliveryConfig
 from bridge.lane import Lanes
 from bridge.metrics import Outcomes
 from bridge.pacing import Pacer
-from bridge.policy import THREAD_TTL_S, ChannelPolicy
+from bridge.policy import THREAD_TTL_S, ChannelPolicy, strictest
 from bridge.store import Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,8 @@ class Worker(Lanes):
         self._retention_s = retention_s
         self._metrics = metrics
         self._policies: Mapping[str, ChannelPolicy] = {}
-        self.pacers: dict[str, Pacer] = {}
+        self.pacers: dict[str, Pacer] = {}  # by channel: channels of one far end share one
+        self._pacers_by_key: dict[tuple[str, str], Pacer] = {}  # ChannelPolicy.pace_key
         self.states: dict[str, ChannelState] = {}
         self._wake = asyncio.Event()
         self._arrivals = 0  # wake() calls: new work may be in the store
@@ -85,7 +86,9 @@ class Worker(Lanes):
         """Take a new configuration; lanes already running finish their claim with the old one.
         A channel keeps its pacer, retuned to new pacing: a new one would forget what was just
         sent (a full bucket straight away, over Slack's own count) and any 429 block, while a
-        running lane, which holds the old one, would keep claiming rows the new one refuses."""
+        running lane, which holds the old one, would keep claiming rows the new one refuses.
+        Channels that post to one Slack channel share a pacer (ChannelPolicy.destination), at
+        the strictest of their pacings: Slack counts them as one."""
         self._policies = policies
         self._settings = settings
         self._composer = composer
@@ -93,15 +96,27 @@ class Worker(Lanes):
         # Leases taken before a step forward, under the old config's too, with room to spare.
         longest = max((p.lease_s(settings.timeout_s) for p in policies.values()), default=0.0)
         self._lease_clock.guard_s = max(self._lease_clock.guard_s, 2 * longest)
-        for name, policy in policies.items():
-            if (pacer := self.pacers.get(name)) is not None:
-                pacer.retune(policy.rate_per_s, policy.burst)
+        shared: dict[tuple[str, str], list[ChannelPolicy]] = {}
+        for policy in policies.values():
+            shared.setdefault(policy.pace_key, []).append(policy)
+        kept, self._pacers_by_key = self._pacers_by_key, {}
+        self.pacers.clear()  # and filled again: a running lane holds its pacer, not this dict
+        for key, group in shared.items():
+            rate, burst = strictest(group)
+            if (pacer := kept.get(key)) is not None:
+                pacer.retune(rate, burst)
             else:
-                self.pacers[name] = Pacer(policy.rate_per_s, policy.burst)
+                pacer = Pacer(rate, burst)
+            self._pacers_by_key[key] = pacer
+            for policy in group:
+                self.pacers[policy.name] = pacer
+            if len(group) > 1:
+                names = ", ".join(sorted(p.name for p in group))
+                log.info("channels %s post to one Slack channel: paced together", names)
+        for name in policies:
             self.states.setdefault(name, ChannelState())
-        for name in set(self.pacers) - set(policies):
-            del self.pacers[name]
-            self.states.pop(name, None)
+        for name in set(self.states) - set(policies):
+            del self.states[name]
         self._wake.set()
 
     def blocked_for(self, name: str) -> float:

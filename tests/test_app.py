@@ -162,6 +162,30 @@ def test_429_is_honoured_before_anything_else_goes_to_that_channel(
     assert max(s[2] for s in states) == 1  # the 429 cost no attempt
 
 
+@pytest.mark.parametrize("mode", ["token", "webhook"])
+def test_two_channels_for_one_slack_channel_keep_to_its_rate(tmp_path: Path, mode: str) -> None:
+    # Two templates for one Slack channel (VIP rooms and the rest) take two channels of the
+    # config; each was paced alone, together at twice Slack's rate: a 429 every other message.
+    with SlackStandIn(rate_per_s=2.0, burst=1) as slack:
+        if mode == "token":
+            target = f'token = "{TOKEN}"\nchannel = "{CHANNEL}"\napi_url = "{slack.api_url}"'
+        else:
+            target = f'webhook_url = "{slack.add_webhook(CHANNEL)}"'
+        table = f'type = "slack"\n{target}\nrate_per_s = 2.0\nburst = 1\ndigest_after = 0\n'
+        channels = f"[channels.vip]\n{table}\n[channels.rest]\n{table}"
+        routes = (
+            '[[routes]]\nname = "vip"\nrooms = ["vip-*"]\nchannels = ["vip"]\n'
+            '[[routes]]\nname = "rest"\nchannels = ["rest"]\n'
+        )
+        with InThread(write_config(tmp_path, channels=channels, routes=routes)) as bridge:
+            for n in range(4):
+                for room in (f"vip-{n}", f"room-{n}"):
+                    assert post_callback(bridge.url, owner_change(room)) == (200, OK_PACKET)
+            assert slack.wait_for(lambda s: len(s.posted) == 8, timeout=15)
+    assert slack.rejected_429 == 0
+    assert {p.channel for p in slack.posted} == {CHANNEL}
+
+
 def test_permanent_error_is_not_retried(tmp_path: Path, slack: SlackStandIn) -> None:
     channels = (
         f'[channels.bot]\ntype = "slack"\ntoken = "{TOKEN}"\nchannel = "CNOWHERE"\n'

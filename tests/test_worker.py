@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import psycopg
@@ -255,6 +255,114 @@ async def test_a_reload_that_changes_a_channels_pacing_keeps_its_count_and_its_b
     assert paced.rejected_429 == 0
     assert released == 0
     assert min(b - a for a, b in itertools.pairwise(times[1:7])) >= 0.45  # the new rate
+
+
+def _slack(**fields: Any) -> SlackChannel:
+    values: dict[str, Any] = {"type": "slack"} | fields
+    for secret in ("token", "webhook_url"):
+        if secret in values:
+            values[secret] = SecretStr(values[secret])
+    return SlackChannel(**values)
+
+
+BOT = {"token": "xoxb-a", "channel": CHANNEL}
+HOOK = {"webhook_url": "https://hooks.slack.com/services/T0/B0/secret"}
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "shared"),
+    [
+        (BOT, BOT, True),
+        (BOT, BOT | {"token": "xoxb-another-bot"}, True),  # Slack counts the channel, not the bot
+        (BOT, BOT | {"template": "other.json.j2", "thread_by_room": True}, True),
+        (BOT, BOT | {"channel": OTHER}, False),
+        (BOT, BOT | {"api_url": "https://slack-gov.com/api/"}, False),
+        (HOOK, HOOK, True),
+        (HOOK, HOOK | {"webhook_url": HOOK["webhook_url"] + "2"}, False),
+        # Where a webhook posts only Slack knows: never taken for a bot's channel.
+        (BOT, HOOK, False),
+    ],
+)  # fmt: skip
+def test_which_channels_are_paced_together(
+    first: dict[str, str], second: dict[str, str], shared: bool, tmp_path: Path
+) -> None:
+    a = ChannelPolicy.from_config("a", _slack(**first), ConsoleSender())
+    b = ChannelPolicy.from_config("b", _slack(**second), ConsoleSender())
+    worker = Worker(cast(Store, None), {"a": a, "b": b}, SETTINGS, cast(Composer, None), 3600)
+    assert (worker.pacers["a"] is worker.pacers["b"]) is shared
+    assert HOOK["webhook_url"] not in repr(a) + repr(b)  # the key holds a hash of the secret
+
+
+def test_generic_webhooks_to_one_url_keep_their_own_pacers() -> None:
+    # A generic webhook's limits are its owner's, and may be per credential (its headers).
+    hook = WebhookChannel(type="webhook", url=SecretStr("https://example.com/in"), rate_per_s=5)
+    a = ChannelPolicy.from_config("a", hook, ConsoleSender())
+    b = ChannelPolicy.from_config("b", hook, ConsoleSender())
+    worker = Worker(cast(Store, None), {"a": a, "b": b}, SETTINGS, cast(Composer, None), 3600)
+    assert worker.pacers["a"] is not worker.pacers["b"]
+
+
+async def test_channels_that_post_to_one_slack_channel_share_its_rate(
+    session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    # Two channels of the config for one Slack channel (say, one template for VIP rooms and one
+    # for the rest) were paced each on its own: together twice Slack's rate, and 429s.
+    async with opener(lambda: SQLiteStore(tmp_path / "bridge.db")) as open_:
+        store = await open_()
+        for i in range(4):
+            await record_in(store, "vip", f"vip-{i}", 1000 + i)
+            await record_in(store, "rest", f"room-{i}", 1000 + i)
+        with SlackStandIn(rate_per_s=4.0, burst=1) as paced:
+            bot = senders(paced, session)["bot"]
+            composer = make_composer(tmp_path, {"vip": SLACK, "rest": SLACK})
+            policies = [
+                ChannelPolicy("vip", bot, rate_per_s=4.0, destination="C"),
+                ChannelPolicy("rest", bot, rate_per_s=8.0, burst=3, destination="C"),
+            ]  # the stricter pacing is the one kept: 4/s, burst 1
+            worker = worker_with(store, composer, *policies)
+            async with running(worker):
+                await eventually(lambda: len(paced.posted) == 8, within_s=10)
+            times = [p.received_at for p in paced.posted]
+    assert paced.rejected_429 == 0
+    assert min(b - a for a, b in itertools.pairwise(times)) >= 0.2  # 4/s between any two
+
+
+async def test_a_429_to_one_channel_blocks_the_others_of_its_slack_channel(
+    session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    async with opener(lambda: SQLiteStore(tmp_path / "bridge.db")) as open_:
+        store = await open_()
+        with SlackStandIn() as slack:
+            bot = senders(slack, session)["bot"]
+            composer = make_composer(tmp_path, {"vip": SLACK, "rest": SLACK})
+            worker = worker_with(
+                store, composer, ChannelPolicy("vip", bot, destination="C"),
+                ChannelPolicy("rest", bot, destination="C"),
+            )  # fmt: skip
+            slack.fail_next(1, status=429, retry_after=1, kind="api")
+            await record_in(store, "vip", "vip-1", 1000)
+            async with running(worker):
+                await eventually(lambda: worker.blocked_for("vip") > 0)
+                assert worker.blocked_for("rest") > 0.5
+                await record_in(store, "rest", "room-1", 1000)
+                worker.wake()
+                await asyncio.sleep(0.3)
+                assert slack.posted == []  # rest waits out the block vip met
+                await eventually(lambda: len(slack.posted) == 2, within_s=5)
+
+
+async def test_a_reload_that_moves_a_channel_to_another_slack_channel_gives_it_a_pacer(
+    tmp_path: Path,
+) -> None:
+    a = ChannelPolicy("a", ConsoleSender(), rate_per_s=1.0, destination="C")
+    b = ChannelPolicy("b", ConsoleSender(), rate_per_s=2.0, destination="C")
+    worker = Worker(cast(Store, None), {"a": a, "b": b}, SETTINGS, cast(Composer, None), 3600)
+    shared = worker.pacers["a"]
+    shared.block(30)
+    moved = ChannelPolicy("b", ConsoleSender(), rate_per_s=2.0, destination="D")
+    worker.configure({"a": a, "b": moved}, SETTINGS, cast(Composer, None), 3600)
+    assert worker.pacers["a"] is shared and shared.blocked_for() > 29  # kept, with its block
+    assert worker.pacers["b"] is not shared and worker.pacers["b"].blocked_for() == 0
 
 
 # -- several store instances on one database: PostgreSQL replicas, or SQLite's two processes ---
