@@ -1,6 +1,9 @@
 """A lane: one channel's deliveries claimed, paced and sent while the channel is this process's.
 
-A lane takes its channel (with the pacing the last holder left), claims its due deliveries (each
+A lane takes its channel (with the pacing the last holder left), and with it the channels paced
+together with it (one Slack channel's: bridge.policy), so that no other process sends to that
+Slack channel meanwhile; lanes of this process share them, and the last to end leaves them.
+It claims its due deliveries (each
 room's in Tencent's order), paces them, and sends them one by one, rooms side by side up to
 `max_in_flight`, or, past `digest_after`, as digests. What it claimed and will not send now it
 gives back at once: at a stop; on a 429's block on the channel, with the channel (no lane waits a
@@ -25,7 +28,7 @@ from bridge.clock import LeaseClock
 from bridge.pacing import Pacer
 from bridge.policy import ChannelPolicy
 from bridge.render import RenderError
-from bridge.store import Claimed, StoreUnavailable
+from bridge.store import Claimed, Pace, StoreUnavailable
 
 log = logging.getLogger("bridge.worker")  # the worker's log lines, under its name
 
@@ -44,6 +47,10 @@ class Lanes(Attempts, abc.ABC):
     _lease_clock: LeaseClock
     pacers: dict[str, Pacer]
     _policies: Mapping[str, ChannelPolicy]
+    _paced_with: Mapping[str, tuple[str, ...]]  # channel -> those paced with it, itself too
+    _holding: dict[tuple[str, ...], int]  # such a group -> lanes of this process holding it
+    _elsewhere: dict[str, float]  # channel -> time.monotonic() before which no lane starts
+    _poll_s: float
 
     def _halted(self, policy: ChannelPolicy) -> bool:
         """Whether `policy`'s lane should start no new send: the worker is stopping, or a reload
@@ -57,6 +64,7 @@ class Lanes(Attempts, abc.ABC):
 
     async def _lane(self, policy: ChannelPolicy) -> None:
         pacer = self.pacers.get(policy.name) or Pacer(policy.rate_per_s, policy.burst)
+        group = self._paced_with.get(policy.name, (policy.name,))
         lease = policy.lease_s(self._settings.timeout_s)
         held_until = 0.0  # time.monotonic(): the channel is ours until then (0: not taken)
         sent = False  # the last claim found something: worth waiting for more
@@ -70,14 +78,20 @@ class Lanes(Attempts, abc.ABC):
                 # pacer here is the channel's state, and taking it every round (a commit each,
                 # several per event under a steady trickle) would tell nothing new.
                 if time.monotonic() > held_until - lease / 2:
-                    taken, now = time.monotonic(), time.time()
-                    pace = await self._store.take_channel(
-                        policy.name, now, lease, self._lease_clock.leases_at(now)
-                    )
-                    if pace is None:
-                        return  # another process is sending to this channel
+                    taken = time.monotonic()
+                    paces = await self._take(group, lease)
+                    if paces is None:
+                        # Another process is sending to this channel, or to another of its Slack
+                        # channel, which the dispatcher cannot see: it looks again after a poll,
+                        # not at every callback.
+                        until = time.monotonic() + self._poll_s
+                        self._elsewhere.update(dict.fromkeys(group, until))
+                        return
+                    if not held_until:
+                        self._holding[group] = self._holding.get(group, 0) + 1
                     held_until = taken + lease
-                    pacer.adopt(pace)
+                    for pace in paces:
+                        pacer.adopt(pace)
                     if pacer.blocked_for() > 0:
                         return  # blocked by a 429 another process met
                 seen = self._arrivals
@@ -99,11 +113,12 @@ class Lanes(Attempts, abc.ABC):
             # The leases expire and the deliveries are claimed again: sent at least once.
             self._store_failed(exc)
         finally:
-            if held_until:
+            if held_until and self._let_go(group):
                 # Unsaved (store down), the channel's lease runs out and the next holder starts
                 # from its own pacing: at worst one burst early.
                 with contextlib.suppress(StoreUnavailable):
-                    await self._store.leave_channel(policy.name, pacer.pace())
+                    for name in group:
+                        await self._store.leave_channel(name, pacer.pace())
             self._busy.discard(policy.name)
             # A lane that claimed nothing changed nothing, and the dispatcher's plain read may
             # still find the channel due: a delivery another transaction holds locked, which
@@ -112,6 +127,32 @@ class Lanes(Attempts, abc.ABC):
             # instead, or sooner for a callback that came since the claim.
             if not idle or self._arrivals != seen:
                 self._wake.set()
+
+    async def _take(self, group: tuple[str, ...], lease: float) -> list[Pace] | None:
+        """Each channel of `group` leased to this process, with the pacing each holds; None when
+        another process holds one of them, and those just taken are left as they were, unless
+        another lane of this process holds the group."""
+        paces: list[Pace] = []
+        for name in group:
+            now = time.time()
+            pace = await self._store.take_channel(
+                name, now, lease, self._lease_clock.leases_at(now)
+            )
+            if pace is None:
+                if not self._holding.get(group):
+                    for taken, left in zip(group, paces, strict=False):
+                        await self._store.leave_channel(taken, left)
+                return None
+            paces.append(pace)
+        return paces
+
+    def _let_go(self, group: tuple[str, ...]) -> bool:
+        """A lane that held `group` ends: whether it was the last of this process to hold it."""
+        self._holding[group] -= 1
+        if self._holding[group]:
+            return False
+        del self._holding[group]
+        return True
 
     def _pause(self, policy: ChannelPolicy, pacer: Pacer, outcome: Outcome) -> None:
         """Nothing more to the channel for the outcome's Retry-After: a 429, or a send this

@@ -52,6 +52,9 @@ class Worker(Lanes):
         self._policies: Mapping[str, ChannelPolicy] = {}
         self.pacers: dict[str, Pacer] = {}  # by channel: channels of one far end share one
         self._pacers_by_key: dict[tuple[str, str], Pacer] = {}  # ChannelPolicy.pace_key
+        self._paced_with: dict[str, tuple[str, ...]] = {}
+        self._holding: dict[tuple[str, ...], int] = {}
+        self._elsewhere: dict[str, float] = {}  # channel -> time.monotonic() to look again
         self.states: dict[str, ChannelState] = {}
         self._wake = asyncio.Event()
         self._arrivals = 0  # wake() calls: new work may be in the store
@@ -101,6 +104,7 @@ class Worker(Lanes):
             shared.setdefault(policy.pace_key, []).append(policy)
         kept, self._pacers_by_key = self._pacers_by_key, {}
         self.pacers.clear()  # and filled again: a running lane holds its pacer, not this dict
+        self._paced_with = {}
         for key, group in shared.items():
             rate, burst = strictest(group)
             if (pacer := kept.get(key)) is not None:
@@ -108,11 +112,12 @@ class Worker(Lanes):
             else:
                 pacer = Pacer(rate, burst)
             self._pacers_by_key[key] = pacer
+            names = tuple(sorted(p.name for p in group))
             for policy in group:
                 self.pacers[policy.name] = pacer
+                self._paced_with[policy.name] = names
             if len(group) > 1:
-                names = ", ".join(sorted(p.name for p in group))
-                log.info("channels %s post to one Slack channel: paced together", names)
+                log.info("channels %s post to one Slack channel: paced together", ", ".join(names))
         for name in policies:
             self.states.setdefault(name, ChannelState())
         for name in set(self.states) - set(policies):
@@ -199,17 +204,26 @@ class Worker(Lanes):
 
     def _all_busy(self) -> bool:
         return bool(self._policies) and all(
-            name in self._busy or self.pacers[name].blocked_for() > 0 for name in self._policies
+            name in self._busy or self._kept_out(name) > 0 for name in self._policies
         )
+
+    def _kept_out(self, name: str) -> float:
+        """Seconds until channel `name` may have a lane again: a block on it, or another process
+        holding a channel of its Slack channel (bridge/lane.py), which is looked at again then."""
+        pacer = self.pacers.get(name)
+        elsewhere = self._elsewhere.get(name, 0.0) - time.monotonic()
+        return max(pacer.blocked_for() if pacer else 0.0, elsewhere, 0.0)
 
     def _blocks_end(self) -> float:
         """Until the first block on a channel without a lane ends, at most the poll interval."""
-        ends = [p.blocked_for() for n, p in self.pacers.items() if n not in self._busy]
+        ends = [self._kept_out(name) for name in self._policies if name not in self._busy]
         return max(0.01, min([self._poll_s, *(e for e in ends if e > 0)]))
 
     async def _dispatch(self, now: float) -> list[str]:
         """Start a lane for each channel with claimable work; returns the blocked ones skipped."""
-        blocked = [name for name, pacer in self.pacers.items() if pacer.blocked_for() > 0]
+        ticks = time.monotonic()
+        self._elsewhere = {n: t for n, t in self._elsewhere.items() if t > ticks}
+        blocked = [name for name in self._policies if self._kept_out(name) > 0]
         leases_at = self._lease_clock.leases_at(now)
         for channel in await self._store.due_channels(now, [*self._busy, *blocked], leases_at):
             policy = self._policies.get(channel)
@@ -229,8 +243,7 @@ class Worker(Lanes):
         if due is not None:
             delay = min(delay, due - time.time())
         for name in skipped:
-            if (pacer := self.pacers.get(name)) is not None:
-                delay = min(delay, pacer.blocked_for())
+            delay = min(delay, self._kept_out(name))
         return max(delay, 0.01)
 
     async def _sleep(self, seconds: float) -> None:

@@ -429,6 +429,95 @@ async def test_a_429_longer_than_the_lease_keeps_every_worker_out_until_it_ends(
     assert await delivery_rows(first) == [("delivered", 1), ("delivered", 1)]
 
 
+async def test_workers_on_one_database_pace_the_channels_of_one_slack_channel_together(
+    open_shared: OpenShared, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    # One worker sending "vip", another took "rest", the other channel of the same Slack
+    # channel: each paced its own, together twice Slack's rate. A lane now holds every channel
+    # of its Slack channel, so the other worker waits until the first leaves them.
+    first, second = await open_shared(), await open_shared()
+    for i in range(4):
+        await record_in(first, "vip", f"vip-{i}", 1000 + i)
+    with SlackStandIn(rate_per_s=4.0, burst=1) as paced:
+        bot = senders(paced, session)["bot"]
+        composer = make_composer(tmp_path, {"vip": SLACK, "rest": SLACK})
+        policies = [
+            ChannelPolicy("vip", bot, rate_per_s=4.0, destination="C"),
+            ChannelPolicy("rest", bot, rate_per_s=4.0, destination="C"),
+        ]
+        one, other = (worker_with(store, composer, *policies) for store in (first, second))
+        async with running(one):
+            await eventually(lambda: len(paced.posted) == 1)
+            for i in range(4):
+                await record_in(second, "rest", f"room-{i}", 1000 + i)
+            async with running(other):  # `one` is not woken: it looks at its next poll
+                await eventually(lambda: len(paced.posted) == 8, within_s=10)
+        times = [p.received_at for p in paced.posted]
+    assert paced.rejected_429 == 0
+    assert min(b - a for a, b in itertools.pairwise(times)) >= 0.18  # 4/s, across workers too
+    assert await delivery_rows(first) == [("delivered", 1)] * 8
+
+
+async def test_a_worker_kept_out_of_a_slack_channel_looks_again_at_its_poll_not_per_callback(
+    session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    # A lane holds all the channels of its Slack channel, so the dispatchers of other workers
+    # pass over them all; but during a rolling reload a worker still on the old config holds
+    # "vip" alone. The new one sees "rest" due and free, and only its lane's take finds "vip",
+    # paced with it, held. Woken by every callback, it would take and leave in a loop for as
+    # long as the old worker keeps sending.
+    async with opener(lambda: CountingStore(tmp_path / "bridge.db")) as open_:
+        first, second = await open_(), await open_()
+        for i in range(30):
+            await record_in(first, "vip", f"vip-{i}", 1000 + i)
+        with SlackStandIn(latency_s=0.1) as slow:
+            bot = senders(slow, session)["bot"]
+            composer = make_composer(tmp_path, {"vip": SLACK, "rest": SLACK})
+            names = ("vip", "rest")
+            old_config = {name: ChannelPolicy(name, bot) for name in names}
+            new_config = {name: ChannelPolicy(name, bot, destination="C") for name in names}
+            one = Worker(first, old_config, SETTINGS, composer, 3600)
+            other = Worker(second, new_config, SETTINGS, composer, 3600, poll_s=0.5)
+            async with running(one):
+                await eventually(lambda: len(slow.posted) == 1)
+                await record_in(second, "rest", "room-1", 1000)
+                async with running(other):
+                    for _ in range(50):  # a callback every 20 ms for a second
+                        other.wake()
+                        await asyncio.sleep(0.02)
+                    takes = len(second.taken)
+                    assert not any("room" in p.payload["text"] for p in slow.posted)
+                    assert len(slow.posted) < 30  # `one` still sending all along
+                await eventually(lambda: len(slow.posted) == 31, within_s=10)
+    assert 1 <= takes <= 2 * 3  # a try at the start and after each 0.5 s poll, two channels each
+
+
+async def test_the_channels_of_one_slack_channel_are_left_by_the_last_lane_to_end(
+    session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    # "rest" has one delivery, "vip" ten: rest's lane ends first, and leaving its channels then
+    # would hand "vip" to another process while vip's lane still sends.
+    async with opener(lambda: CountingStore(tmp_path / "bridge.db")) as open_:
+        store = await open_()
+        for i in range(10):
+            await record_in(store, "vip", f"vip-{i}", 1000 + i)
+        await record_in(store, "rest", "room-1", 1000)
+        with SlackStandIn(latency_s=0.1) as slow:
+            bot = senders(slow, session)["bot"]
+            composer = make_composer(tmp_path, {"vip": SLACK, "rest": SLACK})
+            policies = [ChannelPolicy(name, bot, destination="C") for name in ("vip", "rest")]
+            worker = worker_with(store, composer, *policies)
+            async with running(worker):
+                await eventually(lambda: any("room" in p.payload["text"] for p in slow.posted))
+                await asyncio.sleep(0.2)  # rest's lane lingers 50 ms, then ends
+                assert len(slow.posted) < 11
+                assert store.left == []
+                await eventually(lambda: len(slow.posted) == 11)
+                await eventually(lambda: len(store.left) == 2)
+    assert sorted(store.left) == ["rest", "vip"]
+    assert sorted(set(store.taken)) == ["rest", "vip"]
+
+
 async def test_a_stopping_worker_lets_a_send_finish_and_starts_no_other(
     session: aiohttp.ClientSession, open_store: OpenStore, tmp_path: Path
 ) -> None:
