@@ -284,12 +284,16 @@ HOOK = {"webhook_url": "https://hooks.slack.com/services/T0/B0/secret"}
     ],
 )  # fmt: skip
 def test_which_channels_are_paced_together(
-    first: dict[str, str], second: dict[str, str], shared: bool, tmp_path: Path
-) -> None:
+    first: dict[str, str], second: dict[str, str], shared: bool,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
     a = ChannelPolicy.from_config("a", _slack(**first), ConsoleSender())
     b = ChannelPolicy.from_config("b", _slack(**second), ConsoleSender())
-    worker = Worker(cast(Store, None), {"a": a, "b": b}, SETTINGS, cast(Composer, None), 3600)
+    with caplog.at_level(logging.INFO, "bridge.worker"):
+        worker = Worker(cast(Store, None), {"a": a, "b": b}, SETTINGS, cast(Composer, None), 3600)
     assert (worker.pacers["a"] is worker.pacers["b"]) is shared
+    said = "channels a, b post to one Slack channel: paced together"
+    assert (said in caplog.text) is shared
     assert HOOK["webhook_url"] not in repr(a) + repr(b)  # the key holds a hash of the secret
 
 
