@@ -48,7 +48,7 @@ class Lanes(Attempts, abc.ABC):
     pacers: dict[str, Pacer]
     _policies: Mapping[str, ChannelPolicy]
     _paced_with: Mapping[str, tuple[str, ...]]  # channel -> those paced with it, itself too
-    _holding: dict[tuple[str, ...], int]  # such a group -> lanes of this process holding it
+    _holding: dict[str, int]  # channel -> lanes of this process holding it (its own or paced with)
     _elsewhere: dict[str, float]  # channel -> time.monotonic() before which no lane starts
     _poll_s: float
 
@@ -88,7 +88,8 @@ class Lanes(Attempts, abc.ABC):
                         self._elsewhere.update(dict.fromkeys(group, until))
                         return
                     if not held_until:
-                        self._holding[group] = self._holding.get(group, 0) + 1
+                        for name in group:
+                            self._holding[name] = self._holding.get(name, 0) + 1
                     held_until = taken + lease
                     for pace in paces:
                         pacer.adopt(pace)
@@ -113,11 +114,11 @@ class Lanes(Attempts, abc.ABC):
             # The leases expire and the deliveries are claimed again: sent at least once.
             self._store_failed(exc)
         finally:
-            if held_until and self._let_go(group):
+            if held_until:
                 # Unsaved (store down), the channel's lease runs out and the next holder starts
                 # from its own pacing: at worst one burst early.
                 with contextlib.suppress(StoreUnavailable):
-                    for name in group:
+                    for name in self._let_go(group):
                         await self._store.leave_channel(name, pacer.pace())
             self._busy.discard(policy.name)
             # A lane that claimed nothing changed nothing, and the dispatcher's plain read may
@@ -130,8 +131,8 @@ class Lanes(Attempts, abc.ABC):
 
     async def _take(self, group: tuple[str, ...], lease: float) -> list[Pace] | None:
         """Each channel of `group` leased to this process, with the pacing each holds; None when
-        another process holds one of them, and those just taken are left as they were, unless
-        another lane of this process holds the group."""
+        another process holds one of them, and those just taken are left as they were, but for
+        those another lane of this process holds."""
         paces: list[Pace] = []
         for name in group:
             now = time.time()
@@ -139,20 +140,24 @@ class Lanes(Attempts, abc.ABC):
                 name, now, lease, self._lease_clock.leases_at(now)
             )
             if pace is None:
-                if not self._holding.get(group):
-                    for taken, left in zip(group, paces, strict=False):
+                for taken, left in zip(group, paces, strict=False):
+                    if not self._holding.get(taken):
                         await self._store.leave_channel(taken, left)
                 return None
             paces.append(pace)
         return paces
 
-    def _let_go(self, group: tuple[str, ...]) -> bool:
-        """A lane that held `group` ends: whether it was the last of this process to hold it."""
-        self._holding[group] -= 1
-        if self._holding[group]:
-            return False
-        del self._holding[group]
-        return True
+    def _let_go(self, group: tuple[str, ...]) -> list[str]:
+        """A lane that held `group` ends: the channels no other lane of this process holds, to
+        leave. Counted by channel, not by group: a reload may pace a channel with others, or
+        no longer, while a lane taken under the old grouping still runs."""
+        free = []
+        for name in group:
+            self._holding[name] -= 1
+            if not self._holding[name]:
+                del self._holding[name]
+                free.append(name)
+        return free
 
     def _pause(self, policy: ChannelPolicy, pacer: Pacer, outcome: Outcome) -> None:
         """Nothing more to the channel for the outcome's Retry-After: a 429, or a send this

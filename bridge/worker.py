@@ -53,7 +53,7 @@ class Worker(Lanes):
         self.pacers: dict[str, Pacer] = {}  # by channel: channels of one far end share one
         self._pacers_by_key: dict[tuple[str, str], Pacer] = {}  # ChannelPolicy.pace_key
         self._paced_with: dict[str, tuple[str, ...]] = {}
-        self._holding: dict[tuple[str, ...], int] = {}
+        self._holding: dict[str, int] = {}
         self._elsewhere: dict[str, float] = {}  # channel -> time.monotonic() to look again
         self.states: dict[str, ChannelState] = {}
         self._wake = asyncio.Event()

@@ -522,6 +522,35 @@ async def test_the_channels_of_one_slack_channel_are_left_by_the_last_lane_to_en
     assert sorted(set(store.taken)) == ["rest", "vip"]
 
 
+async def test_a_reload_that_paces_channels_apart_leaves_none_a_running_lane_holds(
+    session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    # rest's lane, started while vip and rest were one Slack channel's, holds both; a reload
+    # parts them and vip's own lane starts. When rest's lane ended it left vip too, which
+    # another process could then take while vip's lane still sent.
+    async with opener(lambda: CountingStore(tmp_path / "bridge.db")) as open_:
+        store = await open_()
+        for i in range(3):
+            await record_in(store, "rest", f"room-{i}", 1000 + i)
+        with SlackStandIn(latency_s=0.1) as slow:
+            bot = senders(slow, session)["bot"]
+            composer = make_composer(tmp_path, {"vip": SLACK, "rest": SLACK})
+            together = [ChannelPolicy(name, bot, destination="C") for name in ("vip", "rest")]
+            worker = worker_with(store, composer, *together)
+            async with running(worker):
+                await eventually(lambda: len(slow.posted) == 1)
+                apart = {"vip": ChannelPolicy("vip", bot), "rest": ChannelPolicy("rest", bot)}
+                worker.configure(apart, SETTINGS, composer, 3600)
+                for i in range(10):
+                    await record_in(store, "vip", f"vip-{i}", 1000 + i)
+                worker.wake()
+                await eventually(lambda: "rest" in store.left)  # rest's lane has ended
+                assert sum("vip" in p.payload["text"] for p in slow.posted) < 10
+                assert "vip" not in store.left
+                await eventually(lambda: "vip" in store.left, within_s=5)
+    assert len(slow.posted) == 13
+
+
 async def test_a_stopping_worker_lets_a_send_finish_and_starts_no_other(
     session: aiohttp.ClientSession, open_store: OpenStore, tmp_path: Path
 ) -> None:
