@@ -221,6 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--report-fd", type=int, required=True)
     args = parser.parse_args(argv)
     logs.setup(args.log_level, args.log_format, None, process="delivery")
+    # What loading the config warns of (a missing templates folder), the server has said, at
+    # start-up and at each reload, for the same file: not twice.
+    logging.getLogger("bridge.config").setLevel(logging.ERROR)
     try:
         with open(args.report_fd, "wb") as report:
             child = Child(args.config, load_config(args.config), report)

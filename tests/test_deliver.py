@@ -274,6 +274,31 @@ def test_the_child_prints_to_the_servers_stdout_and_ends_when_the_server_is_kill
     assert "Traceback" not in log.read_text()
 
 
+def test_a_missing_templates_folder_is_reported_once_not_by_both_processes(
+    tmp_path: Path, slack: SlackStandIn
+) -> None:
+    port = free_port()
+    config = write_config(
+        tmp_path, port, channels=HOOK.format(url=slack.sink_url()), routes=ROUTE,
+        delivery=OWN.format(n=3),
+    )  # fmt: skip
+    text = config.read_text()
+    config.write_text(text.replace(f'dir = "{ROOT / "templates"}"', 'dir = "templats"'))
+    log = tmp_path / "serve.log"
+    said = "[templates] dir: no such folder"
+    with Subprocess(config, port, log) as server:
+        assert post_callback(server.url, room(0)) == (200, OK_PACKET)
+        assert slack.wait_for(lambda s: len(s.sink_requests) == 1)  # the child has loaded it
+        assert log.read_text().count(said) == 1
+        assert server.process is not None
+        server.process.send_signal(signal.SIGHUP)
+        assert post_callback(server.url, room(1)) == (200, OK_PACKET)
+        assert slack.wait_for(lambda s: len(s.sink_requests) == 2)
+        assert wait_until(lambda: "reloaded" in log.read_text().split(said)[-1])
+        time.sleep(0.5)  # the child's reload, after the server's
+    assert log.read_text().count(said) == 2  # start-up and the reload, from the server
+
+
 RESTARTS = "live_bridge_delivery_process_restarts_total"
 
 
