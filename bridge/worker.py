@@ -211,8 +211,10 @@ class Worker(Lanes):
         """Seconds until channel `name` may have a lane again: a block on it, or another process
         holding a channel of its Slack channel (bridge/lane.py), which is looked at again then."""
         pacer = self.pacers.get(name)
-        elsewhere = self._elsewhere.get(name, 0.0) - time.monotonic()
-        return max(pacer.blocked_for() if pacer else 0.0, elsewhere, 0.0)
+        blocked = pacer.blocked_for() if pacer else 0.0
+        if (until := self._elsewhere.get(name)) is None:  # as a rule: one clock reading less
+            return blocked
+        return max(blocked, until - time.monotonic(), 0.0)
 
     def _blocks_end(self) -> float:
         """Until the first block on a channel without a lane ends, at most the poll interval."""
