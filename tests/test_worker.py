@@ -191,6 +191,12 @@ async def record_in(store: Store, channel: str, room: str, event_time: int) -> N
     await store.record(event, [NewDelivery(channel, payload)], time.time(), 0)
 
 
+async def record_rooms(store: Store, channel: str, prefix: str, count: int) -> None:
+    """`count` owner changes to `channel`, in rooms `prefix`-0, -1, …, at times 1000, 1001, …"""
+    for i in range(count):
+        await record_in(store, channel, f"{prefix}-{i}", 1000 + i)
+
+
 def labels(payloads: list[dict[str, Any]]) -> list[str]:
     return [str(p["text"]) for p in payloads]
 
@@ -313,9 +319,8 @@ async def test_channels_that_post_to_one_slack_channel_share_its_rate(
     # for the rest) were paced each on its own: together twice Slack's rate, and 429s.
     async with opener(lambda: SQLiteStore(tmp_path / "bridge.db")) as open_:
         store = await open_()
-        for i in range(4):
-            await record_in(store, "vip", f"vip-{i}", 1000 + i)
-            await record_in(store, "rest", f"room-{i}", 1000 + i)
+        await record_rooms(store, "vip", "vip", 4)
+        await record_rooms(store, "rest", "room", 4)
         with SlackStandIn(rate_per_s=4.0, burst=1) as paced:
             bot = senders(paced, session)["bot"]
             composer = make_composer(tmp_path, {"vip": SLACK, "rest": SLACK})
@@ -440,8 +445,7 @@ async def test_workers_on_one_database_pace_the_channels_of_one_slack_channel_to
     # channel: each paced its own, together twice Slack's rate. A lane now holds every channel
     # of its Slack channel, so the other worker waits until the first leaves them.
     first, second = await open_shared(), await open_shared()
-    for i in range(4):
-        await record_in(first, "vip", f"vip-{i}", 1000 + i)
+    await record_rooms(first, "vip", "vip", 4)
     with SlackStandIn(rate_per_s=4.0, burst=1) as paced:
         bot = senders(paced, session)["bot"]
         composer = make_composer(tmp_path, {"vip": SLACK, "rest": SLACK})
@@ -452,8 +456,7 @@ async def test_workers_on_one_database_pace_the_channels_of_one_slack_channel_to
         one, other = (worker_with(store, composer, *policies) for store in (first, second))
         async with running(one):
             await eventually(lambda: len(paced.posted) == 1)
-            for i in range(4):
-                await record_in(second, "rest", f"room-{i}", 1000 + i)
+            await record_rooms(second, "rest", "room", 4)
             async with running(other):  # `one` is not woken: it looks at its next poll
                 await eventually(lambda: len(paced.posted) == 8, within_s=10)
         times = [p.received_at for p in paced.posted]
@@ -472,8 +475,7 @@ async def test_a_worker_kept_out_of_a_slack_channel_looks_again_at_its_poll_not_
     # long as the old worker keeps sending.
     async with opener(lambda: CountingStore(tmp_path / "bridge.db")) as open_:
         first, second = await open_(), await open_()
-        for i in range(30):
-            await record_in(first, "vip", f"vip-{i}", 1000 + i)
+        await record_rooms(first, "vip", "vip", 30)
         with SlackStandIn(latency_s=0.1) as slow:
             bot = senders(slow, session)["bot"]
             composer = make_composer(tmp_path, {"vip": SLACK, "rest": SLACK})
@@ -496,28 +498,35 @@ async def test_a_worker_kept_out_of_a_slack_channel_looks_again_at_its_poll_not_
     assert 1 <= takes <= 2 * 3  # a try at the start and after each 0.5 s poll, two channels each
 
 
+@contextlib.asynccontextmanager
+async def vip_and_rest(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> AsyncIterator[tuple[CountingStore, SlackStandIn, Sender, Composer]]:
+    """A store, a Slack that answers in 0.1 s, its bot's sender, and a composer for two
+    channels, "vip" and "rest"."""
+    async with opener(lambda: CountingStore(tmp_path / "bridge.db")) as open_:
+        store = await open_()
+        with SlackStandIn(latency_s=0.1) as slow:
+            composer = make_composer(tmp_path, {"vip": SLACK, "rest": SLACK})
+            yield store, slow, senders(slow, session)["bot"], composer
+
+
 async def test_the_channels_of_one_slack_channel_are_left_by_the_last_lane_to_end(
     session: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     # "rest" has one delivery, "vip" ten: rest's lane ends first, and leaving its channels then
     # would hand "vip" to another process while vip's lane still sends.
-    async with opener(lambda: CountingStore(tmp_path / "bridge.db")) as open_:
-        store = await open_()
-        for i in range(10):
-            await record_in(store, "vip", f"vip-{i}", 1000 + i)
+    async with vip_and_rest(tmp_path, session) as (store, slow, bot, composer):
+        await record_rooms(store, "vip", "vip", 10)
         await record_in(store, "rest", "room-1", 1000)
-        with SlackStandIn(latency_s=0.1) as slow:
-            bot = senders(slow, session)["bot"]
-            composer = make_composer(tmp_path, {"vip": SLACK, "rest": SLACK})
-            policies = [ChannelPolicy(name, bot, destination="C") for name in ("vip", "rest")]
-            worker = worker_with(store, composer, *policies)
-            async with running(worker):
-                await eventually(lambda: any("room" in p.payload["text"] for p in slow.posted))
-                await asyncio.sleep(0.2)  # rest's lane lingers 50 ms, then ends
-                assert len(slow.posted) < 11
-                assert store.left == []
-                await eventually(lambda: len(slow.posted) == 11)
-                await eventually(lambda: len(store.left) == 2)
+        policies = [ChannelPolicy(name, bot, destination="C") for name in ("vip", "rest")]
+        async with running(worker_with(store, composer, *policies)):
+            await eventually(lambda: any("room" in p.payload["text"] for p in slow.posted))
+            await asyncio.sleep(0.2)  # rest's lane lingers 50 ms, then ends
+            assert len(slow.posted) < 11
+            assert store.left == []
+            await eventually(lambda: len(slow.posted) == 11)
+            await eventually(lambda: len(store.left) == 2)
     assert sorted(store.left) == ["rest", "vip"]
     assert sorted(set(store.taken)) == ["rest", "vip"]
 
@@ -528,26 +537,20 @@ async def test_a_reload_that_paces_channels_apart_leaves_none_a_running_lane_hol
     # rest's lane, started while vip and rest were one Slack channel's, holds both; a reload
     # parts them and vip's own lane starts. When rest's lane ended it left vip too, which
     # another process could then take while vip's lane still sent.
-    async with opener(lambda: CountingStore(tmp_path / "bridge.db")) as open_:
-        store = await open_()
-        for i in range(3):
-            await record_in(store, "rest", f"room-{i}", 1000 + i)
-        with SlackStandIn(latency_s=0.1) as slow:
-            bot = senders(slow, session)["bot"]
-            composer = make_composer(tmp_path, {"vip": SLACK, "rest": SLACK})
-            together = [ChannelPolicy(name, bot, destination="C") for name in ("vip", "rest")]
-            worker = worker_with(store, composer, *together)
-            async with running(worker):
-                await eventually(lambda: len(slow.posted) == 1)
-                apart = {"vip": ChannelPolicy("vip", bot), "rest": ChannelPolicy("rest", bot)}
-                worker.configure(apart, SETTINGS, composer, 3600)
-                for i in range(10):
-                    await record_in(store, "vip", f"vip-{i}", 1000 + i)
-                worker.wake()
-                await eventually(lambda: "rest" in store.left)  # rest's lane has ended
-                assert sum("vip" in p.payload["text"] for p in slow.posted) < 10
-                assert "vip" not in store.left
-                await eventually(lambda: "vip" in store.left, within_s=5)
+    async with vip_and_rest(tmp_path, session) as (store, slow, bot, composer):
+        await record_rooms(store, "rest", "room", 3)
+        together = [ChannelPolicy(name, bot, destination="C") for name in ("vip", "rest")]
+        worker = worker_with(store, composer, *together)
+        async with running(worker):
+            await eventually(lambda: len(slow.posted) == 1)
+            apart = {"vip": ChannelPolicy("vip", bot), "rest": ChannelPolicy("rest", bot)}
+            worker.configure(apart, SETTINGS, composer, 3600)
+            await record_rooms(store, "vip", "vip", 10)
+            worker.wake()
+            await eventually(lambda: "rest" in store.left)  # rest's lane has ended
+            assert sum("vip" in p.payload["text"] for p in slow.posted) < 10
+            assert "vip" not in store.left
+            await eventually(lambda: "vip" in store.left, within_s=5)
     assert len(slow.posted) == 13
 
 
