@@ -24,10 +24,11 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -46,6 +47,7 @@ from tests.bridge_server import (
     wait_until,
     write_config,
 )
+from tests.conftest import PostgresSQL
 from tests.slack_standin import SlackStandIn
 from tests.test_admin import CHANNEL, ROUTE
 
@@ -231,15 +233,30 @@ def flapping() -> Iterator[SlackStandIn]:
             flapper.join()
 
 
-@pytest.mark.parametrize("own_process", [False, True], ids=["one process", "own_process"])
+Rows = Callable[..., list[tuple[Any, ...]]]  # (query with ? placeholders, *params) -> rows
+
+
+@pytest.mark.parametrize(
+    ("engine", "own_process"),
+    [("sqlite", False), ("sqlite", True), ("postgres", False)],
+    ids=["one process", "own_process", "postgresql"],
+)
 def test_a_long_run_stays_bounded(
-    tmp_path: Path, flapping: SlackStandIn, own_process: bool
-) -> None:
+    tmp_path: Path, flapping: SlackStandIn, engine: str, own_process: bool,
+    request: pytest.FixtureRequest,
+) -> None:  # fmt: skip
     slack = flapping
     port = free_port()
+    db = tmp_path / "bridge.db"
+    store, rows = STORE, cast(Rows, lambda query, *params: db_rows(db, query, params))
+    if engine == "postgres":
+        url: str = request.getfixturevalue("postgres_url")
+        store = f'url = "{url}"\nretention_h = 0.0003\n'
+        on_server: PostgresSQL = request.getfixturevalue("postgres_sql")
+        rows = cast(Rows, lambda query, *params: on_server(query.replace("?", "%s"), *params))
     config = write_config(
         tmp_path, port, channels=CHANNELS.format(sink=slack.sink_url(), api=slack.api_url),
-        routes=ROUTES, tencent=f'callback_token = "{TOKEN}"\n', store=STORE,
+        routes=ROUTES, tencent=f'callback_token = "{TOKEN}"\n', store=store,
         server=f"max_body_bytes = {MAX_BODY}\n",
         delivery=SOAK_DELIVERY + ("own_process = true\n" if own_process else ""),
     )  # fmt: skip
@@ -274,17 +291,15 @@ def test_a_long_run_stays_bounded(
     time.sleep(2)
     restarted = time.time()
     with Subprocess(config, port, log):
-        db = tmp_path / "bridge.db"
         assert wait_until(lambda: "pruned" in log.read_text().rsplit("live-bridge ready", 1)[-1])
-    old = (restarted,)
-    assert db_rows(db, "SELECT COUNT(*) FROM threads WHERE started_at < ?", old) == [(0,)]
+    assert rows("SELECT COUNT(*) FROM threads WHERE started_at < ?", restarted) == [(0,)]
     delivered = "SELECT COUNT(*) FROM deliveries WHERE state = 'delivered' AND delivered_at < ?"
-    assert db_rows(db, delivered, old) == [(0,)]
-    assert db_rows(db, "SELECT COUNT(*) FROM dedup") == [(0,)]
-    assert db_rows(
-        db, "SELECT COUNT(*) FROM events e WHERE NOT EXISTS"
-        " (SELECT 1 FROM deliveries d WHERE d.event_id = e.id)",
-    ) == [(0,)]  # fmt: skip
+    assert rows(delivered, restarted) == [(0,)]
+    assert rows("SELECT COUNT(*) FROM dedup") == [(0,)]
+    assert rows(
+        "SELECT COUNT(*) FROM events e WHERE NOT EXISTS"
+        " (SELECT 1 FROM deliveries d WHERE d.event_id = e.id)"
+    ) == [(0,)]
     assert "Traceback" not in log.read_text()
 
 
