@@ -117,7 +117,9 @@ class Worker(Lanes):
                 self.pacers[policy.name] = pacer
                 self._paced_with[policy.name] = names
             if len(group) > 1:
-                log.info("channels %s post to one Slack channel: paced together", ", ".join(names))
+                pace = f"{rate:g}/s, burst {burst}" if rate else "unpaced"
+                log.info("channels %s post to one Slack channel: paced together, %s",
+                         ", ".join(names), pace)  # fmt: skip
         for name in policies:
             self.states.setdefault(name, ChannelState())
         for name in set(self.states) - set(policies):

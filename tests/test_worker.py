@@ -298,7 +298,7 @@ def test_which_channels_are_paced_together(
     with caplog.at_level(logging.INFO, "bridge.worker"):
         worker = Worker(cast(Store, None), {"a": a, "b": b}, SETTINGS, cast(Composer, None), 3600)
     assert (worker.pacers["a"] is worker.pacers["b"]) is shared
-    said = "channels a, b post to one Slack channel: paced together"
+    said = "channels a, b post to one Slack channel: paced together, 1/s, burst 3"
     assert (said in caplog.text) is shared
     assert HOOK["webhook_url"] not in repr(a) + repr(b)  # the key holds a hash of the secret
 
