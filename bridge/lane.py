@@ -48,6 +48,7 @@ class Lanes(Attempts, abc.ABC):
     pacers: dict[str, Pacer]
     _policies: Mapping[str, ChannelPolicy]
     _paced_with: Mapping[str, tuple[str, ...]]  # channel -> those paced with it, itself too
+    _lane_rates: Mapping[str, float | None]  # channel -> its share of a shared pacer's rate
     _holding: dict[str, int]  # channel -> lanes of this process holding it (its own or paced with)
     _elsewhere: dict[str, float]  # channel -> time.monotonic() before which no lane starts
     _poll_s: float
@@ -65,7 +66,7 @@ class Lanes(Attempts, abc.ABC):
     async def _lane(self, policy: ChannelPolicy) -> None:
         pacer = self.pacers.get(policy.name) or Pacer(policy.rate_per_s, policy.burst)
         group = self._paced_with.get(policy.name, (policy.name,))
-        lease = policy.lease_s(self._settings.timeout_s)
+        lease = policy.lease_s(self._settings.timeout_s, self._lane_rates.get(policy.name))
         held_until = 0.0  # time.monotonic(): the channel is ours until then (0: not taken)
         sent = False  # the last claim found something: worth waiting for more
         found = False  # some claim found something: outcomes may have made more due

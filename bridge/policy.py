@@ -61,15 +61,18 @@ class ChannelPolicy:
             return max(DIGEST_CLAIM, self.digest_after + 1)
         return PER_SEND * self.max_in_flight
 
-    def lease_s(self, timeout_s: float) -> float:
-        """Long enough for every send a claim can lead to, paced, then some."""
+    def lease_s(self, timeout_s: float, rate_per_s: float | None = None) -> float:
+        """Long enough for every send a claim can lead to, paced, then some. `rate_per_s`: the
+        rate the lane's sends go out at when it shares a pacer (the channels of one Slack
+        channel: their strictest rate, shared among them); else the channel's own."""
         limit = self.claim_limit()
         sends = (
             max(self.digest_after, math.ceil(limit / DIGEST_ENTRIES))
             if self.digest_after
             else limit
         )
-        paced = sends / self.rate_per_s if self.rate_per_s else 0.0
+        rate = rate_per_s or self.rate_per_s
+        paced = sends / rate if rate else 0.0
         return math.ceil(sends / self.max_in_flight) * (timeout_s + 5.0) + paced + 10.0
 
 

@@ -53,6 +53,7 @@ class Worker(Lanes):
         self.pacers: dict[str, Pacer] = {}  # by channel: channels of one far end share one
         self._pacers_by_key: dict[tuple[str, str], Pacer] = {}  # ChannelPolicy.pace_key
         self._paced_with: dict[str, tuple[str, ...]] = {}
+        self._lane_rates: dict[str, float | None] = {}
         self._holding: dict[str, int] = {}
         self._elsewhere: dict[str, float] = {}  # channel -> time.monotonic() to look again
         self.states: dict[str, ChannelState] = {}
@@ -96,17 +97,16 @@ class Worker(Lanes):
         self._settings = settings
         self._composer = composer
         self._retention_s = retention_s
-        # Leases taken before a step forward, under the old config's too, with room to spare.
-        longest = max((p.lease_s(settings.timeout_s) for p in policies.values()), default=0.0)
-        self._lease_clock.guard_s = max(self._lease_clock.guard_s, 2 * longest)
         shared: dict[tuple[str, str], list[ChannelPolicy]] = {}
         for policy in policies.values():
             shared.setdefault(policy.pace_key, []).append(policy)
         kept, self._pacers_by_key = self._pacers_by_key, {}
         self.pacers.clear()  # and filled again: a running lane holds its pacer, not this dict
-        self._paced_with = {}
+        self._paced_with, self._lane_rates = {}, {}
         for key, group in shared.items():
             rate, burst = strictest(group)
+            for policy in group:  # each lane's share of the pacer, for its lease
+                self._lane_rates[policy.name] = rate / len(group) if rate else None
             if (pacer := kept.get(key)) is not None:
                 pacer.retune(rate, burst)
             else:
@@ -120,6 +120,10 @@ class Worker(Lanes):
                 pace = f"{rate:g}/s, burst {burst}" if rate else "unpaced"
                 log.info("channels %s post to one Slack channel: paced together, %s",
                          ", ".join(names), pace)  # fmt: skip
+        # Leases taken before a step forward, under the old config's too, with room to spare.
+        timeout_s = settings.timeout_s
+        leases = (p.lease_s(timeout_s, self._lane_rates[p.name]) for p in policies.values())
+        self._lease_clock.guard_s = max(self._lease_clock.guard_s, 2 * max(leases, default=0.0))
         for name in policies:
             self.states.setdefault(name, ChannelState())
         for name in set(self.states) - set(policies):

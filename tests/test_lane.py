@@ -287,7 +287,7 @@ async def test_a_lane_with_nothing_more_ends_though_others_are_busy(tmp_path: Pa
 class FourSecondLease(ChannelPolicy):
     """A lease of 4 s rather than the half-minute or more a claim's sends may take."""
 
-    def lease_s(self, timeout_s: float) -> float:
+    def lease_s(self, timeout_s: float, rate_per_s: float | None = None) -> float:
         return 4.0
 
 

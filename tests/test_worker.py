@@ -218,6 +218,7 @@ class CountingStore(SQLiteStore):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self.taken: list[str] = []
+        self.leases: list[float] = []  # the lease_s of each take
         self.left: list[str] = []
         self.released = 0  # release() calls: claimed deliveries given back
 
@@ -225,6 +226,7 @@ class CountingStore(SQLiteStore):
         self, channel: str, now: float, lease_s: float, leases_at: float | None = None
     ) -> Pace | None:
         self.taken.append(channel)
+        self.leases.append(lease_s)
         return await super().take_channel(channel, now, lease_s, leases_at)
 
     async def leave_channel(self, channel: str, pace: Pace) -> None:
@@ -407,7 +409,7 @@ async def delivery_rows(store: Store) -> list[tuple[str, int]]:
 class ShortLease(ChannelPolicy):
     """A lease of LEASE_S rather than the half-minute or more a claim's sends may take."""
 
-    def lease_s(self, timeout_s: float) -> float:
+    def lease_s(self, timeout_s: float, rate_per_s: float | None = None) -> float:
         return LEASE_S
 
 
@@ -509,6 +511,23 @@ async def vip_and_rest(
         with SlackStandIn(latency_s=0.1) as slow:
             composer = make_composer(tmp_path, {"vip": SLACK, "rest": SLACK})
             yield store, slow, senders(slow, session)["bot"], composer
+
+
+async def test_a_lane_that_shares_its_slack_channel_takes_a_lease_for_its_share_of_the_rate(
+    session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    # Three channels share one message every 20 s: a lane's four sends may take 4 minutes, but
+    # its lease allowed 80 s of pacing (its own rate), and could run out mid-claim for another
+    # process to take the channels and send the same deliveries again.
+    async with vip_and_rest(tmp_path, session) as (store, _, bot, composer):
+        await record_in(store, "vip", "vip-1", 1000)
+        names = ("vip", "rest", "more")
+        policies = [ChannelPolicy(n, bot, rate_per_s=0.05, destination="C") for n in names]
+        async with running(worker_with(store, composer, *policies)):
+            await eventually(lambda: len(store.left) == 3)
+    own, shared = policies[0].lease_s(SETTINGS.timeout_s), policies[0].lease_s(2.0, 0.05 / 3)
+    assert shared > own + 150
+    assert store.leases == [shared] * 3
 
 
 async def test_the_channels_of_one_slack_channel_are_left_by_the_last_lane_to_end(
