@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from bridge.checks import load_validated
+from bridge.config import Config
+from bridge.render import Renderer
 from tests.bridge_server import (
     APP_ID,
     OK_PACKET,
@@ -72,6 +75,38 @@ def test_reload_under_live_traffic(tmp_path: Path, slack: SlackStandIn) -> None:
         metrics = http_request(bridge.url + "/metrics")[2].decode()
         assert 'live_bridge_config_reloads_total{result="success"} 1.0' in metrics
         assert 'live_bridge_config_reloads_total{result="failure"} 1.0' in metrics
+
+
+def test_callbacks_are_answered_while_a_reload_reads_the_config(
+    tmp_path: Path, slack: SlackStandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Reading the config and compiling and trying every template took 0.3 s for one Slack
+    # channel's, on the event loop: no callback was answered meanwhile. Here the reading is
+    # held until a callback has been answered.
+    reading, release, read = threading.Event(), threading.Event(), threading.Event()
+
+    def held(path: Path) -> tuple[Config, Renderer]:
+        reading.set()
+        release.wait(3)  # on the event loop, it waits in vain: no callback can be answered
+        read.set()
+        return load_validated(path)
+
+    monkeypatch.setattr("bridge.reload.load_validated", held)
+    config = write_config(tmp_path, channels=HOOK.format(url=slack.sink_url()), routes=ROUTE)
+    with InThread(config) as bridge:
+        reloaded: list[int] = []
+        reloading = threading.Thread(
+            target=lambda: reloaded.append(http_request(bridge.url + "/-/reload", "POST")[0])
+        )
+        reloading.start()
+        try:
+            assert reading.wait(10)
+            assert post_callback(bridge.url, room(1)) == (200, OK_PACKET)
+            assert not read.is_set()  # answered while the reload was still reading
+        finally:
+            release.set()
+            reloading.join(10)
+    assert reloaded == [200]
 
 
 def test_reload_buries_deliveries_of_a_removed_channel(tmp_path: Path, slack: SlackStandIn) -> None:
