@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from bridge.store.schema import (
 )
 from bridge.store.sqlite import SQLiteStore
 from bridge.store.sqlite_file import Sync, connect
-from bridge.store.sqlite_outbox import PRUNE_BATCH
+from bridge.store.sqlite_outbox import BATCH, PRUNE_BATCH
 from tests.bridge_server import OWNER, db_rows
 from tests.store_rows import (
     KEYED_BEFORE,
@@ -334,6 +334,54 @@ async def test_a_large_prune_lets_callbacks_commit_meanwhile(tmp_path: Path) -> 
     assert db_rows(path, "SELECT COUNT(*) FROM dedup") == [(1,)]
 
 
+Operation = Callable[[SQLiteStore, float], Awaitable[int]]
+
+
+@pytest.mark.parametrize(
+    ("state", "operation", "after"),
+    [
+        ("dead", lambda store, now: store.retry_dead(None, now), "pending"),
+        ("dead", lambda store, now: store.retry_dead("a", now), "pending"),
+        ("pending", lambda store, now: store.bury_unknown_channels(["b"], now, "gone"), "dead"),
+    ],
+    ids=["retry every channel", "retry a channel", "bury a removed channel"],
+)
+async def test_a_change_to_a_whole_channel_lets_callbacks_commit_meanwhile(
+    tmp_path: Path, state: str, operation: Operation, after: str
+) -> None:
+    # A channel broken for days (a revoked token) holds its dead letters, or its backlog, by
+    # the hundred thousand: retried in one transaction, 100,000 held every acknowledgement for
+    # 0.6 s; buried in one (the channel removed at a reload), the same.
+    count = 3 * BATCH
+    path = tmp_path / "bridge.db"
+    add_old_delivered(path, count, time.time())
+    with contextlib.closing(connect(path)) as conn, conn:
+        conn.execute("UPDATE deliveries SET state = ?, order_ts = id % 7", (state,))
+    store = SQLiteStore(path)
+    await store.open()
+    changed: list[int] = []  # rows a transaction
+    execute = store._execute
+
+    async def counted(sql: str, params: Any = ()) -> int:
+        changed.append(await execute(sql, params))
+        return changed[-1]
+
+    store._execute = counted  # type: ignore[method-assign]
+    try:
+        changing = asyncio.ensure_future(operation(store, time.time()))
+        await asyncio.sleep(0)  # it has begun
+        await store.record(new_event("new"), [NewDelivery("b", "p")], time.time(), 600)
+        assert not changing.done()  # the callback did not wait for the whole change
+        assert await changing == count
+        assert changed == [BATCH, BATCH, BATCH, 0]
+        assert await operation(store, time.time()) == 0
+    finally:
+        await store.close()
+    assert db_rows(path, "SELECT channel, state, COUNT(*) FROM deliveries GROUP BY 1, 2") == [
+        ("a", after, count), ("b", "pending", 1)
+    ]  # fmt: skip
+
+
 async def test_a_prune_does_not_read_every_event(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -392,19 +440,20 @@ def wal_size(db: Path) -> int:
 async def test_the_wal_shrinks_back_after_a_large_transaction(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A large transaction (retrying or burying a backlog, an upgrade) grows the WAL file to its
-    # size, and SQLite reuses the file from its start without giving the space back: 50,000
+    # A large transaction (a reload forgetting the messages rendered for a channel's old type,
+    # an upgrade; retrying dead letters was one until it went in batches) grows the WAL file to
+    # its size, and SQLite reuses the file from its start without giving the space back: 50,000
     # dead letters retried left 11 MB until the server stopped.
     monkeypatch.setattr("bridge.store.sqlite_file.WAL_LIMIT_BYTES", 1 << 20)
     path = tmp_path / "bridge.db"
     add_old_delivered(path, 40_000, time.time())
     with contextlib.closing(connect(path)) as conn:
-        conn.execute("UPDATE deliveries SET state = 'dead'")
+        conn.execute("UPDATE deliveries SET state = 'pending', payload = ?", ("x" * 200,))
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     store = SQLiteStore(path)
     await store.open()
     try:
-        assert await store.retry_dead(None, time.time()) == 40_000
+        assert await store.forget_payloads(["a"]) == 40_000
         grown = wal_size(path)
         for n in range(3):  # the first commit checkpoints, the next starts the WAL again
             await add(store, f"k{n}")
