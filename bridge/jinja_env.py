@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import CodeType
-from typing import Any
+from typing import Any, TypeVar
 
 import jinja2
 import jinja2.bccache
@@ -64,6 +65,12 @@ class _Folder(jinja2.FileSystemLoader):
         return None
 
 
+COMPILED_LIMIT = 1000  # templates kept compiled, a channel type
+_caching = threading.Lock()
+K = TypeVar("K")
+V = TypeVar("V")
+
+
 class _Compiled(jinja2.BytecodeCache):
     """Each template compiled once a process, found again by its file and source: a reload
     builds new environments (bridge/render.py), and compiling one Slack channel's templates
@@ -78,17 +85,23 @@ class _Compiled(jinja2.BytecodeCache):
             bucket.code = entry[1]
 
     def dump_bytecode(self, bucket: jinja2.bccache.Bucket) -> None:
-        if bucket.code is None:
-            return
-        if len(self._code) >= COMPILED_LIMIT and bucket.key not in self._code:
-            self._code.pop(next(iter(self._code)))  # the oldest
-        self._code[bucket.key] = (bucket.checksum, bucket.code)
+        if bucket.code is not None:
+            _keep(self._code, bucket.key, (bucket.checksum, bucket.code))
 
     def clear(self) -> None:
-        self._code.clear()
+        with _caching:
+            self._code.clear()
 
 
-COMPILED_LIMIT = 1000  # templates kept compiled, a channel type
+def _keep(cache: dict[K, V], key: K, value: V) -> None:
+    """`value` under `key`, the oldest entry let go past COMPILED_LIMIT. Under a lock: a reload
+    compiles on its thread while the event loop may compile a template at its first use."""
+    with _caching:
+        if len(cache) >= COMPILED_LIMIT and key not in cache:
+            cache.pop(next(iter(cache)))
+        cache[key] = value
+
+
 _COMPILED = {kind: _Compiled() for kind in FINALIZE}  # compiled code depends on the options
 _VARIABLES: dict[tuple[str, str], frozenset[str] | None] = {}  # (name, source) -> names
 
@@ -133,7 +146,5 @@ def variables_used(env: jinja2.Environment, name: str) -> frozenset[str] | None:
         if any(True for _ in tree.find_all(_OTHER_TEMPLATES))
         else frozenset(jinja2.meta.find_undeclared_variables(tree))
     )
-    if len(_VARIABLES) >= COMPILED_LIMIT:
-        _VARIABLES.pop(next(iter(_VARIABLES)))
-    _VARIABLES[name, source] = found
+    _keep(_VARIABLES, (name, source), found)
     return found
