@@ -73,7 +73,15 @@ class Lanes(Attempts, abc.ABC):
         idle = False  # ended by a claim that found nothing, having found nothing before
         seen = self._arrivals
         try:
-            while not self._halted(policy) and pacer.blocked_for() == 0:
+            # A reload gives the channel a new policy (its sender, pacing, template): this lane
+            # finishes its claim with the old one and ends, and the dispatcher, woken, starts
+            # one with the new. Under steady callbacks a lane never runs out of work, and kept
+            # sending with the old settings.
+            while (
+                not self._halted(policy)
+                and self._policies.get(policy.name) is policy
+                and pacer.blocked_for() == 0
+            ):
                 # The channel is ours for one claim's worth of sends, taken again once half of
                 # that has gone: no other process paces, threads or orders it meanwhile, so the
                 # pacer here is the channel's state, and taking it every round (a commit each,

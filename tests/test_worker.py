@@ -376,6 +376,37 @@ async def test_a_reload_that_moves_a_channel_to_another_slack_channel_gives_it_a
     assert worker.pacers["b"] is not shared and worker.pacers["b"].blocked_for() == 0
 
 
+async def test_a_reload_reaches_a_lane_that_callbacks_keep_busy(
+    open_store: OpenStore, tmp_path: Path
+) -> None:
+    # A lane claimed again and again with the policy it started with while callbacks kept
+    # coming (each within its 50 ms linger): a reload that fixed the channel (a Slack channel
+    # id, a token, a URL) reached it only once the traffic paused. It finishes its claim with
+    # the old policy, and the next claim is the new one's.
+    store = await open_store()
+    old, new = io.StringIO(), io.StringIO()
+    composer = make_composer(tmp_path, {"c": CONSOLE})
+    worker = worker_with(store, composer, ChannelPolicy("c", ConsoleSender(old)))
+
+    async def callbacks() -> None:
+        for n in itertools.count():
+            await record_in(store, "c", f"room-{n}", 1000 + n)
+            worker.wake()
+            await asyncio.sleep(0.01)
+
+    async with running(worker):
+        feeding = asyncio.create_task(callbacks())
+        try:
+            await eventually(lambda: old.getvalue().count("\n") >= 3)
+            reloaded = {"c": ChannelPolicy("c", ConsoleSender(new))}
+            worker.configure(reloaded, SETTINGS, composer, 3600)
+            await eventually(lambda: new.getvalue().count("\n") >= 3, within_s=3)
+        finally:
+            feeding.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await feeding
+
+
 # -- several store instances on one database: PostgreSQL replicas, or SQLite's two processes ---
 
 OpenShared = Callable[[], Awaitable[Store]]
