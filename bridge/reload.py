@@ -78,6 +78,19 @@ class Reloads(abc.ABC):
                 # Before anything is recorded under it: a replica lacking a channel it adds
                 # must not bury that channel's deliveries meanwhile.
                 await self.presence.announce(list(config.channels))
+                # A message rendered at receipt for a channel's old type (a webhook's body, a
+                # console line) is not one its new type can send: Slack refused it (no_text),
+                # a dead letter for an acknowledged event, or a webhook got Slack's JSON.
+                # Forgotten, it is rendered again when sent: before the new config is in place,
+                # or one of its lanes could send one meanwhile (a lane of the old config renders
+                # for the old type); and again once the callbacks under way have settled.
+                retyped = [
+                    name for name, channel in config.channels.items()
+                    if (before := self.config.channels.get(name)) and before.type != channel.type
+                ]  # fmt: skip
+                if retyped and (rerendered := await self.store.forget_payloads(retyped)):
+                    log.info("%d deliveries to channels of another type are rendered again "
+                             "when sent", rerendered)  # fmt: skip
             except (ConfigError, StoreUnavailable) as exc:
                 self.metrics.reloads.labels("failure").inc()
                 log.error("reload refused, the running config stays: %s", exc)
@@ -88,13 +101,6 @@ class Reloads(abc.ABC):
                 log.warning("[server] changes take effect at the next start")
             if config.delivery.own_process != self.own_process:
                 log.warning("[delivery] own_process changes take effect at the next start")
-            # A message rendered at receipt for a channel's old type (a webhook's body, a console
-            # line) is not one its new type can send: Slack refused it (no_text), a dead letter
-            # for an acknowledged event, or a webhook got Slack's JSON. Rendered again instead.
-            retyped = [
-                name for name, channel in config.channels.items()
-                if (before := self.config.channels.get(name)) and before.type != channel.type
-            ]  # fmt: skip
             if self.worker is not None and self._session is not None:
                 policies, composer = self._worker_setup(config, renderer)
                 self.worker.configure(

@@ -3,11 +3,12 @@ channels, callbacks received across one, and every way a new config can fail."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -161,6 +162,41 @@ def test_a_reload_that_changes_a_channels_type_renders_its_waiting_messages_agai
                           == {"delivered"})  # fmt: skip
     rooms = sorted(p.payload["blocks"][1]["fields"][0]["text"] for p in slack.posted)
     assert rooms == [f"*Room*\nroom-{n}" for n in range(4)]  # Slack's own message, each
+
+
+def test_messages_waiting_for_a_retyped_channel_are_never_sent_as_its_old_type(
+    tmp_path: Path, slack: SlackStandIn
+) -> None:
+    # Their payloads were forgotten only after the new config was in place (and after the
+    # reload's wait for callbacks under way): a lane of the new config claimed one meanwhile and
+    # sent the webhook's body to Slack, which refused it (no_text): a dead letter. Here the
+    # store takes its time forgetting, and the deliveries are due all along.
+    slack.set_sink_status("sink", 503)
+    before = HOOK.format(url=slack.sink_url())
+    after = f'[channels.hook]\ntype = "slack"\nwebhook_url = "{slack.add_webhook()}"\n'
+    config = write_config(
+        tmp_path, channels=before, routes=ROUTE,
+        delivery="initial_backoff_s = 0.05\nmax_backoff_s = 0.05\nmax_attempts = 100\n",
+    )  # fmt: skip
+    with InThread(config) as bridge:
+        store = bridge.app.bridge.store
+        forget = store.forget_payloads
+
+        async def slowly(channels: Sequence[str]) -> int:
+            await asyncio.sleep(0.5)
+            return await forget(channels)
+
+        store.forget_payloads = slowly  # type: ignore[method-assign]
+        for n in range(3):
+            assert post_callback(bridge.url, room(n)) == (200, OK_PACKET)
+        assert wait_until(lambda: len(slack.sink_requests) >= 6)  # retried, due again and again
+        config.write_text(config.read_text().replace(before, after))
+        assert http_request(bridge.url + "/-/reload", "POST")[0] == 200
+        db = bridge.config.store.path
+        assert wait_until(lambda: {r[0] for r in db_rows(db, "SELECT state FROM deliveries")}
+                          == {"delivered"})  # fmt: skip
+    rooms = sorted(p.payload["blocks"][1]["fields"][0]["text"] for p in slack.posted)
+    assert rooms == [f"*Room*\nroom-{n}" for n in range(3)]
 
 
 def start_callback(bridge: InThread) -> socket.socket:
