@@ -142,26 +142,37 @@ def test_a_reload_that_changes_a_channels_type_renders_its_waiting_messages_agai
 ) -> None:
     # Rendered at receipt as a webhook's body, they went to Slack as such after the reload:
     # refused (no_text), dead letters for events that had been acknowledged.
-    slack.set_sink_status("sink", 503)
-    before = HOOK.format(url=slack.sink_url())
-    after = f'[channels.hook]\ntype = "slack"\nwebhook_url = "{slack.add_webhook()}"\n'
-    config = write_config(
-        tmp_path, channels=before, routes=ROUTE,
-        delivery="initial_backoff_s = 2.0\nmax_backoff_s = 2.0\n",  # the reload comes first
-    )  # fmt: skip
+    config, retyped = webhook_to_retype(tmp_path, slack, backoff_s=2.0)  # the reload comes first
     with InThread(config) as bridge:
         for n in range(3):
             assert post_callback(bridge.url, room(n)) == (200, OK_PACKET)
-        db = bridge.config.store.path
         assert wait_until(lambda: len(slack.sink_requests) == 3)  # each met the 503 once
-        config.write_text(config.read_text().replace(before, after))
+        config.write_text(retyped)
         assert http_request(bridge.url + "/-/reload", "POST")[0] == 200
         assert post_callback(bridge.url, room(3)) == (200, OK_PACKET)  # rendered for Slack
-        assert wait_until(lambda: len(slack.posted) == 4)
-        assert wait_until(lambda: {r[0] for r in db_rows(db, "SELECT state FROM deliveries")}
-                          == {"delivered"})  # fmt: skip
-    rooms = sorted(p.payload["blocks"][1]["fields"][0]["text"] for p in slack.posted)
-    assert rooms == [f"*Room*\nroom-{n}" for n in range(4)]  # Slack's own message, each
+        assert wait_until(lambda: all_delivered(bridge))
+    assert rooms_in_slack(slack) == [f"*Room*\nroom-{n}" for n in range(4)]  # Slack's own, each
+
+
+def webhook_to_retype(tmp_path: Path, slack: SlackStandIn, backoff_s: float) -> tuple[Path, str]:
+    """A config whose channel "hook" is a webhook to the stand-in's sink, which answers 503, and
+    the config's text with "hook" a Slack channel (an incoming webhook) instead."""
+    slack.set_sink_status("sink", 503)
+    before = HOOK.format(url=slack.sink_url())
+    after = f'[channels.hook]\ntype = "slack"\nwebhook_url = "{slack.add_webhook()}"\n'
+    delivery = f"initial_backoff_s = {backoff_s}\nmax_backoff_s = {backoff_s}\nmax_attempts = 100\n"
+    config = write_config(tmp_path, channels=before, routes=ROUTE, delivery=delivery)
+    return config, config.read_text().replace(before, after)
+
+
+def all_delivered(bridge: InThread) -> bool:
+    states = db_rows(bridge.config.store.path, "SELECT state FROM deliveries")
+    return bool(states) and {state for (state,) in states} == {"delivered"}
+
+
+def rooms_in_slack(slack: SlackStandIn) -> list[str]:
+    """The room field of each message Slack took, sorted: there only in Slack's own layout."""
+    return sorted(p.payload["blocks"][1]["fields"][0]["text"] for p in slack.posted)
 
 
 def test_messages_waiting_for_a_retyped_channel_are_never_sent_as_its_old_type(
@@ -171,13 +182,7 @@ def test_messages_waiting_for_a_retyped_channel_are_never_sent_as_its_old_type(
     # reload's wait for callbacks under way): a lane of the new config claimed one meanwhile and
     # sent the webhook's body to Slack, which refused it (no_text): a dead letter. Here the
     # store takes its time forgetting, and the deliveries are due all along.
-    slack.set_sink_status("sink", 503)
-    before = HOOK.format(url=slack.sink_url())
-    after = f'[channels.hook]\ntype = "slack"\nwebhook_url = "{slack.add_webhook()}"\n'
-    config = write_config(
-        tmp_path, channels=before, routes=ROUTE,
-        delivery="initial_backoff_s = 0.05\nmax_backoff_s = 0.05\nmax_attempts = 100\n",
-    )  # fmt: skip
+    config, retyped = webhook_to_retype(tmp_path, slack, backoff_s=0.05)
     with InThread(config) as bridge:
         store = bridge.app.bridge.store
         forget = store.forget_payloads
@@ -190,13 +195,10 @@ def test_messages_waiting_for_a_retyped_channel_are_never_sent_as_its_old_type(
         for n in range(3):
             assert post_callback(bridge.url, room(n)) == (200, OK_PACKET)
         assert wait_until(lambda: len(slack.sink_requests) >= 6)  # retried, due again and again
-        config.write_text(config.read_text().replace(before, after))
+        config.write_text(retyped)
         assert http_request(bridge.url + "/-/reload", "POST")[0] == 200
-        db = bridge.config.store.path
-        assert wait_until(lambda: {r[0] for r in db_rows(db, "SELECT state FROM deliveries")}
-                          == {"delivered"})  # fmt: skip
-    rooms = sorted(p.payload["blocks"][1]["fields"][0]["text"] for p in slack.posted)
-    assert rooms == [f"*Room*\nroom-{n}" for n in range(3)]
+        assert wait_until(lambda: all_delivered(bridge))
+    assert rooms_in_slack(slack) == [f"*Room*\nroom-{n}" for n in range(3)]
 
 
 def start_callback(bridge: InThread) -> socket.socket:
