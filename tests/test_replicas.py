@@ -313,8 +313,16 @@ def test_kill_9_of_one_replica_loses_no_acknowledged_event(
 
             # It claims 16 at a time and sends 4 at once, 0.1 s each: mid-round, some of what
             # it holds has been sent, some is on the wire and some not yet sent.
-            assert eventually(lambda: holder_sending() is not None, timeout=20, every=0.01)
-            owner = holder_sending()
+            # The owner seen is kept: asked again, a lane between two claims may hold nothing.
+            seen: list[str] = []
+
+            def sending() -> bool:
+                owner = holder_sending()
+                seen.extend([owner] if owner is not None else [])
+                return owner is not None
+
+            assert eventually(sending, timeout=20, every=0.01)
+            owner = seen[-1]
             victim, survivor = (a, b) if owner == owner_a else (b, a)
             victim.kill()
             killed_at = time.monotonic()
