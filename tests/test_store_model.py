@@ -577,13 +577,14 @@ def run_machine(engine: Engine, examples: int, steps: int) -> None:
 
 
 @pytest.fixture
-def small_prune_batches(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    # SQLite prunes a batch a transaction: batches of two walk the batching with a few rows.
-    monkeypatch.setattr(sqlite_outbox, "PRUNE_BATCH", 2)
+def small_batches(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    # SQLite prunes, retries and buries a batch a transaction: batches of two walk the batching
+    # with a few rows.
+    monkeypatch.setattr(sqlite_outbox, "BATCH", 2)
     yield
 
 
-@pytest.mark.usefixtures("small_prune_batches")
+@pytest.mark.usefixtures("small_batches")
 def test_sqlite_store_follows_the_model(tmp_path: Path) -> None:
     run_machine(SQLiteEngine(tmp_path), examples=40, steps=40)
 

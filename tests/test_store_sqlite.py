@@ -25,7 +25,7 @@ from bridge.store.schema import (
 )
 from bridge.store.sqlite import SQLiteStore
 from bridge.store.sqlite_file import Sync, connect
-from bridge.store.sqlite_outbox import BATCH, PRUNE_BATCH
+from bridge.store.sqlite_outbox import BATCH
 from tests.bridge_server import OWNER, db_rows
 from tests.store_rows import (
     KEYED_BEFORE,
@@ -419,7 +419,7 @@ async def test_a_prune_walks_past_the_events_of_dead_letters(tmp_path: Path) -> 
     # events whose deliveries went: the walk goes on past them, and ends.
     path = tmp_path / "bridge.db"
     old = time.time() - 100 * 3600
-    kept = 2 * PRUNE_BATCH + 1
+    kept = 2 * BATCH + 1
     add_old_delivered(path, kept + 10, old)
     with contextlib.closing(connect(path)) as conn:
         conn.execute("UPDATE deliveries SET state = 'dead' WHERE id <= ?", (kept,))

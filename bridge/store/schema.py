@@ -209,14 +209,18 @@ CLAIM_SQL = (
     + "ORDER BY 12, 1 LIMIT :limit"  # order_ts, id
 )
 
-# The channels with something due, one index seek per channel (a skip scan over the channel
-# names), and none held by another process.
-DUE_SQL = f"""
+# Every channel name in deliveries, one index seek each (a skip scan): `names(channel)`, the
+# last row NULL.
+CHANNEL_NAMES = """
 WITH RECURSIVE names(channel) AS (
   SELECT MIN(channel) FROM deliveries
   UNION ALL
   SELECT (SELECT MIN(d.channel) FROM deliveries d WHERE d.channel > names.channel) FROM names
-  WHERE names.channel IS NOT NULL)
+  WHERE names.channel IS NOT NULL)"""
+
+# The channels with something due, one index seek per channel (a skip scan over the channel
+# names), and none held by another process.
+DUE_SQL = f"""{CHANNEL_NAMES}
 SELECT n.channel FROM names n
 WHERE n.channel IS NOT NULL
   AND NOT EXISTS (SELECT 1 FROM channels c WHERE c.channel = n.channel

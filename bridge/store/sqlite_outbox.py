@@ -13,22 +13,25 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from bridge.store import ChannelStats, DeliveryRow, RecentEvent, State
-from bridge.store.schema import HIGH_WATER_SQL, LIST_SQL, OLD_EVENTS_SQL, PRUNE_SQL, STATS_SQL
+from bridge.store.schema import (
+    CHANNEL_NAMES,
+    HIGH_WATER_SQL,
+    LIST_SQL,
+    OLD_EVENTS_SQL,
+    PRUNE_SQL,
+    STATS_SQL,
+)
 from bridge.store.sqlite_file import MAX_PARAMS, SQLiteFile, chunks, sql_in
 
-PRUNE_BATCH = 500  # rows of each table a prune deletes per transaction (a few ms)
-BATCH = 500  # deliveries a retry or burial of a whole channel changes per transaction
+# Rows a long change (a prune, of each table; a retry or burial of a whole channel) changes per
+# transaction: a few ms, callbacks committing in between.
+BATCH = 500
 # The channels that hold deliveries in {states}: one index seek per channel name (a skip scan).
-CHANNELS_IN_SQL = """
-WITH RECURSIVE names(channel) AS (
-  SELECT MIN(channel) FROM deliveries
-  UNION ALL
-  SELECT (SELECT MIN(d.channel) FROM deliveries d WHERE d.channel > names.channel) FROM names
-  WHERE names.channel IS NOT NULL)
+CHANNELS_IN_SQL = f"""{CHANNEL_NAMES}
 SELECT channel FROM names WHERE channel IS NOT NULL
   AND EXISTS (SELECT 1 FROM deliveries d INDEXED BY deliveries_claim
-              WHERE d.channel = names.channel AND d.state IN ({states}))
-"""
+              WHERE d.channel = names.channel AND d.state IN ({{states}}))
+"""  # noqa: S608  # constant text, no values
 # A dead letter buried while it was sent waits for its lease (see retry), and is not taken:
 # taken and left dead, it would be taken again by every batch.
 RETRY_DEAD_SQL = """
@@ -54,7 +57,7 @@ class SQLiteOutbox(SQLiteFile):
     async def prune(
         self, delivered_before: float, dedup_before: float, threads_before: float
     ) -> int:
-        # In transactions of at most PRUNE_BATCH rows a table, callbacks committing in between:
+        # In transactions of at most BATCH rows a table, callbacks committing in between:
         # rows pile up while the server is down or when the retention is shortened, and in one
         # transaction 300,000 old events held the writer, and every acknowledgement, for 5 s.
         cutoffs = (delivered_before, dedup_before, threads_before)
@@ -62,23 +65,21 @@ class SQLiteOutbox(SQLiteFile):
         def rows(conn: sqlite3.Connection) -> int:
             conn.execute(HIGH_WATER_SQL)
             return sum(
-                conn.execute(sql, (before, PRUNE_BATCH)).rowcount
+                conn.execute(sql, (before, BATCH)).rowcount
                 for sql, before in zip(PRUNE_SQL, cutoffs, strict=True)
             )
 
         def events(after: tuple[float, int]) -> Callable[[sqlite3.Connection], _Walked]:
             def op(conn: sqlite3.Connection) -> _Walked:
                 conn.execute(HIGH_WATER_SQL)
-                walked = conn.execute(
-                    OLD_EVENTS_SQL, (*after, delivered_before, PRUNE_BATCH)
-                ).fetchall()
+                walked = conn.execute(OLD_EVENTS_SQL, (*after, delivered_before, BATCH)).fetchall()
                 unused = [event_id for event_id, _, free in walked if free]
                 n = (
                     conn.execute(sql_in(DELETE_EVENTS_SQL, unused), unused).rowcount
                     if unused
                     else 0
                 )
-                more = len(walked) == PRUNE_BATCH
+                more = len(walked) == BATCH
                 return n, (walked[-1][1], walked[-1][0]) if more else None
 
             return op
