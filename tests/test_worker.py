@@ -739,41 +739,42 @@ async def test_writes_failing_while_reads_work_back_off_and_log_rarely(
     assert len(errors) == 1 and errors[0].startswith("store unavailable (1 times)")
 
 
-async def test_prune_keeps_a_thread_for_the_ttl_not_the_retention(
-    open_store: OpenStore, tmp_path: Path
-) -> None:
-    # The retention is for delivered rows: a room's thread lasts its channel's thread_ttl_h.
-    store = await open_store()
-    hour = 3600.0
-    now = time.time()
-    await store.set_thread("bot", "R", "1.1", now - 13 * hour)  # within the TTL
-    await store.set_thread("bot", "S", "2.2", now - 25 * hour)  # past it
-    policies = {
-        "bot": ChannelPolicy("bot", ConsoleSender(), thread_by_room=True, thread_ttl_s=24 * hour),
-        "short": ChannelPolicy("short", ConsoleSender(), thread_by_room=True, thread_ttl_s=hour),
-    }
-    composer = make_composer(tmp_path, {name: 'type = "console"' for name in policies})
-    await Worker(store, policies, SETTINGS, composer, retention_s=12 * hour)._prune()
-    assert db_rows(store.path, "SELECT room_id, ts FROM threads") == [("R", "1.1")]
+HOUR = 3600.0
 
 
-async def test_prune_takes_the_ttl_of_the_channels_that_thread_only(
-    open_store: OpenStore, tmp_path: Path
-) -> None:
-    # A channel that keeps no threads (a webhook, a console, a Slack incoming webhook) has no
-    # TTL to give: its default of 24 h kept every room's thread a day, whatever thread_ttl_h
-    # the channel that threads was given, so ever-new rooms piled up a day of rows.
+@pytest.mark.parametrize(
+    ("policies", "kept_h", "gone_h"),
+    [
+        # The retention (12 h here) is for delivered rows: a room's thread lasts the longest
+        # thread_ttl_h of the channels that thread.
+        (
+            [ChannelPolicy("bot", ConsoleSender(), thread_by_room=True, thread_ttl_s=24 * HOUR),
+             ChannelPolicy("short", ConsoleSender(), thread_by_room=True, thread_ttl_s=HOUR)],
+            13, 25,
+        ),
+        # A channel that keeps no threads (a webhook, a console, a Slack incoming webhook) has
+        # no TTL to give: its default of 24 h kept every room's thread a day, whatever
+        # thread_ttl_h the channel that threads was given, so ever-new rooms piled up a day of
+        # rows.
+        (
+            [ChannelPolicy("bot", ConsoleSender(), thread_by_room=True, thread_ttl_s=HOUR),
+             ChannelPolicy("plain", ConsoleSender())],
+            0.5, 2,
+        ),
+    ],
+    ids=["the longest ttl, not the retention", "only the channels that thread"],
+)  # fmt: skip
+async def test_prune_keeps_a_thread_for_its_channels_ttl(
+    open_store: OpenStore, tmp_path: Path, policies: list[ChannelPolicy], kept_h: float,
+    gone_h: float,
+) -> None:  # fmt: skip
     store = await open_store()
-    hour = 3600.0
     now = time.time()
-    await store.set_thread("bot", "R", "1.1", now - 0.5 * hour)  # within the TTL
-    await store.set_thread("bot", "S", "2.2", now - 2 * hour)  # past it
-    policies = {
-        "bot": ChannelPolicy("bot", ConsoleSender(), thread_by_room=True, thread_ttl_s=hour),
-        "plain": ChannelPolicy("plain", ConsoleSender()),
-    }
-    composer = make_composer(tmp_path, {name: 'type = "console"' for name in policies})
-    await Worker(store, policies, SETTINGS, composer, retention_s=12 * hour)._prune()
+    await store.set_thread("bot", "R", "1.1", now - kept_h * HOUR)  # within the TTL
+    await store.set_thread("bot", "S", "2.2", now - gone_h * HOUR)  # past it
+    composer = make_composer(tmp_path, {p.name: 'type = "console"' for p in policies})
+    by_name = {p.name: p for p in policies}
+    await Worker(store, by_name, SETTINGS, composer, retention_s=12 * HOUR)._prune()
     assert db_rows(store.path, "SELECT room_id, ts FROM threads") == [("R", "1.1")]
 
 
