@@ -247,16 +247,23 @@ def test_callbacks_probes_pages_and_reloads_are_answered_at_the_limit(
 # -- the delivery process: killed while the server is at its limit --------------------------------
 
 
+OWN_PROCESS = f"{DELIVERY_FAST}own_process = true\n"
+
+
+def own_process_config(tmp_path: Path) -> tuple[Path, int, Path, Path]:
+    """A config with the delivery process, on a free port: the config, the port, the log the
+    bridge is to write and its database."""
+    port = free_port()
+    config = write_config(tmp_path, port, delivery=OWN_PROCESS)
+    return config, port, tmp_path / "bridge.log", tmp_path / "bridge.db"
+
+
 def test_a_delivery_process_that_dies_at_the_limit_is_started_again_once_descriptors_are_free(
     tmp_path: Path,
 ) -> None:
     """Starting it needs pipes: while there are none, the server says why and tries again; then
     it starts, and what was acknowledged meanwhile is delivered."""
-    port = free_port()
-    delivery = f"{DELIVERY_FAST}own_process = true\n"
-    config = write_config(tmp_path, port, delivery=delivery)
-    log = tmp_path / "bridge.log"
-    db = tmp_path / "bridge.db"
+    config, port, log, db = own_process_config(tmp_path)
     with Subprocess(config, port, log) as bridge:
         assert bridge.process is not None
         pid = bridge.process.pid
@@ -281,11 +288,7 @@ def test_a_reload_the_delivery_process_could_not_read_is_taken_once_it_can(
     """The server reloads (a new channel) while the delivery process has no descriptor to read
     the file: it keeps its config, says why, and takes the new one once it can, so the new
     channel's message goes out without another reload."""
-    port = free_port()
-    delivery = f"{DELIVERY_FAST}own_process = true\n"
-    config = write_config(tmp_path, port, delivery=delivery)
-    log = tmp_path / "bridge.log"
-    db = tmp_path / "bridge.db"
+    config, port, log, db = own_process_config(tmp_path)
     with Subprocess(config, port, log) as bridge:
         assert bridge.process is not None
         assert post_callback(bridge.url, owner_change("warm")) == (200, OK_PACKET)
@@ -294,7 +297,7 @@ def test_a_reload_the_delivery_process_could_not_read_is_taken_once_it_can(
         with at_limit(child):
             channels = f'{CONSOLE}[channels.other]\ntype = "console"\n'
             routes = '[[routes]]\nname = "all"\nchannels = ["other"]\n'
-            write_config(tmp_path, port, delivery=delivery, channels=channels, routes=routes)
+            write_config(tmp_path, port, delivery=OWN_PROCESS, channels=channels, routes=routes)
             assert http_request(bridge.url + "/-/reload", "POST")[0] == 200
             assert wait_until(lambda: "delivery process: reload refused" in log.read_text())
             assert post_callback(bridge.url, owner_change("new")) == (200, OK_PACKET)
