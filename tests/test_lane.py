@@ -192,6 +192,18 @@ async def test_a_console_digest_is_a_header_and_one_line_per_event(
     assert [line.split("room owner changed: room ")[1].split(",")[0] for line in lines] == rooms
 
 
+HOOK = 'type = "webhook"\nurl = "https://sink.example.invalid/"'  # the composer's "hook"
+
+
+def sink_sender(
+    slack: SlackStandIn, session: aiohttp.ClientSession, timeout_s: float = 2.0,
+    identity: str = "store",
+) -> WebhookSender:  # fmt: skip
+    """A webhook sender to the stand-in's sink "hook"."""
+    settings = WebhookChannel(type="webhook", url=SecretStr(slack.sink_url("hook")))
+    return WebhookSender("hook", settings, session, timeout_s, identity)
+
+
 @pytest.mark.parametrize(("rooms", "concurrent"), [(12, 4), (1, 1)])
 async def test_a_webhook_sends_rooms_side_by_side_and_each_room_in_order(
     slack: SlackStandIn,
@@ -205,12 +217,8 @@ async def test_a_webhook_sends_rooms_side_by_side_and_each_room_in_order(
     for i in reversed(range(12)):
         await record_in(store, "hook", f"room-{i % rooms}", 1000 + i)
     slack.set_sink_delay("hook", 0.2)
-    settings = WebhookChannel(type="webhook", url=SecretStr(slack.sink_url("hook")))
-    policy = ChannelPolicy(
-        "hook", WebhookSender("hook", settings, session, 2.0, "store"), max_in_flight=4
-    )
-    table = 'type = "webhook"\nurl = "https://sink.example.invalid/"'
-    async with running(worker_with(store, make_composer(tmp_path, {"hook": table}), policy)):
+    policy = ChannelPolicy("hook", sink_sender(slack, session), max_in_flight=4)
+    async with running(worker_with(store, make_composer(tmp_path, {"hook": HOOK}), policy)):
         await eventually(lambda: len(slack.sink_requests) == 12)
     assert slack.sink_max_concurrent["hook"] == concurrent
     assert states(store.path) == ["delivered"] * 12
@@ -315,11 +323,9 @@ async def test_an_outcome_the_store_cannot_take_stops_the_claims_other_sends(
             for i in range(16):
                 await record_in(store, "hook", f"room-{i:02d}", 1000 + i)
             slack.set_sink_delay("hook", 1.5)
-            settings = WebhookChannel(type="webhook", url=SecretStr(slack.sink_url("hook")))
-            sender = WebhookSender("hook", settings, session, 5.0, store.identity)
+            sender = sink_sender(slack, session, 5.0, store.identity)
             policy = FourSecondLease("hook", sender, max_in_flight=2)
-            table = 'type = "webhook"\nurl = "https://sink.example.invalid/"'
-            worker = worker_with(store, make_composer(tmp_path, {"hook": table}), policy)
+            worker = worker_with(store, make_composer(tmp_path, {"hook": HOOK}), policy)
             async with running(worker):
                 await eventually(lambda: slack.sink_max_concurrent.get("hook") == 2)
                 await asyncio.to_thread(proxy.cut)
@@ -370,12 +376,8 @@ async def test_a_passing_store_failure_gives_the_rest_of_the_claim_back(
         for i in range(8):
             await record_in(store, "hook", f"room-{i}", 1000 + i)
         slack.set_sink_delay("hook", 0.2)
-        settings = WebhookChannel(type="webhook", url=SecretStr(slack.sink_url("hook")))
-        policy = ChannelPolicy(
-            "hook", WebhookSender("hook", settings, session, 2.0, "store"), max_in_flight=2
-        )
-        table = 'type = "webhook"\nurl = "https://sink.example.invalid/"'
-        async with running(worker_with(store, make_composer(tmp_path, {"hook": table}), policy)):
+        policy = ChannelPolicy("hook", sink_sender(slack, session), max_in_flight=2)
+        async with running(worker_with(store, make_composer(tmp_path, {"hook": HOOK}), policy)):
             await eventually(lambda: states(store.path).count("delivered") == 7, 10)
         assert len(slack.sink_requests) == 8  # each once: the lost one is still in flight
         assert states(store.path)[store.lost[0] - 1] == "in_flight"
