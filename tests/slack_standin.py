@@ -155,6 +155,7 @@ class SlackStandIn:
         self._sink_requests: list[SinkRequest] = []
         self._last_ts_us = 0
         self.requests_seen = 0
+        self.api_requests_arrived = 0  # chat.postMessage requests, counted before the latency
         self.rejected_429 = 0
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -322,6 +323,7 @@ class SlackStandIn:
     # -- endpoints -------------------------------------------------------------------------------
 
     async def _post_message(self, request: Request) -> Response:
+        self.api_requests_arrived += 1
         body = await request.body()
         if self._latency_s:
             await asyncio.sleep(self._latency_s)

@@ -620,6 +620,8 @@ async def test_a_stopping_worker_lets_a_send_finish_and_starts_no_other(
         task = asyncio.create_task(worker.run())
         worker.wake()
         await eventually(lambda: states(store.path) == ["in_flight", "in_flight"])
+        # A's send under way: claimed is not yet sent (CI met a stop in between).
+        await eventually(lambda: slack.api_requests_arrived == 1)
         await worker.stop(2.0)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
