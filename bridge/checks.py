@@ -8,9 +8,10 @@ typo or a message Slack would refuse stops start-up naming the route, channel an
 
 loads the config as `serve` does (every `${VAR}` set), then renders each of those again with every
 string and ID of the event set to each hostile value (mentions, quotes, newlines, 5000 characters,
-empty). It fails what does not render, a payload that is not JSON, a message Slack would refuse,
-would take only with fields or context elements folded (`blockkit.crowded`), or that lets a
-`<!channel>`/`<@…>`/`<http…>` through unescaped, and a console line a value can break.
+empty), and every integer to each of 0, -1 and the ends of Tencent's 64 bits. It fails what does
+not render, a payload that is not JSON, a message Slack would refuse, would take only with fields
+or context elements folded (`blockkit.crowded`), or that lets a `<!channel>`/`<@…>`/`<http…>`
+through unescaped, and a console line a value can break.
 A value cut to fit Slack's limits is documented behaviour: shown, not a failure. Prints a table
 (route, channel, command, result). Exit status: 0 all well; 1 problems, each on stderr naming the
 config file, route, channel, command and the template's file and line; 2 a config that does not
@@ -37,10 +38,10 @@ from bridge.config_tables import Route
 from bridge.events import MODELS, parse_event
 from bridge.reachable import reachable_commands
 from bridge.render import Context, Renderer, RenderError
-from bridge.samples import HOSTILE_VALUES, hostile, sample
+from bridge.samples import HOSTILE_INTEGERS, HOSTILE_VALUES, hostile, hostile_integers, sample
 
 # An empty room name or account is no attack, but it leaves a message with no text.
-HOSTILE = (*HOSTILE_VALUES, "")
+HOSTILE: tuple[str | int, ...] = (*HOSTILE_VALUES, "", *HOSTILE_INTEGERS)
 DIGEST = "digest"
 
 
@@ -83,8 +84,8 @@ def _combinations(config: Config) -> Iterator[tuple[Route, str, str]]:
                 yield route, channel, command
 
 
-# Renders the sample (None) or the sample with every string set to a hostile value.
-Render = Callable[[str | None], str]
+# Renders the sample (None) or the sample with every string (or integer) set to a hostile value.
+Render = Callable[[str | int | None], str]
 
 
 def validate(config: Config) -> Renderer:
@@ -121,7 +122,7 @@ def check_config(config: Config, renderer: Renderer) -> tuple[list[Row], list[Pr
 
 
 def _check(
-    config: Config, renderer: Renderer, values: tuple[str, ...]
+    config: Config, renderer: Renderer, values: tuple[str | int, ...]
 ) -> tuple[list[Row], list[Problem]]:
     ctx = Context(sdk_app_id=config.tencent.sdk_app_id[0], received_at=time.time(), query={})
     rows, problems = [], []
@@ -155,7 +156,7 @@ def _render(
     `strict` (`live-bridge check`, not start-up), a message whose fields or context elements
     would be folded to fit Slack fails: it is sent, but not as its template lays it out."""
 
-    def render(value: str | None) -> str:
+    def render(value: str | int | None) -> str:
         bodies = [
             sample(c) if value is None else _hostile_body(c, value)
             for c in ([command] if command else [*MODELS, "Live.X"])
@@ -168,7 +169,7 @@ def _render(
     return render
 
 
-def _verdict(template: str, render: Render, kind: str, values: tuple[str, ...]) -> Verdict:
+def _verdict(template: str, render: Render, kind: str, values: tuple[str | int, ...]) -> Verdict:
     try:
         base = render(None)
     except RenderError as exc:
@@ -201,7 +202,7 @@ def _verdict(template: str, render: Render, kind: str, values: tuple[str, ...]) 
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
-def _payload_problem(kind: str, text: str, value: str | None, base: str) -> str | None:
+def _payload_problem(kind: str, text: str, value: str | int | None, base: str) -> str | None:
     if kind == "console":
         if len(_CONTROL.findall(text)) > len(_CONTROL.findall(base)):
             return "a line break or terminal escape reaches the console"
@@ -213,12 +214,14 @@ def _payload_problem(kind: str, text: str, value: str | None, base: str) -> str 
     if found:
         return "Slack would refuse it: " + "; ".join(found)
     # The hostile values with a "<" have nothing JSON escapes: found in the text, found in a string.
-    if value is not None and "<" in value and value in text:
+    if isinstance(value, str) and "<" in value and value in text:
         return "it reaches Slack unescaped, where it would notify people or disguise a link"
     return None
 
 
-def _hostile_body(command: str, value: str) -> dict[str, Any]:
+def _hostile_body(command: str, value: str | int) -> dict[str, Any]:
+    if isinstance(value, int):
+        return hostile_integers(command, value)
     # Tencent sends some IDs as bare numbers; a client picks its own account and room IDs, so a
     # template must not count on digits (an ID written into JSON without quotes).
     body: dict[str, Any] = _with_ids(hostile(command, value), value, "")
@@ -234,7 +237,9 @@ def _with_ids(node: Any, value: str, key: str) -> Any:
     return value if numeric and key.endswith(("_Account", "RoomId")) else node
 
 
-def _label(value: str) -> str:
+def _label(value: str | int) -> str:
+    if isinstance(value, int):
+        return f"integer {value}"
     if len(value) > 40:
         return f"{value[:10]!r}… ({len(value)} characters)"
     return repr(value) + (" (empty)" if not value else "")

@@ -1,18 +1,24 @@
 """Tencent Live callback bodies as pydantic models: one envelope, one model per known command.
 
-`parse_event(body)` turns the raw JSON bytes into a model or raises `BadEvent`. Account and room
-IDs that arrive as JSON numbers (even above 2**53) keep their exact digits, as strings. Unknown
-fields are kept; commands outside the table parse as the bare `Envelope`.
+`decode_body(body)` turns the raw JSON bytes into fields, `parse_event(fields)` into a model;
+both raise `BadEvent` for what cannot be a callback. Account and room IDs that arrive as JSON
+numbers (even above 2**53) keep their exact digits, as strings. Unknown fields are kept;
+commands outside the table parse as the bare `Envelope`. A field whose value is not of the type
+Tencent documents is left unset: Tencent's own tables and samples disagree on types, and an
+acknowledged event is worth more than one of its fields.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+log = logging.getLogger(__name__)
 
 
 class BadEvent(ValueError):
@@ -35,8 +41,32 @@ def _not_bool(value: object) -> object:
     return value
 
 
+# Before 1973-03-03 in milliseconds, or before the year 5138 in seconds.
+SECONDS_BELOW = 10**11
+
+
+def _seconds_as_millis(value: int) -> int:
+    # Tencent documents EventTime in milliseconds ("usually"), its siblings CreateTime, StartTime
+    # and GiftWater.Time in seconds. A sender that mixes them up writes 1703589922 for a time in
+    # 2023: as milliseconds a date in January 1970, shown as such and delivered before every
+    # earlier event of its room. No callback comes from before 1973; the stored body keeps the
+    # value as it arrived.
+    return value * 1000 if 0 < value < SECONDS_BELOW else value
+
+
 # Stored as SQLite INTEGER: a 64-bit signed range; anything else is not a time.
-Millis = Annotated[int, BeforeValidator(_not_bool), Field(ge=-(2**63), le=2**63 - 1)]
+Millis = Annotated[
+    int,
+    BeforeValidator(_not_bool),
+    Field(ge=-(2**63), le=2**63 - 1),
+    AfterValidator(_seconds_as_millis),
+]
+
+# Tencent's Integer fields are 64 bits, signed or not. Python's are unbounded: 10**400 would
+# pass the JSON decoder, then fail a template's arithmetic (`Duration / 1000` as a float) or
+# formatting ('%d' stops at 4,300 digits) at delivery, a dead letter for an acknowledged event.
+# Refused at receipt instead, with the field's name.
+Integer = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
 
 
 class _Loose(BaseModel):
@@ -77,18 +107,18 @@ class RoomDetails(_Loose):
     RoomName: str | None = None
     RoomType: str | None = None
     Owner_Account: Id | None = None
-    MaxMemberCount: int | None = None
+    MaxMemberCount: Integer | None = None
     IsMessageDisabled: bool | None = None
     CustomInfo: str | None = None
     IsSeatEnabled: bool | None = None
     TakeSeatMode: str | None = None
-    MaxSeatCount: int | None = None
-    CreateTime: int | None = None
+    MaxSeatCount: Integer | None = None
+    CreateTime: Integer | None = None
     IsPublicVisible: bool | None = None
     CoverURL: str | None = None
-    Category: list[int] | None = None
-    ActivityStatus: int | None = None
-    ViewCount: int | None = None
+    Category: list[Integer] | None = None
+    ActivityStatus: Integer | None = None
+    ViewCount: Integer | None = None
     BackgroundURL: str | None = None
     IsUnlimitedRoomEnabled: bool | None = None
 
@@ -98,11 +128,11 @@ class RoomCreated(Envelope):
 
 
 class RoomStatistic(_Loose):
-    TotalViewers: int | None = None
-    TotalGiftsSent: int | None = None
-    TotalGiftCoins: int | None = None
-    TotalUniqueGiftSenders: int | None = None
-    TotalLikesReceived: int | None = None
+    TotalViewers: Integer | None = None
+    TotalGiftsSent: Integer | None = None
+    TotalGiftCoins: Integer | None = None
+    TotalUniqueGiftSenders: Integer | None = None
+    TotalLikesReceived: Integer | None = None
 
 
 class RoomDestroyed(Envelope):
@@ -129,8 +159,8 @@ class MetadataDeleted(Envelope):
 
 
 class RoomThresholdReached(Envelope):
-    CurRoomCount: int | None = None
-    MaxRoomCount: int | None = None
+    CurRoomCount: Integer | None = None
+    MaxRoomCount: Integer | None = None
 
 
 class Member(_Loose):
@@ -149,7 +179,7 @@ class AdminsModified(Envelope):
 
 
 class Seat(_Loose):
-    Index: int | None = None
+    Index: Integer | None = None
     Member_Account: Id | None = None
     IsTakenDisabled: bool | None = None
     IsVideoDisabled: bool | None = None
@@ -164,8 +194,8 @@ class BattleCreated(Envelope):
     BattleId: Id | None = None
     FromRoomId: Id | None = None
     ToRoomIdList: list[Id] | None = None
-    Timeout: int | None = None
-    Duration: int | None = None
+    Timeout: Integer | None = None
+    Duration: Integer | None = None
     NeedResponse: bool | None = None
     ExtensionInfo: str | None = None
 
@@ -173,30 +203,30 @@ class BattleCreated(Envelope):
 class BattleRoom(_Loose):
     RoomId: Id | None = None
     Owner_Account: Id | None = None
-    Score: int | None = None
+    Score: Integer | None = None
 
 
 class BattleStarted(Envelope):
     BattleId: Id | None = None
-    Duration: int | None = None
-    CreateTime: int | None = None
-    StartTime: int | None = None
+    Duration: Integer | None = None
+    CreateTime: Integer | None = None
+    StartTime: Integer | None = None
     FromRoomInfo: BattleRoom | None = None
     ToRoomList: list[BattleRoom] | None = None
 
 
 class BattleEnded(BattleStarted):
-    EndTime: int | None = None
-    OpType: int | None = None
+    EndTime: Integer | None = None
+    OpType: Integer | None = None
 
 
 class GiftRecord(_Loose):
     From_Account: Id | None = None
     To_Account: list[Id] | None = None
-    Time: int | None = None
+    Time: Integer | None = None
     GiftId: Id | None = None
-    Count: int | None = None
-    Coins: int | None = None
+    Count: Integer | None = None
+    Coins: Integer | None = None
 
 
 class GiftSending(Envelope):
@@ -221,6 +251,11 @@ MODELS: dict[str, type[Envelope]] = {
     "Live.CallbackAfterEndBattle": BattleEnded,
     "Live.CallbackBeforeSendGift": GiftSending,
 }
+
+
+# Tencent's pages name some commands one way in the URL and another in the body (the body is
+# right): the URL's name, and the body's.
+URL_NAMES = {"Live.CallbackMemberStateChanged": "Live.CallbackAfterMemberStateChanged"}
 
 
 def _no_constants(name: str) -> Any:
@@ -261,6 +296,21 @@ def decode_body(body: bytes) -> dict[str, Any]:
     return value
 
 
+_warned: set[tuple[type[Envelope], str]] = set()  # bounded: the models' own field names
+
+
+def _warn_once(model: type[Envelope], command: str, unread: dict[str, str]) -> None:
+    # Once per command and field: a sender that types a field its own way does it every time,
+    # and Tencent may call a thousand times a second.
+    for name, reason in unread.items():
+        if (model, name) not in _warned:
+            _warned.add((model, name))
+            log.warning(
+                "%s: %s; the event is kept, its templates see %s unset (logged once)",
+                command[:100], reason[:200], name,
+            )  # fmt: skip
+
+
 def parse_event(fields: dict[str, Any]) -> Envelope:
     """Validate decoded callback fields against the model for their CallbackCommand."""
     command = fields.get("CallbackCommand")
@@ -270,9 +320,18 @@ def parse_event(fields: dict[str, Any]) -> Envelope:
     try:
         event = model.model_validate(fields)
     except ValidationError as exc:
-        first = exc.errors(include_input=False, include_url=False)[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise BadEvent(f"{where}: {first['msg']}"[:200]) from None
+        # Refusing would lose the event for good: Tencent does not retry an "after" callback.
+        # The field stays in the stored body and in the templates' `fields`, as it arrived.
+        unread: dict[str, str] = {}
+        for error in exc.errors(include_input=False, include_url=False):
+            where = ".".join(str(p) for p in error["loc"])
+            unread.setdefault(str(error["loc"][0]), f"{where}: {error['msg']}")
+        _warn_once(model, command, unread)
+        kept = {k: v for k, v in fields.items() if k not in unread}
+        try:
+            event = model.model_validate(kept)
+        except ValidationError:  # not expected: every field but the command is optional
+            raise BadEvent("body does not match its command's fields") from None
     # The command and the room are stored as text columns, which in PostgreSQL cannot hold NUL:
     # refused here as malformed, not later as a store outage (503) that Tencent would retry.
     room = event.room()

@@ -21,7 +21,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from bridge.config import Config
-from bridge.events import BadEvent, Envelope, decode_body, parse_event
+from bridge.events import URL_NAMES, BadEvent, Envelope, decode_body, parse_event
 from bridge.metrics import Metrics
 from bridge.render import Context, Renderer, RenderError
 from bridge.routing import Router
@@ -76,6 +76,17 @@ def dedup_key(command: str, body: bytes, event_time: int | None) -> str:
     return f"{event_time & 0xFFFF_FFFF_FFFF_FFFF:016x}:{digest}"
 
 
+def _said(query: dict[str, str]) -> str | None:
+    """The command the query names, as the body would name it."""
+    said = query.get("callbackcommand") or query.get("webhookcommand")
+    return URL_NAMES.get(said, said) if said else None
+
+
+def _query_command(request: Request) -> str | None:
+    raw = request.scope["query_string"].decode("latin-1")
+    return _said(query_keys(parse_qsl(raw, keep_blank_values=True)))
+
+
 class Receiver:
     def __init__(
         self, config: Config, store: Store, router: Router, renderer: Renderer,
@@ -91,6 +102,7 @@ class Receiver:
         self.metrics = metrics  # counts every callback by command and result
         self._unstored = 0  # callbacks refused in a row because the store could not commit
         self.in_flight = 0  # callbacks being handled: a reload waits for the old receiver's
+        self._mismatches: set[tuple[str, str]] = set()  # query and body commands, logged once
 
     async def handle(self, request: Request) -> Response:
         started = time.perf_counter()
@@ -101,6 +113,7 @@ class Receiver:
         except Refused as exc:
             log.info("refused callback: HTTP %d %s", exc.status, exc.info)
             response, result = packet(exc.status, exc.info), f"refused_{exc.status}"
+            command = _query_command(request)  # for the metrics: no body to say otherwise
         except ClientDisconnect:
             # The client hung up (or bridge.protocol cut off a body that did not arrive in
             # time): nobody to answer, nothing stored, and nothing wrong here.
@@ -129,9 +142,9 @@ class Receiver:
             event = parse_event(fields)
         except BadEvent as exc:
             raise Refused(400, str(exc)) from None
-        said = query.get("callbackcommand") or query.get("webhookcommand")
+        said = _said(query)
         if said and said != event.CallbackCommand:
-            log.info("query says %s, body says %s: using the body", said, event.CallbackCommand)
+            self._mismatch(said, event.CallbackCommand)
 
         visible = {k: v for k, v in query.items() if k != "sign"}  # templates and store
         deliveries = self._deliveries(event, fields, app_id, now, visible)
@@ -169,6 +182,14 @@ class Receiver:
             return packet(200), "unrouted", record.command
         self.on_recorded()
         return packet(200), "accepted", record.command
+
+    def _mismatch(self, said: str, command: str) -> None:
+        # Once per pair: a sender that names a command its own way does so in every callback,
+        # and Tencent may call a thousand times a second. The pairs come from callers: bounded.
+        pair = (said[:100], command[:100])
+        if pair not in self._mismatches and len(self._mismatches) < 100:
+            self._mismatches.add(pair)
+            log.info("query says %s, body says %s: using the body (logged once)", *pair)
 
     def _deliveries(
         self, event: Envelope, fields: dict[str, Any], app_id: int, now: float,

@@ -253,6 +253,11 @@ HOSTILE_VALUES: tuple[str, ...] = (
 )
 
 
+# Integers at the edges of Tencent's 64 bits, and the ones arithmetic trips on (0 divides
+# nothing, -1 counts nothing): in every integer but EventTime, which orders the room.
+HOSTILE_INTEGERS: tuple[int, ...] = (0, -1, -(2**63), 2**64 - 1)
+
+
 def sample(command: str) -> dict[str, Any]:
     """A fresh copy of the sample body for `command`; unknown commands get `UNKNOWN_SAMPLE`."""
     known = SAMPLES.get(command)
@@ -271,6 +276,26 @@ def _replace_strings(node: Any, value: str) -> Any:
     if isinstance(node, list):
         return [_replace_strings(v, value) for v in node]
     return node
+
+
+def _replace_integers(node: Any, value: int) -> Any:
+    if isinstance(node, int) and not isinstance(node, bool):
+        return value
+    if isinstance(node, dict):
+        return {k: _replace_integers(v, value) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_replace_integers(v, value) for v in node]
+    return node
+
+
+def hostile_integers(command: str, value: int) -> dict[str, Any]:
+    """The sample for `command` with every integer in it, except EventTime, set to `value`."""
+    body = sample(command)
+    event_time = body.pop("EventTime", None)
+    body = dict(_replace_integers(body, value))
+    if event_time is not None:
+        body["EventTime"] = event_time
+    return body
 
 
 def hostile(command: str, value: str) -> dict[str, Any]:

@@ -209,6 +209,13 @@ HOSTILE_FAILURES = [
         OWNER,
         ["hostile value 'line1\\nline2'", "line break or terminal escape"],
     ),
+    (
+        "a division by a count that can be 0",
+        "slack",
+        '{"text": "{{ event.CurRoomCount * 100 // event.MaxRoomCount }}% of rooms in use"}',
+        "Live.CallbackAfterCreateRoomReachingThreshold",
+        ["hostile value integer 0", "ZeroDivisionError"],
+    ),
 ]
 
 
