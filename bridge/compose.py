@@ -4,14 +4,15 @@ A delivery stored without a payload is rendered from its stored event with today
 every one with `[delivery] own_process` (the serving process renders nothing), and one whose
 rendering failed at receive time once an operator retries it. A backlog is combined into
 digests of at most `DIGEST_ENTRIES` events, each split further until no entry would be lost to
-Slack's limits.
+Slack's limits, or until the one event the digest template cannot take stands alone: that one is
+sent alone, and the rest still go as digests.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from bridge.config import Config
 from bridge.events import BadEvent, Envelope, decode_body, parse_event
@@ -20,8 +21,15 @@ from bridge.store import Claimed
 
 DIGEST_ENTRIES = 40  # a header, 40 sections and a context line stay under Slack's 50 blocks
 
+Item = tuple[Envelope, dict[str, Any], Context]
 
-def _item(row: Claimed) -> tuple[Envelope, dict[str, Any], Context]:
+
+class Digests(NamedTuple):
+    messages: list[tuple[str, list[Claimed]]]  # (payload, the deliveries it carries), oldest first
+    apart: list[tuple[Claimed, str]]  # a delivery no digest can carry, and why
+
+
+def _item(row: Claimed) -> Item:
     try:
         fields = decode_body(row.body.encode())
         event = parse_event(fields)
@@ -45,28 +53,40 @@ class Composer:
         event, fields, ctx = _item(row)
         return self._renderer.render(channel.type, event, fields, ctx, channel.template)
 
-    def digests(
-        self, channel_name: str, rows: Sequence[Claimed]
-    ) -> list[tuple[str, list[Claimed]]]:
-        """(payload, the deliveries it carries) for each digest message, oldest first."""
+    def digests(self, channel_name: str, rows: Sequence[Claimed]) -> Digests:
+        """The digest messages for `rows`, and the rows no digest can carry."""
         channel = self._config.channels[channel_name]
         explicit = getattr(channel, "digest_template", None)
-        items = [(row, _item(row)) for row in rows]
-        out: list[tuple[str, list[Claimed]]] = []
+        out = Digests([], [])
+        items: list[tuple[Claimed, Item]] = []
+        for row in rows:
+            try:
+                items.append((row, _item(row)))
+            except RenderError as exc:
+                out.apart.append((row, str(exc)))
         for start in range(0, len(items), DIGEST_ENTRIES):
-            out.extend(self._fit(channel.type, explicit, items[start : start + DIGEST_ENTRIES]))
+            self._fit(channel.type, explicit, items[start : start + DIGEST_ENTRIES], out)
         return out
 
     def _fit(
-        self, kind: str, explicit: str | None,
-        items: list[tuple[Claimed, tuple[Envelope, dict[str, Any], Context]]],
-    ) -> list[tuple[str, list[Claimed]]]:  # fmt: skip
+        self, kind: str, explicit: str | None, items: list[tuple[Claimed, Item]], out: Digests
+    ) -> None:
         rows = [row for row, _ in items]
         events = [item for _, item in items]
         try:
-            return [(self._renderer.render_digest(kind, events, explicit), rows)]
+            out.messages.append((self._renderer.render_digest(kind, events, explicit), rows))
+            return
         except TooBig:
             if len(items) == 1:  # one event too big even alone: cut it rather than lose it
-                return [(self._renderer.render_digest(kind, events, explicit, whole=False), rows)]
+                payload = self._renderer.render_digest(kind, events, explicit, whole=False)
+                out.messages.append((payload, rows))
+                return
+        except RenderError as exc:
+            # One event's values the template cannot take (a digest of every other one can):
+            # halved until it stands alone, to be sent alone; the others are not held by it.
+            if len(items) == 1:
+                out.apart.append((rows[0], str(exc)))
+                return
         half = len(items) // 2
-        return self._fit(kind, explicit, items[:half]) + self._fit(kind, explicit, items[half:])
+        self._fit(kind, explicit, items[:half], out)
+        self._fit(kind, explicit, items[half:], out)

@@ -27,7 +27,6 @@ from bridge.channels import Outcome, Result
 from bridge.clock import LeaseClock
 from bridge.pacing import Pacer
 from bridge.policy import ChannelPolicy
-from bridge.render import RenderError
 from bridge.store import Claimed, Pace, StoreUnavailable
 
 log = logging.getLogger("bridge.worker")  # the worker's log lines, under its name
@@ -257,12 +256,14 @@ class Lanes(Attempts, abc.ABC):
             raise failed[0]
 
     async def _send_digests(self, policy: ChannelPolicy, rows: Sequence[Claimed]) -> None:
-        try:
-            digests = self._composer.digests(policy.name, rows)
-        except RenderError as exc:
-            log.error("channel %s: digest failed, sending one by one: %s", policy.name, exc)
-            await self._send_each(policy, rows)
-            return
+        digests, apart = self._composer.digests(policy.name, rows)
+        if apart:
+            # Sent as they would be without a backlog: their stored message, or rendered alone
+            # (a dead letter if that fails too). The rest still go as digests.
+            for row, error in apart:
+                log.warning("channel %s: delivery %d is sent alone, not in a digest: %s",
+                            policy.name, row.id, error)  # fmt: skip
+            await self._send_each(policy, [row for row, _ in apart])
         pacer = self.pacers.get(policy.name) or Pacer(policy.rate_per_s, policy.burst)
         log.info("channel %s: %d pending, sending %d digests", policy.name, len(rows), len(digests))
         for index, (payload, carried) in enumerate(digests):

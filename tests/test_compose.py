@@ -138,7 +138,7 @@ def single_event_line(composer: Composer, row: Claimed) -> str:
 
 def test_a_burst_of_200_owner_changes_is_five_whole_digests(composer: Composer) -> None:
     rows = [make_row(n, owner_change(n)) for n in range(200)]
-    digests = composer.digests("slack", rows)
+    digests = composer.digests("slack", rows).messages
     assert len(digests) == 5  # 40 each: a header, 40 sections, a context = 42 blocks
     assert ids(digests) == [row.id for row in rows]  # each once, oldest first
     for payload, chunk in digests:
@@ -158,7 +158,7 @@ def test_a_burst_of_200_owner_changes_is_five_whole_digests(composer: Composer) 
 
 def test_a_console_digest_is_a_first_line_then_each_event_on_its_own(composer: Composer) -> None:
     rows = [make_row(n, owner_change(n), channel="console") for n in range(45)]
-    digests = composer.digests("console", rows)
+    digests = composer.digests("console", rows).messages
     assert [len(chunk) for _, chunk in digests] == [40, 5]
     assert ids(digests) == [row.id for row in rows]
     for payload, chunk in digests:
@@ -201,7 +201,7 @@ def test_long_values(
     composer: Composer, name: str, rooms: list[str], digests: int | None, cut: set[int]
 ) -> None:
     rows = [make_row(n, owner_change(n, room)) for n, room in enumerate(rooms)]
-    out = composer.digests("slack", rows)
+    out = composer.digests("slack", rows).messages
     assert ids(out) == list(range(len(rows))), name
     if digests is not None:
         assert len(out) == digests, name
@@ -231,7 +231,7 @@ def test_a_digest_over_a_whole_message_limit_is_split_not_cut(
     composer = Composer(config, Renderer(TemplatesConfig(dir=tmp_path)))
     rooms = [long_room(n, 1000) for n in range(10)]  # three fit in 4000 characters, four do not
     rows = [make_row(n, owner_change(n, room)) for n, room in enumerate(rooms)]
-    out = composer.digests("slack", rows)
+    out = composer.digests("slack", rows).messages
     assert ids(out) == list(range(10))
     assert 1 < len(out) <= 5
     for payload, chunk in out:
@@ -254,15 +254,47 @@ def test_a_digest_is_split_down_to_one_entry_a_message_if_two_are_too_big(
 ) -> None:
     composer = rooms_in_text(config, tmp_path)
     rooms = [long_room(n, 2500) for n in range(3)]  # one fits in 4000 characters, two do not
-    out = composer.digests("slack", [make_row(n, owner_change(n, rooms[n])) for n in range(3)])
+    out = composer.digests(
+        "slack", [make_row(n, owner_change(n, rooms[n])) for n in range(3)]
+    ).messages
     assert [[row.id for row in chunk] for _, chunk in out] == [[0], [1], [2]]
     assert [json.loads(payload)["text"] for payload, _ in out] == [f"{r} " for r in rooms]
+
+
+@pytest.mark.parametrize("bad", [[0], [17], [39], [3, 30], []])
+def test_an_entry_the_digest_template_cannot_take_is_set_apart(
+    config: Config, tmp_path: Path, bad: list[int]
+) -> None:
+    # A template that divides by something an event may make 0: the rest still go as digests.
+    (tmp_path / "slack").mkdir()
+    (tmp_path / "slack" / "digest.j2").write_text(
+        '{"text": "{% for entry in entries %}{{ 1 // (entry.room_id != \'bad\') }}{% endfor %}"}',
+        encoding="utf-8",
+    )
+    composer = Composer(config, Renderer(TemplatesConfig(dir=tmp_path)))
+    rows = [make_row(n, owner_change(n, "bad" if n in bad else None)) for n in range(40)]
+    messages, apart = composer.digests("slack", rows)
+    assert [row.id for row, _ in apart] == bad
+    assert all("ZeroDivisionError" in why for _, why in apart)
+    assert sorted(ids(messages)) == [n for n in range(40) if n not in bad]
+    # Halved around each (40 entries: at most 6 halvings), not one message an event.
+    assert len(messages) <= 1 + 6 * len(bad)
+
+
+def test_a_stored_event_that_no_longer_parses_is_set_apart(composer: Composer) -> None:
+    rows = [make_row(n, owner_change(n)) for n in range(3)]
+    rows[1] = Claimed(**{**rows[1].__dict__, "body": "{"})
+    messages, [(row, why)] = composer.digests("slack", rows)
+    assert row.id == 1 and "no longer parses" in why
+    assert ids(messages) == [0, 2]
 
 
 def test_an_entry_too_big_even_alone_is_cut_not_lost(config: Config, tmp_path: Path) -> None:
     composer = rooms_in_text(config, tmp_path)
     rooms = [long_room(0, 100), long_room(1, 5000)]
-    out = composer.digests("slack", [make_row(n, owner_change(n, rooms[n])) for n in range(2)])
+    out = composer.digests(
+        "slack", [make_row(n, owner_change(n, rooms[n])) for n in range(2)]
+    ).messages
     assert [[row.id for row in chunk] for _, chunk in out] == [[0], [1]]
     alone = json.loads(out[1][0])["text"]
     assert len(alone) == blockkit.TOP_TEXT_CHARS and alone.endswith(ELLIPSIS)
@@ -291,7 +323,7 @@ def test_a_digest_whose_entries_slack_would_leave_out_is_split(
     )
     composer = Composer(config, Renderer(TemplatesConfig(dir=tmp_path)))
     rows = [make_row(n, owner_change(n)) for n in range(15)]
-    out = composer.digests("slack", rows)
+    out = composer.digests("slack", rows).messages
     assert ids(out) == list(range(15))
     for payload, chunk in out:
         [block] = json.loads(payload)["blocks"]
@@ -332,7 +364,7 @@ def test_a_digest_whose_entries_share_a_text_is_split_not_cut(
     )
     composer = Composer(config, Renderer(TemplatesConfig(dir=tmp_path)))
     rows = [make_row(n, owner_change(n, room)) for n, room in enumerate(rooms)]
-    out = composer.digests("slack", rows)
+    out = composer.digests("slack", rows).messages
     assert ids(out) == list(range(len(rooms)))
     for payload, chunk in out:
         [shown] = json.loads(payload)["blocks"]
@@ -351,7 +383,7 @@ def test_a_digest_of_long_entries_is_split_below_what_slack_is_reported_to_refus
     # ~12,000 characters of blocks that chat.postMessage answers with msg_blocks_too_long.
     rows = [make_row(n, {**owner_change(n), "OriginalOwner_Account": f"u{n}-" + "x" * 300})
             for n in range(40)]  # fmt: skip
-    out = composer.digests("slack", rows)
+    out = composer.digests("slack", rows).messages
     assert ids(out) == list(range(40)) and len(out) > 1
     for payload, chunk in out:
         blocks = checked(payload)["blocks"]
@@ -414,7 +446,7 @@ def test_each_command_is_one_line_naming_its_room(
     composer: Composer, command: str, expected: str
 ) -> None:
     row = make_row(1, sample(command))
-    [(payload, chunk)] = composer.digests("slack", [row])
+    [(payload, chunk)] = composer.digests("slack", [row]).messages
     message = checked(payload)
     assert chunk == [row]
     assert message["text"].startswith("1 Live event: 1 ")
@@ -423,7 +455,7 @@ def test_each_command_is_one_line_naming_its_room(
     assert summary(text) == expected
     if row.room_id is not None:
         assert f"*{row.room_id}*" in text
-    [(console, _)] = composer.digests("console", [row])
+    [(console, _)] = composer.digests("console", [row]).messages
     fallback = text.partition(" · ")[0].rpartition("|")[2].removesuffix(">")  # the plain time
     assert console.split("\n") == [
         f"[{fallback}] digest of 1 event:",
@@ -433,7 +465,7 @@ def test_each_command_is_one_line_naming_its_room(
 
 def test_one_digest_of_every_command(composer: Composer) -> None:
     rows = [make_row(n, sample(command)) for n, command in enumerate(COMMANDS)]
-    [(payload, chunk)] = composer.digests("slack", rows)
+    [(payload, chunk)] = composer.digests("slack", rows).messages
     message = checked(payload)
     assert chunk == rows
     assert message["text"] == (
@@ -443,7 +475,7 @@ def test_one_digest_of_every_command(composer: Composer) -> None:
         " 1 battle ended, 1 gift, 1 other event"
     )
     assert [summary(text) for text in sections(message)] == list(SUMMARIES.values())
-    [(console, _)] = composer.digests("console", rows)
+    [(console, _)] = composer.digests("console", rows).messages
     lines = console.split("\n")
     assert lines[0] == "[2023-12-26 11:25:22 UTC] digest of 15 events:"
     assert lines[1:] == ["  " + single_event_line(composer, row) for row in rows]
@@ -466,22 +498,22 @@ def _empties(command: str) -> dict[str, Any]:
 @pytest.mark.parametrize("shape", [_bare, _nulls, _empties])
 def test_events_missing_their_fields_still_make_a_digest(composer: Composer, shape: Any) -> None:
     rows = [make_row(n, shape(command)) for n, command in enumerate(COMMANDS)]
-    [(payload, _)] = composer.digests("slack", rows)
+    [(payload, _)] = composer.digests("slack", rows).messages
     texts = sections(checked(payload))
     assert len(texts) == len(COMMANDS)
     for text in texts:
         assert summary(text) and "None" not in text and "Undefined" not in text
-    [(console, _)] = composer.digests("console", rows)
+    [(console, _)] = composer.digests("console", rows).messages
     assert len(console.split("\n")) == len(COMMANDS) + 1
 
 
 def test_several_apps_are_all_named_and_one_event_is_singular(composer: Composer) -> None:
     rows = [make_row(0, owner_change(0)), make_row(1, owner_change(1), sdk_app_id=APP + 1)]
-    [(payload, _)] = composer.digests("slack", rows)
+    [(payload, _)] = composer.digests("slack", rows).messages
     assert json.loads(payload)["blocks"][-1]["elements"][0]["text"] == (
         f"SDKAppID {APP}, {APP + 1} · oldest first"
     )
-    [(payload, _)] = composer.digests("slack", rows[:1])
+    [(payload, _)] = composer.digests("slack", rows[:1]).messages
     assert json.loads(payload)["text"] == "1 Live event: 1 room owner change"
 
 
@@ -489,9 +521,9 @@ def test_a_command_named_like_the_digest_is_an_ordinary_unknown_command(
     composer: Composer,
 ) -> None:
     row = make_row(0, {**UNKNOWN_SAMPLE, "CallbackCommand": "digest"})
-    [(payload, _)] = composer.digests("slack", [row])
+    [(payload, _)] = composer.digests("slack", [row]).messages
     assert summary(sections(checked(payload))[0]) == "`digest` in room *live-42* by host_anna"
-    [(console, _)] = composer.digests("console", [row])
+    [(console, _)] = composer.digests("console", [row]).messages
     _, line = console.split("\n")
     assert line.startswith("  [2023-12-26 11:43:42 UTC] digest room live-42 by host_anna: {")
     # On its own, the event is looked up as kind/digest.j2: it gets what default.j2 makes.
@@ -510,7 +542,7 @@ def test_a_command_shaped_like_a_path_picks_no_console_template(
     # the whole digest failed, and "./Live.…" picked a template the event alone does not get.
     body = {**sample(OWNER_CHANGED), "CallbackCommand": command}
     rows = [make_row(0, owner_change(0), "console"), make_row(1, body, "console")]
-    [(console, _)] = composer.digests("console", rows)
+    [(console, _)] = composer.digests("console", rows).messages
     assert console.split("\n")[1:] == ["  " + single_event_line(composer, row) for row in rows]
 
 
@@ -520,7 +552,7 @@ def test_a_command_shaped_like_a_path_picks_no_console_template(
 @pytest.mark.parametrize("value", HOSTILE_VALUES, ids=lambda v: repr(v)[:24])
 def test_hostile_values_stay_text(composer: Composer, value: str) -> None:
     rows = [make_row(n, hostile(command, value)) for n, command in enumerate(COMMANDS)]
-    digests = composer.digests("slack", rows)
+    digests = composer.digests("slack", rows).messages
     assert ids(digests) == [row.id for row in rows]
     for payload, chunk in digests:
         message = checked(payload)
@@ -534,7 +566,7 @@ def test_hostile_values_stay_text(composer: Composer, value: str) -> None:
             slack_escape(value) in text for p, _ in digests for text in strings(json.loads(p))
         )
 
-    [(console, chunk)] = composer.digests("console", rows)
+    [(console, chunk)] = composer.digests("console", rows).messages
     assert chunk == rows
     lines = console.split("\n")
     assert len(lines) == len(rows) + 1 == len(console.splitlines())

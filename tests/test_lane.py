@@ -23,8 +23,9 @@ from bridge.channels.console import ConsoleSender
 from bridge.channels.webhook import WebhookSender
 from bridge.compose import DIGEST_ENTRIES
 from bridge.config_tables import DeliveryConfig, WebhookChannel
+from bridge.events import OWNER_CHANGED as OWNER
 from bridge.policy import ChannelPolicy
-from bridge.store import StoreUnavailable
+from bridge.store import NewDelivery, NewEvent, StoreUnavailable
 from bridge.store.postgres import PostgresStore
 from bridge.store.sqlite import SQLiteStore
 from tests.pg_proxy import PgProxy
@@ -173,6 +174,32 @@ async def test_a_backlog_goes_out_as_digests(
         assert payload["blocks"][0]["text"]["text"] == f"{len(entries)} Live events"
     assert sizes == digests
     assert sent == rooms  # every event exactly once, oldest first
+
+
+async def test_an_event_a_digest_cannot_take_goes_alone_and_the_rest_as_a_digest(
+    slack: SlackStandIn, session: aiohttp.ClientSession, open_store: OpenStore, tmp_path: Path
+) -> None:
+    # One stored body no template can read: it sank the whole digest, and the backlog went out
+    # one message per event at the channel's pace.
+    store = await open_store()
+    rooms = [f"room-{i:02d}" for i in range(30)]
+    for i, room in enumerate(rooms):
+        await record_in(store, "bot", room, 1_000_000 + i * 1000)
+    odd = NewEvent(
+        sdk_app_id=1400000000, command=OWNER, room_id="odd", event_time=1_000_500, body="{",
+        query="{}", dedup_key="odd",
+    )  # fmt: skip
+    await store.record(odd, [NewDelivery("bot", json.dumps({"text": "odd"}))], time.time(), 0)
+    policy = ChannelPolicy(
+        "bot", senders(slack, session)["bot"], rate_per_s=50.0, burst=3, digest_after=10
+    )
+    composer = make_composer(tmp_path, {"bot": SLACK})
+    async with running(worker_with(store, composer, policy)):
+        await eventually(lambda: states(store.path) == ["delivered"] * 31)
+    posts = [p.payload for p in slack.posted]
+    assert [p["text"] for p in posts if "blocks" not in p] == ["odd"]  # its stored message
+    [digest] = [p for p in posts if "blocks" in p]
+    assert digest["blocks"][0]["text"]["text"] == "30 Live events"
 
 
 async def test_a_console_digest_is_a_header_and_one_line_per_event(
