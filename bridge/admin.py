@@ -112,6 +112,15 @@ def store_unavailable(path: str, exc: StoreUnavailable) -> Response:
     return JSONResponse({"error": str(exc)}, 503)
 
 
+# Pages with buttons: never in another site's frame, where a click could be lured onto them
+# (a loopback-only bridge trusts the operator's own browser), and never cached.
+PAGE_HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "frame-ancestors 'none'",
+}
+
+
 class Admin:
     def __init__(self, bridge: Bridge) -> None:
         self._bridge = bridge
@@ -152,7 +161,7 @@ class Admin:
         if self._token() is None:
             return JSONResponse({"error": "admin endpoints answer loopback clients only"}, 403)
         if page:
-            return HTMLResponse(LOGIN_PAGE.render(error=None), 401)
+            return HTMLResponse(LOGIN_PAGE.render(error=None), 401, headers=PAGE_HEADERS)
         return JSONResponse(
             {"error": "admin token required"}, 401, headers={"WWW-Authenticate": "Bearer"}
         )
@@ -187,7 +196,7 @@ class Admin:
         given = form.get("token", "")
         if token is None or not hmac.compare_digest(given.encode(), token.encode()):
             page = LOGIN_PAGE.render(error="That token is not right.")
-            return HTMLResponse(page, 401)
+            return HTMLResponse(page, 401, headers=PAGE_HEADERS)
         response = RedirectResponse("/status", 303)
         response.set_cookie(
             COOKIE, self._session(token), httponly=True, samesite="strict",
@@ -225,7 +234,7 @@ class Admin:
             page = STATUS_PAGE.render(await self._page(request))
         except StoreUnavailable as exc:
             return store_unavailable("/status", exc)
-        return HTMLResponse(page, headers={"Cache-Control": "no-store"})
+        return HTMLResponse(page, headers=PAGE_HEADERS)
 
     async def _page(self, request: Request) -> dict[str, Any]:
         bridge = self._bridge

@@ -33,7 +33,9 @@ class EnvironmentValueError(Exception):
 
 
 NESTED_TOO_DEEPLY = "tables or arrays nested too deeply"
-_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# The last alternative: a `${` that is neither, which would otherwise stay in the value as text
+# (an admin token of "${TOKEN-changeme}", the shell's form without the colon, known to anyone).
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{")
 
 
 def expand_env(text: str, where: str, missing: list[str], named: set[str]) -> str:
@@ -44,6 +46,12 @@ def expand_env(text: str, where: str, missing: list[str], named: set[str]) -> st
         if match.group(0) == "$$":
             return "$"
         name, default = match.group(1), match.group(2)
+        if name is None or (default is not None and "${" in default):
+            missing.append(
+                f"{where}: a ${{ that is not ${{VAR}} or ${{VAR:-default}}"
+                " (a default cannot hold another; $${ is a literal ${)"
+            )
+            return ""
         named.add(name)
         value = os.environ.get(name)
         if value is None or (value == "" and default is not None):
@@ -84,6 +92,8 @@ class ExpandedToml(TomlConfigSettingsSource):
             raise LoadError(f"line {line} is not UTF-8 text, as TOML must be") from None
         except tomllib.TOMLDecodeError as exc:
             raise LoadError(f"not valid TOML: {exc}") from None
+        except ValueError:  # Python's own limit on converting digits, not the parser's
+            raise LoadError("not valid TOML: an integer of more than 4300 digits") from None
         except RecursionError:  # the parser recurses once a level
             raise LoadError(NESTED_TOO_DEEPLY) from None
         missing: list[str] = []

@@ -42,6 +42,29 @@ def _no_nul(value: Path) -> Path:
 
 LocalPath = Annotated[Path, AfterValidator(_no_nul)]
 
+
+def check_http_url(url: str) -> None:
+    """ValueError unless `url` is an http(s) URL with a host and, if any, a numeric port. The
+    message never quotes the URL: urlsplit's own (for `[…]` in a password, or a port that is
+    no number) does, and a webhook's URL is a secret."""
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # a port that is not a number or over 65535 raises here
+    except ValueError:
+        raise ValueError(
+            "is not a URL that can be sent to (its host or port cannot be read)"
+        ) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
+        raise ValueError("cannot hold spaces or control characters")
+
+
+# RFC 9110's token: what a header's name may be made of.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Paths the app serves itself: a callback path there would hide them, or they it.
+RESERVED_PATHS = ("/healthz", "/readyz", "/metrics", "/status", "/-/")
+
 # Counts reach SQL (a claim's LIMIT is digest_after + 1, or 4 x max_in_flight) and the stores'
 # integer columns: past this, SQLite's 64 bits overflowed and every lane died with nothing
 # delivered. No count means anything this large.
@@ -52,6 +75,19 @@ class ServerConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     callback_path: str = Field("/tencent/callback", pattern=r"^/")
+
+    @field_validator("callback_path")
+    @classmethod
+    def _plain_path(cls, value: str) -> str:
+        # Starlette reads {…} as a path parameter: {id:bogus} stopped start-up with a traceback,
+        # {x:path} took every POST, the admin's included.
+        if any(c in value for c in "{}?#%") or any(c.isspace() or ord(c) < 32 for c in value):
+            raise ValueError("must be a plain path: no {, }, ?, #, % or spaces")
+        bare = value.rstrip("/") or "/"
+        if bare == "/" or any(bare == p.rstrip("/") or bare.startswith(p) for p in RESERVED_PATHS):
+            raise ValueError(f"is taken by the bridge itself ({', '.join(RESERVED_PATHS)}, /)")
+        return value
+
     max_body_bytes: int = Field(262_144, gt=0, le=MAX_COUNT)
     # A request (its head and body) must arrive within this long of the connection opening, of
     # its first byte, or of the previous answer on the connection; else the connection closes.
@@ -164,13 +200,21 @@ class TemplatesConfig(Strict):
             return value
         try:
             # The bare name only: format() would also follow {room_id.attr} and {room_id[0]}.
-            parsed = string.Formatter().parse(value)
-            if {name for _, name, _, _ in parsed if name is not None} - {"room_id"}:
+            # No conversion or format spec either: {room_id:>999999999} built a gigabyte a
+            # message.
+            fields = [f for f in string.Formatter().parse(value) if f[1] is not None]
+            if any(
+                (name, spec, conversion) != ("room_id", "", None)
+                for _, name, spec, conversion in fields
+            ):
                 raise ValueError
             value.format(room_id="x")
         except (KeyError, IndexError, ValueError):
             raise ValueError("room_url may only use the placeholder {room_id}") from None
         return value
+
+
+_BEARER = re.compile(r"[!-~]([ -~]*[!-~])?")
 
 
 class AdminConfig(Strict):
@@ -184,6 +228,10 @@ class AdminConfig(Strict):
         # constant anybody can compute.
         if value is not None and not value.get_secret_value().strip():
             raise ValueError("is empty: set a token, or leave it out for loopback clients only")
+        if value is not None and not _BEARER.fullmatch(value.get_secret_value()):
+            # What an Authorization header can carry as it was set: a token with a space at
+            # either end or a letter outside ASCII could never be given as a Bearer token.
+            raise ValueError("must be printable ASCII, with no space at either end")
         return value
 
 
@@ -213,8 +261,16 @@ class SlackChannel(Strict):
     @field_validator("api_url")
     @classmethod
     def _trailing_slash(cls, value: str) -> str:
+        check_http_url(value)
         # slack-sdk appends the method name to base_url as it is.
         return value if value.endswith("/") else value + "/"
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            check_http_url(value.get_secret_value())
+        return value
 
     @model_validator(mode="after")
     def _one_mode(self) -> SlackChannel:
@@ -243,8 +299,7 @@ class WebhookChannel(Strict):
     @field_validator("url")
     @classmethod
     def _http_url(cls, value: SecretStr) -> SecretStr:
-        if not re.match(r"^https?://[^/\s]+", value.get_secret_value()):
-            raise ValueError("must be an http:// or https:// URL")
+        check_http_url(value.get_secret_value())
         return value
 
     @field_validator("headers")
@@ -254,8 +309,14 @@ class WebhookChannel(Strict):
         # delivery would fail, each retried to a dead letter. A token read from a file often
         # keeps its newline. The name is no secret; the value stays out of the message.
         for name, header in value.items():
-            if any(c in name + header.get_secret_value() for c in "\r\n\0"):
-                raise ValueError(f"{name!r}: a header cannot hold a line break or NUL")
+            if not _TOKEN.fullmatch(name):
+                raise ValueError(
+                    f"{name!r} is no header name (letters, digits and !#$%&'*+-.^_`|~)"
+                )
+            if any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in header.get_secret_value()):
+                raise ValueError(
+                    f"{name!r}: a header cannot hold a line break or control character"
+                )
         return value
 
     @field_validator("signing_secret")

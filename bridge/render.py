@@ -27,6 +27,7 @@ from bridge.config_tables import TemplatesConfig
 from bridge.escape import Verbatim, slack_escape
 from bridge.events import Envelope
 from bridge.jinja_env import COMMAND_NAME, environments, variables_used
+from bridge.logs import one_line
 
 CACHED_COMMAND_CHARS = 128  # Tencent's are under 50; a longer one's template is looked up each time
 
@@ -150,15 +151,24 @@ class Renderer:
         try:
             template, uses = self._template(kind, name)
             return template.render(variables(uses))
+        # Names come from the config and from callers (a command names its template): shown
+        # escaped, so that no name can write a line of its own to a terminal or log.
         except jinja2.TemplateNotFound as exc:
             if template is None:
-                raise RenderError(f"template {name} not found") from None
+                raise RenderError(f"template {one_line(name)} not found") from None
             where = _where(exc) or name  # a template it includes, imports or extends
-            raise RenderError(f"{where}: includes {exc.name}, which does not exist") from None
+            missing = one_line(str(exc.name))
+            raise RenderError(
+                f"{one_line(where)}: includes {missing}, which does not exist"
+            ) from None
         except jinja2.TemplateSyntaxError as exc:
-            raise RenderError(f"{exc.filename or name}, line {exc.lineno}: {exc.message}") from None
+            where = one_line(exc.filename or name)
+            raise RenderError(
+                f"{where}, line {exc.lineno}: {one_line(exc.message or '')}"
+            ) from None
         except Exception as exc:
-            raise RenderError(f"{_where(exc) or name}: {type(exc).__name__}: {exc}") from None
+            where = one_line(_where(exc) or name)
+            raise RenderError(f"{where}: {type(exc).__name__}: {one_line(str(exc))}") from None
 
     def _template(self, kind: str, name: str) -> tuple[jinja2.Template, frozenset[str] | None]:
         """The compiled template, and the variables it names (None: it includes, imports or

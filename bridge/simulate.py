@@ -28,6 +28,7 @@ from urllib.parse import urlencode, urlsplit
 from pydantic import SecretStr
 
 from bridge.config import CONFIG_HELP, Config
+from bridge.config_tables import check_http_url
 from bridge.events import OWNER_CHANGED
 from bridge.preview import Unusable, add_event_arguments, load, read_body
 from bridge.samples import sample
@@ -65,8 +66,10 @@ def main(args: argparse.Namespace) -> int:
             )
     app_id = config.tencent.sdk_app_id[0] if args.app_id is None else args.app_id
     url = args.url or default_url(config)
-    if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
-        print(f"live-bridge: not an http:// or https:// URL: {url}", file=sys.stderr)
+    try:
+        check_http_url(url)
+    except ValueError as exc:
+        print(f"live-bridge: --url {exc}", file=sys.stderr)
         return 2
     query = tencent_query(app_id, command, config.tencent.callback_token, time.time())
     signed = ", signed" if "Sign" in query else ""

@@ -126,8 +126,9 @@ def test_with_a_token_bearer_or_cookie_from_anywhere(tmp_path: Path, slack: Slac
         assert http_request(url + "/metrics", headers={"Authorization": "Bearer wrong"})[0] == 401
         remote_with_token = {"Authorization": f"Bearer {TOKEN}", "X-Forwarded-For": "203.0.113.9"}
         assert http_request(url + "/metrics", headers=remote_with_token)[0] == 200
-        status, _, page = http_request(url + "/status")
+        status, headers, page = http_request(url + "/status")
         assert status == 401 and b'action="/status/login"' in page
+        assert headers["x-frame-options"] == "DENY"  # no other site may frame the form
         opener = urllib.request.build_opener(NoRedirect)
         form = f"token={TOKEN}".encode()
         try:
@@ -140,7 +141,10 @@ def test_with_a_token_bearer_or_cookie_from_anywhere(tmp_path: Path, slack: Slac
                 cookie = exc.headers["set-cookie"]
         assert "HttpOnly" in cookie and "SameSite=strict" in cookie and TOKEN not in cookie
         session = cookie.split(";", 1)[0]
-        assert http_request(url + "/status", headers={"Cookie": session})[0] == 200
+        status, headers, _ = http_request(url + "/status", headers={"Cookie": session})
+        assert status == 200
+        assert headers["x-frame-options"] == "DENY"
+        assert headers["content-security-policy"] == "frame-ancestors 'none'"
         assert http_request(url + "/status/login", "POST", data=b"token=nope")[0] == 401
 
 

@@ -18,12 +18,34 @@ def test_env_expansion_and_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("EMPTY", "")
     text = MINIMAL + (
         "[channels.w]\ntype = 'webhook'\nurl = '${HOOK}'\n"
-        "[store]\npath = '${UNSET_PATH:-data/${EMPTY:-x}.db}'\n"
+        "[store]\npath = '${UNSET_PATH:-data/x.db}'\n[server]\nhost = '${EMPTY:-0.0.0.0}'\n"
     )
-    config = load_config(write(tmp_path, text.replace("$${", "${")))
+    config = load_config(write(tmp_path, text))
     channel = config.channels["w"]
     assert isinstance(channel, WebhookChannel)
     assert channel.url.get_secret_value() == "https://example.invalid/hook"
+    assert config.store.path == tmp_path / "data" / "x.db"
+    assert config.server.host == "0.0.0.0"  # an empty value takes the default, as in the shell
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "${ADMIN_TOKEN-changeme}",  # the shell's form without the colon
+        "${SLACK-BOT-TOKEN}",  # no variable can be named so
+        "x${UNSET_PATH:-${HOME}}",  # a default holding another
+        "tail ${",
+    ],
+)
+def test_a_dollar_brace_that_is_no_variable_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    # It stayed in the value as text: an admin token anyone reading the config knew.
+    monkeypatch.delenv("UNSET_PATH", raising=False)
+    text = MINIMAL + f"[admin]\ntoken = '{value}'\n"
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    assert "[admin] token: a ${ that is not ${VAR} or ${VAR:-default}" in str(caught.value)
 
 
 def test_default_then_literal_dollar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -187,3 +209,10 @@ def test_values_nested_too_deeply_are_a_config_error(tmp_path: Path, extra: str)
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert str(caught.value) == f"{path}: tables or arrays nested too deeply"
+
+
+def test_an_integer_past_pythons_digit_limit_is_a_config_error(tmp_path: Path) -> None:
+    # tomllib's int() raised ValueError, which stopped serve with a traceback and exit status 1.
+    text = MINIMAL + "[delivery]\nmax_attempts = " + "9" * 5000 + "\n"
+    with pytest.raises(ConfigError, match="not valid TOML: an integer of more than 4300 digits"):
+        load_config(write(tmp_path, text))

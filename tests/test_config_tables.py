@@ -35,6 +35,44 @@ from tests.test_config import MINIMAL, write
         ("[store]\nurl = 'postgresql://h/db'\nsync = 'normal'\n", "sync is SQLite's"),
         ("[admin]\ntoken = ''\n", "[admin] token: is empty"),
         ("[admin]\ntoken = '  '\n", "[admin] token: is empty"),
+        ("[admin]\ntoken = 'pässwort'\n", "[admin] token: must be printable ASCII"),
+        ("[admin]\ntoken = ' padded '\n", "[admin] token: must be printable ASCII"),
+        ("[templates]\nroom_url = 'https://x/{room_id:>999999999}'\n", "only use the placeholder"),
+        ("[templates]\nroom_url = 'https://x/{room_id!r}'\n", "only use the placeholder"),
+        (
+            "[server]\ncallback_path = '/tencent/{id:bogus}'\n",
+            "[server] callback_path: must be a plain",
+        ),
+        ("[server]\ncallback_path = '/{x:path}'\n", "[server] callback_path: must be a plain"),
+        ("[server]\ncallback_path = '/cb?x=1'\n", "[server] callback_path: must be a plain"),
+        ("[server]\ncallback_path = '/-/reload'\n", "[server] callback_path: is taken"),
+        ("[server]\ncallback_path = '/status/'\n", "[server] callback_path: is taken"),
+        ("[server]\ncallback_path = '/metrics'\n", "[server] callback_path: is taken"),
+        ("[server]\ncallback_path = '/'\n", "[server] callback_path: is taken"),
+        (
+            "[channels.s]\ntype = 'slack'\nwebhook_url = 'hooks.slack.com/services/T/B/x'\n",
+            "[channels.s] webhook_url: must be an http:// or https:// URL with a host",
+        ),
+        (
+            "[channels.s]\ntype = 'slack'\nwebhook_url = 'https://h:port/x'\n",
+            "[channels.s] webhook_url: is not a URL that can be sent to",
+        ),
+        (
+            "[channels.s]\ntype = 'slack'\ntoken = 'x'\nchannel = 'C1'\napi_url = 'slack.com/api'\n",
+            "[channels.s] api_url: must be an http:// or https:// URL",
+        ),
+        (
+            "[channels.w]\ntype = 'webhook'\nurl = 'http://h:99999/x'\n",
+            "[channels.w] url: is not a URL that can be sent to",
+        ),
+        (
+            "[channels.w]\ntype = 'webhook'\nurl = 'http://h/a b'\n",
+            "[channels.w] url: cannot hold spaces",
+        ),
+        (
+            "[channels.w]\ntype = 'webhook'\nurl = 'http://h'\nheaders = { 'X A' = 'v' }\n",
+            "[channels.w] headers: 'X A' is no header name",
+        ),
     ],
 )
 def test_bad_keys_are_named_with_their_table(tmp_path: Path, extra: str, expected: str) -> None:
@@ -57,6 +95,26 @@ def test_secrets_never_in_error_messages(tmp_path: Path, monkeypatch: pytest.Mon
     assert "VERY-SECRET" not in str(caught.value)
     assert "[channels.hook] url" in str(caught.value)
     assert "[channels.hook] signing_secret" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://user:pa[SEKRET]ss@example.com/hook",  # urlsplit quoted the bracketed part
+        "http://[SEKRET]/hook",
+        "http://example.com:SEKRET/hook",
+    ],
+)
+@pytest.mark.parametrize("key", ["url", "webhook_url"])
+def test_a_url_that_cannot_be_read_is_refused_without_quoting_it(
+    tmp_path: Path, url: str, key: str
+) -> None:
+    kind = "webhook" if key == "url" else "slack"
+    text = MINIMAL + f"[channels.x]\ntype = '{kind}'\n{key} = '{url}'\n"
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    assert f"[channels.x] {key}: is not a URL that can be sent to" in str(caught.value)
+    assert "SEKRET" not in str(caught.value)
 
 
 @pytest.mark.parametrize(
@@ -86,7 +144,7 @@ def test_webhook_credentials_in_url_or_authorization_header_not_both(
     assert "Zq7" not in message and "Zq8" not in message
 
 
-@pytest.mark.parametrize("token", ["Zq9\n", "Zq9\r\nX-Evil: 1"])
+@pytest.mark.parametrize("token", ["Zq9\n", "Zq9\r\nX-Evil: 1", "tok\u0001en", "Zq9\u007f"])
 def test_webhook_header_value_that_no_request_can_carry_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, token: str
 ) -> None:
@@ -179,7 +237,7 @@ def test_a_header_name_with_a_line_break_is_shown_escaped(tmp_path: Path) -> Non
     extra = '[channels.w]\ntype = "webhook"\nurl = "http://x"\nheaders = { "X-A\\nB" = "v" }\n'
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, MINIMAL + extra))
-    assert "[channels.w] headers: 'X-A\\nB': a header cannot hold" in str(caught.value)
+    assert "[channels.w] headers: 'X-A\\nB' is no header name" in str(caught.value)
 
 
 @pytest.mark.parametrize(

@@ -199,6 +199,24 @@ def test_missing_template_is_a_render_error(tmp_path: Path) -> None:
         renderer(tmp_path).render("slack", parse_event(SEED), SEED, CTX, "absent.j2")
 
 
+@pytest.mark.parametrize(
+    ("explicit", "inner"),
+    [("x\x1b[2Jy\nlive-bridge: FAKE.j2", None), ("mine.j2", "{% include 'a\\nb\\x1b.j2' %}")],
+)
+def test_a_template_name_is_shown_escaped_in_errors(
+    tmp_path: Path, explicit: str, inner: str | None
+) -> None:
+    # Names come from the config and from callers: none may write a line of its own.
+    (tmp_path / "slack").mkdir()
+    if inner is not None:
+        (tmp_path / explicit).write_text('{"text": "' + inner + '"}', encoding="utf-8")
+    with pytest.raises(RenderError) as caught:
+        renderer(tmp_path).render("slack", parse_event(SEED), SEED, CTX, explicit)
+    message = str(caught.value)
+    assert "\n" not in message and "\x1b" not in message
+    assert "\\n" in message and "\\u001b" in message
+
+
 # (what mine.j2 holds, what inner.j2 holds, the file and line the message names, and why)
 INCLUDED_MISTAKES = [
     ('{"text": "a",\n "b": "{% include "absent.j2" %}"}', None, "mine.j2, line 2",

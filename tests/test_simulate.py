@@ -139,7 +139,10 @@ def test_config_and_url_errors(tmp_path: Path) -> None:
     missing = run("simulate", "--config", str(tmp_path / "none.toml"))
     assert missing.returncode == 2 and "no such config file" in missing.stderr
     path = str(write_config(tmp_path))
-    assert run("simulate", "--config", path, "--url", "ftp://x/").returncode == 2
+    for url in ("ftp://x/", "http://[bad", "http://h:port/"):  # the last two: a traceback
+        result = run("simulate", "--config", path, "--url", url)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert result.stderr.startswith("live-bridge: --url ")
 
 
 def readme_curl() -> tuple[str, dict[str, str], dict[str, Any]]:
