@@ -71,7 +71,10 @@ def test_classify_status(
         ({"Retry-After": ""}, None),
         ({"Retry-After": "soon"}, None),
         ({"Retry-After": "-1"}, None),
-        ({"Retry-After": "1.5"}, None),
+        ({"Retry-After": "1.5"}, 1.5),  # not HTTP's, but a wait asked for all the same
+        ({"Retry-After": "1."}, None),
+        ({"Retry-After": ".5"}, None),
+        ({"Retry-After": "1e3"}, None),
         ({"Retry-After": "²"}, None),
         ({"Retry-After": http_date(-3600)}, 0.0),
     ],

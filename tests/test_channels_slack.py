@@ -182,6 +182,17 @@ FORCED: list[tuple[str, dict[str, Any], Outcome]] = [
     ("api", {"error": "internal_error"}, retry("HTTP 200: internal_error")),
     ("api", {"error": "fatal_error"}, retry("HTTP 200: fatal_error")),
     ("api", {"error": "service_unavailable"}, retry("HTTP 200: service_unavailable")),
+    ("api", {"error": "team_added_to_org"}, retry("HTTP 200: team_added_to_org")),
+    # Named errors beyond the reference's list: final too, not ten requests to a dead letter.
+    ("api", {"error": "not_allowed_token_type"}, permanent("HTTP 200: not_allowed_token_type")),
+    ("api", {"error": "invalid_charset"}, permanent("HTTP 200: invalid_charset")),
+    # A success status that is not 200 carries no post: slack-sdk raises, and it was delivered.
+    ("api", {"status": 202, "error": "fatal_error"}, retry("HTTP 202: fatal_error")),
+    ("api", {"status": 201, "error": "internal_error"}, retry("HTTP 201: internal_error")),
+    ("api", {"status": 206, "error": "invalid_auth"}, permanent("HTTP 206: invalid_auth")),
+    ("webhook", {"status": 202, "error": "rollup_error"}, permanent("HTTP 202 without Slack's ok")),
+    ("webhook", {"status": 204}, permanent("HTTP 204 without Slack's ok")),
+    ("webhook", {"status": 202, "error": "ok"}, permanent("HTTP 202 without Slack's ok")),
     *[
         ("webhook", {"status": s, "error": e}, permanent(f"HTTP {s}: {e}"))
         for s, e in WEBHOOK_PERMANENT

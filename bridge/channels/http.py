@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import errno
+import re
 import time
 from collections.abc import Mapping
 
@@ -28,6 +29,10 @@ MAX_READ_BYTES = 1_048_576
 RETRY_AFTER_MAX_S = 3600.0
 
 
+# ASCII digits only: "²".isdigit() is true, and float() refuses it.
+_SECONDS = re.compile(r"[0-9]+(\.[0-9]+)?")
+
+
 def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
     """Retry-After in seconds (delta-seconds or an HTTP date), at most RETRY_AFTER_MAX_S; None
     when absent or unreadable."""
@@ -37,7 +42,7 @@ def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
     if value is None:
         return None
     value = value.strip()
-    if value.isascii() and value.isdigit():  # "²".isdigit() is true, and float() refuses it
+    if _SECONDS.fullmatch(value):  # whole seconds as HTTP says, or a fraction some servers send
         return min(float(value), RETRY_AFTER_MAX_S)
     try:
         when = email.utils.parsedate_to_datetime(value)

@@ -23,6 +23,13 @@ from bridge.channels.http import (
 )
 from bridge.config_tables import SlackChannel
 
+# Slack's error names that say a retry may go through: its own trouble, or a migration under way.
+# Every other name in Slack's JSON (chat.postMessage lists dozens: not_allowed_token_type,
+# invalid_charset, cannot_reply_to_message, …) needs a change on the operator's side.
+TRANSIENT_ERRORS = frozenset(
+    {"internal_error", "fatal_error", "service_unavailable", "request_timeout", "team_added_to_org"}
+)
+
 # Slack's error names that no retry will fix without a change on the operator's side.
 PERMANENT_ERRORS = frozenset(
     {
@@ -107,17 +114,19 @@ class SlackSender:
             # is lost with the exception: retry, as for other answers that are not Slack's.
             return retry("an answer that is not UTF-8 (not Slack's)")
         body = (response.body or "").strip()
-        if response.status_code == 200:
-            if body == "ok":
-                return DELIVERED
-            # Slack answers a webhook with "ok" alone. aiohttp follows redirects, a 302 or 303
-            # as a GET, so a 200 with anything else is some other page: the message was not
-            # posted, and sending it again would meet the same redirect.
-            return permanent("HTTP 200 without Slack's ok (a redirect followed?)")
+        status = response.status_code
+        if status == 200 and body == "ok":
+            return DELIVERED
         error = _error_name(body)
         if error in PERMANENT_ERRORS:
-            return permanent(f"HTTP {response.status_code}: {error}")
-        return classify_status(response.status_code, response.headers, error)
+            return permanent(f"HTTP {status}: {error}")
+        if 200 <= status < 300:
+            # Slack answers a webhook with 200 and "ok" alone. Any other success is some other
+            # server's (aiohttp follows redirects, a 302 or 303 as a GET; a proxy answers 202 or
+            # 204): the message was not posted, and sending it again would meet the same.
+            hint = " (a redirect followed?)" if status == 200 else ""
+            return permanent(f"HTTP {status} without Slack's ok{hint}")
+        return classify_status(status, response.headers, error)
 
     async def _post(self, message: dict[str, Any]) -> Outcome:
         assert self._web is not None
@@ -144,7 +153,11 @@ def _classify_api_error(exc: SlackApiError) -> Outcome:
         return retry(f"HTTP {status}: ratelimited", parse_retry_after(headers) or 1.0, True)
     if error in PERMANENT_ERRORS:
         return permanent(f"HTTP {status}: {error}")
-    if status == 200:
-        # ok:false with an error we do not know to be final (internal_error, fatal_error, …)
-        return retry(f"HTTP 200: {error or 'ok false'}")
+    if 200 <= status < 300:
+        # Slack's JSON said ok:false (slack-sdk raises for any status but 200 too, so a 202
+        # with an error lands here): never delivered. A name Slack gives for its own trouble
+        # is retried, any other needs a change; no name (some other server's answer) retries.
+        if error and error not in TRANSIENT_ERRORS:
+            return permanent(f"HTTP {status}: {error}")
+        return retry(f"HTTP {status}: {error or 'ok false'}")
     return classify_status(status, headers, error)
