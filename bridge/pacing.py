@@ -8,7 +8,8 @@ far end's own bucket, whatever the network did to the first request of a burst. 
 a 429's Retry-After holds everything until it ends: `wait()` turns its callers away meanwhile.
 
 Processes that take turns at a channel hand its state on as a `Pace` on the wall clock: `pace()`
-gives it, `adopt()` takes whichever of the two states is stricter.
+gives it, `adopt()` takes whichever of the two states is stricter, and an empty bucket from a
+holder that was killed before it could hand its state on.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from bridge.store import Pace
+from bridge.store import UNKNOWN_TAT, Pace
 
 # The longest block a 429 sets: the senders cap its Retry-After (bridge.channels.http).
 LONGEST_BLOCK_S = 3600.0
@@ -64,8 +65,11 @@ class Pacer:
         otherwise hold the channel for the size of the step."""
         now = self._clock()
         shift = now - self._wall()
-        if pace.tat and self._interval:
-            latest = now + self._tolerance + self._interval  # wait(), done() and block() at most
+        latest = now + self._tolerance + self._interval  # wait(), done() and block() at most
+        if pace.tat == UNKNOWN_TAT:
+            # Its last holder was killed while sending: the far end's bucket may be empty now.
+            self._tat = max(self._tat, latest)
+        elif pace.tat and self._interval:
             self._tat = max(self._tat, min(pace.tat + shift, latest))
         if pace.blocked_until:
             latest = now + LONGEST_BLOCK_S

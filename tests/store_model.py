@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from bridge.store import (
     CLOCK_STEP_S,
+    UNKNOWN_TAT,
     ChannelStats,
     Claimed,
     DeliveryRow,
@@ -159,6 +160,8 @@ class Model:
             return Pace(0.0, 0.0)
         if lease.owner != owner and lease.until > now:
             return None
+        if lease.owner != owner and lease.until > 0:  # its holder never left it: killed
+            lease.pace = Pace(UNKNOWN_TAT, lease.pace.blocked_until)
         lease.owner, lease.until = owner, now + lease_s
         return lease.pace
 
@@ -207,6 +210,8 @@ class Model:
     def recover(self) -> int:
         """SQLite at a server's start: nothing else runs, so nothing is in flight any more."""
         for lease in self.channels.values():
+            if lease.until > 0:  # held at the stop: never left
+                lease.pace = Pace(UNKNOWN_TAT, lease.pace.blocked_until)
             lease.until = 0.0
         released = 0
         for r in self.rows.values():

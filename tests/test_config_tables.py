@@ -58,7 +58,7 @@ from tests.test_config import MINIMAL, write
             "[channels.s] webhook_url: is not a URL that can be sent to",
         ),
         (
-            "[channels.s]\ntype = 'slack'\ntoken = 'x'\nchannel = 'C1'\napi_url = 'slack.com/api'\n",
+            "[channels.s]\ntype = 'slack'\ntoken = 'x'\nchannel = 'C1'\napi_url = 'h/api'\n",
             "[channels.s] api_url: must be an http:// or https:// URL",
         ),
         (

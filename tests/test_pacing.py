@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bridge.pacing import Pacer
-from bridge.store import Pace
+from bridge.store import UNKNOWN_TAT, Pace
 from tests.bridge_server import OK_PACKET, SEED_BODY, InThread, post_callback, write_config
 from tests.slack_standin import SlackStandIn
 
@@ -163,6 +163,24 @@ def test_adopting_nothing_or_an_older_state_changes_nothing(rate: float | None) 
     assert (pacer.delay(), pacer.blocked_for()) == before
     if rate is None:
         assert pacer.pace() == Pace(0.0, 0.0)
+
+
+@pytest.mark.parametrize("burst", [1, 3])
+def test_a_pace_its_holder_was_killed_before_saving_is_taken_as_an_empty_bucket(
+    burst: int,
+) -> None:
+    # The process sending to the channel was killed: the far end may have counted a full burst
+    # just now. The next message waits one interval, as after a burst; no block is set.
+    clock = Clock()
+    pacer = Pacer(1.0, burst, clock, clock)
+    pacer.adopt(Pace(UNKNOWN_TAT, 0.0))
+    assert pacer.delay() == pytest.approx(1.0)
+    assert pacer.blocked_for() == 0
+    clock.now += 1.0
+    assert asyncio.run(pacer.wait()) and pacer.delay() == pytest.approx(1.0)  # no burst yet
+    unpaced = Pacer(None, 1, clock, clock)
+    unpaced.adopt(Pace(UNKNOWN_TAT, 0.0))
+    assert unpaced.delay() == 0
 
 
 def test_burst_of_60_to_a_slack_enforcing_1_per_s_gets_no_429(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bridge.channels.webhook import message_id
-from bridge.store import Claimed, DeliveryRow, NewDelivery, Pace, State, Store
+from bridge.store import UNKNOWN_TAT, Claimed, DeliveryRow, NewDelivery, Pace, State, Store
 from bridge.store.postgres import PostgresStore
 from bridge.store.sqlite import SQLiteStore
 from tests.store_rows import add, new_event, opener
@@ -215,10 +215,14 @@ async def test_a_channel_is_taken_in_turns(open_store: OpenStore) -> None:
     assert await b.take_channel("ch", now + 3, 30) == Pace(now + 2.5, now + 7.25)
     assert await a.take_channel("ch", now + 4, 30) is None
     await a.leave_channel("ch", Pace(0, 0))  # b holds it now: nothing saved
-    # b stops without leaving: once its lease has run out, a takes over with the last saved pace.
+    # b stops without leaving (killed): once its lease has run out, a takes over. The pace saved
+    # last is older than b's sends since: unknown, the bucket taken as empty; the block stays.
     assert await a.take_channel("ch", now + 32, 30) is None
-    assert await a.take_channel("ch", now + 34, 30) == Pace(now + 2.5, now + 7.25)
+    assert await a.take_channel("ch", now + 34, 30) == Pace(UNKNOWN_TAT, now + 7.25)
+    assert await a.take_channel("ch", now + 35, 30) == Pace(UNKNOWN_TAT, now + 7.25)  # a's own
     assert await b.due_channels(now + 35, []) == []
+    await a.leave_channel("ch", Pace(now + 36, 0))
+    assert await b.take_channel("ch", now + 37, 30) == Pace(now + 36, 0)  # left: known again
 
 
 async def test_due_channels_and_exclusions(store: Store) -> None:

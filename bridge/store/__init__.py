@@ -86,12 +86,18 @@ class Claimed:
     sdk_app_id: int
 
 
+UNKNOWN_TAT = -1.0
+
+
 @dataclass(frozen=True)
 class Pace:
     """A channel's pacing state, shared by the processes that take turns sending to it. Both on
     the wall clock (time.time()), which every process reads alike."""
 
-    tat: float  # GCRA's theoretical arrival time of the next message; 0: the bucket is full
+    # GCRA's theoretical arrival time of the next message; 0: the bucket is full; UNKNOWN_TAT:
+    # its last holder stopped without leaving it (killed), so what it sent since it last saved
+    # this is unknown, and the bucket is taken as empty.
+    tat: float
     blocked_until: float  # a 429's Retry-After holds the channel until then; 0: not blocked
 
 

@@ -241,7 +241,9 @@ WHERE n.channel IS NOT NULL
 TAKE_CHANNEL_SQL = """
 INSERT INTO channels (channel, owner, lease_until, tat, blocked_until)
 VALUES (%(channel)s, %(owner)s, %(lease_until)s, 0, 0)
-ON CONFLICT (channel) DO UPDATE SET owner = EXCLUDED.owner, lease_until = EXCLUDED.lease_until
+ON CONFLICT (channel) DO UPDATE SET owner = EXCLUDED.owner, lease_until = EXCLUDED.lease_until,
+  tat = CASE WHEN channels.owner <> EXCLUDED.owner AND channels.lease_until > 0 THEN -1
+        ELSE channels.tat END
 WHERE channels.owner = EXCLUDED.owner OR channels.lease_until <= %(leases)s
 RETURNING tat, blocked_until
 """

@@ -231,10 +231,13 @@ WHERE n.channel IS NOT NULL
                WHERE d.channel = n.channel AND {LEASE_OVER}))
 """  # noqa: S608  # constant text, no values
 
-# A channel is free when never taken, left (lease_until 0) or its holder's lease has run out.
+# A channel is free when never taken, left (lease_until 0) or its holder's lease has run out. A
+# holder that never left it (killed) saved its pacing only when it last left: UNKNOWN_TAT (-1).
 TAKE_SQL = """
 INSERT INTO channels (channel, owner, lease_until, tat, blocked_until) VALUES (?, ?, ?, 0, 0)
-ON CONFLICT (channel) DO UPDATE SET owner = excluded.owner, lease_until = excluded.lease_until
+ON CONFLICT (channel) DO UPDATE SET owner = excluded.owner, lease_until = excluded.lease_until,
+  tat = CASE WHEN channels.owner <> excluded.owner AND channels.lease_until > 0 THEN -1
+        ELSE channels.tat END
 WHERE channels.owner = excluded.owner OR channels.lease_until <= ?
 RETURNING tat, blocked_until
 """

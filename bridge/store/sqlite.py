@@ -33,9 +33,13 @@ log = logging.getLogger(__name__)
 class SQLiteStore(SQLiteQueue, SQLiteOutbox):
     async def recover(self) -> int:
         # The serving process holds the file's lock: no other process can have anything in flight
-        # or hold a channel (a dead one's channel leases go too; the pacing state stays).
+        # or hold a channel (a dead one's channel leases go too). A channel held at the stop was
+        # never left, so its saved pacing is older than its last sends: unknown (TAKE_SQL).
         def op(conn: sqlite3.Connection) -> int:
-            conn.execute("UPDATE channels SET lease_until = 0")
+            conn.execute(
+                "UPDATE channels SET tat = CASE WHEN lease_until > 0 THEN -1 ELSE tat END,"
+                " lease_until = 0"
+            )
             # Dead letters buried while in flight: their sends are over, they may be retried.
             conn.execute(
                 "UPDATE deliveries SET lease_until = NULL, owner = NULL"
