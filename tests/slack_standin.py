@@ -262,6 +262,11 @@ class SlackStandIn:
         with self._lock:
             self._forced.append(_ForcedAnswer(n, status, error, retry_after, channel, kind))
 
+    def answer_normally(self) -> None:
+        """Drop every forced answer not used yet: the outage is over."""
+        with self._lock:
+            self._forced.clear()
+
     # -- inspection ------------------------------------------------------------------------------
 
     @property

@@ -202,6 +202,33 @@ async def test_an_event_a_digest_cannot_take_goes_alone_and_the_rest_as_a_digest
     assert digest["blocks"][0]["text"]["text"] == "30 Live events"
 
 
+async def test_a_backlog_that_backed_off_through_an_outage_goes_out_as_digests(
+    slack: SlackStandIn, session: aiohttp.ClientSession, open_store: OpenStore, tmp_path: Path
+) -> None:
+    # Events arriving through an outage each back off to a time of their own (their first
+    # attempt's time, their count of attempts, jitter): after it, claims found a few due at a
+    # time, under digest_after, and the backlog went out one message an event. Once the far
+    # end answers, what backs off is due together.
+    store = await open_store()
+    slack.fail_next(10_000, status=503)
+    policy = ChannelPolicy(
+        "bot", senders(slack, session)["bot"], rate_per_s=50.0, burst=3, digest_after=5
+    )
+    settings = DeliveryConfig(max_attempts=50, initial_backoff_s=0.2, max_backoff_s=2.0)
+    composer = make_composer(tmp_path, {"bot": SLACK})
+    async with running(worker_with(store, composer, policy, settings=settings)) as worker:
+        for i in range(30):
+            await record_in(store, "bot", f"room-{i:02d}", 1_000_000 + i * 1000)
+            worker.wake()
+            await asyncio.sleep(0.1)
+        slack.answer_normally()
+        await eventually(lambda: states(store.path) == ["delivered"] * 30, within_s=20)
+    posts = [p.payload for p in slack.posted]
+    # The claim that met the first answer (at most digest_after rows, sent one by one), then the
+    # rest as one digest.
+    assert len(posts) <= policy.digest_after + 2, [p.get("text") for p in posts]
+
+
 async def test_a_console_digest_is_a_header_and_one_line_per_event(
     open_store: OpenStore, tmp_path: Path
 ) -> None:

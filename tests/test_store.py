@@ -200,6 +200,24 @@ async def test_a_late_outcome_counts_while_nobody_took_over(store: Store) -> Non
     assert [d.state for d in await deliveries(store)] == [State.DELIVERED]
 
 
+async def test_resume_makes_a_channels_backed_off_deliveries_due_now(store: Store) -> None:
+    now = time.time()
+    for n in range(4):
+        await add(store, f"a{n}", channel="a", room=f"r{n}", now=now)
+    await add(store, "b0", channel="b", now=now)
+    a0, a1, a2, _in_flight = await store.claim("a", now, 10, 30)
+    (b0,) = await store.claim("b", now, 10, 30)
+    await store.mark_retry(a0.id, now, now + 60, "HTTP 503", count=True)
+    await store.mark_retry(a1.id, now, now + 5, "HTTP 503", count=True)
+    await store.mark_delivered(a2.id, now)  # a3 stays in flight
+    await store.mark_retry(b0.id, now, now + 60, "HTTP 503", count=True)  # another channel
+    assert await store.claim("a", now + 1, 10, 30) == []
+    assert await store.resume("a", now + 1) == 2
+    assert sorted(c.id for c in await store.claim("a", now + 1, 10, 30)) == [a0.id, a1.id]
+    assert await store.claim("b", now + 1, 10, 30) == []  # still backing off
+    assert await store.resume("a", now + 2) == 0
+
+
 async def test_a_channel_is_taken_in_turns(open_store: OpenStore) -> None:
     a, b = await open_store(), await open_store()
     now = time.time()

@@ -338,17 +338,25 @@ async def test_a_large_prune_lets_callbacks_commit_meanwhile(tmp_path: Path) -> 
 Operation = Callable[[SQLiteStore, float], Awaitable[int]]
 
 
+BACKING_OFF = "state = 'pending', attempts = 2, next_attempt_at = 1e12"
+
+
 @pytest.mark.parametrize(
-    ("state", "operation", "after"),
+    ("setting", "operation", "after"),
     [
-        ("dead", lambda store, now: store.retry_dead(None, now), "pending"),
-        ("dead", lambda store, now: store.retry_dead("a", now), "pending"),
-        ("pending", lambda store, now: store.bury_unknown_channels(["b"], now, "gone"), "dead"),
+        ("state = 'dead'", lambda store, now: store.retry_dead(None, now), "pending"),
+        ("state = 'dead'", lambda store, now: store.retry_dead("a", now), "pending"),
+        (
+            "state = 'pending'",
+            lambda store, now: store.bury_unknown_channels(["b"], now, "x"),
+            "dead",
+        ),
+        (BACKING_OFF, lambda store, now: store.resume("a", now), "pending"),
     ],
-    ids=["retry every channel", "retry a channel", "bury a removed channel"],
+    ids=["retry every channel", "retry a channel", "bury a removed channel", "resume a channel"],
 )
 async def test_a_change_to_a_whole_channel_lets_callbacks_commit_meanwhile(
-    tmp_path: Path, state: str, operation: Operation, after: str
+    tmp_path: Path, setting: str, operation: Operation, after: str
 ) -> None:
     # A channel broken for days (a revoked token) holds its dead letters, or its backlog, by
     # the hundred thousand: retried in one transaction, 100,000 held every acknowledgement for
@@ -357,7 +365,7 @@ async def test_a_change_to_a_whole_channel_lets_callbacks_commit_meanwhile(
     path = tmp_path / "bridge.db"
     add_old_delivered(path, count, time.time())
     with contextlib.closing(connect(path)) as conn, conn:
-        conn.execute("UPDATE deliveries SET state = ?, order_ts = id % 7", (state,))
+        conn.execute(f"UPDATE deliveries SET {setting}, order_ts = id % 7")  # noqa: S608
     store = SQLiteStore(path)
     await store.open()
     changed: list[int] = []  # rows a transaction

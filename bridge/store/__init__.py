@@ -194,6 +194,11 @@ class Store(Protocol):
         """Claimed but not attempted: back to pending, the attempt given back, error kept."""
         ...
 
+    async def resume(self, channel: str, now: float) -> int:
+        """The channel's pending deliveries backing off after a failed attempt are due now (its
+        far end answers again), so that they go out together, as digests. How many."""
+        ...
+
     async def next_due(self, now: float) -> float | None:
         """The next time after `now` a delivery becomes due or a lease runs out. Deliveries
         already due are either claimable or waiting for an earlier one of their room, whose

@@ -132,6 +132,13 @@ class PostgresOutbox(PostgresPool):
             (now, now, channel, channel, now),
         )
 
+    async def resume(self, channel: str, now: float) -> int:
+        return await self._execute(
+            "UPDATE deliveries SET next_attempt_at = %s WHERE channel = %s AND state = 'pending'"
+            " AND attempts > 0 AND next_attempt_at > %s",
+            (now, channel, now),
+        )
+
     async def drop(self, ids: Sequence[int], now: float) -> list[int]:
         # As retry: a dead letter buried while it was sent waits for its lease.
         rows = await self._fetch(

@@ -42,6 +42,12 @@ WHERE id IN (SELECT id FROM deliveries INDEXED BY deliveries_claim
                AND (lease_until IS NULL OR lease_until <= :now)
              ORDER BY order_ts, id LIMIT :batch)
 """
+RESUME_SQL = """
+UPDATE deliveries SET next_attempt_at = :now
+WHERE id IN (SELECT id FROM deliveries INDEXED BY deliveries_claim
+             WHERE channel = :channel AND state = 'pending' AND attempts > 0
+               AND next_attempt_at > :now LIMIT :batch)
+"""
 # The owner and the lease stay: a send under way that gets through is still recorded as
 # delivered, and until the lease runs out a retry would send it again (see retry).
 BURY_SQL = """
@@ -160,6 +166,10 @@ class SQLiteOutbox(SQLiteFile):
         # thousand, and in one transaction 100,000 held every acknowledgement for 0.6 s.
         channels = [channel] if channel is not None else await self._channels_in("'dead'")
         return await self._in_batches(RETRY_DEAD_SQL, channels, {"now": now})
+
+    async def resume(self, channel: str, now: float) -> int:
+        # In batches as retry_dead: an outage of hours leaves a backlog as large.
+        return await self._in_batches(RESUME_SQL, [channel], {"now": now})
 
     async def drop(self, ids: Sequence[int], now: float) -> list[int]:
         # As retry: a dead letter buried while it was sent waits for its lease, so that "dropped"
