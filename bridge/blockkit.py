@@ -3,7 +3,9 @@
 `fit(payload)` returns a copy within Slack's documented limits (50 blocks, header 150, section
 text 3000, 10 fields of 2000, context 10 elements, button URLs 3000, top-level text kept
 under 4000) and under the blocks' reported total (BLOCKS_CHARS), with long values cut and
-ending in an ellipsis, and the fields or context elements past the tenth folded into the tenth;
+ending in an ellipsis, the fields or context elements past the tenth folded into the tenth, and
+the last blocks left out (a note says how many) where 50 blocks, or many short texts, are still
+too many;
 `LimitError` when the payload cannot be made valid. `problems(payload)` lists what Slack would
 refuse, `crowded(payload)` what `fit` would fold (`live-bridge check`).
 """
@@ -74,13 +76,17 @@ def fit(payload: Any) -> dict[str, Any]:
         raise LimitError("blocks must be a list of objects")
     fitted = [_fit_block(b) for b in blocks]
     fitted = [b for b in fitted if b.get("type") != "actions" or b.get("elements")]
+    hidden = 0
     if len(fitted) > MAX_BLOCKS:
-        dropped = len(fitted) - (MAX_BLOCKS - 1)
-        note = {"type": "context", "elements": [
-            {"type": "mrkdwn", "text": f"{ELLIPSIS} {dropped} more blocks not shown"}]}  # fmt: skip
-        fitted = [*fitted[: MAX_BLOCKS - 1], note]
-    out["blocks"] = _shorten(fitted) if _length(fitted) > BLOCKS_CHARS else fitted
+        hidden = len(fitted) - (MAX_BLOCKS - 1)
+        fitted = [*fitted[: MAX_BLOCKS - 1], _not_shown(hidden)]
+    out["blocks"] = _shorten(fitted, hidden) if _length(fitted) > BLOCKS_CHARS else fitted
     return out
+
+
+def _not_shown(count: int) -> dict[str, Any]:
+    return {"type": "context", "elements": [
+        {"type": "mrkdwn", "text": f"{ELLIPSIS} {count} more blocks not shown"}]}  # fmt: skip
 
 
 def _length(blocks: list[Any]) -> int:
@@ -88,9 +94,11 @@ def _length(blocks: list[Any]) -> int:
     return len(COMPACT.encode(blocks))
 
 
-def _shorten(blocks: list[Any]) -> list[Any]:
+def _shorten(blocks: list[Any], hidden: int) -> list[Any]:
     """`blocks` under BLOCKS_CHARS: the longest text halved, and again, as long as they are over
-    and a text of SHORTEST_CUT or more is left to cut."""
+    and a text of SHORTEST_CUT or more is left to cut; then, if many short texts still make them
+    too long (a field for each of 400 members), the last blocks left out, and said so. `hidden`:
+    blocks left out already, the last block saying so."""
     blocks = json.loads(json.dumps(blocks))  # its own copy: the texts are cut in place
     texts = [obj for block in blocks for obj in _text_objects(block)]
     while texts and _length(blocks) > BLOCKS_CHARS:
@@ -98,7 +106,13 @@ def _shorten(blocks: list[Any]) -> list[Any]:
         if len(longest["text"]) < SHORTEST_CUT:
             break
         longest["text"] = cut(longest["text"], max(len(longest["text"]) // 2, SHORTEST_CUT - 1))
-    return blocks
+    if _length(blocks) <= BLOCKS_CHARS:
+        return blocks
+    # Sent over it, Slack's msg_blocks_too_long is permanent: the whole message a dead letter.
+    shown = blocks[:-1] if hidden else blocks
+    while len(shown) > 1 and _length([*shown, _not_shown(hidden)]) > BLOCKS_CHARS:
+        shown, hidden = shown[:-1], hidden + 1
+    return [*shown, _not_shown(hidden)]
 
 
 def _text_objects(block: dict[str, Any]) -> list[dict[str, Any]]:

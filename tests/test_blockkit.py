@@ -148,12 +148,35 @@ def test_fit_keeps_the_blocks_under_their_reported_total(
     assert (problems(message) == []) is (out == ["s" * n for n in texts])
 
 
-def test_fit_cuts_texts_no_shorter_than_99_even_if_the_blocks_stay_over() -> None:
-    # 50 sections of 10 fields: over the total however the texts are cut; each is cut to 99
-    # characters (never below, never stuck above) and the message goes as it is.
+@pytest.mark.parametrize("count", [50, 60])
+def test_fit_leaves_out_the_last_blocks_when_short_texts_still_make_them_too_long(
+    count: int,
+) -> None:
+    # Sections of 10 fields: over the total however the texts are cut. Each is cut to 99
+    # characters (never below, never stuck above), then the last sections are left out and a
+    # note says how many: sent over the total, Slack's msg_blocks_too_long is permanent, and
+    # the whole message was a dead letter.
     many = {"type": "section", "fields": [{"type": "mrkdwn", "text": "f" * 150}] * 10}
-    out = fit({"text": "t", "blocks": [many] * 50})
-    assert {len(f["text"]) for block in out["blocks"] for f in block["fields"]} == {99}
+    out = fit({"text": "t", "blocks": [many] * count})
+    *sections, note = out["blocks"]
+    assert {len(f["text"]) for block in sections for f in block["fields"]} == {99}
+    assert (
+        note["elements"][0]["text"] == f"{ELLIPSIS} {count - len(sections)} more blocks not shown"
+    )
+    assert len(COMPACT.encode(out["blocks"])) <= 12_000
+    assert problems(out) == []
+    assert len(COMPACT.encode([*sections, sections[-1], note])) > 12_000  # none left out needlessly
+
+
+def test_fit_leaves_out_blocks_of_many_short_fields() -> None:
+    # A field for each of 400 members of 40 characters: no text long enough to cut.
+    member = {"type": "mrkdwn", "text": "m" * 40}
+    blocks = [{"type": "header", "text": {"type": "plain_text", "text": "Members"}}] + [
+        {"type": "section", "fields": [member] * 10} for _ in range(40)
+    ]
+    out = fit({"text": "t", "blocks": blocks})
+    assert out["blocks"][0] == blocks[0]
+    assert problems(out) == [] and problems({"text": "t", "blocks": blocks}) != []
 
 
 @pytest.mark.parametrize(("length", "expected"), [(12_000, 100), (12_001, 99)])
