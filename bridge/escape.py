@@ -2,7 +2,7 @@
 
 Every `{{ … }}` passes through the environment's `finalize` (FINALIZE, by channel type): inside a
 JSON string and Slack's mrkdwn for slack templates (`&`, `<` and `>` as Slack's entities, so a
-room called `<!channel>` pings nobody), inside a JSON string for webhook templates, as one visible
+room called `<!channel>` pings nobody; line breaks and bidirectional overrides as their escapes), inside a JSON string for webhook templates, as one visible
 line for console templates. `tojson` (TOJSON) gives a complete JSON value escaped the same way.
 Values the bridge builds itself for Slack (the `<!date^…>` token, the room link) are `Verbatim`.
 """
@@ -30,6 +30,15 @@ def slack_escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
+def slack_text(text: str) -> str:
+    """An event's value as Slack shows it: on its own line, in its own order. Line breaks, other
+    controls and bidirectional overrides are written as their escapes (`\\n`, `\\u202e`), as
+    in the logs: a room ID with a line break in it forged a "New owner" line of its own in the
+    message, and a right-to-left override reordered the "old → new" around it. Then Slack's
+    three control characters."""
+    return slack_escape(one_line(text))
+
+
 def _json_text(text: str) -> str:
     return _encode_string(text)[1:-1]
 
@@ -43,7 +52,7 @@ def _finalize_slack(value: Any) -> str:
         return str(value)
     if isinstance(value, Verbatim):
         return _json_text(value)
-    return _json_text(slack_escape("" if value is None else str(value)))
+    return _json_text(slack_text("" if value is None else str(value)))
 
 
 def _finalize_webhook(value: Any) -> str:
@@ -123,7 +132,7 @@ def _console_tojson(value: Any) -> Json:
 
 
 TOJSON: dict[str, Callable[[Any], Json]] = {
-    "slack": _tojson_for(slack_escape),
+    "slack": _tojson_for(slack_text),
     "webhook": _tojson_plain,
     "console": _console_tojson,
 }

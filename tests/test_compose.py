@@ -14,7 +14,7 @@ from bridge import blockkit
 from bridge.compose import Composer
 from bridge.config import Config, load_config
 from bridge.config_tables import TemplatesConfig
-from bridge.escape import slack_escape
+from bridge.escape import slack_text
 from bridge.events import MODELS, OWNER_CHANGED, parse_event
 from bridge.render import Context, Renderer, RenderError
 from bridge.samples import HOSTILE_VALUES, UNKNOWN_SAMPLE, hostile, sample
@@ -563,7 +563,7 @@ def test_hostile_values_stay_text(composer: Composer, value: str) -> None:
         assert not any(token in DATE_TOKEN.sub("", payload) for token in PINGS_AND_LINKS)
     if len(value) < 100:
         assert any(
-            slack_escape(value) in text for p, _ in digests for text in strings(json.loads(p))
+            slack_text(value) in text for p, _ in digests for text in strings(json.loads(p))
         )
 
     [(console, chunk)] = composer.digests("console", rows).messages

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from bridge.config_tables import TemplatesConfig
-from bridge.escape import slack_escape
+from bridge.escape import slack_escape, slack_text
 from bridge.events import decode_body, parse_event
 from bridge.render import Context, Renderer, RenderError
 from tests.payloads import strings
@@ -22,7 +22,7 @@ SEED: dict[str, Any] = {
 INJECTIONS = [
     "<!channel>", "<!here>", "<!everyone>", "<@U123>", "<!subteam^S1>", "<http://x|y>",
     "a & b", 'say "hi"', "back\\slash", "two\nlines", "tab\tand\x1b[31mescape", "}]}",
-    "{{ 7 * 7 }}",
+    "{{ 7 * 7 }}", "room_1\n*New owner*\nalice", "old \u202e→ wen", "a\r\nb\u2028c",
 ]  # fmt: skip
 
 
@@ -68,7 +68,9 @@ def test_untrusted_values_come_out_as_literal_text(field: str, value: str) -> No
     fields = {**SEED, field: value}
     payload = json.loads(render("slack", fields, renderer(room_url="https://c.example/{room_id}")))
     texts = strings(payload)
-    assert any(slack_escape(value) in t for t in texts)
+    assert any(slack_text(value) in t for t in texts)
+    if value != slack_escape(value) or value != slack_text(value):
+        assert not any(value in t for t in texts)  # never as it came: no forged line, no escape
     for text in texts:
         without_date = text.replace("<!date^", "")
         assert "<!" not in without_date and "<@" not in text and "<http" not in text
