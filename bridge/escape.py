@@ -5,12 +5,13 @@ JSON string and Slack's mrkdwn for slack templates (`&`, `<` and `>` as Slack's 
 room called `<!channel>` pings nobody; line breaks and bidirectional overrides as their escapes), inside a JSON string for webhook templates, as one visible
 line for console templates. `tojson` (TOJSON) gives a complete JSON value escaped the same way.
 Values the bridge builds itself for Slack (the `<!date^…>` token, the room link) are `Verbatim`.
+What a macro or a `{% set %}` block gives is escaped already, as it was written: `Escaped`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from bridge.events import Envelope
@@ -23,6 +24,17 @@ class Verbatim(str):
 
 class Json(str):
     """A complete JSON value (from `tojson`): inserted exactly as it is."""
+
+
+class Escaped(str):
+    """Template output, escaped already where it was written: a macro's (a `{% call %}`'s
+    caller's too) or a `{% set %}…{% endset %}` block's. Inserted as it is: escaped again, a
+    room `Q&A` showed as `Q&amp;amp;A`, and the bridge's `<!date^…>` token as text."""
+
+
+def escaped_concat(parts: Iterable[str]) -> Escaped:
+    """The environments' `concat`, which Jinja joins every captured buffer with."""
+    return Escaped("".join(parts))
 
 
 def slack_escape(text: str) -> str:
@@ -48,7 +60,7 @@ _encode_string: Callable[[str], str] = json.encoder.encode_basestring
 
 
 def _finalize_slack(value: Any) -> str:
-    if isinstance(value, Json):
+    if isinstance(value, Json | Escaped):
         return str(value)
     if isinstance(value, Verbatim):
         return _json_text(value)
@@ -56,13 +68,13 @@ def _finalize_slack(value: Any) -> str:
 
 
 def _finalize_webhook(value: Any) -> str:
-    if isinstance(value, Json):
+    if isinstance(value, Json | Escaped):
         return str(value)
     return _json_text("" if value is None else str(value))
 
 
 def _finalize_console(value: Any) -> str:
-    if isinstance(value, Json | Verbatim):
+    if isinstance(value, Json | Verbatim | Escaped):
         return str(value)
     return one_line("" if value is None else str(value))
 

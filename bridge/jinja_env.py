@@ -19,7 +19,7 @@ import jinja2.meta
 import jinja2.nodes
 from jinja2.loaders import split_template_path
 
-from bridge.escape import FINALIZE, TOJSON, as_text
+from bridge.escape import FINALIZE, TOJSON, as_text, escaped_concat
 
 SHIPPED = next(
     p
@@ -122,6 +122,8 @@ def environments(folder: Path) -> dict[str, jinja2.Environment]:
             auto_reload=False,  # no stat() per callback; a reload builds a new Renderer
             bytecode_cache=_COMPILED[kind],
         )
+        # Jinja joins every captured buffer (a macro's, a set block's, the template's) with it.
+        env.concat = escaped_concat  # type: ignore[method-assign]
         env.filters["tojson"] = TOJSON[kind]
         env.filters["as_text"] = as_text
         env.tests["command_name"] = is_command_name

@@ -55,3 +55,26 @@ def test_webhook_and_console_tojson_give_the_whole_event(tmp_path: Path) -> None
 def test_as_text_of_a_list_reads_as_written(tmp_path: Path) -> None:
     fields = {"CallbackCommand": "Live.CallbackAfterDelMetadata", "RoomId": "r", "Keys": ["café"]}
     assert render(tmp_path, "console", "{{ event.Keys | as_text }}", fields) == '["café"]'
+
+
+MACROS = (
+    '{% macro field(label, value) %}*{{ label }}*\\n{{ value }}{% endmacro %}'
+    "{% set when %}{{ event.RoomId }} at {{ slack_date }}{% endset %}"
+    "{% macro wrap() %}[{{ caller() }}]{% endmacro %}"
+    '{"text": "{{ field("Room", event.RoomId) }}", "when": "{{ when }}",'
+    ' "called": "{% call wrap() %}{{ event.RoomId }}{% endcall %}"}'
+)
+
+
+def test_a_macro_or_set_block_is_escaped_once_as_it_was_written(tmp_path: Path) -> None:
+    # Escaped again where it was inserted, a room "Q&A" showed as "Q&amp;amp;A", a quote as
+    # \" and the bridge's date token as text.
+    fields = {**MEMBERS, "RoomId": 'Q&A "<!here>"\nx'}
+    out = json.loads(render(tmp_path, "slack", MACROS, fields))
+    room = 'Q&amp;A "&lt;!here&gt;"\\nx'
+    assert out["text"] == f"*Room*\n{room}"
+    assert out["when"].startswith(f"{room} at <!date^1703589922^")
+    assert out["called"] == f"[{room}]"
+    webhook = json.loads(render(tmp_path, "webhook", MACROS, fields))
+    assert webhook["text"] == f"*Room*\n{fields['RoomId']}"
+    assert webhook["called"] == f"[{fields['RoomId']}]"

@@ -48,7 +48,7 @@ def test_each_kind_escapes_for_its_own_output(tmp_path: Path) -> None:
     envs = environments(tmp_path)
     value = '<!channel> "q"\nline'
     slack = envs["slack"].from_string('{"text": "{{ v }}"}').render(v=value)
-    assert json.loads(slack)["text"] == '&lt;!channel&gt; "q"\nline'
+    assert json.loads(slack)["text"] == '&lt;!channel&gt; "q"\\nline'  # the break shown, not made
     webhook = envs["webhook"].from_string('{"text": "{{ v }}"}').render(v=value)
     assert json.loads(webhook)["text"] == value
     console = envs["console"].from_string("{{ v }}").render(v=value)
