@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from typing import Any
 
 MAX_BLOCKS = 50
@@ -52,13 +53,42 @@ def cut(text: str, limit: int) -> str:
     """`text` if it fits, else its start and an ellipsis, `limit` characters at most."""
     if len(text) <= limit:
         return text
-    head = text[: limit - len(ELLIPSIS)]
+    head = text[: _grapheme_start(text, limit - len(ELLIPSIS))]
     # Escaped text has no "<" of its own: the last one opens a token, unfinished if no ">" follows.
     start = head.rfind("<")
     if start >= 0 and ">" not in head[start:]:
         head = head[:start]
     head = _PARTIAL_ESCAPE.sub("", head)
     return head + ELLIPSIS
+
+
+def _extends(char: str) -> bool:
+    """Whether `char` belongs to the character before it (one grapheme): a combining mark, a
+    variation selector, the zero-width joiner, an emoji's skin tone or tag."""
+    code = ord(char)
+    return (
+        unicodedata.category(char) in ("Mn", "Me", "Mc")
+        or code == 0x200D
+        or 0x1F3FB <= code <= 0x1F3FF
+        or 0xE0020 <= code <= 0xE007F
+    )
+
+
+def _regional(char: str) -> bool:
+    return 0x1F1E6 <= ord(char) <= 0x1F1FF  # two make a flag
+
+
+def _grapheme_start(text: str, index: int) -> int:
+    """`index`, moved back to where a grapheme starts: a cut there leaves no half of a flag, a
+    family joined by ZWJ, a keycap or an accent alone before the ellipsis."""
+    while 0 < index < len(text) and (_extends(text[index]) or text[index - 1] == "\u200d"):
+        index -= 1
+    if 0 < index < len(text) and _regional(text[index]):
+        run = index
+        while run > 0 and _regional(text[run - 1]):
+            run -= 1
+        index -= (index - run) % 2  # the flags before are whole; one half of the next is not
+    return index
 
 
 def fit(payload: Any) -> dict[str, Any]:

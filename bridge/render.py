@@ -223,9 +223,18 @@ class Renderer:
         if uses is None or "room_url" in uses:
             room_url = None
             if self.settings.room_url and room is not None:
-                room_url = Verbatim(self.settings.room_url.format(room_id=quote(room, safe="")))
+                room_url = Verbatim(self.settings.room_url.format(room_id=_path_segment(room)))
             variables["room_url"] = room_url
         return variables
+
+
+def _path_segment(room: str) -> str:
+    """The room ID as one segment of a URL's path: every character but letters, digits and
+    `-._~` percent-encoded, and a whole `.` or `..` too, which a browser would take as "this
+    folder" or "the folder above" (`/rooms/../moderate` opens `/moderate`)."""
+    if room in (".", ".."):
+        return room.replace(".", "%2E")
+    return quote(room, safe="")
 
 
 _RECEIVED = frozenset({"received_at", "received_at_iso"})

@@ -40,6 +40,13 @@ from tests.slack_standin import SlackStandIn
         # A link token of any length is dropped whole, never left open.
         ("go <https://c.example/" + "%E6" * 300 + "|Open room> now", 400, "go …"),
         ("a &lt; <b", 8, "a &lt; …"),
+        # Never half a grapheme before the ellipsis: a flag, a ZWJ family, an accent, a keycap.
+        ("a" * 8 + "🇨🇳🇺🇸", 11, "a" * 8 + "🇨🇳…"),
+        ("a" * 9 + "🇨🇳🇺🇸", 11, "a" * 9 + "…"),
+        ("a" * 8 + "👨\u200d👩\u200d👧", 11, "a" * 8 + "…"),
+        ("a" * 9 + "e\u0301\u0301x", 11, "a" * 9 + "…"),
+        ("a" * 9 + "1\ufe0f\u20e3", 11, "a" * 9 + "…"),
+        ("a" * 9 + "👍🏽x", 11, "a" * 9 + "…"),
     ],
 )
 def test_cut(text: str, limit: int, expected: str) -> None:

@@ -80,12 +80,22 @@ def test_untrusted_values_come_out_as_literal_text(field: str, value: str) -> No
     assert "\n" not in line and "\x1b" not in line
 
 
-def test_room_url_is_percent_encoded() -> None:
-    fields = {**SEED, "RoomId": "a b/<!here>&x"}
-    payload = json.loads(render("slack", fields, renderer(room_url="https://c.example/{room_id}")))
-    assert (
-        payload["blocks"][-1]["elements"][0]["url"] == "https://c.example/a%20b%2F%3C%21here%3E%26x"
-    )
+@pytest.mark.parametrize(
+    ("room", "segment"),
+    [
+        ("a b/<!here>&x", "a%20b%2F%3C%21here%3E%26x"),
+        ("..", "%2E%2E"),  # a browser opens /rooms/../moderate as /moderate
+        (".", "%2E"),
+        ("a..b", "a..b"),
+        ("...", "..."),
+    ],
+)
+def test_room_url_is_percent_encoded(room: str, segment: str) -> None:
+    fields = {**SEED, "RoomId": room}
+    r = renderer(room_url="https://c.example/rooms/{room_id}/moderate")
+    payload = json.loads(render("slack", fields, r))
+    url = payload["blocks"][-1]["elements"][0]["url"]
+    assert url == f"https://c.example/rooms/{segment}/moderate"
 
 
 def test_webhook_default_body_keeps_original_fields_and_big_numbers() -> None:
