@@ -81,6 +81,15 @@ def main(args: argparse.Namespace) -> int:
         return 1
     channel = getattr(args, "channel", None)
     if channel is not None and channel not in config.channels:
+        if args.outbox_command == "retry":
+            # Pending again, with no lane to send them: they would wait until a start or a
+            # reload buries them once more.
+            print(
+                f"live-bridge: no channel {channel!r} in {path}: nothing would send its dead"
+                " letters; they stay dead",
+                file=sys.stderr,
+            )
+            return 1
         print(f"live-bridge: note: no channel {channel!r} in {path}", file=sys.stderr)
     try:
         return asyncio.run(_run(COMMANDS[args.outbox_command], config, args))
@@ -146,7 +155,17 @@ async def _list(store: Store, config: Config, args: argparse.Namespace) -> int:
 async def _retry(store: Store, config: Config, args: argparse.Namespace) -> int:
     now = time.time()
     if args.dead:
-        count = await store.retry_dead(args.channel, now)
+        # The config's channels only: a channel it no longer has has no lane to send them.
+        names = [args.channel] if args.channel is not None else list(config.channels)
+        count = sum([await store.retry_dead(name, now) for name in names])
+        if args.channel is None:
+            for stats in await store.stats():
+                if stats.dead and stats.channel not in config.channels:
+                    print(
+                        f"live-bridge: note: channel {stats.channel!r} is not in the config:"
+                        f" its {stats.dead} dead letters stay dead",
+                        file=sys.stderr,
+                    )
         return _report(args, "retried", count, "back to pending", [], "")
     return await _each_id(
         args, lambda ids: store.retry(ids, now), "retried", "back to pending",

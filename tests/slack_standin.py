@@ -13,7 +13,12 @@ Contract:
 - With ``rate_per_s``, each channel has one token bucket (capacity ``burst``) shared by the API
   and webhooks; an empty bucket answers 429 with ``Retry-After`` in whole seconds and posts
   nothing. Requests that reach a known, open channel take a token even if their content is bad.
+- Blocks are checked against the limits in ../shared/reference/slack.md (50 blocks; a header's
+  plain text of 150; a section's text of 3000 and 10 fields of 2000; a context's 10 elements,
+  each text of 3000; buttons' plain text of 75 and URLs of 3000) and against the reported total
+  of 12,000 characters (``msg_blocks_too_long``, ``invalid_blocks`` from a webhook).
 - ``fail_next`` forces answers ahead of all normal handling, first matching rule first.
+  ``answer_normally`` drops what is left of them.
 - One lock guards everything recorded, so any thread may read ``posted`` and the counters.
 """
 
@@ -95,6 +100,10 @@ def _blocks_problem(blocks: Any) -> str | None:
         return "invalid_blocks_format"
     if len(blocks) > 50 or not all(_block_is_valid(block) for block in blocks):
         return "invalid_blocks"
+    # Not in Slack's reference, but reported of chat.postMessage (bridge/blockkit.py): blocks of
+    # about 12,000 characters in all are refused, each block within its own limits.
+    if len(json.dumps(blocks, ensure_ascii=False, separators=(",", ":"))) > 12_000:
+        return "msg_blocks_too_long"
     return None
 
 
@@ -103,10 +112,28 @@ def _fits(text_object: Any, limit: int) -> bool:
     return isinstance(text, str) and 0 < len(text) <= limit
 
 
+def _element_is_valid(element: Any) -> bool:
+    if not isinstance(element, dict):
+        return False
+    if element.get("type") in ("mrkdwn", "plain_text"):
+        return _fits(element, 3000)  # a text object
+    return element.get("type") == "image"
+
+
+def _button_is_valid(element: Any) -> bool:
+    if not isinstance(element, dict) or element.get("type") != "button":
+        return True  # other interactive elements: not checked here
+    text = element.get("text")
+    url = element.get("url", "")
+    plain = isinstance(text, dict) and text.get("type") == "plain_text"
+    return plain and _fits(text, 75) and isinstance(url, str) and len(url) <= 3000
+
+
 def _block_is_valid(block: dict[str, Any]) -> bool:
     kind = block["type"]
     if kind == "header":
-        return _fits(block.get("text"), 150)
+        text = block.get("text")
+        return isinstance(text, dict) and text.get("type") == "plain_text" and _fits(text, 150)
     if kind == "section":
         fields = block.get("fields")
         if "text" not in block and not fields:
@@ -120,7 +147,18 @@ def _block_is_valid(block: dict[str, Any]) -> bool:
         )
     if kind == "context":
         elements = block.get("elements")
-        return isinstance(elements, list) and 0 < len(elements) <= 10
+        return (
+            isinstance(elements, list)
+            and 0 < len(elements) <= 10
+            and all(_element_is_valid(e) for e in elements)
+        )
+    if kind == "actions":
+        elements = block.get("elements")
+        return (
+            isinstance(elements, list)
+            and 0 < len(elements) <= 25
+            and all(_button_is_valid(e) for e in elements)
+        )
     return True
 
 
@@ -416,7 +454,7 @@ class SlackStandIn:
             if retry_after is not None:
                 return _text("", 429, retry_after)
             if "blocks" in payload and _blocks_problem(payload["blocks"]) is not None:
-                return _text("invalid_blocks", 400)
+                return _text("invalid_blocks", 400)  # a webhook's one name for them all
             if not payload.get("text") and not payload.get("blocks"):
                 return _text("no_text", 400)
             self._record("webhook", channel, payload)

@@ -562,9 +562,7 @@ def test_hostile_values_stay_text(composer: Composer, value: str) -> None:
             assert "<" not in rest and ">" not in rest, text[:200]
         assert not any(token in DATE_TOKEN.sub("", payload) for token in PINGS_AND_LINKS)
     if len(value) < 100:
-        assert any(
-            slack_text(value) in text for p, _ in digests for text in strings(json.loads(p))
-        )
+        assert any(slack_text(value) in text for p, _ in digests for text in strings(json.loads(p)))
 
     [(console, chunk)] = composer.digests("console", rows).messages
     assert chunk == rows

@@ -58,7 +58,7 @@ def test_as_text_of_a_list_reads_as_written(tmp_path: Path) -> None:
 
 
 MACROS = (
-    '{% macro field(label, value) %}*{{ label }}*\\n{{ value }}{% endmacro %}'
+    "{% macro field(label, value) %}*{{ label }}*\\n{{ value }}{% endmacro %}"
     "{% set when %}{{ event.RoomId }} at {{ slack_date }}{% endset %}"
     "{% macro wrap() %}[{{ caller() }}]{% endmacro %}"
     '{"text": "{{ field("Room", event.RoomId) }}", "when": "{{ when }}",'

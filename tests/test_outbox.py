@@ -214,6 +214,28 @@ def test_retry_by_id_and_dead_by_channel(tmp_path: Path) -> None:
     assert f"delivery {ids['hook_in_flight']}: " in missing.stderr
 
 
+def test_retry_dead_leaves_a_channel_the_config_no_longer_has(tmp_path: Path) -> None:
+    # Back to pending with no lane to send them, they aged there until a restart buried them
+    # again, and the command had said "back to pending".
+    ids = populate(tmp_path)
+    config = tmp_path / "config.toml"
+    config.write_text(
+        CONFIG.replace(
+            '[channels.hook]\ntype = "webhook"\nurl = "http://127.0.0.1:9/x"\n', ""
+        ).replace('channels = ["console", "hook"]', 'channels = ["console"]')
+    )
+    every = run("retry", "--dead", "--config", str(config))
+    assert (every.returncode, every.stdout) == (0, "1 delivery back to pending\n"), every.stderr
+    assert "channel 'hook' is not in the config: its 1 dead letters stay dead" in every.stderr
+    after = deliveries(tmp_path)
+    assert after[ids["console_dead"]].state == State.PENDING
+    assert after[ids["hook_dead"]].state == State.DEAD
+    named = run("retry", "--dead", "--channel", "hook", "--config", str(config))
+    assert named.returncode == 1 and named.stdout == ""
+    assert "no channel 'hook' in" in named.stderr and "they stay dead" in named.stderr
+    assert deliveries(tmp_path)[ids["hook_dead"]].state == State.DEAD
+
+
 def test_retry_takes_ids_or_dead(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     for args in ([], ["1", "--dead"], ["1", "--channel", "hook"]):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import json
 import socket
 import threading
 import time
@@ -114,17 +115,35 @@ def test_concurrent_posts_get_unique_increasing_ts() -> None:
         assert all(len(t.split(".")[1]) == 6 for t in recorded)
 
 
+def button(text: str, url: str) -> dict[str, Any]:
+    return {"type": "button", "text": {"type": "plain_text", "text": text}, "url": url}
+
+
+def total(length: int) -> list[dict[str, Any]]:
+    """Sections whose blocks are `length` characters in all, as JSON."""
+    blocks = [section("s" * 2000)] * 5
+    size = len(json.dumps(blocks, ensure_ascii=False, separators=(",", ":")))
+    return [
+        *blocks,
+        section(
+            "s" * (length - size - len(',{"type":"section","text":{"type":"mrkdwn","text":""}}'))
+        ),
+    ]
+
+
 def test_limits_are_inclusive() -> None:
-    at_limits = [
-        header("h" * 150),
-        section("s" * 3000),
-        {"type": "section", "fields": [field("f" * 2000)] * 10},
-        context(10),
+    messages = [
+        [header("h" * 150), section("s" * 3000), context(10)],
+        [{"type": "section", "fields": [field("f" * 2000)] + [field("f" * 500)] * 9}],
+        [{"type": "context", "elements": [field("c" * 3000)]}],
+        [{"type": "actions", "elements": [button("b" * 75, "https://x/" + "u" * 2990)]}],
+        total(12_000),
+        [{"type": "divider"}] * 50,
     ]
     with SlackStandIn() as slack:
-        assert api_post(slack, channel=CHANNEL, text="t" * 40_000, blocks=at_limits)["ok"]
-        blocks = [{"type": "divider"}] * 50
-        assert api_post(slack, channel=CHANNEL, text="fallback", blocks=blocks)["ok"]
+        assert api_post(slack, channel=CHANNEL, text="t" * 40_000, blocks=messages[0])["ok"]
+        for blocks in messages[1:]:
+            assert api_post(slack, channel=CHANNEL, text="fallback", blocks=blocks)["ok"]
 
 
 @pytest.mark.parametrize(
@@ -142,6 +161,24 @@ def test_limits_are_inclusive() -> None:
         (TOKEN, {"blocks": [{"type": "section", "fields": [field("f")] * 11}]}, "invalid_blocks"),
         (TOKEN, {"blocks": [{"type": "section", "fields": [field("f" * 2001)]}]}, "invalid_blocks"),
         (TOKEN, {"blocks": [context(11)]}, "invalid_blocks"),
+        (
+            TOKEN,
+            {"blocks": [{"type": "context", "elements": [field("c" * 3001)]}]},
+            "invalid_blocks",
+        ),
+        (TOKEN, {"blocks": [{"type": "context", "elements": [field("")]}]}, "invalid_blocks"),
+        (TOKEN, {"blocks": [{"type": "header", "text": field("h")}]}, "invalid_blocks"),
+        (
+            TOKEN,
+            {"blocks": [{"type": "actions", "elements": [button("b" * 76, "https://x/")]}]},
+            "invalid_blocks",
+        ),
+        (
+            TOKEN,
+            {"blocks": [{"type": "actions", "elements": [button("b", "h" * 3001)]}]},
+            "invalid_blocks",
+        ),
+        (TOKEN, {"blocks": total(12_001)}, "msg_blocks_too_long"),
         (TOKEN, {"text": "t" * 40_001}, "msg_too_long"),
         (TOKEN, {"thread_ts": "1700000000.000001"}, "thread_not_found"),
     ],
