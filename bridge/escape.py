@@ -2,8 +2,9 @@
 
 Every `{{ … }}` passes through the environment's `finalize` (FINALIZE, by channel type): inside a
 JSON string and Slack's mrkdwn for slack templates (`&`, `<` and `>` as Slack's entities, so a
-room called `<!channel>` pings nobody; line breaks and bidirectional overrides as their escapes), inside a JSON string for webhook templates, as one visible
-line for console templates. `tojson` (TOJSON) gives a complete JSON value escaped the same way.
+room called `<!channel>` pings nobody; line breaks and bidirectional overrides as their
+escapes), inside a JSON string for webhook templates, as one visible line for console templates.
+`tojson` (TOJSON) gives a complete JSON value escaped the same way.
 Values the bridge builds itself for Slack (the `<!date^…>` token, the room link) are `Verbatim`.
 What a macro or a `{% set %}` block gives is escaped already, as it was written: `Escaped`.
 """

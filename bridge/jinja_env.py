@@ -65,6 +65,19 @@ class _Folder(jinja2.FileSystemLoader):
         return None
 
 
+# The most items a template's range() gives. A loop over range(10**12) held start-up, `check`
+# and a reload (its thread at 100% CPU, every acknowledgement slower) for good; events' own
+# lists are bounded by the body's size.
+RANGE_LIMIT = 10_000
+
+
+def _range(*args: int) -> range:
+    items = range(*args)
+    if len(items) > RANGE_LIMIT:
+        raise OverflowError(f"range() of {len(items)} items: at most {RANGE_LIMIT} in a template")
+    return items
+
+
 COMPILED_LIMIT = 1000  # templates kept compiled, a channel type
 _caching = threading.Lock()
 K = TypeVar("K")
@@ -124,6 +137,7 @@ def environments(folder: Path) -> dict[str, jinja2.Environment]:
         )
         # Jinja joins every captured buffer (a macro's, a set block's, the template's) with it.
         env.concat = escaped_concat  # type: ignore[method-assign]
+        env.globals["range"] = _range
         env.filters["tojson"] = TOJSON[kind]
         env.filters["as_text"] = as_text
         env.tests["command_name"] = is_command_name

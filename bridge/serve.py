@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import resource
 import signal
 import sys
@@ -117,6 +118,14 @@ async def store_problem(config: StoreConfig) -> str | None:
     return None
 
 
+STOP_NOW_S = 5.0  # after a second signal, the most the process takes to end
+
+
+def _exit_now(sig: int) -> None:
+    logs.flush()
+    os._exit(128 + sig)
+
+
 class DrainingServer(uvicorn.Server):
     """On the first SIGTERM or SIGINT, /readyz turns 503 at once and the listener closes
     `drain_s` later; callbacks meanwhile are acknowledged as usual. A second signal stops now."""
@@ -147,6 +156,12 @@ class DrainingServer(uvicorn.Server):
             self._bridge.stop_now()
             if self._timer is not None:
                 self._timer.cancel()
+            self.force_exit = True  # SIGTERM too: no waiting for requests under way
+            # A thread that does not end (a reload rendering a template for ever) would hold
+            # the exit: Python waits for its threads. Stopping at once is what was asked.
+            watchdog = threading.Timer(STOP_NOW_S, _exit_now, (sig,))
+            watchdog.daemon = True
+            watchdog.start()
         self._signalled = True
         self._bridge.draining = True
         if self._drain_s > 0 and self._timer is None and not self.should_exit:

@@ -122,3 +122,11 @@ def test_a_template_is_compiled_once_a_process_and_again_when_its_file_changes(
     # Each channel type compiles its own: its options are its own.
     assert environments(tmp_path)["slack"].get_template(NAME).render(b=3) == "second 3"
     assert compiled == [NAME, NAME, NAME]
+
+
+def test_range_is_capped_so_that_a_loop_ends(tmp_path: Path) -> None:
+    # range(10**12) held start-up, `check` and a reload for good, at 100% CPU.
+    env = environments(tmp_path)["console"]
+    assert env.from_string("{{ range(10000) | length }}").render() == "10000"
+    with pytest.raises(OverflowError, match="at most 10000"):
+        env.from_string("{% for i in range(10**12) %}{% endfor %}").render()

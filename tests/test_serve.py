@@ -21,6 +21,7 @@ import pytest
 from tests.bridge_server import (
     APP_ID,
     OK_PACKET,
+    ROOT,
     SEED_BODY,
     delivery_states,
     free_port,
@@ -241,6 +242,46 @@ def test_a_second_signal_stops_at_once(
     text = log.read_text()
     assert "live-bridge stopped" in text
     assert "Traceback" not in text and " ERROR " not in text
+
+
+def test_a_second_signal_stops_even_a_reload_that_does_not_end(tmp_path: Path) -> None:
+    # A template that renders for ever (range() is capped, but loops nest) held the reload's
+    # thread, and the process waited for it at exit: only kill -9 stopped it.
+    port = free_port()
+    config = write_config(tmp_path, port, extra=f'[admin]\ntoken = "{SECRET}"\n')
+    log = tmp_path / "bridge.log"
+    process = start(config, log)
+    reloading = threading.Thread(target=reload_by_http, args=(port,), daemon=True)
+    try:
+        assert wait_until(lambda: ready(f"http://127.0.0.1:{port}"), timeout=20)
+        (tmp_path / "console").mkdir()
+        (tmp_path / "console" / "default.j2").write_text(
+            "{% for a in range(10000) %}{% for b in range(10000) %}{% for c in range(10000) %}"
+            "{% endfor %}{% endfor %}{% endfor %}x"
+        )
+        config.write_text(config.read_text().replace(
+            f'dir = "{ROOT / "templates"}"', f'dir = "{tmp_path}"'
+        ))  # fmt: skip
+        reloading.start()
+        time.sleep(1.0)  # the reload is rendering
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        asked = time.monotonic()
+        # Ended by the signal (a shell's 143), or by the watchdog with that status.
+        assert process.wait(timeout=20) in (-signal.SIGTERM, 128 + signal.SIGTERM)
+        assert time.monotonic() - asked < 8.0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def reload_by_http(port: int) -> None:
+    with contextlib.suppress(OSError, http.client.HTTPException):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("POST", "/-/reload", headers={"Authorization": f"Bearer {SECRET}"})
+        conn.getresponse().read()
 
 
 def test_the_descriptor_limit_is_raised_to_the_hard_limit(tmp_path: Path) -> None:
