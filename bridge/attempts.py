@@ -52,7 +52,9 @@ class Attempts:
     _composer: Composer
     _metrics: Outcomes | None
     states: dict[str, ChannelState]
-    _backing_off: set[str]  # channels whose last attempt failed and was retried with a backoff
+    # By channel, deliveries whose attempts failed (and back off) since its last success; two
+    # are enough to tell: one failing alone is its own trouble, not its far end's.
+    _failing: dict[str, set[int]]
 
     async def _attempt(self, policy: ChannelPolicy, row: Claimed) -> Outcome:
         try:
@@ -108,11 +110,12 @@ class Attempts:
             await self._store.mark_delivered(row.id, now)
             self._note(row, "delivered")
             log.info("delivered %s attempt=%d", tag, row.attempts)
-            if row.channel in self._backing_off:
-                # Its far end answers again. What failed meanwhile backs off, each delivery
-                # due at its own time, and would trickle out one message at a time: due now,
-                # the next claim sees them together, and a backlog goes as digests.
-                self._backing_off.discard(row.channel)
+            if len(self._failing.pop(row.channel, ())) >= 2:
+                # Its far end answers again after failing for several deliveries (an outage).
+                # What failed meanwhile backs off, each delivery due at its own time, and would
+                # trickle out one message at a time: due now, the next claim sees them
+                # together, and a backlog goes as digests. A delivery that fails alone among
+                # successes (its own trouble) keeps its backoff.
                 if resumed := await self._store.resume(row.channel, now):
                     log.info("channel %s answers again: %d deliveries backing off are due now",
                              row.channel, resumed)  # fmt: skip
@@ -140,7 +143,9 @@ class Attempts:
                 outcome.retry_after or 0.0,
             )
             await self._store.mark_retry(row.id, now, now + delay, outcome.error, count=True)
-            self._backing_off.add(row.channel)
+            failing = self._failing.setdefault(row.channel, set())
+            if len(failing) < 2:
+                failing.add(row.id)
             log.info("retry %s attempt=%d in %.1fs: %s", tag, row.attempts, delay, outcome.error)
 
     async def _give_back(self, rows: Sequence[Claimed], at: float, why: str) -> None:

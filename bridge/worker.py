@@ -57,7 +57,7 @@ class Worker(Lanes):
         self._holding: dict[str, int] = {}
         self._elsewhere: dict[str, float] = {}  # channel -> time.monotonic() to look again
         self.states: dict[str, ChannelState] = {}
-        self._backing_off: set[str] = set()
+        self._failing: dict[str, set[int]] = {}
         self._wake = asyncio.Event()
         self._arrivals = 0  # wake() calls: new work may be in the store
         self._lingering: set[asyncio.Future[None]] = set()  # lanes waiting for new work
