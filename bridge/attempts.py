@@ -110,15 +110,15 @@ class Attempts:
             await self._store.mark_delivered(row.id, now)
             self._note(row, "delivered")
             log.info("delivered %s attempt=%d", tag, row.attempts)
-            if len(self._failing.pop(row.channel, ())) >= 2:
-                # Its far end answers again after failing for several deliveries (an outage).
-                # What failed meanwhile backs off, each delivery due at its own time, and would
-                # trickle out one message at a time: due now, the next claim sees them
-                # together, and a backlog goes as digests. A delivery that fails alone among
-                # successes (its own trouble) keeps its backoff.
-                if resumed := await self._store.resume(row.channel, now):
-                    log.info("channel %s answers again: %d deliveries backing off are due now",
-                             row.channel, resumed)  # fmt: skip
+            # Its far end answers again after failing for several deliveries (an outage). What
+            # failed meanwhile backs off, each delivery due at its own time, and would trickle
+            # out one message at a time: due now, the next claim sees them together, and a
+            # backlog goes as digests. A delivery that fails alone among successes (its own
+            # trouble) keeps its backoff.
+            outage = len(self._failing.pop(row.channel, ())) >= 2
+            if outage and (resumed := await self._store.resume(row.channel, now)):
+                log.info("channel %s answers again: %d deliveries backing off are due now",
+                         row.channel, resumed)  # fmt: skip
         elif outcome.result is Result.PERMANENT:
             await self._store.mark_dead(row.id, now, outcome.error)
             self._note(row, "dead", outcome.error)

@@ -9,7 +9,6 @@ the serving process does only what acknowledging needs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -25,7 +24,7 @@ from bridge.events import URL_NAMES, BadEvent, Envelope, decode_body, parse_even
 from bridge.metrics import Metrics
 from bridge.render import Context, Renderer, RenderError
 from bridge.routing import Router
-from bridge.store import NewDelivery, NewEvent, Store, StoreUnavailable
+from bridge.store import NewDelivery, NewEvent, Store, StoreUnavailable, dedup_digest
 from bridge.verify import Refused, check_app_id, check_signature, query_keys
 
 log = logging.getLogger(__name__)
@@ -62,15 +61,16 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def dedup_key(command: str, body: bytes, event_time: int | None) -> str:
-    """The same command and body again, byte for byte: what Tencent's retry-on-timeout sends.
+def dedup_key(command: str, sdk_app_id: int, body: bytes, event_time: int | None) -> str:
+    """The same app, command and body again, byte for byte: what Tencent's retry-on-timeout
+    sends (`store.dedup_digest`).
 
     The body's EventTime (part of the bytes hashed, so a retry carries the same one) leads the
     key as 16 hex digits, two's complement as SQLite's printf and PostgreSQL's to_hex write it:
     keys arrive in about the order they sort, so each commit adds to the last pages of the
     dedup index instead of one page at random per callback (for a batch of 16 callbacks, 12
     pages written instead of 31, measured). A body without EventTime gets an empty prefix."""
-    digest = hashlib.sha256(command.encode() + b"\0" + body).hexdigest()
+    digest = dedup_digest(command, sdk_app_id, body)
     if event_time is None:
         return f":{digest}"
     return f"{event_time & 0xFFFF_FFFF_FFFF_FFFF:016x}:{digest}"
@@ -155,7 +155,7 @@ class Receiver:
             event_time=event.EventTime,
             body=body.decode(),
             query=json.dumps(visible),
-            dedup_key=dedup_key(event.CallbackCommand, body, event.EventTime),
+            dedup_key=dedup_key(event.CallbackCommand, app_id, body, event.EventTime),
         )
         # Tencent retries only "after" callbacks (on timeout, when the console says so). A
         # "before" callback asks permission for something happening now, and two of them can be

@@ -81,7 +81,7 @@ async def assert_retries_are_duplicates(store: Store, now: float) -> None:
     for event_id, at, body in KEYED_BEFORE:
         retry = NewEvent(
             sdk_app_id=1400000000, command=OWNER, room_id=f"r{event_id}", event_time=at,
-            body=body, query="{}", dedup_key=dedup_key(OWNER, body.encode(), at),
+            body=body, query="{}", dedup_key=dedup_key(OWNER, 1400000000, body.encode(), at),
         )  # fmt: skip
         recorded = await store.record(retry, [NewDelivery("a", "p")], now, 600)
         assert (recorded.event_id, recorded.duplicate) == (event_id, True), body

@@ -292,6 +292,27 @@ def test_duplicate_within_window_acknowledged_and_stored_once(
     assert len(slack.sink_requests) == 2
 
 
+def test_the_same_bytes_from_two_apps_are_two_events(tmp_path: Path, slack: SlackStandIn) -> None:
+    # Tencent calls each app's URL for its own events: the same bytes from another app are
+    # another event, not a retry. The second app's was answered OK and dropped as a duplicate.
+    channels = f'[channels.sink]\ntype = "webhook"\nurl = "{slack.sink_url()}"\n'
+    routes = '[[routes]]\nname = "all"\nchannels = ["sink"]\n'
+    path = write_config(tmp_path, channels=channels, routes=routes)
+    path.write_text(
+        path.read_text().replace(f"sdk_app_id = {APP_ID}", f"sdk_app_id = [{APP_ID}, {APP_ID + 1}]")
+    )
+    with InThread(path) as running:
+        for app in (APP_ID, APP_ID + 1, APP_ID):  # the last: a retry of the first
+            query = {"SdkAppid": str(app), "CallbackCommand": OWNER}
+            assert post_callback(running.url, SEED_BODY, query) == (200, OK_PACKET)
+        assert len(events(running)) == 2
+        assert slack.wait_for(lambda s: len(s.sink_requests) == 2)
+    assert sorted(json.loads(r.body)["sdk_app_id"] for r in slack.sink_requests) == [
+        APP_ID,
+        APP_ID + 1,
+    ]
+
+
 def test_before_callbacks_the_same_byte_for_byte_are_each_stored(bridge: InThread) -> None:
     # Tencent's own gift sample: no EventTime, a Time in seconds. The same gift sent twice in
     # one second is two gifts, not a retry.
@@ -396,12 +417,13 @@ def test_content_type_is_not_required_nor_trusted(bridge: InThread) -> None:
     assert wait_until(lambda: len(events(bridge)) == 1)
 
 
-def test_dedup_key_is_command_and_bytes() -> None:
+def test_dedup_key_is_app_command_and_bytes() -> None:
     at = 1703589922780
-    key = dedup_key(OWNER, SEED_BODY, at)
-    assert key == dedup_key(OWNER, SEED_BODY, at)
-    assert key != dedup_key("Live.CallbackAfterCreateRoom", SEED_BODY, at)
-    assert key != dedup_key(OWNER, SEED_BODY + b" ", at)
+    key = dedup_key(OWNER, APP_ID, SEED_BODY, at)
+    assert key == dedup_key(OWNER, APP_ID, SEED_BODY, at)
+    assert key != dedup_key("Live.CallbackAfterCreateRoom", APP_ID, SEED_BODY, at)
+    assert key != dedup_key(OWNER, APP_ID, SEED_BODY + b" ", at)
+    assert key != dedup_key(OWNER, APP_ID + 1, SEED_BODY, at)  # another app's: another event
 
 
 @pytest.mark.parametrize(
@@ -416,12 +438,12 @@ def test_dedup_key_is_command_and_bytes() -> None:
     ],
 )
 def test_dedup_key_leads_with_the_event_time(event_time: int | None, prefix: str) -> None:
-    digest = hashlib.sha256(OWNER.encode() + b"\0" + SEED_BODY).hexdigest()
-    assert dedup_key(OWNER, SEED_BODY, event_time) == f"{prefix}:{digest}"
+    digest = hashlib.sha256(f"{OWNER}\0{APP_ID}\0".encode() + SEED_BODY).hexdigest()
+    assert dedup_key(OWNER, APP_ID, SEED_BODY, event_time) == f"{prefix}:{digest}"
 
 
 def test_dedup_keys_sort_in_event_time_order() -> None:
     # What keeps each commit's dedup writes on the last pages of the index.
     times = [1703589922780 + step for step in (0, 1, 999, 10**6, 10**9)]
-    keys = [dedup_key(OWNER, b"%d" % n, at) for n, at in enumerate(times)]
+    keys = [dedup_key(OWNER, APP_ID, b"%d" % n, at) for n, at in enumerate(times)]
     assert keys == sorted(keys)

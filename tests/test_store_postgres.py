@@ -195,7 +195,9 @@ async def test_a_database_of_version_4_gets_the_index_the_prune_walks(
         )  # fmt: skip
     postgres_sql("SELECT setval(pg_get_serial_sequence('events', 'id'), 2)")
     store = await open_store()
-    assert postgres_sql("SELECT value FROM meta WHERE key = 'schema_version'") == [("5",)]
+    assert postgres_sql("SELECT value FROM meta WHERE key = 'schema_version'") == [
+        (str(SCHEMA_VERSION),)
+    ]
     assert postgres_sql("SELECT indexdef FROM pg_indexes WHERE indexname = 'events_received'") == [
         ("CREATE INDEX events_received ON public.events USING btree (received_at, id)",)
     ]
@@ -203,6 +205,7 @@ async def test_a_database_of_version_4_gets_the_index_the_prune_walks(
     assert await store.prune(cutoff, cutoff, cutoff) == 2  # the delivery and its event
     assert postgres_sql("SELECT id FROM events") == [(2,)]
     await store.close()
-    postgres_sql("UPDATE meta SET value = '6' WHERE key = 'schema_version'")  # a newer one's
+    newer = str(SCHEMA_VERSION + 1)  # a newer live-bridge's
+    postgres_sql("UPDATE meta SET value = %s WHERE key = 'schema_version'", newer)
     with pytest.raises(StoreUnavailable, match="newer"):
         await PostgresStore(postgres_url).open()

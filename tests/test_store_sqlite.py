@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -14,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from bridge.store import UNKNOWN_TAT, NewDelivery, Pace, StoreUnavailable
+from bridge.receive import dedup_key
+from bridge.store import UNKNOWN_TAT, NewDelivery, NewEvent, Pace, StoreUnavailable
 from bridge.store.schema import (
     CLAIM_SQL,
     DUE_SQL,
@@ -264,6 +266,36 @@ async def test_dedup_keys_written_before_version_5_still_find_retries(tmp_path: 
     conn.close()
     await assert_file_finds_retries(path, now + 1)
     assert db_rows(path, "SELECT count(*) FROM events") == [(len(KEYED_BEFORE),)]
+
+
+async def test_dedup_keys_written_before_version_8_name_their_app(tmp_path: Path) -> None:
+    # Keys of version 7 were EventTime, then the command and body alone: two apps sending the
+    # same bytes were one event. Made again from their events, a retry still finds its own.
+    path = tmp_path / "old.db"
+    now = time.time()
+    body = '{"CallbackCommand":"X","RoomId":"r","EventTime":1000}'
+    old_key = "00000000000003e8:" + hashlib.sha256(f"X\0{body}".encode()).hexdigest()
+    with contextlib.closing(old_database(path, 7)) as conn:
+        conn.execute(
+            "INSERT INTO events VALUES (1, ?, 1400000001, 'X', 'r', 1000, ?, '{}')", (now, body)
+        )
+        conn.execute("INSERT INTO dedup VALUES (?, ?, 1)", (old_key, now))
+        conn.execute("INSERT INTO dedup VALUES ('00:gone', ?, 7)", (now,))  # its event pruned
+        migrate(conn)
+    assert db_rows(path, "SELECT key FROM dedup ORDER BY event_id") == [
+        (dedup_key("X", 1400000001, body.encode(), 1000),), ("00:gone",)
+    ]  # fmt: skip
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        for app, duplicate in ((1400000001, True), (1400000000, False)):
+            event = NewEvent(
+                app, "X", "r", 1000, body, "{}", dedup_key("X", app, body.encode(), 1000)
+            )
+            recorded = await store.record(event, [NewDelivery("a", "p")], now + 1, 600)
+            assert recorded.duplicate is duplicate
+    finally:
+        await store.close()
 
 
 async def test_ids_deleted_before_version_6_are_not_handed_out_again(tmp_path: Path) -> None:

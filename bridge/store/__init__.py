@@ -20,6 +20,7 @@ announced (bridge/presence.py decides when).
 from __future__ import annotations
 
 import enum
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -87,6 +88,13 @@ class Claimed:
 
 
 UNKNOWN_TAT = -1.0
+
+
+def dedup_digest(command: str, sdk_app_id: int, body: bytes) -> str:
+    """The part of a dedup key that says "the same callback": its SDKAppID, command and body,
+    byte for byte (receive.dedup_key puts the EventTime before it). Two apps sending the same
+    bytes are two events: Tencent calls each app's URL for its own."""
+    return hashlib.sha256(b"%s\0%d\0%s" % (command.encode(), sdk_app_id, body)).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from psycopg import AsyncConnection
 
 from bridge.store import CLOCK_STEP_S, StoreUnavailable
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # pg_advisory_xact_lock keys: any two numbers no other user of the database is likely to take.
 MIGRATION_LOCK = 0x6C62_6D69  # "lbmi"
@@ -106,6 +106,15 @@ MIGRATIONS: tuple[str, ...] = (
     # SQLite's index ends with it unasked, and the walk goes on from (received_at, id).
     """
     CREATE INDEX events_received ON events (received_at, id);
+    """,
+    # 6: dedup keys name the SDKAppID too (store.dedup_digest), as SQLite's do from its version
+    # 8; keys whose event is gone keep their form and age.
+    """
+    UPDATE dedup SET key = split_part(dedup.key, ':', 1) || ':' || encode(sha256(
+        convert_to(e.command, 'UTF8') || '\\x00'::bytea || convert_to(e.sdk_app_id::text, 'UTF8')
+        || '\\x00'::bytea || convert_to(e.body, 'UTF8')
+    ), 'hex')
+    FROM events e WHERE e.id = dedup.event_id;
     """,
 )
 

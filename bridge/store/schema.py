@@ -6,9 +6,9 @@ from __future__ import annotations
 import secrets
 import sqlite3
 
-from bridge.store import CLOCK_STEP_S
+from bridge.store import CLOCK_STEP_S, dedup_digest
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 # Each entry brings the schema from version i to i + 1; append, never edit.
 MIGRATIONS: tuple[str, ...] = (
@@ -107,6 +107,16 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX events_received ON events (received_at)
     """,
+    # 8: dedup keys name the SDKAppID too (store.dedup_digest): two apps sending the same bytes
+    # are two events. Keys written before are made again from their events, so that a retry
+    # that spans the upgrade is still found; a key whose event is gone keeps its form and ages.
+    """
+    UPDATE dedup SET key = substr(key, 1, instr(key, ':')) || (
+        SELECT live_bridge_dedup_digest(e.command, e.sdk_app_id, e.body)
+        FROM events e WHERE e.id = dedup.event_id
+    )
+    WHERE EXISTS (SELECT 1 FROM events e WHERE e.id = dedup.event_id)
+    """,
 )
 
 assert len(MIGRATIONS) == SCHEMA_VERSION
@@ -118,6 +128,7 @@ def migrate(conn: sqlite3.Connection) -> str:
     each migration is applied once, by whichever takes the write lock first. Returns the
     database's identity (Store.identity)."""
     conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    conn.create_function("live_bridge_dedup_digest", 3, _dedup_digest, deterministic=True)
     version = _version(conn)
     while version < SCHEMA_VERSION:
         conn.execute("BEGIN IMMEDIATE")
@@ -143,6 +154,11 @@ def migrate(conn: sqlite3.Connection) -> str:
             f"schema version {version} is newer than this live-bridge ({SCHEMA_VERSION})"
         )
     return _identity(conn)
+
+
+def _dedup_digest(command: str, sdk_app_id: int, body: str) -> str:
+    # The body as received: stored as its UTF-8 text (receive.py decodes it), read back alike.
+    return dedup_digest(command, sdk_app_id, body.encode())
 
 
 def _identity(conn: sqlite3.Connection) -> str:
