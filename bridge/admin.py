@@ -279,4 +279,7 @@ class Admin:
             "refresh": REFRESH_S,
             "retried": retried, "retried_channel": request.query_params.get("channel"),
             "draining": bridge.draining,
+            "reload": None if bridge.last_reload is None else {
+                "when": when(bridge.last_reload[0]), "refused": bridge.last_reload[1],
+            },
         }  # fmt: skip

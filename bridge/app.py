@@ -80,6 +80,7 @@ class Bridge(Reloads):
         self._loop: asyncio.AbstractEventLoop | None = None
         self.receiver = self._receiver(config, self.renderer)
         self._reloading = asyncio.Lock()
+        self.last_reload: tuple[float, str | None] | None = None
         self._ping: asyncio.Future[None] | None = None  # the store ping /readyz waits for
         self._late_burials: set[asyncio.Task[None]] = set()  # see reload()
 

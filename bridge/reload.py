@@ -12,6 +12,7 @@ import abc
 import asyncio
 import contextlib
 import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,6 +53,7 @@ class Reloads(abc.ABC):
     _session: aiohttp.ClientSession | None
     _reloading: asyncio.Lock
     _late_burials: set[asyncio.Task[None]]
+    last_reload: tuple[float, str | None] | None  # when, and why it was refused (None: it was not)
 
     @abc.abstractmethod
     def _receiver(self, config: Config, renderer: Renderer) -> Receiver:
@@ -93,6 +95,7 @@ class Reloads(abc.ABC):
                              "when sent", rerendered)  # fmt: skip
             except (ConfigError, StoreUnavailable) as exc:
                 self.metrics.reloads.labels("failure").inc()
+                self.last_reload = (time.time(), str(exc))  # on /status until the next one
                 log.error("reload refused, the running config stays: %s", exc)
                 if exc.__cause__ is not None:  # not a config error: a bug, to be found
                     log.debug("what the reload ran into", exc_info=exc.__cause__)
@@ -124,6 +127,7 @@ class Reloads(abc.ABC):
                 burial.add_done_callback(self._late_burials.discard)
             buried = await self._settle_channels(retyped)
             self.metrics.reloads.labels("success").inc()
+            self.last_reload = (time.time(), None)
             message = f"reloaded: {len(config.channels)} channels, {len(config.routes)} routes"
             if buried:
                 message += f"; {buried} deliveries to removed channels are dead letters"

@@ -382,3 +382,22 @@ def test_pages_the_store_cannot_give_are_503_not_500(tmp_path: Path, postgres_ur
             proxy.restore()
             assert wait_until(lambda: http_request(bridge.url + "/metrics")[0] == 200, 15)
             assert http_request(bridge.url + "/status")[0] == 200
+
+
+def test_the_status_page_says_a_reload_was_refused_and_why(
+    bridge: InThread, tmp_path: Path
+) -> None:
+    # The log and the metric said so; the page an operator looks at did not.
+    page = http_request(bridge.url + "/status")[2].decode()
+    assert 'id="reload"' not in page
+    path = tmp_path / "config.toml"
+    good = path.read_text()
+    path.write_text(good + "\n[bogus]\nx = 1\n")
+    assert http_request(bridge.url + "/-/reload", "POST")[0] == 400
+    page = http_request(bridge.url + "/status")[2].decode()
+    assert "was refused; the running config stays" in page
+    assert "bogus: unknown key" in page
+    path.write_text(good)
+    assert http_request(bridge.url + "/-/reload", "POST")[0] == 200
+    page = http_request(bridge.url + "/status")[2].decode()
+    assert "was refused" not in page and "Config reloaded at" in page
