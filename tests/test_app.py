@@ -134,8 +134,8 @@ def test_injection_strings_reach_slack_as_literal_text(tmp_path: Path, slack: Sl
     for ping in ("<!channel>", "<!here>", "<@U123>", "<http://evil"):
         assert ping not in payload
     room_field = slack.posted[0].payload["blocks"][1]["fields"][0]["text"]
-    assert room_field == (
-        '*Room*\n&lt;!channel&gt; &lt;@U123&gt; &lt;http://evil|click&gt; &amp; "q" \\ \n end'
+    assert room_field == (  # the value's line break shown as \n: no line of its own
+        '*Room*\n&lt;!channel&gt; &lt;@U123&gt; &lt;http://evil|click&gt; &amp; "q" \\ \\n end'
     )
 
 
