@@ -65,7 +65,7 @@ Millis = Annotated[
 # Tencent's Integer fields are 64 bits, signed or not. Python's are unbounded: 10**400 would
 # pass the JSON decoder, then fail a template's arithmetic (`Duration / 1000` as a float) or
 # formatting ('%d' stops at 4,300 digits) at delivery, a dead letter for an acknowledged event.
-# Refused at receipt instead, with the field's name.
+# Beyond, the field is left unset at receipt (parse_event), as any of another type.
 Integer = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
 
 
