@@ -10,6 +10,7 @@ templates escape whatever a client manages to put into a room name, an account o
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 # Tencent's samples send some accounts as bare integers above 2**53; they must keep every digit.
@@ -268,31 +269,30 @@ def sample(command: str) -> dict[str, Any]:
     return body
 
 
-def _replace_strings(node: Any, value: str) -> Any:
-    if isinstance(node, str):
+def _replace(node: Any, leaf: Callable[[Any], bool], value: object) -> Any:
+    """`node` with every value `leaf` picks, however deep, set to `value`."""
+    if leaf(node):
         return value
     if isinstance(node, dict):
-        return {k: _replace_strings(v, value) for k, v in node.items()}
+        return {k: _replace(v, leaf, value) for k, v in node.items()}
     if isinstance(node, list):
-        return [_replace_strings(v, value) for v in node]
+        return [_replace(v, leaf, value) for v in node]
     return node
 
 
-def _replace_integers(node: Any, value: int) -> Any:
-    if isinstance(node, int) and not isinstance(node, bool):
-        return value
-    if isinstance(node, dict):
-        return {k: _replace_integers(v, value) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_replace_integers(v, value) for v in node]
-    return node
+def _is_string(node: Any) -> bool:
+    return isinstance(node, str)
+
+
+def _is_integer(node: Any) -> bool:
+    return isinstance(node, int) and not isinstance(node, bool)
 
 
 def hostile_integers(command: str, value: int) -> dict[str, Any]:
     """The sample for `command` with every integer in it, except EventTime, set to `value`."""
     body = sample(command)
     event_time = body.pop("EventTime", None)
-    body = dict(_replace_integers(body, value))
+    body = dict(_replace(body, _is_integer, value))
     if event_time is not None:
         body["EventTime"] = event_time
     return body
@@ -300,6 +300,6 @@ def hostile_integers(command: str, value: int) -> dict[str, Any]:
 
 def hostile(command: str, value: str) -> dict[str, Any]:
     """The sample for `command` with every string in it, except CallbackCommand, set to `value`."""
-    body: dict[str, Any] = _replace_strings(sample(command), value)
+    body: dict[str, Any] = _replace(sample(command), _is_string, value)
     body["CallbackCommand"] = command
     return body

@@ -146,20 +146,15 @@ def _block_is_valid(block: dict[str, Any]) -> bool:
             isinstance(fields, list) and len(fields) <= 10 and all(_fits(f, 2000) for f in fields)
         )
     if kind == "context":
-        elements = block.get("elements")
-        return (
-            isinstance(elements, list)
-            and 0 < len(elements) <= 10
-            and all(_element_is_valid(e) for e in elements)
-        )
+        return _elements_are_valid(block, 10, _element_is_valid)
     if kind == "actions":
-        elements = block.get("elements")
-        return (
-            isinstance(elements, list)
-            and 0 < len(elements) <= 25
-            and all(_button_is_valid(e) for e in elements)
-        )
+        return _elements_are_valid(block, 25, _button_is_valid)
     return True
+
+
+def _elements_are_valid(block: dict[str, Any], most: int, valid: Callable[[Any], bool]) -> bool:
+    elements = block.get("elements")
+    return isinstance(elements, list) and 0 < len(elements) <= most and all(map(valid, elements))
 
 
 class SlackStandIn:
