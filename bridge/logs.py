@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import sys
+import time
 import traceback
 from collections.abc import Callable, Generator
 from datetime import UTC, datetime
@@ -83,6 +84,13 @@ class TextFormatter(logging.Formatter):
     callbacks (a command, a room, a template's error), and a newline in one of them must not
     forge a line of its own. A traceback below it keeps its lines, and each stays one line:
     what an exception says is escaped as the message is (`ValueError: a\\nb`)."""
+
+    # UTC, and said so, as the JSON lines and `outbox list` are: a host's local time without a
+    # zone made a line's time ambiguous next to them (2026-12-07 02:26:00,873 for 07:26 UTC).
+    default_msec_format = "%s.%03dZ"
+
+    def converter(self, secs: float | None) -> time.struct_time:  # logging's name
+        return time.gmtime(secs)
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # logging's name
         record.message = one_line(record.message)

@@ -76,6 +76,29 @@ def dedup_key(command: str, sdk_app_id: int, body: bytes, event_time: int | None
     return f"{event_time & 0xFFFF_FFFF_FFFF_FFFF:016x}:{digest}"
 
 
+QUIET_S = 60.0  # the least time between two lines about one kind of refusal
+
+
+class Quiet:
+    """One line a minute for each kind of refusal, saying how many went unsaid since: anyone
+    who can reach the callback URL can be refused by the thousand a second (a wrong SdkAppid, a
+    stale signature, a client that hangs up), and a line each filled the log's queue, whose
+    overflow drops the lines that matter. The metrics count every one."""
+
+    def __init__(self) -> None:
+        self._kinds: dict[str, tuple[float, int]] = {}  # kind -> (its last line, unsaid since)
+
+    def unsaid(self, kind: str) -> str | None:
+        """None to stay quiet; else what to add to this kind's line (how many went unsaid)."""
+        now = time.monotonic()
+        said_at, unsaid = self._kinds.get(kind, (-QUIET_S, 0))
+        if now - said_at < QUIET_S:
+            self._kinds[kind] = (said_at, unsaid + 1)
+            return None
+        self._kinds[kind] = (now, 0)
+        return f" ({unsaid} more since the last line, not logged)" if unsaid else ""
+
+
 def _said(query: dict[str, str]) -> str | None:
     """The command the query names, as the body would name it."""
     said = query.get("callbackcommand") or query.get("webhookcommand")
@@ -103,6 +126,7 @@ class Receiver:
         self._unstored = 0  # callbacks refused in a row because the store could not commit
         self.in_flight = 0  # callbacks being handled: a reload waits for the old receiver's
         self._mismatches: set[tuple[str, str]] = set()  # query and body commands, logged once
+        self._quiet = Quiet()
 
     async def handle(self, request: Request) -> Response:
         started = time.perf_counter()
@@ -111,16 +135,19 @@ class Receiver:
         try:
             response, result, command = await self._handle(request)
         except Refused as exc:
-            log.info("refused callback: HTTP %d %s", exc.status, exc.info)
+            if (unsaid := self._quiet.unsaid(f"HTTP {exc.status}")) is not None:
+                log.info("refused callback: HTTP %d %s%s", exc.status, exc.info, unsaid)
             response, result = packet(exc.status, exc.info), f"refused_{exc.status}"
             command = _query_command(request)  # for the metrics: no body to say otherwise
         except ClientDisconnect:
             # The client hung up (or bridge.protocol cut off a body that did not arrive in
             # time): nobody to answer, nothing stored, and nothing wrong here.
-            log.info("refused callback: client went away before its body arrived")
+            if (unsaid := self._quiet.unsaid("the client went away")) is not None:
+                log.info("refused callback: client went away before its body arrived%s", unsaid)
             response, result = packet(400, "client went away"), "disconnected"
         except Exception:
-            log.exception("callback failed")
+            if (unsaid := self._quiet.unsaid("callback failed")) is not None:
+                log.exception("callback failed%s", unsaid)
             response, result = packet(500, "internal error"), "error"
         finally:
             self.in_flight -= 1

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from bridge.receive import dedup_key
+from bridge.receive import QUIET_S, Quiet, dedup_key
 from bridge.verify import sign
 from tests.bridge_server import (
     APP_ID,
@@ -174,6 +174,8 @@ def test_a_refusal_and_an_unexpected_error_are_logged(
     with caplog.at_level(logging.INFO, logger="bridge.receive"):
         assert post_callback(bridge.url, query="SdkAppid=1")[0] == 403
         assert caplog.messages == ["refused callback: HTTP 403 unknown SdkAppid"]
+        assert post_callback(bridge.url, query="SdkAppid=1")[0] == 403  # within the minute
+        assert len(caplog.messages) == 1
 
         def broken(event: object) -> None:
             raise RuntimeError("a bug")
@@ -183,6 +185,21 @@ def test_a_refusal_and_an_unexpected_error_are_logged(
     assert status == 500 and fail_packet(reply, 500)["ErrorInfo"] == "internal error"
     assert caplog.records[-1].getMessage() == "callback failed"
     assert caplog.records[-1].exc_info is not None  # the traceback, for whoever fixes the bug
+
+
+def test_refusals_by_the_thousand_make_a_line_a_minute_each_kind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Anyone can be refused: 2,000 refused callbacks made 2,001 lines and filled the log queue.
+    clock = [1000.0]
+    monkeypatch.setattr("bridge.receive.time.monotonic", lambda: clock[0])
+    quiet = Quiet()
+    said = [quiet.unsaid("HTTP 403") for _ in range(2000)]
+    assert said[0] == "" and said[1:] == [None] * 1999
+    assert quiet.unsaid("HTTP 401") == ""  # another kind has its own minute
+    clock[0] += QUIET_S
+    assert quiet.unsaid("HTTP 403") == " (1999 more since the last line, not logged)"
+    assert quiet.unsaid("HTTP 403") is None
 
 
 def test_a_reload_after_callbacks_waits_for_none_of_them(
