@@ -88,7 +88,16 @@ class Bridge(Reloads):
         router = Router(config.routes)
         # With a delivery process, that process renders each message when it sends it.
         render = not self.own_process
-        return Receiver(config, self.store, router, renderer, self.wake, self.metrics, render)
+        return Receiver(
+            config, self.store, router, renderer, self.wake, self.metrics, render, self._dead
+        )
+
+    def _dead(self, channel: str, error: str) -> None:
+        """A delivery stored dead at receipt (its template failed to render): counted and shown
+        as the channel's last error, as a send's dead letter is."""
+        self.metrics.outcome(channel, "dead")
+        if self.worker is not None:
+            self.worker.note_error(channel, error)
 
     def _worker_setup(
         self, config: Config, renderer: Renderer

@@ -94,12 +94,16 @@ class Attempts:
             )  # fmt: skip
             return retry("internal error in sender")
 
+    def note_error(self, channel: str, error: str) -> None:
+        """The channel's last error, for its status (one found before any send, say)."""
+        state = self.states.setdefault(channel, ChannelState())
+        state.last_error, state.last_error_at = error, time.time()
+
     def _note(self, row: Claimed, kind: str, error: str | None = None) -> None:
-        state = self.states.setdefault(row.channel, ChannelState())
         if error is None:
-            state.last_success_at = time.time()
+            self.states.setdefault(row.channel, ChannelState()).last_success_at = time.time()
         else:
-            state.last_error, state.last_error_at = error, time.time()
+            self.note_error(row.channel, error)
         if self._metrics is not None:
             self._metrics.outcome(row.channel, kind, row.received_at)
 

@@ -61,7 +61,8 @@ class Metrics:
             buckets=ACK_BUCKETS, registry=r,
         )  # fmt: skip
         self.deliveries = Counter(
-            "live_bridge_deliveries", "Delivery attempts, by channel and outcome.",
+            "live_bridge_deliveries",
+            "Delivery outcomes, by channel and outcome (a digest's send: one for each event).",
             ["channel", "outcome"], registry=r,
         )  # fmt: skip
         self.delivery_latency = Histogram(

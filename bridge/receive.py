@@ -114,6 +114,7 @@ class Receiver:
     def __init__(
         self, config: Config, store: Store, router: Router, renderer: Renderer,
         on_recorded: Callable[[], None], metrics: Metrics, render: bool = True,
+        on_dead: Callable[[str, str], None] | None = None,
     ) -> None:  # fmt: skip
         self.config = config
         # False with a delivery process: rendering is its work (bridge.compose), not the ack's.
@@ -123,6 +124,9 @@ class Receiver:
         self.renderer = renderer
         self.on_recorded = on_recorded
         self.metrics = metrics  # counts every callback by command and result
+        # A delivery stored dead at receipt (its template failed): its channel and why, for the
+        # outcome counts and the channel's last error, as a send's would be.
+        self.on_dead = on_dead
         self._unstored = 0  # callbacks refused in a row because the store could not commit
         self.in_flight = 0  # callbacks being handled: a reload waits for the old receiver's
         self._mismatches: set[tuple[str, str]] = set()  # query and body commands, logged once
@@ -207,6 +211,10 @@ class Receiver:
             return packet(200), "duplicate", record.command
         if not deliveries:
             return packet(200), "unrouted", record.command
+        if self.on_dead is not None:
+            for delivery in deliveries:
+                if delivery.error is not None:
+                    self.on_dead(delivery.channel, delivery.error)
         self.on_recorded()
         return packet(200), "accepted", record.command
 

@@ -18,6 +18,7 @@ from tests.bridge_server import (
     APP_ID,
     OK_PACKET,
     OWNER,
+    ROOT,
     SEED_BODY,
     InThread,
     get,
@@ -464,3 +465,24 @@ def test_dedup_keys_sort_in_event_time_order() -> None:
     times = [1703589922780 + step for step in (0, 1, 999, 10**6, 10**9)]
     keys = [dedup_key(OWNER, APP_ID, b"%d" % n, at) for n, at in enumerate(times)]
     assert keys == sorted(keys)
+
+
+def test_a_delivery_dead_at_receipt_is_counted_and_shown(tmp_path: Path) -> None:
+    # Its template failed for this event only (start-up's check passed): stored dead, and the
+    # metrics and the status page said nothing of it, unlike a send's dead letter.
+    (tmp_path / "console").mkdir()
+    (tmp_path / "console" / "default.j2").write_text("{{ 1 // (room_id != 'boom') }}")
+    path = write_config(tmp_path)
+    path.write_text(
+        path.read_text().replace(f'dir = "{ROOT / "templates"}"', f'dir = "{tmp_path}"')
+    )
+    with InThread(path) as running:
+        body = SEED_BODY.replace(b'"room_id"', b'"boom"')
+        query = {"SdkAppid": str(APP_ID), "CallbackCommand": OWNER}
+        assert post_callback(running.url, body.replace(b"ChangeOwner", b"Other"), query)[0] == 200
+        labels = (("channel", "console"), ("outcome", "dead"))
+        assert wait_until(
+            lambda: samples(running.url).get(("live_bridge_deliveries_total", labels)) == 1
+        )
+        page = http_request(running.url + "/status")[2].decode()
+        assert "render failed" in page and "ZeroDivisionError" in page
