@@ -8,6 +8,7 @@ when `/metrics` is scraped. Label values are bounded: commands outside Tencent's
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from typing import Protocol
@@ -98,6 +99,7 @@ class Metrics:
             registry=r,
         )  # fmt: skip
         self._log_drops_counted = 0
+        self._rendering = threading.Lock()
         self._callback_series: dict[tuple[str | None, str], Counter] = {}
 
     def callback(self, command: str | None, result: str, seconds: float) -> None:
@@ -125,7 +127,12 @@ class Metrics:
             self.delivery_latency.labels(channel).observe(latency)
 
     def render(self, stats: Sequence[ChannelStats], channels: Sequence[str]) -> bytes:
-        """The exposition text, with the store's per-channel numbers as of now."""
+        """The exposition text, with the store's per-channel numbers as of now. One at a time:
+        scrapes render on threads, and one clearing the gauges must not meet another's text."""
+        with self._rendering:
+            return self._render(stats, channels)
+
+    def _render(self, stats: Sequence[ChannelStats], channels: Sequence[str]) -> bytes:
         now = time.time()
         dropped = log_writer.dropped_total()
         if dropped > self._log_drops_counted:  # counted where it happens, for every registry
