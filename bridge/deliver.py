@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from bridge import logs
+from bridge import log_writer, logs
 from bridge.checks import load_validated, validate
 from bridge.compose import Composer
 from bridge.config import Config, ConfigError, load_config
@@ -45,6 +45,7 @@ log = logging.getLogger("bridge.deliver")  # also when run as __main__
 
 REPORT_EVERY_S = 0.1  # how often the child sends what it counted
 REPORT_MAX = 1000  # outcomes a report line carries at most
+STATES_MAX = 200  # channel states a report line carries at most (each error up to ERROR_CHARS)
 ERROR_CHARS = 500  # of a channel's last error, in a report
 GATHER_S = 0.002  # the child's SQLite writer: fewer, fuller transactions (store/writer.py)
 RELOAD_AGAIN_S = (1.0, 60.0)  # the first and the longest wait before a refused reload is retried
@@ -60,6 +61,7 @@ class Report:
         self._out = out
         self._outcomes: list[tuple[str, str, float | None]] = []
         self._states: dict[str, Reported] = {}
+        self._dropped = 0  # log lines dropped, as last reported
 
     def outcome(self, channel: str, outcome: str, received_at: float | None = None) -> None:
         self._outcomes.append((channel, outcome, delivery_latency(outcome, received_at)))
@@ -74,12 +76,20 @@ class Report:
                 s.last_success_at, s.last_error and s.last_error[:ERROR_CHARS], s.last_error_at,
                 round(now + blocked, 3) if blocked > 0 else 0.0,
             )  # fmt: skip
-        changed = {k: v for k, v in states.items() if self._states.get(k) != v}
+        changed = [(k, v) for k, v in states.items() if self._states.get(k) != v]
         outcomes, self._outcomes, self._states = self._outcomes, [], states
+        # The log lines this process could not write (its stderr stalled), counted by the
+        # server's metrics: it has only its own.
+        dropped = log_writer.dropped_total()
+        if dropped != self._dropped:
+            self._out.write(b'{"d":%d}\n' % dropped)
+            self._dropped = dropped
+        # Lines the server reads whole (supervise.REPORT_LIMIT, 1 MiB): outcomes and states
+        # by the hundred, not all of 2,000 channels' errors at once.
         while outcomes or changed:
-            report = {"o": outcomes[:REPORT_MAX], "s": changed}
+            report = {"o": outcomes[:REPORT_MAX], "s": dict(changed[:STATES_MAX])}
             self._out.write(json.dumps(report, separators=(",", ":")).encode() + b"\n")
-            outcomes, changed = outcomes[REPORT_MAX:], {}
+            outcomes, changed = outcomes[REPORT_MAX:], changed[STATES_MAX:]
         self._out.flush()
 
     def ready(self) -> None:

@@ -70,6 +70,7 @@ class DeliveryProcess:
         self._ready = False  # the child handles SIGHUP: until then, a reload waits
         self._reload_due = False
         self.states: dict[str, Reported] = {}
+        self._dropped = 0  # log lines the running child has reported dropped
 
     @property
     def pid(self) -> int | None:
@@ -138,6 +139,7 @@ class DeliveryProcess:
 
     async def _spawn(self) -> None:
         self._ready = False
+        self._dropped = 0  # a new child counts from 0
         root = logging.getLogger()
         json_logs = any(isinstance(h.formatter, logs.JsonFormatter) for h in root.handlers)
         theirs, ours = os.pipe()[::-1]
@@ -171,7 +173,7 @@ class DeliveryProcess:
             assert proc is not None and reports is not None
             started = time.monotonic()
             try:
-                while line := await reports.readline():
+                while line := await next_report(reports):
                     self._take(line)
                 status = await proc.wait()
             finally:
@@ -259,6 +261,10 @@ class DeliveryProcess:
     def _take(self, line: bytes) -> None:
         try:
             report = json.loads(line)
+            if "d" in report:  # log lines the child dropped, in all
+                dropped = int(report["d"])
+                self._metrics.log_lines_dropped.inc(max(0, dropped - self._dropped))
+                self._dropped = max(self._dropped, dropped)
             if report.get("ready"):
                 self._ready = True
                 if self._reload_due:  # asked while it was starting
@@ -276,6 +282,17 @@ class DeliveryProcess:
                 self.states[channel] = (success, error, error_at, float(blocked))
         except (ValueError, TypeError, AttributeError):
             log.warning("unreadable report from the delivery process: %.200r", line)
+
+
+async def next_report(reports: asyncio.StreamReader) -> bytes:
+    """The next report line; b"" at the end. One over the reader's limit (REPORT_LIMIT) is
+    skipped with a warning: raised, it ended the watch, and with it the reports and the
+    restarts."""
+    while True:
+        try:
+            return await reports.readline()
+        except ValueError:  # the line is dropped from the buffer; the next one follows
+            log.warning("a report from the delivery process over %d bytes: skipped", REPORT_LIMIT)
 
 
 def open_files() -> str:

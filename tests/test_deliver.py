@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import io
 import json
 import logging
 import os
@@ -19,7 +20,9 @@ import uvloop
 
 from bridge import supervise
 from bridge.app import create_app
+from bridge.attempts import ChannelState
 from bridge.config import ConfigError, load_config
+from bridge.deliver import STATES_MAX, Report
 from bridge.events import decode_body, parse_event
 from bridge.metrics import Metrics
 from bridge.render import Context, Renderer
@@ -544,3 +547,55 @@ def test_a_stopped_child_leaves_no_transport_open(
         assert post_callback(server.url, room(0)) == (200, OK_PACKET)
         assert slack.wait_for(lambda s: len(s.sink_requests) == 1)
     assert "unclosed transport" not in log.read_text()
+
+
+@pytest.mark.anyio
+async def test_a_report_line_over_the_limit_is_skipped_not_the_end_of_the_watch() -> None:
+    # Raised, it ended the server's watch of the child: no more reports, nor restarts.
+    reports = asyncio.StreamReader(limit=64)
+    reports.feed_data(b"x" * 200 + b"\n" + b'{"ready":1}\n')
+    reports.feed_eof()
+    assert await supervise.next_report(reports) == b'{"ready":1}\n'
+    assert await supervise.next_report(reports) == b""
+
+
+class _States:
+    """What Report.flush reads of a worker."""
+
+    def __init__(self, count: int) -> None:
+        self.states = {
+            f"channel-{n:04d}": ChannelState(last_error="e" * 600, last_error_at=1.0)
+            for n in range(count)
+        }
+
+    def blocked_for(self, name: str) -> float:
+        return 0.0
+
+
+def test_reports_stay_under_the_line_limit_and_carry_dropped_log_lines(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 2,000 channels whose errors changed at once made one line over the server's 1 MiB.
+    out = io.BytesIO()
+    report = Report(out)
+    monkeypatch.setattr("bridge.log_writer.dropped_total", lambda: 37)
+    report.flush(_States(2000))  # type: ignore[arg-type]
+    lines = out.getvalue().splitlines()
+    assert lines[0] == b'{"d":37}'
+    states = [json.loads(line)["s"] for line in lines[1:]]
+    assert all(len(line) < supervise.REPORT_LIMIT for line in lines)
+    assert sum(len(s) for s in states) == 2000 and max(len(s) for s in states) <= STATES_MAX
+
+
+def test_the_childs_dropped_log_lines_reach_the_servers_metrics(tmp_path: Path) -> None:
+    # The child's stderr stalled, it dropped lines and said so in its own log; the server's
+    # metric, which counts only its own, stayed at 0.
+    config = load_config(write_config(tmp_path))
+    metrics = Metrics()
+    store = make_store(config.store, serving=False)  # not opened: reports need none
+    watcher = DeliveryProcess(
+        tmp_path / "config.toml", store, metrics, lambda: config, lambda: False
+    )
+    for line in (b'{"d":5}', b'{"d":7}', b'{"d":7}'):
+        watcher._take(line)
+    assert metrics.registry.get_sample_value("live_bridge_log_lines_dropped_total") == 7
