@@ -68,6 +68,7 @@ class Reloads(abc.ABC):
     async def reload(self) -> tuple[bool, str]:
         """Read and validate the config file again; swap it in whole, or keep the old one."""
         async with self._reloading:
+            announced = False
             try:
                 if self.path is None:
                     raise ConfigError("started without a config file: nothing to reload")
@@ -80,6 +81,7 @@ class Reloads(abc.ABC):
                 # Before anything is recorded under it: a replica lacking a channel it adds
                 # must not bury that channel's deliveries meanwhile.
                 await self.presence.announce(list(config.channels))
+                announced = True
                 # A message rendered at receipt for a channel's old type (a webhook's body, a
                 # console line) is not one its new type can send: Slack refused it (no_text),
                 # a dead letter for an acknowledged event, or a webhook got Slack's JSON.
@@ -94,6 +96,12 @@ class Reloads(abc.ABC):
                     log.info("%d deliveries to channels of another type are rendered again "
                              "when sent", rerendered)  # fmt: skip
             except (ConfigError, StoreUnavailable) as exc:
+                if announced:
+                    # The running config stays, and so do its channels: announced as the new
+                    # config's, a channel only the old one has was buried every 15 s while its
+                    # callbacks were still acknowledged.
+                    with contextlib.suppress(StoreUnavailable):
+                        await self.presence.announce(list(self.config.channels))
                 self.metrics.reloads.labels("failure").inc()
                 self.last_reload = (time.time(), str(exc))  # on /status until the next one
                 log.error("reload refused, the running config stays: %s", exc)

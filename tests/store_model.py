@@ -234,7 +234,7 @@ class Model:
 
     def _retry(self, r: Row, now: float) -> None:
         r.state, r.attempts, r.next_attempt_at, r.updated_at = State.PENDING, 0, now, now
-        r.lease_until = r.owner = None
+        r.lease_until = r.owner = r.payload = None  # rendered again when sent
 
     def retry(self, ids: Sequence[int], now: float) -> set[int]:
         back = {i for i in set(ids) if (r := self.rows.get(i)) is not None

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from bridge.store import NewDelivery
+from bridge.store import NewDelivery, StoreUnavailable
 from bridge.store.postgres import PostgresStore
 from tests.bridge_server import (
     OK_PACKET,
@@ -140,6 +140,38 @@ def test_a_channel_every_replica_removed_is_buried_at_the_last_reload_or_stop(
     postgres_sql("UPDATE deliveries SET state = 'pending' WHERE channel = 'x'")
     with InThread(both[0]):
         assert states(postgres_sql)["x"] == BURIED
+
+
+def test_a_refused_reload_announces_the_running_configs_channels_again(
+    tmp_path: Path,
+    slack: SlackStandIn,
+    postgres_url: str,
+    postgres_sql: PostgresSQL,
+    quick: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The reload announced the new config's channels, then failed (the store could not forget
+    # the retyped channel's messages): the running config, still routing to "x", stayed, and
+    # the replica's own announcements buried "x" every 15 s as served by nobody.
+    slack.set_sink_status("x", 503)
+    path = replica_config(tmp_path / "a", slack, postgres_url, "hook", "x")
+    with InThread(path) as a:
+        assert post_callback(a.url) == (200, OK_PACKET)
+        assert slack.wait_for(refused_once)
+        without_x = replica_config(tmp_path / "n", slack, postgres_url, "hook").read_text()
+        hook = sink("hook", slack)
+        path.write_text(without_x.replace(hook, '[channels.hook]\ntype = "console"\n'))
+
+        async def cannot(channels: object) -> int:
+            raise StoreUnavailable("store unavailable: forced")
+
+        monkeypatch.setattr(a.app.state.bridge.store, "forget_payloads", cannot)
+        status, _, body = http_request(a.url + "/-/reload", "POST")
+        assert status == 400 and b"forced" in body
+        time.sleep(5 * ANNOUNCE_EVERY_S)  # announcements, each burying what nobody serves
+        assert states(postgres_sql)["x"] == PENDING
+        ((channels,),) = postgres_sql("SELECT channels FROM replicas")
+        assert sorted(channels) == ["hook", "x"]
 
 
 async def announce_and_die(store_url: str, channels: list[str]) -> None:

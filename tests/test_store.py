@@ -200,6 +200,21 @@ async def test_a_late_outcome_counts_while_nobody_took_over(store: Store) -> Non
     assert [d.state for d in await deliveries(store)] == [State.DELIVERED]
 
 
+async def test_a_retried_delivery_is_rendered_again_when_sent(store: Store) -> None:
+    # Its stored message may be one its channel's type no longer takes (a webhook's body for a
+    # channel that is Slack's now, rendered by a replica still on the old config): retried as
+    # it was, it died again with no_text.
+    now = time.time()
+    for key in ("a", "b"):
+        await add(store, key, channel="x", room=key, now=now)
+    first, second = await store.claim("x", now, 10, 30)
+    for claimed in (first, second):
+        await store.mark_dead(claimed.id, now, "HTTP 200: no_text")
+    assert await store.retry([first.id], now) == [first.id]
+    assert await store.retry_dead("x", now) == 1
+    assert [c.payload for c in await store.claim("x", now, 10, 30)] == [None, None]
+
+
 async def test_resume_makes_a_channels_backed_off_deliveries_due_now(store: Store) -> None:
     now = time.time()
     for n in range(4):

@@ -239,11 +239,14 @@ class Store(Protocol):
         ...
 
     async def retry(self, ids: Sequence[int], now: float) -> list[int]:
-        """Dead or pending deliveries of `ids` back to pending, due at `now`, attempts reset; in
-        one transaction, however many. The ids it put back, in no particular order."""
+        """Dead or pending deliveries of `ids` back to pending, due at `now`, attempts reset,
+        their message to be rendered again when sent (with today's templates, for the channel's
+        type now); in one transaction, however many. The ids it put back, in no order."""
         ...
 
-    async def retry_dead(self, channel: str | None, now: float) -> int: ...
+    async def retry_dead(self, channel: str | None, now: float) -> int:
+        """As `retry`, for every dead letter (of `channel`); how many."""
+        ...
 
     async def drop(self, ids: Sequence[int], now: float) -> list[int]:
         """Deletes the dead or pending deliveries of `ids`, in one transaction, however many;

@@ -116,7 +116,8 @@ class PostgresOutbox(PostgresPool):
     async def retry(self, ids: Sequence[int], now: float) -> list[int]:
         rows = await self._fetch(
             "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = %s,"
-            " lease_until = NULL, updated_at = %s, owner = NULL WHERE id = ANY(%s::bigint[])"
+            " lease_until = NULL, updated_at = %s, owner = NULL, payload = NULL"
+            " WHERE id = ANY(%s::bigint[])"
             " AND state IN ('dead', 'pending') AND (lease_until IS NULL OR lease_until <= %s)"
             " RETURNING id",
             (now, now, list(ids), now),
@@ -126,7 +127,7 @@ class PostgresOutbox(PostgresPool):
     async def retry_dead(self, channel: str | None, now: float) -> int:
         return await self._execute(
             "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = %s,"
-            " lease_until = NULL, updated_at = %s, owner = NULL"
+            " lease_until = NULL, updated_at = %s, owner = NULL, payload = NULL"
             " WHERE state = 'dead' AND (%s::text IS NULL OR channel = %s)"
             " AND (lease_until IS NULL OR lease_until <= %s)",
             (now, now, channel, channel, now),

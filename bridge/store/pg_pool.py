@@ -151,9 +151,16 @@ class PostgresPool:
             return await (await conn.execute(sql, params)).fetchall()
 
 
+IDLE_IN_TRANSACTION_S = 15
+
+
 async def _read_committed(conn: AsyncConnection[Any]) -> None:
     """Each statement sees what other replicas committed before it, whatever the server's,
     database's or role's default: under repeatable read or serializable, a replica that met a row
     another had just written or locked (the same callback at both, claims side by side) failed
     with "could not serialize access"."""
     await conn.execute("SET default_transaction_isolation = 'read committed'")
+    # A transaction left open by a replica that stopped mid-way (a paused VM, a host gone: the
+    # server learns of it only when TCP gives up, hours later) holds its locks that long. Ours
+    # send their statements back to back; one idle this long is ended by the server.
+    await conn.execute(f"SET idle_in_transaction_session_timeout = '{IDLE_IN_TRANSACTION_S}s'")

@@ -47,10 +47,15 @@ class PostgresQueue(PostgresPool):
                   "owner": self.owner, "leases": leases}  # fmt: skip
         async with self._connection() as conn, conn.transaction():
             # Claims of one channel take turns: SKIP LOCKED alone would let a second claim pass
-            # over a room's head another is taking and hand out the delivery after it.
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (CLAIM_LOCK, channel)
+            # over a room's head another is taking and hand out the delivery after it. Taken
+            # if free, else nothing is claimed now: a replica frozen mid-claim (a paused VM)
+            # held the lock, and every other replica's claim waited on it for good.
+            cursor = await conn.execute(
+                "SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))", (CLAIM_LOCK, channel)
             )
+            locked = await cursor.fetchone()
+            if not locked or not locked[0]:
+                return []
             rows = await (await conn.execute(CLAIM_SQL, params)).fetchall()
         rows.sort(key=lambda r: (r[11], r[0]))  # RETURNING keeps no order
         return [

@@ -36,7 +36,7 @@ SELECT channel FROM names WHERE channel IS NOT NULL
 # taken and left dead, it would be taken again by every batch.
 RETRY_DEAD_SQL = """
 UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = :now,
-       lease_until = NULL, updated_at = :now, owner = NULL
+       lease_until = NULL, updated_at = :now, owner = NULL, payload = NULL
 WHERE id IN (SELECT id FROM deliveries INDEXED BY deliveries_claim
              WHERE channel = :channel AND state = 'dead'
                AND (lease_until IS NULL OR lease_until <= :now)
@@ -145,7 +145,8 @@ class SQLiteOutbox(SQLiteFile):
     async def retry(self, ids: Sequence[int], now: float) -> list[int]:
         sql = (
             "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?,"
-            " lease_until = NULL, updated_at = ?, owner = NULL WHERE id IN ({marks})"
+            " lease_until = NULL, updated_at = ?, owner = NULL, payload = NULL"
+            " WHERE id IN ({marks})"
             " AND state IN ('dead', 'pending') AND (lease_until IS NULL OR lease_until <= ?)"
             " RETURNING id"
         )
