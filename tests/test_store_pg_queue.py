@@ -11,6 +11,7 @@ import psycopg
 import pytest
 
 from bridge.store import Claimed, NewDelivery
+from bridge.store.pg_schema import CLAIM_LOCK
 from bridge.store.postgres import PostgresStore
 from tests.store_rows import new_event, postgres_opener
 from tests.test_store_postgres import OpenStore
@@ -67,6 +68,28 @@ async def test_claim_passes_over_a_locked_delivery(
         assert [c.payload for c in claimed] == ["p0", "p2"]
         conn.rollback()
     assert [c.payload for c in await store.claim("a", now, 10, 30)] == ["p1"]
+
+
+async def test_a_claim_another_session_is_making_is_not_waited_for(
+    open_store: OpenStore, postgres_url: str
+) -> None:
+    # A replica frozen mid-claim (a paused VM) held the channel's claim lock, and every other
+    # replica's claim of it waited on the lock for good.
+    store = await open_store()
+    now = time.time()
+    await store.record(new_event("k"), [NewDelivery("a", "p")], now, 0)
+    with psycopg.connect(postgres_url) as conn:
+        conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext('a'))", (CLAIM_LOCK,))
+        assert await asyncio.wait_for(store.claim("a", now, 10, 30), 5) == []
+        conn.rollback()
+    assert [c.payload for c in await store.claim("a", now, 10, 30)] == ["p"]
+
+
+async def test_a_transaction_left_idle_is_ended_by_the_server(open_store: OpenStore) -> None:
+    store = await open_store()
+    async with store._connection() as conn:
+        cursor = await conn.execute("SHOW idle_in_transaction_session_timeout")
+        assert await cursor.fetchone() == ("15s",)
 
 
 @pytest.mark.parametrize("head", ["pending", "lease over"])
