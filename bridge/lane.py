@@ -19,6 +19,7 @@ import abc
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 
@@ -104,10 +105,16 @@ class Lanes(Attempts, abc.ABC):
                     if pacer.blocked_for() > 0:
                         return  # blocked by a 429 another process met
                 seen = self._arrivals
-                now = time.time()
+                now, claimed_at = time.time(), time.monotonic()
                 rows = await self._store.claim(
                     policy.name, now, policy.claim_limit(), lease, self._lease_clock.leases_at(now)
                 )
+                # The last moment a send may start and still end under the claim's lease (on
+                # the monotonic clock, which runs on while the process is stopped). The lease
+                # covers every send of the claim, paced, with time to spare; past it, another
+                # process may have claimed the rest: a replica frozen (a paused VM) sent the
+                # rest of its claim when it woke, again, and past the pace.
+                until = claimed_at + lease - min(self._send_s(), lease / 2)
                 self._store_failures = 0  # a write went through: the store commits again
                 if not rows and not (sent and await self._more_soon(seen)):
                     idle = not found
@@ -115,9 +122,9 @@ class Lanes(Attempts, abc.ABC):
                 sent = bool(rows)
                 found = found or sent
                 if policy.digest_after and len(rows) > policy.digest_after:
-                    await self._send_digests(policy, rows)
+                    await self._send_digests(policy, rows, until)
                 elif rows:
-                    await self._send_each(policy, rows)
+                    await self._send_each(policy, rows, until)
         except StoreUnavailable as exc:
             # The leases expire and the deliveries are claimed again: sent at least once.
             self._store_failed(exc)
@@ -193,7 +200,21 @@ class Lanes(Attempts, abc.ABC):
                 self._lingering.discard(waiter)
         return self._arrivals != seen and not self._stopping
 
-    async def _send_each(self, policy: ChannelPolicy, rows: Sequence[Claimed]) -> None:
+    def _send_s(self) -> float:
+        """The longest a send takes (Attempts._send's bound)."""
+        return self._settings.timeout_s + 5.0
+
+    def _late(self, policy: ChannelPolicy, until: float) -> bool:
+        """Too late to start a send under the claim's lease: said once a lane."""
+        if time.monotonic() <= until:
+            return False
+        log.warning("channel %s: the lease ran out before the claim's sends (was the process "
+                    "stopped?): the rest given back", policy.name)  # fmt: skip
+        return True
+
+    async def _send_each(
+        self, policy: ChannelPolicy, rows: Sequence[Claimed], until: float = math.inf
+    ) -> None:
         rooms: dict[str | int, list[Claimed]] = {}
         for row in rows:  # each room in order; a delivery without a room waits for nothing
             rooms.setdefault(row.room_id if row.room_id is not None else row.id, []).append(row)
@@ -204,8 +225,12 @@ class Lanes(Attempts, abc.ABC):
         failed: list[StoreUnavailable] = []
         unsent: list[Claimed] = []
 
+        late: list[bool] = []  # the claim's lease is too near its end for another send
+
         def may_send() -> bool:
-            return not failed and not self._halted(policy)
+            if not late and self._late(policy, until):
+                late.append(True)
+            return not failed and not late and not self._halted(policy)
 
         async def room(sequence: list[Claimed]) -> None:
             for index, row in enumerate(sequence):
@@ -227,6 +252,10 @@ class Lanes(Attempts, abc.ABC):
                 if self._halted(policy) and outcome is None:
                     why = "shutting down" if self._stopping else "channel removed"
                     await self._give_back(sequence[index:], time.time(), why)
+                    return
+                if late and outcome is None:
+                    # Given back if still ours; taken by another process, left to it.
+                    await self._give_back(sequence[index:], time.time(), "lease ran out")
                     return
                 if outcome is None:
                     # A 429 blocks the channel. Waiting it out would hold these rows and the
@@ -255,7 +284,9 @@ class Lanes(Attempts, abc.ABC):
                 await self._give_back(unsent, time.time(), "store unavailable")
             raise failed[0]
 
-    async def _send_digests(self, policy: ChannelPolicy, rows: Sequence[Claimed]) -> None:
+    async def _send_digests(
+        self, policy: ChannelPolicy, rows: Sequence[Claimed], until: float = math.inf
+    ) -> None:
         digests, apart = self._composer.digests(policy.name, rows)
         if apart:
             # Sent as they would be without a backlog: their stored message, or rendered alone
@@ -263,13 +294,16 @@ class Lanes(Attempts, abc.ABC):
             for row, error in apart:
                 log.warning("channel %s: delivery %d is sent alone, not in a digest: %s",
                             policy.name, row.id, error)  # fmt: skip
-            await self._send_each(policy, [row for row, _ in apart])
+            await self._send_each(policy, [row for row, _ in apart], until)
         pacer = self.pacers.get(policy.name) or Pacer(policy.rate_per_s, policy.burst)
         log.info("channel %s: %d pending, sending %d digests", policy.name, len(rows), len(digests))
         for index, (payload, carried) in enumerate(digests):
             # Stopping or removed (also once the pace allows it: see _send_each), or blocked by a
             # 429.
-            if self._halted(policy) or not await pacer.wait() or self._halted(policy):
+            if (
+                self._halted(policy) or not await pacer.wait() or self._halted(policy)
+                or self._late(policy, until)
+            ):  # fmt: skip
                 rest = [row for _, later in digests[index:] for row in later]
                 await self._give_back(rest, time.time(), "digest not sent yet")
                 return

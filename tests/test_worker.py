@@ -18,7 +18,7 @@ import psycopg
 import pytest
 from pydantic import SecretStr
 
-from bridge.channels import Sender
+from bridge.channels import Outcome, Sender, Thread
 from bridge.channels.console import ConsoleSender
 from bridge.channels.slack import SlackSender
 from bridge.channels.webhook import WebhookSender
@@ -469,6 +469,39 @@ async def test_a_429_longer_than_the_lease_keeps_every_worker_out_until_it_ends(
     assert min(p.received_at for p in slack.posted) - seen_429 >= 1.9
     assert sorted(labels([p.payload for p in slack.posted])) == ["r1@1000", "r2@2000"]
     assert await delivery_rows(first) == [("delivered", 1), ("delivered", 1)]
+
+
+class PausedOnce:
+    """A sender whose first send takes `pause_s`, as a process stopped mid-send (a paused VM)."""
+
+    def __init__(self, sender: Sender, pause_s: float) -> None:
+        self._sender, self._pause_s = sender, pause_s
+
+    async def send(self, payload: str, delivery_id: int, thread: Thread | None = None) -> Outcome:
+        pause, self._pause_s = self._pause_s, 0.0
+        await asyncio.sleep(pause)
+        return await self._sender.send(payload, delivery_id, thread)
+
+
+async def test_a_worker_paused_past_its_lease_sends_none_of_the_rest_of_its_claim(
+    open_shared: OpenShared, slack: SlackStandIn, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    # The worker stopped (SIGSTOP) mid-claim; the other took the channel and the claim once
+    # their leases ran out, and sent it. Woken, the first sent the rest of its claim again.
+    first, second = await open_shared(), await open_shared()
+    for room in ("r1", "r2", "r3"):
+        await record_in(first, "hook", room, 1000 + int(room[1]))
+    hook = senders(slack, session)["hook"]
+    composer = make_composer(tmp_path, {"hook": SLACK})
+    paused = ShortLease("hook", PausedOnce(hook, 3 * LEASE_S), max_in_flight=1)
+    async with running(worker_with(first, composer, paused)):
+        await asyncio.sleep(0.2)  # its first send has begun: r1, in flight through the pause
+        async with running(worker_with(second, composer, ShortLease("hook", hook))):
+            await eventually(lambda: {"r2", "r3"} <= {p.payload["text"][:2] for p in slack.posted})
+            await asyncio.sleep(4 * LEASE_S)  # the first wakes, and would send r2 and r3 again
+    posted = sorted(p.payload["text"].split("@")[0] for p in slack.posted)
+    assert posted.count("r2") == posted.count("r3") == 1, posted
+    assert posted.count("r1") in (1, 2)  # in flight at the pause: sent again, as documented
 
 
 async def test_workers_on_one_database_pace_the_channels_of_one_slack_channel_together(
