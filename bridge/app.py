@@ -228,8 +228,11 @@ class Bridge(Reloads):
         try:
             async with asyncio.timeout(READY_TIMEOUT_S):
                 await self._ping_store()
-        except (StoreUnavailable, TimeoutError) as exc:
+        except StoreUnavailable as exc:
             return JSONResponse({"status": "unavailable", "reason": str(exc)}, status_code=503)
+        except TimeoutError:  # its message is empty
+            reason = f"the store did not commit a write within {READY_TIMEOUT_S:g} s"
+            return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
         return JSONResponse({"status": "ready"})
 
 

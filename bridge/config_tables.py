@@ -107,8 +107,9 @@ class ServerConfig(Strict):
 
 
 class TencentConfig(Strict):
-    # Positive, and at most 20 digits: what bridge.verify compares a callback's SdkAppid with.
-    sdk_app_id: tuple[Annotated[int, Field(gt=0, lt=10**20)], ...]
+    # Positive, and within the stores' 64-bit integer column: 2**64 - 1 passed, and every
+    # callback for it failed with a 500 when its event was stored.
+    sdk_app_id: tuple[Annotated[int, Field(gt=0, le=2**63 - 1)], ...]
     callback_token: SecretStr | None = None
     max_request_age_s: int = Field(60, gt=0, le=MAX_COUNT)
 

@@ -102,10 +102,10 @@ def raise_descriptor_limit() -> None:
 
 
 async def store_problem(config: StoreConfig) -> str | None:
-    """Why the store cannot be opened for serving, or None: opened and closed again here, so a
-    read-only disk, a locked file or a database that is down is one line and exit status 1
-    rather than a traceback from the server's start-up. (The server opens it again; should it
-    fail in between, that traceback is still the answer.)"""
+    """Why the store cannot be opened for serving, or None: opened, written to and closed again
+    here, so a read-only disk, a full one, a locked file or a database that is down is one line
+    and exit status 1 rather than a traceback from the server's start-up. (The server opens it
+    again; should it fail in between, that traceback is still the answer.)"""
     from bridge.store import StoreUnavailable
     from bridge.store.engines import make_store
 
@@ -114,7 +114,14 @@ async def store_problem(config: StoreConfig) -> str | None:
         await store.open()
     except StoreUnavailable as exc:
         return str(exc)
-    await store.close()
+    try:
+        # A write too: a full disk, or a file made read-only, opens but takes none, and the
+        # server's start then failed with a traceback and exit status 3.
+        await store.ping()
+    except StoreUnavailable as exc:
+        return str(exc)
+    finally:
+        await store.close()
     return None
 
 

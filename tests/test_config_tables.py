@@ -178,7 +178,9 @@ def test_sdk_app_id_int_or_list(tmp_path: Path) -> None:
     assert load_config(write(tmp_path, text)).tencent.sdk_app_id == (1400000000, 1400000001)
 
 
-@pytest.mark.parametrize("value", ["0", "-1400000000", "100000000000000000000", "[1400000000, 0]"])
+@pytest.mark.parametrize(
+    "value", ["0", "-1400000000", "100000000000000000000", "9223372036854775808", "[1400000000, 0]"]
+)
 def test_sdk_app_id_outside_what_a_callback_can_carry_is_an_error(
     tmp_path: Path, value: str
 ) -> None:

@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from bridge.store import StoreUnavailable
+from bridge.store import NewDelivery, StoreUnavailable
 from bridge.store.sqlite import SQLiteStore
 from bridge.store.sqlite_file import Sync
-from tests.store_rows import add, sqlite_store
+from tests.store_rows import add, new_event, sqlite_store
 
 pytestmark = pytest.mark.anyio
 
@@ -39,6 +41,68 @@ async def test_one_serving_process_per_file(tmp_path: Path) -> None:
     again = SQLiteStore(path, exclusive=True)
     await again.open()
     await again.close()
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hard link"])
+async def test_a_second_server_by_another_name_of_the_file_is_refused(
+    tmp_path: Path, kind: str
+) -> None:
+    # Through a symbolic link the second server took a lock of its own; through a hard link
+    # each name had its own WAL: two servers wrote one database, and lost half of it.
+    path = tmp_path / "bridge.db"
+    server = SQLiteStore(path, exclusive=True)
+    await server.open()
+    try:
+        other = tmp_path / "other.db"
+        if kind == "symlink":
+            other.symlink_to(path)
+            message = "another live-bridge is serving"
+        else:
+            os.link(path, other)
+            message = "more than one name"
+        with pytest.raises(StoreUnavailable, match=message):
+            await SQLiteStore(other, exclusive=True).open()
+    finally:
+        await server.close()
+
+
+async def test_temporary_files_stay_in_memory(store: SQLiteStore) -> None:
+    # Each took a file descriptor: at the process's limit of open files, callbacks that had got
+    # in were refused ("unable to open database file").
+    assert await store._fetch("PRAGMA temp_store") == [(2,)]
+
+
+async def test_a_record_held_by_the_write_lock_is_unavailable_within_tencents_2_s(
+    store: SQLiteStore,
+) -> None:
+    # An outbox command stopped with Ctrl-Z holding the write lock held every callback with it:
+    # 64 callbacks waited 8 s and were answered OK, long after Tencent had given up.
+    holder = os.open(f"{store.path}.write-lock", os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(StoreUnavailable, match=r"did not commit within 1\.8 s"):
+            await store.record(new_event("held"), [NewDelivery("a", "p")], time.time(), 0)
+        assert asyncio.get_running_loop().time() - started < 2.0
+    finally:
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        os.close(holder)
+    # The write goes on once the lock is let go: the event is stored after all.
+    for _ in range(100):
+        if await store.recent_events(10):
+            break
+        await asyncio.sleep(0.05)
+    assert [e.command for e in await store.recent_events(10)] == [new_event().command]
+
+
+async def test_text_that_is_not_utf8_is_read_not_raised(store: SQLiteStore) -> None:
+    # A flipped bit in an event's body failed every claim of its channel, for good.
+    await add(store, "k", channel="a")
+    with contextlib.closing(sqlite3.connect(store.path)) as conn:
+        conn.execute("UPDATE events SET body = CAST(x'7bff7d' AS TEXT)")
+        conn.commit()
+    (claimed,) = await store.claim("a", time.time(), 10, 30)
+    assert claimed.body == "{\ufffd}"
 
 
 async def test_unwritable_location_is_unavailable(tmp_path: Path) -> None:

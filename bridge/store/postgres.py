@@ -15,22 +15,18 @@ answered within RECORD_DEADLINE_S.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Sequence
 
 from bridge.store import NewDelivery, NewEvent, Recorded, State, StoreUnavailable
+from bridge.store.deadline import within_deadline
 from bridge.store.pg_outbox import PostgresOutbox
 from bridge.store.pg_presence import PostgresPresence
 from bridge.store.pg_queue import PostgresQueue
 from bridge.store.pg_schema import RECORD_SQL
 
 log = logging.getLogger(__name__)
-
-# A callback's write answers within this, under Tencent's 2 s: a lock held elsewhere or a server
-# that stops answering would otherwise keep the callback waiting with its query.
-RECORD_DEADLINE_S = 1.8
 
 
 class PostgresStore(PostgresQueue, PostgresOutbox, PostgresPresence):
@@ -46,16 +42,9 @@ class PostgresStore(PostgresQueue, PostgresOutbox, PostgresPresence):
         first ask the server to cancel the query, up to 10 s when the server does not answer.
         Should it commit after all, the event is delivered like any other, and a retry of the
         callback is a duplicate."""
-        write = asyncio.ensure_future(self._record(event, deliveries, now, dedup_window_s))
-        try:
-            return await asyncio.wait_for(asyncio.shield(write), RECORD_DEADLINE_S)
-        except TimeoutError:
-            self._late.add(write)  # the loop keeps only a weak reference to a task
-            write.add_done_callback(self._late.discard)
-            write.add_done_callback(_late_record)
-            raise StoreUnavailable(
-                f"store unavailable: the database did not answer within {RECORD_DEADLINE_S} s"
-            ) from None
+        return await within_deadline(
+            self._record(event, deliveries, now, dedup_window_s), self._late
+        )
 
     async def _record(
         self, event: NewEvent, deliveries: Sequence[NewDelivery], now: float, dedup_window_s: float
@@ -91,13 +80,3 @@ class PostgresStore(PostgresQueue, PostgresOutbox, PostgresPresence):
             " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
             (str(time.time()),),
         )
-
-
-def _late_record(write: asyncio.Future[Recorded]) -> None:
-    """A callback's write that finished after its 503: said once, its outcome taken."""
-    if write.cancelled():
-        return
-    if (exc := write.exception()) is not None:
-        log.debug("a write answered with 503 failed afterwards: %s", exc)
-    elif not write.result().duplicate:
-        log.info("event=%d was stored after its callback was answered 503", write.result().event_id)

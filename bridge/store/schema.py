@@ -3,6 +3,7 @@ the store runs on it (as pg_schema.py holds PostgreSQL's)."""
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import sqlite3
 
@@ -147,7 +148,11 @@ def migrate(conn: sqlite3.Connection) -> str:
                 )
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            # SQLite has rolled back itself after some errors (a full disk): a ROLLBACK then
+            # failed with "no transaction is active", in place of what went wrong.
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
             raise
     if version > SCHEMA_VERSION:
         raise sqlite3.DatabaseError(

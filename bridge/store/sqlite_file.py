@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import logging
 import os
 import sqlite3
@@ -20,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from bridge.store import StoreUnavailable
+from bridge.store import Recorded, StoreUnavailable
 from bridge.store.schema import SCHEMA_VERSION, migrate
 from bridge.store.writer import GroupCommitWriter
 
@@ -31,10 +32,16 @@ Sync = Literal["full", "normal"]  # [store] sync
 WAL_LIMIT_BYTES = 16 << 20  # steady load keeps the WAL near 4 MB (checkpoints every 1,000 pages)
 
 
+_TEXT = functools.partial(str, encoding="utf-8", errors="replace")
+
+
 def connect(path: Path, sync: Sync = "full") -> sqlite3.Connection:
     """A connection in the settings every user of the file must share; `sync` ("full" or
     "normal") is the writer's."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+    # Text that is not UTF-8 (a flipped bit) read as U+FFFD: raised, one such row failed every
+    # claim of its channel, for good; read, its event no longer parses, and it is a dead letter.
+    conn.text_factory = _TEXT
     try:
         conn.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit is on disk before the OK packet goes out, power loss included. NORMAL
@@ -46,6 +53,10 @@ def connect(path: Path, sync: Sync = "full") -> sqlite3.Connection:
         # A large transaction grows the WAL file to its size, and SQLite reuses the file without
         # giving the space back: truncated to this once a checkpoint lets the WAL start again.
         conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
+        # Temporary files (a large statement's journal) in memory: each needed a descriptor of
+        # its own, and at the process's limit of open files one callback in 15 that had got in
+        # was refused with "unable to open database file".
+        conn.execute("PRAGMA temp_store=MEMORY")
     except BaseException:
         conn.close()  # not a database, say: nobody else holds it to close it
         raise
@@ -92,6 +103,7 @@ class SQLiteFile:
         self.owner = uuid.uuid4().hex  # written on what this instance claims and takes
         self.identity = ""  # the database's, once open (Store.identity)
         self._reader: sqlite3.Connection | None = None  # for what operators read
+        self._late: set[asyncio.Future[Recorded]] = set()  # writes that outlived their callback
         self._reading = threading.Lock()
 
     @property
@@ -124,7 +136,13 @@ class SQLiteFile:
         log.info("store open: %s (schema %d)", self.path, SCHEMA_VERSION)
 
     def _lock(self) -> None:
-        fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        # By the file's real name: through a symbolic link, a second server took a lock of its
+        # own and served the same file. A file of several names (hard links) is refused: each
+        # name has a WAL of its own, and two servers wrote one database through two.
+        real = os.path.realpath(self.path)
+        if os.path.exists(real) and os.stat(real).st_nlink > 1:
+            raise OSError("the database file has more than one name (a hard link): refused")
+        fd = os.open(f"{real}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
