@@ -176,3 +176,22 @@ async def test_a_store_that_cannot_open_leaves_no_connection_open(
     with pytest.raises(StoreUnavailable) as refused:
         await SQLiteStore(path).open()
     assert open_files(path) == [], refused.value
+
+
+@pytest.mark.parametrize("how", ["removed", "replaced"])
+async def test_a_file_removed_or_replaced_while_open_is_unavailable(
+    store: SQLiteStore, how: str
+) -> None:
+    # Callbacks went on being acknowledged into a file nobody would open again: gone at the
+    # next start, while /readyz said ready.
+    await store.record(new_event("before"), [NewDelivery("a", "p")], time.time(), 0)
+    moved = store.path.with_name("moved.db")
+    os.rename(store.path, moved)
+    if how == "replaced":
+        store.path.write_bytes(moved.read_bytes())  # a restored copy, another file
+    with pytest.raises(StoreUnavailable, match="removed or replaced while open"):
+        await store.record(new_event("after"), [NewDelivery("a", "p")], time.time(), 0)
+    with pytest.raises(StoreUnavailable, match="removed or replaced while open"):
+        await store.ping()
+    os.replace(moved, store.path)  # put back: the same file again
+    await store.ping()

@@ -63,6 +63,11 @@ def connect(path: Path, sync: Sync = "full") -> sqlite3.Connection:
     return conn
 
 
+def _file_id(path: Path) -> tuple[int, int]:
+    found = os.stat(path)
+    return found.st_dev, found.st_ino
+
+
 def sql_in(sql: str, values: Sequence[object]) -> str:
     """`sql` with its `{marks}` replaced by one `?` per value: values stay parameters."""
     return sql.replace("{marks}", ",".join("?" * len(values)))
@@ -104,6 +109,7 @@ class SQLiteFile:
         self.identity = ""  # the database's, once open (Store.identity)
         self._reader: sqlite3.Connection | None = None  # for what operators read
         self._late: set[asyncio.Future[Recorded]] = set()  # writes that outlived their callback
+        self._file_id: tuple[int, int] | None = None  # the database file's device and inode
         self._reading = threading.Lock()
 
     @property
@@ -123,6 +129,7 @@ class SQLiteFile:
             conn = connect(self.path, self._sync)
             try:
                 self.identity = migrate(conn)
+                self._file_id = _file_id(self.path)
                 # Opened now, not at the first read: a process at its limit of open files
                 # could then no longer answer /metrics, /status or the outbox commands.
                 self._reader = self._open_reader()
@@ -167,6 +174,19 @@ class SQLiteFile:
                 self._reader.close()
                 self._reader = None
         self._unlock()
+
+    def _check_file(self) -> None:
+        """StoreUnavailable if the file at `path` is no longer the one open (removed, or
+        replaced by a restored copy): what is written goes to a file nobody will open again,
+        and callbacks acknowledged meanwhile were gone at the next start."""
+        try:
+            same = _file_id(self.path) == self._file_id
+        except OSError:
+            same = False
+        if not same:
+            raise StoreUnavailable(
+                f"store unavailable: {self.path} was removed or replaced while open: restart"
+            )
 
     async def _submit(self, op: Callable[[sqlite3.Connection], T], urgent: bool = False) -> T:
         if self._writer is None:
