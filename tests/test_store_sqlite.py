@@ -384,8 +384,19 @@ BACKING_OFF = "state = 'pending', attempts = 2, next_attempt_at = 1e12"
             "dead",
         ),
         (BACKING_OFF, lambda store, now: store.resume("a", now), "pending"),
+        (
+            "state = 'pending', payload = 'p'",
+            lambda store, now: store.forget_payloads(["a"]),
+            "pending",
+        ),
     ],
-    ids=["retry every channel", "retry a channel", "bury a removed channel", "resume a channel"],
+    ids=[
+        "retry every channel",
+        "retry a channel",
+        "bury a removed channel",
+        "resume a channel",
+        "forget a retyped channel's messages",
+    ],
 )
 async def test_a_change_to_a_whole_channel_lets_callbacks_commit_meanwhile(
     tmp_path: Path, setting: str, operation: Operation, after: str
@@ -421,6 +432,40 @@ async def test_a_change_to_a_whole_channel_lets_callbacks_commit_meanwhile(
     assert db_rows(path, "SELECT channel, state, COUNT(*) FROM deliveries GROUP BY 1, 2") == [
         ("a", after, count), ("b", "pending", 1)
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("operation", ["retry", "drop"])
+async def test_many_ids_go_in_batches_callbacks_committing_meanwhile(
+    tmp_path: Path, operation: str
+) -> None:
+    # `outbox retry` of 100,000 ids in one transaction held every acknowledgement for 3.7 s.
+    count = 3 * BATCH
+    path = tmp_path / "bridge.db"
+    add_old_delivered(path, count, time.time())
+    with contextlib.closing(connect(path)) as conn, conn:
+        conn.execute("UPDATE deliveries SET state = 'dead'")
+    store = SQLiteStore(path)
+    await store.open()
+    batches: list[int] = []
+    submit = store._submit
+
+    async def counted(op: Any, urgent: bool = False) -> Any:
+        result = await submit(op, urgent)
+        if isinstance(result, list):
+            batches.append(len(result))
+        return result
+
+    store._submit = counted  # type: ignore[method-assign]
+    try:
+        ids = [row[0] for row in db_rows(path, "SELECT id FROM deliveries")]
+        acting = asyncio.ensure_future(getattr(store, operation)(ids, time.time()))
+        await asyncio.sleep(0)  # it has begun
+        await store.record(new_event("new"), [NewDelivery("b", "p")], time.time(), 600)
+        assert not acting.done()  # the callback did not wait for every id
+        assert sorted(await acting) == sorted(ids)
+        assert batches == [BATCH, BATCH, BATCH]
+    finally:
+        await store.close()
 
 
 async def test_a_prune_does_not_read_every_event(
@@ -481,9 +526,9 @@ def wal_size(db: Path) -> int:
 async def test_the_wal_shrinks_back_after_a_large_transaction(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A large transaction (a reload forgetting the messages rendered for a channel's old type,
-    # an upgrade; retrying dead letters was one until it went in batches) grows the WAL file to
-    # its size, and SQLite reuses the file from its start without giving the space back: 50,000
+    # A large transaction (an upgrade's migration; retrying dead letters, or forgetting a
+    # retyped channel's messages, was one until they went in batches) grows the WAL file to its
+    # size, and SQLite reuses the file from its start without giving the space back: 50,000
     # dead letters retried left 11 MB until the server stopped.
     monkeypatch.setattr("bridge.store.sqlite_file.WAL_LIMIT_BYTES", 1 << 20)
     path = tmp_path / "bridge.db"
@@ -494,7 +539,7 @@ async def test_the_wal_shrinks_back_after_a_large_transaction(
     store = SQLiteStore(path)
     await store.open()
     try:
-        assert await store.forget_payloads(["a"]) == 40_000
+        assert await store._execute("UPDATE deliveries SET payload = NULL") == 40_000
         grown = wal_size(path)
         for n in range(3):  # the first commit checkpoints, the next starts the WAL again
             await add(store, f"k{n}")
