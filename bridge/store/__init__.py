@@ -241,7 +241,8 @@ class Store(Protocol):
     async def retry(self, ids: Sequence[int], now: float) -> list[int]:
         """Dead or pending deliveries of `ids` back to pending, due at `now`, attempts reset,
         their message to be rendered again when sent (with today's templates, for the channel's
-        type now); in one transaction, however many. The ids it put back, in no order."""
+        type now); PostgreSQL in one statement, however many, SQLite 500 a transaction. The
+        ids it put back, in no order."""
         ...
 
     async def retry_dead(self, channel: str | None, now: float) -> int:
@@ -249,7 +250,7 @@ class Store(Protocol):
         ...
 
     async def drop(self, ids: Sequence[int], now: float) -> list[int]:
-        """Deletes the dead or pending deliveries of `ids`, in one transaction, however many;
+        """Deletes the dead or pending deliveries of `ids`, batched as `retry`;
         not a dead letter buried while it was being sent, until that send's lease has run out
         (as `retry`). The ids it deleted, in no particular order."""
         ...
