@@ -63,7 +63,7 @@ class SQLiteStore(SQLiteQueue, SQLiteOutbox):
         # Answered within Tencent's 2 s whatever holds the write lock (an outbox command
         # stopped with Ctrl-Z, a sqlite3 session in a transaction): 64 callbacks waited 8 s.
         return await within_deadline(
-            self._submit(_Record(event, deliveries, now, dedup_window_s)), self._late
+            self._enqueue(_Record(event, deliveries, now, dedup_window_s)), self._late
         )
 
     async def ping(self) -> None:

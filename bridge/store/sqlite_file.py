@@ -189,9 +189,14 @@ class SQLiteFile:
             )
 
     async def _submit(self, op: Callable[[sqlite3.Connection], T], urgent: bool = False) -> T:
+        return await self._enqueue(op, urgent)
+
+    def _enqueue(
+        self, op: Callable[[sqlite3.Connection], T], urgent: bool = False
+    ) -> asyncio.Future[T]:
         if self._writer is None:
             raise StoreUnavailable("store is not open")
-        return await self._writer.submit(op, urgent)
+        return self._writer.enqueue(op, urgent)
 
     async def _read(self, op: Callable[[sqlite3.Connection], T]) -> T:
         """`op` on a connection of its own, in a thread: what the status page, /metrics and the

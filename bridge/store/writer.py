@@ -80,12 +80,19 @@ class GroupCommitWriter:
     async def submit(self, op: Callable[[sqlite3.Connection], T], urgent: bool = False) -> T:
         """`op`'s result once committed. `urgent`: something waits on it (a claim, before its
         sends), so the batch it joins starts without gathering."""
+        return await self.enqueue(op, urgent)
+
+    def enqueue(
+        self, op: Callable[[sqlite3.Connection], T], urgent: bool = False
+    ) -> asyncio.Future[T]:
+        """As `submit`, the future of `op`'s result itself: a callback's write waits on it with
+        a deadline, without a task of its own (bridge/store/deadline.py)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._queue.put((op, loop, future))
         if urgent:
             self._hurry.set()
-        return await future
+        return future
 
     async def close(self) -> None:
         self._queue.put(None)
