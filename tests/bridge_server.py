@@ -102,7 +102,7 @@ def gone(pid: int) -> bool:
     """No such process, or only its zombie left for a parent to reap."""
     try:
         return stat_fields(pid)[0] == "Z"
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # reaped before, or while, it was read
         return True
 
 
