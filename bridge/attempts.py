@@ -21,7 +21,7 @@ from bridge.channels import Outcome, Result, Thread, permanent, retry
 from bridge.compose import Composer
 from bridge.config_tables import DeliveryConfig
 from bridge.metrics import Outcomes
-from bridge.policy import ChannelPolicy
+from bridge.policy import ChannelPolicy, send_s
 from bridge.render import RenderError
 from bridge.store import Claimed, Store
 
@@ -79,7 +79,7 @@ class Attempts:
         self, policy: ChannelPolicy, payload: str, delivery_id: int, thread: Thread | None
     ) -> Outcome:
         try:
-            async with asyncio.timeout(self._settings.timeout_s + 5.0):
+            async with asyncio.timeout(send_s(self._settings.timeout_s)):
                 return await policy.sender.send(payload, delivery_id, thread)
         except TimeoutError:
             return retry("timed out")

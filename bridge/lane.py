@@ -27,7 +27,7 @@ from bridge.attempts import Attempts
 from bridge.channels import Outcome, Result
 from bridge.clock import LeaseClock
 from bridge.pacing import Pacer
-from bridge.policy import ChannelPolicy
+from bridge.policy import ChannelPolicy, send_s
 from bridge.store import Claimed, Pace, StoreUnavailable
 
 log = logging.getLogger("bridge.worker")  # the worker's log lines, under its name
@@ -114,7 +114,7 @@ class Lanes(Attempts, abc.ABC):
                 # covers every send of the claim, paced, with time to spare; past it, another
                 # process may have claimed the rest: a replica frozen (a paused VM) sent the
                 # rest of its claim when it woke, again, and past the pace.
-                until = claimed_at + lease - min(self._send_s(), lease / 2)
+                until = claimed_at + lease - min(send_s(self._settings.timeout_s), lease / 2)
                 self._store_failures = 0  # a write went through: the store commits again
                 if not rows and not (sent and await self._more_soon(seen)):
                     idle = not found
@@ -199,10 +199,6 @@ class Lanes(Attempts, abc.ABC):
             finally:
                 self._lingering.discard(waiter)
         return self._arrivals != seen and not self._stopping
-
-    def _send_s(self) -> float:
-        """The longest a send takes (Attempts._send's bound)."""
-        return self._settings.timeout_s + 5.0
 
     def _late(self, policy: ChannelPolicy, until: float) -> bool:
         """Too late to start a send under the claim's lease: said once a lane."""

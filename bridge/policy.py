@@ -23,6 +23,12 @@ DIGEST_CLAIM = 200  # deliveries a digesting lane claims at once
 THREAD_TTL_S = 86400.0  # how long a room keeps its Slack thread, unless thread_ttl_h says
 
 
+def send_s(timeout_s: float) -> float:
+    """The longest one send may take: `[delivery] timeout_s`, and a margin for a sender that
+    overruns its own (the worker cuts it off then)."""
+    return timeout_s + 5.0
+
+
 @dataclass(frozen=True)
 class ChannelPolicy:
     """How one channel is sent to; built from its config."""
@@ -73,7 +79,7 @@ class ChannelPolicy:
         )
         rate = rate_per_s or self.rate_per_s
         paced = sends / rate if rate else 0.0
-        return math.ceil(sends / self.max_in_flight) * (timeout_s + 5.0) + paced + 10.0
+        return math.ceil(sends / self.max_in_flight) * send_s(timeout_s) + paced + 10.0
 
 
 def strictest(policies: Sequence[ChannelPolicy]) -> tuple[float | None, int]:
