@@ -59,7 +59,6 @@ class SQLiteStore(SQLiteQueue, SQLiteOutbox):
     async def record(
         self, event: NewEvent, deliveries: Sequence[NewDelivery], now: float, dedup_window_s: float
     ) -> Recorded:
-        self._check_file()  # one stat a callback
         # Answered within Tencent's 2 s whatever holds the write lock (an outbox command
         # stopped with Ctrl-Z, a sqlite3 session in a transaction): 64 callbacks waited 8 s.
         return await within_deadline(
@@ -69,7 +68,6 @@ class SQLiteStore(SQLiteQueue, SQLiteOutbox):
     async def ping(self) -> None:
         # A row that really changes: SQLite skips an update that writes the same value, and a
         # commit that writes nothing succeeds on a full or read-only disk.
-        self._check_file()
         await self._execute(
             "INSERT OR REPLACE INTO meta (key, value) VALUES ('ping', ?)", (str(time.time()),)
         )

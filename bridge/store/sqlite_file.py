@@ -139,7 +139,9 @@ class SQLiteFile:
         except (sqlite3.Error, OSError) as exc:
             self._unlock()
             raise StoreUnavailable(f"cannot open store {self.path}: {exc}") from None
-        self._writer = GroupCommitWriter(conn, self._write_lock_fd, self._gather_s)
+        self._writer = GroupCommitWriter(
+            conn, self._write_lock_fd, self._gather_s, self._check_file
+        )
         log.info("store open: %s (schema %d)", self.path, SCHEMA_VERSION)
 
     def _lock(self) -> None:
@@ -176,16 +178,17 @@ class SQLiteFile:
         self._unlock()
 
     def _check_file(self) -> None:
-        """StoreUnavailable if the file at `path` is no longer the one open (removed, or
-        replaced by a restored copy): what is written goes to a file nobody will open again,
-        and callbacks acknowledged meanwhile were gone at the next start."""
+        """Before each of the writer's batches, on its thread (one stat a batch, none on the
+        event loop): the file at `path` must still be the one open. Removed, or replaced by a
+        restored copy, what is written goes to a file nobody will open again, and callbacks
+        acknowledged meanwhile were gone at the next start."""
         try:
             same = _file_id(self.path) == self._file_id
         except OSError:
             same = False
         if not same:
-            raise StoreUnavailable(
-                f"store unavailable: {self.path} was removed or replaced while open: restart"
+            raise sqlite3.OperationalError(
+                f"{self.path} was removed or replaced while open: restart"
             )
 
     async def _submit(self, op: Callable[[sqlite3.Connection], T], urgent: bool = False) -> T:

@@ -65,9 +65,13 @@ class Together:
 
 class GroupCommitWriter:
     def __init__(
-        self, conn: sqlite3.Connection, lock_fd: int | None = None, gather_s: float = 0.0
-    ) -> None:
+        self, conn: sqlite3.Connection, lock_fd: int | None = None, gather_s: float = 0.0,
+        check: Callable[[], None] | None = None,
+    ) -> None:  # fmt: skip
+        """`check`: run before each batch, on the writer's thread; a sqlite3.Error it raises
+        fails the batch as the store's own would."""
         self._lock_fd = lock_fd
+        self._check = check
         self._gather_s = gather_s
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._hurry = threading.Event()  # an urgent operation waits: no gathering
@@ -147,6 +151,8 @@ class GroupCommitWriter:
     def _transact(self, conn: sqlite3.Connection, batch: list[_Item]) -> list[tuple[bool, Any]]:
         """Each operation's result, committed; or the store's error for every one of them."""
         try:
+            if self._check is not None:
+                self._check()
             try:
                 # The common case, every operation succeeding, needs no savepoints: they were two
                 # statements more per operation, on the thread that holds the GIL the longest.
