@@ -36,6 +36,10 @@ class TooDeep(Exception):
     """More requests pipelined than MAX_PIPELINED: stops httptools mid-chunk."""
 
 
+class HeadTooLong(Exception):
+    """A request head over MAX_HEAD_BYTES that arrived whole: stops httptools mid-chunk."""
+
+
 def raw_packet(protocol: HttpToolsProtocol, status: int, info: str) -> bytes:
     """A whole HTTP response carrying a Tencent FAIL packet, for the protocol to write itself
     (no application answers it); the connection closes after it."""
@@ -69,6 +73,7 @@ class LimitedProtocol(HttpToolsProtocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._replaying_head = False  # see _ignore_upgrade
         self._pipeline_overflow = False
+        self._head_over = 0  # the status refusing a head that arrived whole but too long
         self._wait_for_request()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -86,15 +91,19 @@ class LimitedProtocol(HttpToolsProtocol):
                 self.refused(0)
                 self.transport.abort()  # answers still owed cannot all be given: cut off
                 return
+            if self._head_over:
+                self._refuse(self._head_over, f"request head over {MAX_HEAD_BYTES} bytes")
+                return
             self.logger.warning("Invalid HTTP request received.")
             self.send_400_response("invalid HTTP request")
             return
         except httptools.HttpParserUpgrade as upgrade:
             self._ignore_upgrade(data[upgrade.args[0] :])
             return
-        # A chunk in which a head began or ended is not counted: it may hold a body, or a
-        # pipelined request's start. So a head is refused past MAX_HEAD_BYTES plus one chunk
-        # (uvloop reads at most 256 KiB), still a bounded amount.
+        # A head still arriving is counted chunk by chunk, but for the chunk it began in,
+        # which may also hold the end of an earlier request: memory stays bounded by
+        # MAX_HEAD_BYTES plus one chunk (uvloop reads at most 256 KiB). A head that ends is
+        # measured whole when it does (on_headers_complete).
         if not self._in_head or begun != self._heads_begun or self.transport.is_closing():
             return
         self._head_bytes += len(data)
@@ -161,6 +170,12 @@ class LimitedProtocol(HttpToolsProtocol):
             self._replaying_head = False  # the body follows, for the request being answered
             return
         self._in_head = False
+        # The request line and headers as sent, but for the spaces around a header's value
+        # and the line ends uvicorn does not keep.
+        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+        if size > MAX_HEAD_BYTES:
+            self._head_over = 414 if len(self.url) > MAX_HEAD_BYTES else 431
+            raise HeadTooLong
         if len(self.pipeline) >= MAX_PIPELINED:
             # uvicorn stops reading while requests wait, but parses the rest of the chunk in
             # hand, and reads the next after each answer: a client pipelining faster than it

@@ -156,6 +156,27 @@ def test_a_head_under_the_limit_and_pipelined_callbacks_are_answered_in_order(
     assert response.count(OK_PACKET) == 6
 
 
+@pytest.mark.parametrize(
+    "pad", [67_000, 70_000, 120_000, 200_000], ids=["67 KB", "70 KB", "120 KB", "200 KB"]
+)
+def test_a_whole_head_over_the_limit_in_one_write_is_refused_too(
+    bridge: Subprocess, pad: int
+) -> None:
+    """Counting chunk by chunk skips the chunk a head began in: a head that arrives whole in
+    one read is measured when it ends."""
+    headers = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 990) for i in range(pad // 1000))
+    with connection(bridge) as sock:
+        sock.sendall(callback_request(headers))
+        response = answer(sock, 5)
+    assert response is not None
+    info = "request head over 65536 bytes"
+    assert packet_of(response) == (
+        431,
+        {"ActionStatus": "FAIL", "ErrorInfo": info, "ErrorCode": 431},
+    )
+    assert db_rows(bridge.log.parent / "bridge.db", "SELECT count(*) FROM events") == [(0,)]
+
+
 def slow_client(sock: socket.socket, trickle: bytes, within_s: float) -> tuple[bytes | None, float]:
     """Send `trickle` a byte at a time, one every 0.5 s, as long as the connection stays open
     (at most `within_s`); what the server answered (None: nothing, and it stayed open) and when
