@@ -226,12 +226,16 @@ class LimitedProtocol(HttpToolsProtocol):
         # land inside that answer.
         head_alone = self._in_head and (cycle is None or cycle.response_complete)
         if head_alone or reading_body:
-            self._refuse(408, f"request not received within {self.request_timeout_s:g} s")
+            # A body the application was reading is its callback, counted there (disconnected).
+            self._refuse(
+                408, f"request not received within {self.request_timeout_s:g} s", head_alone
+            )
         else:
             self.transport.close()  # idle, or answered and the rest of its body still coming
 
-    def _refuse(self, status: int, info: str) -> None:
-        self.refused(status)
+    def _refuse(self, status: int, info: str, counted: bool = True) -> None:
+        if counted:
+            self.refused(status)
         self.transport.write(raw_packet(self, status, info))
         self.transport.close()
 

@@ -149,6 +149,7 @@ class Receiver:
             if (unsaid := self._quiet.unsaid("the client went away")) is not None:
                 log.info("refused callback: client went away before its body arrived%s", unsaid)
             response, result = packet(400, "client went away"), "disconnected"
+            command = _query_command(request)
         except Exception:
             if (unsaid := self._quiet.unsaid("callback failed")) is not None:
                 log.exception("callback failed%s", unsaid)

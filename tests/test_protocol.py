@@ -204,7 +204,11 @@ def test_slow_and_idle_connections_are_closed_after_request_timeout_s(bridge: Su
     starts = {
         "idle": (b"", b""),
         "head": (b"POST " + CALLBACK + b" HTTP/1.1\r\nX-Slow: ", b"abc"),
-        "body": (b"POST " + CALLBACK + b" HTTP/1.1\r\nContent-Length: 999\r\n\r\n{", b" "),
+        "body": (
+            b"POST " + CALLBACK + b"&CallbackCommand=Live.CallbackAfterChangeOwner HTTP/1.1\r\n"
+            b"Content-Length: 999\r\n\r\n{",
+            b" ",
+        ),
     }
     with contextlib.ExitStack() as stack, ThreadPoolExecutor(len(starts)) as pool:
         futures = {}
@@ -229,6 +233,12 @@ def test_slow_and_idle_connections_are_closed_after_request_timeout_s(bridge: Su
     # Lines reach the file from the log's own thread: waited for, not read at once.
     assert wait_until(lambda: "client went away before its body arrived" in bridge.log.read_text())
     assert "ERROR" not in bridge.log.read_text()
+    # Counted once each: the head by the protocol, which no application saw; the body by the
+    # receiver, under the command its query names.
+    counted = samples(bridge.url)
+    assert counted[("live_bridge_requests_refused_total", (("status", "408"),))] == 1
+    late_body = (("command", "Live.CallbackAfterChangeOwner"), ("result", "disconnected"))
+    assert counted[("live_bridge_callbacks_total", late_body)] == 1
 
 
 def test_idle_connections_past_the_fd_limit_do_not_shut_tencent_out(tmp_path: Path) -> None:
