@@ -172,11 +172,18 @@ def _from_environment(loc: tuple[int | str, ...]) -> list[str]:
 
 def describe(path: Path, exc: ValidationError) -> str:
     lines = [f"{path}: invalid configuration"]
-    for error in exc.errors(include_input=False, include_url=False):
+    errors = exc.errors(include_input=False, include_url=False)
+    for error in errors:
+        if error["type"] == "too_short" and _has_inner(errors, error["loc"]):
+            continue  # pydantic counts a tuple's items that passed: the inner error says why
         names = _from_environment(error["loc"])
         source = f" (set by {', '.join(names)})" if names else ""
         lines.append(f"  {_where(error['loc'])}{source}: {_what(error)}")
     return "\n".join(lines)
+
+
+def _has_inner(errors: list[Any], loc: tuple[int | str, ...]) -> bool:
+    return any(e["loc"][: len(loc)] == loc and len(e["loc"]) > len(loc) for e in errors)
 
 
 _CHANNEL_TYPES = ("console", "slack", "webhook")

@@ -187,6 +187,23 @@ def test_a_name_with_a_line_break_or_escape_cannot_break_the_message(
     assert "\x1b" not in message and "\r" not in message and "\u2028" not in message
 
 
+def test_a_bad_route_is_one_error_not_also_too_few_routes(tmp_path: Path) -> None:
+    # pydantic also reports a tuple as too short when its only item fails.
+    path = write(tmp_path, MINIMAL.replace("[[routes]]\n", "[[routes]]\nbogus = 1\n"))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value).splitlines()[1:] == ["  [[routes]] #1 bogus: unknown key"]
+
+
+def test_an_empty_list_of_routes_is_still_too_short(tmp_path: Path) -> None:
+    path = write(tmp_path, "routes = []\n" + MINIMAL.split("[[routes]]")[0])
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value).splitlines()[1:] == [
+        "  routes: Tuple should have at least 1 item after validation, not 0"
+    ]
+
+
 def test_a_byte_order_mark_is_not_part_of_the_document(tmp_path: Path) -> None:
     # Windows editors (Notepad) write one; it is no TOML statement.
     path = tmp_path / "config.toml"
