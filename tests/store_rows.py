@@ -13,6 +13,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import psycopg
 
+from bridge.events import decode_body, parse_event
 from bridge.receive import dedup_key
 from bridge.store import NewDelivery, NewEvent, Store
 from bridge.store.pg_schema import MIGRATIONS as PG_MIGRATIONS
@@ -71,14 +72,16 @@ def _body(room: str, at: int | None) -> str:
 
 KEYED_BEFORE = [
     (n, at, _body(f"r{n}", at))
-    for n, at in ((1, 1703589922780), (2, -1), (3, None), (4, 2**63 - 1))
+    # 5: EventTime in seconds, stored as sent before it was read as milliseconds.
+    for n, at in ((1, 1703589922780), (2, -1), (3, None), (4, 2**63 - 1), (5, 1703589922))
 ]
 OLD_KEYS = [hashlib.sha256(f"{OWNER}\0{body}".encode()).hexdigest() for _, _, body in KEYED_BEFORE]
 
 
 async def assert_retries_are_duplicates(store: Store, now: float) -> None:
     """Tencent's retry of each event in KEYED_BEFORE, after the upgrade: found, not stored again."""
-    for event_id, at, body in KEYED_BEFORE:
+    for event_id, _, body in KEYED_BEFORE:
+        at = parse_event(decode_body(body.encode())).EventTime  # as the receiver reads it today
         retry = NewEvent(
             sdk_app_id=1400000000, command=OWNER, room_id=f"r{event_id}", event_time=at,
             body=body, query="{}", dedup_key=dedup_key(OWNER, 1400000000, body.encode(), at),

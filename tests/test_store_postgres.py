@@ -14,7 +14,8 @@ from urllib.parse import quote
 import psycopg
 import pytest
 
-from bridge.store import NewDelivery, StoreUnavailable
+from bridge.receive import dedup_key
+from bridge.store import NewDelivery, NewEvent, StoreUnavailable, dedup_digest
 from bridge.store.pg_schema import CLAIM_SQL, SCHEMA_VERSION
 from bridge.store.postgres import PostgresStore
 from tests.bridge_server import OWNER
@@ -174,6 +175,41 @@ async def test_dedup_keys_written_before_version_3_still_find_retries(
     store = await open_store()
     await assert_retries_are_duplicates(store, now + 1)
     assert postgres_sql("SELECT count(*) FROM events") == [(len(KEYED_BEFORE),)]
+
+
+async def test_what_version_6_stored_is_read_as_today(
+    open_store: OpenStore, postgres_url: str, postgres_sql: PostgresSQL
+) -> None:
+    # As SQLite's version 8 (test_store_sqlite): keys led by seconds, messages rendered then.
+    old_postgres(postgres_url, 6)
+    now = time.time()
+    body = '{"CallbackCommand":"X","RoomId":"r","EventTime":1703589922}'
+    postgres_sql("INSERT INTO events VALUES (1, %s, 1, 'X', 'r', 1703589922, %s, '{}')", now, body)
+    for n, key in enumerate([
+        f"{1703589922:016x}:" + dedup_digest("X", 1, body.encode()), "0000000000000000:zero",
+        ":none", "000000zzzzzzzzzz:odd", dedup_key("X", 1, b"{}", 1703589922780),
+    ]):  # fmt: skip
+        postgres_sql("INSERT INTO dedup VALUES (%s, %s, %s)", key, now, n + 1)
+    for channel, state, payload in (("a", "pending", "old"), ("b", "dead", "old"),
+                                    ("c", "delivered", "sent")):  # fmt: skip
+        postgres_sql(
+            "INSERT INTO deliveries (event_id, channel, state, payload, next_attempt_at,"
+            " created_at, updated_at, room_id, order_ts) VALUES (1, %s, %s, %s, 0, 0, 0, 'r', 0)",
+            channel, state, payload,
+        )  # fmt: skip
+    postgres_sql("SELECT setval(pg_get_serial_sequence('events', 'id'), 1)")
+    store = await open_store()
+    assert postgres_sql("SELECT key FROM dedup ORDER BY event_id") == [
+        (dedup_key("X", 1, body.encode(), 1703589922000),), ("0000000000000000:zero",),
+        (":none",), ("000000zzzzzzzzzz:odd",), (dedup_key("X", 1, b"{}", 1703589922780),),
+    ]  # fmt: skip
+    assert postgres_sql("SELECT event_time FROM events") == [(1703589922000,)]
+    assert postgres_sql("SELECT channel, payload FROM deliveries ORDER BY channel") == [
+        ("a", None), ("b", None), ("c", "sent")
+    ]  # fmt: skip
+    key = dedup_key("X", 1, body.encode(), 1703589922000)
+    retry = NewEvent(1, "X", "r", 1703589922000, body, "{}", key)
+    assert (await store.record(retry, [NewDelivery("a", "p")], now + 1, 600)).duplicate
 
 
 async def test_a_database_of_version_4_gets_the_index_the_prune_walks(

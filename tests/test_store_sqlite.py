@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from bridge.receive import dedup_key
-from bridge.store import UNKNOWN_TAT, NewDelivery, NewEvent, Pace, StoreUnavailable
+from bridge.store import UNKNOWN_TAT, NewDelivery, NewEvent, Pace, StoreUnavailable, dedup_digest
 from bridge.store.schema import (
     CLAIM_SQL,
     DUE_SQL,
@@ -160,6 +160,9 @@ def old_database(path: Path, version: int) -> sqlite3.Connection:
     """A database as live-bridge left it at schema `version`, open for rows to be added."""
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    conn.create_function(  # what migration 8 asks of the connection
+        "live_bridge_dedup_digest", 3, lambda c, a, b: dedup_digest(c, a, b.encode())
+    )
     for migration in MIGRATIONS[:version]:
         for statement in migration.split(";"):
             if statement.strip():
@@ -211,7 +214,7 @@ async def test_older_database_is_migrated_keeping_its_rows(
         assert await s.claim("a", now, 10, 30) == []
         assert await s.recover() == 1
         (claimed,) = await s.claim("a", now, 10, 30)
-        assert claimed.payload == "p"
+        assert claimed.payload is None  # rendered again from its event when sent (schema 9)
         await s.mark_delivered(claimed.id, now)
         assert await s.take_channel("a", now, 30) is not None
     finally:
@@ -273,27 +276,76 @@ async def test_dedup_keys_written_before_version_8_name_their_app(tmp_path: Path
     # same bytes were one event. Made again from their events, a retry still finds its own.
     path = tmp_path / "old.db"
     now = time.time()
-    body = '{"CallbackCommand":"X","RoomId":"r","EventTime":1000}'
-    old_key = "00000000000003e8:" + hashlib.sha256(f"X\0{body}".encode()).hexdigest()
+    body = '{"CallbackCommand":"X","RoomId":"r","EventTime":1703589922780}'
+    old_key = f"{1703589922780:016x}:" + hashlib.sha256(f"X\0{body}".encode()).hexdigest()
     with contextlib.closing(old_database(path, 7)) as conn:
         conn.execute(
-            "INSERT INTO events VALUES (1, ?, 1400000001, 'X', 'r', 1000, ?, '{}')", (now, body)
+            "INSERT INTO events VALUES (1, ?, 1400000001, 'X', 'r', 1703589922780, ?, '{}')",
+            (now, body),
         )
         conn.execute("INSERT INTO dedup VALUES (?, ?, 1)", (old_key, now))
         conn.execute("INSERT INTO dedup VALUES ('00:gone', ?, 7)", (now,))  # its event pruned
         migrate(conn)
     assert db_rows(path, "SELECT key FROM dedup ORDER BY event_id") == [
-        (dedup_key("X", 1400000001, body.encode(), 1000),), ("00:gone",)
+        (dedup_key("X", 1400000001, body.encode(), 1703589922780),), ("00:gone",)
     ]  # fmt: skip
     store = SQLiteStore(path)
     await store.open()
     try:
         for app, duplicate in ((1400000001, True), (1400000000, False)):
             event = NewEvent(
-                app, "X", "r", 1000, body, "{}", dedup_key("X", app, body.encode(), 1000)
+                app,
+                "X",
+                "r",
+                1703589922780,
+                body,
+                "{}",
+                dedup_key("X", app, body.encode(), 1703589922780),
             )
             recorded = await store.record(event, [NewDelivery("a", "p")], now + 1, 600)
             assert recorded.duplicate is duplicate
+    finally:
+        await store.close()
+
+
+async def test_what_version_8_stored_is_read_as_today(tmp_path: Path) -> None:
+    # An EventTime in seconds led its key with the seconds; today's key leads with milliseconds,
+    # so a retry across the upgrade missed it. Messages it rendered are made again when sent;
+    # one delivered keeps what went out.
+    path = tmp_path / "old.db"
+    now = time.time()
+    body = '{"CallbackCommand":"X","RoomId":"r","EventTime":1703589922}'
+    old_key = f"{1703589922:016x}:" + dedup_digest("X", 1, body.encode())
+    with contextlib.closing(old_database(path, 8)) as conn:
+        conn.execute(
+            "INSERT INTO events VALUES (1, ?, 1, 'X', 'r', 1703589922, ?, '{}')", (now, body)
+        )
+        conn.executemany(
+            "INSERT INTO dedup VALUES (?, ?, ?)",
+            [(old_key, now, 1), ("0000000000000000:zero", now, 2), (":none", now, 3),
+             ("000000zzzzzzzzzz:odd", now, 4), (dedup_key("X", 1, b"{}", 1703589922780), now, 5)],
+        )  # fmt: skip
+        conn.execute(
+            "INSERT INTO deliveries (event_id, channel, state, payload, next_attempt_at,"
+            " created_at, updated_at) VALUES (1, 'a', 'pending', 'old', 0, 0, 0),"
+            " (1, 'b', 'dead', 'old', 0, 0, 0), (1, 'c', 'delivered', 'sent', 0, 0, 0)"
+        )
+        migrate(conn)
+    assert db_rows(path, "SELECT key FROM dedup ORDER BY event_id") == [
+        (dedup_key("X", 1, body.encode(), 1703589922000),), ("0000000000000000:zero",),
+        (":none",), ("000000zzzzzzzzzz:odd",), (dedup_key("X", 1, b"{}", 1703589922780),),
+    ]  # fmt: skip
+    assert db_rows(path, "SELECT event_time FROM events") == [(1703589922000,)]
+    assert db_rows(path, "SELECT channel, payload FROM deliveries ORDER BY channel") == [
+        ("a", None), ("b", None), ("c", "sent")
+    ]  # fmt: skip
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        retry = NewEvent(
+            1, "X", "r", 1703589922000, body, "{}", dedup_key("X", 1, body.encode(), 1703589922000)
+        )
+        assert (await store.record(retry, [NewDelivery("a", "p")], now + 1, 600)).duplicate
     finally:
         await store.close()
 

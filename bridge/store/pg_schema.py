@@ -17,7 +17,7 @@ from psycopg import AsyncConnection
 
 from bridge.store import CLOCK_STEP_S, StoreUnavailable
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 # pg_advisory_xact_lock keys: any two numbers no other user of the database is likely to take.
 MIGRATION_LOCK = 0x6C62_6D69  # "lbmi"
@@ -115,6 +115,20 @@ MIGRATIONS: tuple[str, ...] = (
         || '\\x00'::bytea || convert_to(e.body, 'UTF8')
     ), 'hex')
     FROM events e WHERE e.id = dedup.event_id;
+    """,
+    # 7: what earlier versions stored as they read it then, as SQLite's version 9 does: dedup
+    # keys that led with an EventTime in seconds lead with it in milliseconds, and messages
+    # rendered at receipt by an earlier version are rendered again from their events.
+    """
+    UPDATE dedup SET key = lpad(to_hex(t.at * 1000), 16, '0') || substr(dedup.key, 17)
+    FROM (
+        SELECT key, ('x' || substr(key, 1, 16))::bit(64)::bigint AS at FROM dedup
+        WHERE key ~ '^000000[0-9a-f]{10}:'
+    ) t
+    WHERE dedup.key = t.key AND t.at > 0 AND t.at < 100000000000;
+    UPDATE events SET event_time = event_time * 1000
+    WHERE event_time > 0 AND event_time < 100000000000;
+    UPDATE deliveries SET payload = NULL WHERE state <> 'delivered' AND payload IS NOT NULL;
     """,
 )
 

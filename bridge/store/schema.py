@@ -7,9 +7,10 @@ import contextlib
 import secrets
 import sqlite3
 
+from bridge.events import SECONDS_BELOW
 from bridge.store import CLOCK_STEP_S, dedup_digest
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 # Each entry brings the schema from version i to i + 1; append, never edit.
 MIGRATIONS: tuple[str, ...] = (
@@ -118,6 +119,18 @@ MIGRATIONS: tuple[str, ...] = (
     )
     WHERE EXISTS (SELECT 1 FROM events e WHERE e.id = dedup.event_id)
     """,
+    # 9: what earlier versions stored as they read it then. An EventTime in seconds is read as
+    # milliseconds since 4c7022a (events.SECONDS_BELOW), and the dedup keys lead with it: a key
+    # that led with the seconds would miss a retry across the upgrade. And a message rendered
+    # at receipt by an earlier version, with its escaping (a line break in a value forged a
+    # line of the message before 3260f56), is rendered again from its event when it is sent.
+    """
+    UPDATE dedup SET key = live_bridge_key_in_millis(key)
+    WHERE substr(key, 1, 6) = '000000' AND instr(key, ':') = 17;
+    UPDATE events SET event_time = event_time * 1000
+    WHERE event_time > 0 AND event_time < 100000000000;
+    UPDATE deliveries SET payload = NULL WHERE state != 'delivered' AND payload IS NOT NULL
+    """,
 )
 
 assert len(MIGRATIONS) == SCHEMA_VERSION
@@ -130,6 +143,7 @@ def migrate(conn: sqlite3.Connection) -> str:
     database's identity (Store.identity)."""
     conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
     conn.create_function("live_bridge_dedup_digest", 3, _dedup_digest, deterministic=True)
+    conn.create_function("live_bridge_key_in_millis", 1, _key_in_millis, deterministic=True)
     version = _version(conn)
     while version < SCHEMA_VERSION:
         conn.execute("BEGIN IMMEDIATE")
@@ -164,6 +178,16 @@ def migrate(conn: sqlite3.Connection) -> str:
 def _dedup_digest(command: str, sdk_app_id: int, body: str) -> str:
     # The body as received: stored as its UTF-8 text (receive.py decodes it), read back alike.
     return dedup_digest(command, sdk_app_id, body.encode())
+
+
+def _key_in_millis(key: str) -> str:
+    """A dedup key that leads with an EventTime in seconds, as it leads since: in milliseconds."""
+    front, _, digest = key.partition(":")
+    try:
+        at = int(front, 16)
+    except ValueError:
+        return key  # not a key this live-bridge wrote
+    return f"{at * 1000:016x}:{digest}" if 0 < at < SECONDS_BELOW else key
 
 
 def _identity(conn: sqlite3.Connection) -> str:
