@@ -307,9 +307,49 @@ async def test_a_webhook_redirect_is_never_taken_for_delivered(
 ) -> None:
     base, seen = odd
     outcome = await send(hook(f"{base}/{kind}{SECRET_PATH}"), session)
-    # aiohttp followed it as a GET to a page that says 200: nothing was posted.
-    assert seen[-1] == "GET /landing/x"
-    assert outcome == permanent("HTTP 200 without Slack's ok (a redirect followed?)")
+    # Followed, it was a GET to a page that said 200, taken for delivered: nothing was posted.
+    assert seen == [f"POST /{kind}{SECRET_PATH}"]
+    assert outcome == permanent(f"HTTP {kind}")
+
+
+@pytest.mark.parametrize("mode", ["api", "webhook"])
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_a_redirect_to_another_host_is_not_followed(
+    session: aiohttp.ClientSession, mode: str, status: int
+) -> None:
+    # slack-sdk's clients let aiohttp follow redirects: a 307 posted the message (the room, the
+    # accounts) to a host nobody configured, over plain HTTP too, and its "ok" counted as
+    # delivered.
+    elsewhere: list[str] = []
+    asked: list[str] = []
+
+    async def other(request: web.Request) -> web.Response:
+        elsewhere.append(f"{request.method} {request.path}")
+        if mode == "api":
+            return web.json_response({"ok": True, "ts": "1.2"})
+        return web.Response(text="ok")
+
+    async with serving(other) as other_base:
+
+        async def moved(request: web.Request) -> web.Response:
+            asked.append(request.method)
+            return web.Response(status=status, headers={"Location": other_base + "/taken"})
+
+        async with serving(moved) as base:
+            settings = bot(f"{base}/api/") if mode == "api" else hook(base + SECRET_PATH)
+            assert await send(settings, session) == permanent(f"HTTP {status}")
+    assert (asked, elsewhere) == (["POST"], [])
+
+
+async def test_a_binary_answer_to_the_api_is_not_slacks_json(
+    session: aiohttp.ClientSession,
+) -> None:
+    # slack-sdk passes a binary type as valid, unread: reading its ts failed in the sender.
+    async def gzip(request: web.Request) -> web.Response:
+        return web.Response(body=b"\x1f\x8b\x08\x00", content_type="application/gzip")
+
+    async with serving(gzip) as base:
+        assert await send(bot(f"{base}/api/"), session) == retry("HTTP 200: not Slack's JSON")
 
 
 @pytest.mark.parametrize(
@@ -422,8 +462,8 @@ async def test_a_redirect_loop_is_permanent(
 
     async with serving(loop) as base:
         settings = bot(f"{base}/api/") if mode == "api" else hook(base + SECRET_PATH)
-        assert await send(settings, session) == permanent("too many redirects")
-    assert len(seen) == 10
+        assert await send(settings, session) == permanent(f"HTTP {status}")
+    assert len(seen) == 1  # not followed at all (test_a_redirect_to_another_host_is_not_followed)
 
 
 @pytest.mark.parametrize(
@@ -465,7 +505,8 @@ async def test_a_self_signed_certificate_is_refused(
     async with far_end(["answer"], fixed(b"200 OK", b"ok"), tls=self_signed(tmp_path)) as base:
         outcome = await send(hook(base + SECRET_PATH), session, timeout_s=0.3)
     assert outcome.result is Result.RETRY
-    assert "CERTIFICATE_VERIFY_FAILED" in outcome.error
+    # OpenSSL's reason, which names no host (one that would is left out: test_channels_http).
+    assert outcome.error.startswith("cannot connect: TLS certificate not accepted (self")
 
 
 @pytest.mark.parametrize("mode", ["api", "webhook"])

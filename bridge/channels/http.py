@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import errno
+import os
 import re
 import time
 from collections.abc import Mapping
@@ -63,12 +64,28 @@ def classify_status(status: int, headers: Mapping[str, str] | None, detail: str 
     return permanent(error)
 
 
+_PLAIN_WORDS = re.compile(r"[a-z][a-z -]{0,79}")
+
+
 def describe_exception(exc: BaseException) -> str:
     """A transport failure in words that cannot carry a URL or a credential."""
     if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
         return "timed out"
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        # OpenSSL's reason ("self-signed certificate", "certificate has expired"), but for the
+        # one that names the host it was not for.
+        why = getattr(exc.certificate_error, "verify_message", "")
+        why = why if _PLAIN_WORDS.fullmatch(why) else "not for this host"
+        return f"cannot connect: TLS certificate not accepted ({why})"
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return "cannot connect: TLS failed"
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return "cannot connect: name not resolved"
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return f"cannot connect: {exc.strerror or type(exc.os_error).__name__}"
+        # The error number's words, not the error's text: asyncio's names the address and port
+        # ("Connect call failed ('10.1.2.3', 443)"), as a secret URL's host may be.
+        code = exc.os_error.errno
+        return f"cannot connect: {os.strerror(code) if code else type(exc.os_error).__name__}"
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "server disconnected"
     if isinstance(exc, aiohttp.TooManyRedirects):
@@ -145,6 +162,37 @@ class BoundedResponse(aiohttp.ClientResponse):
         return await super().read()
 
 
+class Redirected(aiohttp.ClientError):
+    """A redirect the session did not follow; its status and headers kept."""
+
+    def __init__(self, status: int, headers: Mapping[str, str]) -> None:
+        super().__init__(f"HTTP {status}: a redirect, not followed")
+        self.status = status
+        self.headers = headers
+
+
+_REDIRECTS = {301, 302, 303, 307, 308}  # what aiohttp follows
+
+
+async def _no_redirects(
+    request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+) -> aiohttp.ClientResponse:
+    """slack-sdk's clients let aiohttp follow redirects: a 307 or 308 posted the message to
+    whatever host the far end named (an unconfigured one, or plain HTTP), which then counted
+    as delivered; a 301 or 302 became a GET that posted nothing, and its 200 did too. No
+    sender follows one: the answer is the redirect's (the webhook sender asks for that itself)."""
+    response = await handler(request)
+    if response.status in _REDIRECTS:
+        response.release()
+        raise Redirected(response.status, response.headers)
+    return response
+
+
 def sender_session() -> aiohttp.ClientSession:
-    """The session the senders share (the worker's, send-test's)."""
-    return aiohttp.ClientSession(response_class=BoundedResponse)
+    """The session the senders share (the worker's, send-test's). No cookies: one far end's
+    would go back to every channel on its host."""
+    return aiohttp.ClientSession(
+        response_class=BoundedResponse,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        middlewares=(_no_redirects,),
+    )

@@ -17,6 +17,7 @@ from bridge.channels import DELIVERED, SDK_LOG, Outcome, Result, Thread, permane
 from bridge.channels.http import (
     TRANSPORT_ERRORS,
     AnswerTooLong,
+    Redirected,
     classify_status,
     parse_retry_after,
     transport_failure,
@@ -102,10 +103,10 @@ class SlackSender:
             if self._web is not None:
                 return retry("HTTP 200: not Slack's JSON (over 1 MiB)")
             return permanent("HTTP 200 without Slack's ok (over 1 MiB)")
-        except aiohttp.TooManyRedirects:
-            # slack-sdk's clients follow redirects (a 307 or 308 posting the message again each
-            # time): a loop is a URL that will not mend itself, as a webhook's 3xx.
-            return permanent("too many redirects")
+        except Redirected as exc:
+            # Slack does not redirect its API or its webhooks: a URL that will not mend itself,
+            # as a webhook's 3xx (http.sender_session follows none).
+            return classify_status(exc.status, exc.headers)
         except TRANSPORT_ERRORS as exc:
             return transport_failure(exc)
         except UnicodeDecodeError:
@@ -122,10 +123,9 @@ class SlackSender:
             return permanent(f"HTTP {status}: {error}")
         if 200 <= status < 300:
             # Slack answers a webhook with 200 and "ok" alone. Any other success is some other
-            # server's (aiohttp follows redirects, a 302 or 303 as a GET; a proxy answers 202 or
-            # 204): the message was not posted, and sending it again would meet the same.
-            hint = " (a redirect followed?)" if status == 200 else ""
-            return permanent(f"HTTP {status} without Slack's ok{hint}")
+            # server's (a proxy answers 202 or 204): the message was not posted, and sending it
+            # again would meet the same.
+            return permanent(f"HTTP {status} without Slack's ok")
         return classify_status(status, response.headers, error)
 
     async def _post(self, message: dict[str, Any]) -> Outcome:
@@ -137,7 +137,10 @@ class SlackSender:
             # slack-sdk takes any HTTP 200 answer for Slack's JSON object and fails on
             # anything else (a proxy's plain text, a JSON array) while checking "ok".
             return retry("HTTP 200: not Slack's JSON")
-        ts = answer.get("ts")
+        if not isinstance(answer.data, dict):
+            # A binary type (application/gzip, …): slack-sdk passes it as valid, unread.
+            return retry("HTTP 200: not Slack's JSON")
+        ts = answer.data.get("ts")
         return Outcome(Result.DELIVERED, ts=ts if isinstance(ts, str) else None)
 
 

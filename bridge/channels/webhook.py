@@ -11,7 +11,12 @@ import aiohttp
 from standardwebhooks.webhooks import Webhook
 
 from bridge.channels import Outcome, Thread
-from bridge.channels.http import TRANSPORT_ERRORS, classify_status, transport_failure
+from bridge.channels.http import (
+    TRANSPORT_ERRORS,
+    Redirected,
+    classify_status,
+    transport_failure,
+)
 from bridge.config_tables import WebhookChannel
 
 # Of an answer's body, at most this much is read: the status decides the outcome, and the body
@@ -64,6 +69,8 @@ class WebhookSender:
             ) as response:  # fmt: skip
                 await _read_some(response)
                 return classify_status(response.status, response.headers)
+        except Redirected as exc:  # not followed (allow_redirects, and the session's own rule)
+            return classify_status(exc.status, exc.headers)
         except TRANSPORT_ERRORS as exc:
             return transport_failure(exc)
 
