@@ -84,7 +84,9 @@ class ServerConfig(Strict):
         if any(c in value for c in "{}?#%") or any(c.isspace() or ord(c) < 32 for c in value):
             raise ValueError("must be a plain path: no {, }, ?, #, % or spaces")
         bare = value.rstrip("/") or "/"
-        if bare == "/" or any(bare == p.rstrip("/") or bare.startswith(p) for p in RESERVED_PATHS):
+        # Each reserved path itself, and what lies under it (/status/login, /-/reload).
+        taken = (p.rstrip("/") for p in RESERVED_PATHS)
+        if bare == "/" or any(bare == p or bare.startswith(p + "/") for p in taken):
             raise ValueError(f"is taken by the bridge itself ({', '.join(RESERVED_PATHS)}, /)")
         return value
 

@@ -48,6 +48,8 @@ from tests.test_config import MINIMAL, write
         ("[server]\ncallback_path = '/-/reload'\n", "[server] callback_path: is taken"),
         ("[server]\ncallback_path = '/status/'\n", "[server] callback_path: is taken"),
         ("[server]\ncallback_path = '/metrics'\n", "[server] callback_path: is taken"),
+        ("[server]\ncallback_path = '/status/login'\n", "[server] callback_path: is taken"),
+        ("[server]\ncallback_path = '/healthz/'\n", "[server] callback_path: is taken"),
         ("[server]\ncallback_path = '/'\n", "[server] callback_path: is taken"),
         (
             "[channels.s]\ntype = 'slack'\nwebhook_url = 'hooks.slack.com/services/T/B/x'\n",
@@ -270,3 +272,10 @@ def test_a_count_past_a_32_bit_integer_is_refused(tmp_path: Path, extra: str, wh
         load_config(write(tmp_path, text(2**31)))
     assert f"{where}: Input should be less than or equal to 2147483647" in str(caught.value)
     assert load_config(write(tmp_path, text(2**31 - 1)))
+
+
+@pytest.mark.parametrize("path", ["/metrics2", "/statuses", "/healthzx", "/readyz-callback", "/-x"])
+def test_a_path_beside_the_bridges_own_is_free(tmp_path: Path, path: str) -> None:
+    # Each reserved path and what lies under it are taken, not every path it begins.
+    config = load_config(write(tmp_path, MINIMAL + f"[server]\ncallback_path = '{path}'\n"))
+    assert config.server.callback_path == path
