@@ -132,6 +132,13 @@ class Receiver:
         self._mismatches: set[tuple[str, str]] = set()  # query and body commands, logged once
         self._quiet = Quiet()
 
+    def take_over(self, old: Receiver) -> None:
+        """What the receiver of the config before has said stays said: a reload neither logs
+        again a refusal logged within the minute (nor loses the count of those not logged
+        since), nor a query/body mismatch logged once, nor forgets an outage's count."""
+        self._quiet, self._mismatches = old._quiet, old._mismatches
+        self._unstored = old._unstored
+
     async def handle(self, request: Request) -> Response:
         started = time.perf_counter()
         command: str | None = None  # known once the body parses

@@ -121,6 +121,7 @@ class Reloads(abc.ABC):
                 self.delivery.reload()  # the delivery process reads the file again
             self.config, self.renderer = config, renderer
             old, self.receiver = self.receiver, self._receiver(config, renderer)
+            self.receiver.take_over(old)
             # A callback the old receiver is still handling (its body still arriving) is routed
             # by the old routes: it may yet record a delivery to a removed channel, which no lane
             # would ever send. Bury once such callbacks have finished; the slow ones, later.

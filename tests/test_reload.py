@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import threading
 import time
@@ -337,3 +338,18 @@ def test_a_config_that_fails_in_any_way_is_refused_and_counted(
         assert samples(bridge.url)[failures] == 1
         assert post_callback(bridge.url) == (200, OK_PACKET)  # the running config serves on
         assert slack.wait_for(lambda s: len(s.sink_requests) == 1)
+
+
+def test_a_reload_keeps_what_was_logged_once_a_minute(
+    tmp_path: Path, slack: SlackStandIn, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Each reload made a new receiver, which had said nothing yet: reloads every few seconds
+    # logged every refusal again, and the count of those left unlogged was lost.
+    config = write_config(tmp_path, channels=HOOK.format(url=slack.sink_url()), routes=ROUTE)
+    with InThread(config) as bridge, caplog.at_level(logging.INFO, logger="bridge.receive"):
+        for _ in range(3):
+            assert post_callback(bridge.url, query="SdkAppid=1")[0] == 403
+            assert post_callback(bridge.url, query="SdkAppid=1")[0] == 403
+            status, _, body = http_request(bridge.url + "/-/reload", "POST")
+            assert (status, json.loads(body)["status"]) == (200, "reloaded")
+    assert caplog.messages == ["refused callback: HTTP 403 unknown SdkAppid"]
