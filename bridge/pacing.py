@@ -2,10 +2,15 @@
 
 `Pacer` is a token bucket (`rate_per_s`, `burst`) kept as a theoretical arrival time (GCRA).
 `wait()` returns when one more message may go out and reserves it; `done()` is called when the
-far end has answered and counts the message from then, because the far end counted it on arrival,
-which is after we sent it and before its answer: our schedule can then never run ahead of the
-far end's own bucket, whatever the network did to the first request of a burst. A block set from
-a 429's Retry-After holds everything until it ends: `wait()` turns its callers away meanwhile.
+far end has answered and counts the message again from then, because the far end counted it on
+arrival, which is after we sent it and before its answer. The answers run a bucket of their own
+(`_answered`), as if each message had arrived when it was answered: the far end's, on the real
+arrivals, can be no further ahead, so our schedule, the later of the two, never runs ahead of
+it, whatever the network did to the first requests of a burst. Counting each answer apart
+matters where several senders share the bucket (channels posting to one Slack channel): their
+three messages of a burst were booked at once, and an answer counted as one message from then
+fell short of the three. A block set from a 429's Retry-After holds everything until it ends:
+`wait()` turns its callers away meanwhile.
 
 Processes that take turns at a channel hand its state on as a `Pace` on the wall clock: `pace()`
 gives it, `adopt()` takes whichever of the two states is stricter, and an empty bucket from a
@@ -33,6 +38,7 @@ class Pacer:
         self._clock = clock
         self._wall = wall
         self._tat = clock()  # theoretical arrival time of the next message: the bucket is full
+        self._answered = self._tat  # the same, counting each message when it was answered
         self._blocked_until = 0.0  # on the same clock
         self._lock = asyncio.Lock()
 
@@ -101,6 +107,7 @@ class Pacer:
             return True
 
     def done(self) -> None:
-        """The far end has answered the message `wait()` let through."""
+        """The far end has answered a message `wait()` let through."""
         if self._interval:
-            self._tat = max(self._tat, self._clock() + self._interval)
+            self._answered = max(self._answered, self._clock()) + self._interval
+            self._tat = max(self._tat, self._answered)

@@ -133,6 +133,24 @@ def test_a_message_counts_from_when_the_far_end_answered(
     assert pacer.delay() == pytest.approx(expected)
 
 
+def test_answers_to_senders_sharing_a_bucket_each_count_from_when_they_came() -> None:
+    # Two channels posting to one Slack channel share a pacer: the burst's three messages are
+    # booked at once, and arrive (and are answered) a little later. Slack counts from the
+    # arrivals: the fourth may go a second after the first answer, not after the first booking.
+    clock = Clock()
+    pacer = Pacer(1.0, 3, clock)
+
+    async def burst() -> None:
+        for _ in range(3):
+            assert await pacer.wait()
+
+    asyncio.run(burst())
+    clock.now += 0.01  # the three answers
+    for _ in range(3):
+        pacer.done()
+    assert pacer.delay() == pytest.approx(1.0)  # at 1.01: Slack's fourth slot; 0.99 was a 429
+
+
 def test_pace_is_on_the_wall_clock_whatever_each_process_monotonic_clock_reads() -> None:
     # Each process's monotonic clock starts anywhere; only the wall clock is shared.
     wall = Clock()
@@ -210,6 +228,24 @@ def test_burst_of_60_to_a_slack_enforcing_1_per_s_gets_no_429(tmp_path: Path) ->
         assert owners == list(range(index, 60, 3))  # Tencent's order, per room
     times = [p.received_at for p in slack.posted]
     assert times[-1] - times[0] >= 56  # 3 at once, then one a second
+
+
+def test_channels_posting_to_one_slack_channel_together_get_no_429(tmp_path: Path) -> None:
+    # Paced together, their lanes booked the burst's three messages at once, and the fourth
+    # went a second after the first booking: a few ms before Slack's bucket let it in.
+    with SlackStandIn(rate_per_s=1.0, burst=3) as slack:
+        channels = "".join(
+            f'[channels.{name}]\ntype = "slack"\ntoken = "xoxb-test-token"\n'
+            f'channel = "C0123456789"\napi_url = "{slack.api_url}"\ndigest_after = 0\n'
+            for name in ("rest", "vip")
+        )
+        routes = '[[routes]]\nname = "all"\nchannels = ["rest", "vip"]\n'
+        with InThread(write_config(tmp_path, channels=channels, routes=routes)) as bridge:
+            for n in range(4):
+                body = SEED_BODY.replace(b'"room_id"', json.dumps(f"room-{n}").encode())
+                assert post_callback(bridge.url, body) == (200, OK_PACKET)
+            assert slack.wait_for(lambda s: len(s.posted) == 8, timeout=30)
+    assert slack.rejected_429 == 0
 
 
 def test_a_pace_saved_before_the_clock_went_back_is_taken_at_most_as_far_ahead_as_it_goes() -> None:
