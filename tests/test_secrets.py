@@ -250,6 +250,10 @@ def test_no_secret_in_logs_outputs_errors_pages_metrics_or_store(
     # Delivered by the delivery process, whose lines are in the same log.
     assert ("delivery process: reloaded" in log) is own_process
     assert scenario.evidence.leaks(secrets) == []
+    assert len(scenario.signs) == 2
+    told = [where for where, text in scenario.evidence.texts for valid in scenario.signs
+            if valid in text.lower()]  # fmt: skip
+    assert told == []
 
 
 class Scenario:
@@ -270,6 +274,7 @@ class Scenario:
         self.log = tmp_path / "serve.log"
         self.evidence = Evidence()
         self.callbacks = 0  # accepted, each with one delivery per channel (four)
+        self.signs: list[str] = []  # the valid Signs of refused callbacks (refused_callbacks)
 
     def cli(self, *args: str, config: Path | None = None) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
@@ -329,7 +334,8 @@ def deliveries_that_succeed_retry_and_die(scenario: Scenario) -> None:
 
 
 def refused_callbacks(scenario: Scenario) -> None:
-    """A wrong Sign, a stale RequestTime, no Sign at all."""
+    """A wrong Sign, a stale RequestTime, no Sign at all. The Sign each refused one should have
+    carried is made from the token: telling it would let anyone sign (kept to look for)."""
     for query in (
         signed_query(TOKEN, bad_sign=True),
         signed_query(TOKEN, offset=-3600),
@@ -338,6 +344,9 @@ def refused_callbacks(scenario: Scenario) -> None:
         status, reply = post_callback(scenario.url, room("refused-callback"), query=query)
         assert status == 401
         scenario.evidence.add("refused callback reply", reply)
+        if "RequestTime=" in query:
+            at = query.split("RequestTime=")[1].split("&")[0]
+            scenario.signs.append(sign(TOKEN, at))
 
 
 def refused_reloads(scenario: Scenario) -> None:
