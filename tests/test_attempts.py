@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,9 @@ import aiohttp
 import pytest
 
 from bridge.attempts import backoff
-from bridge.channels import Outcome, Thread
+from bridge.channels import Outcome, Result, Thread
 from bridge.policy import ChannelPolicy
+from tests.bridge_server import db_rows
 from tests.slack_standin import SlackStandIn
 from tests.store_rows import sqlite_opener
 from tests.test_worker import (
@@ -123,6 +125,44 @@ async def test_an_unexpected_sender_error_is_retried_and_logged_without_its_mess
     logged = "\n".join(caplog.text.splitlines())
     assert "sender failed: ValueError" in logged and "in send" in logged  # type and frames
     assert "s3cr3t" not in logged and "hooks.example" not in logged
+
+
+class Answers:
+    """A sender that gives `outcome` and counts its sends."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        self.outcome = outcome
+        self.sends = 0
+
+    async def send(self, payload: str, delivery_id: int, thread: Thread | None = None) -> Outcome:
+        self.sends += 1
+        return self.outcome
+
+
+@pytest.mark.parametrize(
+    ("outcome", "wait_s", "attempts_counted"),
+    [
+        # A 5xx's Retry-After is a minimum over the backoff (0.05 s here).
+        (Outcome(Result.RETRY, "HTTP 503", 600.0), 600.0, 1),
+        # A 429 waits what it says, its attempt given back.
+        (Outcome(Result.RETRY, "HTTP 429", 30.0, rate_limited=True), 30.0, 0),
+    ],
+    ids=["503 with Retry-After", "429"],
+)
+async def test_a_retry_is_due_when_the_far_end_said(
+    open_store: OpenStore, tmp_path: Path, outcome: Outcome, wait_s: float, attempts_counted: int
+) -> None:
+    store = await open_store()
+    await record(store, "odd")
+    sender = Answers(outcome)
+    before = time.time()
+    async with running(make_worker(store, {"odd": sender}, tmp_path)):
+        await eventually(lambda: sender.sends == 1 and states(store.path) == ["pending"])
+        await asyncio.sleep(0.3)  # past the backoff: no second send before the time said
+    assert sender.sends == 1
+    ((due, attempts),) = db_rows(store.path, "SELECT next_attempt_at, attempts FROM deliveries")
+    assert before + wait_s <= due <= time.time() + wait_s
+    assert attempts == attempts_counted
 
 
 async def test_dead_when_attempts_run_out(
