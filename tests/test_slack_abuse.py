@@ -1,4 +1,5 @@
-"""Slack abuse, end to end: mention and link injections in every field of every command.
+"""Slack abuse, end to end: mention and link injections in every field of every command, and
+values that would forge an entity, a line of the message or its reading order.
 
 A bridge under uvicorn delivers to the Slack stand-in through an incoming webhook and a bot
 token. Every string of every command's sample (and of an unknown command's) is set to one of the
@@ -57,11 +58,11 @@ def bridge(tmp_path: Path, slack: SlackStandIn, digest_after: int) -> Iterator[I
         yield running
 
 
-def hostile_bodies(first_time: int) -> list[bytes]:
-    """Every command with every injection; a distinct EventTime each, so dedup keeps them all."""
+def hostile_bodies(first_time: int, values: list[str] = INJECTIONS) -> list[bytes]:
+    """Every command with every value; a distinct EventTime each, so dedup keeps them all."""
     bodies = []
     for number, (command, value) in enumerate(
-        (c, v) for c in COMMANDS for v in INJECTIONS
+        (c, v) for c in COMMANDS for v in values
     ):  # fmt: skip
         body = hostile(command, value)
         body["EventTime"] = first_time + number * 1000
@@ -157,6 +158,41 @@ def test_digests_of_hostile_events_are_harmless_too(tmp_path: Path, slack: Slack
         entries = sum(digest_size(m) for m in digests if m.via == via)
         singles = sum(1 for m in posted if m.via == via and not is_digest(m))
         assert entries + singles == 1 + len(rest)
+
+
+# What else a value may try, and how Slack must be sent it: an entity of its own, a line of the
+# message forged, the text after it shown backwards (an "exe" passing for a "gnp").
+FORGERIES = {
+    "a &amp; b": "a &amp;amp; b",
+    "line1\n*Owner*\nU999": "line1\\n*Owner*\\nU999",
+    "evil\u202egnp.exe": "evil\\u202egnp.exe",
+}
+
+
+def test_no_value_forges_an_entity_a_line_or_its_reading_order(
+    tmp_path: Path, slack: SlackStandIn
+) -> None:
+    bodies = hostile_bodies(EVENT_TIME, list(FORGERIES))
+    with bridge(tmp_path, slack, digest_after=0) as running:
+        post_all(running, bodies)
+        settle(running, 2 * len(bodies))
+        posted = slack.posted
+    for message in posted:
+        assert blockkit.problems(message.payload) == [], message.payload
+        text = "\0".join(leaves(message.payload))  # as Slack reads them: JSON decoded
+        assert not any(value in text for value in FORGERIES), message.payload
+        assert sum(sent in text for sent in FORGERIES.values()) == 1, message.payload
+
+
+def leaves(node: Any) -> Iterator[str]:
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for value in node.values():
+            yield from leaves(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from leaves(value)
 
 
 def is_digest(message: Posted) -> bool:

@@ -203,3 +203,27 @@ async def test_an_urgent_operation_ends_the_gathering(tmp_path: Path) -> None:
         assert w.commits == 2
     finally:
         await w.close()
+
+
+async def test_a_commit_that_fails_leaves_no_transaction_open(tmp_path: Path) -> None:
+    # A COMMIT refused for a deferred constraint leaves SQLite's transaction open: unless the
+    # writer rolls it back, every later BEGIN fails ("within a transaction") and the store
+    # never recovers.
+    conn = _connect(tmp_path / "w.db")
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+    conn.execute(
+        "CREATE TABLE child (p INTEGER REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED)"
+    )
+    w = GroupCommitWriter(conn)
+
+    def orphan(c: sqlite3.Connection) -> None:
+        c.execute("INSERT INTO child VALUES (7)")
+
+    try:
+        with pytest.raises(StoreUnavailable, match="FOREIGN KEY"):
+            await w.submit(orphan)
+        assert await w.submit(insert("after")) == "after"
+    finally:
+        await w.close()
+    assert rows(tmp_path / "w.db") == ["after"]
