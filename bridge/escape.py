@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Mapping
+from itertools import islice
 from typing import Any
 
 from bridge.events import Envelope
@@ -33,9 +34,18 @@ class Escaped(str):
     room `Q&A` showed as `Q&amp;amp;A`, and the bridge's `<!date^…>` token as text."""
 
 
+# The most pieces (texts between tags, and each {{ }}) one buffer of a template joins: a loop
+# that writes something stops here, however deep its loops are nested.
+PIECES_LIMIT = 200_000
+
+
 def escaped_concat(parts: Iterable[str]) -> Escaped:
     """The environments' `concat`, which Jinja joins every captured buffer with."""
-    return Escaped("".join(parts))
+    pieces = iter(parts)
+    text = "".join(islice(pieces, PIECES_LIMIT))
+    if next(pieces, None) is not None:
+        raise OverflowError(f"a template's output of over {PIECES_LIMIT} pieces")
+    return Escaped(text)
 
 
 def slack_escape(text: str) -> str:

@@ -17,6 +17,8 @@ import jinja2
 import jinja2.bccache
 import jinja2.meta
 import jinja2.nodes
+import jinja2.runtime
+import jinja2.sandbox
 from jinja2.loaders import split_template_path
 
 from bridge.escape import FINALIZE, TOJSON, as_text, escaped_concat
@@ -65,17 +67,52 @@ class _Folder(jinja2.FileSystemLoader):
         return None
 
 
-# The most items a template's range() gives. A loop over range(10**12) held start-up, `check`
-# and a reload (its thread at 100% CPU, every acknowledgement slower) for good; events' own
-# lists are bounded by the body's size.
+# The most items a template's range() calls give in all, in one render. A loop over
+# range(10**12) held start-up, `check` and a reload (its thread at 100% CPU, every
+# acknowledgement slower) for good, and so did three loops over range(10000), one in another;
+# events' own lists are bounded by the body's size.
 RANGE_LIMIT = 10_000
+# The most characters a template's `*` makes of a string or list ('x' * 10**9 took 1.4 GB).
+REPEAT_LIMIT = 4_194_304
+
+
+class _Budget(threading.local):
+    left = RANGE_LIMIT  # range() items the render being made may still have
+
+
+_budget = _Budget()
 
 
 def _range(*args: int) -> range:
     items = range(*args)
-    if len(items) > RANGE_LIMIT:
-        raise OverflowError(f"range() of {len(items)} items: at most {RANGE_LIMIT} in a template")
+    _budget.left -= len(items)
+    if _budget.left < 0:
+        raise OverflowError(
+            f"range() of {len(items)} items: at most {RANGE_LIMIT} in all of a template's"
+        )
     return items
+
+
+class _Template(jinja2.Template):
+    def render(self, *args: Any, **kwargs: Any) -> str:
+        _budget.left = RANGE_LIMIT  # each render its own: templates it includes share it
+        return super().render(*args, **kwargs)
+
+
+class _Sandbox(jinja2.sandbox.SandboxedEnvironment):
+    """Jinja's sandbox (below), with `*` bounded for strings and lists."""
+
+    intercepted_binops = frozenset({"*"})
+
+    def call_binop(
+        self, context: jinja2.runtime.Context, operator: str, left: Any, right: Any
+    ) -> Any:
+        if operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                sized = isinstance(seq, str | list | tuple) and isinstance(times, int)
+                if sized and len(seq) * times > REPEAT_LIMIT:
+                    raise OverflowError(f"'*' making over {REPEAT_LIMIT} items")
+        return super().call_binop(context, operator, left, right)
 
 
 COMPILED_LIMIT = 1000  # templates kept compiled, a channel type
@@ -124,10 +161,14 @@ def environments(folder: Path) -> dict[str, jinja2.Environment]:
     loader = jinja2.ChoiceLoader([_Folder(folder), _Folder(SHIPPED)])
     envs: dict[str, jinja2.Environment] = {}
     for kind, finalize in FINALIZE.items():
-        env = jinja2.Environment(
+        # Sandboxed: a template is code, and one copied from the internet reached the process
+        # through any function's globals (`lipsum.__globals__`: os, the environment, files,
+        # the config and its secrets, a shell). The sandbox refuses every attribute that
+        # starts with an underscore and the internals of functions and frames.
+        env = _Sandbox(
             loader=loader,
             undefined=jinja2.StrictUndefined,
-            autoescape=False,  # noqa: S701  # escaping is finalize's job, per output kind
+            autoescape=False,  # escaping is finalize's job, per output kind
             finalize=finalize,
             keep_trailing_newline=False,
             trim_blocks=True,
@@ -135,6 +176,7 @@ def environments(folder: Path) -> dict[str, jinja2.Environment]:
             auto_reload=False,  # no stat() per callback; a reload builds a new Renderer
             bytecode_cache=_COMPILED[kind],
         )
+        env.template_class = _Template
         # Jinja joins every captured buffer (a macro's, a set block's, the template's) with it.
         env.concat = escaped_concat  # type: ignore[method-assign]
         env.globals["range"] = _range

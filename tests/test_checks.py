@@ -125,6 +125,18 @@ def test_template_typo_names_file_route_channel_and_line(tmp_path: Path, typo: s
     assert "Traceback" not in result.stderr
 
 
+def test_a_template_that_reaches_for_the_environment_fails_check(tmp_path: Path) -> None:
+    # Rendered in Jinja's sandbox: a template copied from the internet read every secret so.
+    name = f"slack/{OWNER}.j2"
+    leak = '{\n  "text": "x",\n  "note": "{{ lipsum.__globals__.os.environ.LB_TEST_SECRET }}"\n}\n'
+    path = write(tmp_path, '[[routes]]\nname = "mods"\nchannels = ["hook"]\n', {name: leak})
+    result = run("check", "--config", str(path), env={"LB_TEST_SECRET": "Zq8-leaked-value"})
+    assert result.returncode == 1
+    message = next(line for line in result.stderr.splitlines() if OWNER in line)
+    assert f"{tmp_path / 'templates' / name}, line 3: SecurityError: " in message
+    assert "Zq8-leaked-value" not in result.stdout + result.stderr
+
+
 @pytest.mark.parametrize(
     ("commands", "failing"),
     [

@@ -125,8 +125,60 @@ def test_a_template_is_compiled_once_a_process_and_again_when_its_file_changes(
 
 
 def test_range_is_capped_so_that_a_loop_ends(tmp_path: Path) -> None:
-    # range(10**12) held start-up, `check` and a reload for good, at 100% CPU.
+    # range(10**12) held start-up, `check` and a reload for good, at 100% CPU; so did three
+    # loops over range(10000), one in another: the cap is on all of a render's range() calls.
     env = environments(tmp_path)["console"]
     assert env.from_string("{{ range(10000) | length }}").render() == "10000"
-    with pytest.raises(OverflowError, match="at most 10000"):
-        env.from_string("{% for i in range(10**12) %}{% endfor %}").render()
+    assert env.from_string("{{ range(10000) | length }}").render() == "10000"  # each render's
+    for source in (
+        "{% for i in range(10**12) %}{% endfor %}",
+        "{% for i in range(100) %}{% for j in range(100) %}{% endfor %}{% endfor %}",
+    ):
+        with pytest.raises(OverflowError, match="at most 10000"):
+            env.from_string(source).render()
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        # 26 pieces an item, 260,000 in all: a loop that writes stops, however it is nested.
+        "{% for i in range(10000) %}{% for c in 'abcdefghijklmnopqrstuvwxyz' %}{{ c }}"
+        "{% endfor %}{% endfor %}",
+        "{{ 'x' * 10**9 }}",
+        "{{ 10**9 * ['x'] }}",
+    ],
+    ids=["pieces", "string repeated", "list repeated"],
+)
+def test_a_templates_output_is_bounded(tmp_path: Path, source: str) -> None:
+    # 'x' * 10**9 took 1.4 GB and 18 s of `check`.
+    for env in environments(tmp_path).values():
+        with pytest.raises(OverflowError):
+            env.from_string(source).render()
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{{ lipsum.__globals__['os'].environ }}",
+        "{{ cycler.__init__.__globals__ }}",
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+        "{{ range.__self__ }}",
+        "{{ event.__class__ }}",
+        "{{ self._TemplateReference__context }}",
+        "{{ joiner.__init__.__code__ }}",
+    ],
+)
+def test_a_template_cannot_reach_the_process(tmp_path: Path, source: str) -> None:
+    # A template copied from the internet put the environment (every secret), files, the
+    # config and a shell's output into a message through any function's globals.
+    for env in environments(tmp_path).values():
+        with pytest.raises((jinja2.exceptions.SecurityError, jinja2.TemplateSyntaxError,
+                            jinja2.UndefinedError)):  # fmt: skip
+            env.from_string(source).render(event=object())
+
+
+def test_a_template_may_still_build_its_own_lists(tmp_path: Path) -> None:
+    # The shipped room-update template collects its changes so.
+    env = environments(tmp_path)["console"]
+    source = "{% set xs = [] %}{% set _ = xs.append(1) %}{{ xs | length }} {{ 'ab' * 2 }}"
+    assert env.from_string(source).render() == "1 abab"
