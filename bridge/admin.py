@@ -29,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from bridge import __version__
+from bridge.logs import one_line
 from bridge.metrics import CONTENT_TYPE
 from bridge.receive import read_body
 from bridge.store import StoreUnavailable
@@ -49,6 +50,18 @@ PAGES = jinja2.Environment(
     undefined=jinja2.StrictUndefined,
     auto_reload=False,
 )
+SHOWN_CHARS = 120  # of a value a callback chose (a room, a command), on the status page
+
+
+def shown(value: object) -> str:
+    """A callback's value as the status page shows it: controls and bidirectional overrides as
+    their escapes (`abc\u202egnp.exe` read "abcexe.png"), and cut short (25 rooms of 125 KB
+    made a page of 15 MB, reloaded every 10 s, its other columns one character wide)."""
+    text = one_line(str(value))
+    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 1] + "…"
+
+
+PAGES.filters["shown"] = shown
 # Compiled here, once: read from disk at the first request, a page needed a file descriptor, and
 # a process at its limit of open files answered /status with a 500 and a traceback.
 BASE_PAGE, LOGIN_PAGE, STATUS_PAGE = (
@@ -281,12 +294,18 @@ class Admin:
              "deliveries": e.deliveries}
             for e in await bridge.store.recent_events(RECENT_EVENTS)
         ]  # fmt: skip
-        retried = request.query_params.get("retried")
+        # Said only of a count and a channel there is: the query is anyone's to write, and a
+        # link could make the page say "Session expired: sign in again at https://…".
+        retried, retried_channel = (
+            request.query_params.get("retried"), request.query_params.get("channel")
+        )  # fmt: skip
+        if not (retried or "").isdigit() or retried_channel not in config.channels:
+            retried = retried_channel = None
         return {
             "channels": channels, "events": events, "now": when(now),
             "zone": config.templates.timezone, "version": __version__, "csrf": self._form_token(),
             "refresh": REFRESH_S,
-            "retried": retried, "retried_channel": request.query_params.get("channel"),
+            "retried": retried, "retried_channel": retried_channel,
             "draining": bridge.draining,
             "unshown": {
                 "channels": len(unshown),

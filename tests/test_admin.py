@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shutil
 import socket
 import time
@@ -363,6 +364,34 @@ def test_the_retry_notice_names_a_channel_with_any_characters(
         assert "0 dead letters of ops&amp;oncall#2+b are pending again" in page
         # The page refreshes itself without the notice, which told of one click.
         assert '<meta http-equiv="refresh" content="10; url=/status">' in page
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "retried=All&channel=hook.%20Session%20expired:%20sign%20in%20at%20https://evil.example",
+        "retried=All&channel=hook",
+        "retried=3&channel=nosuch",
+    ],
+)
+def test_the_retry_notice_says_only_a_count_and_a_channel_there_is(
+    bridge: InThread, query: str
+) -> None:
+    # The query is anyone's to write: a link made the page say what its author chose.
+    page = http_request(f"{bridge.url}/status?{query}")[2].decode()
+    assert "pending again" not in page and "evil.example" not in page
+    page = http_request(f"{bridge.url}/status?retried=3&channel=hook")[2].decode()
+    assert "3 dead letters of hook are pending again." in page
+
+
+def test_a_rooms_text_is_shown_escaped_and_cut_short(bridge: InThread) -> None:
+    # 25 rooms of 125 KB made a page of 15 MB; a right-to-left override made one read backwards.
+    for name in ("abc\u202egnp.exe", "r" * 10_000):
+        body = SEED_BODY.replace(b'"room_id"', json.dumps(name).encode())
+        assert post_callback(bridge.url, body) == (200, OK_PACKET)
+    page = http_request(bridge.url + "/status")[2].decode()
+    assert "abc\\u202egnp.exe" in page and "\u202e" not in page
+    assert "r" * 119 + "…" in page and "r" * 120 not in page
 
 
 def test_pages_the_store_cannot_give_are_503_not_500(tmp_path: Path, postgres_url: str) -> None:
