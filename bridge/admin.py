@@ -16,8 +16,10 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import math
 import secrets
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -137,10 +139,62 @@ PAGE_HEADERS = {
 GONE_SHOWN = 20  # channels not in the config that the status page lists; the rest counted
 
 
+GUESSES = 10  # wrong admin tokens one client address may give in GUESS_WINDOW_S
+GUESS_WINDOW_S = 60.0
+GUESSERS_KEPT = 10_000  # addresses remembered at most; the oldest windows let go first
+
+
+class Guesses:
+    """Wrong admin tokens by client address. Past GUESSES in a window, that address is refused
+    (429), the right token too, until its window ends: the login form took 3,400 guesses a
+    second, and a short token falls to that in minutes. Behind a proxy every client is the
+    proxy's address, and one guesser locks them all out for a minute: no worse than guessing."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._wrong: dict[str, tuple[float, int]] = {}  # address -> (window's start, count)
+
+    def wait(self, address: str) -> float:
+        """Seconds until `address` may try again; 0 when it may now."""
+        start, count = self._wrong.get(address, (0.0, 0))
+        left = start + GUESS_WINDOW_S - self._clock()
+        return left if count >= GUESSES and left > 0 else 0.0
+
+    def wrong(self, address: str) -> None:
+        now = self._clock()
+        start, count = self._wrong.pop(address, (now, 0))
+        if now - start >= GUESS_WINDOW_S:
+            start, count = now, 0
+        self._wrong[address] = (start, count + 1)  # last in the dict: the newest window
+        if len(self._wrong) > GUESSERS_KEPT:
+            del self._wrong[next(iter(self._wrong))]
+        if count + 1 == GUESSES:
+            log.warning("%d wrong admin tokens from %s within %gs: refused until %gs have passed",
+                        GUESSES, address, GUESS_WINDOW_S, GUESS_WINDOW_S)  # fmt: skip
+
+
+def _address(request: Request) -> str:
+    return request.client.host if request.client else "-"
+
+
+def too_many_guesses(wait: float) -> Response:
+    return JSONResponse(
+        {"error": "too many wrong admin tokens from this address: try again later"}, 429,
+        headers={"Retry-After": str(math.ceil(wait))},
+    )  # fmt: skip
+
+
 class Admin:
     def __init__(self, bridge: Bridge) -> None:
         self._bridge = bridge
         self._random_form_token = secrets.token_urlsafe(32)
+        self._guesses = Guesses()
+
+    def _refused(self, request: Request, page: bool = False) -> Response | None:
+        """None when `request` may use the admin endpoints; else the answer refusing it."""
+        if (wait := self._guesses.wait(_address(request))) > 0:
+            return too_many_guesses(wait)
+        return None if self.allowed(request) else self._refuse(request, page)
 
     def _token(self) -> str | None:
         token = self._bridge.config.admin.token
@@ -169,7 +223,10 @@ class Admin:
             )
         header = request.headers.get("authorization", "")
         if header.lower().startswith("bearer "):
-            return hmac.compare_digest(header[7:].strip().encode(), token.encode())
+            if hmac.compare_digest(header[7:].strip().encode(), token.encode()):
+                return True
+            self._guesses.wrong(_address(request))
+            return False
         cookie = request.cookies.get(COOKIE, "")
         return hmac.compare_digest(cookie.encode(), self._session(token).encode())
 
@@ -183,8 +240,8 @@ class Admin:
         )
 
     async def metrics(self, request: Request) -> Response:
-        if not self.allowed(request):
-            return self._refuse(request)
+        if (refusal := self._refused(request)) is not None:
+            return refusal
         bridge = self._bridge
         try:
             stats = await bridge.store.stats()
@@ -197,8 +254,8 @@ class Admin:
         return Response(body, media_type=CONTENT_TYPE)
 
     async def reload(self, request: Request) -> Response:
-        if not self.allowed(request):
-            return self._refuse(request)
+        if (refusal := self._refused(request)) is not None:
+            return refusal
         if cross_site(request):
             return JSONResponse({"error": "refused: sent from another site"}, 403)
         ok, message = await self._bridge.reload()
@@ -212,7 +269,11 @@ class Admin:
         if form is None:
             return form_too_large()
         given = form.get("token", "")
+        if (wait := self._guesses.wait(_address(request))) > 0:
+            return too_many_guesses(wait)
         if token is None or not hmac.compare_digest(given.encode(), token.encode()):
+            if token is not None:
+                self._guesses.wrong(_address(request))
             page = LOGIN_PAGE.render(error="That token is not right.")
             return HTMLResponse(page, 401, headers=PAGE_HEADERS)
         response = RedirectResponse("/status", 303)
@@ -223,8 +284,8 @@ class Admin:
         return response
 
     async def retry(self, request: Request) -> Response:
-        if not self.allowed(request):
-            return self._refuse(request, page=True)
+        if (refusal := self._refused(request, page=True)) is not None:
+            return refusal
         if cross_site(request):
             return JSONResponse({"error": "refused: sent from another site"}, 403)
         form = await small_form(request)
@@ -246,8 +307,8 @@ class Admin:
         )
 
     async def status(self, request: Request) -> Response:
-        if not self.allowed(request):
-            return self._refuse(request, page=True)
+        if (refusal := self._refused(request, page=True)) is not None:
+            return refusal
         try:
             # Rendered on a thread: the event loop goes on answering callbacks meanwhile.
             page = await asyncio.to_thread(STATUS_PAGE.render, await self._page(request))

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from bridge.admin import GONE_SHOWN
+from bridge.admin import GONE_SHOWN, GUESS_WINDOW_S, GUESSERS_KEPT, GUESSES, Guesses
 from bridge.store import NewDelivery
 from bridge.store.sqlite import SQLiteStore
 from tests.bridge_server import (
@@ -152,6 +152,48 @@ def test_with_a_token_bearer_or_cookie_from_anywhere(tmp_path: Path, slack: Slac
         assert headers["x-frame-options"] == "DENY"
         assert headers["content-security-policy"] == "frame-ancestors 'none'"
         assert http_request(url + "/status/login", "POST", data=b"token=nope")[0] == 401
+
+
+def test_an_address_that_guesses_tokens_is_refused_for_a_minute(
+    tmp_path: Path, slack: SlackStandIn
+) -> None:
+    # The login form took 3,400 wrong tokens a second, answering each; a short token falls so.
+    config = write_config(
+        tmp_path, channels=HOOK.format(url=slack.sink_url()), routes=ROUTE,
+        extra=f'[admin]\ntoken = "{TOKEN}"\n',
+    )  # fmt: skip
+    right = {"Authorization": f"Bearer {TOKEN}"}
+    with InThread(config) as bridge:
+        url = bridge.url
+        assert http_request(url + "/metrics", headers=right)[0] == 200  # right ones don't count
+        for n in range(GUESSES):
+            if n % 2:
+                assert http_request(url + "/status/login", "POST", data=b"token=nope")[0] == 401
+            else:
+                wrong = {"Authorization": f"Bearer guess-{n}"}
+                assert http_request(url + "/metrics", headers=wrong)[0] == 401
+        # Refused now, the right token too (or the answer would tell which guess was right).
+        status, headers, _ = http_request(url + "/metrics", headers=right)
+        assert status == 429 and 0 < int(headers["retry-after"]) <= GUESS_WINDOW_S
+        assert http_request(url + "/status/login", "POST", data=f"token={TOKEN}".encode())[0] == 429
+        assert post_callback(url) == (200, OK_PACKET)  # callbacks are no admin's business
+
+
+def test_guesses_are_counted_in_a_window_per_address() -> None:
+    clock = [0.0]
+    guesses = Guesses(lambda: clock[0])
+    for _ in range(GUESSES - 1):
+        guesses.wrong("a")
+    assert guesses.wait("a") == 0
+    guesses.wrong("a")
+    assert guesses.wait("a") == GUESS_WINDOW_S and guesses.wait("b") == 0
+    clock[0] += GUESS_WINDOW_S
+    assert guesses.wait("a") == 0
+    guesses.wrong("a")  # a new window, counted from one
+    assert guesses.wait("a") == 0
+    for n in range(GUESSERS_KEPT + 1):  # the memory is bounded; the oldest window goes first
+        guesses.wrong(f"other-{n}")
+    assert len(guesses._wrong) == GUESSERS_KEPT
 
 
 def chromium() -> tuple[str, str]:
