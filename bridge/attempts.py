@@ -14,7 +14,7 @@ import logging
 import random
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from bridge.channels import Outcome, Result, Thread, permanent, retry
@@ -23,7 +23,7 @@ from bridge.config_tables import DeliveryConfig
 from bridge.metrics import Outcomes
 from bridge.policy import ChannelPolicy, send_s
 from bridge.render import RenderError
-from bridge.store import Claimed, Store
+from bridge.store import Claimed, Store, StoreUnavailable
 
 log = logging.getLogger("bridge.worker")  # the worker's log lines, under its name
 
@@ -111,7 +111,7 @@ class Attempts:
         now = time.time()
         tag = f"event={row.event_id} delivery={row.id} channel={row.channel}"
         if outcome.result is Result.DELIVERED:
-            await self._store.mark_delivered(row.id, now)
+            await _written(lambda: self._store.mark_delivered(row.id, now))
             self._note(row, "delivered")
             log.info("delivered %s attempt=%d", tag, row.attempts)
             # Its far end answers again after failing for several deliveries (an outage). What
@@ -124,19 +124,21 @@ class Attempts:
                 log.info("channel %s answers again: %d deliveries backing off are due now",
                          row.channel, resumed)  # fmt: skip
         elif outcome.result is Result.PERMANENT:
-            await self._store.mark_dead(row.id, now, outcome.error)
+            await _written(lambda: self._store.mark_dead(row.id, now, outcome.error))
             self._note(row, "dead", outcome.error)
             log.warning("dead letter %s attempt=%d: %s", tag, row.attempts, outcome.error)
         elif outcome.rate_limited or outcome.free:
             wait = outcome.retry_after if outcome.retry_after is not None else 1.0
-            await self._store.mark_retry(row.id, now, now + wait, outcome.error, count=False)
+            await _written(
+                lambda: self._store.mark_retry(row.id, now, now + wait, outcome.error, count=False)
+            )
             self._note(row, "rate_limited" if outcome.rate_limited else "retry", outcome.error)
             log.info("%s %s attempt=%d: again in %.1fs (attempt given back): %s",
                      "rate limited" if outcome.rate_limited else "retry", tag, row.attempts, wait,
                      outcome.error)  # fmt: skip
         elif row.attempts >= self._settings.max_attempts:
             error = f"gave up after {row.attempts} attempts: {outcome.error}"
-            await self._store.mark_dead(row.id, now, error)
+            await _written(lambda: self._store.mark_dead(row.id, now, error))
             self._note(row, "dead", error)
             log.warning("dead letter %s: %s", tag, error)
         else:
@@ -146,7 +148,9 @@ class Attempts:
                 backoff(row.attempts, s.initial_backoff_s, s.max_backoff_s),
                 outcome.retry_after or 0.0,
             )
-            await self._store.mark_retry(row.id, now, now + delay, outcome.error, count=True)
+            await _written(
+                lambda: self._store.mark_retry(row.id, now, now + delay, outcome.error, count=True)
+            )
             failing = self._failing.setdefault(row.channel, set())
             if len(failing) < 2:
                 failing.add(row.id)
@@ -158,3 +162,21 @@ class Attempts:
                 "channel %s: %d deliveries back to pending: %s", rows[0].channel, len(rows), why
             )
             await self._store.release([row.id for row in rows], time.time(), at)
+
+
+# The waits before writing an outcome again, when the store could not take it: a connection the
+# server ended, or one not free in time (PostgreSQL), lost a delivered mark, and the message
+# went out again when its claim's lease ran out, its room held up meanwhile. The writes are
+# idempotent (they apply to a delivery this instance still holds).
+OUTCOME_RETRIES_S = (0.5, 1.0)
+
+
+async def _written(write: Callable[[], Awaitable[None]]) -> None:
+    for wait in (*OUTCOME_RETRIES_S, None):
+        try:
+            await write()
+            return
+        except StoreUnavailable:
+            if wait is None:
+                raise
+            await asyncio.sleep(wait)

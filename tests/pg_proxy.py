@@ -3,7 +3,9 @@
 `PgProxy(host, port)` listens on a free port of 127.0.0.1 and forwards each connection to the
 server at `host:port`. `cut()` closes the listening socket (new connections are refused, as by a
 server that is down) and aborts every open connection (as by a server that crashed); `restore()`
-listens again on the same port. A context manager: the proxy stops with everything it opened.
+listens again on the same port. `freeze()` stops forwarding on the connections open now, for
+good, while TCP still acknowledges what they send (a server, or a proxy before it, that hangs);
+new connections flow as before. A context manager: the proxy stops with everything it opened.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class PgProxy:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
         self._open: set[asyncio.StreamWriter] = set()  # both ends of every forwarded connection
+        self._flowing: set[asyncio.Event] = set()  # one a forwarded connection; cleared: frozen
         self._cut = False
         self.port = 0  # chosen by the first listen, kept by restore()
 
@@ -44,6 +47,15 @@ class PgProxy:
     def cut(self) -> None:
         """Refuse new connections and abort the open ones; returns once both are done."""
         self._call(self._close())
+
+    def freeze(self) -> None:
+        """Forward nothing more on the connections open now; new ones flow."""
+        self._call(self._freeze())
+
+    async def _freeze(self) -> None:
+        for flowing in self._flowing:
+            flowing.clear()
+        self._flowing.clear()
 
     def restore(self) -> None:
         """Accept and forward connections again, on the same port."""
@@ -92,9 +104,12 @@ class PgProxy:
             return
         ends = {writer, up_writer}
         self._open |= ends
+        flowing = asyncio.Event()
+        flowing.set()
+        self._flowing.add(flowing)
         pumps = [
-            asyncio.create_task(_pump(reader, up_writer)),
-            asyncio.create_task(_pump(up_reader, writer)),
+            asyncio.create_task(_pump(reader, up_writer, flowing)),
+            asyncio.create_task(_pump(up_reader, writer, flowing)),
         ]
         try:
             # Either side closing ends the connection for both, as a direct one would.
@@ -106,10 +121,14 @@ class PgProxy:
             for end in ends:
                 end.transport.abort()
             self._open -= ends
+            self._flowing.discard(flowing)
 
 
-async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+async def _pump(
+    source: asyncio.StreamReader, sink: asyncio.StreamWriter, flowing: asyncio.Event
+) -> None:
     with contextlib.suppress(OSError):
         while data := await source.read(CHUNK):
+            await flowing.wait()
             sink.write(data)
             await sink.drain()

@@ -15,6 +15,8 @@ import pytest
 from bridge.attempts import backoff
 from bridge.channels import Outcome, Result, Thread
 from bridge.policy import ChannelPolicy
+from bridge.store import StoreUnavailable
+from bridge.store.sqlite import SQLiteStore
 from tests.bridge_server import db_rows
 from tests.slack_standin import SlackStandIn
 from tests.store_rows import sqlite_opener
@@ -163,6 +165,33 @@ async def test_a_retry_is_due_when_the_far_end_said(
     ((due, attempts),) = db_rows(store.path, "SELECT next_attempt_at, attempts FROM deliveries")
     assert before + wait_s <= due <= time.time() + wait_s
     assert attempts == attempts_counted
+
+
+class Flaky(SQLiteStore):
+    """A store that cannot take the first `failures` outcomes (a connection the server ended)."""
+
+    failures = 2
+
+    async def mark_delivered(self, delivery_id: int, now: float) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise StoreUnavailable("store unavailable: terminating connection")
+        await super().mark_delivered(delivery_id, now)
+
+
+async def test_an_outcome_the_store_could_not_take_is_written_again(tmp_path: Path) -> None:
+    # Lost, the delivered mark left the claim to its lease: the message went out again when it
+    # ran out, its room held up meanwhile.
+    store = Flaky(tmp_path / "bridge.db")
+    await store.open()
+    try:
+        await record(store, "odd")
+        sender = Answers(Outcome(Result.DELIVERED))
+        async with running(make_worker(store, {"odd": sender}, tmp_path)):
+            await eventually(lambda: states(store.path) == ["delivered"])
+        assert (sender.sends, store.failures) == (1, 0)
+    finally:
+        await store.close()
 
 
 async def test_dead_when_attempts_run_out(

@@ -17,6 +17,7 @@ from psycopg import sql
 
 from bridge.store import NewDelivery, StoreUnavailable
 from bridge.store.postgres import PostgresStore
+from tests.pg_proxy import PgProxy
 from tests.store_rows import new_event, postgres_opener
 from tests.test_store_postgres import OpenStore
 
@@ -166,3 +167,27 @@ async def test_outage_is_unavailable_then_recovers_losing_nothing(
             await asyncio.sleep(0.2)
     payloads = [c.payload for c in await store.claim("a", now, 10, 30)]
     assert payloads == ["p-before", "p-during"]
+
+
+async def test_a_connection_that_hangs_is_given_up_and_replaced(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A server (or a proxy before it) that hangs while TCP still acknowledges: no keepalive
+    # notices, and the worker and /readyz's ping waited on it for good, deliveries acknowledged
+    # and never sent.
+    monkeypatch.setattr("bridge.store.pg_pool.OPERATION_S", 1.0)
+    server = urlsplit(postgres_url)
+    with PgProxy(server.hostname or "127.0.0.1", server.port or 5432) as proxy:
+        proxied = urlsplit(postgres_url)._replace(netloc=f"postgres@127.0.0.1:{proxy.port}")
+        store = PostgresStore(proxied.geturl(), max_size=1)
+        await store.open()
+        try:
+            await store.ping()  # the pool's one connection, through the proxy
+            proxy.freeze()
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable, match="no answer in 1 s"):
+                await store.ping()
+            assert time.monotonic() - started < 1.0 + 5.0 + 1.0  # psycopg's cancel: 5 s at most
+            await store.ping()  # on a new connection: the hung one is gone
+        finally:
+            await store.close()

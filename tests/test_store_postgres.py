@@ -160,6 +160,31 @@ async def test_a_claim_reads_the_rows_it_passed_over_from_one_index_range(
     assert {n.get("Index Name") for n in plan_nodes(passed)} - {None} == {"deliveries_claim"}
 
 
+async def test_a_claim_walks_no_rooms_delivered_history(
+    open_store: OpenStore, postgres_url: str, postgres_sql: PostgresSQL
+) -> None:
+    # As SQLite's (test_store_sqlite): the room check of each row a part takes reads the room's
+    # deliveries still to send (deliveries_room_open), not all the retention keeps.
+    await open_store()
+    postgres_sql(
+        "INSERT INTO events (id, received_at, sdk_app_id, command, room_id, event_time, body,"
+        " query) VALUES (1, 0, 1, 'x', 'r', 0, '{}', '{}')"
+    )
+    postgres_sql(
+        "INSERT INTO deliveries (event_id, channel, state, next_attempt_at, created_at,"
+        " updated_at, room_id, order_ts) SELECT 1, 'a',"
+        " CASE WHEN g <= 20000 THEN 'delivered' ELSE 'pending' END, 0, 0, 0, 'r', g"
+        " FROM generate_series(1, 20064) g"
+    )
+    postgres_sql("ANALYZE")
+    params = {"channel": "a", "now": 1.0, "limit": 64, "lease_until": 2.0, "owner": "x",
+              "leases": 1.0}  # fmt: skip
+    with psycopg.connect(postgres_url) as conn:
+        ((plan,),) = conn.execute(f"EXPLAIN (FORMAT JSON) {CLAIM_SQL}", params).fetchall()
+    indexes = {n.get("Index Name") for n in plan_nodes(plan[0]["Plan"])} - {None}
+    assert "deliveries_room_open" in indexes and "deliveries_room" not in indexes, plan
+
+
 async def test_dedup_keys_written_before_version_3_still_find_retries(
     open_store: OpenStore, postgres_url: str, postgres_sql: PostgresSQL
 ) -> None:

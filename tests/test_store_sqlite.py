@@ -237,6 +237,41 @@ def test_claims_walk_the_index_instead_of_sorting_the_backlog(tmp_path: Path, sq
     assert not any("FOR DISTINCT" in step or "deliveries_due" in step for step in plan), plan
 
 
+def claim_steps(path: Path, delivered: int) -> int:
+    """SQLite's virtual-machine instructions for one claim of 16 from a room that has
+    `delivered` deliveries sent before 16 pending (instructions, not time: the same on any
+    machine)."""
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        migrate(conn)
+        conn.execute("BEGIN")
+        conn.execute("INSERT INTO events VALUES (1, 0, 1, 'x', 'r', NULL, '{}', '{}')")
+        conn.executemany(
+            "INSERT INTO deliveries (event_id, channel, state, next_attempt_at, created_at,"
+            " updated_at, room_id, order_ts) VALUES (1, 'a', ?, 0, 0, 0, 'r', ?)",
+            [("delivered" if n < delivered else "pending", n) for n in range(delivered + 16)],
+        )
+        conn.execute("COMMIT")
+        steps = [0]
+
+        def step() -> int:
+            steps[0] += 1
+            return 0
+
+        conn.set_progress_handler(step, 100)
+        params = {"channel": "a", "now": 1.0, "limit": 16, "owner": "x", "leases": 1.0}
+        assert len(conn.execute(CLAIM_SQL, params).fetchall()) == 16
+        return steps[0] * 100
+
+
+def test_a_claim_costs_the_same_whatever_its_rooms_history(tmp_path: Path) -> None:
+    # ROOM_FREE walked every earlier delivery of each row's room, the delivered ones the
+    # retention keeps included: 60 ms a claim for a room with 19,000 delivered, a backlog in one
+    # room drained at 150 a second. deliveries_room_open holds only what is still to send.
+    fresh = claim_steps(tmp_path / "fresh.db", 0)
+    old = claim_steps(tmp_path / "old.db", 5_000)
+    assert old < 2 * fresh, (fresh, old)
+
+
 def test_stats_count_in_the_index_instead_of_reading_every_row(tmp_path: Path) -> None:
     # /metrics, /status and `outbox stats` count every delivery the retention keeps. Read row by
     # row, each with its rendered payload, a million took 1 to 6 s a scrape; counted in

@@ -17,7 +17,7 @@ from psycopg import AsyncConnection
 
 from bridge.store import CLOCK_STEP_S, StoreUnavailable
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 # pg_advisory_xact_lock keys: any two numbers no other user of the database is likely to take.
 MIGRATION_LOCK = 0x6C62_6D69  # "lbmi"
@@ -130,6 +130,12 @@ MIGRATIONS: tuple[str, ...] = (
     WHERE event_time > 0 AND event_time < 100000000000;
     UPDATE deliveries SET payload = NULL WHERE state <> 'delivered' AND payload IS NOT NULL;
     """,
+    # 8: a room's deliveries still to send, for ROOM_FREE, as SQLite's version 10: each claim
+    # walked every earlier delivery of each row's room, the delivered ones included.
+    """
+    CREATE INDEX deliveries_room_open ON deliveries (channel, room_id, order_ts, id)
+    WHERE state IN ('pending', 'in_flight');
+    """,
 )
 
 assert len(MIGRATIONS) == SCHEMA_VERSION
@@ -188,7 +194,8 @@ async def migrate(conn: AsyncConnection[Any], create: bool = True) -> str:
 ROOM_FREE = """
   NOT EXISTS (
     SELECT 1 FROM deliveries b
-    WHERE b.channel = d.channel AND b.room_id = d.room_id
+    WHERE b.state IN ('pending', 'in_flight')
+      AND b.channel = d.channel AND b.room_id = d.room_id
       AND (b.order_ts < d.order_ts OR (b.order_ts = d.order_ts AND b.id < d.id))
       AND ((b.state = 'pending' AND b.next_attempt_at > %(now)s
              AND b.updated_at <= %(now)s + {step})

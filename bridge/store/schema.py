@@ -10,7 +10,7 @@ import sqlite3
 from bridge.events import SECONDS_BELOW
 from bridge.store import CLOCK_STEP_S, dedup_digest
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 # Each entry brings the schema from version i to i + 1; append, never edit.
 MIGRATIONS: tuple[str, ...] = (
@@ -131,6 +131,14 @@ MIGRATIONS: tuple[str, ...] = (
     WHERE event_time > 0 AND event_time < 100000000000;
     UPDATE deliveries SET payload = NULL WHERE state != 'delivered' AND payload IS NOT NULL
     """,
+    # 10: a room's deliveries still to send, for ROOM_FREE: through deliveries_room, each claim
+    # walked every earlier delivery of each row's room, the delivered ones the retention keeps
+    # included: 60 ms a claim (in the writer's transaction) for a room with 19,000 delivered,
+    # a backlog in one room drained at 150 deliveries a second instead of 1,200.
+    """
+    CREATE INDEX deliveries_room_open ON deliveries (channel, room_id, order_ts, id)
+    WHERE state IN ('pending', 'in_flight')
+    """,
 )
 
 assert len(MIGRATIONS) == SCHEMA_VERSION
@@ -217,11 +225,14 @@ def _version(conn: sqlite3.Connection) -> int:
 ORDER_AFTER_ROOM = "SELECT MAX(order_ts) FROM deliveries WHERE channel = ? AND room_id = ?"
 
 # A delivery waits while an earlier delivery (Tencent's time, then arrival) for its room is still
-# pending or in flight and not itself due, so each room's messages go out in order.
+# pending or in flight and not itself due, so each room's messages go out in order. The state
+# term first, as deliveries_room_open's own: SQLite uses a partial index only for a query that
+# says its condition, and that index holds no delivered row.
 ROOM_FREE = """
   NOT EXISTS (
     SELECT 1 FROM deliveries b
-    WHERE b.channel = d.channel AND b.room_id = d.room_id
+    WHERE b.state IN ('pending', 'in_flight')
+      AND b.channel = d.channel AND b.room_id = d.room_id
       AND (b.order_ts < d.order_ts OR (b.order_ts = d.order_ts AND b.id < d.id))
       AND ((b.state = 'pending' AND b.next_attempt_at > :now AND b.updated_at <= :now + {step})
         OR (b.state = 'in_flight' AND b.lease_until > :leases)))
