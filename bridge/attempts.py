@@ -44,6 +44,13 @@ class ChannelState:
     last_error_at: float | None = None
 
 
+# The waits before writing an outcome again, when the store could not take it: a connection the
+# server ended, or one not free in time (PostgreSQL's pool held by late callback writes), lost a
+# delivered mark, and the message went out again when its claim's lease ran out, its room held
+# up meanwhile. The writes are idempotent (they apply to a delivery this instance still holds).
+OUTCOME_RETRIES_S = (0.5, 1.0)
+
+
 class Attempts:
     """The worker's attempts (bridge.worker.Worker, through its lanes)."""
 
@@ -55,6 +62,9 @@ class Attempts:
     # By channel, deliveries whose attempts failed (and back off) since its last success; two
     # are enough to tell: one failing alone is its own trouble, not its far end's.
     _failing: dict[str, set[int]]
+    # By channel, outcomes the store could not take that are being written again: its lanes
+    # start no send meanwhile.
+    rewriting: dict[str, int]
 
     async def _attempt(self, policy: ChannelPolicy, row: Claimed) -> Outcome:
         try:
@@ -107,11 +117,32 @@ class Attempts:
         if self._metrics is not None:
             self._metrics.outcome(row.channel, kind, row.received_at)
 
+    async def _written(self, row: Claimed, write: Callable[[], Awaitable[None]]) -> None:
+        """`write` (an outcome), tried again after OUTCOME_RETRIES_S when the store cannot take
+        it. Meanwhile the channel's lanes start no send (Lanes: `rewriting`): each would go out
+        unrecorded if the store stays away, and again when the lease runs out."""
+        troubled = False
+        try:
+            for wait in (*OUTCOME_RETRIES_S, None):
+                try:
+                    await write()
+                    return
+                except StoreUnavailable:
+                    if wait is None:
+                        raise
+                    if not troubled:
+                        troubled = True
+                        self.rewriting[row.channel] = self.rewriting.get(row.channel, 0) + 1
+                    await asyncio.sleep(wait)
+        finally:
+            if troubled:
+                self.rewriting[row.channel] -= 1
+
     async def _settle(self, row: Claimed, outcome: Outcome) -> None:
         now = time.time()
         tag = f"event={row.event_id} delivery={row.id} channel={row.channel}"
         if outcome.result is Result.DELIVERED:
-            await _written(lambda: self._store.mark_delivered(row.id, now))
+            await self._written(row, lambda: self._store.mark_delivered(row.id, now))
             self._note(row, "delivered")
             log.info("delivered %s attempt=%d", tag, row.attempts)
             # Its far end answers again after failing for several deliveries (an outage). What
@@ -124,13 +155,14 @@ class Attempts:
                 log.info("channel %s answers again: %d deliveries backing off are due now",
                          row.channel, resumed)  # fmt: skip
         elif outcome.result is Result.PERMANENT:
-            await _written(lambda: self._store.mark_dead(row.id, now, outcome.error))
+            await self._written(row, lambda: self._store.mark_dead(row.id, now, outcome.error))
             self._note(row, "dead", outcome.error)
             log.warning("dead letter %s attempt=%d: %s", tag, row.attempts, outcome.error)
         elif outcome.rate_limited or outcome.free:
             wait = outcome.retry_after if outcome.retry_after is not None else 1.0
-            await _written(
-                lambda: self._store.mark_retry(row.id, now, now + wait, outcome.error, count=False)
+            await self._written(
+                row,
+                lambda: self._store.mark_retry(row.id, now, now + wait, outcome.error, count=False),
             )
             self._note(row, "rate_limited" if outcome.rate_limited else "retry", outcome.error)
             log.info("%s %s attempt=%d: again in %.1fs (attempt given back): %s",
@@ -138,7 +170,7 @@ class Attempts:
                      outcome.error)  # fmt: skip
         elif row.attempts >= self._settings.max_attempts:
             error = f"gave up after {row.attempts} attempts: {outcome.error}"
-            await _written(lambda: self._store.mark_dead(row.id, now, error))
+            await self._written(row, lambda: self._store.mark_dead(row.id, now, error))
             self._note(row, "dead", error)
             log.warning("dead letter %s: %s", tag, error)
         else:
@@ -148,8 +180,9 @@ class Attempts:
                 backoff(row.attempts, s.initial_backoff_s, s.max_backoff_s),
                 outcome.retry_after or 0.0,
             )
-            await _written(
-                lambda: self._store.mark_retry(row.id, now, now + delay, outcome.error, count=True)
+            await self._written(
+                row,
+                lambda: self._store.mark_retry(row.id, now, now + delay, outcome.error, count=True),
             )
             failing = self._failing.setdefault(row.channel, set())
             if len(failing) < 2:
@@ -162,21 +195,3 @@ class Attempts:
                 "channel %s: %d deliveries back to pending: %s", rows[0].channel, len(rows), why
             )
             await self._store.release([row.id for row in rows], time.time(), at)
-
-
-# The waits before writing an outcome again, when the store could not take it: a connection the
-# server ended, or one not free in time (PostgreSQL), lost a delivered mark, and the message
-# went out again when its claim's lease ran out, its room held up meanwhile. The writes are
-# idempotent (they apply to a delivery this instance still holds).
-OUTCOME_RETRIES_S = (0.5, 1.0)
-
-
-async def _written(write: Callable[[], Awaitable[None]]) -> None:
-    for wait in (*OUTCOME_RETRIES_S, None):
-        try:
-            await write()
-            return
-        except StoreUnavailable:
-            if wait is None:
-                raise
-            await asyncio.sleep(wait)

@@ -226,7 +226,8 @@ class Lanes(Attempts, abc.ABC):
         def may_send() -> bool:
             if not late and self._late(policy, until):
                 late.append(True)
-            return not failed and not late and not self._halted(policy)
+            rewriting = self.rewriting.get(policy.name, 0)  # an outcome the store did not take
+            return not failed and not late and not rewriting and not self._halted(policy)
 
         async def room(sequence: list[Claimed]) -> None:
             for index, row in enumerate(sequence):
@@ -252,6 +253,11 @@ class Lanes(Attempts, abc.ABC):
                 if late and outcome is None:
                     # Given back if still ours; taken by another process, left to it.
                     await self._give_back(sequence[index:], time.time(), "lease ran out")
+                    return
+                if outcome is None and self.rewriting.get(policy.name):
+                    # Given back if the store takes it (a passing failure): claimable at once.
+                    why = "an outcome the store did not take is being written again"
+                    await self._give_back(sequence[index:], time.time(), why)
                     return
                 if outcome is None:
                     # A 429 blocks the channel. Waiting it out would hold these rows and the

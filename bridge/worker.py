@@ -58,6 +58,7 @@ class Worker(Lanes):
         self._elsewhere: dict[str, float] = {}  # channel -> time.monotonic() to look again
         self.states: dict[str, ChannelState] = {}
         self._failing: dict[str, set[int]] = {}
+        self.rewriting: dict[str, int] = {}
         self._wake = asyncio.Event()
         self._arrivals = 0  # wake() calls: new work may be in the store
         self._lingering: set[asyncio.Future[None]] = set()  # lanes waiting for new work

@@ -42,10 +42,6 @@ TCP_DEFAULTS = {
 # The pool retries a lost connection with a doubling delay for this long, then gives up until the
 # next request tries afresh: a server back after a long outage is used within seconds.
 RECONNECT_TIMEOUT_S = 10.0
-# How long writing a send's outcome waits for a pooled connection: it has no 2 s to meet, and
-# 1.5 s lost a delivered mark while late callback writes held the pool (a slow server): the
-# message went out again when its lease ran out.
-OUTCOME_WAIT_S = 10.0
 # The longest any operation may take, its wait for a connection included. A connection whose
 # server (or a proxy before it) hangs while TCP still acknowledges is noticed by no keepalive:
 # the worker waited on it for good, its deliveries acknowledged and never sent, and /readyz's
@@ -61,8 +57,7 @@ class PostgresPool:
         self, url: str, *, min_size: int = 1, max_size: int = 8, timeout_s: float = 1.5,
         create: bool = True,
     ) -> None:  # fmt: skip
-        """`timeout_s`: the longest an operation waits for a connection before it fails (but a
-        send's outcome: OUTCOME_WAIT_S); under
+        """`timeout_s`: the longest an operation waits for a connection before it fails; under
         Tencent's 2 s, so a callback meets a 503 FAIL packet, not a timeout, while the database
         is away. `create`: a database without live-bridge's tables gets them; without it, such
         a database is unavailable (for the outbox commands: a wrong URL must not look all clear
@@ -141,17 +136,14 @@ class PostgresPool:
         return text
 
     @contextlib.asynccontextmanager
-    async def _connection(
-        self, wait_s: float | None = None
-    ) -> AsyncIterator[AsyncConnection[tuple[Any, ...]]]:
+    async def _connection(self) -> AsyncIterator[AsyncConnection[tuple[Any, ...]]]:
         """A pooled connection in autocommit: one statement is one transaction, several take
-        `conn.transaction()`. Waited for at most `wait_s` (the pool's timeout_s unless said);
-        all of it over in OPERATION_S."""
+        `conn.transaction()`. All of it, the wait for the connection included, over in
+        OPERATION_S."""
         if self._pool is None:
             raise StoreUnavailable("store is not open")
-        wait_s = self._timeout_s if wait_s is None else wait_s
         try:
-            async with asyncio.timeout(OPERATION_S), self._pool.connection(timeout=wait_s) as conn:
+            async with asyncio.timeout(OPERATION_S), self._pool.connection() as conn:
                 yield conn
         except psycopg.Error as exc:
             raise StoreUnavailable(f"store unavailable: {self._say(exc)}") from None
@@ -159,10 +151,8 @@ class PostgresPool:
             raise StoreUnavailable(f"store unavailable: no answer in {OPERATION_S:g} s") from None
         self.commits += 1
 
-    async def _execute(
-        self, sql: str, params: Params | None = None, wait_s: float | None = None
-    ) -> int:
-        async with self._connection(wait_s) as conn:
+    async def _execute(self, sql: str, params: Params | None = None) -> int:
+        async with self._connection() as conn:
             return (await conn.execute(sql, params)).rowcount
 
     async def _fetch(self, sql: str, params: Params | None = None) -> list[tuple[Any, ...]]:

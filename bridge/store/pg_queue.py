@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from bridge.store import Claimed, Pace
-from bridge.store.pg_pool import OUTCOME_WAIT_S, PostgresPool
+from bridge.store.pg_pool import PostgresPool
 from bridge.store.pg_schema import CLAIM_LOCK, CLAIM_SQL, DUE_SQL, NEXT_DUE_SQL, TAKE_CHANNEL_SQL
 
 
@@ -72,7 +72,6 @@ class PostgresQueue(PostgresPool):
             " lease_until = NULL, owner = NULL"
             " WHERE id = %s AND owner = %s AND state IN ('in_flight', 'dead')",
             (now, now, delivery_id, self.owner),
-            OUTCOME_WAIT_S,
         )
 
     async def mark_retry(
@@ -83,7 +82,6 @@ class PostgresQueue(PostgresPool):
             " attempts = attempts - %s, lease_until = NULL, updated_at = %s, owner = NULL"
             " WHERE id = %s AND owner = %s AND state = 'in_flight'",
             (next_attempt_at, error, 0 if count else 1, now, delivery_id, self.owner),
-            OUTCOME_WAIT_S,
         )
 
     async def mark_dead(self, delivery_id: int, now: float, error: str) -> None:
@@ -91,7 +89,6 @@ class PostgresQueue(PostgresPool):
             "UPDATE deliveries SET state = 'dead', last_error = %s, lease_until = NULL,"
             " updated_at = %s, owner = NULL WHERE id = %s AND owner = %s AND state = 'in_flight'",
             (error, now, delivery_id, self.owner),
-            OUTCOME_WAIT_S,
         )
 
     async def release(self, ids: Sequence[int], now: float, next_attempt_at: float) -> None:
@@ -101,7 +98,6 @@ class PostgresQueue(PostgresPool):
                 " next_attempt_at = %s, lease_until = NULL, updated_at = %s, owner = NULL"
                 " WHERE id = ANY(%s::bigint[]) AND owner = %s AND state = 'in_flight'",
                 (next_attempt_at, now, list(ids), self.owner),
-                OUTCOME_WAIT_S,
             )
 
     async def next_due(self, now: float) -> float | None:
