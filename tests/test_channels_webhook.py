@@ -20,6 +20,7 @@ from tests.bridge_server import signing_secret
 from tests.farend import ANSWERS, far_end, fixed, self_signed, with_status
 from tests.slack_standin import SlackStandIn
 from tests.store_rows import add
+from tests.test_channels_slack import serving
 
 pytestmark = pytest.mark.anyio
 
@@ -238,18 +239,10 @@ async def test_a_cookie_one_far_end_sets_goes_back_to_none(
         response.set_cookie("tenant", "a-s3cr3t")
         return response
 
-    app = web.Application()
-    app.router.add_route("*", "/{rest:.*}", answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        # A name: aiohttp's jar keeps no cookie of an IP address.
-        base = f"http://localhost:{runner.addresses[0][1]}"
+    async with serving(answer) as base:
+        base = base.replace("127.0.0.1", "localhost")  # aiohttp's jar keeps no IP's cookie
         for path in ("/tenant-a", "/tenant-b"):
             assert await send(channel(base + path), session) == DELIVERED
-    finally:
-        await runner.cleanup()
     assert cookies == [None, None]
 
 

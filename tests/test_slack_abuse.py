@@ -23,6 +23,7 @@ from bridge import blockkit
 from bridge.events import MODELS
 from bridge.samples import HOSTILE_VALUES, hostile
 from tests.bridge_server import APP_ID, OK_PACKET, InThread, post_callback, wait_until, write_config
+from tests.payloads import strings
 from tests.slack_standin import Posted, SlackStandIn
 
 COMMANDS = [*MODELS, "Live.CallbackAfterSomethingNew"]
@@ -179,20 +180,9 @@ def test_no_value_forges_an_entity_a_line_or_its_reading_order(
         posted = slack.posted
     for message in posted:
         assert blockkit.problems(message.payload) == [], message.payload
-        text = "\0".join(leaves(message.payload))  # as Slack reads them: JSON decoded
+        text = "\0".join(strings(message.payload))  # as Slack reads them: JSON decoded
         assert not any(value in text for value in FORGERIES), message.payload
         assert sum(sent in text for sent in FORGERIES.values()) == 1, message.payload
-
-
-def leaves(node: Any) -> Iterator[str]:
-    if isinstance(node, str):
-        yield node
-    elif isinstance(node, dict):
-        for value in node.values():
-            yield from leaves(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from leaves(value)
 
 
 def is_digest(message: Posted) -> bool:

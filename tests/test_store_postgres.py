@@ -131,6 +131,33 @@ def plan_nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
     return [node, *(n for child in node.get("Plans", []) for n in plan_nodes(child))]
 
 
+def add_backlog(postgres_sql: PostgresSQL, rooms: int, pending: int) -> None:
+    """20,000 deliveries to channel `a` delivered, then `pending` waiting, over `rooms` rooms;
+    an event each."""
+    total = 20000 + pending
+    postgres_sql(
+        "INSERT INTO events (id, received_at, sdk_app_id, command, room_id, event_time, body,"
+        " query) SELECT g, 0, 1, 'x', 'r' || g %% %s, g, '{}', '{}'"
+        " FROM generate_series(1, %s) g", rooms, total,
+    )  # fmt: skip
+    postgres_sql(
+        "INSERT INTO deliveries (event_id, channel, state, next_attempt_at, created_at,"
+        " updated_at, room_id, order_ts) SELECT g, 'a',"
+        " CASE WHEN g <= 20000 THEN 'delivered' ELSE 'pending' END, 0, 0, 0, 'r' || g %% %s, g"
+        " FROM generate_series(1, %s) g", rooms, total,
+    )  # fmt: skip
+    postgres_sql("ANALYZE")
+
+
+def claim_plan(postgres_url: str) -> list[dict[str, Any]]:
+    """Every node of the plan of a claim of 64 from channel `a`."""
+    params = {"channel": "a", "now": 1.0, "limit": 64, "lease_until": 2.0, "owner": "x",
+              "leases": 1.0}  # fmt: skip
+    with psycopg.connect(postgres_url) as conn:
+        ((plan,),) = conn.execute(f"EXPLAIN (FORMAT JSON) {CLAIM_SQL}", params).fetchall()
+    return plan_nodes(plan[0]["Plan"])
+
+
 async def test_a_claim_reads_the_rows_it_passed_over_from_one_index_range(
     open_store: OpenStore, postgres_url: str, postgres_sql: PostgresSQL
 ) -> None:
@@ -138,24 +165,9 @@ async def test_a_claim_reads_the_rows_it_passed_over_from_one_index_range(
     # read once, from the range of deliveries_claim its parts walked, not from each room's
     # history (deliveries_room) once for every row taken.
     await open_store()
-    postgres_sql(
-        "INSERT INTO events (id, received_at, sdk_app_id, command, room_id, event_time, body,"
-        " query) SELECT g, 0, 1, 'x', 'r' || g % 500, g, '{}', '{}'"
-        " FROM generate_series(1, 40000) g"
-    )
-    postgres_sql(
-        "INSERT INTO deliveries (event_id, channel, state, next_attempt_at, created_at,"
-        " updated_at, room_id, order_ts) SELECT g, 'a',"
-        " CASE WHEN g <= 20000 THEN 'delivered' ELSE 'pending' END, 0, 0, 0, 'r' || g % 500, g"
-        " FROM generate_series(1, 40000) g"
-    )
-    postgres_sql("ANALYZE")
-    params = {"channel": "a", "now": 1.0, "limit": 64, "lease_until": 2.0, "owner": "x",
-              "leases": 1.0}  # fmt: skip
-    with psycopg.connect(postgres_url) as conn:
-        ((plan,),) = conn.execute(f"EXPLAIN (FORMAT JSON) {CLAIM_SQL}", params).fetchall()
-    nodes = plan_nodes(plan[0]["Plan"])
-    assert not [n for n in nodes if n["Node Type"] == "Seq Scan"], plan
+    add_backlog(postgres_sql, rooms=500, pending=20000)
+    nodes = claim_plan(postgres_url)
+    assert not [n for n in nodes if n["Node Type"] == "Seq Scan"], nodes
     (passed,) = [n for n in nodes if n.get("Subplan Name") == "CTE passed"]
     assert {n.get("Index Name") for n in plan_nodes(passed)} - {None} == {"deliveries_claim"}
 
@@ -166,23 +178,9 @@ async def test_a_claim_walks_no_rooms_delivered_history(
     # As SQLite's (test_store_sqlite): the room check of each row a part takes reads the room's
     # deliveries still to send (deliveries_room_open), not all the retention keeps.
     await open_store()
-    postgres_sql(
-        "INSERT INTO events (id, received_at, sdk_app_id, command, room_id, event_time, body,"
-        " query) VALUES (1, 0, 1, 'x', 'r', 0, '{}', '{}')"
-    )
-    postgres_sql(
-        "INSERT INTO deliveries (event_id, channel, state, next_attempt_at, created_at,"
-        " updated_at, room_id, order_ts) SELECT 1, 'a',"
-        " CASE WHEN g <= 20000 THEN 'delivered' ELSE 'pending' END, 0, 0, 0, 'r', g"
-        " FROM generate_series(1, 20064) g"
-    )
-    postgres_sql("ANALYZE")
-    params = {"channel": "a", "now": 1.0, "limit": 64, "lease_until": 2.0, "owner": "x",
-              "leases": 1.0}  # fmt: skip
-    with psycopg.connect(postgres_url) as conn:
-        ((plan,),) = conn.execute(f"EXPLAIN (FORMAT JSON) {CLAIM_SQL}", params).fetchall()
-    indexes = {n.get("Index Name") for n in plan_nodes(plan[0]["Plan"])} - {None}
-    assert "deliveries_room_open" in indexes and "deliveries_room" not in indexes, plan
+    add_backlog(postgres_sql, rooms=1, pending=64)
+    indexes = {n.get("Index Name") for n in claim_plan(postgres_url)} - {None}
+    assert "deliveries_room_open" in indexes and "deliveries_room" not in indexes, indexes
 
 
 async def test_dedup_keys_written_before_version_3_still_find_retries(
