@@ -170,9 +170,9 @@ class LimitedProtocol(HttpToolsProtocol):
             self._replaying_head = False  # the body follows, for the request being answered
             return
         self._in_head = False
-        # The request line and headers as sent, but for the spaces around a header's value
-        # and the line ends uvicorn does not keep.
-        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+        # The URL and headers with the least framing a header can have (`name:value` and a line
+        # end): never more than was sent, so no head within the limit is refused.
+        size = len(self.url) + sum(len(name) + len(value) + 3 for name, value in self.headers)
         if size > MAX_HEAD_BYTES:
             self._head_over = 414 if len(self.url) > MAX_HEAD_BYTES else 431
             raise HeadTooLong

@@ -29,6 +29,7 @@ from tests.bridge_server import (
 )
 
 CALLBACK = f"/tencent/callback?SdkAppid={APP_ID}".encode()
+MAX_HEAD = 65_536
 
 
 @pytest.fixture
@@ -154,6 +155,17 @@ def test_a_head_under_the_limit_and_pipelined_callbacks_are_answered_in_order(
     assert response is not None
     assert response.count(b"HTTP/1.1 200 OK\r\n") == 6
     assert response.count(OK_PACKET) == 6
+
+
+def test_a_head_of_64_kib_without_spaces_after_its_colons_is_accepted(bridge: Subprocess) -> None:
+    # Counted as `name: value`, 600 headers of `X-Pad-N:` and 100 bytes were refused at 65,000.
+    pad = b"".join(b"X-Pad-%03d:%s\r\n" % (i, b"a" * 96) for i in range(600))
+    request = callback_request(pad)
+    assert len(request.partition(b"\r\n\r\n")[0]) < MAX_HEAD
+    with connection(bridge) as sock:
+        sock.sendall(request.replace(b"Host: x", b"Host: x\r\nConnection: close", 1))
+        response = answer(sock, 5)
+    assert response is not None and response.startswith(b"HTTP/1.1 200 ")
 
 
 @pytest.mark.parametrize(
