@@ -35,8 +35,10 @@ class Escaped(str):
 
 
 # The most pieces (texts between tags, and each {{ }}) one buffer of a template joins: a loop
-# that writes something stops here, however deep its loops are nested.
+# that writes something stops here, however deep its loops are nested. And the most characters
+# (a string doubled 26 times with `~` was a 67 MB message, stored and sent).
 PIECES_LIMIT = 200_000
+CHARS_LIMIT = 16_777_216
 
 
 def escaped_concat(parts: Iterable[str]) -> Escaped:
@@ -45,6 +47,8 @@ def escaped_concat(parts: Iterable[str]) -> Escaped:
     text = "".join(islice(pieces, PIECES_LIMIT))
     if next(pieces, None) is not None:
         raise OverflowError(f"a template's output of over {PIECES_LIMIT} pieces")
+    if len(text) > CHARS_LIMIT:
+        raise OverflowError(f"a template's output of over {CHARS_LIMIT} characters")
     return Escaped(text)
 
 

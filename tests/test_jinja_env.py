@@ -177,8 +177,46 @@ def test_a_template_cannot_reach_the_process(tmp_path: Path, source: str) -> Non
             env.from_string(source).render(event=object())
 
 
-def test_a_template_may_still_build_its_own_lists(tmp_path: Path) -> None:
-    # The shipped room-update template collects its changes so.
+def test_a_template_builds_new_lists_and_changes_nothing_it_is_given(tmp_path: Path) -> None:
+    # A template emptied the event every other channel's template reads (`MemberList.clear()`)
+    # and the event classes for the rest of the process (`event.model_fields.clear()`).
     env = environments(tmp_path)["console"]
-    source = "{% set xs = [] %}{% set _ = xs.append(1) %}{{ xs | length }} {{ 'ab' * 2 }}"
-    assert env.from_string(source).render() == "1 abab"
+    source = "{% set xs = [] %}{% set xs = xs + [1] %}{{ xs | length }} {{ 'ab' * 2 }}"
+    assert env.from_string(source).render() == "1 abab"  # as the room-update template does
+    members = [1, 2]
+    for source in ("{{ members.clear() }}", "{% set xs = [] %}{{ xs.append(1) }}"):
+        with pytest.raises(jinja2.exceptions.SecurityError):
+            env.from_string(source).render(members=members)
+    assert members == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{{ ('%999999999d' % 1) | length }}",
+        "{{ ('%*d' % (999999999, 1)) | length }}",
+        "{{ ('%.99999999f' % 1.0) | length }}",
+        "{{ '{:>99999999}'.format(1) | length }}",
+        "{{ '{:>{w}}'.format(1, w=999999999) | length }}",
+        "{{ ('%99999999d' | format(1)) | length }}",
+        "{{ ('x' | center(99999999)) | length }}",
+        "{{ 'x'.ljust(99999999) | length }}",
+        "{{ ('x'.encode() * 99999999) | length }}",
+        "{{ (2 ** 2000000000) > 1 }}",
+        "{{ lipsum(200000) | length }}",
+        "{% set ns = namespace(s='x' * 4000000) %}{% for i in range(3) %}"
+        "{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+    ],
+)
+def test_what_makes_a_string_or_number_of_any_size_is_bounded(tmp_path: Path, source: str) -> None:
+    # Each took a gigabyte or seconds, and the constant ones did at `check` already, where
+    # Jinja folds a constant expression while it compiles.
+    env = environments(tmp_path)["webhook"]
+    with pytest.raises(OverflowError):
+        env.from_string(source).render()
+
+
+def test_ordinary_formatting_still_works(tmp_path: Path) -> None:
+    env = environments(tmp_path)["console"]
+    source = "{{ '%05d|%.2f|%s' % (42, 1.5, 'a') }} {{ '{:>6}'.format('b') }} {{ 2 ** 10 }}"
+    assert env.from_string(source).render() == "00042|1.50|a      b 1024"
