@@ -154,6 +154,18 @@ class _Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
     # Intercepted, they are no longer folded at compile time either.
     intercepted_binops = frozenset({"*", "**", "%"})
 
+    def _parse(self, source: str, name: str | None, filename: str | None) -> jinja2.nodes.Template:
+        tree = super()._parse(source, name, filename)
+        # A filter block works on what its body wrote, escaped already, and what it gives is
+        # written as it is: `{% filter striptags %}` turned an escaped `<!channel>` back into a
+        # ping, `{% filter upper %}` made `&LT;` of `&lt;`. A filter on each value is escaped.
+        if (block := tree.find(jinja2.nodes.FilterBlock)) is not None:
+            raise jinja2.TemplateSyntaxError(
+                "{% filter %} blocks are not supported: put the filter on each value",
+                block.lineno, name, filename,
+            )  # fmt: skip
+        return tree
+
     def call_binop(
         self, context: jinja2.runtime.Context, operator: str, left: Any, right: Any
     ) -> Any:

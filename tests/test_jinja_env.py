@@ -220,3 +220,14 @@ def test_ordinary_formatting_still_works(tmp_path: Path) -> None:
     env = environments(tmp_path)["console"]
     source = "{{ '%05d|%.2f|%s' % (42, 1.5, 'a') }} {{ '{:>6}'.format('b') }} {{ 2 ** 10 }}"
     assert env.from_string(source).render() == "00042|1.50|a      b 1024"
+
+
+def test_a_filter_block_is_refused_where_it_is(tmp_path: Path) -> None:
+    # It filtered escaped text and wrote the result as it was: striptags made an escaped
+    # `<!channel>` a ping again.
+    env = environments(tmp_path)["slack"]
+    source = "{\n\n{% filter striptags %}{{ v }}{% endfilter %}}"
+    with pytest.raises(jinja2.TemplateSyntaxError, match="filter") as caught:
+        env.from_string(source).render(v="<!channel>")
+    assert caught.value.lineno == 3
+    assert env.from_string("{{ v | striptags | upper }}").render(v="<!here> a") == "A"
