@@ -154,12 +154,15 @@ class _Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
     # Intercepted, they are no longer folded at compile time either.
     intercepted_binops = frozenset({"*", "**", "%"})
 
+    filter_blocks = False  # the console's may have them: its escaping is one_line's alone
+
     def _parse(self, source: str, name: str | None, filename: str | None) -> jinja2.nodes.Template:
         tree = super()._parse(source, name, filename)
         # A filter block works on what its body wrote, escaped already, and what it gives is
         # written as it is: `{% filter striptags %}` turned an escaped `<!channel>` back into a
-        # ping, `{% filter upper %}` made `&LT;` of `&lt;`. A filter on each value is escaped.
-        if (block := tree.find(jinja2.nodes.FilterBlock)) is not None:
+        # ping, `{% filter upper %}` made `&LT;` of `&lt;`; in JSON, a replace could undo a
+        # `\"`. A filter on each value is escaped.
+        if not self.filter_blocks and (block := tree.find(jinja2.nodes.FilterBlock)) is not None:
             raise jinja2.TemplateSyntaxError(
                 "{% filter %} blocks are not supported: put the filter on each value",
                 block.lineno, name, filename,
@@ -199,6 +202,13 @@ class _Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
 
             return refused
         return wrapped
+
+
+class _Console(_Sandbox):
+    """The console's: a digest joins each entry's lines with a filter block. Its output is a log
+    line, where one_line has escaped every value already and a filter can undo nothing."""
+
+    filter_blocks = True
 
 
 COMPILED_LIMIT = 1000  # templates kept compiled, a channel type
@@ -251,7 +261,7 @@ def environments(folder: Path) -> dict[str, jinja2.Environment]:
         # through any function's globals (`lipsum.__globals__`: os, the environment, files,
         # the config and its secrets, a shell). The sandbox refuses every attribute that
         # starts with an underscore and the internals of functions and frames.
-        env = _Sandbox(
+        env = (_Console if kind == "console" else _Sandbox)(
             loader=loader,
             undefined=jinja2.StrictUndefined,
             autoescape=False,  # escaping is finalize's job, per output kind

@@ -108,6 +108,10 @@ TYPO_ON_LINE_3: dict[str, str | bytes] = {
     "undefined name": '{\n  "text": "owner changed",\n  "note": "{{ event.RoomIdd }}"\n}\n',
     "missing include": '{\n  "text": "owner changed",\n  "note": "{% include "x.j2" %}"\n}\n',
     "not UTF-8": b'{\n  "text": "owner changed",\n  "note": "caf\xe9"\n}\n',
+    # It would filter escaped text and write the result unescaped: striptags undid `&lt;!channel`.
+    "filter block": (
+        '{\n  "text": "x",\n  "n": "{% filter striptags %}{{ event.RoomId }}{% endfilter %}"\n}\n'
+    ),
 }
 
 
@@ -188,14 +192,6 @@ HOSTILE_FAILURES = [
         '{"text": "room {{ event.RoomId }}", "owner": {{ event.RoomInfo.Owner_Account }}}',
         "Live.CallbackAfterCreateRoom",
         ["hostile value '<!channel>'", "output is not JSON"],
-    ),
-    (
-        "escaping undone: a mention reaches Slack",
-        "slack",
-        '{"text": "x {% filter replace("&lt;", "<") | replace("&gt;", ">") %}'
-        '{{ event.RoomId }}{% endfilter %}"}',
-        OWNER,
-        ["hostile value '<!channel>'", "reaches Slack unescaped"],
     ),
     (
         "an empty room leaves no text",

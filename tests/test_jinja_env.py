@@ -225,9 +225,13 @@ def test_ordinary_formatting_still_works(tmp_path: Path) -> None:
 def test_a_filter_block_is_refused_where_it_is(tmp_path: Path) -> None:
     # It filtered escaped text and wrote the result as it was: striptags made an escaped
     # `<!channel>` a ping again.
-    env = environments(tmp_path)["slack"]
+    envs = environments(tmp_path)
     source = "{\n\n{% filter striptags %}{{ v }}{% endfilter %}}"
-    with pytest.raises(jinja2.TemplateSyntaxError, match="filter") as caught:
-        env.from_string(source).render(v="<!channel>")
-    assert caught.value.lineno == 3
-    assert env.from_string("{{ v | striptags | upper }}").render(v="<!here> a") == "A"
+    for kind in ("slack", "webhook"):
+        with pytest.raises(jinja2.TemplateSyntaxError, match="filter") as caught:
+            envs[kind].from_string(source).render(v="<!channel>")
+        assert caught.value.lineno == 3
+    assert envs["slack"].from_string("{{ v | striptags | upper }}").render(v="<!here> a") == "A"
+    # The console's digest joins an entry's lines with one: its values are one_line's already.
+    joined = "{% filter replace('\\n', ' ') %}{{ a }}\n{{ b }}{% endfilter %}"
+    assert envs["console"].from_string(joined).render(a="x\ny", b="z") == "x\\ny z"
