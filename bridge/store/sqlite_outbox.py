@@ -203,8 +203,8 @@ class SQLiteOutbox(SQLiteFile):
         """`op` for BATCH of `ids` a transaction, callbacks committing in between: `outbox
         retry` of 100,000 ids in one held every acknowledgement for 3.7 s. The ids it acted on."""
         acted: list[int] = []
-        # Each id once: retry([1, 1, 1]) answered [1, 1] where it acted on one delivery (found by
-        # the store's model test; SQLite's RETURNING with an id named again in the IN list).
+        # Each id once: named again in a later batch, a pending delivery was put back again,
+        # and retry([1, 1, 1]) answered [1, 1] for one delivery (the store's model test).
         for chunk in chunks(list(dict.fromkeys(ids)), BATCH):
             acted += await self._submit(op(chunk))
         return acted
