@@ -72,16 +72,16 @@ class Attempts:
         except RenderError as exc:
             return permanent(f"render failed: {exc}")
         thread = None
-        if policy.thread_by_room and row.room_id is not None:
+        if policy.thread_by_room and row.room_key is not None:
             not_before = time.time() - policy.thread_ttl_s
-            if ts := await self._store.get_thread(policy.name, row.room_id, not_before):
+            if ts := await self._store.get_thread(policy.name, row.room_key, not_before):
                 thread = Thread(ts, policy.reply_broadcast)
         outcome = await self._send(policy, payload, row.id, thread)
-        if policy.thread_by_room and row.room_id is not None:
+        if policy.thread_by_room and row.room_key is not None:
             if thread is None and outcome.result is Result.DELIVERED and outcome.ts:
-                await self._store.set_thread(policy.name, row.room_id, outcome.ts, time.time())
+                await self._store.set_thread(policy.name, row.room_key, outcome.ts, time.time())
             elif thread is not None and outcome.error.endswith("thread_not_found"):
-                await self._store.forget_thread(policy.name, row.room_id)
+                await self._store.forget_thread(policy.name, row.room_key)
                 return Outcome(Result.RETRY, "thread is gone: starting a new one", 0.0, free=True)
         return outcome
 

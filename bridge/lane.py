@@ -213,7 +213,7 @@ class Lanes(Attempts, abc.ABC):
     ) -> None:
         rooms: dict[str | int, list[Claimed]] = {}
         for row in rows:  # each room in order; a delivery without a room waits for nothing
-            rooms.setdefault(row.room_id if row.room_id is not None else row.id, []).append(row)
+            rooms.setdefault(row.room_key if row.room_key is not None else row.id, []).append(row)
         slots = asyncio.Semaphore(policy.max_in_flight)
         pacer = self.pacers.get(policy.name) or Pacer(policy.rate_per_s, policy.burst)
         # The store's first failure to take an outcome: the rooms start no other send. Each would

@@ -32,7 +32,7 @@ class Row:
     id: int
     event_id: int
     channel: str
-    room_id: str | None
+    room_key: str | None  # store.room_key
     order_ts: int
     state: State
     payload: str | None
@@ -90,10 +90,10 @@ class Model:
             order_ts = event.event_time
             if order_ts is None:  # by arrival, after what its room has already
                 order_ts = max([int(now * 1000)] + [r.order_ts for r in self.rows.values()
-                               if r.channel == d.channel and event.room_id is not None
-                               and r.room_id == event.room_id])  # fmt: skip
+                               if r.channel == d.channel and event.room_key is not None
+                               and r.room_key == event.room_key])  # fmt: skip
             self.rows[delivery_id] = Row(
-                delivery_id, event_id, d.channel, event.room_id, order_ts,
+                delivery_id, event_id, d.channel, event.room_key, order_ts,
                 State.PENDING if d.error is None else State.DEAD, d.payload, d.error,
                 created_at=now, updated_at=now, next_attempt_at=now,
             )  # fmt: skip
@@ -115,10 +115,10 @@ class Model:
 
     def claimable(self, channel: str, now: float) -> list[Row]:
         mine = [r for r in self.rows.values() if r.channel == channel]
-        held = [r for r in mine if r.room_id is not None and self._holds_back(r, now)]
+        held = [r for r in mine if r.room_key is not None and self._holds_back(r, now)]
         return sorted(
             (r for r in mine if self._due(r, now)
-             and not any(b.room_id == r.room_id and b.key() < r.key() for b in held)),
+             and not any(b.room_key == r.room_key and b.key() < r.key() for b in held)),
             key=Row.key,
         )  # fmt: skip
 
@@ -133,7 +133,7 @@ class Model:
         event, at = self.events[r.event_id]
         return Claimed(
             id=r.id, event_id=r.event_id, channel=r.channel, payload=r.payload,
-            attempts=r.attempts, room_id=r.room_id, command=event.command, body=event.body,
+            attempts=r.attempts, room_key=r.room_key, command=event.command, body=event.body,
             query=event.query, received_at=at, sdk_app_id=event.sdk_app_id,
         )  # fmt: skip
 
@@ -222,8 +222,8 @@ class Model:
                 released += 1
         return released
 
-    def get_thread(self, channel: str, room_id: str, not_before: float) -> str | None:
-        found = self.threads.get((channel, room_id))
+    def get_thread(self, channel: str, room: str, not_before: float) -> str | None:
+        found = self.threads.get((channel, room))
         return found[0] if found is not None and found[1] >= not_before else None
 
     # --- operators and upkeep -------------------------------------------------------------------
@@ -323,8 +323,9 @@ class Model:
 
     def delivery_row(self, r: Row) -> DeliveryRow:
         return DeliveryRow(
-            id=r.id, event_id=r.event_id, channel=r.channel, room_id=r.room_id,
-            command=self.events[r.event_id][0].command, state=r.state, attempts=r.attempts,
+            id=r.id, event_id=r.event_id, channel=r.channel,
+            room_id=self.events[r.event_id][0].room_id, command=self.events[r.event_id][0].command,
+            state=r.state, attempts=r.attempts,
             last_error=r.last_error, created_at=r.created_at, updated_at=r.updated_at,
             next_attempt_at=r.next_attempt_at,
         )  # fmt: skip

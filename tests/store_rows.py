@@ -23,20 +23,26 @@ from tests.bridge_server import OWNER
 
 P = ParamSpec("P")
 S = TypeVar("S", bound=Store)
+APP = 1400000000  # the SDKAppID of the events made here
 
 
-def new_event(key: str = "k1", room: str | None = "r1", event_time: int | None = 1000) -> NewEvent:
+def new_event(
+    key: str = "k1", room: str | None = "r1", event_time: int | None = 1000, app: int = APP
+) -> NewEvent:
     return NewEvent(
-        sdk_app_id=1400000000, command="Live.CallbackAfterChangeOwner", room_id=room,
+        sdk_app_id=app, command="Live.CallbackAfterChangeOwner", room_id=room,
         event_time=event_time, body='{"CallbackCommand":"x"}', query="{}", dedup_key=key,
     )  # fmt: skip
 
 
-async def add(store: Store, key: str, channel: str = "a", room: str | None = "r1",
-              event_time: int | None = 1000, now: float | None = None) -> int:  # fmt: skip
-    """Records event `key` with one delivery to `channel` (payload `p-<key>`); its event id."""
+async def add(
+    store: Store, key: str, channel: str = "a", room: str | None = "r1",
+    event_time: int | None = 1000, now: float | None = None, app: int = APP,
+) -> int:  # fmt: skip
+    """Records event `key` of app `app` with one delivery to `channel` (payload `p-<key>`); its
+    event id."""
     recorded = await store.record(
-        new_event(key, room, event_time), [NewDelivery(channel, f"p-{key}")],
+        new_event(key, room, event_time, app), [NewDelivery(channel, f"p-{key}")],
         now if now is not None else time.time(), 0,
     )  # fmt: skip
     return recorded.event_id

@@ -284,6 +284,22 @@ async def test_each_room_has_its_thread_across_restarts(
     assert attempts(store.path)[-2:] == [1, 1]  # the refused reply cost no attempt
 
 
+async def test_rooms_of_one_name_in_two_apps_have_a_thread_each(
+    slack: SlackStandIn, session: aiohttp.ClientSession, open_store: OpenStore, tmp_path: Path
+) -> None:
+    # One bridge may serve several apps, each naming its own rooms: app 2's "R" is not app 1's.
+    composer = make_composer(tmp_path, {"bot": SLACK})
+    store = await open_store()
+    for app, event_time in [(1, 1000), (2, 1500), (1, 2000), (2, 2500)]:
+        await record_in(store, "bot", "R", event_time, app=1400000000 + app)
+    async with running(worker_with(store, composer, thread_policy(slack, session, 3600))):
+        await eventually(lambda: len(slack.posted) == 4)
+    posts = by_label(slack)
+    assert "thread_ts" not in posts["R@1000"] and "thread_ts" not in posts["R@1500"]
+    assert posts["R@2000"]["thread_ts"] == posts["R@1000"]["ts"]
+    assert posts["R@2500"]["thread_ts"] == posts["R@1500"]["ts"]
+
+
 async def test_a_thread_older_than_its_ttl_is_not_replied_to(
     slack: SlackStandIn, session: aiohttp.ClientSession, open_store: OpenStore, tmp_path: Path
 ) -> None:

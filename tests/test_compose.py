@@ -18,7 +18,7 @@ from bridge.escape import slack_text
 from bridge.events import MODELS, OWNER_CHANGED, parse_event
 from bridge.render import Context, Renderer, RenderError
 from bridge.samples import HOSTILE_VALUES, UNKNOWN_SAMPLE, hostile, sample
-from bridge.store import Claimed
+from bridge.store import Claimed, room_key
 from tests.payloads import strings
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -74,7 +74,7 @@ def make_row(
         channel=channel,
         payload=payload,
         attempts=1,
-        room_id=parse_event(body).room(),
+        room_key=room_key(sdk_app_id, room) if (room := parse_event(body).room()) else None,
         command=str(body["CallbackCommand"]),
         body=json.dumps(body, ensure_ascii=False),
         query="{}",
@@ -453,8 +453,8 @@ def test_each_command_is_one_line_naming_its_room(
     assert message["blocks"][0]["text"]["text"] == "1 Live event"
     [text] = sections(message)
     assert summary(text) == expected
-    if row.room_id is not None:
-        assert f"*{row.room_id}*" in text
+    if (room := parse_event(json.loads(row.body)).room()) is not None:
+        assert f"*{room}*" in text
     [(console, _)] = composer.digests("console", [row]).messages
     fallback = text.partition(" · ")[0].rpartition("|")[2].removesuffix(">")  # the plain time
     assert console.split("\n") == [
@@ -596,7 +596,7 @@ def test_a_delivery_without_payload_is_rendered_again(
     )
     assert composer.payload(row) == expected
     text = json.loads(expected)["text"] if channel == "slack" else expected
-    assert str(row.room_id) in text and "\n" not in text
+    assert str(parse_event(json.loads(row.body)).room()) in text and "\n" not in text
 
 
 @pytest.mark.parametrize(

@@ -85,7 +85,10 @@ def populate(tmp_path: Path) -> dict[str, int]:
             rows = {(r.channel, r.room_id): r.id for r in listed}
         finally:
             await store.close()
-        assert hook_dead.room_id == "room-a" and in_flight.room_id == "room-c"
+        assert (hook_dead.room_key, in_flight.room_key) == (
+            "1400000000:room-a",
+            "1400000000:room-c",
+        )
         return {
             "hook_dead": hook_dead.id, "hook_in_flight": in_flight.id,
             "hook_pending": rows[("hook", "b\nfake")], "console_dead": rows[("console", "room-a")],

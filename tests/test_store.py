@@ -15,7 +15,7 @@ from bridge.channels.webhook import message_id
 from bridge.store import UNKNOWN_TAT, Claimed, DeliveryRow, NewDelivery, Pace, State, Store
 from bridge.store.postgres import PostgresStore
 from bridge.store.sqlite import SQLiteStore
-from tests.store_rows import add, new_event, opener
+from tests.store_rows import APP, add, new_event, opener
 
 pytestmark = pytest.mark.anyio
 
@@ -132,9 +132,25 @@ async def test_a_room_waits_for_its_earlier_delivery(store: Store) -> None:
     assert await store.next_due(now) == pytest.approx(now + 30)  # leases of r2-0, roomless
     # Once it is due, it comes first and the rest follow in the same claim, in order.
     later = await store.claim("a", now + 61, 10, 30)  # the other leases have expired too
-    r1 = [c for c in later if c.room_id == "r1"]
+    r1 = [c for c in later if c.room_key == f"{APP}:r1"]
     assert [c.payload for c in r1] == ["p-r1-0", "p-r1-1", "p-r1-2"]
     assert r1[0].attempts == 2
+
+
+async def test_rooms_of_one_name_in_two_apps_are_two_rooms(store: Store) -> None:
+    # One bridge may serve several apps ([tencent] sdk_app_id), each naming its own rooms: app
+    # 2's "r1" neither waits for app 1's "r1" nor, without an EventTime, goes after it.
+    now = time.time()
+    later = int((now + 3600) * 1000)
+    await add(store, "one-0", room="r1", event_time=later, now=now)
+    await add(store, "one-1", room="r1", event_time=later + 1, now=now)
+    await add(store, "two-0", room="r1", event_time=later + 2, now=now, app=APP + 1)
+    await add(store, "three", room="r1", event_time=None, now=now, app=APP + 2)
+    [three, head] = await store.claim("a", now, 2, 30)
+    assert (three.payload, three.room_key) == ("p-three", f"{APP + 2}:r1")
+    assert (head.payload, head.room_key) == ("p-one-0", f"{APP}:r1")
+    # App 1's r1 is in flight: its next event waits, app 2's r1 does not.
+    assert [c.payload for c in await store.claim("a", now, 10, 30)] == ["p-two-0"]
 
 
 async def test_dead_letter_releases_its_room(store: Store) -> None:
@@ -278,15 +294,15 @@ async def test_what_was_written_before_the_clock_went_back_waits_no_longer(store
     await add(store, "recorded", channel="a", room="r1", event_time=1000, now=before)
     await add(store, "retried", channel="a", room="r2", event_time=1000, now=before)
     await add(store, "sending", channel="a", room="r3", event_time=1000, now=before)
-    claimed = {c.room_id: c for c in await store.claim("a", before, 10, 30)}
-    await store.release([claimed["r1"].id], before, before)
-    await store.mark_retry(claimed["r2"].id, before, before + 60, "HTTP 503", count=True)
+    claimed = {c.room_key: c for c in await store.claim("a", before, 10, 30)}
+    await store.release([claimed[f"{APP}:r1"].id], before, before)
+    await store.mark_retry(claimed[f"{APP}:r2"].id, before, before + 60, "HTTP 503", count=True)
     for room in ("r1", "r2", "r3"):  # the clock went back: the rooms' next events
         await add(store, f"later-{room}", channel="a", room=room, event_time=2000, now=now)
     assert await store.due_channels(now, []) == ["a"]
     assert await store.next_due(now) == before + 30  # the lease; the pending ones are due now
     got = await store.claim("a", now, 10, 30)
-    assert [(c.room_id, c.payload) for c in got] == [
+    assert [(c.room_key.removeprefix(f"{APP}:"), c.payload) for c in got if c.room_key] == [
         ("r1", "p-recorded"), ("r2", "p-retried"), ("r1", "p-later-r1"), ("r2", "p-later-r2"),
     ]  # fmt: skip
     # A small step (under CLOCK_STEP_S) waits for the clock as before.
@@ -374,7 +390,7 @@ async def test_prune_keeps_dead_letters_and_recent_rows(store: Store) -> None:
     await store.record(new_event("new-done", "r3"), [NewDelivery("a", "p")], now, 600)
     await store.record(new_event("unrouted", "r4"), [], old, 600)
     for c in await store.claim("a", now, 10, 30):
-        await store.mark_delivered(c.id, old if c.room_id == "r1" else now)
+        await store.mark_delivered(c.id, old if c.room_key == f"{APP}:r1" else now)
     await store.set_thread("bot", "r1", "1.2", old)
     await store.set_thread("bot", "r2", "1.3", now - 80 * 3600)  # older than the retention
     pruned = await store.prune(now - 72 * 3600, now - 72 * 3600, now - 96 * 3600)

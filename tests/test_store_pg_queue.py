@@ -40,9 +40,9 @@ async def test_concurrent_claims_hand_out_each_delivery_once_in_room_order(
         sources: dict[str, int] = {}
         for number, claimed in enumerate(claims):
             for row in claimed:
-                assert row.room_id is not None
+                assert row.room_key is not None
                 # A room's deliveries in one round come from one claim: never two at once.
-                assert sources.setdefault(row.room_id, number) == number
+                assert sources.setdefault(row.room_key, number) == number
         rows: list[tuple[PostgresStore, Claimed]] = [
             (store, row) for store, claimed in zip(claimers, claims, strict=True) for row in claimed
         ]

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from bridge.receive import dedup_key
-from bridge.store import NewDelivery, NewEvent, StoreUnavailable, dedup_digest
+from bridge.store import NewDelivery, NewEvent, StoreUnavailable, dedup_digest, room_key
 from bridge.store.pg_schema import CLAIM_SQL, SCHEMA_VERSION
 from bridge.store.postgres import PostgresStore
 from tests.bridge_server import OWNER
@@ -233,6 +233,38 @@ async def test_what_version_6_stored_is_read_as_today(
     key = dedup_key("X", 1, body.encode(), 1703589922000)
     retry = NewEvent(1, "X", "r", 1703589922000, body, "{}", key)
     assert (await store.record(retry, [NewDelivery("a", "p")], now + 1, 600)).duplicate
+
+
+async def test_rooms_stored_before_version_9_name_their_app(
+    open_store: OpenStore, postgres_url: str, postgres_sql: PostgresSQL
+) -> None:
+    # As SQLite's version 11 (test_store_sqlite): rooms within their apps.
+    old_postgres(postgres_url, 8)
+    for event_id, app, room in [(1, 7, "r"), (2, 8, "r"), (3, 7, None)]:
+        postgres_sql(
+            "INSERT INTO events VALUES (%s, 0, %s, 'X', %s, NULL, '{}', '{}')", event_id, app, room
+        )
+    rows = [(1, "bot", "delivered", "r"), (2, "bot", "pending", "r"), (3, "bot", "pending", None),
+            (1, "hook", "pending", "r")]  # fmt: skip
+    for event_id, channel, state, room in rows:
+        postgres_sql(
+            "INSERT INTO deliveries (event_id, channel, state, next_attempt_at, created_at,"
+            " updated_at, room_id, order_ts) VALUES (%s, %s, %s, 0, 0, 0, %s, 0)",
+            event_id, channel, state, room,
+        )  # fmt: skip
+    for channel, room, ts in [("bot", "r", "1.1"), ("hook", "r", "1.2"), ("bot", "pruned", "1.3")]:
+        postgres_sql("INSERT INTO threads VALUES (%s, %s, %s, 0)", channel, room, ts)
+    postgres_sql("SELECT setval(pg_get_serial_sequence('events', 'id'), 3)")
+    store = await open_store()
+    assert postgres_sql("SELECT channel, room_id FROM deliveries ORDER BY id") == [
+        ("bot", "7:r"), ("bot", "8:r"), ("bot", None), ("hook", "7:r")
+    ]  # fmt: skip
+    assert postgres_sql("SELECT channel, room_id, ts FROM threads ORDER BY ts") == [
+        ("bot", "8:r", "1.1"), ("hook", "7:r", "1.2")
+    ]  # fmt: skip
+    listed = await store.list_deliveries(False, None, 10)
+    assert [(r.channel, r.room_id) for r in listed] == [("hook", "r"), ("bot", None), ("bot", "r")]
+    assert await store.get_thread("bot", room_key(8, "r"), 0) == "1.1"
 
 
 async def test_a_database_of_version_4_gets_the_index_the_prune_walks(

@@ -16,13 +16,22 @@ from typing import Any
 import pytest
 
 from bridge.receive import dedup_key
-from bridge.store import UNKNOWN_TAT, NewDelivery, NewEvent, Pace, StoreUnavailable, dedup_digest
+from bridge.store import (
+    UNKNOWN_TAT,
+    NewDelivery,
+    NewEvent,
+    Pace,
+    StoreUnavailable,
+    dedup_digest,
+    room_key,
+)
 from bridge.store.schema import (
     CLAIM_SQL,
     DUE_SQL,
     MIGRATIONS,
     SCHEMA_VERSION,
     STATS_SQL,
+    _key_in_millis,
     migrate,
 )
 from bridge.store.sqlite import SQLiteStore
@@ -30,6 +39,7 @@ from bridge.store.sqlite_file import Sync, connect
 from bridge.store.sqlite_outbox import BATCH
 from tests.bridge_server import OWNER, db_rows
 from tests.store_rows import (
+    APP,
     KEYED_BEFORE,
     OLD_KEYS,
     add,
@@ -74,7 +84,7 @@ async def test_records_in_one_batch_get_their_own_ids_and_repeats_are_duplicates
         assert db_rows(
             store.path, "SELECT channel, payload, room_id FROM deliveries WHERE event_id = ?"
             " ORDER BY channel", (result.event_id,)
-        ) == [("a", f"p-{key}", f"r{key}"), ("b", f"q-{key}", f"r{key}")]  # fmt: skip
+        ) == [("a", f"p-{key}", f"{APP}:r{key}"), ("b", f"q-{key}", f"{APP}:r{key}")]  # fmt: skip
     assert db_rows(store.path, "SELECT COUNT(*) FROM dedup") == [(3,)]
 
 
@@ -160,9 +170,10 @@ def old_database(path: Path, version: int) -> sqlite3.Connection:
     """A database as live-bridge left it at schema `version`, open for rows to be added."""
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-    conn.create_function(  # what migration 8 asks of the connection
+    conn.create_function(  # what migrations 8 and 9 ask of the connection
         "live_bridge_dedup_digest", 3, lambda c, a, b: dedup_digest(c, a, b.encode())
     )
+    conn.create_function("live_bridge_key_in_millis", 1, _key_in_millis)
     for migration in MIGRATIONS[:version]:
         for statement in migration.split(";"):
             if statement.strip():
@@ -184,7 +195,7 @@ def add_keyed_before(conn: sqlite3.Connection, now: float) -> None:
 @pytest.mark.parametrize(
     ("version", "room_and_order"),
     [
-        (1, ("r9", 1700000000500)),  # version 2 filled room and order in from the event
+        (1, ("1:r9", 1700000000500)),  # version 2 filled room and order in, 11 named its app
         (2, (None, 0)),  # written by version 2 without them
     ],
 )
@@ -381,6 +392,46 @@ async def test_what_version_8_stored_is_read_as_today(tmp_path: Path) -> None:
             1, "X", "r", 1703589922000, body, "{}", dedup_key("X", 1, body.encode(), 1703589922000)
         )
         assert (await store.record(retry, [NewDelivery("a", "p")], now + 1, 600)).duplicate
+    finally:
+        await store.close()
+
+
+async def test_rooms_stored_before_version_11_name_their_app(tmp_path: Path) -> None:
+    # A delivery's room is its room within its app since (store.room_key). A thread takes the
+    # app of its room's latest delivery to its channel; one that none is left for is forgotten.
+    path = tmp_path / "old.db"
+    with contextlib.closing(old_database(path, 10)) as conn:
+        conn.executemany(
+            "INSERT INTO events VALUES (?, 0, ?, 'X', ?, NULL, '{}', '{}')",
+            [(1, 7, "r"), (2, 8, "r"), (3, 7, None)],
+        )
+        conn.executemany(
+            "INSERT INTO deliveries (event_id, channel, state, next_attempt_at, created_at,"
+            " updated_at, room_id) VALUES (?, ?, ?, 0, 0, 0, ?)",
+            [(1, "bot", "delivered", "r"), (2, "bot", "pending", "r"), (3, "bot", "pending", None),
+             (1, "hook", "pending", "r")],
+        )  # fmt: skip
+        conn.executemany(
+            "INSERT INTO threads VALUES (?, ?, ?, 0)",
+            [("bot", "r", "1.1"), ("hook", "r", "1.2"), ("bot", "pruned", "1.3")],
+        )
+        migrate(conn)
+    assert db_rows(path, "SELECT channel, room_id FROM deliveries ORDER BY id") == [
+        ("bot", "7:r"), ("bot", "8:r"), ("bot", None), ("hook", "7:r")
+    ]  # fmt: skip
+    assert db_rows(path, "SELECT channel, room_id, ts FROM threads ORDER BY ts") == [
+        ("bot", "8:r", "1.1"), ("hook", "7:r", "1.2")
+    ]  # fmt: skip
+    store = SQLiteStore(path)
+    await store.open()
+    try:  # the rooms are shown as Tencent named them
+        rows = await store.list_deliveries(False, None, 10)
+        assert [(r.channel, r.room_id) for r in rows] == [
+            ("hook", "r"),
+            ("bot", None),
+            ("bot", "r"),
+        ]
+        assert await store.get_thread("bot", room_key(8, "r"), 0) == "1.1"
     finally:
         await store.close()
 

@@ -181,10 +181,13 @@ def owner_change(room: str, event_time: int) -> str:
     return json.dumps(body)
 
 
-async def record_in(store: Store, channel: str, room: str, event_time: int) -> None:
-    """One owner change in `room` at `event_time`, to `channel`, as `{"text": "room@time"}`."""
+async def record_in(
+    store: Store, channel: str, room: str, event_time: int, app: int = 1400000000
+) -> None:
+    """One owner change in app `app`'s `room` at `event_time`, to `channel`, as
+    `{"text": "room@time"}`."""
     event = NewEvent(
-        sdk_app_id=1400000000, command=OWNER, room_id=room, event_time=event_time,
+        sdk_app_id=app, command=OWNER, room_id=room, event_time=event_time,
         body=owner_change(room, event_time), query="{}", dedup_key=uuid.uuid4().hex,
     )  # fmt: skip
     payload = json.dumps({"text": f"{room}@{event_time}"})

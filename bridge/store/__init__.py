@@ -56,6 +56,18 @@ class NewEvent:
     query: str  # the query parameters as JSON, Sign removed
     dedup_key: str
 
+    @property
+    def room_key(self) -> str | None:
+        """What orders a room's deliveries and threads its Slack messages (room_key)."""
+        return None if self.room_id is None else room_key(self.sdk_app_id, self.room_id)
+
+
+def room_key(sdk_app_id: int, room_id: str) -> str:
+    """A room within its app. Two apps may name a room alike, and one bridge may serve both
+    (`[tencent] sdk_app_id` lists them): their events are two rooms' events, each in order of its
+    own and in a Slack thread of its own. Stored as deliveries.room_id and threads.room_id."""
+    return f"{sdk_app_id}:{room_id}"
+
 
 @dataclass(frozen=True)
 class NewDelivery:
@@ -79,7 +91,7 @@ class Claimed:
     channel: str
     payload: str | None  # None: rendering failed before; render again
     attempts: int  # including this one
-    room_id: str | None
+    room_key: str | None  # store.room_key: what orders and threads it
     command: str
     body: str
     query: str
@@ -213,11 +225,11 @@ class Store(Protocol):
         change of state wakes the worker."""
         ...
 
-    async def get_thread(self, channel: str, room_id: str, not_before: float) -> str | None: ...
+    async def get_thread(self, channel: str, room: str, not_before: float) -> str | None: ...
 
-    async def set_thread(self, channel: str, room_id: str, ts: str, now: float) -> None: ...
+    async def set_thread(self, channel: str, room: str, ts: str, now: float) -> None: ...
 
-    async def forget_thread(self, channel: str, room_id: str) -> None: ...
+    async def forget_thread(self, channel: str, room: str) -> None: ...
 
     async def ping(self) -> None: ...
 

@@ -17,7 +17,7 @@ from psycopg import AsyncConnection
 
 from bridge.store import CLOCK_STEP_S, StoreUnavailable
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 # pg_advisory_xact_lock keys: any two numbers no other user of the database is likely to take.
 MIGRATION_LOCK = 0x6C62_6D69  # "lbmi"
@@ -135,6 +135,20 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX deliveries_room_open ON deliveries (channel, room_id, order_ts, id)
     WHERE state IN ('pending', 'in_flight');
+    """,
+    # 9: a delivery's room, and a thread's, is its room within its app (store.room_key), as
+    # SQLite's version 11.
+    """
+    DELETE FROM threads t WHERE NOT EXISTS (
+        SELECT 1 FROM deliveries d WHERE d.channel = t.channel AND d.room_id = t.room_id
+    );
+    UPDATE threads t SET room_id = (
+        SELECT e.sdk_app_id::text FROM deliveries d JOIN events e ON e.id = d.event_id
+        WHERE d.channel = t.channel AND d.room_id = t.room_id
+        ORDER BY d.id DESC LIMIT 1
+    ) || ':' || t.room_id;
+    UPDATE deliveries d SET room_id = e.sdk_app_id::text || ':' || d.room_id
+    FROM events e WHERE e.id = d.event_id AND d.room_id IS NOT NULL;
     """,
 )
 
@@ -300,9 +314,9 @@ WITH key AS (
   INSERT INTO deliveries (event_id, channel, state, payload, next_attempt_at, last_error,
     created_at, updated_at, room_id, order_ts)
   SELECT event.id, d.channel, d.state, d.payload, %(now)s, d.error, %(now)s, %(now)s,
-         %(room_id)s, CASE WHEN %(after_room)s THEN GREATEST(%(order_ts)s, (
+         %(room_key)s, CASE WHEN %(after_room)s THEN GREATEST(%(order_ts)s, (
            SELECT MAX(r.order_ts) FROM deliveries r
-           WHERE r.channel = d.channel AND r.room_id = %(room_id)s)) ELSE %(order_ts)s END
+           WHERE r.channel = d.channel AND r.room_id = %(room_key)s)) ELSE %(order_ts)s END
   FROM event, unnest(%(channels)s::text[], %(states)s::text[], %(payloads)s::text[],
                      %(errors)s::text[]) WITH ORDINALITY AS d(channel, state, payload, error, n)
   ORDER BY d.n
@@ -325,7 +339,7 @@ SELECT channel,
 FROM deliveries GROUP BY channel ORDER BY channel COLLATE "C"
 """
 
-ROW_COLUMNS = """d.id, d.event_id, d.channel, d.room_id, e.command, d.state, d.attempts,
+ROW_COLUMNS = """d.id, d.event_id, d.channel, e.room_id, e.command, d.state, d.attempts,
   d.last_error, d.created_at, d.updated_at, d.next_attempt_at"""
 
 LIST_SQL = f"""

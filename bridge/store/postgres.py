@@ -55,6 +55,7 @@ class PostgresStore(PostgresQueue, PostgresOutbox, PostgresPresence):
             "command": event.command, "room_id": event.room_id, "event_time": event.event_time,
             "body": event.body, "query": event.query,
             "order_ts": event.event_time if event.event_time is not None else int(now * 1000),
+            "room_key": event.room_key,
             "after_room": event.event_time is None and event.room_id is not None,
             "channels": [d.channel for d in deliveries],
             "states": [State.PENDING if d.error is None else State.DEAD for d in deliveries],

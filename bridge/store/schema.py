@@ -10,7 +10,7 @@ import sqlite3
 from bridge.events import SECONDS_BELOW
 from bridge.store import CLOCK_STEP_S, dedup_digest
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 
 # Each entry brings the schema from version i to i + 1; append, never edit.
 MIGRATIONS: tuple[str, ...] = (
@@ -138,6 +138,25 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX deliveries_room_open ON deliveries (channel, room_id, order_ts, id)
     WHERE state IN ('pending', 'in_flight')
+    """,
+    # 11: a delivery's room, and a thread's, is its room within its app (store.room_key,
+    # "SDKAppID:RoomId"): two apps' rooms of one name were ordered and threaded as one. A
+    # thread takes the app of its room's latest delivery to its channel; a thread none is left
+    # for (its deliveries pruned) is forgotten, and the room's next message starts another.
+    # events.room_id stays the room as Tencent named it.
+    """
+    DELETE FROM threads WHERE NOT EXISTS (
+        SELECT 1 FROM deliveries d WHERE d.channel = threads.channel AND d.room_id = threads.room_id
+    );
+    UPDATE threads SET room_id = (
+        SELECT e.sdk_app_id FROM deliveries d JOIN events e ON e.id = d.event_id
+        WHERE d.channel = threads.channel AND d.room_id = threads.room_id
+        ORDER BY d.id DESC LIMIT 1
+    ) || ':' || room_id;
+    UPDATE deliveries SET room_id = (
+        SELECT e.sdk_app_id FROM events e WHERE e.id = deliveries.event_id
+    ) || ':' || room_id
+    WHERE room_id IS NOT NULL
     """,
 )
 
@@ -364,7 +383,7 @@ ORDER BY received_at, id LIMIT ?
 """
 
 LIST_SQL = """
-SELECT d.id, d.event_id, d.channel, d.room_id, e.command, d.state, d.attempts, d.last_error,
+SELECT d.id, d.event_id, d.channel, e.room_id, e.command, d.state, d.attempts, d.last_error,
        d.created_at, d.updated_at, d.next_attempt_at
 FROM deliveries d JOIN events e ON e.id = d.event_id
 WHERE (:dead = 0 OR d.state = 'dead') AND (:channel IS NULL OR d.channel = :channel)

@@ -111,14 +111,15 @@ class _Record(Together):
             events.append((event_id, now, event.sdk_app_id, event.command, event.room_id,
                            event.event_time, event.body, event.query))  # fmt: skip
             order_ts = event.event_time if event.event_time is not None else int(now * 1000)
+            room = event.room_key
             for n, d in enumerate(op.deliveries):
                 order = order_ts
-                if event.room_id is not None:
-                    order = rooms.after(conn, d.channel, event.room_id, order_ts,
+                if room is not None:
+                    order = rooms.after(conn, d.channel, room, order_ts,
                                         event.event_time is None)  # fmt: skip
                 deliveries.append((next_delivery_id + n, event_id, d.channel,
                     State.PENDING if d.error is None else State.DEAD, d.payload, now, d.error,
-                    now, now, event.room_id, order))  # fmt: skip
+                    now, now, room, order))  # fmt: skip
             next_delivery_id += len(op.deliveries)
             if op.dedup_window_s > 0:
                 dedup.append((event.dedup_key, now, event_id))
@@ -141,12 +142,12 @@ class _Rooms:
         self._batch: dict[tuple[str, str], int] = {}  # this batch's latest
 
     def after(
-        self, conn: sqlite3.Connection, channel: str, room_id: str, order_ts: int, arrival: bool
+        self, conn: sqlite3.Connection, channel: str, room: str, order_ts: int, arrival: bool
     ) -> int:
-        """The order of a delivery to `channel` of an event in `room_id`: `order_ts`, or, for an
-        event ordered by its arrival (no EventTime), after everything its room has already
-        (ORDER_AFTER_ROOM), this batch's deliveries included."""
-        key = (channel, room_id)
+        """The order of a delivery to `channel` of an event in `room` (a store.room_key):
+        `order_ts`, or, for an event ordered by its arrival (no EventTime), after everything its
+        room has already (ORDER_AFTER_ROOM), this batch's deliveries included."""
+        key = (channel, room)
         if arrival:
             if key not in self._stored:
                 self._stored[key] = conn.execute(ORDER_AFTER_ROOM, key).fetchone()[0]

@@ -133,7 +133,7 @@ class SQLiteOutbox(SQLiteFile):
             ids = [e[0] for e in events]
             rows = conn.execute(
                 sql_in(
-                    "SELECT d.id, d.event_id, d.channel, d.room_id, e.command, d.state,"
+                    "SELECT d.id, d.event_id, d.channel, e.room_id, e.command, d.state,"
                     " d.attempts, d.last_error, d.created_at, d.updated_at, d.next_attempt_at"
                     " FROM deliveries d JOIN events e ON e.id = d.event_id"
                     " WHERE d.event_id IN ({marks}) ORDER BY d.id",

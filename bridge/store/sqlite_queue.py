@@ -58,7 +58,7 @@ class SQLiteQueue(SQLiteFile):
                 )  # fmt: skip
             return [
                 Claimed(id=r[0], event_id=r[1], channel=r[2], payload=r[3], attempts=r[4] + 1,
-                        room_id=r[5], command=r[6], body=r[7], query=r[8], received_at=r[9],
+                        room_key=r[5], command=r[6], body=r[7], query=r[8], received_at=r[9],
                         sdk_app_id=r[10])
                 for r in rows
             ]  # fmt: skip
@@ -110,22 +110,22 @@ class SQLiteQueue(SQLiteFile):
         )
         return None if not rows or rows[0][0] is None else float(rows[0][0])
 
-    async def get_thread(self, channel: str, room_id: str, not_before: float) -> str | None:
+    async def get_thread(self, channel: str, room: str, not_before: float) -> str | None:
         rows = await self._fetch(
             "SELECT ts FROM threads WHERE channel = ? AND room_id = ? AND started_at >= ?",
-            (channel, room_id, not_before),
+            (channel, room, not_before),
         )
         return str(rows[0][0]) if rows else None
 
-    async def set_thread(self, channel: str, room_id: str, ts: str, now: float) -> None:
+    async def set_thread(self, channel: str, room: str, ts: str, now: float) -> None:
         await self._execute(
             "INSERT OR REPLACE INTO threads (channel, room_id, ts, started_at) VALUES (?, ?, ?, ?)",
-            (channel, room_id, ts, now),
+            (channel, room, ts, now),
         )
 
-    async def forget_thread(self, channel: str, room_id: str) -> None:
+    async def forget_thread(self, channel: str, room: str) -> None:
         await self._execute(
-            "DELETE FROM threads WHERE channel = ? AND room_id = ?", (channel, room_id)
+            "DELETE FROM threads WHERE channel = ? AND room_id = ?", (channel, room)
         )
 
 
