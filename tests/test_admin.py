@@ -209,6 +209,7 @@ def chromium() -> tuple[str, str]:
 def test_status_page_in_a_real_browser(tmp_path: Path, slack: SlackStandIn) -> None:
     browser, driver_path = chromium()
     from selenium import webdriver
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.remote.webelement import WebElement
@@ -220,7 +221,17 @@ def test_status_page_in_a_real_browser(tmp_path: Path, slack: SlackStandIn) -> N
         page = web.find_element(By.TAG_NAME, "html")
         button.click()
         wait = WebDriverWait(web, 10)
-        wait.until(loaded.staleness_of(page))
+
+        def left(_: object) -> bool:
+            # Gone once the next page is in. Chromium says so with a stale element, or, caught
+            # mid-way (seen with 156), "Node with given id does not belong to the document".
+            try:
+                page.is_enabled()
+            except WebDriverException:
+                return True
+            return False
+
+        wait.until(left)
         found: WebElement = wait.until(
             loaded.presence_of_element_located((By.CSS_SELECTOR, selector))
         )

@@ -271,7 +271,8 @@ def test_kill_9_during_sends_loses_nothing(tmp_path: Path, slack: SlackStandIn) 
     in_flight = {  # claimed and not yet recorded at the kill: the only ones that may repeat
         row[0] for row in db_rows(
             tmp_path / "bridge.db",
-            "SELECT d.room_id FROM deliveries d WHERE d.state = 'in_flight'",
+            "SELECT e.room_id FROM deliveries d JOIN events e ON e.id = d.event_id"
+            " WHERE d.state = 'in_flight'",
         )
     }  # fmt: skip
     before = len(slack.sink_requests)

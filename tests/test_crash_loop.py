@@ -123,7 +123,11 @@ class Flapper:
 
 
 def delivered_rooms(db: Path) -> set[str]:
-    return {r[0] for r in db_rows(db, "SELECT room_id FROM deliveries WHERE state = 'delivered'")}
+    delivered = (
+        "SELECT e.room_id FROM deliveries d JOIN events e ON e.id = d.event_id"
+        " WHERE d.state = 'delivered'"
+    )
+    return {r[0] for r in db_rows(db, delivered)}
 
 
 @pytest.mark.parametrize("own_process", [False, True], ids=["one-process", "own-process"])
