@@ -108,12 +108,22 @@ class ServerConfig(Strict):
         return frozenset({base or "/", base + "/"})
 
 
+# Positive, and within the stores' 64-bit integer column: 2**64 - 1 passed, and every callback
+# for it failed with a 500 when its event was stored.
+SdkAppId = Annotated[int, Field(gt=0, le=2**63 - 1)]
+
+
 class TencentConfig(Strict):
-    # Positive, and within the stores' 64-bit integer column: 2**64 - 1 passed, and every
-    # callback for it failed with a 500 when its event was stored.
-    sdk_app_id: tuple[Annotated[int, Field(gt=0, le=2**63 - 1)], ...]
-    callback_token: SecretStr | None = None
+    sdk_app_id: tuple[SdkAppId, ...]
+    callback_token: SecretStr | None = None  # every app's, but those in callback_tokens
+    # Tencent keeps a token per app (v4/live_config/set_callback_token): one bridge serving a
+    # staging and a production app may be given each one's, by SDKAppID.
+    callback_tokens: dict[SdkAppId, SecretStr] = {}
     max_request_age_s: int = Field(60, gt=0, le=MAX_COUNT)
+
+    def token_for(self, sdk_app_id: int) -> SecretStr | None:
+        """The token that signs `sdk_app_id`'s callbacks; None: they are not signed."""
+        return self.callback_tokens.get(sdk_app_id, self.callback_token)
 
     @field_validator("sdk_app_id", mode="before")
     @classmethod
@@ -133,6 +143,30 @@ class TencentConfig(Strict):
         if value is not None and not 1 <= len(value.get_secret_value()) <= 128:
             raise ValueError("Tencent callback tokens are 1 to 128 characters")
         return value
+
+    @field_validator("callback_tokens")
+    @classmethod
+    def _tokens_length(cls, value: dict[int, SecretStr]) -> dict[int, SecretStr]:
+        for app, token in value.items():
+            if not 1 <= len(token.get_secret_value()) <= 128:
+                raise ValueError(f"{app}: Tencent callback tokens are 1 to 128 characters")
+        return value
+
+    @model_validator(mode="after")
+    def _tokens_of_listed_apps(self) -> TencentConfig:
+        if unknown := sorted(set(self.callback_tokens) - set(self.sdk_app_id)):
+            raise ValueError(
+                f"callback_tokens names {', '.join(map(str, unknown))}, not in sdk_app_id"
+            )
+        # Tokens for some apps and none for the rest would let the rest's callbacks in unsigned:
+        # more likely an app forgotten than meant.
+        unsigned = [a for a in self.sdk_app_id if self.token_for(a) is None]
+        if self.callback_tokens and unsigned:
+            raise ValueError(
+                f"SDKAppID {', '.join(map(str, unsigned))} has no token: name it in"
+                " callback_tokens, or set callback_token for the apps not named there"
+            )
+        return self
 
 
 class StoreConfig(Strict):

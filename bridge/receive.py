@@ -174,7 +174,7 @@ class Receiver:
         raw = request.scope["query_string"].decode("latin-1")
         query = query_keys(parse_qsl(raw, keep_blank_values=True))
         app_id = check_app_id(query, tencent.sdk_app_id)
-        check_signature(query, tencent.callback_token, tencent.max_request_age_s, now)
+        check_signature(query, tencent.token_for(app_id), tencent.max_request_age_s, now)
         body = await read_body(request, self.config.server.max_body_bytes)
         try:
             fields = decode_body(body)

@@ -6,7 +6,7 @@ POSTs the body of FILE (`-`: standard input) byte for byte, else the sample of `
 (default Live.CallbackAfterChangeOwner), to URL (default `http://{host}:{port}{callback_path}`
 from the config; a wildcard host is reached on loopback) with Tencent's query keys: `SdkAppid`
 (`--app-id`, default the first configured), `CallbackCommand` (the body's, else `--command`),
-`contenttype=json`, `ClientIP=127.0.0.1`, `OptPlatform=RESTAPI`, and with a `callback_token`
+`contenttype=json`, `ClientIP=127.0.0.1`, `OptPlatform=RESTAPI`, and with a token for the app
 configured `Sign` and `RequestTime` for now. Connects directly (no proxy), follows no redirect.
 Prints the HTTP status and the reply packet. Exit status: 0 the bridge answered OK; 1 any other
 answer, or the bridge cannot be reached; 2 a config that does not load, an event that cannot be
@@ -71,7 +71,7 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"live-bridge: --url {exc}", file=sys.stderr)
         return 2
-    query = tencent_query(app_id, command, config.tencent.callback_token, time.time())
+    query = tencent_query(app_id, command, config.tencent.token_for(app_id), time.time())
     signed = ", signed" if "Sign" in query else ""
     print(f"POST {url} ({command}, SdkAppid {app_id}{signed})", file=sys.stderr)
     try:

@@ -180,6 +180,54 @@ def test_sdk_app_id_int_or_list(tmp_path: Path) -> None:
     assert load_config(write(tmp_path, text)).tencent.sdk_app_id == (1400000000, 1400000001)
 
 
+TWO_APPS = "sdk_app_id = [1400000000, 1400000001]"
+
+
+@pytest.mark.parametrize(
+    ("tokens", "expected"),
+    [
+        ('callback_tokens = { 1400000000 = "a", 1400000001 = "b" }', {0: "a", 1: "b"}),
+        ('callback_token = "s"\ncallback_tokens = { 1400000001 = "b" }', {0: "s", 1: "b"}),
+        ('callback_token = "s"', {0: "s", 1: "s"}),
+        ("", {0: None, 1: None}),
+    ],
+)
+def test_each_app_may_have_its_own_callback_token(
+    tmp_path: Path, tokens: str, expected: dict[int, str | None]
+) -> None:
+    text = MINIMAL.replace("sdk_app_id = 1400000000", f"{TWO_APPS}\n{tokens}")
+    tencent = load_config(write(tmp_path, text)).tencent
+    for offset, token in expected.items():
+        given = tencent.token_for(1400000000 + offset)
+        assert (given.get_secret_value() if given else None) == token
+
+
+@pytest.mark.parametrize(
+    ("tokens", "expected"),
+    [
+        # Tokens for some apps and none for the rest would take the rest's callbacks unsigned.
+        ('callback_tokens = { 1400000000 = "VERY-SECRET" }', "SDKAppID 1400000001 has no token"),
+        ('callback_token = "VERY-SECRET"\ncallback_tokens = { 1400000009 = "VERY-SECRET" }',
+         "callback_tokens names 1400000009, not in sdk_app_id"),
+        ('callback_tokens = { 1400000000 = "VERY-SECRET", 1400000001 = "" }',
+         "[tencent] callback_tokens: 1400000001: Tencent callback tokens are 1 to 128"),
+        ('callback_tokens = { 1400000000 = "VERY-SECRET", 1400000001 = "VERY-SECRET' + "x" * 128
+         + '" }', "[tencent] callback_tokens: 1400000001: Tencent callback tokens are 1 to 128"),
+        ('callback_tokens = { room = "VERY-SECRET" }', "[tencent] callback_tokens.room.[key]"),
+        ('callback_tokens = { 1400000000 = "VERY-SECRET", 1400000001 = 5 }',
+         "[tencent] callback_tokens.1400000001: Input should be a valid string"),
+    ],
+)  # fmt: skip
+def test_callback_tokens_name_every_app_and_only_apps_listed(
+    tmp_path: Path, tokens: str, expected: str
+) -> None:
+    text = MINIMAL.replace("sdk_app_id = 1400000000", f"{TWO_APPS}\n{tokens}")
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    assert expected in str(caught.value)
+    assert "VERY-SECRET" not in str(caught.value)
+
+
 @pytest.mark.parametrize(
     "value", ["0", "-1400000000", "100000000000000000000", "9223372036854775808", "[1400000000, 0]"]
 )

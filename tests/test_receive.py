@@ -298,6 +298,28 @@ def test_sign_required_and_checked(signed: InThread) -> None:
     assert "sign" not in json.loads(events(signed)[0][3])
 
 
+def test_each_app_is_signed_with_its_own_token(tmp_path: Path) -> None:
+    # Tencent keeps a token per app: a staging and a production app on one bridge each sign
+    # with theirs, and one app's token does not sign the other's callbacks.
+    path = write_config(tmp_path, tencent=f'callback_tokens = {{ {APP_ID + 1} = "other" }}')
+    path.write_text(
+        path.read_text().replace(
+            f"sdk_app_id = {APP_ID}\n",
+            f'sdk_app_id = [{APP_ID}, {APP_ID + 1}]\ncallback_token = "{TOKEN}"\n',
+        )
+    )
+    now = str(int(time.time()))
+    with InThread(path) as running:
+        for app, token, status in [
+            (APP_ID, TOKEN, 200), (APP_ID + 1, "other", 200),
+            (APP_ID, "other", 401), (APP_ID + 1, TOKEN, 401),
+        ]:  # fmt: skip
+            query = f"SdkAppid={app}&RequestTime={now}&Sign={sign(token, now)}"
+            body = SEED_BODY.replace(b"user2", f"{app}-{token}".encode())
+            assert post_callback(running.url, body, query)[0] == status
+        assert len(events(running)) == 2
+
+
 def test_duplicate_within_window_acknowledged_and_stored_once(
     bridge: InThread, slack: SlackStandIn
 ) -> None:

@@ -83,6 +83,23 @@ def test_signed_when_the_config_has_a_callback_token(tmp_path: Path) -> None:
         assert len(stored(running)) == 1
 
 
+def test_signed_with_the_apps_own_token(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    path.write_text(
+        path.read_text().replace(
+            f"sdk_app_id = {APP_ID}\n",
+            f"sdk_app_id = [{APP_ID}, {APP_ID + 1}]\n"
+            f'callback_tokens = {{ {APP_ID} = "first", {APP_ID + 1} = "{TOKEN}" }}\n',
+        )
+    )
+    with InThread(path) as running:
+        for app in (APP_ID, APP_ID + 1):
+            result = simulate(running, path, "--app-id", str(app))
+            assert result.returncode == 0, result.stdout + result.stderr
+            assert f"SdkAppid {app}, signed)" in result.stderr
+        assert len(stored(running)) == 2
+
+
 def test_wrong_app_id_shows_the_fail_packet(tmp_path: Path) -> None:
     path = write_config(tmp_path)
     with InThread(path) as running:
