@@ -10,6 +10,7 @@ acknowledged event is worth more than one of its fields.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -69,6 +70,23 @@ Millis = Annotated[
 Integer = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
 
 
+def _structure_in_text(value: object) -> object:
+    # Tencent's tables type some objects as String (FromRoomInfo): one sent as JSON text is read
+    # as what it holds. Not one with a surrogate escape, which the body's check cannot see.
+    if isinstance(value, str) and value.lstrip()[:1] in ("{", "[") and len(value) <= 65536:
+        if _SURROGATE_ESCAPE.search(value):
+            return value
+        try:
+            return _DECODER.decode(value)
+        except (BadEvent, ValueError, RecursionError):
+            return value
+    return value
+
+
+# An object or list of objects, which may also come as its JSON text.
+InText = BeforeValidator(_structure_in_text)
+
+
 class _Loose(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
@@ -124,7 +142,7 @@ class RoomDetails(_Loose):
 
 
 class RoomCreated(Envelope):
-    RoomInfo: RoomDetails | None = None
+    RoomInfo: Annotated[RoomDetails | None, InText] = None
 
 
 class RoomStatistic(_Loose):
@@ -137,12 +155,12 @@ class RoomStatistic(_Loose):
 
 class RoomDestroyed(Envelope):
     EventType: str | None = None
-    RoomInfo: RoomDetails | None = None
-    Statistic: RoomStatistic | None = None
+    RoomInfo: Annotated[RoomDetails | None, InText] = None
+    Statistic: Annotated[RoomStatistic | None, InText] = None
 
 
 class RoomInfoUpdated(Envelope):
-    RoomInfo: RoomDetails | None = None
+    RoomInfo: Annotated[RoomDetails | None, InText] = None
 
 
 class MetadataItem(_Loose):
@@ -151,7 +169,7 @@ class MetadataItem(_Loose):
 
 
 class MetadataSet(Envelope):
-    Metadata: list[MetadataItem] | None = None
+    Metadata: Annotated[list[MetadataItem] | None, InText] = None
 
 
 class MetadataDeleted(Envelope):
@@ -170,7 +188,7 @@ class Member(_Loose):
 class MemberStateChanged(Envelope):
     EventType: str | None = None
     EventCause: str | None = None
-    MemberList: list[Member] | None = None
+    MemberList: Annotated[list[Member] | None, InText] = None
 
 
 class AdminsModified(Envelope):
@@ -187,7 +205,7 @@ class Seat(_Loose):
 
 
 class SeatInfoChanged(Envelope):
-    SeatList: list[Seat] | None = None
+    SeatList: Annotated[list[Seat] | None, InText] = None
 
 
 class BattleCreated(Envelope):
@@ -211,8 +229,8 @@ class BattleStarted(Envelope):
     Duration: Integer | None = None
     CreateTime: Integer | None = None
     StartTime: Integer | None = None
-    FromRoomInfo: BattleRoom | None = None
-    ToRoomList: list[BattleRoom] | None = None
+    FromRoomInfo: Annotated[BattleRoom | None, InText] = None
+    ToRoomList: Annotated[list[BattleRoom] | None, InText] = None
 
 
 class BattleEnded(BattleStarted):
@@ -230,7 +248,7 @@ class GiftRecord(_Loose):
 
 
 class GiftSending(Envelope):
-    GiftWater: GiftRecord | None = None
+    GiftWater: Annotated[GiftRecord | None, InText] = None
 
 
 OWNER_CHANGED = "Live.CallbackAfterChangeOwner"
@@ -277,7 +295,9 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 def decode_body(body: bytes) -> dict[str, Any]:
     """The JSON object in `body`, integers exact; `BadEvent` for anything else."""
     try:
-        text = body.decode("utf-8")
+        # A byte order mark in front is no part of the JSON (RFC 8259 lets a parser ignore it):
+        # refusing the callback would lose it.
+        text = body.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError:
         raise BadEvent("body is not UTF-8") from None
     try:
@@ -311,6 +331,60 @@ def _warn_once(model: type[Envelope], command: str, unread: dict[str, str]) -> N
             )  # fmt: skip
 
 
+def _without_unreadable(
+    model: type[Envelope], command: str, fields: dict[str, Any], exc: ValidationError
+) -> Envelope:
+    """The event with each field that failed left unset, and only that field: a `RoomInfo`
+    whose `Category` is a string keeps its `RoomId`, which routes the event and orders it. A
+    list with an item that is no item at all is left unset whole (a count of what remains would
+    be wrong). A few rounds, for what leaving one field out shows (a required key)."""
+    kept = dict(fields)  # copied along each path that changes: `fields` stays as it arrived
+    unread: dict[str, str] = {}
+    for _ in range(4):
+        for error in exc.errors(include_input=False, include_url=False):
+            where = ".".join(str(p) for p in error["loc"])
+            if (path := _drop(kept, error["loc"])) is not None:
+                unread.setdefault(path, f"{where}: {error['msg']}")
+        try:
+            event = model.model_validate(kept)
+        except ValidationError as again:
+            exc = again
+            continue
+        _warn_once(model, command, unread)
+        return event
+    raise BadEvent("body does not match its command's fields")
+
+
+def _drop(fields: dict[str, Any], loc: tuple[int | str, ...]) -> str | None:
+    """Removes from `fields` the value an error's `loc` points at: the deepest key of the body
+    it names (the rest of a loc names union members and validators). Each container on the way
+    is copied first: `fields` holds copies only where it was changed before. Returns the path,
+    list positions left out (bounded by the models' own names, for the warnings); None if
+    nothing was found."""
+    parent: dict[str, Any] | None = None
+    key = ""
+    node: Any = fields
+    path: list[str] = []
+    for step in loc:
+        if isinstance(node, dict) and isinstance(step, str) and step in node:
+            child = node[step]
+            if isinstance(child, dict | list):
+                child = node[step] = copy.copy(child)
+            parent, key, node = node, step, child
+            path.append(step)
+        elif isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node):
+            if not isinstance(node[step], dict):
+                break  # the item itself: its list goes whole
+            item = node[step] = dict(node[step])
+            node = item
+        else:
+            break
+    if parent is None or key == "CallbackCommand":
+        return None
+    del parent[key]
+    return ".".join(path)
+
+
 def parse_event(fields: dict[str, Any]) -> Envelope:
     """Validate decoded callback fields against the model for their CallbackCommand."""
     command = fields.get("CallbackCommand")
@@ -322,16 +396,7 @@ def parse_event(fields: dict[str, Any]) -> Envelope:
     except ValidationError as exc:
         # Refusing would lose the event for good: Tencent does not retry an "after" callback.
         # The field stays in the stored body and in the templates' `fields`, as it arrived.
-        unread: dict[str, str] = {}
-        for error in exc.errors(include_input=False, include_url=False):
-            where = ".".join(str(p) for p in error["loc"])
-            unread.setdefault(str(error["loc"][0]), f"{where}: {error['msg']}")
-        _warn_once(model, command, unread)
-        kept = {k: v for k, v in fields.items() if k not in unread}
-        try:
-            event = model.model_validate(kept)
-        except ValidationError:  # not expected: every field but the command is optional
-            raise BadEvent("body does not match its command's fields") from None
+        event = _without_unreadable(model, command, fields, exc)
     # The command and the room are stored as text columns, which in PostgreSQL cannot hold NUL:
     # refused here as malformed, not later as a store outage (503) that Tencent would retry.
     room = event.room()

@@ -9,6 +9,7 @@ import pytest
 
 from bridge.events import (
     MODELS,
+    OWNER_CHANGED,
     BadEvent,
     Envelope,
     OwnerChanged,
@@ -79,6 +80,13 @@ def test_every_command_in_the_table_has_a_model() -> None:
     assert all(issubclass(m, Envelope) for m in MODELS.values())
 
 
+def test_a_byte_order_mark_in_front_is_read_past() -> None:
+    body = b"\xef\xbb\xbf" + json.dumps(SAMPLES[OWNER_CHANGED]).encode()
+    assert parse_event(decode_body(body)).RoomId == SAMPLES[OWNER_CHANGED]["RoomId"]
+    with pytest.raises(BadEvent, match="not valid JSON"):
+        decode_body(b"\xef\xbb\xbf\xef\xbb\xbf{}")  # one, in front: no more
+
+
 @pytest.mark.parametrize(
     ("body", "message"),
     [
@@ -142,24 +150,103 @@ ODD_FIELDS = [
     ("Live.CallbackAfterCreateBattle", {"Duration": 10**400}, "Duration"),
     ("Live.CallbackAfterCreateBattle", {"Timeout": 2**64}, "Timeout"),
     ("Live.CallbackAfterCreateBattle", {"ExtensionInfo": {"a": 1}}, "ExtensionInfo"),
-    ("Live.CallbackAfterCreateRoom", {"RoomInfo": {"Category": 3}}, "RoomInfo"),
-    ("Live.CallbackAfterSetMetadata", {"Metadata": [{"Key": 5}]}, "Metadata"),
+    ("Live.CallbackAfterCreateRoom", {"RoomInfo": {"Category": 3}}, "RoomInfo.Category"),
+    ("Live.CallbackAfterCreateRoom", {"RoomInfo": "r"}, "RoomInfo"),
+    ("Live.CallbackAfterCreateRoom", {"RoomInfo": '{"RoomId": "\\ud800"}'}, "RoomInfo"),
+    ("Live.CallbackAfterSetMetadata", {"Metadata": [{"Key": 5}]}, "Metadata"),  # Key is required
+    ("Live.CallbackAfterSetMetadata", {"Metadata": [{"Key": "k", "Value": 5}]}, "Metadata.0.Value"),
+    ("Live.CallbackAfterSetMetadata", {"Metadata": [{"Key": "k"}, 5]}, "Metadata"),  # no item
     ("Live.CallbackAfterDelMetadata", {"Keys": "k"}, "Keys"),
-    ("Live.CallbackBeforeSendGift", {"GiftWater": {"To_Account": "u"}}, "GiftWater"),
-    ("Live.CallbackAfterDestroyRoom", {"Statistic": {"TotalGiftCoins": 2.5}}, "Statistic"),
-]
+    ("Live.CallbackAfterDelMetadata", {"Keys": ["k", ["j"]]}, "Keys"),
+    ("Live.CallbackBeforeSendGift", {"GiftWater": {"To_Account": "u"}}, "GiftWater.To_Account"),
+    ("Live.CallbackAfterDestroyRoom", {"Statistic": {"TotalGiftCoins": 2.5}},
+     "Statistic.TotalGiftCoins"),
+    ("Live.CallbackAfterEndBattle", {"ToRoomList": [{"RoomId": "a"}, {"Score": "high"}]},
+     "ToRoomList.1.Score"),
+]  # fmt: skip
 
 
-@pytest.mark.parametrize(("command", "odd", "field"), ODD_FIELDS)
+def _at(node: Any, path: str) -> Any:
+    """The value at a dotted path of a dumped event; None where any step of it is unset."""
+    for step in path.split("."):
+        if node is None:
+            return None
+        node = node[int(step)] if isinstance(node, list) else node[step]
+    return node
+
+
+@pytest.mark.parametrize(("command", "odd", "path"), ODD_FIELDS)
 def test_a_field_not_as_documented_is_left_unset_and_the_event_kept(
-    command: str, odd: dict[str, Any], field: str, caplog: pytest.LogCaptureFixture
+    command: str, odd: dict[str, Any], path: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     fields = {"CallbackCommand": command, "Operator_Account": "admin", **odd}
+    arrived = copy.deepcopy(fields)
     event = parse_event(fields)
-    assert getattr(event, field) is None
+    dumped = event.model_dump()
+    assert _at(dumped, path) is None
+    if "." in path:  # only the field: what holds it is read as usual
+        assert _at(dumped, path.rpartition(".")[0]) is not None
     assert event.CallbackCommand == command
-    if field != "Operator_Account":
+    if path != "Operator_Account":
         assert event.Operator_Account == "admin"  # the rest is read as usual
+    assert fields == arrived  # the templates' `fields` keep it as it arrived
+
+
+def test_a_room_keeps_its_id_whatever_else_in_it_is_not_as_documented() -> None:
+    # One field of another type dropped all of RoomInfo: the room, its owner and name with it,
+    # so the event matched no room route and was ordered and threaded with no room.
+    room_info = {
+        "RoomId": "vip-1", "RoomName": "Friday", "Owner_Account": 144115233775727695,
+        "Category": "1", "ActivityStatus": "live", "MaxSeatCount": [8], "CustomInfo": {"a": 1},
+    }  # fmt: skip
+    for command in ("Live.CallbackAfterCreateRoom", "Live.CallbackAfterUpdateRoomInfo"):
+        event = parse_event({"CallbackCommand": command, "RoomInfo": room_info})
+        assert event.room() == "vip-1"
+        got = event.model_dump()["RoomInfo"]
+        assert (got["RoomName"], got["Owner_Account"]) == ("Friday", "144115233775727695")
+        assert [got[k] for k in ("Category", "ActivityStatus", "MaxSeatCount", "CustomInfo")] == [
+            None, None, None, None,
+        ]  # fmt: skip
+
+
+def test_one_metadata_item_not_as_documented_leaves_the_others() -> None:
+    fields = {
+        "CallbackCommand": "Live.CallbackAfterSetMetadata", "RoomId": "r",
+        "Metadata": [{"Key": "viewers", "Value": 5}, {"Key": "title", "Value": "hello"}],
+    }  # fmt: skip
+    event = parse_event(fields)
+    assert event.model_dump()["Metadata"] == [
+        {"Key": "viewers", "Value": None}, {"Key": "title", "Value": "hello"},
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("fields", "room"),
+    [
+        ({"FromRoomInfo": '{"RoomId": "from", "Score": 3}'}, "from"),
+        ({"FromRoomInfo": ' {"RoomId": 144115233775727695}'}, "144115233775727695"),
+        ({"ToRoomList": '[{"RoomId": "to"}]', "FromRoomId": "x"}, "x"),
+        ({"FromRoomInfo": "{not json"}, None),
+        ({"FromRoomInfo": "[1, 2]"}, None),
+    ],
+)
+def test_an_object_sent_as_its_json_text_is_read(fields: dict[str, Any], room: str | None) -> None:
+    # Tencent's tables type FromRoomInfo as a String.
+    event = parse_event({"CallbackCommand": "Live.CallbackAfterStartBattle", **fields})
+    assert event.room() == room
+    if "ToRoomList" in fields:
+        assert event.model_dump()["ToRoomList"] == [{"RoomId": "to", "Owner_Account": None,
+                                                     "Score": None}]  # fmt: skip
+
+
+def test_a_deep_unknown_field_beside_one_not_as_documented_is_no_error() -> None:
+    # Only what is left out is copied: the rest of the body, however deep, is not walked.
+    text = (
+        '{"CallbackCommand":"Live.CallbackAfterCreateRoom","RoomInfo":{"RoomId":"r","Category":"1"},'
+        f'"deep":{"[" * 600 + "]" * 600}}}'
+    )
+    event = parse_event(decode_body(text.encode()))
+    assert event.room() == "r"
 
 
 def test_a_field_not_as_documented_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
@@ -211,7 +298,7 @@ def test_integers_take_64_bits_signed_or_not(command: str, path: tuple[str | int
     for value in (-(2**63) - 1, 2**64, 10**400):
         # Beyond Tencent's Integer: left unset, where a template's arithmetic would fail.
         event = parse_event(_with(SAMPLES[command], path, value))
-        assert event.model_dump()[str(path[0])] is None
+        assert _at(event.model_dump(), ".".join(map(str, path))) is None
 
 
 def test_fractional_numbers_keep_their_value() -> None:
