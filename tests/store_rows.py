@@ -126,6 +126,21 @@ async def postgres_opener(postgres_url: str) -> AsyncIterator[PostgresOpener]:
         yield open_
 
 
+# Rows of two apps with a room of one name, as a version before SQLite's schema 11 (PostgreSQL
+# 9) stored them: events (id, app, room), deliveries (event, channel, state, room, delivered_at),
+# threads (channel, room, ts, started_at); and the rooms of the deliveries after the upgrade.
+ROOMS_OF_TWO_APPS = [(1, 7, "r"), (2, 8, "r"), (3, 7, None), (4, 8, "r")]
+DELIVERIES_OF_TWO_APPS = [
+    (1, "bot", "delivered", "r", 100.1),  # app 7 started the thread
+    (2, "bot", "delivered", "r", 200.0),  # app 8 replied in it
+    (3, "bot", "pending", None, None), (4, "bot", "pending", "r", None),
+    (4, "hook", "pending", "r", None),
+]  # fmt: skip
+THREADS_OF_TWO_APPS = [("bot", "r", "1.1", 100.0), ("hook", "r", "1.2", 50.0),
+                       ("bot", "pruned", "1.3", 0.0)]  # fmt: skip
+ROOM_KEYS = [("bot", "7:r"), ("bot", "8:r"), ("bot", None), ("bot", "8:r"), ("hook", "8:r")]
+
+
 def old_postgres(url: str, version: int) -> None:
     """The database at `url` as live-bridge's schema code left it at `version` (migrations are
     appended to, never edited), for a test to add rows of that time and migrate."""

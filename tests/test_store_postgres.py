@@ -20,8 +20,12 @@ from bridge.store.pg_schema import CLAIM_SQL, SCHEMA_VERSION
 from bridge.store.postgres import PostgresStore
 from tests.bridge_server import OWNER
 from tests.store_rows import (
+    DELIVERIES_OF_TWO_APPS,
     KEYED_BEFORE,
     OLD_KEYS,
+    ROOM_KEYS,
+    ROOMS_OF_TWO_APPS,
+    THREADS_OF_TWO_APPS,
     assert_retries_are_duplicates,
     new_event,
     old_postgres,
@@ -240,31 +244,50 @@ async def test_rooms_stored_before_version_9_name_their_app(
 ) -> None:
     # As SQLite's version 11 (test_store_sqlite): rooms within their apps.
     old_postgres(postgres_url, 8)
-    for event_id, app, room in [(1, 7, "r"), (2, 8, "r"), (3, 7, None)]:
-        postgres_sql(
-            "INSERT INTO events VALUES (%s, 0, %s, 'X', %s, NULL, '{}', '{}')", event_id, app, room
-        )
-    rows = [(1, "bot", "delivered", "r"), (2, "bot", "pending", "r"), (3, "bot", "pending", None),
-            (1, "hook", "pending", "r")]  # fmt: skip
-    for event_id, channel, state, room in rows:
+    for row in ROOMS_OF_TWO_APPS:
+        postgres_sql("INSERT INTO events VALUES (%s, 0, %s, 'X', %s, NULL, '{}', '{}')", *row)
+    for row in DELIVERIES_OF_TWO_APPS:
         postgres_sql(
             "INSERT INTO deliveries (event_id, channel, state, next_attempt_at, created_at,"
-            " updated_at, room_id, order_ts) VALUES (%s, %s, %s, 0, 0, 0, %s, 0)",
-            event_id, channel, state, room,
-        )  # fmt: skip
-    for channel, room, ts in [("bot", "r", "1.1"), ("hook", "r", "1.2"), ("bot", "pruned", "1.3")]:
-        postgres_sql("INSERT INTO threads VALUES (%s, %s, %s, 0)", channel, room, ts)
-    postgres_sql("SELECT setval(pg_get_serial_sequence('events', 'id'), 3)")
+            " updated_at, room_id, delivered_at, order_ts) VALUES (%s, %s, %s, 0, 0, 0, %s, %s, 0)",
+            *row,
+        )
+    for row in THREADS_OF_TWO_APPS:
+        postgres_sql("INSERT INTO threads VALUES (%s, %s, %s, %s)", *row)
+    postgres_sql("SELECT setval(pg_get_serial_sequence('events', 'id'), 4)")
     store = await open_store()
-    assert postgres_sql("SELECT channel, room_id FROM deliveries ORDER BY id") == [
-        ("bot", "7:r"), ("bot", "8:r"), ("bot", None), ("hook", "7:r")
-    ]  # fmt: skip
+    assert postgres_sql("SELECT channel, room_id FROM deliveries ORDER BY id") == ROOM_KEYS
     assert postgres_sql("SELECT channel, room_id, ts FROM threads ORDER BY ts") == [
-        ("bot", "8:r", "1.1"), ("hook", "7:r", "1.2")
+        ("bot", "7:r", "1.1"), ("hook", "8:r", "1.2")
     ]  # fmt: skip
     listed = await store.list_deliveries(False, None, 10)
-    assert [(r.channel, r.room_id) for r in listed] == [("hook", "r"), ("bot", None), ("bot", "r")]
-    assert await store.get_thread("bot", room_key(8, "r"), 0) == "1.1"
+    assert [(r.channel, r.room_id) for r in listed] == [("hook", "r"), ("bot", "r"), ("bot", None)]
+    assert await store.get_thread("bot", room_key(7, "r"), 0) == "1.1"
+
+
+async def test_rooms_an_older_replica_stores_during_the_upgrade_are_named_at_the_prune(
+    open_store: OpenStore, postgres_sql: PostgresSQL
+) -> None:
+    # A replica of the version before schema 9, still serving during a rolling upgrade, names a
+    # room without its app: its deliveries would never wait for, nor hold, their room's others.
+    store = await open_store()
+    now = time.time()
+    for key, room in (("old", "r"), ("new", "r"), ("done", "r"), ("colon", "a:b")):
+        recorded = await store.record(
+            NewEvent(7, "X", room, 1000, "{}", "{}", key), [NewDelivery("a", None)], now, 0
+        )
+        if key != "new":  # as the older replica wrote it
+            postgres_sql(
+                "UPDATE deliveries SET room_id = %s WHERE event_id = %s", room, recorded.event_id
+            )
+    claimed = await store.claim("a", now, 10, 30)
+    [done] = [c for c in claimed if c.event_id == 3]
+    await store.mark_delivered(done.id, now)
+    await store.release([c.id for c in claimed if c is not done], now, now)
+    await store.prune(0, 0, 0)
+    assert postgres_sql("SELECT event_id, room_id FROM deliveries ORDER BY event_id") == [
+        (1, "7:r"), (2, "7:r"), (3, "r"), (4, "7:a:b")
+    ]  # fmt: skip
 
 
 async def test_a_database_of_version_4_gets_the_index_the_prune_walks(

@@ -40,8 +40,12 @@ from bridge.store.sqlite_outbox import BATCH
 from tests.bridge_server import OWNER, db_rows
 from tests.store_rows import (
     APP,
+    DELIVERIES_OF_TWO_APPS,
     KEYED_BEFORE,
     OLD_KEYS,
+    ROOM_KEYS,
+    ROOMS_OF_TWO_APPS,
+    THREADS_OF_TWO_APPS,
     add,
     assert_retries_are_duplicates,
     new_event,
@@ -398,29 +402,24 @@ async def test_what_version_8_stored_is_read_as_today(tmp_path: Path) -> None:
 
 async def test_rooms_stored_before_version_11_name_their_app(tmp_path: Path) -> None:
     # A delivery's room is its room within its app since (store.room_key). A thread takes the
-    # app of its room's latest delivery to its channel; one that none is left for is forgotten.
+    # app of the message that started it (delivered when it started), though the other app's
+    # messages replied in it since; else its room's latest delivery to its channel. One that
+    # none is left for is forgotten.
     path = tmp_path / "old.db"
     with contextlib.closing(old_database(path, 10)) as conn:
         conn.executemany(
-            "INSERT INTO events VALUES (?, 0, ?, 'X', ?, NULL, '{}', '{}')",
-            [(1, 7, "r"), (2, 8, "r"), (3, 7, None)],
+            "INSERT INTO events VALUES (?, 0, ?, 'X', ?, NULL, '{}', '{}')", ROOMS_OF_TWO_APPS
         )
         conn.executemany(
             "INSERT INTO deliveries (event_id, channel, state, next_attempt_at, created_at,"
-            " updated_at, room_id) VALUES (?, ?, ?, 0, 0, 0, ?)",
-            [(1, "bot", "delivered", "r"), (2, "bot", "pending", "r"), (3, "bot", "pending", None),
-             (1, "hook", "pending", "r")],
-        )  # fmt: skip
-        conn.executemany(
-            "INSERT INTO threads VALUES (?, ?, ?, 0)",
-            [("bot", "r", "1.1"), ("hook", "r", "1.2"), ("bot", "pruned", "1.3")],
+            " updated_at, room_id, delivered_at) VALUES (?, ?, ?, 0, 0, 0, ?, ?)",
+            DELIVERIES_OF_TWO_APPS,
         )
+        conn.executemany("INSERT INTO threads VALUES (?, ?, ?, ?)", THREADS_OF_TWO_APPS)
         migrate(conn)
-    assert db_rows(path, "SELECT channel, room_id FROM deliveries ORDER BY id") == [
-        ("bot", "7:r"), ("bot", "8:r"), ("bot", None), ("hook", "7:r")
-    ]  # fmt: skip
+    assert db_rows(path, "SELECT channel, room_id FROM deliveries ORDER BY id") == ROOM_KEYS
     assert db_rows(path, "SELECT channel, room_id, ts FROM threads ORDER BY ts") == [
-        ("bot", "8:r", "1.1"), ("hook", "7:r", "1.2")
+        ("bot", "7:r", "1.1"), ("hook", "8:r", "1.2")
     ]  # fmt: skip
     store = SQLiteStore(path)
     await store.open()
@@ -428,10 +427,10 @@ async def test_rooms_stored_before_version_11_name_their_app(tmp_path: Path) -> 
         rows = await store.list_deliveries(False, None, 10)
         assert [(r.channel, r.room_id) for r in rows] == [
             ("hook", "r"),
-            ("bot", None),
             ("bot", "r"),
+            ("bot", None),
         ]
-        assert await store.get_thread("bot", room_key(8, "r"), 0) == "1.1"
+        assert await store.get_thread("bot", room_key(7, "r"), 0) == "1.1"
     finally:
         await store.close()
 

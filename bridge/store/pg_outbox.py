@@ -40,6 +40,17 @@ PRUNE_SQL = (
 # batch, and those the retention keeps not at all. Only the rows deleted are locked, and those
 # another replica is deleting are passed over: locking every row walked would write a lock on
 # each dead letter's event at every prune. No row: the walk is over.
+# Deliveries a replica of a version before schema 9 recorded during a rolling upgrade name their
+# room without its app (store.room_key): named at each prune, they rejoin their room's order.
+# Delivered ones are done with. A key leads with digits and a colon: only the other rows are
+# looked up, each then only where its room is its event's as it came.
+ROOMS_OF_APPS_SQL = """
+UPDATE deliveries d SET room_id = e.sdk_app_id::text || ':' || e.room_id
+FROM events e
+WHERE d.state IN ('pending', 'in_flight', 'dead') AND d.room_id !~ '^[0-9]+:'
+  AND e.id = d.event_id AND d.room_id = e.room_id
+"""
+
 OLD_EVENTS_SQL = """
 WITH walked AS (
   SELECT id, received_at FROM events
@@ -86,6 +97,8 @@ class PostgresOutbox(PostgresPool):
             total += gone
             if walked < PRUNE_BATCH:
                 break
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute(ROOMS_OF_APPS_SQL)
         return total
 
     async def stats(self) -> list[ChannelStats]:

@@ -142,11 +142,16 @@ MIGRATIONS: tuple[str, ...] = (
     DELETE FROM threads t WHERE NOT EXISTS (
         SELECT 1 FROM deliveries d WHERE d.channel = t.channel AND d.room_id = t.room_id
     );
-    UPDATE threads t SET room_id = (
+    UPDATE threads t SET room_id = COALESCE((
+        SELECT e.sdk_app_id::text FROM deliveries d JOIN events e ON e.id = d.event_id
+        WHERE d.channel = t.channel AND d.room_id = t.room_id AND d.state = 'delivered'
+          AND d.delivered_at >= t.started_at
+        ORDER BY d.delivered_at, d.id LIMIT 1
+    ), (
         SELECT e.sdk_app_id::text FROM deliveries d JOIN events e ON e.id = d.event_id
         WHERE d.channel = t.channel AND d.room_id = t.room_id
         ORDER BY d.id DESC LIMIT 1
-    ) || ':' || t.room_id;
+    )) || ':' || t.room_id;
     UPDATE deliveries d SET room_id = e.sdk_app_id::text || ':' || d.room_id
     FROM events e WHERE e.id = d.event_id AND d.room_id IS NOT NULL;
     """,

@@ -141,18 +141,25 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # 11: a delivery's room, and a thread's, is its room within its app (store.room_key,
     # "SDKAppID:RoomId"): two apps' rooms of one name were ordered and threaded as one. A
-    # thread takes the app of its room's latest delivery to its channel; a thread none is left
-    # for (its deliveries pruned) is forgotten, and the room's next message starts another.
-    # events.room_id stays the room as Tencent named it.
+    # thread takes the app of the message that started it: the first delivery marked delivered
+    # once the thread was kept (its started_at, written just before), else, none being left, its
+    # room's latest delivery to its channel. A thread none is left for (its deliveries pruned)
+    # is forgotten, and the room's next message starts another. events.room_id stays the room
+    # as Tencent named it.
     """
     DELETE FROM threads WHERE NOT EXISTS (
         SELECT 1 FROM deliveries d WHERE d.channel = threads.channel AND d.room_id = threads.room_id
     );
-    UPDATE threads SET room_id = (
+    UPDATE threads SET room_id = COALESCE((
+        SELECT e.sdk_app_id FROM deliveries d JOIN events e ON e.id = d.event_id
+        WHERE d.channel = threads.channel AND d.room_id = threads.room_id
+          AND d.state = 'delivered' AND d.delivered_at >= threads.started_at
+        ORDER BY d.delivered_at, d.id LIMIT 1
+    ), (
         SELECT e.sdk_app_id FROM deliveries d JOIN events e ON e.id = d.event_id
         WHERE d.channel = threads.channel AND d.room_id = threads.room_id
         ORDER BY d.id DESC LIMIT 1
-    ) || ':' || room_id;
+    )) || ':' || room_id;
     UPDATE deliveries SET room_id = (
         SELECT e.sdk_app_id FROM events e WHERE e.id = deliveries.event_id
     ) || ':' || room_id
