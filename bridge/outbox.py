@@ -68,7 +68,7 @@ def main(args: argparse.Namespace) -> int:
     """Run one outbox subcommand; the return value is the exit status."""
     if args.outbox_command == "retry":
         if bool(args.ids) == args.dead:
-            args.usage_error("give delivery IDs or --dead, not both")
+            args.usage_error("give delivery IDs, or --dead" + (", not both" if args.dead else ""))
         if args.channel is not None and not args.dead:
             args.usage_error("--channel goes with --dead")
     path, config = load_for_command(args.config)

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
 import time
@@ -241,9 +243,13 @@ def test_retry_dead_leaves_a_channel_the_config_no_longer_has(tmp_path: Path) ->
 
 def test_retry_takes_ids_or_dead(tmp_path: Path) -> None:
     config = write_config(tmp_path)
-    for args in ([], ["1", "--dead"], ["1", "--channel", "hook"]):
+    for args, told in [
+        ([], "give delivery IDs, or --dead\n"), (["1", "--dead"], "or --dead, not both\n"),
+        (["1", "--channel", "hook"], "--channel goes with --dead\n"),
+    ]:  # fmt: skip
         result = run("retry", *args, "--config", str(config))
         assert result.returncode == 2 and "usage:" in result.stderr
+        assert result.stderr.endswith(told)
 
 
 @pytest.mark.parametrize(
@@ -291,6 +297,25 @@ def test_missing_database_exits_1_and_creates_nothing(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert f"{tmp_path / 'bridge.db'}: no such database (store.path in {config})" in result.stderr
     assert not (tmp_path / "bridge.db").exists()
+
+
+@pytest.mark.parametrize("tables", [[], ["CREATE TABLE users (id INTEGER PRIMARY KEY)"]])
+def test_a_sqlite_file_no_bridge_served_exits_1_and_is_left_as_it_was(
+    tmp_path: Path, tables: list[str]
+) -> None:
+    # An empty file, or another program's database, at store.path: outbox commands made
+    # live-bridge's tables in it, and answered "no deliveries".
+    config = write_config(tmp_path)
+    with contextlib.closing(sqlite3.connect(tmp_path / "bridge.db")) as conn:
+        for statement in tables:
+            conn.execute(statement)
+    before = (tmp_path / "bridge.db").read_bytes()
+    for command in ("stats", "list", "retry --dead", "drop 1"):
+        result = run(*command.split(), "--config", str(config))
+        assert result.returncode == 1, (command, result.stdout)
+        assert result.stderr.endswith("no live-bridge tables: no live-bridge has served here\n")
+    assert (tmp_path / "bridge.db").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bridge.db", "config.toml"]
 
 
 def test_database_no_bridge_served_exits_1_and_creates_nothing(

@@ -244,16 +244,16 @@ async def test_rooms_stored_before_version_9_name_their_app(
 ) -> None:
     # As SQLite's version 11 (test_store_sqlite): rooms within their apps.
     old_postgres(postgres_url, 8)
-    for row in ROOMS_OF_TWO_APPS:
-        postgres_sql("INSERT INTO events VALUES (%s, 0, %s, 'X', %s, NULL, '{}', '{}')", *row)
-    for row in DELIVERIES_OF_TWO_APPS:
+    for event in ROOMS_OF_TWO_APPS:
+        postgres_sql("INSERT INTO events VALUES (%s, 0, %s, 'X', %s, NULL, '{}', '{}')", *event)
+    for delivery in DELIVERIES_OF_TWO_APPS:
         postgres_sql(
             "INSERT INTO deliveries (event_id, channel, state, next_attempt_at, created_at,"
             " updated_at, room_id, delivered_at, order_ts) VALUES (%s, %s, %s, 0, 0, 0, %s, %s, 0)",
-            *row,
+            *delivery,
         )
-    for row in THREADS_OF_TWO_APPS:
-        postgres_sql("INSERT INTO threads VALUES (%s, %s, %s, %s)", *row)
+    for thread in THREADS_OF_TWO_APPS:
+        postgres_sql("INSERT INTO threads VALUES (%s, %s, %s, %s)", *thread)
     postgres_sql("SELECT setval(pg_get_serial_sequence('events', 'id'), 4)")
     store = await open_store()
     assert postgres_sql("SELECT channel, room_id FROM deliveries ORDER BY id") == ROOM_KEYS

@@ -13,15 +13,17 @@ def make_store(
     """The store for `config`; `serving` is `live-bridge serve`, which alone holds SQLite's lock
     (any number of processes serve from one PostgreSQL database). `gather_s`: how long SQLite's
     writer waits for more operations before each transaction (the delivery process's).
-    `create`: a PostgreSQL database without live-bridge's tables gets them, else it is
-    unavailable (SQLite's callers check that the file exists first)."""
+    `create`: a database without live-bridge's tables gets them, else it is unavailable
+    (SQLite's callers check that the file exists first)."""
     if config.url is not None:
         # Imported only when chosen: psycopg adds an eighth of a second to every start.
         from bridge.store.postgres import PostgresStore
 
         url = config.url.get_secret_value()
         return PostgresStore(url, max_size=config.pool_size, create=create)
-    return SQLiteStore(config.path, exclusive=serving, sync=config.sync, gather_s=gather_s)
+    return SQLiteStore(
+        config.path, exclusive=serving, sync=config.sync, gather_s=gather_s, create=create
+    )
 
 
 def describe(config: StoreConfig) -> str:

@@ -10,12 +10,14 @@ parameters: `sql_in`, `chunks` and `insert_rows` split them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import functools
 import logging
 import os
 import sqlite3
 import threading
+import urllib.parse
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -63,6 +65,22 @@ def connect(path: Path, sync: Sync = "full") -> sqlite3.Connection:
     return conn
 
 
+def _served_before(path: Path) -> None:
+    """Refuses, read-only and before anything is created beside it, a file that holds no
+    live-bridge tables: a wrong path (another program's database, an empty file) would get
+    them, and look all clear."""
+    uri = f"file:{urllib.parse.quote(str(path.absolute()))}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
+        found = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+        ).fetchone()
+        if (
+            found is None
+            or conn.execute("SELECT 1 FROM meta WHERE key = 'schema_version'").fetchone() is None
+        ):
+            raise sqlite3.DatabaseError("no live-bridge tables: no live-bridge has served here")
+
+
 def _file_id(path: Path) -> tuple[int, int]:
     found = os.stat(path)
     return found.st_dev, found.st_ino
@@ -96,9 +114,11 @@ def insert_rows(conn: sqlite3.Connection, head: str, rows: Sequence[tuple[Any, .
 
 class SQLiteFile:
     def __init__(
-        self, path: Path, exclusive: bool = False, sync: Sync = "full", gather_s: float = 0.0
-    ) -> None:
+        self, path: Path, exclusive: bool = False, sync: Sync = "full", gather_s: float = 0.0,
+        create: bool = True,
+    ) -> None:  # fmt: skip
         self.path = path
+        self._create = create  # else a file without live-bridge's tables is refused untouched
         self._sync = sync
         self._gather_s = gather_s  # see GroupCommitWriter
         self._exclusive = exclusive  # the serving process: hold the lock file
@@ -118,6 +138,8 @@ class SQLiteFile:
 
     async def open(self) -> None:
         try:
+            if not self._create:
+                _served_before(self.path)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self._exclusive:
                 self._lock()
