@@ -76,7 +76,7 @@ class Attempts:
             not_before = time.time() - policy.thread_ttl_s
             if ts := await self._store.get_thread(policy.name, row.room_key, not_before):
                 thread = Thread(ts, policy.reply_broadcast)
-        outcome = await self._send(policy, payload, row.id, thread)
+        outcome = await self._send(policy, payload, row, thread)
         if policy.thread_by_room and row.room_key is not None:
             if thread is None and outcome.result is Result.DELIVERED and outcome.ts:
                 await self._store.set_thread(policy.name, row.room_key, outcome.ts, time.time())
@@ -86,11 +86,11 @@ class Attempts:
         return outcome
 
     async def _send(
-        self, policy: ChannelPolicy, payload: str, delivery_id: int, thread: Thread | None
+        self, policy: ChannelPolicy, payload: str, row: Claimed, thread: Thread | None
     ) -> Outcome:
         try:
             async with asyncio.timeout(send_s(self._settings.timeout_s)):
-                return await policy.sender.send(payload, delivery_id, thread)
+                return await policy.sender.send(payload, row.message_key, thread)
         except TimeoutError:
             return retry("timed out")
         except Exception as exc:
@@ -99,7 +99,7 @@ class Attempts:
             # and the exception's type, not what it says.
             log.error(
                 "delivery=%d channel=%s: sender failed: %s (its message is left out: it may "
-                "hold a secret)\n%s", delivery_id, policy.name, type(exc).__name__,
+                "hold a secret)\n%s", row.id, policy.name, type(exc).__name__,
                 "".join(traceback.format_tb(exc.__traceback__)).rstrip(),
             )  # fmt: skip
             return retry("internal error in sender")

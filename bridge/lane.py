@@ -309,7 +309,7 @@ class Lanes(Attempts, abc.ABC):
                 rest = [row for _, later in digests[index:] for row in later]
                 await self._give_back(rest, time.time(), "digest not sent yet")
                 return
-            outcome = await self._send(policy, payload, carried[0].id, None)
+            outcome = await self._send(policy, payload, carried[0], None)
             pacer.done()
             if outcome.rate_limited or outcome.local:
                 self._pause(policy, pacer, outcome)

@@ -55,10 +55,10 @@ async def _send(config: Config, name: str, payload: str) -> Outcome:
     from bridge.channels.http import sender_session
 
     async with sender_session() as session:
-        # No store: never an ID one hands out (those are positive), and a new one each time, so
-        # a webhook receiver that drops repeats by webhook-id takes a second test too.
+        # No store: never a key one makes (an id, `@`, a time), and a new one each time, so a
+        # webhook receiver that drops repeats by webhook-id takes a second test too.
         sender = build_senders(config, session, "send-test")[name]
-        return await sender.send(payload, -1 - secrets.randbits(52))
+        return await sender.send(payload, f"send-test-{secrets.token_hex(8)}")
 
 
 def _describe(channel: Channel) -> str:

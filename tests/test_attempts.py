@@ -109,7 +109,7 @@ class Unexpected:
 
     url = "https://hooks.example/T0/B0/s3cr3tPath"
 
-    async def send(self, payload: str, delivery_id: int, thread: Thread | None = None) -> Outcome:
+    async def send(self, payload: str, message_key: str, thread: Thread | None = None) -> Outcome:
         raise ValueError(f"cannot post to {self.url}: bad header")
 
 
@@ -136,7 +136,7 @@ class Answers:
         self.outcome = outcome
         self.sends = 0
 
-    async def send(self, payload: str, delivery_id: int, thread: Thread | None = None) -> Outcome:
+    async def send(self, payload: str, message_key: str, thread: Thread | None = None) -> Outcome:
         self.sends += 1
         return self.outcome
 

@@ -377,7 +377,7 @@ async def _post_through_the_standin(payload: str) -> dict[str, Any]:
     with SlackStandIn() as slack:
         settings = SlackChannel(type="slack", webhook_url=SecretStr(slack.add_webhook()))
         async with sender_session() as session:
-            outcome = await SlackSender(settings, session, timeout_s=5).send(payload, 1)
+            outcome = await SlackSender(settings, session, timeout_s=5).send(payload, "1")
         assert outcome.result is Result.DELIVERED, outcome.error
         (posted,) = slack.posted
         return posted.payload

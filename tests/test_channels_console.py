@@ -36,7 +36,7 @@ async def test_one_line_per_payload() -> None:
     stream = io.StringIO()
     sender = ConsoleSender(stream)
     for delivery_id, payload in enumerate(PAYLOADS):
-        assert await sender.send(payload, delivery_id) == DELIVERED
+        assert await sender.send(payload, str(delivery_id)) == DELIVERED
     assert stream.getvalue().splitlines() == PAYLOADS
     assert stream.getvalue().count("\n") == len(PAYLOADS)
 
@@ -44,17 +44,17 @@ async def test_one_line_per_payload() -> None:
 async def test_closed_stream_is_retried() -> None:
     stream = io.StringIO()
     stream.close()
-    outcome = await ConsoleSender(stream).send(PAYLOADS[0], 1)
+    outcome = await ConsoleSender(stream).send(PAYLOADS[0], "1")
     assert (outcome.result, outcome.error) == (Result.RETRY, "cannot write: ValueError")
 
 
 async def test_broken_pipe_is_retried(broken_pipe: TextIO) -> None:
-    outcome = await ConsoleSender(broken_pipe).send(PAYLOADS[0], 1)
+    outcome = await ConsoleSender(broken_pipe).send(PAYLOADS[0], "1")
     assert (outcome.result, outcome.error) == (Result.RETRY, "cannot write: Broken pipe")
 
 
 async def test_stdout_by_default(capsys: pytest.CaptureFixture[str]) -> None:
-    assert await ConsoleSender().send(PAYLOADS[0], 1) == DELIVERED
+    assert await ConsoleSender().send(PAYLOADS[0], "1") == DELIVERED
     assert capsys.readouterr().out == PAYLOADS[0] + "\n"
 
 
@@ -86,7 +86,7 @@ async def test_a_stalled_reader_times_the_send_out_without_blocking_the_loop(
                 ticks += 1
 
         ticking = asyncio.create_task(tick())
-        outcomes = [await sender.send(line, n) for n in range(70)]
+        outcomes = [await sender.send(line, str(n)) for n in range(70)]
         stuck = [o for o in outcomes if o != DELIVERED]
         assert stuck and all(o.result is Result.RETRY and o.error == "timed out" for o in stuck)
         assert ticks > 10 * len(stuck)  # the loop was never blocked
@@ -103,7 +103,7 @@ async def test_a_stalled_reader_times_the_send_out_without_blocking_the_loop(
             while chunk := os.read(read_fd, 1 << 20):
                 drained += chunk.count(b"\n")
         assert drained == len(outcomes) - len(stuck) + 1
-        assert await sender.send(line, 99) == DELIVERED
+        assert await sender.send(line, "99") == DELIVERED
     finally:
         os.set_blocking(read_fd, False)  # a writer still waiting finishes
         with contextlib.suppress(BlockingIOError):
@@ -121,7 +121,7 @@ async def test_lines_waiting_for_a_stalled_reader_are_bounded(
     sender = ConsoleSender(stream, timeout_s=0.05)
     line = "x" * (1 << 20)
     try:
-        outcomes = [await sender.send(line, n) for n in range(40)]
+        outcomes = [await sender.send(line, str(n)) for n in range(40)]
         errors = [o.error for o in outcomes if o != DELIVERED]
         assert set(errors) == {"timed out", "stdout is not being read"}
         assert errors.count("timed out") <= 17
@@ -132,4 +132,4 @@ async def test_lines_waiting_for_a_stalled_reader_are_bounded(
                 while os.read(read_fd, 1 << 20):
                     pass
             await asyncio.sleep(0.02)
-    assert await sender.send("again", 99) == DELIVERED
+    assert await sender.send("again", "99") == DELIVERED

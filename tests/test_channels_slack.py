@@ -43,7 +43,7 @@ async def send(
     settings: SlackChannel, session: aiohttp.ClientSession, payload: str = HI,
     timeout_s: float = 2,
 ) -> Outcome:  # fmt: skip
-    outcome = await SlackSender(settings, session, timeout_s).send(payload, 1)
+    outcome = await SlackSender(settings, session, timeout_s).send(payload, "1")
     # The shared check every case passes: no credential in what is logged and stored.
     for secret in (settings.token, settings.webhook_url):
         if secret is not None:
@@ -91,9 +91,9 @@ async def test_thread_replies_carry_thread_ts(
     slack: SlackStandIn, session: aiohttp.ClientSession, broadcast: bool
 ) -> None:
     sender = SlackSender(bot(slack.api_url), session, 2.0)
-    parent = await sender.send(HI, 1)
+    parent = await sender.send(HI, "1")
     assert parent.ts is not None
-    reply = await sender.send(HI, 2, Thread(parent.ts, broadcast))
+    reply = await sender.send(HI, "2", Thread(parent.ts, broadcast))
     assert reply.result is Result.DELIVERED and reply.ts != parent.ts
     first, second = slack.posted
     assert "thread_ts" not in first.payload
@@ -105,7 +105,7 @@ async def test_unknown_thread_is_refused(
     slack: SlackStandIn, session: aiohttp.ClientSession
 ) -> None:
     sender = SlackSender(bot(slack.api_url), session, 2.0)
-    outcome = await sender.send(HI, 1, Thread("1.000001"))
+    outcome = await sender.send(HI, "1", Thread("1.000001"))
     assert outcome == Outcome(Result.PERMANENT, "HTTP 200: thread_not_found")
 
 
@@ -405,7 +405,7 @@ async def test_a_send_ends_at_the_configured_timeout(
     base, _ = odd
     settings = bot(f"{base}/hang/") if mode == "api" else hook(f"{base}/hang{SECRET_PATH}")
     started = time.monotonic()
-    outcome = await SlackSender(settings, session, timeout_s=0.5).send(HI, 1)
+    outcome = await SlackSender(settings, session, timeout_s=0.5).send(HI, "1")
     assert outcome == retry("timed out")
     assert time.monotonic() - started < 5
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import base64
 import re
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -39,11 +40,11 @@ def channel(url: str, signing_secret: str | None = None) -> WebhookChannel:
 
 
 async def send(
-    settings: WebhookChannel, session: aiohttp.ClientSession, delivery_id: int = 1,
+    settings: WebhookChannel, session: aiohttp.ClientSession, message_key: str = "1@1.5",
     name: str = "hooks", timeout_s: float = 2,
 ) -> Outcome:  # fmt: skip
     sender = WebhookSender(name, settings, session, timeout_s, "store")
-    outcome = await sender.send(PAYLOAD, delivery_id)
+    outcome = await sender.send(PAYLOAD, message_key)
     # The shared check every case passes: no configured secret in what is logged and stored.
     secrets = [settings.url.get_secret_value(), QUERY_TOKEN, HEADER_SECRET, "s3cr3t"]
     if settings.signing_secret is not None:
@@ -71,7 +72,21 @@ async def test_delivered_with_configured_headers(
     assert request.headers["content-type"] == "application/json"
     assert request.headers["authorization"] == HEADER_SECRET
     assert request.headers["x-team"] == "live-ops"
-    assert not [h for h in request.headers if h.startswith("webhook-")]
+    # Unsigned, and still the id and time a receiver drops a repeat by.
+    assert sorted(h for h in request.headers if h.startswith("webhook-")) == [
+        "webhook-id", "webhook-timestamp",
+    ]  # fmt: skip
+
+
+async def test_configured_standard_webhooks_headers_are_left_out(
+    slack: SlackStandIn, session: aiohttp.ClientSession
+) -> None:
+    headers = {"Webhook-Id": SecretStr("mine"), "WEBHOOK-TIMESTAMP": SecretStr("1")}
+    settings = channel(slack.sink_url()).model_copy(update={"headers": headers})
+    assert await send(settings, session) == DELIVERED
+    (request,) = slack.sink_requests
+    assert request.headers["webhook-id"].startswith("msg_")
+    assert request.headers["webhook-timestamp"] != "1"
 
 
 @pytest.mark.parametrize(
@@ -115,8 +130,13 @@ async def test_webhook_id_is_stable_per_delivery(
     slack: SlackStandIn, session: aiohttp.ClientSession
 ) -> None:
     settings = channel(slack.sink_url(), signing_secret())
-    for delivery_id, name in [(7, "hooks"), (7, "hooks"), (8, "hooks"), (7, "other")]:
-        assert await send(settings, session, delivery_id, name) == DELIVERED
+    for key, name in [
+        ("7@1.5", "hooks"),
+        ("7@1.5", "hooks"),
+        ("8@1.5", "hooks"),
+        ("7@1.5", "other"),
+    ]:
+        assert await send(settings, session, key, name) == DELIVERED
     first, again, next_delivery, other_channel = (
         r.headers["webhook-id"] for r in slack.sink_requests
     )
@@ -144,7 +164,7 @@ async def test_webhook_id_is_not_reused_by_another_store(
                 await store.recover()
             (row,) = await store.claim("hooks", time.time(), 1, 60)
             sender = WebhookSender("hooks", settings, session, 2, store.identity)
-            assert await sender.send(PAYLOAD, row.id) == DELIVERED
+            assert await sender.send(PAYLOAD, row.message_key) == DELIVERED
         finally:
             await store.close()
 
@@ -154,6 +174,38 @@ async def test_webhook_id_is_not_reused_by_another_store(
     old, new, old_again = (r.headers["webhook-id"] for r in slack.sink_requests)
     assert old != new
     assert old == old_again
+
+
+async def test_webhook_id_is_not_reused_by_a_restored_copy(
+    slack: SlackStandIn, session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    # A copy holds the store's identity and the ids handed out until it was made: restored, it
+    # hands out the later ones again, to other events. A receiver dropping repeats by
+    # webhook-id dropped those events.
+    settings = channel(slack.sink_url(), signing_secret())
+    path = tmp_path / "bridge.db"
+    store = SQLiteStore(path)
+    await store.open()
+    await store.close()
+    shutil.copy(path, tmp_path / "copy.db")
+    sent = []
+    for key in ("before the restore", "after the restore"):
+        store = SQLiteStore(path)
+        await store.open()
+        try:
+            await add(store, key, channel="hooks")
+            (row,) = await store.claim("hooks", time.time(), 1, 60)
+            sender = WebhookSender("hooks", settings, session, 2, store.identity)
+            assert await sender.send(PAYLOAD, row.message_key) == DELIVERED
+            sent.append(row.id)
+        finally:
+            await store.close()
+        shutil.copy(tmp_path / "copy.db", path)
+        for wal in (tmp_path / "bridge.db-wal", tmp_path / "bridge.db-shm"):
+            wal.unlink(missing_ok=True)
+    assert sent[0] == sent[1]  # the same delivery id, for another event
+    first, second = (r.headers["webhook-id"] for r in slack.sink_requests)
+    assert first != second
 
 
 @pytest.mark.parametrize(

@@ -140,7 +140,7 @@ async def test_waiting_out_a_backoff_does_not_poll_the_store(tmp_path: Path) -> 
     """CPU time cannot tell a 50 Hz poll of a small store from sleeping; the store's calls can."""
 
     class Down:
-        async def send(self, payload: str, delivery_id: int, thread: Any = None) -> Outcome:
+        async def send(self, payload: str, message_key: str, thread: Any = None) -> Outcome:
             return retry("HTTP 503")
 
     store = SQLiteStore(tmp_path / "bridge.db")

@@ -327,10 +327,13 @@ def test_kill_9_of_one_replica_loses_no_acknowledged_event(
             victim.kill()
             killed_at = time.monotonic()
             # What it held when it died: only these may reach the sink twice.
-            held = {
-                row[0]
-                for row in postgres_sql(
-                    "SELECT id FROM deliveries WHERE state = 'in_flight' AND owner = %s", owner
+            held = {  # as store.Claimed.message_key
+                f"{delivery_id}@{received_at!r}"
+                for delivery_id, received_at in postgres_sql(
+                    "SELECT d.id, e.received_at FROM deliveries d"
+                    " JOIN events e ON e.id = d.event_id"
+                    " WHERE d.state = 'in_flight' AND d.owner = %s",
+                    owner,
                 )
             }
             ((holder,),) = postgres_sql("SELECT owner FROM channels WHERE channel = 'sink'")
@@ -363,7 +366,7 @@ def test_kill_9_of_one_replica_loses_no_acknowledged_event(
     # At least once, and twice only for what the victim held in flight when it died.
     # The replicas share one database, so one identity: a repeat's webhook-id is the same.
     ((identity,),) = postgres_sql("SELECT value FROM meta WHERE key = 'store_id'")
-    assert repeated <= {message_id(identity, "sink", delivery_id) for delivery_id in held}, (
+    assert repeated <= {message_id(identity, "sink", key) for key in held}, (
         f"{len(repeated)} sent twice, the killed replica held {len(held)}"
     )
     assert len(by_id) == 445  # one delivery (one webhook-id) per event

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from bridge.channels.webhook import message_id
 from bridge.store import UNKNOWN_TAT, Claimed, DeliveryRow, NewDelivery, Pace, State, Store
 from bridge.store.postgres import PostgresStore
 from bridge.store.sqlite import SQLiteStore
@@ -421,7 +420,7 @@ async def test_ids_of_deleted_rows_are_not_handed_out_again(store: Store, delete
     (again,) = await store.claim("a", now, 10, 30)
     assert second.event_id > first.event_id
     assert again.id > sent.id
-    assert message_id(store.identity, "a", again.id) != message_id(store.identity, "a", sent.id)
+    assert again.message_key != sent.message_key
 
 
 async def test_stats_list_retry_drop(store: Store) -> None:

@@ -480,10 +480,10 @@ class PausedOnce:
     def __init__(self, sender: Sender, pause_s: float) -> None:
         self._sender, self._pause_s = sender, pause_s
 
-    async def send(self, payload: str, delivery_id: int, thread: Thread | None = None) -> Outcome:
+    async def send(self, payload: str, message_key: str, thread: Thread | None = None) -> Outcome:
         pause, self._pause_s = self._pause_s, 0.0
         await asyncio.sleep(pause)
-        return await self._sender.send(payload, delivery_id, thread)
+        return await self._sender.send(payload, message_key, thread)
 
 
 async def test_a_worker_paused_past_its_lease_sends_none_of_the_rest_of_its_claim(

@@ -57,7 +57,8 @@ def permanent(error: str) -> Outcome:
 
 
 class Sender(Protocol):
-    async def send(self, payload: str, delivery_id: int, thread: Thread | None = None) -> Outcome:
-        """One attempt to deliver a rendered payload; `delivery_id` is stable across attempts.
-        Senders that cannot thread ignore `thread`."""
+    async def send(self, payload: str, message_key: str, thread: Thread | None = None) -> Outcome:
+        """One attempt to deliver a rendered payload. `message_key` (store.Claimed.message_key)
+        is the same at every attempt of one message and never another's. Senders that cannot
+        thread ignore `thread`."""
         ...

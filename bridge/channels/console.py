@@ -34,7 +34,7 @@ class ConsoleSender:
         self._stream = stream
         self._timeout_s = timeout_s
 
-    async def send(self, payload: str, delivery_id: int, thread: Thread | None = None) -> Outcome:
+    async def send(self, payload: str, message_key: str, thread: Thread | None = None) -> Outcome:
         written: concurrent.futures.Future[None] = concurrent.futures.Future()
         _start_writer()
         if not _queue((self._stream or sys.stdout, payload + "\n", written)):

@@ -82,7 +82,7 @@ class SlackSender:
                 retry_handlers=[],
             )
 
-    async def send(self, payload: str, delivery_id: int, thread: Thread | None = None) -> Outcome:
+    async def send(self, payload: str, message_key: str, thread: Thread | None = None) -> Outcome:
         message = json.loads(payload)
         message.setdefault("unfurl_links", False)
         message.setdefault("unfurl_media", False)

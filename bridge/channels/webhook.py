@@ -27,11 +27,11 @@ from bridge.config_tables import WebhookChannel
 MAX_ANSWER_BYTES = 65_536
 
 
-def message_id(store: str, channel: str, delivery_id: int) -> str:
+def message_id(store: str, channel: str, message_key: str) -> str:
     """Stable per delivery, so a receiver can drop a repeat after a crash or retry. `store` is
     the store's identity: another database hands out the same delivery ids again, and its
     messages must not look like repeats."""
-    digest = hashlib.sha256(f"{store}\0{channel}\0{delivery_id}".encode()).hexdigest()[:24]
+    digest = hashlib.sha256(f"{store}\0{channel}\0{message_key}".encode()).hexdigest()[:24]
     return f"msg_{digest}"
 
 
@@ -43,7 +43,11 @@ class WebhookSender:
         self._name = name
         self._store = store  # the store's identity, for message_id
         self._url, authorization = _split_credentials(settings.url.get_secret_value())
-        self._headers = {k: v.get_secret_value() for k, v in settings.headers.items()}
+        # Standard Webhooks' own headers are the sender's to write, whatever their case.
+        self._headers = {
+            k: v.get_secret_value() for k, v in settings.headers.items()
+            if k.lower() not in ("webhook-id", "webhook-timestamp", "webhook-signature")
+        }  # fmt: skip
         if authorization is not None:  # the config refuses an Authorization header beside it
             self._headers["Authorization"] = authorization
         self._signer = (
@@ -54,13 +58,16 @@ class WebhookSender:
         self._session = session
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
 
-    async def send(self, payload: str, delivery_id: int, thread: Thread | None = None) -> Outcome:
-        headers = {"Content-Type": "application/json", **self._headers}
+    async def send(self, payload: str, message_key: str, thread: Thread | None = None) -> Outcome:
+        # The id and time with or without a signature: a receiver drops a repeat (after a crash,
+        # a timeout) by its webhook-id, signed or not.
+        msg_id = message_id(self._store, self._name, message_key)
+        now = datetime.now(UTC)
+        headers = {
+            "Content-Type": "application/json", **self._headers,
+            "webhook-id": msg_id, "webhook-timestamp": str(int(now.timestamp())),
+        }  # fmt: skip
         if self._signer is not None:
-            msg_id = message_id(self._store, self._name, delivery_id)
-            now = datetime.now(UTC)
-            headers["webhook-id"] = msg_id
-            headers["webhook-timestamp"] = str(int(now.timestamp()))
             headers["webhook-signature"] = self._signer.sign(msg_id, now, payload)
         try:
             async with self._session.post(

@@ -98,6 +98,13 @@ class Claimed:
     received_at: float
     sdk_app_id: int
 
+    @property
+    def message_key(self) -> str:
+        """The same at every attempt, and never another message's (a webhook-id is made of it):
+        the delivery's id, and its event's time of receipt. Ids alone repeat where a store is
+        restored from a copy, which holds the ids it gave out until then; the time does not."""
+        return f"{self.id}@{self.received_at!r}"
+
 
 UNKNOWN_TAT = -1.0
 
