@@ -153,7 +153,12 @@ class Bridge(Reloads):
 
             assert self.path is not None
             self.delivery = DeliveryProcess(
-                self.path, self.store, self.metrics, lambda: self.config, lambda: self.draining
+                self.path,
+                self.store,
+                self.metrics,
+                lambda: self.config,
+                lambda: self.draining,
+                lambda: asyncio.get_running_loop().create_task(self.reload()),
             )
             await self.delivery.start()
         else:

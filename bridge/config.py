@@ -7,14 +7,16 @@ own rules are in config_tables.py; `Config`, the root, checks what spans them.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
 import stat
 import sys
 from pathlib import Path
+from typing import ClassVar
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from bridge.config_sources import (
@@ -61,6 +63,15 @@ class Config(BaseSettings):
     admin: AdminConfig = AdminConfig()
     channels: dict[str, Channel] = Field(min_length=1)
     routes: tuple[Route, ...] = Field(min_length=1)
+    # The file's bytes as load_config read them, once: its digest says which version of the file
+    # a process runs (the server and its delivery process each read it at a reload).
+    toml_bytes: ClassVar[bytes | None] = None
+    _digest: str = PrivateAttr("")
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of the file this config was read from, as read; "" if not from a file."""
+        return self._digest
 
     @model_validator(mode="after")
     def _cross_references(self) -> Config:
@@ -132,8 +143,14 @@ def load_config(path: str | Path) -> Config:
     if not path.is_file():
         raise ConfigError(f"{path}: {_not_a_file(path)}")
 
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:  # not readable by this user, an I/O error
+        raise ConfigError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+
     class _Bound(Config):
         model_config = SettingsConfigDict(toml_file=path)
+        toml_bytes = raw
 
     try:
         config: Config = _Bound()
@@ -153,13 +170,15 @@ def load_config(path: str | Path) -> Config:
             "%s: [templates] dir: %s; only the shipped templates serve",
             path, _not_a_folder(templates),
         )  # fmt: skip
-    return Config.model_construct(
+    loaded = Config.model_construct(
         **{
             **dict(config),
             "store": config.store.model_copy(update={"path": base / config.store.path}),
             "templates": config.templates.model_copy(update={"dir": templates}),
         }
     )
+    loaded._digest = hashlib.sha256(raw).hexdigest()
+    return loaded
 
 
 def _not_a_folder(path: Path) -> str:

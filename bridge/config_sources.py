@@ -78,9 +78,16 @@ class ExpandedToml(TomlConfigSettingsSource):
     # The variables the file names in `${VAR}`: its own to name, whatever their prefix.
     named: frozenset[str] = frozenset()
 
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        # The bytes load_config read, whose digest it keeps: read again, the file may have
+        # changed in between. Before the base class's __init__, which reads the file.
+        self._pinned: bytes | None = getattr(settings_cls, "toml_bytes", None)
+        super().__init__(settings_cls)
+
     def _read_file(self, file_path: Any) -> dict[str, Any]:
+        raw = self._pinned
         try:
-            raw = file_path.read_bytes()
+            raw = file_path.read_bytes() if raw is None else raw
         except OSError as exc:  # not readable by this user, an I/O error
             raise LoadError(f"cannot be read: {exc.strerror or exc}") from None
         try:

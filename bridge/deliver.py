@@ -92,9 +92,14 @@ class Report:
             outcomes, changed = outcomes[REPORT_MAX:], changed[STATES_MAX:]
         self._out.flush()
 
-    def ready(self) -> None:
+    def ready(self, digest: str) -> None:
+        self.loaded(digest, ready=True)
+
+    def loaded(self, digest: str, ready: bool = False) -> None:
+        """Which version of the config file this process runs (Config.digest)."""
+        report = {"ready": 1, "config": digest} if ready else {"config": digest}
         with contextlib.suppress(BrokenPipeError):  # the server is gone; stdin's end says so
-            self._out.write(b'{"ready":1}\n')
+            self._out.write(json.dumps(report).encode() + b"\n")
             self._out.flush()
 
 
@@ -152,7 +157,7 @@ class Child:
             loop.add_signal_handler(sig, asked, sig)
         loop.add_signal_handler(signal.SIGUSR1, now)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        self.report.ready()
+        self.report.ready(self.config.digest)
         gc.collect()
         gc.freeze()
         work = asyncio.create_task(self.worker.run(), name="worker")
@@ -221,6 +226,7 @@ class Child:
         self.worker.configure(policies, config.delivery, composer, config.store.retention_h * 3600)
         self.config, self._renderer = config, renderer
         log.info("delivery process: reloaded, %d channels", len(config.channels))
+        self.report.loaded(config.digest)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -51,13 +51,15 @@ class DeliveryProcess:
 
     def __init__(
         self, config_path: Path, store: Store, metrics: Metrics, running: Callable[[], Config],
-        stopping: Callable[[], bool],
+        stopping: Callable[[], bool], reload_server: Callable[[], object] = lambda: None,
     ) -> None:  # fmt: skip
         """`running`: the config the server runs now, which a child started again must match.
         `stopping`: whether the server is stopping (draining after a SIGTERM): no child is
-        started then, and one that ended on SIGTERM too is no crash."""
+        started then, and one that ended on SIGTERM too is no crash. `reload_server`: has the
+        server read its file again, when the child has loaded another version of it."""
         self._path = config_path
         self._running = running
+        self._reload_server = reload_server
         self._server_stopping = stopping
         self._store = store
         self._metrics = metrics
@@ -254,9 +256,23 @@ class DeliveryProcess:
         if config != running:
             log.warning(
                 "the delivery process starts with %s as it is now, which the server has not "
-                "loaded: reload to apply it to both", self._path,
+                "loaded: the server reloads it too", self._path,
             )  # fmt: skip
         return None
+
+    def _compare(self, digest: str) -> None:
+        """The child has loaded the config file: as the server runs it, or the file changed
+        between their reads (an editor saving twice, a deploy writing in two steps). Then the
+        two would route and deliver by different channels, a channel only the server has left
+        pending unseen: the server reads the file again, and passes the reload on, until both
+        have read the same bytes."""
+        running = self._running().digest
+        if digest != running and running and not self._server_stopping():
+            log.warning(
+                "the delivery process loaded %s as it is now, not as the server did (it changed "
+                "in between): reloading it again in both", self._path,
+            )  # fmt: skip
+            self._reload_server()
 
     def _take(self, line: bytes) -> None:
         try:
@@ -269,6 +285,8 @@ class DeliveryProcess:
                 self._ready = True
                 if self._reload_due:  # asked while it was starting
                     self.reload()
+            if "config" in report:
+                self._compare(str(report["config"]))
             for channel, outcome, latency in report.get("o", ()):
                 self._metrics.count_outcome(channel, outcome, latency)
             for channel, (success, error, error_at, blocked) in report.get("s", {}).items():

@@ -423,6 +423,34 @@ def test_only_the_child_loads_the_http_client(tmp_path: Path, slack: SlackStandI
         assert not mapped(server.process.pid)
 
 
+def test_when_the_two_read_two_versions_of_the_file_both_end_on_the_same(
+    tmp_path: Path, slack: SlackStandIn
+) -> None:
+    # The file changed between the server's read at a reload and the child's (an editor saving
+    # twice): the server routed to a channel the child had no lane for, its deliveries pending
+    # unseen. Here the child alone reloads a version the server never read.
+    config = own_config(tmp_path, slack.sink_url("first"))
+    with InThread(config) as bridge:
+        assert wait_until(lambda: process(bridge).ready)
+        before = bridge.app.bridge.config.digest
+        text = config.read_text()
+        second = HOOK.replace("channels.hook", "channels.second").format(
+            url=slack.sink_url("second")
+        )
+        config.write_text(
+            text.replace('channels = ["hook"]', 'channels = ["hook", "second"]') + second
+        )
+        pid = process(bridge).pid
+        assert pid is not None
+        os.kill(pid, signal.SIGHUP)
+        assert wait_until(lambda: bridge.app.bridge.config.digest != before)
+        assert "second" in bridge.app.bridge.config.channels
+        time.sleep(0.5)  # the child's reload, passed on by the server's
+        assert post_callback(bridge.url, room(0)) == (200, OK_PACKET)
+        assert slack.wait_for(lambda s: sorted(paths(s)) == ["/sink/first", "/sink/second"])
+        assert metric(bridge.url, "live_bridge_delivery_process_restarts_total") == 0
+
+
 def test_a_child_started_again_never_runs_a_store_the_server_does_not(
     tmp_path: Path, slack: SlackStandIn
 ) -> None:
