@@ -159,7 +159,9 @@ class Attempts:
             self._note(row, "dead", outcome.error)
             log.warning("dead letter %s attempt=%d: %s", tag, row.attempts, outcome.error)
         elif outcome.rate_limited or outcome.free:
-            wait = outcome.retry_after if outcome.retry_after is not None else 1.0
+            wait = outcome.retry_after
+            if wait is None:  # a 429 that says not how long: its channel's block (lane.py) holds
+                wait = 0.0 if outcome.rate_limited else 1.0
             await self._written(
                 row,
                 lambda: self._store.mark_retry(row.id, now, now + wait, outcome.error, count=False),

@@ -23,7 +23,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 
-from bridge.attempts import Attempts
+from bridge.attempts import Attempts, backoff
 from bridge.channels import Outcome, Result
 from bridge.clock import LeaseClock
 from bridge.pacing import Pacer
@@ -177,7 +177,15 @@ class Lanes(Attempts, abc.ABC):
     def _pause(self, policy: ChannelPolicy, pacer: Pacer, outcome: Outcome) -> None:
         """Nothing more to the channel for the outcome's Retry-After: a 429, or a send this
         process could not make (no file descriptor), which would fail for every delivery."""
-        pacer.block(outcome.retry_after or 1.0)
+        seconds = outcome.retry_after
+        if not seconds and outcome.rate_limited:
+            # A 429 that says not how long (a generic endpoint's; Slack's always say): each one
+            # in a row waits as a failed attempt would, up to max_backoff_s. At 1 s each, a far
+            # end that kept answering 429 had a request a second for ever.
+            pacer.unasked += 1
+            s = self._settings
+            seconds = backoff(pacer.unasked, s.initial_backoff_s, s.max_backoff_s)
+        pacer.block(seconds or 1.0)
         if outcome.rate_limited:
             log.warning("channel %s rate limited for %.1fs", policy.name, pacer.blocked_for())
         else:
@@ -243,6 +251,8 @@ class Lanes(Attempts, abc.ABC):
                         pacer.done()
                         if outcome.rate_limited or outcome.local:  # before the slot is free
                             self._pause(policy, pacer, outcome)
+                        else:
+                            pacer.unasked = 0
                 if failed and outcome is None:
                     unsent.extend(sequence[index:])
                     return
@@ -313,6 +323,8 @@ class Lanes(Attempts, abc.ABC):
             pacer.done()
             if outcome.rate_limited or outcome.local:
                 self._pause(policy, pacer, outcome)
+            else:
+                pacer.unasked = 0
             await asyncio.gather(*(self._settle(row, outcome) for row in carried))
             if outcome.result is Result.RETRY:
                 rest = [row for _, later in digests[index + 1 :] for row in later]

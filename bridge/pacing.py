@@ -40,6 +40,7 @@ class Pacer:
         self._tat = clock()  # theoretical arrival time of the next message: the bucket is full
         self._answered = self._tat  # the same, counting each message when it was answered
         self._blocked_until = 0.0  # on the same clock
+        self.unasked = 0  # 429s in a row that said not how long to wait (lane.py)
         self._lock = asyncio.Lock()
 
     def retune(self, rate_per_s: float | None, burst: int = 1) -> None:

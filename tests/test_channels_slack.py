@@ -175,7 +175,7 @@ WEBHOOK_PERMANENT = (
 FORCED: list[tuple[str, dict[str, Any], Outcome]] = [
     *[("api", {"error": e}, permanent(f"HTTP 200: {e}")) for e in API_PERMANENT],
     ("api", {"status": 429, "retry_after": 3}, retry("HTTP 429: ratelimited", 3.0, True)),
-    ("api", {"status": 429}, retry("HTTP 429: ratelimited", 1.0, True)),
+    ("api", {"status": 429}, retry("HTTP 429: ratelimited", None, True)),  # the lane's to say
     ("api", {"status": 500}, retry("HTTP 500: internal_error")),
     ("api", {"status": 503}, retry("HTTP 503: service_unavailable")),
     ("api", {"status": 503, "retry_after": 5}, retry("HTTP 503: service_unavailable", 5.0)),
@@ -198,7 +198,7 @@ FORCED: list[tuple[str, dict[str, Any], Outcome]] = [
         for s, e in WEBHOOK_PERMANENT
     ],
     ("webhook", {"status": 429, "retry_after": 2}, retry("HTTP 429", 2.0, True)),
-    ("webhook", {"status": 429}, retry("HTTP 429", 1.0, True)),
+    ("webhook", {"status": 429}, retry("HTTP 429", None, True)),
     ("webhook", {"status": 500, "error": "rollup_error"}, retry("HTTP 500: rollup_error")),
     ("webhook", {"status": 503}, retry("HTTP 503")),
 ]
@@ -227,7 +227,7 @@ async def test_forced_answers_are_classified(
         (200, Outcome(Result.RETRY, "HTTP 200: not Slack's JSON")),
         (502, Outcome(Result.RETRY, "HTTP 502")),
         (503, Outcome(Result.RETRY, "HTTP 503")),
-        (429, Outcome(Result.RETRY, "HTTP 429: ratelimited", 1.0, True)),
+        (429, Outcome(Result.RETRY, "HTTP 429: ratelimited", None, True)),
         (403, Outcome(Result.PERMANENT, "HTTP 403")),
     ],
 )

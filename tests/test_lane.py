@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import itertools
 import json
 import re
 import time
@@ -256,6 +257,28 @@ def sink_sender(
     """A webhook sender to the stand-in's sink "hook"."""
     settings = WebhookChannel(type="webhook", url=SecretStr(slack.sink_url("hook")))
     return WebhookSender("hook", settings, session, timeout_s, identity)
+
+
+async def test_429s_that_say_not_how_long_wait_longer_each_time(
+    slack: SlackStandIn, session: aiohttp.ClientSession, open_store: OpenStore, tmp_path: Path
+) -> None:
+    # A generic endpoint answering 429 with no Retry-After (or 0) had a request a second for
+    # ever: each 429 in a row now waits as a failed attempt would, and costs no attempt.
+    store = await open_store()
+    await record_in(store, "hook", "room", 1000)
+    slack.set_sink_status("hook", 429)
+    policy = ChannelPolicy("hook", sink_sender(slack, session))
+    settings = DeliveryConfig(initial_backoff_s=0.1, max_backoff_s=1.6, timeout_s=2)
+    composer = make_composer(tmp_path, {"hook": HOOK})
+    async with running(worker_with(store, composer, policy, settings=settings)):
+        await eventually(lambda: len(slack.sink_requests) == 6, within_s=10)
+        slack.set_sink_status("hook", 200)
+        await eventually(lambda: states(store.path) == ["delivered"], within_s=5)
+    times = [r.received_at for r in slack.sink_requests]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    assert gaps[0] < 0.6  # 0.1 s: the first wait, not 1 s
+    assert gaps[3] >= 0.4 * 0.9 and gaps[4] >= 0.8 * 0.9  # doubling, jittered down to half
+    assert [row[2] for row in deliveries(store.path)] == [1]  # only the delivered attempt
 
 
 @pytest.mark.parametrize(("rooms", "concurrent"), [(12, 4), (1, 1)])

@@ -58,7 +58,8 @@ def classify_status(status: int, headers: Mapping[str, str] | None, detail: str 
     if 200 <= status < 300:
         return DELIVERED
     if status == 429:
-        return retry(error, parse_retry_after(headers) or 1.0, rate_limited=True)
+        # None for none (or 0): the lane then waits longer at each such 429 in a row (lane.py).
+        return retry(error, parse_retry_after(headers) or None, rate_limited=True)
     if status == 408 or status >= 500:
         return retry(error, parse_retry_after(headers))
     return permanent(error)

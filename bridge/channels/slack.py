@@ -153,7 +153,7 @@ def _classify_api_error(exc: SlackApiError) -> Outcome:
     error = _error_name(str(data.get("error", "") or "")) if isinstance(data, dict) else ""
     headers = dict(response.headers or {})
     if status == 429 or error == "ratelimited":
-        return retry(f"HTTP {status}: ratelimited", parse_retry_after(headers) or 1.0, True)
+        return retry(f"HTTP {status}: ratelimited", parse_retry_after(headers) or None, True)
     if error in PERMANENT_ERRORS:
         return permanent(f"HTTP {status}: {error}")
     if 200 <= status < 300:
