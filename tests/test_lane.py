@@ -10,9 +10,12 @@ import io
 import itertools
 import json
 import re
+import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -22,11 +25,11 @@ from pydantic import SecretStr
 from bridge.channels import Sender
 from bridge.channels.console import ConsoleSender
 from bridge.channels.webhook import WebhookSender
-from bridge.compose import DIGEST_ENTRIES
+from bridge.compose import DIGEST_ENTRIES, Composer, Digests
 from bridge.config_tables import DeliveryConfig, WebhookChannel
 from bridge.events import OWNER_CHANGED as OWNER
 from bridge.policy import ChannelPolicy
-from bridge.store import NewDelivery, NewEvent, StoreUnavailable
+from bridge.store import Claimed, NewDelivery, NewEvent, StoreUnavailable
 from bridge.store.postgres import PostgresStore
 from bridge.store.sqlite import SQLiteStore
 from tests.pg_proxy import PgProxy
@@ -175,6 +178,46 @@ async def test_a_backlog_goes_out_as_digests(
         assert payload["blocks"][0]["text"]["text"] == f"{len(entries)} Live events"
     assert sizes == digests
     assert sent == rooms  # every event exactly once, oldest first
+
+
+class SlowDigests(Composer):
+    """Composes digests as slowly as 200 bodies near max_body_bytes do, saying on which thread."""
+
+    threads: ClassVar[list[int]] = []
+
+    def digests(self, channel_name: str, rows: Sequence[Claimed]) -> Digests:
+        self.threads.append(threading.get_ident())
+        time.sleep(0.5)
+        return super().digests(channel_name, rows)
+
+
+async def test_a_digest_is_composed_off_the_event_loop(
+    slack: SlackStandIn, session: aiohttp.ClientSession, open_store: OpenStore, tmp_path: Path
+) -> None:
+    # Composed on the event loop, a backlog of large callbacks held every callback's answer
+    # for seconds, past Tencent's 2.
+    store = await open_store()
+    for i in range(12):
+        await record_in(store, "bot", f"room-{i:02d}", 1_000_000 + i)
+    composer = make_composer(tmp_path, {"bot": SLACK})
+    composer.__class__ = SlowDigests
+    policy = ChannelPolicy("bot", senders(slack, session)["bot"], digest_after=10)
+    lags: list[float] = []
+
+    async def beat() -> None:
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(0.01)
+            lags.append(time.monotonic() - before - 0.01)
+
+    heart = asyncio.create_task(beat())
+    try:
+        async with running(worker_with(store, composer, policy)):
+            await eventually(lambda: states(store.path) == ["delivered"] * 12)
+    finally:
+        heart.cancel()
+    assert SlowDigests.threads and threading.get_ident() not in SlowDigests.threads
+    assert max(lags) < 0.4  # the loop went on through the half second of composing
 
 
 async def test_an_event_a_digest_cannot_take_goes_alone_and_the_rest_as_a_digest(
