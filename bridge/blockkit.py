@@ -1,7 +1,8 @@
 """Slack's message limits: a payload is cut to fit, never dropped, before it is queued.
 
 `fit(payload)` returns a copy within Slack's documented limits (50 blocks, header 150, section
-text 3000, 10 fields of 2000, context 10 elements, button URLs 3000, top-level text kept
+text 3000, 10 fields of 2000, context 10 elements, button URLs 3000 and texts 75, alt texts
+2000, block ids 255, 100 attachments, top-level text kept
 under 4000) and under the blocks' reported total (BLOCKS_CHARS), with long values cut and
 ending in an ellipsis, the fields or context elements past the tenth folded into the tenth, and
 the last blocks left out (a note says how many) where 50 blocks, or many short texts, are still
@@ -27,6 +28,10 @@ TEXT_OBJECT_CHARS = 3000
 TOP_TEXT_CHARS = 4000  # ours, for a readable notification
 SLACK_TEXT_CHARS = 40_000  # Slack's
 URL_CHARS = 3000
+BUTTON_CHARS = 75  # a button's plain text
+ALT_TEXT_CHARS = 2000  # an image's
+BLOCK_ID_CHARS = 255
+MAX_ATTACHMENTS = 100
 # Not in Slack's reference: chat.postMessage answers msg_blocks_too_long for blocks of about
 # 11,000 to 13,000 characters in all, though each block is within its own limits
 # (slackapi/bolt-js#2509 and #2867; a Slack engineer there: "12,000 text characters with a
@@ -99,6 +104,12 @@ def fit(payload: Any) -> dict[str, Any]:
         raise LimitError("a Slack payload needs a non-empty top-level text")
     out = dict(payload)
     out["text"] = cut(text, TOP_TEXT_CHARS)
+    attachments = payload.get("attachments")
+    if isinstance(attachments, list) and len(attachments) > MAX_ATTACHMENTS:
+        # Slack refuses more (too_many_attachments): the rest are said, not sent.
+        hidden = len(attachments) - (MAX_ATTACHMENTS - 1)
+        note = {"text": f"{ELLIPSIS} {hidden} more attachments not shown"}
+        out["attachments"] = [*attachments[: MAX_ATTACHMENTS - 1], note]
     blocks = payload.get("blocks")
     if blocks is None:
         return out
@@ -238,6 +249,10 @@ def _fit_block(block: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(kind, str):
         raise LimitError("every block needs a type")
     out = dict(block)
+    if len(str(block.get("block_id", ""))) > BLOCK_ID_CHARS:
+        del out["block_id"]  # optional; cut, two could end alike, which Slack refuses
+    if kind == "image" and isinstance(block.get("alt_text"), str):
+        out["alt_text"] = cut(block["alt_text"], ALT_TEXT_CHARS)
     if (fold := _FOLD.get(kind)) is not None and isinstance(block.get(fold[0]), list):
         key, most, separator = fold
         out[key] = _fold(block[key], most, separator)
@@ -250,8 +265,21 @@ def _fit_block(block: dict[str, Any]) -> dict[str, Any]:
         # A cut URL leads nowhere: a button whose URL Slack would refuse is left out.
         elements = block.get("elements")
         if isinstance(elements, list):
-            out["elements"] = [e for e in elements if not _long_url(e)]
+            out["elements"] = [_fit_text_of(e) for e in elements if not _long_url(e)]
+    if kind == "context" and isinstance(elements := out.get("elements"), list):
+        out["elements"] = [
+            {**e, "alt_text": cut(e["alt_text"], ALT_TEXT_CHARS)}
+            if isinstance(e, dict) and isinstance(e.get("alt_text"), str) else e
+            for e in elements
+        ]  # fmt: skip
     return out
+
+
+def _fit_text_of(element: Any) -> Any:
+    """A button with its text cut to Slack's 75 characters."""
+    if isinstance(element, dict) and isinstance(label := element.get("text"), dict):
+        return {**element, "text": _fit_text(label, BUTTON_CHARS)}
+    return element
 
 
 def _fold(items: list[Any], most: int, separator: str) -> list[Any]:
@@ -307,6 +335,9 @@ def problems(payload: Any) -> list[str]:
         return [*found, "blocks must be a list of objects"]
     if len(blocks) > MAX_BLOCKS:
         found.append(f"{len(blocks)} blocks, over {MAX_BLOCKS}")
+    attachments = payload.get("attachments")
+    if isinstance(attachments, list) and len(attachments) > MAX_ATTACHMENTS:
+        found.append(f"{len(attachments)} attachments, over {MAX_ATTACHMENTS}")
     if _length(blocks) > BLOCKS_CHARS:
         found.append(f"blocks over {BLOCKS_CHARS} characters in all (msg_blocks_too_long)")
     for number, block in enumerate(blocks, 1):
@@ -325,6 +356,17 @@ def _block_problems(block: dict[str, Any]) -> list[str]:
     kind = block.get("type")
     if not isinstance(kind, str):
         return ["no type"]
+    if len(str(block.get("block_id", ""))) > BLOCK_ID_CHARS:
+        return [f"block_id over {BLOCK_ID_CHARS} characters"]
+    if kind == "image" and len(str(block.get("alt_text", ""))) > ALT_TEXT_CHARS:
+        return [f"alt_text over {ALT_TEXT_CHARS} characters"]
+    if kind == "actions" and isinstance(elements := block.get("elements"), list):
+        return [
+            p
+            for number, e in enumerate(elements, 1)
+            if isinstance(e, dict) and isinstance(e.get("text"), dict)
+            for p in _text_problem(e["text"], BUTTON_CHARS, f"button {number}")
+        ]
     if kind == "header":
         return _text_problem(block.get("text"), HEADER_CHARS, "text")
     if kind == "section":

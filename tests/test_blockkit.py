@@ -132,6 +132,40 @@ def blocks_of(message: dict[str, Any]) -> list[str]:
     return [b["text"]["text"] for b in message["blocks"]]
 
 
+BUTTON = {"type": "button", "text": {"type": "plain_text", "text": "Open " + "r" * 90},
+          "url": "https://console.example.com/rooms/r"}  # fmt: skip
+IMAGE = {"type": "image", "image_url": "https://x.example/i.png", "alt_text": "a" * 5000}
+
+
+@pytest.mark.parametrize(
+    ("payload", "problem", "fitted"),
+    [
+        ({"blocks": [{"type": "actions", "elements": [BUTTON]}]}, "button 1 over 75",
+         lambda p: len(p["blocks"][0]["elements"][0]["text"]["text"]) == 75),
+        ({"blocks": [IMAGE]}, "alt_text over 2000",
+         lambda p: len(p["blocks"][0]["alt_text"]) == 2000),
+        ({"blocks": [{"type": "context", "elements": [{**IMAGE, "type": "image"}]}]}, None,
+         lambda p: len(p["blocks"][0]["elements"][0]["alt_text"]) == 2000),
+        ({"blocks": [{"type": "divider", "block_id": "b" * 256}]}, "block_id over 255",
+         lambda p: "block_id" not in p["blocks"][0]),
+        ({"attachments": [{"text": str(n)} for n in range(150)]}, "150 attachments, over 100",
+         lambda p: len(p["attachments"]) == 100
+         and p["attachments"][-1]["text"] == "… 51 more attachments not shown"),
+    ],
+)  # fmt: skip
+def test_fit_cuts_what_custom_templates_may_overfill(
+    payload: dict[str, Any], problem: str | None, fitted: Any
+) -> None:
+    # Slack refuses each for good (invalid_blocks, too_many_attachments): a dead letter for an
+    # acknowledged event. The shipped templates make none of them; a custom one may.
+    message = {"text": "hello", **payload}
+    if problem is not None:
+        assert any(problem in found for found in problems(message))
+    out = fit(message)
+    assert fitted(out)
+    assert problems(out) == []
+
+
 @pytest.mark.parametrize(
     ("texts", "expected"),
     [
