@@ -21,10 +21,13 @@ load (as `serve`).
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import enum
 import json
 import re
 import sys
+import threading
 import time
 import unicodedata
 from collections.abc import Callable, Iterator
@@ -108,6 +111,50 @@ def load_validated(path: Path) -> tuple[Config, Renderer]:
         raise
     except Exception as exc:
         raise ConfigError(f"{path}: cannot be loaded: {type(exc).__name__}: {exc}") from exc
+
+
+# How long a reload's check may take: a few hundred ms for a config of many channels; a template
+# whose loops never end (nested loops over a long string write nothing, and no bound of the
+# sandbox is met) never finishes.
+CHECK_WITHIN_S = 60.0
+
+
+async def load_validated_within(
+    path: Path, within_s: float | None = None
+) -> tuple[Config, Renderer]:
+    """load_validated on a thread of its own, or ConfigError after `within_s`. Not the default
+    executor's: a check that never ends held every later reload behind it (and the reload
+    endpoint's answer), and the process at its end, whose executor waits for its threads: a
+    SIGTERM did not stop it. The thread goes on until it ends, or the process does."""
+    within_s = CHECK_WITHIN_S if within_s is None else within_s
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[tuple[Config, Renderer]] = loop.create_future()
+
+    def settle(result: tuple[Config, Renderer] | BaseException) -> None:
+        if done.done():  # given up on
+            return
+        if isinstance(result, BaseException):
+            done.set_exception(result)
+        else:
+            done.set_result(result)
+
+    def check() -> None:
+        result: tuple[Config, Renderer] | BaseException
+        try:
+            result = load_validated(path)
+        except BaseException as exc:  # handed to the waiting task
+            result = exc
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits
+            loop.call_soon_threadsafe(settle, result)
+
+    threading.Thread(target=check, name="config-check", daemon=True).start()
+    try:
+        return await asyncio.wait_for(asyncio.shield(done), within_s)
+    except TimeoutError:
+        raise ConfigError(
+            f"{path}: checking the templates took over {within_s:g}s (a loop that never ends?);"
+            " the check goes on in the background until it ends, or the process does"
+        ) from None
 
 
 def check_templates(config: Config, renderer: Renderer) -> list[Problem]:

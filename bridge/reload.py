@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bridge.checks import load_validated
+from bridge.checks import load_validated_within
 from bridge.compose import Composer
 from bridge.config import Config, ConfigError
 from bridge.metrics import Metrics
@@ -75,7 +75,7 @@ class Reloads(abc.ABC):
                 # On a thread: compiling and trying every template takes a few hundred ms
                 # (0.3 s for one Slack channel's), and on the event loop no callback was
                 # answered meanwhile.
-                config, renderer = await asyncio.to_thread(load_validated, self.path)
+                config, renderer = await load_validated_within(self.path)
                 if config.store != self.config.store:
                     raise ConfigError("[store] changes take effect at the next start")
                 # Before anything is recorded under it: a replica lacking a channel it adds

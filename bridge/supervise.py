@@ -28,7 +28,7 @@ from typing import IO
 
 from bridge import logs
 from bridge.attempts import ChannelState
-from bridge.checks import load_validated
+from bridge.checks import load_validated_within
 from bridge.config import Config, ConfigError
 from bridge.deliver import Reported
 from bridge.metrics import Metrics
@@ -247,7 +247,7 @@ class DeliveryProcess:
         `[store]` (a reload refuses that) would have it deliver from another database, and a file
         that does not load would have it fail at every start."""
         try:
-            config, _ = await asyncio.to_thread(load_validated, self._path)
+            config, _ = await load_validated_within(self._path)
         except ConfigError as exc:
             return str(exc)
         running = self._running()

@@ -93,7 +93,7 @@ def test_callbacks_are_answered_while_a_reload_reads_the_config(
         read.set()
         return load_validated(path)
 
-    monkeypatch.setattr("bridge.reload.load_validated", held)
+    monkeypatch.setattr("bridge.checks.load_validated", held)
     config = write_config(tmp_path, channels=HOOK.format(url=slack.sink_url()), routes=ROUTE)
     with InThread(config) as bridge:
         reloaded: list[int] = []
@@ -109,6 +109,38 @@ def test_callbacks_are_answered_while_a_reload_reads_the_config(
             release.set()
             reloading.join(10)
     assert reloaded == [200]
+
+
+def test_a_check_that_never_ends_is_refused_and_holds_up_no_later_reload(
+    tmp_path: Path, slack: SlackStandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A template whose loops never end (nested loops over a long string) held the reload for
+    # good: every later reload waited behind it, the reload endpoint never answered, and the
+    # process did not end at a SIGTERM, its executor waiting for the check's thread.
+    release = threading.Event()
+    threads: list[threading.Thread] = []
+    calls = 0
+
+    def first_never_ends(path: Path) -> tuple[Config, Renderer]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            threads.append(threading.current_thread())
+            release.wait(30)
+        return load_validated(path)
+
+    monkeypatch.setattr("bridge.checks.load_validated", first_never_ends)
+    monkeypatch.setattr("bridge.checks.CHECK_WITHIN_S", 0.5)
+    config = write_config(tmp_path, channels=HOOK.format(url=slack.sink_url()), routes=ROUTE)
+    try:
+        with InThread(config) as bridge:
+            status, _, body = http_request(bridge.url + "/-/reload", "POST")
+            assert status == 400 and b"took over 0.5s (a loop that never ends?)" in body
+            assert post_callback(bridge.url, room(1)) == (200, OK_PACKET)
+            assert http_request(bridge.url + "/-/reload", "POST")[0] == 200  # not held up
+            assert threads[0].daemon and threads[0].is_alive()  # not the executor's: no wait
+    finally:
+        release.set()
 
 
 def test_reload_buries_deliveries_of_a_removed_channel(tmp_path: Path, slack: SlackStandIn) -> None:
