@@ -304,7 +304,9 @@ def decode_body(body: bytes) -> dict[str, Any]:
         value = _DECODER.decode(text)
     except BadEvent:
         raise
-    except (ValueError, RecursionError):
+    except RecursionError:
+        raise BadEvent("body is nested too deeply") from None
+    except ValueError:
         raise BadEvent("body is not valid JSON") from None
     if not isinstance(value, dict):
         raise BadEvent("body must be a JSON object")

@@ -68,6 +68,10 @@ def main(args: argparse.Namespace) -> int:
     url = args.url or default_url(config)
     try:
         check_http_url(url)
+        if urlsplit(url).username is not None or urlsplit(url).password is not None:
+            # urllib cannot send them ("Name or service not known"), and the message printed
+            # the password, twice.
+            raise ValueError("cannot carry a user or password: the bridge takes none")
     except ValueError as exc:
         print(f"live-bridge: --url {exc}", file=sys.stderr)
         return 2
@@ -144,7 +148,7 @@ def post(url: str, query: dict[str, str], body: bytes) -> tuple[int, bytes]:
 def _command_in(body: bytes) -> str | None:
     try:
         fields = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # nested past the parser's depth: posted as it is
         return None
     command = fields.get("CallbackCommand") if isinstance(fields, dict) else None
     return command if isinstance(command, str) and command else None

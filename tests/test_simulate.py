@@ -156,10 +156,19 @@ def test_config_and_url_errors(tmp_path: Path) -> None:
     missing = run("simulate", "--config", str(tmp_path / "none.toml"))
     assert missing.returncode == 2 and "no such config file" in missing.stderr
     path = str(write_config(tmp_path))
-    for url in ("ftp://x/", "http://[bad", "http://h:port/"):  # the last two: a traceback
+    for url in ("ftp://x/", "http://[bad", "http://h:port/", "http://u:S3cr3t@127.0.0.1:9/"):
         result = run("simulate", "--config", path, "--url", url)
         assert result.returncode == 2 and "Traceback" not in result.stderr
-        assert result.stderr.startswith("live-bridge: --url ")
+        assert result.stderr.startswith("live-bridge: --url ") and "S3cr3t" not in result.stderr
+
+
+def test_a_body_nested_past_the_parsers_depth_is_posted_and_refused(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    deep = b'{"CallbackCommand":"X","a":' + b"[" * 2000 + b"]" * 2000 + b"}"
+    with InThread(path) as running:
+        result = simulate(running, path, "--event", "-", stdin=deep)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert '"ErrorInfo":"body is nested too deeply"' in result.stdout
 
 
 def readme_curl() -> tuple[str, dict[str, str], dict[str, Any]]:
