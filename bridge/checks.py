@@ -117,15 +117,17 @@ def load_validated(path: Path) -> tuple[Config, Renderer]:
 # whose loops never end (nested loops over a long string write nothing, and no bound of the
 # sandbox is met) never finishes.
 CHECK_WITHIN_S = 60.0
+STOP_POLL_S = 0.1  # how often a check under way asks whether the bridge is stopping
 
 
 async def load_validated_within(
-    path: Path, within_s: float | None = None
+    path: Path, within_s: float | None = None, stopping: Callable[[], bool] = lambda: False
 ) -> tuple[Config, Renderer]:
-    """load_validated on a thread of its own, or ConfigError after `within_s`. Not the default
-    executor's: a check that never ends held every later reload behind it (and the reload
-    endpoint's answer), and the process at its end, whose executor waits for its threads: a
-    SIGTERM did not stop it. The thread goes on until it ends, or the process does."""
+    """load_validated on a thread of its own, or ConfigError after `within_s`, or as soon as
+    `stopping()`. Not the default executor's: a check that never ends held every later reload
+    behind it (and the reload endpoint's answer), and the process at its end, whose executor
+    waits for its threads and whose server waits for the requests under way: a SIGTERM did not
+    stop it. The thread goes on until it ends, or the process does."""
     within_s = CHECK_WITHIN_S if within_s is None else within_s
     loop = asyncio.get_running_loop()
     done: asyncio.Future[tuple[Config, Renderer]] = loop.create_future()
@@ -148,13 +150,18 @@ async def load_validated_within(
             loop.call_soon_threadsafe(settle, result)
 
     threading.Thread(target=check, name="config-check", daemon=True).start()
-    try:
-        return await asyncio.wait_for(asyncio.shield(done), within_s)
-    except TimeoutError:
-        raise ConfigError(
-            f"{path}: checking the templates took over {within_s:g}s (a loop that never ends?);"
-            " the check goes on in the background until it ends, or the process does"
-        ) from None
+    deadline = loop.time() + within_s
+    while not done.done():
+        if stopping():
+            raise ConfigError(f"{path}: not checked: the bridge is stopping")
+        if (left := deadline - loop.time()) <= 0:
+            raise ConfigError(
+                f"{path}: checking the templates took over {within_s:g}s (a loop that never"
+                " ends?); the check goes on in the background until it ends, or the process does"
+            )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(done), min(STOP_POLL_S, left))
+    return done.result()
 
 
 def check_templates(config: Config, renderer: Renderer) -> list[Problem]:

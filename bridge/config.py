@@ -13,6 +13,7 @@ import os
 import re
 import stat
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
@@ -140,7 +141,7 @@ def config_path(explicit: str | Path | None) -> Path:
 def load_config(path: str | Path) -> Config:
     """Read, expand and validate the config at `path`; relative paths resolve against its folder."""
     path = Path(path)
-    if not path.is_file():
+    if not _is(path, stat.S_ISREG):
         raise ConfigError(f"{path}: {_not_a_file(path)}")
 
     try:
@@ -165,7 +166,7 @@ def load_config(path: str | Path) -> Config:
     # Absent, the shipped templates serve, as they do for a copy of the example config that
     # names "templates" without the folder. A folder the config names is said to be missing, or
     # a typo in its name would leave every override unused without a word.
-    if "dir" in config.templates.model_fields_set and not templates.is_dir():
+    if "dir" in config.templates.model_fields_set and not _is(templates, stat.S_ISDIR):
         log.warning(
             "%s: [templates] dir: %s; only the shipped templates serve",
             path, _not_a_folder(templates),
@@ -179,6 +180,16 @@ def load_config(path: str | Path) -> Config:
     )
     loaded._digest = hashlib.sha256(raw).hexdigest()
     return loaded
+
+
+def _is(path: Path, kind: Callable[[int], bool]) -> bool:
+    """Whether `path` is there and of `kind` (stat.S_ISREG, S_ISDIR). Path.is_dir() and
+    is_file() raise for a name too long (ENAMETOOLONG), a traceback where a config error is
+    due; here it is just not there, and _not_a_folder or _not_a_file say why."""
+    try:
+        return kind(path.stat().st_mode)
+    except (OSError, ValueError):  # ValueError: a NUL in the name
+        return False
 
 
 def _not_a_folder(path: Path) -> str:

@@ -252,6 +252,7 @@ class TemplatesConfig(Strict):
 
 
 _BEARER = re.compile(r"[!-~]([ -~]*[!-~])?")
+_SLACK_TOKEN = re.compile(r"[!-~]+")
 
 
 class AdminConfig(Strict):
@@ -307,6 +308,19 @@ class SlackChannel(Strict):
     def _webhook_url(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
             check_http_url(value.get_secret_value())
+        return value
+
+    @field_validator("token")
+    @classmethod
+    def _bearer(cls, value: SecretStr | None) -> SecretStr | None:
+        # It goes in a header: a line break or NUL inside made every send a traceback
+        # (aiohttp refuses a header injection), past a `check` that said all was well. The
+        # newline a token read from a file ends with is sent as it is, and works.
+        if value is not None and not _SLACK_TOKEN.fullmatch(value.get_secret_value().strip()):
+            raise ValueError(
+                "is not a Slack token: letters, digits and punctuation, no space or control"
+                " character inside"
+            )
         return value
 
     @model_validator(mode="after")

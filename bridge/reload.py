@@ -52,6 +52,7 @@ class Reloads(abc.ABC):
     delivery: DeliveryProcess | None
     _session: aiohttp.ClientSession | None
     _reloading: asyncio.Lock
+    draining: bool  # stopping: a reload under way, or waiting for one, gives up
     _late_burials: set[asyncio.Task[None]]
     last_reload: tuple[float, str | None] | None  # when, and why it was refused (None: it was not)
 
@@ -72,10 +73,14 @@ class Reloads(abc.ABC):
             try:
                 if self.path is None:
                     raise ConfigError("started without a config file: nothing to reload")
+                if self.draining:  # waited behind a reload that gave up as the bridge stops
+                    raise ConfigError(f"{self.path}: not checked: the bridge is stopping")
                 # On a thread: compiling and trying every template takes a few hundred ms
                 # (0.3 s for one Slack channel's), and on the event loop no callback was
                 # answered meanwhile.
-                config, renderer = await load_validated_within(self.path)
+                config, renderer = await load_validated_within(
+                    self.path, stopping=lambda: self.draining
+                )
                 if config.store != self.config.store:
                     raise ConfigError("[store] changes take effect at the next start")
                 # Before anything is recorded under it: a replica lacking a channel it adds

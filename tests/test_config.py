@@ -133,6 +133,21 @@ def test_a_templates_folder_the_config_names_is_said_to_be_missing(
     assert caplog.records == []
 
 
+def test_names_too_long_for_the_file_system_are_config_errors(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Path.is_file() and is_dir() raise for them: a traceback where a config error was due.
+    long = "a" * 300
+    with pytest.raises(ConfigError, match="cannot be read: File name too long"):
+        load_config(tmp_path / f"{long}.toml")
+    path = write(tmp_path, MINIMAL + f'[templates]\ndir = "{long}"\n')
+    load_config(path)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: [templates] dir: cannot be read: File name too long; only the shipped"
+        " templates serve"
+    ]
+
+
 def test_the_default_templates_folder_may_be_absent_unsaid(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

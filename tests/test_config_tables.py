@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bridge.config import ConfigError, load_config
-from bridge.config_tables import WebhookChannel
+from bridge.config_tables import SlackChannel, WebhookChannel
 from tests.test_config import MINIMAL, write
 
 
@@ -75,13 +75,24 @@ from tests.test_config import MINIMAL, write
             "[channels.w]\ntype = 'webhook'\nurl = 'http://h'\nheaders = { 'X A' = 'v' }\n",
             "[channels.w] headers: 'X A' is no header name",
         ),
+        *[
+            (f'[channels.s]\ntype = "slack"\nchannel = "C1"\ntoken = "{token}"\n',
+             "[channels.s] token: is not a Slack token")
+            for token in ("xoxb-1\\nX-Evil: 1", "xoxb-1\\u0000", "xoxb 1", "\\n")
+        ],
     ],
-)
+)  # fmt: skip
 def test_bad_keys_are_named_with_their_table(tmp_path: Path, extra: str, expected: str) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, MINIMAL + extra))
     assert expected in str(caught.value)
     assert str(tmp_path / "config.toml") in str(caught.value)
+
+
+def test_a_slack_token_read_from_a_file_with_its_newline_is_taken(tmp_path: Path) -> None:
+    text = MINIMAL + '[channels.s]\ntype = "slack"\nchannel = "C1"\ntoken = "xoxb-1-2-abc\\n"\n'
+    channel = load_config(write(tmp_path, text)).channels["s"]
+    assert isinstance(channel, SlackChannel) and channel.token is not None
 
 
 def test_secrets_never_in_error_messages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
