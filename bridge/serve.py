@@ -10,6 +10,7 @@ import logging
 import os
 import resource
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Iterator
@@ -58,6 +59,12 @@ def main(args: argparse.Namespace) -> int:
     if problem := asyncio.run(store_problem(config.store)):
         print(f"live-bridge: {problem}", file=sys.stderr)
         return 1
+    try:
+        sockets = listen(config.server.host, config.server.port)
+    except OSError as exc:
+        where = f"{config.server.host}:{config.server.port}"
+        print(f"live-bridge: cannot listen on {where}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     # What start-up built (modules, models, compiled templates) lives as long as the process.
     # Frozen, a full collection under load walks about 9,000 objects instead of 52,000, and no
     # callback is answered while it runs. (After a reload the first config's objects are never
@@ -81,13 +88,38 @@ def main(args: argparse.Namespace) -> int:
         config.server.drain_s,
     )
     try:
-        server.run()
+        server.run(sockets=sockets)
     except KeyboardInterrupt:
         # Ctrl-C: uvicorn stopped as for SIGTERM, then raised SIGINT again for the exit status
         # to say why, which asyncio's runner turns into this exception: no traceback after a
         # clean stop, and the status a shell gives a process Ctrl-C ended.
         return 128 + signal.SIGINT
     return 0 if server.started else 1
+
+
+def listen(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to `host`'s addresses at `port`, before anything starts: uvicorn binds after
+    the app's start-up, which had logged "live-bridge ready" and started a delivery process by
+    then, and then exited with status 3 for a port already taken. Bound as asyncio's
+    create_server binds them (each address getaddrinfo gives, SO_REUSEADDR, IPv6 sockets IPv6
+    only); uvicorn listens on them."""
+    sockets: list[socket.socket] = []
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 def raise_descriptor_limit() -> None:

@@ -155,6 +155,25 @@ def test_a_store_it_cannot_open_is_one_line_and_status_1(tmp_path: Path) -> None
     assert "Traceback" not in second.stderr
 
 
+def test_a_port_already_taken_is_one_line_and_status_1(tmp_path: Path) -> None:
+    # uvicorn bound it after the app's start-up: "live-bridge ready" was logged (and a delivery
+    # process started), then uvicorn's own error and exit status 3.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(tmp_path, port, delivery="own_process = true\n")
+        result = subprocess.run(
+            [sys.executable, "-m", "bridge", "serve", "--config", str(config)],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"live-bridge: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
+    assert "live-bridge ready" not in result.stderr and "Traceback" not in result.stderr
+
+
 def test_templates_that_do_not_render_name_the_config_and_status_2(tmp_path: Path) -> None:
     # As `check` does: which file's channels they are, then the template and why.
     channels = '[channels.console]\ntype = "console"\ntemplate = "missing.j2"\n'
