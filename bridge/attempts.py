@@ -167,8 +167,9 @@ class Attempts:
                 lambda: self._store.mark_retry(row.id, now, now + wait, outcome.error, count=False),
             )
             self._note(row, "rate_limited" if outcome.rate_limited else "retry", outcome.error)
-            log.info("%s %s attempt=%d: again in %.1fs (attempt given back): %s",
-                     "rate limited" if outcome.rate_limited else "retry", tag, row.attempts, wait,
+            log.info("%s %s attempt=%d: again %s (attempt given back): %s",
+                     "rate limited" if outcome.rate_limited else "retry", tag, row.attempts,
+                     f"in {wait:.1f}s" if wait else "when its channel's block ends",
                      outcome.error)  # fmt: skip
         elif row.attempts >= self._settings.max_attempts:
             error = f"gave up after {row.attempts} attempts: {outcome.error}"

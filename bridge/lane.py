@@ -182,7 +182,8 @@ class Lanes(Attempts, abc.ABC):
             # A 429 that says not how long (a generic endpoint's; Slack's always say): each one
             # in a row waits as a failed attempt would, up to max_backoff_s. At 1 s each, a far
             # end that kept answering 429 had a request a second for ever.
-            pacer.unasked += 1
+            if pacer.blocked_for() <= 0:  # not the sends of one round, each its 429: one more
+                pacer.unasked += 1
             s = self._settings
             seconds = backoff(pacer.unasked, s.initial_backoff_s, s.max_backoff_s)
         pacer.block(seconds or 1.0)

@@ -299,7 +299,14 @@ def test_missing_database_exits_1_and_creates_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "bridge.db").exists()
 
 
-@pytest.mark.parametrize("tables", [[], ["CREATE TABLE users (id INTEGER PRIMARY KEY)"]])
+@pytest.mark.parametrize(
+    "tables",
+    [
+        [],
+        ["CREATE TABLE users (id INTEGER PRIMARY KEY)"],
+        ["PRAGMA journal_mode=wal", "CREATE TABLE users (id INTEGER PRIMARY KEY)"],
+    ],
+)
 def test_a_sqlite_file_no_bridge_served_exits_1_and_is_left_as_it_was(
     tmp_path: Path, tables: list[str]
 ) -> None:

@@ -69,7 +69,11 @@ def _served_before(path: Path) -> None:
     """Refuses, read-only and before anything is created beside it, a file that holds no
     live-bridge tables: a wrong path (another program's database, an empty file) would get
     them, and look all clear."""
-    uri = f"file:{urllib.parse.quote(str(path.absolute()))}?mode=ro"
+    # Read-only still makes the -shm (and -wal) of a database in WAL mode, beside another
+    # program's file; with no -wal there, nothing can be in one, and the file is read as it is
+    # (immutable: nothing made beside it).
+    ro = "mode=ro" if Path(f"{path}-wal").exists() else "immutable=1"
+    uri = f"file:{urllib.parse.quote(str(path.absolute()))}?{ro}"
     with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
         found = conn.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
