@@ -144,6 +144,16 @@ class TencentConfig(Strict):
             raise ValueError("Tencent callback tokens are 1 to 128 characters")
         return value
 
+    @field_validator("callback_tokens", mode="before")
+    @classmethod
+    def _each_app_once(cls, value: object) -> object:
+        # TOML keys are text: "1" and "01" are two keys, one app, and the last one won unsaid.
+        if isinstance(value, dict):
+            apps = [str(k).strip().lstrip("0") for k in value]
+            if len(set(apps)) < len(apps):
+                raise ValueError("names one SDKAppID twice (as 1 and 01, say)")
+        return value
+
     @field_validator("callback_tokens")
     @classmethod
     def _tokens_length(cls, value: dict[int, SecretStr]) -> dict[int, SecretStr]:

@@ -225,6 +225,8 @@ def test_each_app_may_have_its_own_callback_token(
         ('callback_tokens = { 1400000000 = "VERY-SECRET", 1400000001 = "VERY-SECRET' + "x" * 128
          + '" }', "[tencent] callback_tokens: 1400000001: Tencent callback tokens are 1 to 128"),
         ('callback_tokens = { room = "VERY-SECRET" }', "[tencent] callback_tokens.room.[key]"),
+        ('callback_tokens = { 1400000000 = "a", 01400000000 = "b", 1400000001 = "c" }',
+         "[tencent] callback_tokens: names one SDKAppID twice"),
         ('callback_tokens = { 1400000000 = "VERY-SECRET", 1400000001 = 5 }',
          "[tencent] callback_tokens.1400000001: Input should be a valid string"),
     ],
