@@ -29,6 +29,7 @@ from bridge.config_sources import (
     describe,
 )
 from bridge.config_tables import (
+    WHSEC_BYTES,
     AdminConfig,
     Channel,
     DeliveryConfig,
@@ -37,6 +38,7 @@ from bridge.config_tables import (
     StoreConfig,
     TemplatesConfig,
     TencentConfig,
+    WebhookChannel,
 )
 
 log = logging.getLogger(__name__)
@@ -166,6 +168,12 @@ def load_config(path: str | Path) -> Config:
     # Absent, the shipped templates serve, as they do for a copy of the example config that
     # names "templates" without the folder. A folder the config names is said to be missing, or
     # a typo in its name would leave every override unused without a word.
+    for name, channel in config.channels.items():
+        if isinstance(channel, WebhookChannel) and channel.short_secret:
+            log.warning(
+                "%s: [channels.%s] signing_secret: a key under %d bytes, which Standard Webhooks"
+                " asks for (easier to guess)", path, name, WHSEC_BYTES,
+            )  # fmt: skip
     if "dir" in config.templates.model_fields_set and not _is(templates, stat.S_ISDIR):
         log.warning(
             "%s: [templates] dir: %s; only the shipped templates serve",

@@ -346,6 +346,19 @@ class SlackChannel(Strict):
         return self
 
 
+WHSEC_BYTES = 24  # Standard Webhooks: a key of 24 to 64 random bytes
+
+
+def whsec_key(secret: str) -> bytes:
+    """The key of a `whsec_` secret; b"" if it is no base64. Padding may be left out, as the
+    standardwebhooks library, which signs with it, takes it."""
+    text = secret.removeprefix("whsec_")
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except ValueError:
+        return b""
+
+
 class WebhookChannel(Strict):
     type: Literal["webhook"]
     url: SecretStr
@@ -385,13 +398,15 @@ class WebhookChannel(Strict):
     def _whsec(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None:
             secret = value.get_secret_value()
-            try:
-                key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
-            except ValueError:
-                key = b""
-            if not secret.startswith("whsec_") or not key:
+            if not secret.startswith("whsec_") or not whsec_key(secret):
                 raise ValueError("must be a Standard Webhooks secret (whsec_ + base64)")
         return value
+
+    @property
+    def short_secret(self) -> bool:
+        """A signing key under the 24 bytes Standard Webhooks asks for: easier to guess."""
+        secret = self.signing_secret
+        return secret is not None and len(whsec_key(secret.get_secret_value())) < WHSEC_BYTES
 
     @model_validator(mode="after")
     def _one_authorization(self) -> WebhookChannel:

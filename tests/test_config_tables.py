@@ -89,6 +89,30 @@ def test_bad_keys_are_named_with_their_table(tmp_path: Path, extra: str, expecte
     assert str(tmp_path / "config.toml") in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("secret", "short"),
+    [
+        ("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", False),  # 24 bytes
+        ("whsec_VttvJ1z/wvzpV+NCwD4VeRA", True),  # 17 bytes, unpadded: the library takes it
+        ("whsec_AA==", True),  # one byte
+    ],
+)
+def test_a_signing_key_under_24_bytes_is_taken_and_warned_of(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, secret: str, short: bool
+) -> None:
+    text = (
+        MINIMAL
+        + f'[channels.w]\ntype = "webhook"\nurl = "http://h/x"\nsigning_secret = "{secret}"\n'
+    )
+    load_config(write(tmp_path, text))
+    warned = [r.getMessage() for r in caplog.records]
+    assert warned == ([
+        f"{tmp_path / 'config.toml'}: [channels.w] signing_secret: a key under 24 bytes, which"
+        " Standard Webhooks asks for (easier to guess)"
+    ] if short else [])  # fmt: skip
+    assert not any(secret.removeprefix("whsec_") in line for line in warned)
+
+
 def test_a_slack_token_read_from_a_file_with_its_newline_is_taken(tmp_path: Path) -> None:
     text = MINIMAL + '[channels.s]\ntype = "slack"\nchannel = "C1"\ntoken = "xoxb-1-2-abc\\n"\n'
     channel = load_config(write(tmp_path, text)).channels["s"]
