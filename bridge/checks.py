@@ -335,9 +335,14 @@ def _escaped(match: re.Match[str]) -> str:
     return match.group(0).encode("unicode_escape").decode("ascii")
 
 
+# What must not reach the terminal raw: controls, and the bidirectional ones, which reorder the
+# rest of the row (U+202E reversed it).
+_UNSHOWN = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
 def _print_table(header: list[str], rows: list[list[str]]) -> None:
     # A name from the config with a newline or an escape must not reshape the table.
-    cells = [header, *([_CONTROL.sub(_escaped, c) for c in row] for row in rows)]
+    cells = [header, *([_UNSHOWN.sub(_escaped, c) for c in row] for row in rows)]
     widths = [max(_width(row[i]) for row in cells) for i in range(len(header))]
     for row in cells:
         padded = (c + " " * (w - _width(c)) for c, w in zip(row, widths, strict=True))

@@ -85,6 +85,15 @@ def test_example_config_passes() -> None:
     assert result.stderr == ""
 
 
+def test_names_are_shown_escaped_in_the_table(tmp_path: Path) -> None:
+    # A right-to-left override in a route's name reversed the rest of its row on the terminal.
+    routes = '[[routes]]\nname = "r\\u202eevil\\u001b[31m"\nchannels = ["console"]\n'
+    result = run("check", "--config", str(write(tmp_path, routes)))
+    assert result.returncode == 0, result.stderr
+    assert "\u202e" not in result.stdout and "\x1b" not in result.stdout
+    assert "r\\u202eevil\\x1b[31m" in result.stdout
+
+
 def test_every_channel_type_with_the_shipped_templates_passes(tmp_path: Path) -> None:
     routes = (
         '[[routes]]\nname = "vip"\nrooms = ["vip-*"]\nchannels = ["hook", "audit"]\n'
