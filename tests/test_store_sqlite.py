@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -400,7 +401,9 @@ async def test_what_version_8_stored_is_read_as_today(tmp_path: Path) -> None:
         await store.close()
 
 
-async def test_rooms_stored_before_version_11_name_their_app(tmp_path: Path) -> None:
+async def test_rooms_stored_before_version_11_name_their_app(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     # A delivery's room is its room within its app since (store.room_key). A thread takes the
     # app of the message that started it (delivered when it started), though the other app's
     # messages replied in it since; else its room's latest delivery to its channel. One that
@@ -416,7 +419,9 @@ async def test_rooms_stored_before_version_11_name_their_app(tmp_path: Path) -> 
             DELIVERIES_OF_TWO_APPS,
         )
         conn.executemany("INSERT INTO threads VALUES (?, ?, ?, ?)", THREADS_OF_TWO_APPS)
-        migrate(conn)
+        with caplog.at_level(logging.INFO, "bridge.store.schema"):
+            migrate(conn)
+    assert caplog.messages == ["store schema 10 is older: migrating it to 11"]
     assert db_rows(path, "SELECT channel, room_id FROM deliveries ORDER BY id") == ROOM_KEYS
     assert db_rows(path, "SELECT channel, room_id, ts FROM threads ORDER BY ts") == [
         ("bot", "7:r", "1.1"), ("hook", "8:r", "1.2")

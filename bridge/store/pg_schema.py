@@ -10,12 +10,15 @@ transaction, so the second finds the work done.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from typing import Any
 
 from psycopg import AsyncConnection
 
 from bridge.store import CLOCK_STEP_S, StoreUnavailable
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 9
 
@@ -185,6 +188,8 @@ async def migrate(conn: AsyncConnection[Any], create: bool = True) -> str:
             raise StoreUnavailable(
                 f"schema version {version} is newer than this live-bridge ({SCHEMA_VERSION})"
             )
+        if 0 < version < SCHEMA_VERSION:  # a large database takes seconds: said
+            log.info("store schema %d is older: migrating it to %d", version, SCHEMA_VERSION)
         for number in range(version, SCHEMA_VERSION):
             await conn.execute(MIGRATIONS[number])
             await conn.execute(

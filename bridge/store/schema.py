@@ -4,11 +4,14 @@ the store runs on it (as pg_schema.py holds PostgreSQL's)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import secrets
 import sqlite3
 
 from bridge.events import SECONDS_BELOW
 from bridge.store import CLOCK_STEP_S, dedup_digest
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 11
 
@@ -179,6 +182,8 @@ def migrate(conn: sqlite3.Connection) -> str:
     conn.create_function("live_bridge_dedup_digest", 3, _dedup_digest, deterministic=True)
     conn.create_function("live_bridge_key_in_millis", 1, _key_in_millis, deterministic=True)
     version = _version(conn)
+    if 0 < version < SCHEMA_VERSION:  # a large store takes seconds: said, not a silent start
+        log.info("store schema %d is older: migrating it to %d", version, SCHEMA_VERSION)
     while version < SCHEMA_VERSION:
         conn.execute("BEGIN IMMEDIATE")
         try:
