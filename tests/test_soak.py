@@ -432,7 +432,10 @@ def test_a_reload_storm_loses_nothing(
     assert counts[("live_bridge_config_reloads_total", (("result", "failure"),))] == text.count(
         "bridge.reload: reload refused"
     )
-    assert text.count("bridge.reload: reload") <= signals + 1
+    # One a signal, and one more each time the delivery process read a later version of the file
+    # than the server had (the storm rewrites it as fast as they read it).
+    again = text.count("reloading it again in both")
+    assert text.count("bridge.reload: reload") <= signals + 1 + again
     # Every acknowledged event was recorded for the channels one config routed it to; each
     # delivery went out once, but those to a channel a reload removed (dead letters saying so).
     events = dict(db_rows(db, "SELECT room_id, id FROM events"))
