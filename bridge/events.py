@@ -375,6 +375,8 @@ def _drop(fields: dict[str, Any], loc: tuple[int | str, ...], copied: set[int]) 
             child = node[step]
             if isinstance(child, str) and index + 1 < len(loc):
                 child = _structure_in_text(child)  # the error is inside what the text holds
+                if isinstance(child, dict | list):
+                    copied.add(id(child))  # made here: ours to change
             if isinstance(child, dict | list) and id(child) not in copied:
                 child = copy.copy(child)
                 copied.add(id(child))
