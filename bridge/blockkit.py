@@ -105,11 +105,13 @@ def fit(payload: Any) -> dict[str, Any]:
     out = dict(payload)
     out["text"] = cut(text, TOP_TEXT_CHARS)
     attachments = payload.get("attachments")
-    if isinstance(attachments, list) and len(attachments) > MAX_ATTACHMENTS:
-        # Slack refuses more (too_many_attachments): the rest are said, not sent.
-        hidden = len(attachments) - (MAX_ATTACHMENTS - 1)
-        note = {"text": f"{ELLIPSIS} {hidden} more attachments not shown"}
-        out["attachments"] = [*attachments[: MAX_ATTACHMENTS - 1], note]
+    if isinstance(attachments, list):
+        if len(attachments) > MAX_ATTACHMENTS:
+            # Slack refuses more (too_many_attachments): the rest are said, not sent.
+            hidden = len(attachments) - (MAX_ATTACHMENTS - 1)
+            note = {"text": f"{ELLIPSIS} {hidden} more attachments not shown"}
+            attachments = [*attachments[: MAX_ATTACHMENTS - 1], note]
+        out["attachments"] = [_fit_attachment(a) for a in attachments]
     blocks = payload.get("blocks")
     if blocks is None:
         return out
@@ -266,6 +268,8 @@ def _fit_block(block: dict[str, Any]) -> dict[str, Any]:
         elements = block.get("elements")
         if isinstance(elements, list):
             out["elements"] = [_fit_text_of(e) for e in elements if not _long_url(e)]
+    if kind == "section" and "accessory" in out:
+        out["accessory"] = _fit_text_of(out["accessory"])
     if kind == "context" and isinstance(elements := out.get("elements"), list):
         out["elements"] = [
             {**e, "alt_text": cut(e["alt_text"], ALT_TEXT_CHARS)}
@@ -276,10 +280,27 @@ def _fit_block(block: dict[str, Any]) -> dict[str, Any]:
 
 
 def _fit_text_of(element: Any) -> Any:
-    """A button with its text cut to Slack's 75 characters."""
-    if isinstance(element, dict) and isinstance(label := element.get("text"), dict):
-        return {**element, "text": _fit_text(label, BUTTON_CHARS)}
-    return element
+    """An interactive element (a button, in an actions block or a section's accessory) with its
+    text cut to Slack's 75 characters and an action_id over 255 left out; an image element
+    with its alt text cut to 2000."""
+    if not isinstance(element, dict):
+        return element
+    out = dict(element)
+    if len(str(element.get("action_id", ""))) > BLOCK_ID_CHARS:
+        del out["action_id"]  # optional, as block_id
+    if element.get("type") == "image" and isinstance(element.get("alt_text"), str):
+        out["alt_text"] = cut(element["alt_text"], ALT_TEXT_CHARS)
+    elif isinstance(label := element.get("text"), dict):
+        out["text"] = _fit_text(label, BUTTON_CHARS)
+    return out
+
+
+def _fit_attachment(attachment: Any) -> Any:
+    """An attachment's own blocks, fitted as a message's each are."""
+    if isinstance(attachment, dict) and isinstance(blocks := attachment.get("blocks"), list):
+        fitted = [_fit_block(b) if isinstance(b, dict) and "type" in b else b for b in blocks]
+        return {**attachment, "blocks": fitted}
+    return attachment
 
 
 def _fold(items: list[Any], most: int, separator: str) -> list[Any]:
@@ -345,6 +366,22 @@ def problems(payload: Any) -> list[str]:
     return found
 
 
+def _element_problems(element: Any, number: int) -> list[str]:
+    """What Slack would refuse in an interactive or image element (number 0: an accessory)."""
+    if not isinstance(element, dict):
+        return []
+    what = f"element {number}" if number else "accessory"
+    found = []
+    if len(str(element.get("action_id", ""))) > BLOCK_ID_CHARS:
+        found.append(f"{what}: action_id over {BLOCK_ID_CHARS} characters")
+    if element.get("type") == "image":
+        if len(str(element.get("alt_text", ""))) > ALT_TEXT_CHARS:
+            found.append(f"{what}: alt_text over {ALT_TEXT_CHARS} characters")
+    elif isinstance(element.get("text"), dict):
+        found += _text_problem(element["text"], BUTTON_CHARS, f"{what}'s text")
+    return found
+
+
 def _text_problem(obj: Any, limit: int, what: str) -> list[str]:
     text = obj.get("text") if isinstance(obj, dict) else None
     if not isinstance(text, str) or not text:
@@ -361,12 +398,9 @@ def _block_problems(block: dict[str, Any]) -> list[str]:
     if kind == "image" and len(str(block.get("alt_text", ""))) > ALT_TEXT_CHARS:
         return [f"alt_text over {ALT_TEXT_CHARS} characters"]
     if kind == "actions" and isinstance(elements := block.get("elements"), list):
-        return [
-            p
-            for number, e in enumerate(elements, 1)
-            if isinstance(e, dict) and isinstance(e.get("text"), dict)
-            for p in _text_problem(e["text"], BUTTON_CHARS, f"button {number}")
-        ]
+        return [p for number, e in enumerate(elements, 1) for p in _element_problems(e, number)]
+    if kind == "section" and (accessory := _element_problems(block.get("accessory"), 0)):
+        return accessory
     if kind == "header":
         return _text_problem(block.get("text"), HEADER_CHARS, "text")
     if kind == "section":

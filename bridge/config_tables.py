@@ -9,6 +9,7 @@ rule here is refused with a message that never repeats it (it may be a secret). 
 from __future__ import annotations
 
 import base64
+import contextlib
 import re
 import string
 import zoneinfo
@@ -22,6 +23,8 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    TypeAdapter,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -113,6 +116,9 @@ class ServerConfig(Strict):
 SdkAppId = Annotated[int, Field(gt=0, le=2**63 - 1)]
 
 
+_APP_ID: TypeAdapter[int] = TypeAdapter(SdkAppId)
+
+
 class TencentConfig(Strict):
     sdk_app_id: tuple[SdkAppId, ...]
     callback_token: SecretStr | None = None  # every app's, but those in callback_tokens
@@ -147,9 +153,13 @@ class TencentConfig(Strict):
     @field_validator("callback_tokens", mode="before")
     @classmethod
     def _each_app_once(cls, value: object) -> object:
-        # TOML keys are text: "1" and "01" are two keys, one app, and the last one won unsaid.
+        # TOML keys are text: "1", "01", "+1" and "1_0" as 10 are keys apart, read as one
+        # app, and the last one won unsaid. Read here as the field reads them.
         if isinstance(value, dict):
-            apps = [str(k).strip().lstrip("0") for k in value]
+            apps = []
+            for key in value:
+                with contextlib.suppress(ValidationError):  # the field's validation names it
+                    apps.append(_APP_ID.validate_python(key))
             if len(set(apps)) < len(apps):
                 raise ValueError("names one SDKAppID twice (as 1 and 01, say)")
         return value

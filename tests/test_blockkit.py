@@ -135,13 +135,25 @@ def blocks_of(message: dict[str, Any]) -> list[str]:
 BUTTON = {"type": "button", "text": {"type": "plain_text", "text": "Open " + "r" * 90},
           "url": "https://console.example.com/rooms/r"}  # fmt: skip
 IMAGE = {"type": "image", "image_url": "https://x.example/i.png", "alt_text": "a" * 5000}
+MRKDWN = {"type": "mrkdwn", "text": "hello"}
 
 
 @pytest.mark.parametrize(
     ("payload", "problem", "fitted"),
     [
-        ({"blocks": [{"type": "actions", "elements": [BUTTON]}]}, "button 1 over 75",
+        ({"blocks": [{"type": "actions", "elements": [BUTTON]}]}, "element 1's text over 75",
          lambda p: len(p["blocks"][0]["elements"][0]["text"]["text"]) == 75),
+        ({"blocks": [{"type": "section", "text": MRKDWN, "accessory": BUTTON}]},
+         "accessory's text over 75",
+         lambda p: len(p["blocks"][0]["accessory"]["text"]["text"]) == 75),
+        ({"blocks": [{"type": "section", "text": MRKDWN, "accessory": IMAGE}]},
+         "accessory: alt_text over 2000",
+         lambda p: len(p["blocks"][0]["accessory"]["alt_text"]) == 2000),
+        ({"blocks": [{"type": "actions", "elements": [{**BUTTON, "action_id": "a" * 300}]}]},
+         "element 1: action_id over 255",
+         lambda p: "action_id" not in p["blocks"][0]["elements"][0]),
+        ({"attachments": [{"blocks": [{"type": "actions", "elements": [BUTTON]}]}]}, None,
+         lambda p: len(p["attachments"][0]["blocks"][0]["elements"][0]["text"]["text"]) == 75),
         ({"blocks": [IMAGE]}, "alt_text over 2000",
          lambda p: len(p["blocks"][0]["alt_text"]) == 2000),
         ({"blocks": [{"type": "context", "elements": [{**IMAGE, "type": "image"}]}]}, None,

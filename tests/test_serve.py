@@ -155,6 +155,18 @@ def test_a_store_it_cannot_open_is_one_line_and_status_1(tmp_path: Path) -> None
     assert "Traceback" not in second.stderr
 
 
+def test_the_log_says_where_it_listens(tmp_path: Path) -> None:
+    # Bound before start-up (below), the sockets are not uvicorn's: it no longer said so.
+    port = free_port()
+    log = tmp_path / "bridge.log"
+    process = start(write_config(tmp_path, port), log)
+    try:
+        assert wait_until(lambda: ready(f"http://127.0.0.1:{port}"), timeout=20)
+    finally:
+        stop(process)
+    assert f"listening on http://127.0.0.1:{port}" in log.read_text()
+
+
 def test_a_port_already_taken_is_one_line_and_status_1(tmp_path: Path) -> None:
     # uvicorn bound it after the app's start-up: "live-bridge ready" was logged (and a delivery
     # process started), then uvicorn's own error and exit status 3.
