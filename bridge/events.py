@@ -164,8 +164,9 @@ class RoomInfoUpdated(Envelope):
 
 
 class MetadataItem(_Loose):
-    Key: str
-    Value: str | None = None
+    # Text; a number sent for one (the samples' sloppiness) is read as its digits.
+    Key: Id
+    Value: Id | None = None
 
 
 class MetadataSet(Envelope):
@@ -360,38 +361,36 @@ def _without_unreadable(
 
 def _drop(fields: dict[str, Any], loc: tuple[int | str, ...], copied: set[int]) -> str | None:
     """Removes from `fields` the value an error's `loc` points at: the deepest key of the body
-    it names (the rest of a loc names union members and validators). Each container on the way
-    is copied the first time (`copied`: the ids of the copies), so `fields` holds copies only
-    where it was changed, and a list of 26,000 bad items is copied once, not once an item. An
-    object sent as JSON text (InText) is read, so that only its bad field goes. Returns the
+    it names (the rest of a loc names union members and validators). Each container it passes
+    through is copied the first time (`copied`: the ids of the copies), so `fields` holds copies
+    only where it was changed, and a list of 26,000 bad items is copied once, not once an item.
+    An object sent as JSON text (InText) is read, so that only its bad field goes. Returns the
     path, list positions left out (bounded by the models' own names, for the warnings); None if
     nothing was found."""
     parent: dict[str, Any] | None = None
     key = ""
     node: Any = fields
+    holder: tuple[Any, Any] = (None, None)  # the container `node` sits in, and where
     path: list[str] = []
     for index, step in enumerate(loc):
-        if isinstance(node, dict) and isinstance(step, str) and step in node:
-            child = node[step]
+        in_dict = isinstance(node, dict) and isinstance(step, str) and step in node
+        in_list = isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node)
+        if not (in_dict or in_list) or (in_list and not isinstance(node[step], dict)):
+            break  # past the body's own keys; or an item that is no item: its list goes whole
+        if id(node) not in copied:  # about to change what it holds: a copy of ours first
+            node = copy.copy(node)
+            copied.add(id(node))
+            holder[0][holder[1]] = node  # never `fields`, ours from the start: a holder is set
+        child = node[step]
+        if isinstance(step, str):  # in a dict
             if isinstance(child, str) and index + 1 < len(loc):
-                child = _structure_in_text(child)  # the error is inside what the text holds
-                if isinstance(child, dict | list):
-                    copied.add(id(child))  # made here: ours to change
-            if isinstance(child, dict | list) and id(child) not in copied:
-                child = copy.copy(child)
-                copied.add(id(child))
-            node[step] = child
-            parent, key, node = node, step, child
+                decoded = _structure_in_text(child)  # the error is inside what it holds
+                if isinstance(decoded, dict | list):
+                    child = node[step] = decoded
+                    copied.add(id(decoded))  # made here: ours to change
+            parent, key = node, step
             path.append(step)
-        elif isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node):
-            if not isinstance(item := node[step], dict):
-                break  # the item itself: its list goes whole
-            if id(item) not in copied:
-                item = node[step] = dict(item)
-                copied.add(id(item))
-            node = item
-        else:
-            break
+        holder, node = (node, step), child
     if parent is None or key == "CallbackCommand":
         return None
     del parent[key]

@@ -155,8 +155,9 @@ ODD_FIELDS = [
     ("Live.CallbackAfterCreateRoom", {"RoomInfo": '{"RoomId": "r", "Category": "music"}'},
      "RoomInfo.Category"),  # sent as its JSON text: read, and only the bad field left out
     ("Live.CallbackAfterCreateRoom", {"RoomInfo": '{"RoomId": "\\ud800"}'}, "RoomInfo"),
-    ("Live.CallbackAfterSetMetadata", {"Metadata": [{"Key": 5}]}, "Metadata"),  # Key is required
-    ("Live.CallbackAfterSetMetadata", {"Metadata": [{"Key": "k", "Value": 5}]}, "Metadata.0.Value"),
+    ("Live.CallbackAfterSetMetadata", {"Metadata": [{"Key": [5]}]}, "Metadata"),  # Key: required
+    ("Live.CallbackAfterSetMetadata", {"Metadata": [{"Key": "k", "Value": [5]}]},
+     "Metadata.0.Value"),
     ("Live.CallbackAfterSetMetadata", {"Metadata": [{"Key": "k"}, 5]}, "Metadata"),  # no item
     ("Live.CallbackAfterDelMetadata", {"Keys": "k"}, "Keys"),
     ("Live.CallbackAfterDelMetadata", {"Keys": ["k", ["j"]]}, "Keys"),
@@ -219,23 +220,25 @@ def test_a_list_of_many_bad_items_is_copied_once(monkeypatch: pytest.MonkeyPatch
 
     def counted(value: Any) -> Any:
         nonlocal copies
-        copies += 1
+        copies += isinstance(value, list)  # the items are copied each once: theirs change
         return real(value)
 
     monkeypatch.setattr(copy, "copy", counted)
     fields = {"CallbackCommand": "Live.CallbackAfterSetMetadata", "RoomId": "r",
-              "Metadata": [{"Key": n} for n in range(5000)]}  # fmt: skip
+              "Metadata": [{"Key": [n]} for n in range(5000)]}  # fmt: skip
     assert parse_event(fields).model_dump()["Metadata"] is None and copies == 1
 
 
 def test_one_metadata_item_not_as_documented_leaves_the_others() -> None:
     fields = {
         "CallbackCommand": "Live.CallbackAfterSetMetadata", "RoomId": "r",
-        "Metadata": [{"Key": "viewers", "Value": 5}, {"Key": "title", "Value": "hello"}],
+        "Metadata": [{"Key": "viewers", "Value": [5]}, {"Key": "title", "Value": "hello"},
+                     {"Key": 7, "Value": 8}],  # numbers for text: read as their digits
     }  # fmt: skip
     event = parse_event(fields)
     assert event.model_dump()["Metadata"] == [
         {"Key": "viewers", "Value": None}, {"Key": "title", "Value": "hello"},
+        {"Key": "7", "Value": "8"},
     ]  # fmt: skip
 
 
