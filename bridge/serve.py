@@ -56,14 +56,18 @@ def main(args: argparse.Namespace) -> int:
     except ConfigError as exc:  # its templates, which name themselves: the config names them
         print(f"live-bridge: {path}: {exc}", file=sys.stderr)
         return 2
-    if problem := asyncio.run(store_problem(config.store)):
-        print(f"live-bridge: {problem}", file=sys.stderr)
-        return 1
+    # The port first: taken, it stops start-up before a store is made for a server that never
+    # ran.
     try:
         sockets = listen(config.server.host, config.server.port)
     except OSError as exc:
         where = f"{config.server.host}:{config.server.port}"
         print(f"live-bridge: cannot listen on {where}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    if problem := asyncio.run(store_problem(config.store)):
+        for sock in sockets:
+            sock.close()
+        print(f"live-bridge: {problem}", file=sys.stderr)
         return 1
     # uvicorn says where it listens only for the sockets it binds itself.
     for sock in sockets:

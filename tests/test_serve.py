@@ -141,8 +141,10 @@ def test_a_store_it_cannot_open_is_one_line_and_status_1(tmp_path: Path) -> None
     first = start(config, log)
     try:
         assert wait_until(lambda: ready(f"http://127.0.0.1:{port}"), timeout=20)
+        other = tmp_path / "other.toml"  # the same file, another port (the port is tried first)
+        other.write_text(config.read_text().replace(f"port = {port}", f"port = {free_port()}"))
         second = subprocess.run(
-            [sys.executable, "-m", "bridge", "serve", "--config", str(config)],
+            [sys.executable, "-m", "bridge", "serve", "--config", str(other)],
             capture_output=True, text=True, timeout=30, check=False,
         )  # fmt: skip
     finally:
@@ -184,6 +186,7 @@ def test_a_port_already_taken_is_one_line_and_status_1(tmp_path: Path) -> None:
         f"live-bridge: cannot listen on 127.0.0.1:{port}: Address already in use"
     )
     assert "live-bridge ready" not in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "bridge.db").exists()  # no store made for a server that never ran
 
 
 def test_templates_that_do_not_render_name_the_config_and_status_2(tmp_path: Path) -> None:
