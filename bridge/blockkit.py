@@ -253,8 +253,8 @@ def _fit_block(block: dict[str, Any]) -> dict[str, Any]:
     out = dict(block)
     if len(str(block.get("block_id", ""))) > BLOCK_ID_CHARS:
         del out["block_id"]  # optional; cut, two could end alike, which Slack refuses
-    if kind == "image" and isinstance(block.get("alt_text"), str):
-        out["alt_text"] = cut(block["alt_text"], ALT_TEXT_CHARS)
+    if kind == "image":
+        out = _fit_element(out)
     if (fold := _FOLD.get(kind)) is not None and isinstance(block.get(fold[0]), list):
         key, most, separator = fold
         out[key] = _fold(block[key], most, separator)
@@ -267,22 +267,18 @@ def _fit_block(block: dict[str, Any]) -> dict[str, Any]:
         # A cut URL leads nowhere: a button whose URL Slack would refuse is left out.
         elements = block.get("elements")
         if isinstance(elements, list):
-            out["elements"] = [_fit_text_of(e) for e in elements if not _long_url(e)]
+            out["elements"] = [_fit_element(e) for e in elements if not _long_url(e)]
     if kind == "section" and "accessory" in out:
-        out["accessory"] = _fit_text_of(out["accessory"])
+        out["accessory"] = _fit_element(out["accessory"])
     if kind == "context" and isinstance(elements := out.get("elements"), list):
-        out["elements"] = [
-            {**e, "alt_text": cut(e["alt_text"], ALT_TEXT_CHARS)}
-            if isinstance(e, dict) and isinstance(e.get("alt_text"), str) else e
-            for e in elements
-        ]  # fmt: skip
+        out["elements"] = [_fit_element(e) for e in elements]
     return out
 
 
-def _fit_text_of(element: Any) -> Any:
-    """An interactive element (a button, in an actions block or a section's accessory) with its
-    text cut to Slack's 75 characters and an action_id over 255 left out; an image element
-    with its alt text cut to 2000."""
+def _fit_element(element: Any) -> Any:
+    """An image (a block, an accessory, a context element) with its alt text cut to 2000; an
+    interactive element (a button, in an actions block or as an accessory) with its text cut to
+    75 and an action_id over 255 left out."""
     if not isinstance(element, dict):
         return element
     out = dict(element)
@@ -290,7 +286,7 @@ def _fit_text_of(element: Any) -> Any:
         del out["action_id"]  # optional, as block_id
     if element.get("type") == "image" and isinstance(element.get("alt_text"), str):
         out["alt_text"] = cut(element["alt_text"], ALT_TEXT_CHARS)
-    elif isinstance(label := element.get("text"), dict):
+    elif isinstance(label := element.get("text"), dict):  # a button's; a text object's is a str
         out["text"] = _fit_text(label, BUTTON_CHARS)
     return out
 

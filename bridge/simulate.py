@@ -68,7 +68,7 @@ def main(args: argparse.Namespace) -> int:
     url = args.url or default_url(config)
     try:
         check_http_url(url)
-        if urlsplit(url).username is not None or urlsplit(url).password is not None:
+        if (parts := urlsplit(url)).username is not None or parts.password is not None:
             # urllib cannot send them ("Name or service not known"), and the message printed
             # the password, twice.
             raise ValueError("cannot carry a user or password: the bridge takes none")
