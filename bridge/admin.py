@@ -350,11 +350,14 @@ class Admin:
                 "blocked_until": when(now + blocked) if blocked > 0 else None,
                 "rate": getattr(channel, "rate_per_s", None), "configured": channel is not None,
             })  # fmt: skip
+        recent = await bridge.store.recent_events(RECENT_EVENTS)
         events = [
-            {"when": when(e.received_at), "command": e.command, "room": e.room_id or "—",
-             "deliveries": e.deliveries}
-            for e in await bridge.store.recent_events(RECENT_EVENTS)
+            {"when": when(e.received_at), "command": e.command, "app": e.sdk_app_id,
+             "room": e.room_id or "—", "deliveries": e.deliveries}
+            for e in recent
         ]  # fmt: skip
+        # Two apps may name a room alike: their app beside it, once there are two to tell apart.
+        apps = {e.sdk_app_id for e in recent} | set(config.tencent.sdk_app_id)
         # Said only of a count and a channel there is: the query is anyone's to write, and a
         # link could make the page say "Session expired: sign in again at https://…".
         retried, retried_channel = (
@@ -363,7 +366,7 @@ class Admin:
         if not (retried or "").isdigit() or retried_channel not in config.channels:
             retried = retried_channel = None
         return {
-            "channels": channels, "events": events, "now": when(now),
+            "channels": channels, "events": events, "several_apps": len(apps) > 1, "now": when(now),
             "zone": config.templates.timezone, "version": __version__, "csrf": self._form_token(),
             "refresh": REFRESH_S,
             "retried": retried, "retried_channel": retried_channel,

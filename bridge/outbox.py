@@ -142,10 +142,10 @@ async def _list(store: Store, config: Config, args: argparse.Namespace) -> int:
         print("no deliveries")
     else:
         _print_table(
-            ["ID", "CHANNEL", "ROOM", "COMMAND", "STATE", "ATTEMPTS", "LAST ERROR", "CREATED",
-             "UPDATED", "NEXT ATTEMPT"],
-            [[d.id, d.channel, "-" if d.room_id is None else d.room_id, d.command, d.state.value,
-              d.attempts, _cut(_visible(d.last_error or "-")), _time(d.created_at),
+            ["ID", "CHANNEL", "APP", "ROOM", "COMMAND", "STATE", "ATTEMPTS", "LAST ERROR",
+             "CREATED", "UPDATED", "NEXT ATTEMPT"],
+            [[d.id, d.channel, d.sdk_app_id, "-" if d.room_id is None else d.room_id, d.command,
+              d.state.value, d.attempts, _cut(_visible(d.last_error or "-")), _time(d.created_at),
               _time(d.updated_at), _time(d.next_attempt_at) if d.state == State.PENDING else "-"]
              for d in found],
         )  # fmt: skip
@@ -214,7 +214,8 @@ def _report(
 
 def _row_json(d: DeliveryRow) -> dict[str, object]:
     return {
-        "id": d.id, "event_id": d.event_id, "channel": d.channel, "room_id": d.room_id,
+        "id": d.id, "event_id": d.event_id, "channel": d.channel, "sdk_app_id": d.sdk_app_id,
+        "room_id": d.room_id,
         "command": d.command, "state": d.state.value, "attempts": d.attempts,
         "last_error": d.last_error, "created_at": _time(d.created_at),
         "updated_at": _time(d.updated_at),

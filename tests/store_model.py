@@ -322,12 +322,12 @@ class Model:
         return out
 
     def delivery_row(self, r: Row) -> DeliveryRow:
+        event = self.events[r.event_id][0]
         return DeliveryRow(
-            id=r.id, event_id=r.event_id, channel=r.channel,
-            room_id=self.events[r.event_id][0].room_id, command=self.events[r.event_id][0].command,
-            state=r.state, attempts=r.attempts,
+            id=r.id, event_id=r.event_id, channel=r.channel, room_id=event.room_id,
+            command=event.command, state=r.state, attempts=r.attempts,
             last_error=r.last_error, created_at=r.created_at, updated_at=r.updated_at,
-            next_attempt_at=r.next_attempt_at,
+            next_attempt_at=r.next_attempt_at, sdk_app_id=event.sdk_app_id,
         )  # fmt: skip
 
     def list_deliveries(
@@ -348,5 +348,6 @@ class Model:
                 (r for r in self.rows.values() if r.event_id == event_id), key=lambda r: r.id
             )
             out.append(RecentEvent(event_id, at, event.command, event.room_id,
-                                   tuple(self.delivery_row(r) for r in rows)))  # fmt: skip
+                                   tuple(self.delivery_row(r) for r in rows),
+                                   event.sdk_app_id))  # fmt: skip
         return out

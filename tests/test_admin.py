@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import shutil
 import socket
 import time
@@ -23,7 +24,9 @@ from bridge.admin import GONE_SHOWN, GUESS_WINDOW_S, GUESSERS_KEPT, GUESSES, Gue
 from bridge.store import NewDelivery
 from bridge.store.sqlite import SQLiteStore
 from tests.bridge_server import (
+    APP_ID,
     OK_PACKET,
+    OWNER,
     SEED_BODY,
     InThread,
     NoRedirect,
@@ -445,6 +448,25 @@ def test_a_rooms_text_is_shown_escaped_and_cut_short(bridge: InThread) -> None:
     page = http_request(bridge.url + "/status")[2].decode()
     assert "abc\\u202egnp.exe" in page and "\u202e" not in page
     assert "r" * 119 + "…" in page and "r" * 120 not in page
+
+
+def test_rooms_of_two_apps_are_told_apart_by_their_app(tmp_path: Path, slack: SlackStandIn) -> None:
+    # Two apps may name a room alike: with one app served, no column for it; with two, each
+    # event's app beside its room.
+    config = write_config(tmp_path, channels=HOOK.format(url=slack.sink_url()), routes=ROUTE)
+    with InThread(config) as one_app:
+        assert post_callback(one_app.url) == (200, OK_PACKET)
+        page = http_request(one_app.url + "/status")[2].decode()
+    assert ">App<" not in page and str(APP_ID) not in page
+    config.write_text(
+        config.read_text().replace(f"sdk_app_id = {APP_ID}", f"sdk_app_id = [{APP_ID}, 7]")
+    )
+    with InThread(config) as two_apps:
+        query = {"SdkAppid": "7", "CallbackCommand": OWNER, "contenttype": "json"}
+        assert post_callback(two_apps.url, query=query) == (200, OK_PACKET)
+        page = http_request(two_apps.url + "/status")[2].decode()
+    rows = re.findall(r'<td data-label="App">(\d+)</td>\s*<td data-label="Room">(\w+)</td>', page)
+    assert rows == [("7", "room_id"), (str(APP_ID), "room_id")]  # newest first
 
 
 def test_pages_the_store_cannot_give_are_503_not_500(tmp_path: Path, postgres_url: str) -> None:

@@ -66,9 +66,11 @@ def populate(tmp_path: Path) -> dict[str, int]:
         await store.open()
         try:
             now = time.time() - AGE_S
-            for key, room, event_time in (("a", "room-a", 1000), ("b", "b\nfake", 2000)):
-                event = NewEvent(1400000000, "Live.CallbackAfterCreateRoom", room, event_time,
-                                 "{}", "{}", key)  # fmt: skip
+            for key, app, room, event_time in (
+                ("a", 1400000000, "room-a", 1000), ("b", 1400000001, "b\nfake", 2000)
+            ):  # fmt: skip
+                event = NewEvent(app, "Live.CallbackAfterCreateRoom", room, event_time, "{}",
+                                 "{}", key)  # fmt: skip
                 deliveries = [NewDelivery("hook", "payload")]
                 deliveries.append(
                     NewDelivery("console", None, error="render failed: x")
@@ -151,13 +153,14 @@ def test_list_filters_table_and_json(tmp_path: Path) -> None:
     assert dead[ids["hook_dead"]]["attempts"] == 1 and dead[ids["hook_dead"]]["room_id"] == "room-a"
     pending = next(d for d in every if d["state"] == "pending")
     assert pending["room_id"] == "b\nfake" and pending["next_attempt_at"].endswith("Z")
+    assert (pending["sdk_app_id"], dead[ids["hook_dead"]]["sdk_app_id"]) == (1400000001, 1400000000)
     assert all(d["next_attempt_at"] is None for d in every if d["state"] != "pending")
 
     table = run("list", "--dead", "--channel", "hook", "--config", str(config))
     assert table.returncode == 0, table.stderr
     header, row = table.stdout.splitlines()
-    assert header.split()[:4] == ["ID", "CHANNEL", "ROOM", "COMMAND"]
-    assert row.split()[:6] == [str(ids["hook_dead"]), "hook", "room-a",
+    assert header.split()[:5] == ["ID", "CHANNEL", "APP", "ROOM", "COMMAND"]
+    assert row.split()[:7] == [str(ids["hook_dead"]), "hook", "1400000000", "room-a",
                                "Live.CallbackAfterCreateRoom", "dead", "1"]  # fmt: skip
     assert "HTTP 404: " + "x" * 49 + "…" in row and "x" * 51 not in row
     assert re.search(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ +\S+Z +-$", row)  # dead: no next attempt

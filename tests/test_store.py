@@ -52,18 +52,20 @@ async def deliveries(store: Store) -> list[DeliveryRow]:
 async def test_record_writes_event_and_deliveries_together(store: Store) -> None:
     now = time.time()
     recorded = await store.record(
-        new_event(), [NewDelivery("a", "p1"), NewDelivery("b", None, error="render failed: x")],
+        new_event(app=7), [NewDelivery("a", "p1"), NewDelivery("b", None, "render failed: x")],
         now, 600,
     )  # fmt: skip
     assert not recorded.duplicate
     (event,) = await store.recent_events(10)
-    assert (event.id, event.command, event.room_id) == (
-        recorded.event_id, "Live.CallbackAfterChangeOwner", "r1",
+    assert (event.id, event.command, event.sdk_app_id, event.room_id) == (
+        recorded.event_id, "Live.CallbackAfterChangeOwner", 7, "r1",
     )  # fmt: skip
-    assert [(d.channel, d.state, d.last_error, d.room_id) for d in event.deliveries] == [
-        ("a", State.PENDING, None, "r1"),
-        ("b", State.DEAD, "render failed: x", "r1"),
-    ]
+    # Each as Tencent named it, with its app: not the room_key the store orders by.
+    expected = [("a", State.PENDING, None, 7, "r1"), ("b", State.DEAD, "render failed: x", 7, "r1")]
+    for listed in (event.deliveries, (await store.list_deliveries(False, None, 10))[::-1]):
+        assert [(d.channel, d.state, d.last_error, d.sdk_app_id, d.room_id) for d in listed] == (
+            expected
+        )
     (claimed,) = await store.claim("a", now, 10, 30)
     assert (claimed.payload, claimed.event_id, claimed.received_at) == ("p1", event.id, now)
 

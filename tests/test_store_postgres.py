@@ -261,7 +261,9 @@ async def test_rooms_stored_before_version_9_name_their_app(
         ("bot", "7:r", "1.1"), ("hook", "8:r", "1.2")
     ]  # fmt: skip
     listed = await store.list_deliveries(False, None, 10)
-    assert [(r.channel, r.room_id) for r in listed] == [("hook", "r"), ("bot", "r"), ("bot", None)]
+    assert [(r.channel, r.sdk_app_id, r.room_id) for r in listed] == [
+        ("hook", 8, "r"), ("bot", 8, "r"), ("bot", 7, None)
+    ]  # fmt: skip
     assert await store.get_thread("bot", room_key(7, "r"), 0) == "1.1"
 
 

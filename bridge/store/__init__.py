@@ -23,7 +23,7 @@ import enum
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 # A pending delivery written (updated_at) more than this after `now` was written before the wall
 # clock went back: it is due at once rather than when the clock reaches its time again, which
@@ -143,7 +143,7 @@ class DeliveryRow:
     id: int
     event_id: int
     channel: str
-    room_id: str | None
+    room_id: str | None  # as Tencent named it (events.room_id), not the room_key
     command: str
     state: State
     attempts: int
@@ -151,6 +151,16 @@ class DeliveryRow:
     created_at: float
     updated_at: float
     next_attempt_at: float
+    sdk_app_id: int  # the room's app: two apps may name a room alike
+
+    @classmethod
+    def of(cls, r: Sequence[Any]) -> DeliveryRow:
+        """From a row of the stores' delivery columns (schema.LIST_SQL's, in its order)."""
+        return cls(
+            id=r[0], event_id=r[1], channel=r[2], room_id=r[3], command=r[4], state=State(r[5]),
+            attempts=r[6], last_error=r[7], created_at=r[8], updated_at=r[9],
+            next_attempt_at=r[10], sdk_app_id=r[11],
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -162,6 +172,7 @@ class RecentEvent:
     command: str
     room_id: str | None
     deliveries: tuple[DeliveryRow, ...]
+    sdk_app_id: int
 
 
 class Store(Protocol):

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
-from bridge.store import ChannelStats, DeliveryRow, RecentEvent, State
+from bridge.store import ChannelStats, DeliveryRow, RecentEvent
 from bridge.store.pg_pool import PostgresPool
 from bridge.store.pg_schema import EVENT_ROWS_SQL, LIST_SQL, STATS_SQL
 
@@ -108,13 +107,13 @@ class PostgresOutbox(PostgresPool):
         self, dead_only: bool, channel: str | None, limit: int
     ) -> list[DeliveryRow]:
         rows = await self._fetch(LIST_SQL, {"dead": dead_only, "channel": channel, "limit": limit})
-        return [_delivery_row(r) for r in rows]
+        return [DeliveryRow.of(r) for r in rows]
 
     async def recent_events(self, limit: int) -> list[RecentEvent]:
         async with self._connection() as conn, conn.transaction():
             events = await (
                 await conn.execute(
-                    "SELECT id, received_at, command, room_id FROM events"
+                    "SELECT id, received_at, command, room_id, sdk_app_id FROM events"
                     " ORDER BY id DESC LIMIT %s",
                     (limit,),
                 )
@@ -123,8 +122,10 @@ class PostgresOutbox(PostgresPool):
             rows = await (await conn.execute(EVENT_ROWS_SQL, (ids,))).fetchall() if ids else []
         by_event: dict[int, list[DeliveryRow]] = {}
         for r in rows:
-            by_event.setdefault(r[1], []).append(_delivery_row(r))
-        return [RecentEvent(e[0], e[1], e[2], e[3], tuple(by_event.get(e[0], ()))) for e in events]
+            by_event.setdefault(r[1], []).append(DeliveryRow.of(r))
+        return [
+            RecentEvent(e[0], e[1], e[2], e[3], tuple(by_event.get(e[0], ())), e[4]) for e in events
+        ]
 
     async def retry(self, ids: Sequence[int], now: float) -> list[int]:
         rows = await self._fetch(
@@ -169,10 +170,3 @@ class PostgresOutbox(PostgresPool):
             " AND payload IS NOT NULL AND channel = ANY(%s::text[])",
             (list(channels),),
         )
-
-
-def _delivery_row(r: Sequence[Any]) -> DeliveryRow:
-    return DeliveryRow(
-        id=r[0], event_id=r[1], channel=r[2], room_id=r[3], command=r[4], state=State(r[5]),
-        attempts=r[6], last_error=r[7], created_at=r[8], updated_at=r[9], next_attempt_at=r[10],
-    )  # fmt: skip

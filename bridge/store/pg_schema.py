@@ -350,7 +350,7 @@ FROM deliveries GROUP BY channel ORDER BY channel COLLATE "C"
 """
 
 ROW_COLUMNS = """d.id, d.event_id, d.channel, e.room_id, e.command, d.state, d.attempts,
-  d.last_error, d.created_at, d.updated_at, d.next_attempt_at"""
+  d.last_error, d.created_at, d.updated_at, d.next_attempt_at, e.sdk_app_id"""
 
 LIST_SQL = f"""
 SELECT {ROW_COLUMNS}

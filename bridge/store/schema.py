@@ -396,7 +396,7 @@ ORDER BY received_at, id LIMIT ?
 
 LIST_SQL = """
 SELECT d.id, d.event_id, d.channel, e.room_id, e.command, d.state, d.attempts, d.last_error,
-       d.created_at, d.updated_at, d.next_attempt_at
+       d.created_at, d.updated_at, d.next_attempt_at, e.sdk_app_id
 FROM deliveries d JOIN events e ON e.id = d.event_id
 WHERE (:dead = 0 OR d.state = 'dead') AND (:channel IS NULL OR d.channel = :channel)
   AND d.state != 'delivered'

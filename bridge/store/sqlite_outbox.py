@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from bridge.store import ChannelStats, DeliveryRow, RecentEvent, State
+from bridge.store import ChannelStats, DeliveryRow, RecentEvent
 from bridge.store.schema import (
     CHANNEL_NAMES,
     HIGH_WATER_SQL,
@@ -118,14 +118,15 @@ class SQLiteOutbox(SQLiteFile):
     ) -> list[DeliveryRow]:
         def op(conn: sqlite3.Connection) -> list[DeliveryRow]:
             params = {"dead": int(dead_only), "channel": channel, "limit": limit}
-            return [_delivery_row(r) for r in conn.execute(LIST_SQL, params)]
+            return [DeliveryRow.of(r) for r in conn.execute(LIST_SQL, params)]
 
         return await self._read(op)
 
     async def recent_events(self, limit: int) -> list[RecentEvent]:
         def op(conn: sqlite3.Connection) -> list[RecentEvent]:
             events = conn.execute(
-                "SELECT id, received_at, command, room_id FROM events ORDER BY id DESC LIMIT ?",
+                "SELECT id, received_at, command, room_id, sdk_app_id FROM events"
+                " ORDER BY id DESC LIMIT ?",
                 (limit,),
             ).fetchall()
             if not events:
@@ -134,7 +135,8 @@ class SQLiteOutbox(SQLiteFile):
             rows = conn.execute(
                 sql_in(
                     "SELECT d.id, d.event_id, d.channel, e.room_id, e.command, d.state,"
-                    " d.attempts, d.last_error, d.created_at, d.updated_at, d.next_attempt_at"
+                    " d.attempts, d.last_error, d.created_at, d.updated_at, d.next_attempt_at,"
+                    " e.sdk_app_id"
                     " FROM deliveries d JOIN events e ON e.id = d.event_id"
                     " WHERE d.event_id IN ({marks}) ORDER BY d.id",
                     ids,
@@ -143,9 +145,10 @@ class SQLiteOutbox(SQLiteFile):
             ).fetchall()
             by_event: dict[int, list[DeliveryRow]] = {}
             for r in rows:
-                by_event.setdefault(r[1], []).append(_delivery_row(r))
+                by_event.setdefault(r[1], []).append(DeliveryRow.of(r))
             return [
-                RecentEvent(e[0], e[1], e[2], e[3], tuple(by_event.get(e[0], ()))) for e in events
+                RecentEvent(e[0], e[1], e[2], e[3], tuple(by_event.get(e[0], ())), e[4])
+                for e in events
             ]
 
         return await self._read(op)
@@ -245,10 +248,3 @@ class SQLiteOutbox(SQLiteFile):
         # acknowledgement for 2.9 s. Between two, a lane of the old config may still claim and
         # send: as the old type, with the old sender, as it should.
         return await self._in_batches(FORGET_SQL, channels, {})
-
-
-def _delivery_row(r: Sequence[Any]) -> DeliveryRow:
-    return DeliveryRow(
-        id=r[0], event_id=r[1], channel=r[2], room_id=r[3], command=r[4], state=State(r[5]),
-        attempts=r[6], last_error=r[7], created_at=r[8], updated_at=r[9], next_attempt_at=r[10],
-    )  # fmt: skip
