@@ -174,6 +174,14 @@ class Lanes(Attempts, abc.ABC):
                 free.append(name)
         return free
 
+    def _answered(self, policy: ChannelPolicy, pacer: Pacer, outcome: Outcome) -> None:
+        """The far end answered a send (a message or a digest) the pacer let through."""
+        pacer.done()
+        if outcome.rate_limited or outcome.local:
+            self._pause(policy, pacer, outcome)
+        else:
+            pacer.unasked = 0  # the 429s without a Retry-After in a row end
+
     def _pause(self, policy: ChannelPolicy, pacer: Pacer, outcome: Outcome) -> None:
         """Nothing more to the channel for the outcome's Retry-After: a 429, or a send this
         process could not make (no file descriptor), which would fail for every delivery."""
@@ -249,11 +257,7 @@ class Lanes(Attempts, abc.ABC):
                     # channel: the rest of its claim, up to 200 rows, must not follow.
                     if may_send() and await pacer.wait() and may_send():
                         outcome = await self._attempt(policy, row)
-                        pacer.done()
-                        if outcome.rate_limited or outcome.local:  # before the slot is free
-                            self._pause(policy, pacer, outcome)
-                        else:
-                            pacer.unasked = 0
+                        self._answered(policy, pacer, outcome)  # before the slot is free
                 if failed and outcome is None:
                     unsent.extend(sequence[index:])
                     return
@@ -324,11 +328,7 @@ class Lanes(Attempts, abc.ABC):
                 await self._give_back(rest, time.time(), "digest not sent yet")
                 return
             outcome = await self._send(policy, payload, carried[0], None)
-            pacer.done()
-            if outcome.rate_limited or outcome.local:
-                self._pause(policy, pacer, outcome)
-            else:
-                pacer.unasked = 0
+            self._answered(policy, pacer, outcome)
             await asyncio.gather(*(self._settle(row, outcome) for row in carried))
             if outcome.result is Result.RETRY:
                 rest = [row for _, later in digests[index + 1 :] for row in later]
