@@ -145,7 +145,8 @@ GUESSERS_KEPT = 10_000  # addresses remembered at most; the oldest windows let g
 
 
 class Guesses:
-    """Wrong admin tokens by client address. Past GUESSES in a window, that address is refused
+    """Wrong admin tokens by client address (IPv6: by /64, `guesser`). Past GUESSES in a window,
+    that address is refused
     (429), the right token too, until its window ends: the login form took 3,400 guesses a
     second, and a short token falls to that in minutes. Behind a proxy every client is the
     proxy's address, and one guesser locks them all out for a minute: no worse than guessing."""
@@ -173,8 +174,23 @@ class Guesses:
                         GUESSES, address, GUESS_WINDOW_S, GUESS_WINDOW_S)  # fmt: skip
 
 
-def _address(request: Request) -> str:
-    return request.client.host if request.client else "-"
+def guesser(host: str) -> str:
+    """Whom a wrong token from `host` counts against: its address, or, for IPv6, its /64. A
+    host is given a /64 to pick its addresses from at will: counted by address, it could guess
+    on from a new one every tenth guess."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host  # not an address ("-", a test client's name): as it is
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:  # a dual-stack socket's IPv4 client
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+def _guesser(request: Request) -> str:
+    return guesser(request.client.host if request.client else "-")
 
 
 def too_many_guesses(wait: float) -> Response:
@@ -192,7 +208,7 @@ class Admin:
 
     def _refused(self, request: Request, page: bool = False) -> Response | None:
         """None when `request` may use the admin endpoints; else the answer refusing it."""
-        if (wait := self._guesses.wait(_address(request))) > 0:
+        if (wait := self._guesses.wait(_guesser(request))) > 0:
             return too_many_guesses(wait)
         return None if self.allowed(request) else self._refuse(request, page)
 
@@ -225,7 +241,7 @@ class Admin:
         if header.lower().startswith("bearer "):
             if hmac.compare_digest(header[7:].strip().encode(), token.encode()):
                 return True
-            self._guesses.wrong(_address(request))
+            self._guesses.wrong(_guesser(request))
             return False
         cookie = request.cookies.get(COOKIE, "")
         return hmac.compare_digest(cookie.encode(), self._session(token).encode())
@@ -269,11 +285,11 @@ class Admin:
         if form is None:
             return form_too_large()
         given = form.get("token", "")
-        if (wait := self._guesses.wait(_address(request))) > 0:
+        if (wait := self._guesses.wait(_guesser(request))) > 0:
             return too_many_guesses(wait)
         if token is None or not hmac.compare_digest(given.encode(), token.encode()):
             if token is not None:
-                self._guesses.wrong(_address(request))
+                self._guesses.wrong(_guesser(request))
             page = LOGIN_PAGE.render(error="That token is not right.")
             return HTMLResponse(page, 401, headers=PAGE_HEADERS)
         response = RedirectResponse("/status", 303)

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from bridge.admin import GONE_SHOWN, GUESS_WINDOW_S, GUESSERS_KEPT, GUESSES, Guesses
+from bridge.admin import GONE_SHOWN, GUESS_WINDOW_S, GUESSERS_KEPT, GUESSES, Guesses, guesser
 from bridge.store import NewDelivery
 from bridge.store.sqlite import SQLiteStore
 from tests.bridge_server import (
@@ -100,14 +100,17 @@ def test_without_a_token_only_loopback_clients_are_admitted(bridge: InThread) ->
     assert post_callback(bridge.url, headers=remote) == (200, OK_PACKET)  # Tencent is unaffected
 
 
-def test_raw_asgi_request_from_a_remote_address_is_refused(bridge: InThread) -> None:
+def asgi_get(
+    bridge: InThread, path: str, client: str, headers: list[tuple[bytes, bytes]] | None = None
+) -> int:
+    """The status of a GET straight to the bridge's app, as if from `client`'s address."""
     sent: list[dict[str, Any]] = []
 
     async def call() -> None:
         scope = {
-            "type": "http", "http_version": "1.1", "method": "GET", "path": "/metrics",
-            "raw_path": b"/metrics", "query_string": b"", "headers": [], "scheme": "http",
-            "client": ("198.51.100.7", 40000), "server": ("127.0.0.1", bridge.port),
+            "type": "http", "http_version": "1.1", "method": "GET", "path": path,
+            "raw_path": path.encode(), "query_string": b"", "headers": headers or [],
+            "scheme": "http", "client": (client, 40000), "server": ("127.0.0.1", bridge.port),
             "root_path": "", "app": bridge.app,
         }  # fmt: skip
 
@@ -120,7 +123,28 @@ def test_raw_asgi_request_from_a_remote_address_is_refused(bridge: InThread) -> 
         await bridge.app(scope, receive, send)
 
     asyncio.run(call())
-    assert sent[0]["status"] == 403
+    status: int = sent[0]["status"]
+    return status
+
+
+def test_raw_asgi_request_from_a_remote_address_is_refused(bridge: InThread) -> None:
+    assert asgi_get(bridge, "/metrics", "198.51.100.7") == 403
+
+
+def test_a_host_guessing_from_many_ipv6_addresses_of_its_64_is_refused(
+    tmp_path: Path, slack: SlackStandIn
+) -> None:
+    config = write_config(
+        tmp_path, channels=HOOK.format(url=slack.sink_url()), routes=ROUTE,
+        extra=f'[admin]\ntoken = "{TOKEN}"\n',
+    )  # fmt: skip
+    with InThread(config) as bridge:
+        for n in range(GUESSES):  # each guess from an address of its own, all of one /64
+            wrong = [(b"authorization", f"Bearer guess-{n}".encode())]
+            assert asgi_get(bridge, "/metrics", f"2001:db8:7:7::{n + 1:x}", wrong) == 401
+        right = [(b"authorization", f"Bearer {TOKEN}".encode())]
+        assert asgi_get(bridge, "/metrics", "2001:db8:7:7:ffff::1", right) == 429
+        assert asgi_get(bridge, "/metrics", "2001:db8:7:8::1", [(b"authorization", b"x")]) == 401
 
 
 def test_with_a_token_bearer_or_cookie_from_anywhere(tmp_path: Path, slack: SlackStandIn) -> None:
@@ -180,6 +204,23 @@ def test_an_address_that_guesses_tokens_is_refused_for_a_minute(
         assert status == 429 and 0 < int(headers["retry-after"]) <= GUESS_WINDOW_S
         assert http_request(url + "/status/login", "POST", data=f"token={TOKEN}".encode())[0] == 429
         assert post_callback(url) == (200, OK_PACKET)  # callbacks are no admin's business
+
+
+@pytest.mark.parametrize(
+    ("host", "counted_as"),
+    [
+        ("203.0.113.9", "203.0.113.9"),
+        ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff:ffff:ffff:fffe", "2001:db8:1:2::/64"),  # the same host's, still
+        ("2001:db8:1:3::1", "2001:db8:1:3::/64"),  # another's
+        ("::ffff:203.0.113.9", "203.0.113.9"),  # IPv4 through a dual-stack socket
+        ("::1", "::/64"),
+        ("-", "-"),
+        ("testclient", "testclient"),
+    ],
+)
+def test_guesses_from_one_ipv6_host_count_together(host: str, counted_as: str) -> None:
+    assert guesser(host) == counted_as
 
 
 def test_guesses_are_counted_in_a_window_per_address() -> None:
