@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from bridge import __version__, checks, outbox, preview, send_test, serve, simulate
+from bridge import __version__, checks, logs, outbox, preview, send_test, serve, simulate
 
 COMMANDS = {
     "serve": serve,
@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    if args.command != "serve":  # serve logs as its flags say
+        logs.setup_command()
     try:
         code = COMMANDS[args.command].main(args)
         sys.stdout.flush()

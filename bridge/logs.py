@@ -158,8 +158,9 @@ def flush() -> None:
 def setup(
     level: str, fmt: str, callback_paths: frozenset[str] | None, process: str | None = None
 ) -> None:
-    """Configure the root logger; `callback_paths`, when given, are kept out of the access log.
-    `process` names a process other than the server's in each line (the delivery process)."""
+    """Configure the root logger; `callback_paths`, when given, are kept out of the access log
+    (or later, `keep_out_of_access_log`). `process` names a process other than the server's in
+    each line (the delivery process)."""
     root = logging.getLogger()
     for old in root.handlers:
         if isinstance(old, BackgroundHandler):
@@ -174,5 +175,21 @@ def setup(
         )
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    keep_out_of_access_log(callback_paths)
+
+
+def keep_out_of_access_log(callback_paths: frozenset[str] | None) -> None:
+    """The access log leaves out requests to `callback_paths` (None: it covers every path)."""
     access = logging.getLogger("uvicorn.access")
     access.filters[:] = [SkipPath(callback_paths)] if callback_paths else []
+
+
+def setup_command() -> None:
+    """For a command that runs and ends (check, render, …): its warnings on stderr, each line
+    saying whose it is, as the command's own complaints do (`live-bridge: …`). Without a
+    handler, Python printed them bare. Handlers already there (a caller's, pytest's) stay."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("live-bridge: %(levelname)s: %(message)s"))
+        root.addHandler(handler)

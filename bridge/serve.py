@@ -45,9 +45,11 @@ def register(commands: Any) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    # Before the config: what loading it warns of is a log line too, in the format asked for.
+    logs.setup(args.log_level, args.log_format, None)
     path, config = load_for_command(args.config)
-    skip = None if args.access_log_callbacks else config.server.callback_paths
-    logs.setup(args.log_level, args.log_format, skip)
+    if not args.access_log_callbacks:
+        logs.keep_out_of_access_log(config.server.callback_paths)
     from bridge.app import create_app  # after logging is set up
     from bridge.protocol import protocol_for
 
@@ -103,6 +105,11 @@ def main(args: argparse.Namespace) -> int:
         # to say why, which asyncio's runner turns into this exception: no traceback after a
         # clean stop, and the status a shell gives a process Ctrl-C ended.
         return 128 + signal.SIGINT
+    if server.stopped_by is not None:
+        # Raised again, the signal did not end the process: its parent had it ignored (a job a
+        # script starts with & ignores SIGINT), and so did this process once uvicorn put the
+        # handler back. The status still says which it was.
+        return 128 + server.stopped_by
     return 0 if server.started else 1
 
 
@@ -184,6 +191,7 @@ class DrainingServer(uvicorn.Server):
         self._drain_s = drain_s
         self._timer: threading.Timer | None = None
         self._signalled = False
+        self.stopped_by: int | None = None  # the first signal
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -211,6 +219,8 @@ class DrainingServer(uvicorn.Server):
             watchdog.daemon = True
             watchdog.start()
         self._signalled = True
+        if self.stopped_by is None:
+            self.stopped_by = sig
         self._bridge.draining = True
         if self._drain_s > 0 and self._timer is None and not self.should_exit:
             logging.getLogger(__name__).info("draining for %.1fs before closing", self._drain_s)

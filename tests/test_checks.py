@@ -85,6 +85,17 @@ def test_example_config_passes() -> None:
     assert result.stderr == ""
 
 
+def test_what_loading_the_config_warns_of_is_said_as_live_bridges(tmp_path: Path) -> None:
+    # Its templates folder is not there: said once, as live-bridge's, not bare.
+    path = write(tmp_path, '[[routes]]\nname = "all"\nchannels = ["console"]\n')
+    result = run("check", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == (
+        f"live-bridge: WARNING: {path}: [templates] dir: no such folder (a relative one is taken"
+        " from the config file's folder); only the shipped templates serve\n"
+    )
+
+
 def test_names_are_shown_escaped_in_the_table(tmp_path: Path) -> None:
     # A right-to-left override in a route's name reversed the rest of its row on the terminal.
     routes = '[[routes]]\nname = "r\\u202eevil\\u001b[31m"\nchannels = ["console"]\n'

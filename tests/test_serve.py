@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,15 @@ def start(config: Path, log: Path, *flags: str) -> subprocess.Popen[bytes]:
         )  # fmt: skip
 
 
+@contextlib.contextmanager
+def patch_signal(sig: signal.Signals, handler: signal.Handlers) -> Iterator[None]:
+    old = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+
 def ready(url: str) -> bool:
     try:
         return get(url + "/readyz")[0] == 200
@@ -68,6 +78,9 @@ def run_json_logs_and_reload(tmp_path: Path, slack: SlackStandIn) -> None:
     )
     routes = '[[routes]]\nname = "all"\nchannels = ["bot"]\n'
     config = write_config(tmp_path, port, channels=bot, routes=routes)
+    # What loading the config warns of is a JSON line too: it was printed bare, before logging
+    # was set up.
+    config.write_text(re.sub(r"(?m)^dir = .*$", 'dir = "nowhere"', config.read_text()))
     log = tmp_path / "bridge.log"
     process = start(config, log, "--log-format", "json")
     url = f"http://127.0.0.1:{port}"
@@ -88,6 +101,8 @@ def run_json_logs_and_reload(tmp_path: Path, slack: SlackStandIn) -> None:
     assert any(
         m.startswith("dead letter event=1 delivery=1 channel=bot attempt=1") for m in messages
     )
+    warned = [m for m in messages if "[templates] dir: no such folder" in m]
+    assert len(warned) == 2 and lines[0]["level"] == "warning"  # at start-up and at the reload
     access = [m for e, m in zip(lines, messages, strict=True) if e["logger"] == "uvicorn.access"]
     assert any("/readyz" in m for m in access)
     assert not any("/tencent/callback" in m for m in access)  # off for callbacks by default
@@ -214,13 +229,20 @@ def test_the_delivery_process_logs_say_so(tmp_path: Path) -> None:
     assert ("bridge.worker", None) not in by_logger
 
 
-def test_ctrl_c_stops_cleanly_with_status_130(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ignored", [False, True])
+def test_ctrl_c_stops_cleanly_with_status_130(tmp_path: Path, ignored: bool) -> None:
     # uvicorn stops as for SIGTERM, then raises SIGINT again for the exit status to say why;
-    # asyncio's runner made that a KeyboardInterrupt and its traceback after a clean stop.
+    # asyncio's runner made that a KeyboardInterrupt and its traceback after a clean stop. A
+    # process whose parent ignores SIGINT (a job a script starts with &) takes the signal all
+    # the same, but the one raised again is ignored: it exited 0.
     port = free_port()
     config = write_config(tmp_path, port)
     log = tmp_path / "bridge.log"
-    process = start(config, log)
+    if ignored:
+        with patch_signal(signal.SIGINT, signal.SIG_IGN):  # inherited by the child
+            process = start(config, log)
+    else:
+        process = start(config, log)
     try:
         assert wait_until(lambda: ready(f"http://127.0.0.1:{port}"), timeout=20)
         process.send_signal(signal.SIGINT)
