@@ -168,8 +168,10 @@ class SlackStandIn:
         rate_per_s: float | None = None,
         burst: int = 1,
         latency_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._tokens = frozenset(tokens)
+        self._clock = clock  # the rate limit's: a test may turn it by hand
         self._latency_s = latency_s  # Slack's own answer time, before any check
         self._channels = set(channels)
         self._rate_per_s = rate_per_s
@@ -340,7 +342,7 @@ class SlackStandIn:
         """Take a token from the channel's bucket; return a Retry-After if it was empty."""
         if self._rate_per_s is None:
             return None
-        now = time.monotonic()
+        now = self._clock()
         bucket = self._buckets.setdefault(channel, _Bucket(float(self._burst), now))
         bucket.tokens = min(self._burst, bucket.tokens + (now - bucket.updated) * self._rate_per_s)
         bucket.updated = now

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -301,15 +302,24 @@ async def test_rooms_of_one_name_in_two_apps_have_a_thread_each(
 
 
 async def test_a_thread_older_than_its_ttl_is_not_replied_to(
-    slack: SlackStandIn, session: aiohttp.ClientSession, open_store: OpenStore, tmp_path: Path
+    slack: SlackStandIn,
+    session: aiohttp.ClientSession,
+    open_store: OpenStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The threads' wall clock moves only when the test turns it: on the real clock, a worker
+    # held up for 0.5 s between R@2000's thread and R@3000's send found that thread too old.
+    now = [time.time()]
+    monkeypatch.setattr("bridge.attempts.time", SimpleNamespace(time=lambda: now[0]))
     store = await open_store()
     await record_in(store, "bot", "R", 1000)
     policy = thread_policy(slack, session, ttl_s=0.5)
     worker = worker_with(store, make_composer(tmp_path, {"bot": SLACK}), policy)
     async with running(worker):
         await eventually(lambda: len(slack.posted) == 1)
-        await asyncio.sleep(0.7)
+        await eventually(lambda: len(db_rows(store.path, "SELECT * FROM threads")) == 1)
+        now[0] += 0.7  # past the thread's 0.5 s
         await record_in(store, "bot", "R", 2000)
         await record_in(store, "bot", "R", 3000)
         worker.wake()

@@ -453,7 +453,7 @@ async def test_an_outcome_the_store_cannot_take_stops_the_claims_other_sends(
                 # second pair began at 1.5 s. Without the stop, the third would go at 3 s,
                 # answered at 4.5 s.
                 await asyncio.sleep(5.0)
-                during_cut = len(slack.sink_requests)
+                during_cut = [json.loads(r.body)["text"] for r in slack.sink_requests]
                 slack.set_sink_delay("hook", 0.05)
                 await asyncio.to_thread(proxy.restore)
                 # The lease runs out: the claim's eight are claimed again, the first four to be
@@ -466,10 +466,13 @@ async def test_an_outcome_the_store_cannot_take_stops_the_claims_other_sends(
             assert [(s.pending, s.in_flight, s.delivered) for s in await store.stats()] == [
                 (0, 0, 16)
             ]
-    assert during_cut == 4
+    assert len(during_cut) == 4
     assert slack.sink_max_concurrent["hook"] == 2
+    # Sent again: those of the two pairs whose outcomes were lost (each of the four, unless a
+    # machine slow enough put its last try at writing it after the restore), and no other.
     sent = Counter(json.loads(r.body)["text"] for r in slack.sink_requests)
-    assert sorted(sent.values()) == [1] * 12 + [2] * 4  # the first two pairs, again
+    again = {text for text, times in sent.items() if times > 1}
+    assert len(sent) == 16 and set(sent.values()) <= {1, 2} and again <= set(during_cut)
 
 
 class OneOutcomeLost(SQLiteStore):

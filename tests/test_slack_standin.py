@@ -7,7 +7,6 @@ import http.client
 import json
 import socket
 import threading
-import time
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -256,7 +255,12 @@ def test_webhook_unknown_path_and_bad_json() -> None:
 
 
 def test_rate_limit_is_a_token_bucket_per_channel_across_api_and_webhook() -> None:
-    with SlackStandIn(channels=(CHANNEL, "C2"), rate_per_s=2, burst=3) as slack:
+    # The bucket's clock moves only when the test turns it: on the real clock the five requests
+    # had to come within 0.5 s, or a busy machine saw a token refilled before m3 or m4.
+    now = [1000.0]
+    with SlackStandIn(
+        channels=(CHANNEL, "C2"), rate_per_s=2, burst=3, clock=lambda: now[0]
+    ) as slack:
         url = slack.add_webhook(CHANNEL)
         for i in range(2):
             assert api_post(slack, channel=CHANNEL, text=f"m{i}")["ok"]
@@ -271,7 +275,9 @@ def test_rate_limit_is_a_token_bucket_per_channel_across_api_and_webhook() -> No
         assert api_post(slack, channel="C2", text="other channel")["ok"]
         assert slack.rejected_429 == 2
         assert [p.payload["text"] for p in slack.posted] == ["m0", "m1", "m2", "other channel"]
-        time.sleep(0.55)
+        now[0] += 0.45
+        assert api_error(slack, channel=CHANNEL, text="not yet").response.status_code == 429
+        now[0] += 0.1  # 0.55 s after m4: a token again
         assert api_post(slack, channel=CHANNEL, text="refilled")["ok"]
 
 
