@@ -18,6 +18,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
+from uvicorn.lifespan.on import LifespanOn
 
 from bridge import logs
 from bridge.config import CONFIG_HELP, ConfigError, load_for_command
@@ -203,6 +204,19 @@ class DrainingServer(uvicorn.Server):
                 yield
             finally:
                 logs.flush()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().shutdown(sockets)
+        # uvicorn leaves the app's shutdown out when the second signal comes before it began:
+        # the bridge then closed no store, left no channel to the next holder with its pacing,
+        # and did not say it stopped. Its shutdown, with the grace cut (stop_now), takes no
+        # time, and the watchdog bounds it.
+        lifespan = self.lifespan
+        if (
+            self.force_exit and isinstance(lifespan, LifespanOn)
+            and not (lifespan.shutdown_event.is_set() or lifespan.error_occurred)
+        ):  # fmt: skip
+            await lifespan.shutdown()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._signalled:
