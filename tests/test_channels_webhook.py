@@ -14,7 +14,7 @@ from pydantic import SecretStr
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from bridge.channels import DELIVERED, Outcome, Result
-from bridge.channels.webhook import WebhookSender
+from bridge.channels.webhook import WebhookSender, message_id
 from bridge.config_tables import WebhookChannel
 from bridge.store.sqlite import SQLiteStore
 from tests.bridge_server import signing_secret
@@ -81,12 +81,28 @@ async def test_delivered_with_configured_headers(
 async def test_configured_standard_webhooks_headers_are_left_out(
     slack: SlackStandIn, session: aiohttp.ClientSession
 ) -> None:
-    headers = {"Webhook-Id": SecretStr("mine"), "WEBHOOK-TIMESTAMP": SecretStr("1")}
+    # In any case of letters; unsigned, a configured signature would be sent as it is: forged.
+    headers = {
+        "Webhook-Id": SecretStr("mine"), "WEBHOOK-TIMESTAMP": SecretStr("1"),
+        "Webhook-Signature": SecretStr("v1,forged"),
+    }  # fmt: skip
     settings = channel(slack.sink_url()).model_copy(update={"headers": headers})
     assert await send(settings, session) == DELIVERED
     (request,) = slack.sink_requests
     assert request.headers["webhook-id"].startswith("msg_")
     assert request.headers["webhook-timestamp"] != "1"
+    assert "webhook-signature" not in request.headers
+
+
+def test_a_message_id_is_the_stores_channels_and_messages() -> None:
+    # Each part on its own makes another id: another database hands out the same delivery ids
+    # (and may receive at the same moment), another channel of one store sends the same event.
+    ids = {
+        message_id("store-a", "hooks", "1@1.0"), message_id("store-b", "hooks", "1@1.0"),
+        message_id("store-a", "audit", "1@1.0"), message_id("store-a", "hooks", "2@1.0"),
+    }  # fmt: skip
+    assert len(ids) == 4 and all(re.fullmatch(r"msg_[0-9a-f]{24}", i) for i in ids)
+    assert message_id("store-a", "hooks", "1@1.0") == message_id("store-a", "hooks", "1@1.0")
 
 
 @pytest.mark.parametrize(

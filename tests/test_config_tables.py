@@ -154,6 +154,16 @@ def test_a_url_that_cannot_be_read_is_refused_without_quoting_it(
     assert "SEKRET" not in str(caught.value)
 
 
+@pytest.mark.parametrize("char", ["\\u007f", "\\u0085", "\\u001f", " ", "\\t"])
+def test_a_url_with_a_space_or_control_character_is_refused(tmp_path: Path, char: str) -> None:
+    # TOML's escapes: DEL and C0 controls cannot be written raw in a string.
+    text = MINIMAL + f'[channels.x]\ntype = "webhook"\nurl = "https://h.example/a{char}SEKRET"\n'
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    assert "[channels.x] url: cannot hold spaces or control characters" in str(caught.value)
+    assert "SEKRET" not in str(caught.value)
+
+
 @pytest.mark.parametrize(
     ("url", "header", "refused"),
     [

@@ -168,6 +168,28 @@ def test_a_head_of_64_kib_without_spaces_after_its_colons_is_accepted(bridge: Su
     assert response is not None and response.startswith(b"HTTP/1.1 200 ")
 
 
+def counted(head: bytes) -> int:
+    """A head's size as the limit counts it: the URL, and each header as `name:value` and a
+    line end (bridge/protocol.py)."""
+    request_line, *fields = head.split(b"\r\n")
+    names_values = [field.partition(b":")[::2] for field in fields]
+    return len(request_line.split()[1]) + sum(len(n) + len(v.strip()) + 3 for n, v in names_values)
+
+
+@pytest.mark.parametrize(("over", "status"), [(0, 200), (1, 431)])
+def test_a_head_of_exactly_64_kib_is_taken_and_one_byte_more_is_not(
+    bridge: Subprocess, over: int, status: int
+) -> None:
+    plain = callback_request(b"Connection: close\r\n")
+    pad = MAX_HEAD + over - counted(plain.partition(b"\r\n\r\n")[0]) - len(b"X-Pad") - 3
+    request = callback_request(b"Connection: close\r\nX-Pad:" + b"a" * pad + b"\r\n")
+    assert counted(request.partition(b"\r\n\r\n")[0]) == MAX_HEAD + over
+    with connection(bridge) as sock:
+        sock.sendall(request)
+        response = answer(sock, 5)
+    assert response is not None and response.startswith(b"HTTP/1.1 %d " % status)
+
+
 @pytest.mark.parametrize(
     "pad", [67_000, 70_000, 120_000, 200_000], ids=["67 KB", "70 KB", "120 KB", "200 KB"]
 )
@@ -396,6 +418,19 @@ def server_side_open(server_port: int, client_port: int) -> bool:
             # kernel keeps it a while in FIN_WAIT1, without a descriptor.)
             return state in ("01", "08")
     return False
+
+
+@pytest.mark.parametrize(("waiting", "answered"), [(64, 65), (65, 0)])
+def test_64_requests_may_wait_behind_the_one_being_answered_and_no_more(
+    bridge: Subprocess, waiting: int, answered: int
+) -> None:
+    # One write, parsed at once: the first is being answered while the rest wait behind it.
+    requests = callback_request() * waiting + callback_request(b"Connection: close\r\n")
+    with connection(bridge) as sock:
+        sock.sendall(requests)
+        response = answer(sock, 10)
+    assert response is not None  # closed: after the last answer, or cut off owing them all
+    assert response.count(b"HTTP/1.1 200 OK\r\n") == answered
 
 
 def test_a_client_that_pipelines_without_reading_answers_is_cut_off(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -267,6 +268,37 @@ def test_a_client_gone_before_its_body_arrived_is_no_error(
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert "client went away before its body arrived" in caplog.text
     assert events(bridge) == []
+
+
+def body_of(size: int, owner: bytes) -> bytes:
+    """SEED_BODY with the new owner `owner` (5 bytes), padded with JSON's spaces to `size`."""
+    body = SEED_BODY.replace(b"user2", owner)
+    return body[:-1] + b" " * (size - len(body)) + b"}"
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_body_of_max_body_bytes_is_taken_and_one_byte_more_is_not(
+    bridge: InThread, chunked: bool
+) -> None:
+    limit = 262_144  # [server] max_body_bytes's default
+    for size, owner, status in ((limit, b"user3", 200), (limit + 1, b"user4", 413)):
+        body = body_of(size, owner)
+        if chunked:  # read as it streams in: no Content-Length to judge by
+            host, port = bridge.url.removeprefix("http://").split(":")
+            with socket.create_connection((host, int(port)), timeout=10) as conn:
+                conn.sendall(
+                    f"POST /tencent/callback?SdkAppid={APP_ID}&CallbackCommand={OWNER} HTTP/1.1"
+                    "\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+                )
+                half = len(body) // 2
+                with contextlib.suppress(OSError):  # answered and closed before the rest
+                    for part in (body[:half], body[half:], b""):
+                        conn.sendall(b"%x\r\n%s\r\n" % (len(part), part))
+                head = read_reply(conn).split(b"\r\n", 1)[0]
+            assert head.startswith(b"HTTP/1.1 %d" % status), (size, head)
+        else:
+            assert post_callback(bridge.url, body)[0] == status, size
+    assert len(events(bridge)) == 1
 
 
 def test_content_length_over_the_limit_is_refused_at_once(bridge: InThread) -> None:

@@ -59,3 +59,17 @@ def test_channel_named_by_two_routes_appears_once() -> None:
         (Route(name="a", channels=("x", "y"), continue_=True), Route(name="b", channels=("y", "x")))
     )
     assert router.route_event(event()).channels == ("x", "y")
+
+
+@pytest.mark.parametrize(
+    ("regex", "room", "matches"),
+    [
+        ("game-[0-9]+$", "x-game-1", True),  # re.search: anywhere in the room, unless anchored
+        ("game-[0-9]+", "game-1-final", True),
+        ("^game-[0-9]+$", "x-game-1", False),
+        ("game", None, False),  # no room, no match
+    ],
+)
+def test_room_regex_is_searched_in_the_room(regex: str, room: str | None, matches: bool) -> None:
+    router = Router((Route(name="r", room_regex=regex, channels=("c",)),))
+    assert router.route_event(event(room=room)).channels == (("c",) if matches else ())

@@ -26,6 +26,7 @@ from bridge.channels.webhook import WebhookSender
 from bridge.compose import Composer
 from bridge.config import load_config
 from bridge.config_tables import DeliveryConfig, SlackChannel, WebhookChannel
+from bridge.metrics import Metrics
 from bridge.policy import ChannelPolicy
 from bridge.render import Renderer
 from bridge.samples import sample
@@ -820,6 +821,52 @@ async def test_prune_keeps_a_thread_for_its_channels_ttl(
     by_name = {p.name: p for p in policies}
     await Worker(store, by_name, SETTINGS, composer, retention_s=12 * HOUR)._prune()
     assert db_rows(store.path, "SELECT room_id, ts FROM threads") == [("R", "1.1")]
+
+
+class PruneCutoffs(SQLiteStore):
+    """SQLite that keeps the cutoffs each prune is asked for."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.cutoffs: list[tuple[float, float, float]] = []
+
+    async def prune(
+        self, delivered_before: float, dedup_before: float, threads_before: float
+    ) -> int:
+        self.cutoffs.append((delivered_before, dedup_before, threads_before))
+        return await super().prune(delivered_before, dedup_before, threads_before)
+
+
+@pytest.mark.parametrize(
+    ("retention_h", "dedup_window_s", "delivered_kept_s", "dedup_kept_s"),
+    [
+        (2, 600, 2 * HOUR, 2 * HOUR),  # dedup keys as long as the retention
+        (0.5, 3 * HOUR, 0.5 * HOUR, 3 * HOUR),  # but never shorter than the dedup window
+    ],
+)
+async def test_the_configs_retention_and_dedup_window_make_the_prunes_cutoffs(
+    tmp_path: Path, retention_h: float, dedup_window_s: float, delivered_kept_s: float,
+    dedup_kept_s: float,
+) -> None:  # fmt: skip
+    config = load_config(
+        write_config(
+            tmp_path, store=f'path = "bridge.db"\nretention_h = {retention_h}\n',
+            delivery=f"dedup_window_s = {dedup_window_s}\n",
+        )
+    )  # fmt: skip
+    store = PruneCutoffs(config.store.path)
+    await store.open()
+    try:
+        composer = Composer(config, Renderer(config.templates))
+        worker = Worker.for_config(config, store, {}, composer, Metrics())
+        before = time.time()
+        await worker._prune()
+        after = time.time()
+    finally:
+        await store.close()
+    ((delivered, dedup, _),) = store.cutoffs
+    assert before - delivered_kept_s <= delivered <= after - delivered_kept_s
+    assert before - dedup_kept_s <= dedup <= after - dedup_kept_s
 
 
 async def test_a_channel_a_reload_removes_is_sent_nothing_more(
