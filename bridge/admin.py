@@ -140,57 +140,70 @@ GONE_SHOWN = 20  # channels not in the config that the status page lists; the re
 
 
 GUESSES = 10  # wrong admin tokens one client address may give in GUESS_WINDOW_S
+GUESSES_PER_48 = 100  # and the IPv6 /48 it is in (guessers)
 GUESS_WINDOW_S = 60.0
 GUESSERS_KEPT = 10_000  # addresses remembered at most; the oldest windows let go first
 
 
+def guessers(host: str) -> tuple[tuple[str, int], ...]:
+    """Whom a wrong token from `host` counts against, each with the guesses it may give in a
+    window: its address; for IPv6 its /64, and its /48 at GUESSES_PER_48. A host is given a /64
+    to pick addresses from at will, and may be routed a /56 or a /48 (256 or 65,536 /64s): by
+    address, it could guess on from a new one every tenth guess, by /64 alone 655,000 times a
+    minute from a /48."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return ((host, GUESSES),)  # not an address ("-", a test client's name): as it is
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:  # a dual-stack socket's IPv4 client
+            return ((str(ip.ipv4_mapped), GUESSES),)
+        return (
+            (str(ipaddress.IPv6Network((ip, 64), strict=False)), GUESSES),
+            (str(ipaddress.IPv6Network((ip, 48), strict=False)), GUESSES_PER_48),
+        )
+    return ((str(ip), GUESSES),)
+
+
 class Guesses:
-    """Wrong admin tokens by client address (IPv6: by /64, `guesser`). Past GUESSES in a window,
-    that address is refused
-    (429), the right token too, until its window ends: the login form took 3,400 guesses a
-    second, and a short token falls to that in minutes. Behind a proxy every client is the
-    proxy's address, and one guesser locks them all out for a minute: no worse than guessing."""
+    """Wrong admin tokens by client address (`guessers`). Past its limit in a window, that
+    address (or network) is refused (429), the right token too, until its window ends: the
+    login form took 3,400 guesses a second, and a short token falls to that in minutes. Behind
+    a proxy every client is the proxy's address, and one guesser locks them all out for a
+    minute: no worse than guessing."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._wrong: dict[str, tuple[float, int]] = {}  # address -> (window's start, count)
 
-    def wait(self, address: str) -> float:
-        """Seconds until `address` may try again; 0 when it may now."""
-        start, count = self._wrong.get(address, (0.0, 0))
-        left = start + GUESS_WINDOW_S - self._clock()
-        return left if count >= GUESSES and left > 0 else 0.0
+    def wait(self, host: str) -> float:
+        """Seconds until `host` may try again; 0 when it may now."""
+        waits = [0.0]
+        for key, limit in guessers(host):
+            start, count = self._wrong.get(key, (0.0, 0))
+            left = start + GUESS_WINDOW_S - self._clock()
+            if count >= limit and left > 0:
+                waits.append(left)
+        return max(waits)
 
-    def wrong(self, address: str) -> None:
+    def wrong(self, host: str) -> None:
         now = self._clock()
-        start, count = self._wrong.pop(address, (now, 0))
-        if now - start >= GUESS_WINDOW_S:
-            start, count = now, 0
-        self._wrong[address] = (start, count + 1)  # last in the dict: the newest window
-        if len(self._wrong) > GUESSERS_KEPT:
-            del self._wrong[next(iter(self._wrong))]
-        if count + 1 == GUESSES:
-            log.warning("%d wrong admin tokens from %s within %gs: refused until %gs have passed",
-                        GUESSES, address, GUESS_WINDOW_S, GUESS_WINDOW_S)  # fmt: skip
+        for key, limit in guessers(host):
+            start, count = self._wrong.pop(key, (now, 0))
+            if now - start >= GUESS_WINDOW_S:
+                start, count = now, 0
+            self._wrong[key] = (start, count + 1)  # last in the dict: the newest window
+            if len(self._wrong) > GUESSERS_KEPT:
+                del self._wrong[next(iter(self._wrong))]
+            if count + 1 == limit:
+                log.warning(
+                    "%d wrong admin tokens from %s within %gs: refused until %gs have passed",
+                    limit, key, GUESS_WINDOW_S, GUESS_WINDOW_S,
+                )  # fmt: skip
 
 
-def guesser(host: str) -> str:
-    """Whom a wrong token from `host` counts against: its address, or, for IPv6, its /64. A
-    host is given a /64 to pick its addresses from at will: counted by address, it could guess
-    on from a new one every tenth guess."""
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return host  # not an address ("-", a test client's name): as it is
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:  # a dual-stack socket's IPv4 client
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
-
-
-def _guesser(request: Request) -> str:
-    return guesser(request.client.host if request.client else "-")
+def _host(request: Request) -> str:
+    return request.client.host if request.client else "-"
 
 
 def too_many_guesses(wait: float) -> Response:
@@ -208,7 +221,7 @@ class Admin:
 
     def _refused(self, request: Request, page: bool = False) -> Response | None:
         """None when `request` may use the admin endpoints; else the answer refusing it."""
-        if (wait := self._guesses.wait(_guesser(request))) > 0:
+        if (wait := self._guesses.wait(_host(request))) > 0:
             return too_many_guesses(wait)
         return None if self.allowed(request) else self._refuse(request, page)
 
@@ -241,7 +254,7 @@ class Admin:
         if header.lower().startswith("bearer "):
             if hmac.compare_digest(header[7:].strip().encode(), token.encode()):
                 return True
-            self._guesses.wrong(_guesser(request))
+            self._guesses.wrong(_host(request))
             return False
         cookie = request.cookies.get(COOKIE, "")
         return hmac.compare_digest(cookie.encode(), self._session(token).encode())
@@ -285,11 +298,11 @@ class Admin:
         if form is None:
             return form_too_large()
         given = form.get("token", "")
-        if (wait := self._guesses.wait(_guesser(request))) > 0:
+        if (wait := self._guesses.wait(_host(request))) > 0:
             return too_many_guesses(wait)
         if token is None or not hmac.compare_digest(given.encode(), token.encode()):
             if token is not None:
-                self._guesses.wrong(_guesser(request))
+                self._guesses.wrong(_host(request))
             page = LOGIN_PAGE.render(error="That token is not right.")
             return HTMLResponse(page, 401, headers=PAGE_HEADERS)
         response = RedirectResponse("/status", 303)
