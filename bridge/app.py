@@ -186,7 +186,11 @@ class Bridge(Reloads):
             yield
         finally:
             if hangup:
+                # Stopping: a reload asked now (logrotate's postrotate, `systemctl reload`
+                # racing a stop) is ignored. Removed, asyncio gave SIGHUP its default action,
+                # which ended the process there: no store closed, no "live-bridge stopped".
                 loop.remove_signal_handler(signal.SIGHUP)
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
             self.draining = True
             if self._stop_now:  # a second signal came before the first was acted on
                 self._cut_grace()

@@ -46,6 +46,9 @@ def register(commands: Any) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    # A reload asked before the bridge is ready would end the process (SIGHUP's default): it
+    # is ignored until the app takes it as a reload.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # Before the config: what loading it warns of is a log line too, in the format asked for.
     logs.setup(args.log_level, args.log_format, None)
     path, config = load_for_command(args.config)

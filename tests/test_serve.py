@@ -309,6 +309,39 @@ def test_a_second_signal_stops_at_once(
     assert "Traceback" not in text and " ERROR " not in text
 
 
+def test_a_reload_asked_while_stopping_is_ignored(tmp_path: Path) -> None:
+    # SIGHUP's default action is to end the process: asyncio gave it back when the bridge
+    # stopped taking reloads, and a reload racing a stop (logrotate's postrotate) killed the
+    # process mid-shutdown, its store not closed.
+    with SlackStandIn(tokens=[SECRET], latency_s=1.0) as slack:
+        port = free_port()
+        bot = (
+            '[channels.bot]\ntype = "slack"\ntoken = "${SLACK_TOKEN}"\nchannel = "C0123456789"\n'
+            f'api_url = "{slack.api_url}"\n'
+        )
+        config = write_config(
+            tmp_path, port, channels=bot, routes='[[routes]]\nname = "all"\nchannels = ["bot"]\n',
+            delivery="shutdown_grace_s = 30\n",
+        )  # fmt: skip
+        log = tmp_path / "bridge.log"
+        process = start(config, log)
+        try:
+            assert wait_until(lambda: ready(f"http://127.0.0.1:{port}"), timeout=20)
+            assert post_callback(f"http://127.0.0.1:{port}") == (200, OK_PACKET)
+            db = tmp_path / "bridge.db"
+            assert wait_until(lambda: delivery_states(db) == {"in_flight": 1})
+            process.send_signal(signal.SIGTERM)
+            assert wait_until(lambda: "Waiting for application shutdown." in log.read_text())
+            process.send_signal(signal.SIGHUP)  # while the send's answer is awaited
+            assert process.wait(timeout=20) == -signal.SIGTERM
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert delivery_states(db) == {"delivered": 1}  # the send finished within its grace
+    assert log.read_text().count("live-bridge stopped") == 1
+
+
 def test_a_second_signal_stops_even_a_reload_that_does_not_end(tmp_path: Path) -> None:
     # A template that renders for ever (range() and `*` are bounded, but loops over what they
     # give nest, writing nothing) held the reload's thread, and the process waited for it at
