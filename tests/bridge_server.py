@@ -13,6 +13,7 @@ import base64
 import contextlib
 import json
 import os
+import random
 import socket
 import sqlite3
 import subprocess
@@ -107,10 +108,22 @@ def gone(pid: int) -> bool:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A port nothing is bound to, for a bridge subprocess to bind a second or so later. Not one
+    of bind(0)'s: that port is free again meanwhile, and the kernel hands it to the next
+    bind(0) or connect() on the machine (a stand-in, another xdist worker's bridge) as readily
+    as any other. Below the ephemeral range, only another free_port() picks ports."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    while True:
+        port = random.randrange(10_000, max(low, 10_001))
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:  # taken
+                continue
+            return port
 
 
 # The [delivery] table's body in the tests' configs: quick retries, three attempts.
