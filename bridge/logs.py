@@ -8,13 +8,14 @@ unless asked for, since each one's outcome is already logged as a state change.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import sys
 import time
 import traceback
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
@@ -158,9 +159,8 @@ def flush() -> None:
 def setup(
     level: str, fmt: str, callback_paths: frozenset[str] | None, process: str | None = None
 ) -> None:
-    """Configure the root logger; `callback_paths`, when given, are kept out of the access log
-    (or later, `keep_out_of_access_log`). `process` names a process other than the server's in
-    each line (the delivery process)."""
+    """Configure the root logger; `callback_paths`, when given, are kept out of the access log.
+    `process` names a process other than the server's in each line (the delivery process)."""
     root = logging.getLogger()
     for old in root.handlers:
         if isinstance(old, BackgroundHandler):
@@ -175,13 +175,37 @@ def setup(
         )
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    keep_out_of_access_log(callback_paths)
-
-
-def keep_out_of_access_log(callback_paths: frozenset[str] | None) -> None:
-    """The access log leaves out requests to `callback_paths` (None: it covers every path)."""
     access = logging.getLogger("uvicorn.access")
     access.filters[:] = [SkipPath(callback_paths)] if callback_paths else []
+
+
+@contextlib.contextmanager
+def held_back() -> Iterator[list[logging.LogRecord]]:
+    """The records logged meanwhile, kept rather than written (without a handler, Python wrote
+    them bare), for `replay` once logging is set up."""
+    kept: list[logging.LogRecord] = []
+    handler = _Keep(kept)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield kept
+    finally:
+        root.removeHandler(handler)
+
+
+def replay(records: list[logging.LogRecord]) -> None:
+    """Log what `held_back` kept, through the handlers set up since."""
+    for record in records:
+        logging.getLogger().handle(record)
+
+
+class _Keep(logging.Handler):
+    def __init__(self, into: list[logging.LogRecord]) -> None:
+        super().__init__()
+        self._into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._into.append(record)
 
 
 def setup_command() -> None:

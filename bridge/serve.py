@@ -49,11 +49,13 @@ def main(args: argparse.Namespace) -> int:
     # A reload asked before the bridge is ready would end the process (SIGHUP's default): it
     # is ignored until the app takes it as a reload.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    # Before the config: what loading it warns of is a log line too, in the format asked for.
-    logs.setup(args.log_level, args.log_format, None)
-    path, config = load_for_command(args.config)
-    if not args.access_log_callbacks:
-        logs.keep_out_of_access_log(config.server.callback_paths)
+    # What loading the config warns of is a log line too, in the format asked for: held back
+    # until logging is set up, which the config's callback paths take part in.
+    with logs.held_back() as warnings:
+        path, config = load_for_command(args.config)
+    skip = None if args.access_log_callbacks else config.server.callback_paths
+    logs.setup(args.log_level, args.log_format, skip)
+    logs.replay(warnings)
     from bridge.app import create_app  # after logging is set up
     from bridge.protocol import protocol_for
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import logging
 import os
 import re
 import resource
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from bridge import cli
 from tests.bridge_server import (
     APP_ID,
     OK_PACKET,
@@ -482,3 +484,19 @@ def test_readers_of_stdout_and_stderr_that_stall_hold_up_no_callback(tmp_path: P
 def drain(fd: int, into: bytearray) -> None:
     while chunk := os.read(fd, 1 << 16):
         into += chunk
+
+
+def test_serve_refusing_its_config_sets_up_no_logging(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Its warnings are held back until the config is read: setting logging up first replaced
+    # the root logger's handlers and level in a process that called it (a test run: every
+    # later test's caplog took INFO lines from every logger).
+    root = logging.getLogger()
+    before = (root.handlers[:], root.level)
+    path = tmp_path / "config.toml"
+    path.write_text("[server]\nport = 'x'\n")
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["serve", "--config", str(path)])
+    assert exited.value.code == 2 and "port" in capsys.readouterr().err
+    assert (root.handlers[:], root.level) == before
