@@ -615,6 +615,16 @@ def test_reports_stay_under_the_line_limit_and_carry_dropped_log_lines(
     assert sum(len(s) for s in states) == 2000 and max(len(s) for s in states) <= STATES_MAX
 
 
+def test_a_report_line_carries_at_most_1000_outcomes() -> None:
+    out = io.BytesIO()
+    report = Report(out)
+    for _ in range(2500):
+        report.outcome("hook", "delivered", 1.0)
+    report.flush(_States(0))  # type: ignore[arg-type]
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [len(line["o"]) for line in lines] == [1000, 1000, 500]
+
+
 def test_the_childs_dropped_log_lines_reach_the_servers_metrics(tmp_path: Path) -> None:
     # The child's stderr stalled, it dropped lines and said so in its own log; the server's
     # metric, which counts only its own, stayed at 0.

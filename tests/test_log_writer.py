@@ -69,8 +69,9 @@ def test_a_stalled_reader_never_blocks_the_logging_thread() -> None:
         # A plain StreamHandler blocks on the full pipe, and never gets here.
         assert done.wait(30), "logging blocked on a stalled reader"
         dropped = log_writer.dropped_total() - before
-        # The writer holds the first line, stuck in its write; MAX_QUEUED wait, it among them.
-        assert dropped == lines - MAX_QUEUED
+        # The writer holds the first line, stuck in its write; MAX_QUEUED wait, it among them
+        # (10,000, as the README says).
+        assert MAX_QUEUED == 10_000 and dropped == lines - MAX_QUEUED
         # Read again. The last lines logged found the queue full: the next line to find room
         # is preceded by the count of that gap.
         out = bytearray()

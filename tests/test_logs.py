@@ -59,6 +59,13 @@ def test_a_traceback_keeps_its_lines_below_the_one_line_message() -> None:
     assert rest[0] == "Traceback (most recent call last):" and rest[-1] == "ValueError: boom"
 
 
+def test_text_lines_carry_the_time_in_utc_with_a_z() -> None:
+    formatter = TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    made = record("hello")
+    made.created, made.msecs = 1765092360.873, 873.0  # 2025-12-07 07:26:00.873 UTC
+    assert formatter.format(made) == "2025-12-07 07:26:00.873Z INFO bridge.receive: hello"
+
+
 def test_json_lines_are_one_line_with_the_value_intact() -> None:
     line = JsonFormatter("delivery").format(record("says %s", FORGED))
     assert "\n" not in line

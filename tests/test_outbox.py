@@ -143,6 +143,28 @@ def test_stats_table_and_json(tmp_path: Path) -> None:
     assert AGE_S <= hook["oldest_pending_age_s"] < AGE_S + 15
 
 
+@pytest.mark.parametrize(("channels", "total"), [(1, False), (2, True)])
+def test_stats_adds_a_total_row_for_two_channels_or_more(
+    tmp_path: Path, channels: int, total: bool
+) -> None:
+    text = CONFIG.replace('[channels.quiet]\ntype = "console"\n', "")  # console and hook
+    if channels == 1:
+        text = text.replace('channels = ["console", "hook"]', 'channels = ["console"]')
+        text = text.replace('[channels.hook]\ntype = "webhook"\nurl = "http://127.0.0.1:9/x"\n', "")
+    config = tmp_path / "config.toml"
+    config.write_text(text)
+
+    async def served_before() -> None:  # a store with no deliveries yet
+        store = SQLiteStore(tmp_path / "bridge.db")
+        await store.open()
+        await store.close()
+
+    asyncio.run(served_before())
+    lines = run("stats", "--config", str(config)).stdout.splitlines()
+    assert len(lines) == 1 + channels + total
+    assert lines[-1].startswith("TOTAL") == total
+
+
 def test_list_filters_table_and_json(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     ids = populate(tmp_path)

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from bridge import presence
 from bridge.store import NewDelivery, StoreUnavailable
 from bridge.store.postgres import PostgresStore
 from tests.bridge_server import (
@@ -274,3 +275,8 @@ def test_sqlite_buries_at_once_at_start_up_and_at_a_reload(
     replica_config(tmp_path, slack, None, "hook")  # "y" removed while stopped
     with InThread(config):
         assert rows() == {"hook": ("delivered", None), "x": BURIED, "y": BURIED}
+
+
+def test_a_replica_is_taken_for_dead_after_3_minutes_and_announces_every_15_s() -> None:
+    # The tests here shorten both (quick); these are the figures the README gives operators.
+    assert (presence.PRESENCE_S, presence.ANNOUNCE_EVERY_S) == (180.0, 15.0)

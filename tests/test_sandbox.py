@@ -103,6 +103,13 @@ def test_what_makes_a_string_or_number_of_any_size_is_bounded(tmp_path: Path, so
         env.from_string(source).render()
 
 
+def test_lipsum_gives_at_most_100_paragraphs(tmp_path: Path) -> None:
+    env = environments(tmp_path)["console"]
+    assert env.from_string("{{ lipsum(100, html=False) | wordcount > 0 }}").render() == "True"
+    with pytest.raises(OverflowError):
+        env.from_string("{{ lipsum(101) }}").render()
+
+
 def test_ordinary_formatting_still_works(tmp_path: Path) -> None:
     env = environments(tmp_path)["console"]
     source = "{{ '%05d|%.2f|%s' % (42, 1.5, 'a') }} {{ '{:>6}'.format('b') }} {{ 2 ** 10 }}"

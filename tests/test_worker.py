@@ -873,6 +873,22 @@ async def test_the_configs_retention_and_dedup_window_make_the_prunes_cutoffs(
     assert before - dedup_kept_s <= dedup <= after - dedup_kept_s
 
 
+@pytest.mark.parametrize(
+    ("store_lines", "poll_s"),
+    [('path = "bridge.db"\n', 5.0), ('url = "postgresql://bridge@127.0.0.1:9/bridge"\n', 1.0)],
+    ids=["sqlite", "postgres"],
+)
+def test_a_store_other_processes_write_is_looked_at_every_second(
+    tmp_path: Path, store_lines: str, poll_s: float
+) -> None:
+    # Within 5 s on SQLite (its callbacks wake the worker), 1 s on PostgreSQL, whose other
+    # replicas' callbacks and outbox commands wake nobody here (README).
+    config = load_config(write_config(tmp_path, store=store_lines))
+    composer = Composer(config, Renderer(config.templates))
+    store = SQLiteStore(tmp_path / "unused.db")  # not opened: the worker is only built
+    assert Worker.for_config(config, store, {}, composer, Metrics())._poll_s == poll_s
+
+
 async def test_a_channel_a_reload_removes_is_sent_nothing_more(
     slack: SlackStandIn, session: aiohttp.ClientSession, open_store: OpenStore, tmp_path: Path
 ) -> None:
