@@ -559,6 +559,40 @@ def test_a_child_started_again_leaves_no_pipe_open(
     assert last == first
 
 
+def test_a_child_that_keeps_ending_is_started_again_ever_later(
+    tmp_path: Path, slack: SlackStandIn, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    # 1 s, then 2, 4, … up to 30 s (README); here from 0.05 s, each child living well under
+    # the longest wait (one that lived longer starts the count again).
+    monkeypatch.setattr(supervise, "RESTART_S", (0.05, 10.0))
+    path = own_config(tmp_path, slack.sink_url())
+    config = load_config(path)
+
+    async def restarts() -> None:
+        store = make_store(config.store, serving=True)
+        await store.open()
+        delivery = DeliveryProcess(path, store, Metrics(), lambda: config, lambda: False)
+        await delivery.start()
+        try:
+            pid = None
+            for _ in range(4):
+                pid = await ready_child(delivery, pid)
+                os.kill(pid, signal.SIGKILL)
+            await ready_child(delivery, pid)
+        finally:
+            await delivery.stop(0.0)
+            await store.close()
+
+    with caplog.at_level(logging.ERROR, logger="bridge.supervise"):
+        asyncio.run(restarts())
+    waits = [
+        r.args[1] for r in caplog.records
+        if r.msg.startswith("the delivery process ended with status") and isinstance(r.args, tuple)
+    ]  # fmt: skip
+    assert waits == [0.05, 0.1, 0.2, 0.4]
+
+
 def test_a_stopped_child_leaves_no_transport_open(
     tmp_path: Path, slack: SlackStandIn, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -576,6 +576,35 @@ async def test_a_change_to_a_whole_channel_lets_callbacks_commit_meanwhile(
     ]  # fmt: skip
 
 
+async def test_dead_letters_are_retried_oldest_first_a_batch_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # So that a room's earlier message is pending no later than its next: a lane claiming
+    # between two batches sends nothing of the room ahead of what is still dead before it.
+    monkeypatch.setattr("bridge.store.sqlite_outbox.BATCH", 2)
+    path = tmp_path / "bridge.db"
+    add_old_delivered(path, 6, time.time())
+    with contextlib.closing(connect(path)) as conn, conn:
+        conn.execute("UPDATE deliveries SET state = 'dead', order_ts = 100 - id")  # 6 oldest
+    store = SQLiteStore(path)
+    await store.open()
+    pending_after: list[list[int]] = []  # each batch's transaction
+    execute = store._execute
+
+    async def seen(sql: str, params: Any = ()) -> int:
+        changed = await execute(sql, params)
+        rows = db_rows(path, "SELECT id FROM deliveries WHERE state = 'pending' ORDER BY id")
+        pending_after.append([row[0] for row in rows])
+        return changed
+
+    store._execute = seen  # type: ignore[method-assign]
+    try:
+        assert await store.retry_dead("a", time.time()) == 6
+    finally:
+        await store.close()
+    assert pending_after == [[5, 6], [3, 4, 5, 6], [1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]]
+
+
 @pytest.mark.parametrize("operation", ["retry", "drop"])
 async def test_many_ids_go_in_batches_callbacks_committing_meanwhile(
     tmp_path: Path, operation: str
