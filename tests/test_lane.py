@@ -429,6 +429,25 @@ class FourSecondLease(ChannelPolicy):
         return 4.0
 
 
+class OneSecondLease(ChannelPolicy):
+    def lease_s(self, timeout_s: float, rate_per_s: float | None = None) -> float:
+        return 1.0
+
+
+async def test_a_lane_renews_its_channel_once_half_the_lease_has_gone(tmp_path: Path) -> None:
+    # Ten sends at 4/s keep the lane 2.5 s on a channel leased for 1 s at a time: taken once
+    # and never again, the channel would be free for another process to send to meanwhile.
+    async with opener(lambda: CountingStore(tmp_path / "bridge.db")) as open_:
+        store = await open_()
+        for event_time in range(1000, 1010):
+            await record_in(store, "c", f"room-{event_time}", event_time)
+        policy = OneSecondLease("c", ConsoleSender(io.StringIO()), rate_per_s=4.0)
+        worker = worker_with(store, make_composer(tmp_path, {"c": CONSOLE}), policy)
+        async with running(worker):
+            await eventually(lambda: states(store.path) == ["delivered"] * 10, within_s=20)
+        assert store.taken.count("c") >= 3 and store.left.count("c") == 1  # one lane
+
+
 async def test_an_outcome_the_store_cannot_take_stops_the_claims_other_sends(
     postgres_url: str, slack: SlackStandIn, session: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
