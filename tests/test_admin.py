@@ -59,6 +59,14 @@ def room(n: int) -> bytes:
     return SEED_BODY.replace(b'"room_id"', f'"room-{n}"'.encode())
 
 
+def with_admin_token(tmp_path: Path, slack: SlackStandIn) -> Path:
+    """A config whose admin endpoints take TOKEN, routing everything to the stand-in's sink."""
+    return write_config(
+        tmp_path, channels=HOOK.format(url=slack.sink_url()), routes=ROUTE,
+        extra=f'[admin]\ntoken = "{TOKEN}"\n',
+    )  # fmt: skip
+
+
 @pytest.fixture
 def bridge(tmp_path: Path, slack: SlackStandIn) -> Iterator[InThread]:
     channels = HOOK.format(url=slack.sink_url())
@@ -142,10 +150,7 @@ def test_raw_asgi_request_from_a_remote_address_is_refused(bridge: InThread) -> 
 def test_a_host_guessing_from_many_ipv6_addresses_of_its_64_is_refused(
     tmp_path: Path, slack: SlackStandIn
 ) -> None:
-    config = write_config(
-        tmp_path, channels=HOOK.format(url=slack.sink_url()), routes=ROUTE,
-        extra=f'[admin]\ntoken = "{TOKEN}"\n',
-    )  # fmt: skip
+    config = with_admin_token(tmp_path, slack)
     with InThread(config) as bridge:
         for n in range(GUESSES):  # each guess from an address of its own, all of one /64
             wrong = [(b"authorization", f"Bearer guess-{n}".encode())]
@@ -156,10 +161,7 @@ def test_a_host_guessing_from_many_ipv6_addresses_of_its_64_is_refused(
 
 
 def test_with_a_token_bearer_or_cookie_from_anywhere(tmp_path: Path, slack: SlackStandIn) -> None:
-    config = write_config(
-        tmp_path, channels=HOOK.format(url=slack.sink_url()), routes=ROUTE,
-        extra=f'[admin]\ntoken = "{TOKEN}"\n',
-    )  # fmt: skip
+    config = with_admin_token(tmp_path, slack)
     with InThread(config) as bridge:
         url = bridge.url
         status, headers, _ = http_request(url + "/metrics")
@@ -193,10 +195,7 @@ def test_an_address_that_guesses_tokens_is_refused_for_a_minute(
     tmp_path: Path, slack: SlackStandIn
 ) -> None:
     # The login form took 3,400 wrong tokens a second, answering each; a short token falls so.
-    config = write_config(
-        tmp_path, channels=HOOK.format(url=slack.sink_url()), routes=ROUTE,
-        extra=f'[admin]\ntoken = "{TOKEN}"\n',
-    )  # fmt: skip
+    config = with_admin_token(tmp_path, slack)
     right = {"Authorization": f"Bearer {TOKEN}"}
     with InThread(config) as bridge:
         url = bridge.url

@@ -258,6 +258,35 @@ def test_ctrl_c_stops_cleanly_with_status_130(tmp_path: Path, ignored: bool) -> 
     assert "Traceback" not in text and "KeyboardInterrupt" not in text
 
 
+@contextlib.contextmanager
+def one_send_in_flight(config: Path, port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`config` served, one callback posted; yields once its delivery is in flight, and kills
+    what is left of the process at the end."""
+    process = start(config, log)
+    try:
+        assert wait_until(lambda: ready(f"http://127.0.0.1:{port}"), timeout=20)
+        assert post_callback(f"http://127.0.0.1:{port}") == (200, OK_PACKET)
+        db = config.parent / "bridge.db"
+        assert wait_until(lambda: delivery_states(db) == {"in_flight": 1})
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def slack_bot_config(tmp_path: Path, port: int, slack: SlackStandIn, delivery: str) -> Path:
+    """A config that routes everything to a bot-token Slack channel of the stand-in."""
+    bot = (
+        '[channels.bot]\ntype = "slack"\ntoken = "${SLACK_TOKEN}"\nchannel = "C0123456789"\n'
+        f'api_url = "{slack.api_url}"\n'
+    )
+    return write_config(
+        tmp_path, port, channels=bot, routes='[[routes]]\nname = "all"\nchannels = ["bot"]\n',
+        delivery=delivery,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("own_process", "second", "after"),
     [
@@ -276,22 +305,15 @@ def test_a_second_signal_stops_at_once(
     # nothing and did not say it stopped.
     with SlackStandIn(tokens=[SECRET], latency_s=6.0) as slack:
         port = free_port()
-        bot = (
-            '[channels.bot]\ntype = "slack"\ntoken = "${SLACK_TOKEN}"\nchannel = "C0123456789"\n'
-            f'api_url = "{slack.api_url}"\n'
+        config = slack_bot_config(
+            tmp_path,
+            port,
+            slack,
+            f"shutdown_grace_s = 30\nown_process = {str(own_process).lower()}\n",
         )
-        config = write_config(
-            tmp_path, port, channels=bot, routes='[[routes]]\nname = "all"\nchannels = ["bot"]\n',
-            delivery=f"shutdown_grace_s = 30\nown_process = {str(own_process).lower()}\n",
-        )  # fmt: skip
         config.write_text(config.read_text().replace("timeout_s = 2.0", "timeout_s = 30.0"))
         log = tmp_path / "bridge.log"
-        process = start(config, log)
-        try:
-            assert wait_until(lambda: ready(f"http://127.0.0.1:{port}"), timeout=20)
-            assert post_callback(f"http://127.0.0.1:{port}") == (200, OK_PACKET)
-            db = tmp_path / "bridge.db"
-            assert wait_until(lambda: delivery_states(db) == {"in_flight": 1})
+        with one_send_in_flight(config, port, log) as process:
             time.sleep(0.3)  # the request is on its way to Slack
             process.send_signal(signal.SIGTERM)
             if after is not None:  # (two SIGTERMs pending at once would be one)
@@ -300,12 +322,8 @@ def test_a_second_signal_stops_at_once(
             asked = time.monotonic()
             process.wait(timeout=20)
             assert time.monotonic() - asked < 3.0
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
     # Cut short, it stays claimed: sent again at the next start.
-    assert delivery_states(db) == {"in_flight": 1}
+    assert delivery_states(tmp_path / "bridge.db") == {"in_flight": 1}
     text = log.read_text()
     assert "live-bridge stopped" in text
     assert "Traceback" not in text and " ERROR " not in text
@@ -317,30 +335,16 @@ def test_a_reload_asked_while_stopping_is_ignored(tmp_path: Path) -> None:
     # process mid-shutdown, its store not closed.
     with SlackStandIn(tokens=[SECRET], latency_s=1.0) as slack:
         port = free_port()
-        bot = (
-            '[channels.bot]\ntype = "slack"\ntoken = "${SLACK_TOKEN}"\nchannel = "C0123456789"\n'
-            f'api_url = "{slack.api_url}"\n'
-        )
-        config = write_config(
-            tmp_path, port, channels=bot, routes='[[routes]]\nname = "all"\nchannels = ["bot"]\n',
-            delivery="shutdown_grace_s = 30\n",
-        )  # fmt: skip
+        config = slack_bot_config(tmp_path, port, slack, "shutdown_grace_s = 30\n")
         log = tmp_path / "bridge.log"
-        process = start(config, log)
-        try:
-            assert wait_until(lambda: ready(f"http://127.0.0.1:{port}"), timeout=20)
-            assert post_callback(f"http://127.0.0.1:{port}") == (200, OK_PACKET)
-            db = tmp_path / "bridge.db"
-            assert wait_until(lambda: delivery_states(db) == {"in_flight": 1})
+        with one_send_in_flight(config, port, log) as process:
             process.send_signal(signal.SIGTERM)
             assert wait_until(lambda: "Waiting for application shutdown." in log.read_text())
             process.send_signal(signal.SIGHUP)  # while the send's answer is awaited
             assert process.wait(timeout=20) == -signal.SIGTERM
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    assert delivery_states(db) == {"delivered": 1}  # the send finished within its grace
+    assert delivery_states(tmp_path / "bridge.db") == {
+        "delivered": 1
+    }  # the send finished within its grace
     assert log.read_text().count("live-bridge stopped") == 1
 
 
