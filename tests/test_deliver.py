@@ -659,6 +659,39 @@ def test_a_report_line_carries_at_most_1000_outcomes() -> None:
     assert [len(line["o"]) for line in lines] == [1000, 1000, 500]
 
 
+class _Child:
+    """What DeliveryProcess.reload reads of its child: running, and the signals sent to it."""
+
+    def __init__(self) -> None:
+        self.returncode: int | None = None
+        self.signals: list[int] = []
+
+    def send_signal(self, sig: int) -> None:
+        self.signals.append(sig)
+
+
+def test_a_reload_asked_while_the_child_starts_reaches_it_once_it_is_ready(
+    tmp_path: Path,
+) -> None:
+    # Before it is ready the child has no SIGHUP handler yet: the reload waits for its "ready"
+    # and goes then. Lost, a reload that changed only a template (the file's digest the same)
+    # left the child on the old one.
+    config = load_config(write_config(tmp_path))
+    store = make_store(config.store, serving=False)  # not opened: reports need none
+    watcher = DeliveryProcess(
+        tmp_path / "config.toml", store, Metrics(), lambda: config, lambda: False
+    )
+    child = _Child()
+    watcher._proc = child  # type: ignore[assignment]
+    watcher.reload()
+    assert child.signals == []  # not ready: no handler to take it yet
+    watcher._take(json.dumps({"ready": 1, "config": config.digest}).encode())
+    assert child.signals == [signal.SIGHUP]
+    watcher._take(json.dumps({"config": config.digest}).encode())  # its reload: nothing more
+    watcher.reload()  # ready now: at once
+    assert child.signals == [signal.SIGHUP, signal.SIGHUP]
+
+
 def test_the_childs_dropped_log_lines_reach_the_servers_metrics(tmp_path: Path) -> None:
     # The child's stderr stalled, it dropped lines and said so in its own log; the server's
     # metric, which counts only its own, stayed at 0.
