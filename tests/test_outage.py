@@ -130,9 +130,11 @@ def test_outage_backs_off_idles_and_then_delivers_everything(
                 gaps_by_attempt.setdefault(attempt, []).append(gap)
     medians = {n: round(statistics.median(g), 2) for n, g in sorted(gaps_by_attempt.items())}
     print(f"CPU {cpu:.2f}s in {wall:.2f}s; median wait after each attempt: {medians}")
-    # Visible growth: the fourth wait is several times the first, and the cap holds.
+    # Visible growth: the fourth wait is longer than the first by most of what doubling adds
+    # (0.2 s, then 0.8-1.6 s), and the cap holds. By the difference, not a ratio: a machine that
+    # stalls the bridge lengthens every wait alike (a helper's stalls made them 0.56 and 1.18 s).
     first, fourth = (statistics.median(gaps_by_attempt[n]) for n in (1, 4))
-    assert fourth > 3 * first, f"median waits {first:.2f}s then {fourth:.2f}s"
+    assert fourth - first > 0.5, f"median waits {first:.2f}s then {fourth:.2f}s"
     assert max(max(gaps) for gaps in gaps_by_attempt.values()) <= CAP_S + LATE_S
 
 
