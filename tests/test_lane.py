@@ -20,13 +20,11 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
-from pydantic import SecretStr
 
 from bridge.channels import Sender
 from bridge.channels.console import ConsoleSender
-from bridge.channels.webhook import WebhookSender
 from bridge.compose import DIGEST_ENTRIES, Composer, Digests
-from bridge.config_tables import DeliveryConfig, WebhookChannel
+from bridge.config_tables import DeliveryConfig
 from bridge.events import OWNER_CHANGED as OWNER
 from bridge.policy import ChannelPolicy
 from bridge.store import Claimed, NewDelivery, NewEvent, StoreUnavailable
@@ -52,6 +50,7 @@ from tests.test_worker import (
     record_in,
     running,
     senders,
+    sink_sender,
     states,
     worker_with,
 )
@@ -301,15 +300,6 @@ async def test_a_console_digest_is_a_header_and_one_line_per_event(
 
 
 HOOK = 'type = "webhook"\nurl = "https://sink.example.invalid/"'  # the composer's "hook"
-
-
-def sink_sender(
-    slack: SlackStandIn, session: aiohttp.ClientSession, timeout_s: float = 2.0,
-    identity: str = "store",
-) -> WebhookSender:  # fmt: skip
-    """A webhook sender to the stand-in's sink "hook"."""
-    settings = WebhookChannel(type="webhook", url=SecretStr(slack.sink_url("hook")))
-    return WebhookSender("hook", settings, session, timeout_s, identity)
 
 
 async def test_429s_that_say_not_how_long_wait_longer_each_time(

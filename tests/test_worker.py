@@ -210,6 +210,15 @@ def attempts(path: Path) -> list[int]:
     return [row[2] for row in deliveries(path)]
 
 
+def sink_sender(
+    slack: SlackStandIn, session: aiohttp.ClientSession, timeout_s: float = 2.0,
+    identity: str = "store",
+) -> WebhookSender:  # fmt: skip
+    """A webhook sender to the stand-in's sink "hook"."""
+    settings = WebhookChannel(type="webhook", url=SecretStr(slack.sink_url("hook")))
+    return WebhookSender("hook", settings, session, timeout_s, identity)
+
+
 def worker_with(
     store: Store, composer: Composer, *policies: ChannelPolicy,
     settings: DeliveryConfig = SETTINGS,
@@ -898,8 +907,7 @@ async def test_a_channel_a_reload_removes_is_sent_nothing_more(
     for event_time in range(1000, 1004):
         await record_in(store, "hook", "room-1", event_time)
     slack.set_sink_delay("hook", 0.5)
-    settings = WebhookChannel(type="webhook", url=SecretStr(slack.sink_url("hook")))
-    policy = ChannelPolicy("hook", WebhookSender("hook", settings, session, 2.0, "store"))
+    policy = ChannelPolicy("hook", sink_sender(slack, session))
     composer = make_composer(tmp_path, {"hook": 'type = "webhook"\nurl = "https://x.invalid/"'})
     worker = worker_with(store, composer, policy)
     async with running(worker):
@@ -920,8 +928,7 @@ async def test_a_dead_letter_buried_mid_send_and_retried_at_once_is_sent_once(
     store = await open_store()
     await record_in(store, "hook", "room-1", 1000)
     slack.set_sink_delay("hook", 0.5)
-    settings = WebhookChannel(type="webhook", url=SecretStr(slack.sink_url("hook")))
-    policy = ChannelPolicy("hook", WebhookSender("hook", settings, session, 2.0, "store"))
+    policy = ChannelPolicy("hook", sink_sender(slack, session))
     table = 'type = "webhook"\nurl = "https://sink.example.invalid/"'
     async with running(worker_with(store, make_composer(tmp_path, {"hook": table}), policy)):
         await eventually(lambda: states(store.path) == ["in_flight"])
