@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import logging.handlers
 import re
 import sys
 import time
@@ -21,6 +22,8 @@ from types import TracebackType
 from typing import Any
 
 from bridge.log_writer import BackgroundHandler
+
+HELD_BACK = 10_000  # records held_back keeps at most (past it, BufferingHandler drops them)
 
 # Attributes every LogRecord has; anything else was passed as `extra=` and goes into JSON.
 # uvicorn's color_message repeats the message with terminal colours.
@@ -182,13 +185,12 @@ def setup(
 @contextlib.contextmanager
 def held_back() -> Iterator[list[logging.LogRecord]]:
     """The records logged meanwhile, kept rather than written (without a handler, Python wrote
-    them bare), for `replay` once logging is set up."""
-    kept: list[logging.LogRecord] = []
-    handler = _Keep(kept)
+    them bare), for `replay` once logging is set up. A config's warnings are a few a channel."""
+    handler = logging.handlers.BufferingHandler(capacity=HELD_BACK)
     root = logging.getLogger()
     root.addHandler(handler)
     try:
-        yield kept
+        yield handler.buffer
     finally:
         root.removeHandler(handler)
 
@@ -197,15 +199,6 @@ def replay(records: list[logging.LogRecord]) -> None:
     """Log what `held_back` kept, through the handlers set up since."""
     for record in records:
         logging.getLogger().handle(record)
-
-
-class _Keep(logging.Handler):
-    def __init__(self, into: list[logging.LogRecord]) -> None:
-        super().__init__()
-        self._into = into
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self._into.append(record)
 
 
 def setup_command() -> None:
