@@ -117,16 +117,18 @@ class Attempts:
         if self._metrics is not None:
             self._metrics.outcome(row.channel, kind, row.received_at)
 
-    async def _written(self, row: Claimed, write: Callable[[], Awaitable[None]]) -> None:
+    async def _written(self, row: Claimed, write: Callable[[], Awaitable[bool]]) -> bool:
         """`write` (an outcome), tried again after OUTCOME_RETRIES_S when the store cannot take
         it. Meanwhile the channel's lanes start no send (Lanes: `rewriting`): each would go out
-        unrecorded if the store stays away, and again when the lease runs out."""
+        unrecorded if the store stays away, and again when the lease runs out.
+
+        False when the store took no outcome: the delivery is no longer this instance's claim.
+        A write tried again may have been committed the first time, so only a first try tells."""
         troubled = False
         try:
             for wait in (*OUTCOME_RETRIES_S, None):
                 try:
-                    await write()
-                    return
+                    return await write() or troubled
                 except StoreUnavailable:
                     if wait is None:
                         raise
@@ -137,12 +139,24 @@ class Attempts:
         finally:
             if troubled:
                 self.rewriting[row.channel] -= 1
+        raise AssertionError("unreachable")  # the last try returns or raises
+
+    def _unrecorded(self, row: Claimed, tag: str, outcome: Outcome) -> None:
+        """An outcome the store did not take: the delivery's claim had passed from this instance
+        (its lease ran out while the send was under way, and another took it over), or it was
+        buried or dropped meanwhile. Whoever holds it now records its own outcome."""
+        log.warning(
+            "not recorded %s attempt=%d: %s, but the delivery is no longer this process's "
+            "claim (its lease ran out, or it was buried or dropped meanwhile)",
+            tag, row.attempts, "sent" if outcome.result is Result.DELIVERED else outcome.error,
+        )  # fmt: skip
 
     async def _settle(self, row: Claimed, outcome: Outcome) -> None:
         now = time.time()
         tag = f"event={row.event_id} delivery={row.id} channel={row.channel}"
         if outcome.result is Result.DELIVERED:
-            await self._written(row, lambda: self._store.mark_delivered(row.id, now))
+            if not await self._written(row, lambda: self._store.mark_delivered(row.id, now)):
+                return self._unrecorded(row, tag, outcome)
             self._note(row, "delivered")
             log.info("delivered %s attempt=%d", tag, row.attempts)
             # Its far end answers again after failing for several deliveries (an outage). What
@@ -155,17 +169,21 @@ class Attempts:
                 log.info("channel %s answers again: %d deliveries backing off are due now",
                          row.channel, resumed)  # fmt: skip
         elif outcome.result is Result.PERMANENT:
-            await self._written(row, lambda: self._store.mark_dead(row.id, now, outcome.error))
+            if not await self._written(
+                row, lambda: self._store.mark_dead(row.id, now, outcome.error)
+            ):
+                return self._unrecorded(row, tag, outcome)
             self._note(row, "dead", outcome.error)
             log.warning("dead letter %s attempt=%d: %s", tag, row.attempts, outcome.error)
         elif outcome.rate_limited or outcome.free:
             wait = outcome.retry_after
             if wait is None:  # a 429 that says not how long: its channel's block (lane.py) holds
                 wait = 0.0 if outcome.rate_limited else 1.0
-            await self._written(
+            if not await self._written(
                 row,
                 lambda: self._store.mark_retry(row.id, now, now + wait, outcome.error, count=False),
-            )
+            ):
+                return self._unrecorded(row, tag, outcome)
             self._note(row, "rate_limited" if outcome.rate_limited else "retry", outcome.error)
             log.info("%s %s attempt=%d: again %s (attempt given back): %s",
                      "rate limited" if outcome.rate_limited else "retry", tag, row.attempts,
@@ -173,20 +191,22 @@ class Attempts:
                      outcome.error)  # fmt: skip
         elif row.attempts >= self._settings.max_attempts:
             error = f"gave up after {row.attempts} attempts: {outcome.error}"
-            await self._written(row, lambda: self._store.mark_dead(row.id, now, error))
+            if not await self._written(row, lambda: self._store.mark_dead(row.id, now, error)):
+                return self._unrecorded(row, tag, outcome)
             self._note(row, "dead", error)
             log.warning("dead letter %s: %s", tag, error)
         else:
-            self._note(row, "retry", outcome.error)
             s = self._settings
             delay = max(
                 backoff(row.attempts, s.initial_backoff_s, s.max_backoff_s),
                 outcome.retry_after or 0.0,
             )
-            await self._written(
+            if not await self._written(
                 row,
                 lambda: self._store.mark_retry(row.id, now, now + delay, outcome.error, count=True),
-            )
+            ):
+                return self._unrecorded(row, tag, outcome)
+            self._note(row, "retry", outcome.error)
             failing = self._failing.setdefault(row.channel, set())
             if len(failing) < 2:
                 failing.add(row.id)

@@ -173,11 +173,11 @@ class Flaky(SQLiteStore):
 
     failures = 2
 
-    async def mark_delivered(self, delivery_id: int, now: float) -> None:
+    async def mark_delivered(self, delivery_id: int, now: float) -> bool:
         if self.failures:
             self.failures -= 1
             raise StoreUnavailable("store unavailable: terminating connection")
-        await super().mark_delivered(delivery_id, now)
+        return await super().mark_delivered(delivery_id, now)
 
 
 async def test_an_outcome_the_store_could_not_take_is_written_again(tmp_path: Path) -> None:
@@ -193,6 +193,52 @@ async def test_an_outcome_the_store_could_not_take_is_written_again(tmp_path: Pa
         assert (sender.sends, store.failures) == (1, 0)
     finally:
         await store.close()
+
+
+class TakenOverMidSend:
+    """A sender during whose send another store instance claims the delivery, as when this
+    process stalled past its claim's lease; then it gives `outcome`."""
+
+    def __init__(self, other: SQLiteStore, outcome: Outcome) -> None:
+        self.other, self.outcome = other, outcome
+
+    async def send(self, payload: str, message_key: str, thread: Thread | None = None) -> Outcome:
+        assert len(await self.other.claim("odd", time.time() + 3600, 10, 30)) == 1
+        return self.outcome
+
+
+@pytest.mark.parametrize(
+    ("outcome", "said"),
+    [
+        (Outcome(Result.DELIVERED), "sent"),
+        (Outcome(Result.RETRY, "HTTP 503"), "HTTP 503"),
+        (Outcome(Result.RETRY, "HTTP 429", 30.0, rate_limited=True), "HTTP 429"),
+        (Outcome(Result.PERMANENT, "HTTP 404: no_service"), "HTTP 404: no_service"),
+    ],
+    ids=["delivered", "retry", "rate limited", "dead"],
+)
+async def test_an_outcome_after_the_claim_passed_on_is_logged_as_not_recorded(
+    open_store: OpenStore, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    outcome: Outcome, said: str,
+) -> None:  # fmt: skip
+    # It was logged as the outcome ("delivered", "retry in 5.0s") though the store kept none of
+    # it: the delivery is the other instance's, which sends it and records its own outcome.
+    store, other = await open_store(), await open_store()
+    await record(store, "odd")
+    sender = TakenOverMidSend(other, outcome)
+    with caplog.at_level(logging.INFO, logger="bridge.worker"):
+        worker = make_worker(store, {"odd": sender}, tmp_path)
+        async with running(worker):
+            await eventually(lambda: "not recorded" in caplog.text)
+    ((line,),) = [[r.getMessage() for r in caplog.records if "not recorded" in r.getMessage()]]
+    assert line.startswith("not recorded event=") and "channel=odd attempt=1: " in line
+    assert f": {said}, but the delivery is no longer this process's claim" in line
+    logged = caplog.text
+    assert "delivered event=" not in logged and "dead letter" not in logged
+    assert "retry event=" not in logged and "rate limited event=" not in logged
+    assert deliveries(store.path) == [("odd", "in_flight", 2, None)]  # the other's claim
+    state = worker.states["odd"]  # neither a success nor an error of its own
+    assert (state.last_success_at, state.last_error) == (None, None)
 
 
 async def test_dead_when_attempts_run_out(

@@ -502,11 +502,11 @@ class OneOutcomeLost(SQLiteStore):
         super().__init__(path)
         self.lost: list[int] = []
 
-    async def mark_delivered(self, delivery_id: int, now: float) -> None:
+    async def mark_delivered(self, delivery_id: int, now: float) -> bool:
         if not self.lost or self.lost == [delivery_id]:
             self.lost[:] = [delivery_id]
             raise StoreUnavailable("store unavailable: connection reset")
-        await super().mark_delivered(delivery_id, now)
+        return await super().mark_delivered(delivery_id, now)
 
 
 async def test_a_store_failure_gives_the_rest_of_the_claim_back(

@@ -172,8 +172,9 @@ async def test_outcomes_apply_only_to_what_is_in_flight(store: Store) -> None:
     await add(store, "2", room="y", now=now)
     one, two = await store.claim("a", now, 10, 30)
     assert await store.bury_unknown_channels([], now, "channel removed") == 2
-    await store.mark_retry(one.id, now, now, "HTTP 503", count=True)  # too late: stays dead
-    await store.mark_delivered(two.id, now)  # it did get through: recorded as delivered
+    # too late: stays dead
+    assert not await store.mark_retry(one.id, now, now, "HTTP 503", count=True)
+    assert await store.mark_delivered(two.id, now)  # it did get through: recorded as delivered
     assert [(d.state, d.last_error) for d in await deliveries(store)] == [
         (State.DEAD, "channel removed"), (State.DELIVERED, "channel removed"),
     ]  # fmt: skip
@@ -185,25 +186,25 @@ async def test_outcomes_belong_to_the_instance_that_claimed(open_store: OpenStor
     await add(a, "1", room="x", now=now)
     await add(a, "2", room="y", now=now)
     one, two = await a.claim("a", now, 10, 30)
-    # b holds neither: its outcomes change nothing.
-    await b.mark_delivered(one.id, now)
-    await b.mark_retry(one.id, now, now, "HTTP 500", count=True)
-    await b.mark_dead(two.id, now, "HTTP 404")
+    # b holds neither: its outcomes change nothing, and it is told so.
+    assert not await b.mark_delivered(one.id, now)
+    assert not await b.mark_retry(one.id, now, now, "HTTP 500", count=True)
+    assert not await b.mark_dead(two.id, now, "HTTP 404")
     await b.release([one.id, two.id], now, now)
     assert [(d.state, d.attempts, d.last_error) for d in await deliveries(a)] == [
         (State.IN_FLIGHT, 1, None), (State.IN_FLIGHT, 1, None),
     ]  # fmt: skip
     # a's lease runs out and b claims both again: a's late outcomes change nothing either.
     assert [c.attempts for c in await b.claim("a", now + 31, 10, 30)] == [2, 2]
-    await a.mark_retry(one.id, now + 32, now + 32, "HTTP 500", count=True)
-    await a.mark_dead(two.id, now + 32, "HTTP 404")
+    assert not await a.mark_retry(one.id, now + 32, now + 32, "HTTP 500", count=True)
+    assert not await a.mark_dead(two.id, now + 32, "HTTP 404")
     await a.release([one.id, two.id], now + 32, now + 32)
-    await a.mark_delivered(one.id, now + 32)
+    assert not await a.mark_delivered(one.id, now + 32)
     assert [(d.state, d.attempts, d.last_error) for d in await deliveries(a)] == [
         (State.IN_FLIGHT, 2, None), (State.IN_FLIGHT, 2, None),
     ]  # fmt: skip
-    await b.mark_delivered(one.id, now + 33)
-    await b.mark_dead(two.id, now + 33, "HTTP 404")
+    assert await b.mark_delivered(one.id, now + 33)
+    assert await b.mark_dead(two.id, now + 33, "HTTP 404")
     assert [(d.state, d.last_error) for d in await deliveries(a)] == [
         (State.DELIVERED, None), (State.DEAD, "HTTP 404"),
     ]  # fmt: skip
@@ -213,8 +214,23 @@ async def test_a_late_outcome_counts_while_nobody_took_over(store: Store) -> Non
     now = time.time()
     await add(store, "1", now=now)
     (claimed,) = await store.claim("a", now, 10, 30)
-    await store.mark_delivered(claimed.id, now + 100)  # the lease ran out, the row is still ours
+    # The lease ran out, the row is still ours.
+    assert await store.mark_delivered(claimed.id, now + 100)
     assert [d.state for d in await deliveries(store)] == [State.DELIVERED]
+
+
+async def test_delivered_marks_sent_together_each_say_whether_they_took(
+    open_store: OpenStore,
+) -> None:
+    # SQLite marks a batch's deliveries in one statement: each is told of its own row.
+    a, b = await open_store(), await open_store()
+    now = time.time()
+    for room in ("x", "y", "z"):
+        await add(a, room, room=room, now=now)
+    claimed = await a.claim("a", now, 10, 30)
+    (taken,) = await b.claim("a", now + 31, 1, 30)  # a's lease ran out: b takes the first over
+    marked = await asyncio.gather(*(a.mark_delivered(c.id, now + 32) for c in claimed))
+    assert marked == [c.id != taken.id for c in claimed] == [False, True, True]
 
 
 async def test_a_retried_delivery_is_rendered_again_when_sent(store: Store) -> None:

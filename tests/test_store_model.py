@@ -351,9 +351,10 @@ class StoreMachine(RuleBasedStateMachine):
 
     def ended(
         self, claimer: Claimer, delivery_id: int, outcome: str, delay: float
-    ) -> tuple[Awaitable[None], bool]:
-        """A send of `claimer`'s ends: the store call that records its outcome (to be awaited),
-        and whether the model, to which it is applied now, takes it."""
+    ) -> tuple[Awaitable[bool | None], bool]:
+        """A send of `claimer`'s ends: the store call that records its outcome (to be awaited;
+        a mark says whether it took, a give-back says nothing), and whether the model, to which
+        it is applied now, takes it."""
         store, model, now, owner = claimer.store, self.model, self.now, claimer.owner
         del claimer.held[delivery_id]
         row = model.rows.get(delivery_id)
@@ -375,7 +376,8 @@ class StoreMachine(RuleBasedStateMachine):
 
     def settle(self, claimer: Claimer, delivery_id: int, outcome: str, delay: float) -> bool:
         step, applied = self.ended(claimer, delivery_id, outcome, delay)
-        self.run(step)
+        took = self.run(step)
+        assert took in (None, applied), "the store says it took what the model did not"
         return applied
 
     @precondition(lambda self: bool(self.holdings()))
@@ -399,9 +401,10 @@ class StoreMachine(RuleBasedStateMachine):
         # delivered in one SQLite statement, in one batch with the rest.
         claimer = self.claimers[i]
         ids = sorted(claimer.held)
-        self.run_all(
-            [self.ended(claimer, d, o, 1.0)[0] for d, o in zip(ids, outcomes, strict=False)]
-        )
+        ended = [self.ended(claimer, d, o, 1.0) for d, o in zip(ids, outcomes, strict=False)]
+        took = self.run_all([step for step, _ in ended])
+        for said, (_, applied) in zip(took, ended, strict=True):
+            assert said in (None, applied), "a batch's mark says it took what the model did not"
 
     @precondition(lambda self: bool(self.holdings()))
     @rule(data=st.data())

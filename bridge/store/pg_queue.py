@@ -66,29 +66,36 @@ class PostgresQueue(PostgresPool):
         ]  # fmt: skip
 
     # Outcomes apply to a delivery this instance claimed and still holds, as in SQLiteStore.
-    async def mark_delivered(self, delivery_id: int, now: float) -> None:
-        await self._execute(
-            "UPDATE deliveries SET state = 'delivered', delivered_at = %s, updated_at = %s,"
-            " lease_until = NULL, owner = NULL"
-            " WHERE id = %s AND owner = %s AND state IN ('in_flight', 'dead')",
-            (now, now, delivery_id, self.owner),
+    async def mark_delivered(self, delivery_id: int, now: float) -> bool:
+        return bool(
+            await self._execute(
+                "UPDATE deliveries SET state = 'delivered', delivered_at = %s, updated_at = %s,"
+                " lease_until = NULL, owner = NULL"
+                " WHERE id = %s AND owner = %s AND state IN ('in_flight', 'dead')",
+                (now, now, delivery_id, self.owner),
+            )
         )
 
     async def mark_retry(
         self, delivery_id: int, now: float, next_attempt_at: float, error: str, count: bool
-    ) -> None:
-        await self._execute(
-            "UPDATE deliveries SET state = 'pending', next_attempt_at = %s, last_error = %s,"
-            " attempts = attempts - %s, lease_until = NULL, updated_at = %s, owner = NULL"
-            " WHERE id = %s AND owner = %s AND state = 'in_flight'",
-            (next_attempt_at, error, 0 if count else 1, now, delivery_id, self.owner),
+    ) -> bool:
+        return bool(
+            await self._execute(
+                "UPDATE deliveries SET state = 'pending', next_attempt_at = %s, last_error = %s,"
+                " attempts = attempts - %s, lease_until = NULL, updated_at = %s, owner = NULL"
+                " WHERE id = %s AND owner = %s AND state = 'in_flight'",
+                (next_attempt_at, error, 0 if count else 1, now, delivery_id, self.owner),
+            )
         )
 
-    async def mark_dead(self, delivery_id: int, now: float, error: str) -> None:
-        await self._execute(
-            "UPDATE deliveries SET state = 'dead', last_error = %s, lease_until = NULL,"
-            " updated_at = %s, owner = NULL WHERE id = %s AND owner = %s AND state = 'in_flight'",
-            (error, now, delivery_id, self.owner),
+    async def mark_dead(self, delivery_id: int, now: float, error: str) -> bool:
+        return bool(
+            await self._execute(
+                "UPDATE deliveries SET state = 'dead', last_error = %s, lease_until = NULL,"
+                " updated_at = %s, owner = NULL"
+                " WHERE id = %s AND owner = %s AND state = 'in_flight'",
+                (error, now, delivery_id, self.owner),
+            )
         )
 
     async def release(self, ids: Sequence[int], now: float, next_attempt_at: float) -> None:

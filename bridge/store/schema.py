@@ -352,6 +352,7 @@ UPDATE deliveries SET state = 'delivered', delivered_at = v.column2, updated_at 
 FROM (VALUES {values}) AS v
 WHERE deliveries.id = v.column1 AND deliveries.owner = ?
   AND deliveries.state IN ('in_flight', 'dead')
+RETURNING deliveries.id
 """
 
 

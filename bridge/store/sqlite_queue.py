@@ -68,26 +68,30 @@ class SQLiteQueue(SQLiteFile):
     # Outcomes apply to a delivery this instance claimed and still holds: one buried meanwhile
     # (its channel removed by a reload) stays dead, except that a delivery that did get through
     # is recorded as such; one whose lease ran out and that another claim took is left alone.
-    async def mark_delivered(self, delivery_id: int, now: float) -> None:
+    async def mark_delivered(self, delivery_id: int, now: float) -> bool:
         # The outcome of most sends: those of one batch are marked together, in one statement.
-        await self._submit(_Delivered(delivery_id, now, self.owner))
+        return await self._submit(_Delivered(delivery_id, now, self.owner))
 
     async def mark_retry(
         self, delivery_id: int, now: float, next_attempt_at: float, error: str, count: bool
-    ) -> None:
+    ) -> bool:
         # count=False gives the attempt back: the far end asked us to wait, nothing failed.
-        await self._execute(
-            "UPDATE deliveries SET state = 'pending', next_attempt_at = ?, last_error = ?,"
-            " attempts = attempts - ?, lease_until = NULL, updated_at = ?, owner = NULL"
-            " WHERE id = ? AND owner = ? AND state = 'in_flight'",
-            (next_attempt_at, error, 0 if count else 1, now, delivery_id, self.owner),
+        return bool(
+            await self._execute(
+                "UPDATE deliveries SET state = 'pending', next_attempt_at = ?, last_error = ?,"
+                " attempts = attempts - ?, lease_until = NULL, updated_at = ?, owner = NULL"
+                " WHERE id = ? AND owner = ? AND state = 'in_flight'",
+                (next_attempt_at, error, 0 if count else 1, now, delivery_id, self.owner),
+            )
         )
 
-    async def mark_dead(self, delivery_id: int, now: float, error: str) -> None:
-        await self._execute(
-            "UPDATE deliveries SET state = 'dead', last_error = ?, lease_until = NULL,"
-            " updated_at = ?, owner = NULL WHERE id = ? AND owner = ? AND state = 'in_flight'",
-            (error, now, delivery_id, self.owner),
+    async def mark_dead(self, delivery_id: int, now: float, error: str) -> bool:
+        return bool(
+            await self._execute(
+                "UPDATE deliveries SET state = 'dead', last_error = ?, lease_until = NULL,"
+                " updated_at = ?, owner = NULL WHERE id = ? AND owner = ? AND state = 'in_flight'",
+                (error, now, delivery_id, self.owner),
+            )
         )
 
     async def release(self, ids: Sequence[int], now: float, next_attempt_at: float) -> None:
@@ -138,11 +142,13 @@ class _Delivered(Together):
     owner: str
 
     @classmethod
-    def run_together(cls, conn: sqlite3.Connection, ops: Sequence[_Delivered]) -> list[None]:
+    def run_together(cls, conn: sqlite3.Connection, ops: Sequence[_Delivered]) -> list[bool]:
         owner = ops[0].owner  # a writer serves one store, which has one owner
         per = (MAX_PARAMS - 1) // 2
+        marked: set[int] = set()
         for start in range(0, len(ops), per):
             chunk = ops[start : start + per]
             sql = MARK_DELIVERED_SQL.replace("{values}", ",".join(["(?, ?)"] * len(chunk)))
-            conn.execute(sql, [v for op in chunk for v in (op.delivery_id, op.at)] + [owner])
-        return [None] * len(ops)
+            params = [v for op in chunk for v in (op.delivery_id, op.at)] + [owner]
+            marked.update(row[0] for row in conn.execute(sql, params))
+        return [op.delivery_id in marked for op in ops]
