@@ -24,7 +24,7 @@ import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from bridge.config_tables import ServerConfig
-from bridge.receive import packet
+from bridge.receive import Quiet, packet
 
 MAX_HEAD_BYTES = 65_536  # request line and headers; Tencent's are well under 2 KiB
 MAX_PIPELINED = 64  # requests waiting behind the one being answered; Tencent pipelines none
@@ -63,6 +63,9 @@ class LimitedProtocol(HttpToolsProtocol):
     request_timeout_s = 10.0  # protocol_for sets it from the config
     # Counts what this layer refuses, which no application sees (protocol_for sets it).
     refused: Callable[[int], None] = staticmethod(_uncounted)
+    # Requests that are not HTTP are logged once a minute, as refused callbacks are (uvicorn
+    # logged a warning each: anyone could fill the log's queue with them). Every connection's.
+    quiet = Quiet()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -94,7 +97,8 @@ class LimitedProtocol(HttpToolsProtocol):
             if self._head_over:
                 self._refuse(self._head_over, f"request head over {MAX_HEAD_BYTES} bytes")
                 return
-            self.logger.warning("Invalid HTTP request received.")
+            if (unsaid := self.quiet.unsaid("not HTTP")) is not None:
+                log.info("refused request: HTTP 400 invalid HTTP request%s", unsaid)
             self.send_400_response("invalid HTTP request")
             return
         except httptools.HttpParserUpgrade as upgrade:

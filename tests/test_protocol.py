@@ -330,6 +330,21 @@ def test_a_request_that_is_not_http_gets_a_packet_too(
     assert refused == 1
 
 
+def test_requests_that_are_not_http_are_logged_once_a_minute(bridge: Subprocess) -> None:
+    # uvicorn logged a warning for each: anyone could fill the log's queue with them, whose
+    # overflow drops the lines that matter. /metrics counts every one.
+    bad = b"POST " + CALLBACK + b" HTTP/1.1\r\nContent-Length: -1\r\n\r\n"
+    for _ in range(50):
+        with connection(bridge) as sock:
+            sock.sendall(bad)
+            assert answer(sock, 5) is not None
+    refused = samples(bridge.url)[("live_bridge_requests_refused_total", (("status", "400"),))]
+    assert refused == 50
+    lines = bridge.log.read_text().splitlines()
+    assert len([line for line in lines if "refused request: HTTP 400" in line]) == 1
+    assert not [line for line in lines if "Invalid HTTP request" in line]
+
+
 H2C = (
     b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
     b"HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
