@@ -45,7 +45,8 @@ def one_line(text: str) -> str:
     return _CONTROL.sub(lambda m: json.dumps(m.group(0))[1:-1], text)
 
 
-def _each_line(text: str) -> str:
+def each_line(text: str) -> str:
+    """`text`'s lines, each written by `one_line`."""
     return "\n".join(one_line(line) for line in text.split("\n"))
 
 
@@ -69,7 +70,7 @@ def _traceback(ei: ExcInfo) -> str:
             one.__notes__ = [one_line(str(note)) for note in one.__notes__]
         one.format_exception_only = _escaped(one.format_exception_only)  # type: ignore[method-assign]
         found += [e for e in (one.__cause__, one.__context__, *(one.exceptions or ())) if e]
-    return _each_line("".join(exc.format()).removesuffix("\n"))
+    return each_line("".join(exc.format()).removesuffix("\n"))
 
 
 Lines = Generator[str, None, None]
@@ -104,7 +105,7 @@ class TextFormatter(logging.Formatter):
         return _traceback(ei) if ei[1] is not None else super().formatException(ei)
 
     def formatStack(self, stack_info: str) -> str:  # logging's name
-        return _each_line(stack_info)
+        return each_line(stack_info)
 
 
 class JsonFormatter(logging.Formatter):

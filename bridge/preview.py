@@ -27,6 +27,7 @@ from typing import Any
 from bridge.config import CONFIG_HELP, Config, ConfigError, config_path, load_config
 from bridge.config_tables import Channel
 from bridge.events import OWNER_CHANGED, BadEvent, decode_body, parse_event
+from bridge.logs import each_line, one_line
 from bridge.render import Context, Renderer, RenderError
 from bridge.samples import sample
 
@@ -61,7 +62,7 @@ def main(args: argparse.Namespace) -> int:
         name, channel = channel_named(config, path, args.channel)
         fields = event_from(read_body(args.event) if args.event else None, args.event_command)
     except Unusable as exc:
-        print(f"live-bridge: {exc}", file=sys.stderr)
+        print(f"live-bridge: {each_line(str(exc))}", file=sys.stderr)
         return 2
     payload = render_for(config, name, channel, fields)
     if payload is None:
@@ -71,8 +72,10 @@ def main(args: argparse.Namespace) -> int:
 
 
 def pretty(payload: str) -> str:
-    """A rendered JSON payload indented; integers keep every digit."""
-    return json.dumps(json.loads(payload), indent=2, ensure_ascii=False)
+    """A rendered JSON payload indented; integers keep every digit. Characters that would move
+    a terminal's cursor or reorder its text (C1 controls, line and bidi separators, which JSON
+    leaves as they are) are written as their escapes: still the same JSON."""
+    return each_line(json.dumps(json.loads(payload), indent=2, ensure_ascii=False))
 
 
 def load(explicit: str | None) -> tuple[Path, Config]:
@@ -91,7 +94,8 @@ def render_for(config: Config, name: str, channel: Channel, fields: dict[str, An
             channel.type, parse_event(fields), fields, context_now(config), channel.template
         )
     except RenderError as exc:
-        print(f"live-bridge: channel {name!r}, {fields['CallbackCommand']}: {exc}", file=sys.stderr)
+        said = one_line(str(fields["CallbackCommand"]))
+        print(f"live-bridge: channel {name!r}, {said}: {exc}", file=sys.stderr)
         return None
 
 
@@ -123,7 +127,7 @@ def event_from(body: bytes | None, command: str | None) -> dict[str, Any]:
     except BadEvent as exc:
         raise Unusable(f"the event is not a callback: {exc}") from None
     if command is not None and command != event.CallbackCommand:
-        said = event.CallbackCommand
+        said = one_line(event.CallbackCommand)
         print(f"live-bridge: note: --command ignored, the event says {said}", file=sys.stderr)
     return fields
 

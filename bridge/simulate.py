@@ -30,6 +30,7 @@ from pydantic import SecretStr
 from bridge.config import CONFIG_HELP, Config
 from bridge.config_tables import check_http_url
 from bridge.events import OWNER_CHANGED
+from bridge.logs import each_line, one_line
 from bridge.preview import Unusable, add_event_arguments, load, read_body
 from bridge.samples import sample
 from bridge.verify import sign
@@ -53,7 +54,7 @@ def main(args: argparse.Namespace) -> int:
         _, config = load(args.config)
         body = read_body(args.event) if args.event else None
     except Unusable as exc:
-        print(f"live-bridge: {exc}", file=sys.stderr)
+        print(f"live-bridge: {each_line(str(exc))}", file=sys.stderr)
         return 2
     if body is None:
         command = args.event_command or OWNER_CHANGED
@@ -61,9 +62,8 @@ def main(args: argparse.Namespace) -> int:
     else:
         command = _command_in(body) or args.event_command or OWNER_CHANGED
         if args.event_command not in (None, command):
-            print(
-                f"live-bridge: note: --command ignored, the event says {command}", file=sys.stderr
-            )
+            said = one_line(command)
+            print(f"live-bridge: note: --command ignored, the event says {said}", file=sys.stderr)
     app_id = config.tencent.sdk_app_id[0] if args.app_id is None else args.app_id
     url = args.url or default_url(config)
     try:
@@ -77,14 +77,14 @@ def main(args: argparse.Namespace) -> int:
         return 2
     query = tencent_query(app_id, command, config.tencent.token_for(app_id), time.time())
     signed = ", signed" if "Sign" in query else ""
-    print(f"POST {url} ({command}, SdkAppid {app_id}{signed})", file=sys.stderr)
+    print(f"POST {url} ({one_line(command)}, SdkAppid {app_id}{signed})", file=sys.stderr)
     try:
         status, reply = post(url, query, body)
     except (OSError, http.client.HTTPException) as exc:
         print(f"live-bridge: cannot reach the bridge at {url}: {_reason(exc)}", file=sys.stderr)
         return 1
     print(f"HTTP {status}")
-    print(reply.decode("utf-8", "replace")[:REPLY_CHARS])
+    print(each_line(reply.decode("utf-8", "replace")[:REPLY_CHARS]))
     try:
         answer = json.loads(reply)
     except ValueError:

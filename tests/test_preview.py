@@ -68,6 +68,25 @@ def test_event_from_stdin_wins_over_command(tmp_path: Path) -> None:
     assert "--command ignored, the event says Live.CallbackAfterChangeOwner" in result.stderr
 
 
+HOSTILE = "A\x1b[2J\x9b2J\x9d0;T\x07\u2028B\u202eC\nFORGED"
+
+
+def test_callback_values_cannot_drive_the_terminal(tmp_path: Path) -> None:
+    # The command went raw into the note on stderr, and JSON leaves C1 controls, U+2028 and
+    # bidi overrides as they are: a value could clear the screen, set the terminal's title,
+    # forge a line or reorder what it shows.
+    body = json.dumps({"CallbackCommand": f"Live.{HOSTILE}", "RoomId": HOSTILE}).encode()
+    args = ("render", "--config", str(config(tmp_path)), "--event", "-")
+    result = run(*args, "--command", "Live.CallbackAfterCreateRoom", "--channel", "audit",
+                 stdin=body)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for text in (result.stdout, result.stderr):
+        assert not set(text) & set("\x1b\x07\x9b\x9d\u2028\u202e")
+    (note,) = result.stderr.splitlines()
+    assert note.startswith("live-bridge: note: --command ignored, the event says Live.A\\u001b")
+    assert json.loads(result.stdout)["event"]["RoomId"] == HOSTILE  # the same JSON
+
+
 def test_webhook_payload_keeps_big_integers(tmp_path: Path) -> None:
     event = tmp_path / "event.json"
     event.write_bytes(BODY)

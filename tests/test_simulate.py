@@ -152,6 +152,22 @@ def test_bridge_not_running(tmp_path: Path) -> None:
     assert result.stdout == ""
 
 
+def test_an_events_command_cannot_drive_the_terminal(tmp_path: Path) -> None:
+    # It went raw into the POST line and the note on stderr: a screen cleared, a line forged.
+    (tmp_path / "event.json").write_text(
+        json.dumps({"CallbackCommand": "Live.A\x1b[2J\x9b2J\u202e\nFORGED", "RoomId": "r"})
+    )
+    url = f"http://127.0.0.1:{free_port()}/tencent/callback"
+    args = ("--event", str(tmp_path / "event.json"), "--command", "Live.CallbackAfterCreateRoom")
+    result = run("simulate", "--config", str(write_config(tmp_path)), "--url", url, *args)
+    assert result.returncode == 1
+    assert not set(result.stderr) & set("\x1b\x9b\u202e")
+    note, post, unreachable = result.stderr.splitlines()
+    assert note.endswith("the event says Live.A\\u001b[2J\\u009b2J\\u202e\\nFORGED")
+    assert post.startswith("POST http") and "(Live.A\\u001b[2J\\u009b2J\\u202e\\nFORGED, " in post
+    assert unreachable.startswith("live-bridge: cannot reach the bridge")
+
+
 def test_config_and_url_errors(tmp_path: Path) -> None:
     missing = run("simulate", "--config", str(tmp_path / "none.toml"))
     assert missing.returncode == 2 and "no such config file" in missing.stderr
