@@ -11,7 +11,13 @@ for good, and a few thousand of them use up the process's file descriptors (new 
 Tencent's included, are then reset). Here each request must arrive whole within
 `[server] request_timeout_s`; else a packet says so (408) and the connection closes.
 
-A connection with more than MAX_PIPELINED requests waiting for their answers is cut off.
+A connection with more than MAX_PIPELINED requests waiting for their answers is cut off, and so
+is one that reads none of an answer for `request_timeout_s`: it held its descriptor, and held up
+a shutdown, for as long as it liked.
+
+A request refused here while earlier ones on its connection are still owed their answers gets no
+packet: it would be read as the answer to an earlier callback, stored meanwhile. Those answers
+are written, then the connection closes.
 """
 
 from __future__ import annotations
@@ -77,14 +83,37 @@ class LimitedProtocol(HttpToolsProtocol):
         self._replaying_head = False  # see _ignore_upgrade
         self._pipeline_overflow = False
         self._head_over = 0  # the status refusing a head that arrived whole but too long
+        self._refused_behind = False  # a request refused behind answers owed: read no more
+        self._unread: asyncio.TimerHandle | None = None  # an answer the client is not reading
         self._wait_for_request()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_waiting()
+        if self._unread is not None:
+            self._unread.cancel()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        # The client reads its answers slower than they are written, or not at all.
+        super().pause_writing()
+        if self._unread is None:
+            self._unread = self.loop.call_later(self.request_timeout_s, self._not_read)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._unread is not None:
+            self._unread.cancel()
+            self._unread = None
+
+    def _not_read(self) -> None:
+        self._unread = None
+        self.refused(0)
+        self.transport.abort()  # its application's sends end: the client is gone
 
     def data_received(self, data: bytes) -> None:
         # uvicorn's, but for an upgrade offer (below) and a head that grows too long.
+        if self._refused_behind:
+            return  # the connection closes once the answers owed are written
         self._unset_keepalive_if_required()
         begun = self._heads_begun
         try:
@@ -95,7 +124,7 @@ class LimitedProtocol(HttpToolsProtocol):
                 self.transport.abort()  # answers still owed cannot all be given: cut off
                 return
             if self._head_over:
-                self._refuse(self._head_over, f"request head over {MAX_HEAD_BYTES} bytes")
+                self._refuse_request(self._head_over, f"request head over {MAX_HEAD_BYTES} bytes")
                 return
             if (unsaid := self.quiet.unsaid("not HTTP")) is not None:
                 log.info("refused request: HTTP 400 invalid HTTP request%s", unsaid)
@@ -113,15 +142,15 @@ class LimitedProtocol(HttpToolsProtocol):
         self._head_bytes += len(data)
         if self._head_bytes > MAX_HEAD_BYTES:
             status = 414 if len(self.url) > MAX_HEAD_BYTES else 431
-            self._refuse(status, f"request head over {MAX_HEAD_BYTES} bytes")
+            self._refuse_request(status, f"request head over {MAX_HEAD_BYTES} bytes")
 
     def send_400_response(self, msg: str) -> None:
         # What httptools cannot parse, uvicorn answers in text; Tencent reads packets. A URL
         # over 64 KiB that arrived in one chunk is one: httptools' URL offsets are 16 bits.
         if len(self.url) > MAX_HEAD_BYTES:
-            self._refuse(414, f"request head over {MAX_HEAD_BYTES} bytes")
+            self._refuse_request(414, f"request head over {MAX_HEAD_BYTES} bytes")
         else:
-            self._refuse(400, "invalid HTTP request")
+            self._refuse_request(400, "invalid HTTP request")
 
     def _ignore_upgrade(self, rest: bytes) -> None:
         """Serve a request that offers an upgrade (`Upgrade: h2c` from curl --http2, Java's
@@ -236,6 +265,19 @@ class LimitedProtocol(HttpToolsProtocol):
             )
         else:
             self.transport.close()  # idle, or answered and the rest of its body still coming
+
+    def _refuse_request(self, status: int, info: str) -> None:
+        """Refuse the request being read: with a packet, unless earlier requests on this
+        connection are still owed their answers (see the module's docstring)."""
+        cycle = self.cycle
+        if not self.pipeline and (cycle is None or cycle.response_complete):
+            self._refuse(status, info)
+            return
+        self.refused(status)
+        self._refused_behind = True
+        last = self.pipeline[0][0] if self.pipeline else cycle  # uvicorn queues at the left
+        if last is not None:
+            last.keep_alive = False  # uvicorn closes the connection after its answer
 
     def _refuse(self, status: int, info: str, counted: bool = True) -> None:
         if counted:

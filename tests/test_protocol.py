@@ -345,6 +345,48 @@ def test_requests_that_are_not_http_are_logged_once_a_minute(bridge: Subprocess)
     assert not [line for line in lines if "Invalid HTTP request" in line]
 
 
+@pytest.mark.parametrize("tail", [b"X", b"GARBAGE\r\n\r\n"], ids=["a byte", "a line"])
+def test_a_stored_callback_is_answered_ok_though_what_follows_it_is_not_http(
+    bridge: Subprocess, tail: bytes
+) -> None:
+    # The refusal's packet was written at once, before the callback's answer, and read as its
+    # answer: 400 for a callback that was stored and delivered.
+    with connection(bridge) as sock:
+        sock.sendall(callback_request() + tail)
+        response = answer(sock, 5)
+    assert response is not None and response.count(b"HTTP/1.1 ") == 1, response
+    assert packet_of(response) == (200, json.loads(OK_PACKET))
+    assert b"connection: close" in response.lower()
+    assert db_rows(bridge.log.parent / "bridge.db", "SELECT count(*) FROM events") == [(1,)]
+    refused = samples(bridge.url)[("live_bridge_requests_refused_total", (("status", "400"),))]
+    assert refused == 1
+
+
+def test_a_client_that_reads_no_answers_is_cut_off_after_request_timeout_s(tmp_path: Path) -> None:
+    # Each request arrived whole, so no deadline ran while its answer could not be written: the
+    # connection stayed for good, and held up a shutdown until the client closed it.
+    port = free_port()
+    config = write_config(tmp_path, port, server="request_timeout_s = 1")
+    with Subprocess(config, port, tmp_path / "bridge.log") as bridge:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", port))
+        with contextlib.closing(sock):
+            request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"  # answers of some KiB
+            sock.settimeout(30)
+            # One at a time, never 64 waiting: once its answers fill the buffers the server
+            # reads no more, and a send blocks until the server cuts the connection off.
+            with contextlib.suppress(OSError):
+                for _ in range(5000):
+                    sock.sendall(request)
+                    time.sleep(0.0005)
+            cut = ("live_bridge_requests_refused_total", (("status", "0"),))
+            assert wait_until(lambda: samples(bridge.url).get(cut, 0) == 1, timeout=15)
+        assert post_callback(bridge.url) == (200, OK_PACKET)
+    log = (tmp_path / "bridge.log").read_text()
+    assert "Traceback" not in log and "ERROR" not in log
+
+
 H2C = (
     b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
     b"HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
