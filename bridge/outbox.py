@@ -30,6 +30,9 @@ from bridge.store import ChannelStats, DeliveryRow, State, Store, StoreUnavailab
 from bridge.store.engines import make_store
 
 ERROR_WIDTH = 60  # LAST ERROR in a table; JSON has it whole
+# ROOM and COMMAND in a table (Tencent's room IDs are at most 48 bytes, its commands about 35
+# characters): a callback's 100 KB room padded every row of the table to its width.
+NAME_WIDTH = 50
 
 Command = Callable[[Store, Config, argparse.Namespace], Awaitable[int]]
 
@@ -144,9 +147,11 @@ async def _list(store: Store, config: Config, args: argparse.Namespace) -> int:
         _print_table(
             ["ID", "CHANNEL", "APP", "ROOM", "COMMAND", "STATE", "ATTEMPTS", "LAST ERROR",
              "CREATED", "UPDATED", "NEXT ATTEMPT"],
-            [[d.id, d.channel, d.sdk_app_id, "-" if d.room_id is None else d.room_id, d.command,
-              d.state.value, d.attempts, _cut(_visible(d.last_error or "-")), _time(d.created_at),
-              _time(d.updated_at), _time(d.next_attempt_at) if d.state == State.PENDING else "-"]
+            [[d.id, d.channel, d.sdk_app_id,
+              "-" if d.room_id is None else _cut(_visible(d.room_id), NAME_WIDTH),
+              _cut(_visible(d.command), NAME_WIDTH), d.state.value, d.attempts,
+              _cut(_visible(d.last_error or "-")), _time(d.created_at), _time(d.updated_at),
+              _time(d.next_attempt_at) if d.state == State.PENDING else "-"]
              for d in found],
         )  # fmt: skip
     return 0
@@ -269,8 +274,8 @@ def _visible(text: str) -> str:
     )
 
 
-def _cut(text: str) -> str:
-    return text if len(text) <= ERROR_WIDTH else text[: ERROR_WIDTH - 1] + "…"
+def _cut(text: str, width: int = ERROR_WIDTH) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _width(text: str) -> int:

@@ -196,6 +196,30 @@ def test_list_filters_table_and_json(tmp_path: Path) -> None:
     )
 
 
+def test_list_cuts_a_long_room_and_command_in_the_table(tmp_path: Path) -> None:
+    # A callback's 100 KB room padded every row of the table to its width: 11 MB for 116 rows.
+    async def record() -> None:
+        store = SQLiteStore(tmp_path / "bridge.db")
+        await store.open()
+        try:
+            for room, command in (("r" * 100_000, "Live." + "C" * 5000), ("short", "Live.X")):
+                event = NewEvent(1400000000, command, room, None, "{}", "{}", room)
+                await store.record(event, [NewDelivery("hook", "payload")], time.time(), 0)
+        finally:
+            await store.close()
+
+    asyncio.run(record())
+    config = write_config(tmp_path)
+    header, short, long = run("list", "--config", str(config)).stdout.splitlines()  # newest first
+    assert max(len(header), len(long), len(short)) < 300
+    assert "r" * 49 + "…" in long and "Live." + "C" * 44 + "…" in long and "r" * 50 not in long
+    assert short.split()[3:5] == ["short", "Live.X"]
+    whole = json.loads(run("list", "--config", str(config), "--json").stdout)
+    assert {(d["room_id"], d["command"]) for d in whole} == {
+        ("r" * 100_000, "Live." + "C" * 5000), ("short", "Live.X"),
+    }  # fmt: skip
+
+
 @pytest.mark.parametrize("wait", [1e14, float("inf")])  # past year 9999; 400 nines
 def test_list_shows_a_retry_no_date_can_hold(tmp_path: Path, wait: float) -> None:
     # Before Retry-After was capped at an hour, a far end's could set the next attempt past any
