@@ -53,17 +53,24 @@ PAGES = jinja2.Environment(
     auto_reload=False,
 )
 SHOWN_CHARS = 120  # of a value a callback chose (a room, a command), on the status page
+ERROR_CHARS = 500  # of a delivery's or channel's last error, which may quote such a value
 
 
-def shown(value: object) -> str:
+def shown(value: object, chars: int = SHOWN_CHARS) -> str:
     """A callback's value as the status page shows it: controls and bidirectional overrides as
     their escapes (`abc\u202egnp.exe` read "abcexe.png"), and cut short (25 rooms of 125 KB
     made a page of 15 MB, reloaded every 10 s, its other columns one character wide)."""
     text = one_line(str(value))
-    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 1] + "…"
+    return text if len(text) <= chars else text[: chars - 1] + "…"
+
+
+def shown_error(value: object) -> str:
+    """A last error as the status page shows it (a template's error may quote a room)."""
+    return shown(value, ERROR_CHARS)
 
 
 PAGES.filters["shown"] = shown
+PAGES.filters["shown_error"] = shown_error
 # Compiled here, once: read from disk at the first request, a page needed a file descriptor, and
 # a process at its limit of open files answered /status with a 500 and a traceback.
 BASE_PAGE, LOGIN_PAGE, STATUS_PAGE = (

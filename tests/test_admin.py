@@ -35,6 +35,7 @@ from tests.bridge_server import (
     APP_ID,
     OK_PACKET,
     OWNER,
+    ROOT,
     SEED_BODY,
     InThread,
     NoRedirect,
@@ -510,6 +511,28 @@ def test_a_rooms_text_is_shown_escaped_and_cut_short(bridge: InThread) -> None:
     page = http_request(bridge.url + "/status")[2].decode()
     assert "abc\\u202egnp.exe" in page and "\u202e" not in page
     assert "r" * 119 + "…" in page and "r" * 120 not in page
+
+
+def test_a_last_error_quoting_a_room_is_cut_short(tmp_path: Path, slack: SlackStandIn) -> None:
+    # A template that fails at run time may quote a value in its error: three rooms of 200 KB
+    # made a page of 807 KB, whole in the channel's Last error and in each delivery's title.
+    templates = tmp_path / "tpl"
+    (templates / "webhook").mkdir(parents=True)
+    (templates / "webhook" / "odd.j2").write_text(
+        '{% if event.RoomId and event.RoomId.startswith("zz") %}'
+        "{{ fields[event.RoomId] }}{% endif %}{}"
+    )
+    config = write_config(
+        tmp_path, channels=HOOK.format(url=slack.sink_url()) + 'template = "webhook/odd.j2"\n',
+        routes=ROUTE,
+    )  # fmt: skip
+    config.write_text(config.read_text().replace(str(ROOT / "templates"), str(templates)))
+    with InThread(config) as bridge:
+        body = SEED_BODY.replace(b'"room_id"', json.dumps("zz" + "E" * 200_000).encode())
+        assert post_callback(bridge.url, body) == (200, OK_PACKET)
+        page = http_request(bridge.url + "/status")[2].decode()
+    assert "E" * 1000 not in page and len(page) < 20_000
+    assert page.count("E" * 300) == 2  # in the channel's last error and the delivery's title
 
 
 def test_rooms_of_two_apps_are_told_apart_by_their_app(tmp_path: Path, slack: SlackStandIn) -> None:
