@@ -66,9 +66,9 @@ class Attempts:
     # start no send meanwhile.
     rewriting: dict[str, int]
 
-    async def _attempt(self, policy: ChannelPolicy, row: Claimed) -> Outcome:
+    async def _attempt(self, policy: ChannelPolicy, composer: Composer, row: Claimed) -> Outcome:
         try:
-            payload = self._composer.payload(row)
+            payload = composer.payload(row)
         except RenderError as exc:
             return permanent(f"render failed: {exc}")
         thread = None

@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from bridge.attempts import Attempts, backoff
 from bridge.channels import Outcome, Result
 from bridge.clock import LeaseClock
+from bridge.compose import Composer
 from bridge.pacing import Pacer
 from bridge.policy import ChannelPolicy, send_s
 from bridge.store import Claimed, Pace, StoreUnavailable
@@ -66,6 +67,12 @@ class Lanes(Attempts, abc.ABC):
     async def _lane(self, policy: ChannelPolicy) -> None:
         pacer = self.pacers.get(policy.name) or Pacer(policy.rate_per_s, policy.burst)
         group = self._paced_with.get(policy.name, (policy.name,))
+        # The config's composer that `policy` came with: a reload swaps the worker's while this
+        # lane finishes its claim with the old sender. With the new one, a channel whose type
+        # changed had the rest of its claim rendered for the new type and posted by the old
+        # sender (Slack refused a webhook's body: no_text), and a removed channel's digests
+        # were composed from a config that lacked it (a KeyError in the lane).
+        composer = self._composer
         lease = policy.lease_s(self._settings.timeout_s, self._lane_rates.get(policy.name))
         held_until = 0.0  # time.monotonic(): the channel is ours until then (0: not taken)
         sent = False  # the last claim found something: worth waiting for more
@@ -122,9 +129,9 @@ class Lanes(Attempts, abc.ABC):
                 sent = bool(rows)
                 found = found or sent
                 if policy.digest_after and len(rows) > policy.digest_after:
-                    await self._send_digests(policy, rows, until)
+                    await self._send_digests(policy, composer, rows, until)
                 elif rows:
-                    await self._send_each(policy, rows, until)
+                    await self._send_each(policy, composer, rows, until)
         except StoreUnavailable as exc:
             # The leases expire and the deliveries are claimed again: sent at least once.
             self._store_failed(exc)
@@ -226,8 +233,9 @@ class Lanes(Attempts, abc.ABC):
         return True
 
     async def _send_each(
-        self, policy: ChannelPolicy, rows: Sequence[Claimed], until: float = math.inf
-    ) -> None:
+        self, policy: ChannelPolicy, composer: Composer, rows: Sequence[Claimed],
+        until: float = math.inf,
+    ) -> None:  # fmt: skip
         rooms: dict[str | int, list[Claimed]] = {}
         for row in rows:  # each room in order; a delivery without a room waits for nothing
             rooms.setdefault(row.room_key if row.room_key is not None else row.id, []).append(row)
@@ -256,7 +264,7 @@ class Lanes(Attempts, abc.ABC):
                     # would be sent again at the next start. So is a reload that removed the
                     # channel: the rest of its claim, up to 200 rows, must not follow.
                     if may_send() and await pacer.wait() and may_send():
-                        outcome = await self._attempt(policy, row)
+                        outcome = await self._attempt(policy, composer, row)
                         self._answered(policy, pacer, outcome)  # before the slot is free
                 if failed and outcome is None:
                     unsent.extend(sequence[index:])
@@ -302,19 +310,20 @@ class Lanes(Attempts, abc.ABC):
             raise failed[0]
 
     async def _send_digests(
-        self, policy: ChannelPolicy, rows: Sequence[Claimed], until: float = math.inf
-    ) -> None:
+        self, policy: ChannelPolicy, composer: Composer, rows: Sequence[Claimed],
+        until: float = math.inf,
+    ) -> None:  # fmt: skip
         # On a thread: a claim of 200 rows renders 200 events, seconds of CPU for bodies near
         # max_body_bytes, and on the event loop every callback waited for it meanwhile (7-9 s,
         # past Tencent's 2). The loop takes the GIL back at each switch interval.
-        digests, apart = await asyncio.to_thread(self._composer.digests, policy.name, rows)
+        digests, apart = await asyncio.to_thread(composer.digests, policy.name, rows)
         if apart:
             # Sent as they would be without a backlog: their stored message, or rendered alone
             # (a dead letter if that fails too). The rest still go as digests.
             for row, error in apart:
                 log.warning("channel %s: delivery %d is sent alone, not in a digest: %s",
                             policy.name, row.id, error)  # fmt: skip
-            await self._send_each(policy, [row for row, _ in apart], until)
+            await self._send_each(policy, composer, [row for row, _ in apart], until)
         pacer = self.pacers.get(policy.name) or Pacer(policy.rate_per_s, policy.burst)
         log.info("channel %s: %d pending, sending %d digests", policy.name, len(rows), len(digests))
         for index, (payload, carried) in enumerate(digests):

@@ -119,6 +119,11 @@ class Receiver:
         self.config = config
         # False with a delivery process: rendering is its work (bridge.compose), not the ack's.
         self.render = render
+        # Channels a reload gave another type, once this receiver is the old config's: what it
+        # still handles is stored unrendered, rendered when sent for the type the channel has
+        # then (bridge/reload.py). Rendered here, for the old type, the new lane could claim it
+        # before the reload forgot it: Slack's JSON posted to a webhook, or no_text from Slack.
+        self.retyped: frozenset[str] = frozenset()
         self.store = store
         self.router = router
         self.renderer = renderer
@@ -249,6 +254,9 @@ class Receiver:
         deliveries = []
         for name in match.channels:
             channel = self.config.channels[name]
+            if name in self.retyped:
+                deliveries.append(NewDelivery(name, None))
+                continue
             try:
                 payload = self.renderer.render(channel.type, event, fields, ctx, channel.template)
             except RenderError as exc:

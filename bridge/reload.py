@@ -119,14 +119,22 @@ class Reloads(abc.ABC):
                 log.warning("[delivery] own_process changes take effect at the next start")
             if self.worker is not None and self._session is not None:
                 policies, composer = self._worker_setup(config, renderer)
+                # A channel of another type now starts no lane until what the old receiver
+                # rendered for its old type is forgotten (below): a callback rendered before
+                # the swap may commit after the first forgetting.
                 self.worker.configure(
-                    policies, config.delivery, composer, config.store.retention_h * 3600
+                    policies,
+                    config.delivery,
+                    composer,
+                    config.store.retention_h * 3600,
+                    held=retyped,
                 )
             if self.delivery is not None:
                 self.delivery.reload()  # the delivery process reads the file again
             self.config, self.renderer = config, renderer
             old, self.receiver = self.receiver, self._receiver(config, renderer)
             self.receiver.take_over(old)
+            old.retyped = frozenset(retyped)  # what it still handles is rendered when sent
             # A callback the old receiver is still handling (its body still arriving) is routed
             # by the old routes: it may yet record a delivery to a removed channel, which no lane
             # would ever send. Bury once such callbacks have finished; the slow ones, later.
@@ -139,7 +147,11 @@ class Reloads(abc.ABC):
                 burial = asyncio.create_task(self._bury_when_finished(old, retyped))
                 self._late_burials.add(burial)
                 burial.add_done_callback(self._late_burials.discard)
-            buried = await self._settle_channels(retyped)
+            try:
+                buried = await self._settle_channels(retyped)
+            finally:
+                if self.worker is not None:
+                    self.worker.release(retyped)
             self.metrics.reloads.labels("success").inc()
             self.last_reload = (time.time(), None)
             message = f"reloaded: {len(config.channels)} channels, {len(config.routes)} routes"

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from bridge.attempts import ChannelState
 from bridge.clock import LeaseClock
@@ -56,6 +56,7 @@ class Worker(Lanes):
         self._lane_rates: dict[str, float | None] = {}
         self._holding: dict[str, int] = {}
         self._elsewhere: dict[str, float] = {}  # channel -> time.monotonic() to look again
+        self._held: set[str] = set()  # channels whose lanes wait for a reload to settle them
         self.states: dict[str, ChannelState] = {}
         self._failing: dict[str, set[int]] = {}
         self.rewriting: dict[str, int] = {}
@@ -87,9 +88,10 @@ class Worker(Lanes):
 
     def configure(
         self, policies: Mapping[str, ChannelPolicy], settings: DeliveryConfig,
-        composer: Composer, retention_s: float,
+        composer: Composer, retention_s: float, held: Sequence[str] = (),
     ) -> None:  # fmt: skip
         """Take a new configuration; lanes already running finish their claim with the old one.
+        Channels `held` start no lane under it until `release`d (see bridge/reload.py).
         A channel keeps its pacer, retuned to new pacing: a new one would forget what was just
         sent (a full bucket straight away, over Slack's own count) and any 429 block, while a
         running lane, which holds the old one, would keep claiming rows the new one refuses.
@@ -98,6 +100,7 @@ class Worker(Lanes):
         self._policies = policies
         self._settings = settings
         self._composer = composer
+        self._held.update(held)
         self._retention_s = retention_s
         shared: dict[tuple[str, str], list[ChannelPolicy]] = {}
         for policy in policies.values():
@@ -130,6 +133,11 @@ class Worker(Lanes):
             self.states.setdefault(name, ChannelState())
         for name in set(self.states) - set(policies):
             del self.states[name]
+        self._wake.set()
+
+    def release(self, held: Sequence[str]) -> None:
+        """Channels held by `configure` may have lanes again."""
+        self._held.difference_update(held)
         self._wake.set()
 
     def blocked_for(self, name: str) -> float:
@@ -218,6 +226,8 @@ class Worker(Lanes):
     def _kept_out(self, name: str) -> float:
         """Seconds until channel `name` may have a lane again: a block on it, or another process
         holding a channel of its Slack channel (bridge/lane.py), which is looked at again then."""
+        if name in self._held:
+            return self._poll_s  # looked at again then, or when released
         pacer = self.pacers.get(name)
         blocked = pacer.blocked_for() if pacer else 0.0
         if (until := self._elsewhere.get(name)) is None:  # as a rule: one clock reading less

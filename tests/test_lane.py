@@ -13,7 +13,7 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import ClassVar
 from urllib.parse import urlsplit
@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import pytest
 
-from bridge.channels import Sender
+from bridge.channels import Outcome, Result, Sender
 from bridge.channels.console import ConsoleSender
 from bridge.compose import DIGEST_ENTRIES, Composer, Digests
 from bridge.config_tables import DeliveryConfig
@@ -37,6 +37,7 @@ from tests.test_worker import (
     CHANNEL,
     CONSOLE,
     OTHER,
+    SETTINGS,
     SLACK,
     CountingStore,
     OpenStore,
@@ -46,6 +47,7 @@ from tests.test_worker import (
     labels,
     make_composer,
     make_worker,
+    owner_change,
     record,
     record_in,
     running,
@@ -525,3 +527,95 @@ async def test_a_store_failure_gives_the_rest_of_the_claim_back(
             await eventually(lambda: states(store.path).count("delivered") == 7, 10)
         assert len(slack.sink_requests) == 8  # each once: the lost one is still in flight
         assert states(store.path)[store.lost[0] - 1] == "in_flight"
+
+
+async def record_unrendered(store: SQLiteStore, channel: str, rooms: int) -> None:
+    """Owner changes in `rooms` rooms to `channel`, stored unrendered, as the delivery process
+    gets them: rendered when sent."""
+    for i in range(rooms):
+        event = NewEvent(1400000000, OWNER, f"r{i}", 1000 + i, owner_change(f"r{i}", 1000 + i),
+                         "{}", f"key-{i}")  # fmt: skip
+        await store.record(event, [NewDelivery(channel, None)], time.time(), 0)
+
+
+class HeldFirst:
+    """A sender that keeps its first send until `go` is set, and records every payload."""
+
+    def __init__(self) -> None:
+        self.go = asyncio.Event()
+        self.payloads: list[str] = []
+
+    async def send(self, payload: str, message_key: str, thread: object = None) -> Outcome:
+        self.payloads.append(payload)
+        if len(self.payloads) == 1:
+            await self.go.wait()
+        return Outcome(Result.DELIVERED)
+
+
+async def test_a_claim_finishes_with_the_composer_of_its_config_across_a_reload(
+    open_store: OpenStore, tmp_path: Path
+) -> None:
+    # The lane kept its old sender but rendered the rest of its claim with the composer the
+    # reload swapped in: a channel made a webhook had Slack's messages' bodies rendered as a
+    # webhook's and posted by the Slack sender (no_text, a dead letter each).
+    store = await open_store()
+    await record_unrendered(store, "c", 3)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    old = HeldFirst()
+    worker = worker_with(
+        store, make_composer(tmp_path / "old", {"c": 'type = "console"'}),
+        ChannelPolicy("c", old),
+    )  # fmt: skip
+    async with running(worker):
+        await eventually(lambda: len(old.payloads) == 1)
+        retyped = make_composer(tmp_path / "new", {"c": 'type = "webhook"\nurl = "http://x/"'})
+        new = HeldFirst()
+        new.go.set()
+        worker.configure({"c": ChannelPolicy("c", new)}, SETTINGS, retyped, 3600)
+        old.go.set()
+        await eventually(lambda: states(store.path) == ["delivered"] * 3)
+    assert len(old.payloads) == 3 and new.payloads == []  # the claim's rest, by the old sender
+    assert all("room owner changed: room r" in p for p in old.payloads), old.payloads  # console
+
+
+class RemovedAtClaim(SQLiteStore):
+    """A store at whose next claim a reload removes every channel (`then`)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.then: list[Callable[[], None]] = []
+
+    async def claim(
+        self, channel: str, now: float, limit: int, lease_s: float, leases_at: float | None = None
+    ) -> list[Claimed]:
+        rows = await super().claim(channel, now, limit, lease_s, leases_at)
+        while self.then:
+            self.then.pop()()
+        return rows
+
+
+async def test_a_channel_removed_while_its_digests_are_composed_is_no_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Composed with the new config, which lacks the channel: a KeyError ended the lane, logged
+    # as "Task exception was never retrieved", its claim held until its lease ran out.
+    store = RemovedAtClaim(tmp_path / "bridge.db")
+    await store.open()
+    try:
+        await record_unrendered(store, "c", 5)
+        (tmp_path / "old").mkdir()
+        (tmp_path / "new").mkdir()
+        composer = make_composer(tmp_path / "old", {"c": 'type = "console"'})
+        sender = HeldFirst()
+        sender.go.set()
+        worker = worker_with(store, composer, ChannelPolicy("c", sender, digest_after=2))
+        empty = make_composer(tmp_path / "new", {"other": 'type = "console"'})
+        store.then = [lambda: worker.configure({}, SETTINGS, empty, 3600)]
+        async with running(worker):
+            await eventually(lambda: not store.then)
+            await eventually(lambda: states(store.path) == ["pending"] * 5)  # given back
+        assert sender.payloads == []
+    finally:
+        await store.close()
+    assert "KeyError" not in caplog.text and "never retrieved" not in caplog.text

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -316,6 +317,56 @@ def test_a_callback_that_outlasts_the_reloads_wait_is_buried_when_it_ends(
                 in db_rows(db, "SELECT channel, state, last_error FROM deliveries")
             )
         )
+
+
+def test_a_callback_received_across_a_retyping_reload_is_sent_as_the_new_type(
+    tmp_path: Path, slack: SlackStandIn
+) -> None:
+    # Its body still arriving, it was rendered by the old receiver for the channel's old type,
+    # and the new config's lane claimed it before the reload forgot that: a webhook's body
+    # posted to Slack, refused (no_text), a dead letter for an acknowledged event.
+    config, retyped = webhook_to_retype(tmp_path, slack, backoff_s=0.05)
+    with InThread(config) as bridge:
+        with start_callback(bridge) as tencent:
+            old = bridge.app.bridge.receiver
+            config.write_text(retyped)
+            reload, answers = reload_in_background(bridge)
+            assert wait_until(lambda: bridge.app.bridge.receiver is not old)
+            tencent.sendall(SEED_BODY[20:])
+            assert read_reply(tencent).endswith(OK_PACKET)
+            reload.join()
+        assert answers[0][0] == 200
+        assert wait_until(lambda: all_delivered(bridge))
+    assert rooms_in_slack(slack) == ["*Room*\nroom_id"] and slack.sink_requests == []
+
+
+def test_a_callback_rendered_before_a_retyping_reload_and_stored_after_is_sent_as_the_new_type(
+    tmp_path: Path, slack: SlackStandIn
+) -> None:
+    # Rendered for the old type before the reload and committed after its first forgetting: the
+    # new config's lane, woken by the commit, claimed it before the second.
+    config, retyped = webhook_to_retype(tmp_path, slack, backoff_s=0.05)
+    with InThread(config) as bridge:
+        first = bridge.app.bridge.receiver
+        store = bridge.app.bridge.store
+        record = store.record
+
+        async def after_the_swap(*args: Any, **kwargs: Any) -> Any:
+            while bridge.app.bridge.receiver is first:  # noqa: ASYNC110  # polled, as _finish does
+                await asyncio.sleep(0.01)
+            return await record(*args, **kwargs)
+
+        store.record = after_the_swap  # type: ignore[method-assign]
+        answers: list[tuple[int, bytes]] = []
+        tencent = threading.Thread(target=lambda: answers.append(post_callback(bridge.url)))
+        tencent.start()
+        assert wait_until(lambda: first.in_flight == 1)
+        config.write_text(retyped)
+        assert http_request(bridge.url + "/-/reload", "POST")[0] == 200
+        tencent.join()
+        assert answers == [(200, OK_PACKET)]
+        assert wait_until(lambda: all_delivered(bridge))
+    assert rooms_in_slack(slack) == ["*Room*\nroom_id"] and slack.sink_requests == []
 
 
 def bad_room_url(config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
