@@ -3,40 +3,51 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
+import signal
 import sys
 from collections.abc import Sequence
+from types import ModuleType
 
-from bridge import __version__, checks, logs, outbox, preview, send_test, serve, simulate
+from bridge import __version__, logs
 
+# Each command's module, imported once the command line is read (see main).
 COMMANDS = {
-    "serve": serve,
-    "check": checks,
-    "render": preview,
-    "send-test": send_test,
-    "simulate": simulate,
-    "outbox": outbox,
+    "serve": "bridge.serve",
+    "check": "bridge.checks",
+    "render": "bridge.preview",
+    "send-test": "bridge.send_test",
+    "simulate": "bridge.simulate",
+    "outbox": "bridge.outbox",
 }
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(modules: dict[str, ModuleType]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="live-bridge",
         description="Tencent Cloud Live callbacks in; Slack and webhook messages out.",
     )
     parser.add_argument("--version", action="version", version=f"live-bridge {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    for module in COMMANDS.values():
+    for module in modules.values():
         module.register(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    if (sys.argv[1:] if argv is None else list(argv))[:1] == ["serve"]:
+        # A reload asked before the bridge is ready would end the process (SIGHUP's default):
+        # ignored from the first moment, not once serve's module is loaded. Importing every
+        # command's module takes half a second or more, and a SIGHUP meanwhile (a reload
+        # right after a restart) ended the process with status 129.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    modules = {name: importlib.import_module(path) for name, path in COMMANDS.items()}
+    args = _parser(modules).parse_args(argv)
     if args.command != "serve":  # serve logs as its flags say
         logs.setup_command()
     try:
-        code = COMMANDS[args.command].main(args)
+        code = modules[args.command].main(args)
         sys.stdout.flush()
     except BrokenPipeError:
         # The reader went away (`| head`): no traceback, and no second error at exit.

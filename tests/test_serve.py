@@ -150,6 +150,26 @@ def test_bad_config_on_sighup_keeps_serving(tmp_path: Path) -> None:
         stop(process)
 
 
+def test_sighups_from_the_first_moment_of_start_up_are_ignored(tmp_path: Path) -> None:
+    # serve ignored them once its module was loaded, after the command line's modules: a
+    # reload asked in the first half second after a restart ended the process (status 129).
+    port = free_port()
+    process = start(write_config(tmp_path, port), tmp_path / "bridge.log")
+    url = f"http://127.0.0.1:{port}"
+    maps = Path(f"/proc/{process.pid}/maps")
+    try:
+        # From when the command modules load (pydantic-core is among the first), not before:
+        # until the interpreter runs the command line, SIGHUP's default action is all there is.
+        assert wait_until(lambda: "pydantic_core" in maps.read_text(), timeout=20)
+        while process.poll() is None and not ready(url):
+            process.send_signal(signal.SIGHUP)
+            time.sleep(0.02)
+        assert process.poll() is None, (tmp_path / "bridge.log").read_text()
+        assert post_callback(url) == (200, OK_PACKET)
+    finally:
+        stop(process)
+
+
 def test_a_store_it_cannot_open_is_one_line_and_status_1(tmp_path: Path) -> None:
     # A second serve on the same SQLite file: the first holds it.
     port = free_port()
