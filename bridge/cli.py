@@ -35,7 +35,27 @@ def _parser(modules: dict[str, ModuleType]) -> argparse.ArgumentParser:
     return parser
 
 
+def _stdio_open() -> None:
+    """Standard input, output and error open, on /dev/null where they were closed (`serve
+    >&- 2>&-`): else the next file or socket opened takes their number. The listening socket
+    became standard output, and the delivery process, which inherits 0-2, aborted at every
+    start (libuv's assertion that fd > 2): nothing was ever delivered."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    if sys.stdout is None:
+        sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115  # lives as long as the process
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    _stdio_open()
     if (sys.argv[1:] if argv is None else list(argv))[:1] == ["serve"]:
         # A reload asked before the bridge is ready would end the process (SIGHUP's default):
         # ignored from the first moment, not once serve's module is loaded. Importing every

@@ -170,6 +170,25 @@ def test_sighups_from_the_first_moment_of_start_up_are_ignored(tmp_path: Path) -
         stop(process)
 
 
+@pytest.mark.parametrize("own_process", [False, True], ids=["one process", "own process"])
+def test_serve_started_with_its_output_closed_delivers(tmp_path: Path, own_process: bool) -> None:
+    # `serve >&- 2>&-`: the listening socket took descriptor 1, and the delivery process, which
+    # inherits 0-2, aborted at every start: nothing was ever delivered, and nothing said so.
+    port = free_port()
+    config = write_config(tmp_path, port, delivery=f"own_process = {str(own_process).lower()}\n")
+    command = f"exec {sys.executable} -m bridge serve --config {config} <&- >&- 2>&-"
+    process = subprocess.Popen(["sh", "-c", command])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until(lambda: ready(url), timeout=20)
+        assert post_callback(url) == (200, OK_PACKET)
+        db = tmp_path / "bridge.db"
+        assert wait_until(lambda: delivery_states(db) == {"delivered": 1})
+    finally:
+        stop(process)
+    assert process.returncode == -signal.SIGTERM  # stopped as asked, by the signal itself
+
+
 def test_a_store_it_cannot_open_is_one_line_and_status_1(tmp_path: Path) -> None:
     # A second serve on the same SQLite file: the first holds it.
     port = free_port()
