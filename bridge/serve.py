@@ -182,7 +182,9 @@ async def store_problem(config: StoreConfig) -> str | None:
 STOP_NOW_S = 5.0  # after a second signal, the most the process takes to end
 
 
-def _exit_now(sig: int) -> None:
+def _exit_now(sig: int, bridge: Bridge) -> None:
+    if bridge.delivery is not None:
+        bridge.delivery.kill_now()  # else left running behind the exit, the store open
     logs.flush()
     os._exit(128 + sig)
 
@@ -234,7 +236,7 @@ class DrainingServer(uvicorn.Server):
             self.force_exit = True  # SIGTERM too: no waiting for requests under way
             # A thread that does not end (a reload rendering a template for ever) would hold
             # the exit: Python waits for its threads. Stopping at once is what was asked.
-            watchdog = threading.Timer(STOP_NOW_S, _exit_now, (sig,))
+            watchdog = threading.Timer(STOP_NOW_S, _exit_now, (sig, self._bridge))
             watchdog.daemon = True
             watchdog.start()
         self._signalled = True

@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 REPORT_LIMIT = 1 << 20  # bytes a report line may have
 RESTART_S = (1.0, 30.0)  # the first and the longest wait before starting the child again
 STOP_MARGIN_S = 5.0  # past the grace period, before a child that does not stop is killed
+# After a second signal, before a child that does not stop is killed: within the server's own
+# STOP_NOW_S (bridge/serve.py), or the server exited and left it running (stopped, say), with
+# the store open and its claims to be sent again beside the next server's.
+HURRIED_KILL_S = 2.0
 SIGNAL_SETTLE_S = 0.5  # a child ended on SIGTERM: time for the server's own to be handled
 # The child's exit status after a SIGTERM: 128 + 15 from its handler, as a shell reports it, or
 # -15 when the signal came before the handler was in place; -10 for the server's own SIGUSR1
@@ -138,6 +142,20 @@ class DeliveryProcess:
         proc = self._proc
         if proc is not None and proc.returncode is None:
             proc.send_signal(signal.SIGUSR1)
+            asyncio.get_running_loop().call_later(HURRIED_KILL_S, self._kill, proc)
+
+    @staticmethod
+    def _kill(proc: asyncio.subprocess.Process) -> None:
+        if proc.returncode is None:
+            log.error("the delivery process did not stop at once when told to: killed")
+            proc.kill()
+
+    def kill_now(self) -> None:
+        """SIGKILL to the child, from any thread: the server is exiting this moment."""
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
 
     async def _spawn(self) -> None:
         self._ready = False

@@ -4,6 +4,7 @@ process, which delivers to the stand-in's sink; it is killed, reloaded and stopp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import io
 import json
@@ -334,6 +335,38 @@ def test_a_sigterm_to_the_whole_service_starts_no_child_and_counts_no_crash(
     text = log.read_text()
     assert text.count("delivery process started") == 1
     assert " ERROR " not in text and "Traceback" not in text
+
+
+def test_a_second_signal_stops_a_child_that_does_not_answer_and_the_server_with_it(
+    tmp_path: Path, slack: SlackStandIn
+) -> None:
+    # The hurried child (SIGUSR1) was killed only after grace + 5 s, past the server's own 5 s
+    # watchdog: the server exited without closing its store, and left the child running (here
+    # stopped) with the store open, beside the next server.
+    port = free_port()
+    config = write_config(
+        tmp_path, port, channels=HOOK.format(url=slack.sink_url()), routes=ROUTE,
+        delivery=OWN.format(n=3),
+    )  # fmt: skip
+    log = tmp_path / "serve.log"
+    with Subprocess(config, port, log) as server:
+        assert server.process is not None
+        assert wait_until(lambda: "delivery process started" in log.read_text())
+        [child] = children(server.process.pid)
+        assert post_callback(server.url, room(0)) == (200, OK_PACKET)
+        assert slack.wait_for(lambda s: len(s.sink_requests) == 1)  # the child is ready
+        os.kill(child, signal.SIGSTOP)
+        try:
+            server.process.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            server.process.send_signal(signal.SIGTERM)
+            server.process.wait(timeout=15)
+            assert wait_until(lambda: gone(child), timeout=5)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)  # a test that fails leaves no process behind
+    text = log.read_text()
+    assert "did not stop at once when told to: killed" in text and "live-bridge stopped" in text
 
 
 def test_a_sigterm_to_the_child_alone_is_an_end_the_server_did_not_ask_for(
