@@ -20,6 +20,7 @@ import contextlib
 import gc
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -107,6 +108,7 @@ class Child:
     """The worker of one config file, in a process of its own."""
 
     def __init__(self, path: Path, config: Config, report: IO[bytes]) -> None:
+        self.server_pid = os.getppid()  # once another, the server is gone: no send starts
         self._path = path
         self.config = config
         self._renderer = validate(config)
@@ -139,6 +141,7 @@ class Child:
         config = self.config
         policies, composer = self._parts(config, self._renderer)
         self.worker = Worker.for_config(config, self.store, policies, composer, self.report)
+        self.worker.server_pid = self.server_pid
         stop = asyncio.Event()
 
         def asked(sig: signal.Signals) -> None:

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import Mapping, Sequence
 
@@ -53,11 +54,17 @@ class Lanes(Attempts, abc.ABC):
     _holding: dict[str, int]  # channel -> lanes of this process holding it (its own or paced with)
     _elsewhere: dict[str, float]  # channel -> time.monotonic() before which no lane starts
     _poll_s: float
+    server_pid: int | None
 
     def _halted(self, policy: ChannelPolicy) -> bool:
         """Whether `policy`'s lane should start no new send: the worker is stopping, or a reload
         has removed the channel (its deliveries are dead letters now, or, given back, another
-        replica's to send)."""
+        replica's to send), or, in a delivery process, its server is gone: a server started
+        since may have sent again what this one claimed. (A delivery process stopped when its
+        server was killed, and continued after the next server had sent its claims, sent them
+        once more before it read the end of its server's pipe.)"""
+        if self.server_pid is not None and os.getppid() != self.server_pid:
+            self._stopping = True
         return self._stopping or policy.name not in self._policies
 
     @abc.abstractmethod

@@ -57,6 +57,9 @@ class Worker(Lanes):
         self._holding: dict[str, int] = {}
         self._elsewhere: dict[str, float] = {}  # channel -> time.monotonic() to look again
         self._held: set[str] = set()  # channels whose lanes wait for a reload to settle them
+        # In a delivery process, its server's pid (bridge/deliver.py): once the server is gone,
+        # no send starts (bridge/lane.py).
+        self.server_pid: int | None = None
         self.states: dict[str, ChannelState] = {}
         self._failing: dict[str, set[int]] = {}
         self.rewriting: dict[str, int] = {}

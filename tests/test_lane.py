@@ -9,6 +9,7 @@ import contextlib
 import io
 import itertools
 import json
+import os
 import re
 import threading
 import time
@@ -619,3 +620,26 @@ async def test_a_channel_removed_while_its_digests_are_composed_is_no_error(
     finally:
         await store.close()
     assert "KeyError" not in caplog.text and "never retrieved" not in caplog.text
+
+
+@pytest.mark.parametrize("server_gone", [False, True], ids=["server there", "server gone"])
+async def test_a_delivery_process_whose_server_is_gone_starts_no_send(
+    open_store: OpenStore, tmp_path: Path, server_gone: bool
+) -> None:
+    # A delivery process stopped when its server was killed, and continued once the next
+    # server had sent its claim again, sent the rest of that claim once more before it read the
+    # end of its server's pipe. Its parent is another once the server is gone.
+    store = await open_store()
+    await record_unrendered(store, "c", 3)
+    sender = HeldFirst()
+    sender.go.set()
+    worker = worker_with(store, make_composer(tmp_path, {"c": 'type = "console"'}),
+                         ChannelPolicy("c", sender))  # fmt: skip
+    worker.server_pid = os.getppid() + (1 if server_gone else 0)
+    async with running(worker):
+        if server_gone:
+            await asyncio.sleep(0.3)
+        else:
+            await eventually(lambda: states(store.path) == ["delivered"] * 3)
+    assert len(sender.payloads) == (0 if server_gone else 3)
+    assert states(store.path) == (["pending"] * 3 if server_gone else ["delivered"] * 3)
