@@ -55,11 +55,23 @@ RELOAD_AGAIN_S = (1.0, 60.0)  # the first and the longest wait before a refused 
 Reported = tuple[float | None, str | None, float | None, float]
 
 
+# Report bytes kept while the server reads none (it is stopped, say); past this, new outcome
+# reports are dropped (counts on /metrics, not deliveries). About 30 bytes an outcome.
+PENDING_MAX = 16 << 20
+
+
 class Report:
-    """What the worker counted, written to the report pipe as JSON lines every REPORT_EVERY_S."""
+    """What the worker counted, written to the report pipe as JSON lines every REPORT_EVERY_S.
+
+    The pipe does not block: what the server has not read yet waits here. Blocking, a server
+    that stalled (stopped, or its event loop held up) for a 64 KiB pipe's worth of reports
+    stopped the delivery process with it: no delivery meanwhile, and the sends under way, their
+    answers unread until their timeouts, were sent again."""
 
     def __init__(self, out: IO[bytes]) -> None:
-        self._out = out
+        self._fd = out.fileno()
+        os.set_blocking(self._fd, False)
+        self._pending = bytearray()  # written to the pipe as it takes them, in order
         self._outcomes: list[tuple[str, str, float | None]] = []
         self._states: dict[str, Reported] = {}
         self._dropped = 0  # log lines dropped, as last reported
@@ -82,16 +94,35 @@ class Report:
         # The log lines this process could not write (its stderr stalled), counted by the
         # server's metrics: it has only its own.
         dropped = log_writer.dropped_total()
+        lines = []
         if dropped != self._dropped:
-            self._out.write(b'{"d":%d}\n' % dropped)
+            lines.append(b'{"d":%d}\n' % dropped)
             self._dropped = dropped
         # Lines the server reads whole (supervise.REPORT_LIMIT, 1 MiB): outcomes and states
         # by the hundred, not all of 2,000 channels' errors at once.
         while outcomes or changed:
             report = {"o": outcomes[:REPORT_MAX], "s": dict(changed[:STATES_MAX])}
-            self._out.write(json.dumps(report, separators=(",", ":")).encode() + b"\n")
+            lines.append(json.dumps(report, separators=(",", ":")).encode() + b"\n")
             outcomes, changed = outcomes[REPORT_MAX:], changed[STATES_MAX:]
-        self._out.flush()
+        data = b"".join(lines)
+        if len(self._pending) + len(data) > PENDING_MAX:
+            data = b""  # the server has read nothing for a long while: these counts are lost
+            self._states = {}  # and every channel's state is sent again, once it reads
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        """`data` after what waits, as much as the pipe takes now; BrokenPipeError once the
+        server is gone."""
+        self._pending += data
+        if self._pending:
+            with contextlib.suppress(BlockingIOError):
+                del self._pending[: os.write(self._fd, self._pending)]
+
+    def close(self) -> None:
+        """What still waits, written before the process ends (the server reads it as the
+        child stops, or kills it after the grace period)."""
+        os.set_blocking(self._fd, True)
+        self._write(b"")
 
     def ready(self, digest: str) -> None:
         self.loaded(digest, ready=True)
@@ -100,8 +131,7 @@ class Report:
         """Which version of the config file this process runs (Config.digest)."""
         report = {"ready": 1, "config": digest} if ready else {"config": digest}
         with contextlib.suppress(BrokenPipeError):  # the server is gone; stdin's end says so
-            self._out.write(json.dumps(report).encode() + b"\n")
-            self._out.flush()
+            self._write(json.dumps(report).encode() + b"\n")
 
 
 class Child:
@@ -178,6 +208,7 @@ class Child:
         await asyncio.gather(work, report, parent, stopped, return_exceptions=True)
         with contextlib.suppress(BrokenPipeError):
             self.report.flush(self.worker)
+            self.report.close()
         await self._session.close()
         await self.store.close()
         if work in done:

@@ -6,14 +6,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import io
 import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -671,11 +672,8 @@ def test_reports_stay_under_the_line_limit_and_carry_dropped_log_lines(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # 2,000 channels whose errors changed at once made one line over the server's 1 MiB.
-    out = io.BytesIO()
-    report = Report(out)
     monkeypatch.setattr("bridge.log_writer.dropped_total", lambda: 37)
-    report.flush(_States(2000))  # type: ignore[arg-type]
-    lines = out.getvalue().splitlines()
+    lines = reported(lambda report: report.flush(_States(2000)))  # type: ignore[arg-type]
     assert lines[0] == b'{"d":37}'
     states = [json.loads(line)["s"] for line in lines[1:]]
     assert all(len(line) < supervise.REPORT_LIMIT for line in lines)
@@ -683,13 +681,63 @@ def test_reports_stay_under_the_line_limit_and_carry_dropped_log_lines(
 
 
 def test_a_report_line_carries_at_most_1000_outcomes() -> None:
-    out = io.BytesIO()
-    report = Report(out)
-    for _ in range(2500):
-        report.outcome("hook", "delivered", 1.0)
-    report.flush(_States(0))  # type: ignore[arg-type]
-    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    def act(report: Report) -> None:
+        for _ in range(2500):
+            report.outcome("hook", "delivered", 1.0)
+        report.flush(_States(0))  # type: ignore[arg-type]
+
+    lines = [json.loads(line) for line in reported(act)]
     assert [len(line["o"]) for line in lines] == [1000, 1000, 500]
+
+
+def reported(act: Callable[[Report], None]) -> list[bytes]:
+    """The lines a Report writes to a real pipe while `act` uses it, read as they come."""
+    ours, theirs = os.pipe()
+    chunks: list[bytes] = []
+    reader = threading.Thread(
+        target=lambda: chunks.extend(iter(lambda: os.read(ours, 1 << 16), b""))
+    )
+    reader.start()
+    try:
+        with open(theirs, "wb") as out:
+            report = Report(out)
+            act(report)
+            report.close()
+    finally:
+        reader.join(timeout=30)
+        os.close(ours)
+    return b"".join(chunks).splitlines()
+
+
+def test_reports_wait_for_a_server_that_reads_none_and_the_child_goes_on() -> None:
+    # Written to a blocking pipe, a server stalled for a 64 KiB pipe's worth of reports stopped
+    # the delivery process: no delivery meanwhile, and the sends under way sent again.
+    ours, theirs = os.pipe()
+    try:
+        with open(theirs, "wb") as out:
+            report = Report(out)
+
+            def flushes() -> None:
+                for _ in range(20):  # 20,000 outcomes: about 600 KB, nine times the pipe
+                    for _ in range(1000):
+                        report.outcome("hook", "delivered", 1.0)
+                    report.flush(_States(0))  # type: ignore[arg-type]
+
+            child = threading.Thread(target=flushes)
+            child.start()
+            child.join(timeout=30)
+            assert not child.is_alive(), "a flush waited for the server to read"
+            chunks: list[bytes] = []
+            reader = threading.Thread(
+                target=lambda: chunks.extend(iter(lambda: os.read(ours, 1 << 16), b""))
+            )
+            reader.start()  # the server reads again
+            report.close()
+        reader.join(timeout=30)
+    finally:
+        os.close(ours)
+    lines = [json.loads(line) for line in b"".join(chunks).splitlines()]
+    assert sum(len(line["o"]) for line in lines) == 20_000
 
 
 class _Child:
