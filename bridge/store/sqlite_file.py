@@ -85,9 +85,31 @@ def _served_before(path: Path) -> None:
             raise sqlite3.DatabaseError("no live-bridge tables: no live-bridge has served here")
 
 
-def _file_id(path: Path) -> tuple[int, int]:
+def _file_id(path: Path | str) -> tuple[int, int]:
     found = os.stat(path)
     return found.st_dev, found.st_ino
+
+
+def _file_id_or_none(path: Path | str) -> tuple[int, int] | None:
+    try:
+        return _file_id(path)
+    except OSError:
+        return None
+
+
+def _held(lock: str) -> bool:
+    """Whether a serving process holds the lock file `lock`."""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # and with it the shared lock, if taken
+    return False
 
 
 def sql_in(sql: str, values: Sequence[object]) -> str:
@@ -134,6 +156,9 @@ class SQLiteFile:
         self._reader: sqlite3.Connection | None = None  # for what operators read
         self._late: set[asyncio.Future[Recorded]] = set()  # writes that outlived their callback
         self._file_id: tuple[int, int] | None = None  # the database file's device and inode
+        # The -wal and -shm files', by their names: SQLite's own, beside the file's real name.
+        self._side_ids: dict[str, tuple[int, int] | None] = {}
+        self._lock_path: str | None = None
         self._reading = threading.Lock()
 
     @property
@@ -152,10 +177,12 @@ class SQLiteFile:
             self._write_lock_fd = os.open(
                 f"{self.path}.write-lock", os.O_RDONLY | os.O_CREAT, 0o600
             )
+            sides = self._side_files()
             conn = connect(self.path, self._sync)
             try:
                 self.identity = migrate(conn)
                 self._file_id = _file_id(self.path)
+                self._side_ids = {side: _file_id_or_none(side) for side in sides}
                 # Opened now, not at the first read: a process at its limit of open files
                 # could then no longer answer /metrics, /status or the outbox commands.
                 self._reader = self._open_reader()
@@ -170,6 +197,20 @@ class SQLiteFile:
         )
         log.info("store open: %s (schema %d)", self.path, SCHEMA_VERSION)
 
+    def _side_files(self) -> list[str]:
+        """The -wal and -shm files' names, SQLite's own (beside the file's real name). Missing
+        while a server has the file open, they were removed: opened then, SQLite would make new
+        ones beside the server's, which has the removed ones open, and two processes on two
+        indexes of one log corrupted the database ("database disk image is malformed")."""
+        real = os.path.realpath(self.path)
+        sides = [f"{real}-wal", f"{real}-shm"]
+        if not self._exclusive and _held(f"{real}.lock") and not all(map(os.path.exists, sides)):
+            raise OSError(
+                "its -wal or -shm file is missing while live-bridge serves from it (removed by "
+                "hand?): not opened; restart the server first"
+            )
+        return sides
+
     def _lock(self) -> None:
         # By the file's real name: through a symbolic link, a second server took a lock of its
         # own and served the same file. A file of several names (hard links) is refused: each
@@ -177,13 +218,18 @@ class SQLiteFile:
         real = os.path.realpath(self.path)
         if os.path.exists(real) and os.stat(real).st_nlink > 1:
             raise OSError("the database file has more than one name (a hard link): refused")
-        fd = os.open(f"{real}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        self._lock_path = f"{real}.lock"
+        self._lock_fd = self._take_lock(self._lock_path)
+
+    @staticmethod
+    def _take_lock(path: str) -> int:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise OSError("another live-bridge is serving from this database") from None
-        self._lock_fd = fd
+        return fd
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:
@@ -203,19 +249,47 @@ class SQLiteFile:
                 self._reader = None
         self._unlock()
 
-    def _check_file(self) -> None:
-        """Before each of the writer's batches, on its thread (one stat a batch, none on the
+    def _check_file(self, conn: sqlite3.Connection) -> None:
+        """Before each of the writer's batches, on its thread (a few stats a batch, none on the
         event loop): the file at `path` must still be the one open. Removed, or replaced by a
         restored copy, what is written goes to a file nobody will open again, and callbacks
-        acknowledged meanwhile were gone at the next start."""
-        try:
-            same = _file_id(self.path) == self._file_id
-        except OSError:
-            same = False
-        if not same:
+        acknowledged meanwhile were gone at the next start.
+
+        So must its -wal and -shm. A -wal removed held every commit since the last checkpoint,
+        lost at a crash; a -shm removed let the next process make another, and the two
+        corrupted the database. What the open -wal holds is written into the database file
+        first (a checkpoint through this connection), then nothing more until a restart.
+
+        The lock file too: removed, a second server started on the same database and sent
+        again what this one had in flight. It is made and taken again, if nobody else has."""
+        if _file_id_or_none(self.path) != self._file_id:
             raise sqlite3.OperationalError(
                 f"{self.path} was removed or replaced while open: restart"
             )
+        for side, known in self._side_ids.items():
+            if _file_id_or_none(side) != known:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                raise sqlite3.OperationalError(
+                    f"{side} was removed or replaced while open: restart (what it held is in "
+                    "the database file)"
+                )
+        if self._lock_fd is not None and self._lock_path is not None:
+            held = os.fstat(self._lock_fd)
+            if _file_id_or_none(self._lock_path) != (held.st_dev, held.st_ino):
+                self._relock(self._lock_path)
+
+    def _relock(self, path: str) -> None:
+        try:
+            fd = self._take_lock(path)
+        except OSError as exc:
+            raise sqlite3.OperationalError(
+                f"{path} was removed while open, and {exc}: restart"
+            ) from None
+        assert self._lock_fd is not None
+        os.close(self._lock_fd)
+        self._lock_fd = fd
+        log.warning("%s was removed while open: made and taken again", path)
 
     async def _submit(self, op: Callable[[sqlite3.Connection], T], urgent: bool = False) -> T:
         return await self._enqueue(op, urgent)

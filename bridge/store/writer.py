@@ -66,7 +66,7 @@ class Together:
 class GroupCommitWriter:
     def __init__(
         self, conn: sqlite3.Connection, lock_fd: int | None = None, gather_s: float = 0.0,
-        check: Callable[[], None] | None = None,
+        check: Callable[[sqlite3.Connection], None] | None = None,
     ) -> None:  # fmt: skip
         """`check`: run before each batch, on the writer's thread; a sqlite3.Error it raises
         fails the batch as the store's own would."""
@@ -152,7 +152,7 @@ class GroupCommitWriter:
         """Each operation's result, committed; or the store's error for every one of them."""
         try:
             if self._check is not None:
-                self._check()
+                self._check(conn)
             try:
                 # The common case, every operation succeeding, needs no savepoints: they were two
                 # statements more per operation, on the thread that holds the GIL the longest.
