@@ -29,6 +29,10 @@ from bridge.config import Config, load_for_command
 from bridge.store import ChannelStats, DeliveryRow, State, Store, StoreUnavailable
 from bridge.store.engines import make_store
 
+# How long a write waits for another process's (the server's commit, another outbox command)
+# before the command fails: as SQLite's own busy timeout. One stopped with Ctrl-Z held the
+# next without a word for as long as it stayed stopped.
+LOCK_WAIT_S = 10.0
 ERROR_WIDTH = 60  # LAST ERROR in a table; JSON has it whole
 # ROOM and COMMAND in a table (Tencent's room IDs are at most 48 bytes, its commands about 35
 # characters): a callback's 100 KB room padded every row of the table to its width.
@@ -104,7 +108,7 @@ def main(args: argparse.Namespace) -> int:
 async def _run(command: Command, config: Config, args: argparse.Namespace) -> int:
     # SQLite's lock is the server's. A PostgreSQL database no live-bridge has served is a wrong
     # URL, as a missing SQLite file is a wrong path: nothing is created in it.
-    store = make_store(config.store, serving=False, create=False)
+    store = make_store(config.store, serving=False, create=False, lock_wait_s=LOCK_WAIT_S)
     await store.open()
     try:
         return await command(store, config, args)

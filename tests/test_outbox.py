@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -338,6 +339,25 @@ def test_works_while_the_server_holds_the_store(tmp_path: Path) -> None:
 
     result = asyncio.run(go())
     assert (result.returncode, json.loads(result.stdout)) == (0, {"dropped": 1}), result.stderr
+
+
+def test_a_write_behind_a_stopped_writer_fails_after_10_s_and_says_why(tmp_path: Path) -> None:
+    # Another outbox command stopped with Ctrl-Z while it held the write lock: the next one
+    # waited without a word for as long as it stayed stopped.
+    config = write_config(tmp_path)
+    ids = populate(tmp_path)
+    fd = os.open(tmp_path / "bridge.db.write-lock", os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as the stopped command holds it
+        started = time.monotonic()
+        held = run("drop", str(ids["hook_dead"]), "--config", str(config))
+        assert 10 <= time.monotonic() - started < 25
+    finally:
+        os.close(fd)
+    assert held.returncode == 1
+    assert "the write lock held by another process for over 10 s" in held.stderr
+    dropped = run("drop", str(ids["hook_dead"]), "--config", str(config), "--json")
+    assert (dropped.returncode, json.loads(dropped.stdout)) == (0, {"dropped": 1})
 
 
 def test_missing_database_exits_1_and_creates_nothing(tmp_path: Path) -> None:

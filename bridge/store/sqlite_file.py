@@ -141,9 +141,10 @@ def insert_rows(conn: sqlite3.Connection, head: str, rows: Sequence[tuple[Any, .
 class SQLiteFile:
     def __init__(
         self, path: Path, exclusive: bool = False, sync: Sync = "full", gather_s: float = 0.0,
-        create: bool = True,
+        create: bool = True, lock_wait_s: float | None = None,
     ) -> None:  # fmt: skip
         self.path = path
+        self._lock_wait_s = lock_wait_s  # see GroupCommitWriter
         self._create = create  # else a file without live-bridge's tables is refused untouched
         self._sync = sync
         self._gather_s = gather_s  # see GroupCommitWriter
@@ -193,7 +194,7 @@ class SQLiteFile:
             self._unlock()
             raise StoreUnavailable(f"cannot open store {self.path}: {exc}") from None
         self._writer = GroupCommitWriter(
-            conn, self._write_lock_fd, self._gather_s, self._check_file
+            conn, self._write_lock_fd, self._gather_s, self._check_file, self._lock_wait_s
         )
         log.info("store open: %s (schema %d)", self.path, SCHEMA_VERSION)
 

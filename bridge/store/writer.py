@@ -37,6 +37,7 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -67,10 +68,13 @@ class GroupCommitWriter:
     def __init__(
         self, conn: sqlite3.Connection, lock_fd: int | None = None, gather_s: float = 0.0,
         check: Callable[[sqlite3.Connection], None] | None = None,
+        lock_wait_s: float | None = None,
     ) -> None:  # fmt: skip
         """`check`: run before each batch, on the writer's thread; a sqlite3.Error it raises
-        fails the batch as the store's own would."""
+        fails the batch as the store's own would. `lock_wait_s`: how long a batch waits for
+        `lock_fd`'s flock before it fails so (None: as long as it takes)."""
         self._lock_fd = lock_fd
+        self._lock_wait_s = lock_wait_s
         self._check = check
         self._gather_s = gather_s
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
@@ -132,8 +136,10 @@ class GroupCommitWriter:
     def _commit(self, conn: sqlite3.Connection, batch: list[_Item]) -> None:
         if self._lock_fd is None:
             results = self._transact(conn, batch)
+        elif not self._locked(self._lock_fd):
+            held = f"the write lock held by another process for over {self._lock_wait_s:g} s"
+            results = [(False, StoreUnavailable(f"store commit failed: {held}"))] * len(batch)
         else:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)  # lets go of the GIL while it waits
             try:
                 results = self._transact(conn, batch)
             finally:
@@ -147,6 +153,23 @@ class GroupCommitWriter:
         for loop, outcomes in by_loop.items():
             with contextlib.suppress(RuntimeError):  # a loop already closed: nobody waits
                 loop.call_soon_threadsafe(_settle, outcomes)
+
+    def _locked(self, fd: int) -> bool:
+        """`fd`'s flock taken, within lock_wait_s. (SQLite's own lock has a busy timeout; a
+        process that holds this one and is stopped, an outbox command suspended with Ctrl-Z,
+        held an outbox command behind it without a word for as long as it stayed stopped.)"""
+        if self._lock_wait_s is None:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # lets go of the GIL while it waits
+            return True
+        deadline = time.monotonic() + self._lock_wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.05)
 
     def _transact(self, conn: sqlite3.Connection, batch: list[_Item]) -> list[tuple[bool, Any]]:
         """Each operation's result, committed; or the store's error for every one of them."""
