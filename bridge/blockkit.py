@@ -9,6 +9,12 @@ the last blocks left out (a note says how many) where 50 blocks, or many short t
 too many;
 `LimitError` when the payload cannot be made valid. `problems(payload)` lists what Slack would
 refuse, `crowded(payload)` what `fit` would fold (`live-bridge check`).
+
+Lengths are counted in UTF-16 code units (`units`), as JavaScript counts them: an emoji, a flag
+half or a rare CJK character outside the Basic Multilingual Plane is two. Slack does not say how
+it counts; counted in code points, a text of such characters under a limit may be twice over it
+in units, and Slack's refusal (invalid_blocks, msg_blocks_too_long) is permanent: the message a
+dead letter. In units, a text within the limit is within it either way.
 """
 
 from __future__ import annotations
@@ -54,11 +60,28 @@ class LimitError(ValueError):
     pass
 
 
+def units(text: str) -> int:
+    """`text`'s length in UTF-16 code units: a character past U+FFFF is two."""
+    return len(text) if text.isascii() else len(text.encode("utf-16-le")) // 2
+
+
+def _within(text: str, limit: int) -> int:
+    """The length (in characters) of `text`'s longest start of at most `limit` UTF-16 units."""
+    if units(text[:limit]) <= limit:
+        return min(limit, len(text))
+    count = 0
+    for index, char in enumerate(text):
+        count += 2 if ord(char) > 0xFFFF else 1
+        if count > limit:
+            return index
+    return len(text)
+
+
 def cut(text: str, limit: int) -> str:
-    """`text` if it fits, else its start and an ellipsis, `limit` characters at most."""
-    if len(text) <= limit:
+    """`text` if it fits, else its start and an ellipsis, `limit` UTF-16 units at most."""
+    if units(text) <= limit:
         return text
-    head = text[: _grapheme_start(text, limit - len(ELLIPSIS))]
+    head = text[: _grapheme_start(text, _within(text, limit - len(ELLIPSIS)))]
     # Escaped text has no "<" of its own: the last one opens a token, unfinished if no ">" follows.
     start = head.rfind("<")
     if start >= 0 and ">" not in head[start:]:
@@ -134,7 +157,7 @@ def _not_shown(count: int) -> dict[str, Any]:
 
 def _length(blocks: list[Any]) -> int:
     """The blocks' length as they are sent."""
-    return len(COMPACT.encode(blocks))
+    return units(COMPACT.encode(blocks))
 
 
 def _shorten(blocks: list[Any], hidden: int) -> list[Any]:
@@ -145,10 +168,10 @@ def _shorten(blocks: list[Any], hidden: int) -> list[Any]:
     blocks = json.loads(json.dumps(blocks))  # its own copy: the texts are cut in place
     texts = [obj for block in blocks for obj in _text_objects(block)]
     while texts and _length(blocks) > BLOCKS_CHARS:
-        longest = max(texts, key=lambda obj: len(obj["text"]))
-        if len(longest["text"]) < SHORTEST_CUT:
+        longest = max(texts, key=lambda obj: units(obj["text"]))
+        if (length := units(longest["text"])) < SHORTEST_CUT:
             break
-        longest["text"] = cut(longest["text"], max(len(longest["text"]) // 2, SHORTEST_CUT - 1))
+        longest["text"] = cut(longest["text"], max(length // 2, SHORTEST_CUT - 1))
     if _length(blocks) <= BLOCKS_CHARS:
         return blocks
     # Sent over it, Slack's msg_blocks_too_long is permanent: the whole message a dead letter.
@@ -174,7 +197,7 @@ def overflows(payload: Any) -> bool:
         return False
     blocks = payload.get("blocks")
     text = payload.get("text")
-    if isinstance(text, str) and len(text) > TOP_TEXT_CHARS:
+    if isinstance(text, str) and units(text) > TOP_TEXT_CHARS:
         return True
     if not isinstance(blocks, list):
         return False
@@ -199,7 +222,7 @@ def cut_texts(payload: Any) -> list[str]:
         obj["text"]
         for block in blocks
         for obj, limit in _limited(block)
-        if isinstance(obj, dict) and isinstance(obj.get("text"), str) and len(obj["text"]) > limit
+        if isinstance(obj, dict) and isinstance(obj.get("text"), str) and units(obj["text"]) > limit
     ]
 
 
@@ -243,7 +266,7 @@ def _fit_text(obj: Any, limit: int) -> Any:
 
 
 def _long_url(element: Any) -> bool:
-    return isinstance(element, dict) and len(str(element.get("url", ""))) > URL_CHARS
+    return isinstance(element, dict) and units(str(element.get("url", ""))) > URL_CHARS
 
 
 def _fit_block(block: dict[str, Any]) -> dict[str, Any]:
@@ -251,7 +274,7 @@ def _fit_block(block: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(kind, str):
         raise LimitError("every block needs a type")
     out = dict(block)
-    if len(str(block.get("block_id", ""))) > BLOCK_ID_CHARS:
+    if units(str(block.get("block_id", ""))) > BLOCK_ID_CHARS:
         del out["block_id"]  # optional; cut, two could end alike, which Slack refuses
     if kind == "image":
         out = _fit_element(out)
@@ -282,7 +305,7 @@ def _fit_element(element: Any) -> Any:
     if not isinstance(element, dict):
         return element
     out = dict(element)
-    if len(str(element.get("action_id", ""))) > BLOCK_ID_CHARS:
+    if units(str(element.get("action_id", ""))) > BLOCK_ID_CHARS:
         del out["action_id"]  # optional, as block_id
     if element.get("type") == "image" and isinstance(element.get("alt_text"), str):
         out["alt_text"] = cut(element["alt_text"], ALT_TEXT_CHARS)
@@ -345,7 +368,7 @@ def problems(payload: Any) -> list[str]:
     text = payload.get("text")
     if not isinstance(text, str) or not text.strip():
         found.append("no top-level text")
-    elif len(text) > SLACK_TEXT_CHARS:
+    elif units(text) > SLACK_TEXT_CHARS:
         found.append(f"top-level text over {SLACK_TEXT_CHARS} characters")
     blocks = payload.get("blocks", [])
     if not isinstance(blocks, list) or not all(isinstance(b, dict) for b in blocks):
@@ -368,10 +391,10 @@ def _element_problems(element: Any, number: int) -> list[str]:
         return []
     what = f"element {number}" if number else "accessory"
     found = []
-    if len(str(element.get("action_id", ""))) > BLOCK_ID_CHARS:
+    if units(str(element.get("action_id", ""))) > BLOCK_ID_CHARS:
         found.append(f"{what}: action_id over {BLOCK_ID_CHARS} characters")
     if element.get("type") == "image":
-        if len(str(element.get("alt_text", ""))) > ALT_TEXT_CHARS:
+        if units(str(element.get("alt_text", ""))) > ALT_TEXT_CHARS:
             found.append(f"{what}: alt_text over {ALT_TEXT_CHARS} characters")
     elif isinstance(element.get("text"), dict):
         found += _text_problem(element["text"], BUTTON_CHARS, f"{what}'s text")
@@ -382,16 +405,16 @@ def _text_problem(obj: Any, limit: int, what: str) -> list[str]:
     text = obj.get("text") if isinstance(obj, dict) else None
     if not isinstance(text, str) or not text:
         return [f"{what} is empty"]
-    return [f"{what} over {limit} characters"] if len(text) > limit else []
+    return [f"{what} over {limit} characters"] if units(text) > limit else []
 
 
 def _block_problems(block: dict[str, Any]) -> list[str]:
     kind = block.get("type")
     if not isinstance(kind, str):
         return ["no type"]
-    if len(str(block.get("block_id", ""))) > BLOCK_ID_CHARS:
+    if units(str(block.get("block_id", ""))) > BLOCK_ID_CHARS:
         return [f"block_id over {BLOCK_ID_CHARS} characters"]
-    if kind == "image" and len(str(block.get("alt_text", ""))) > ALT_TEXT_CHARS:
+    if kind == "image" and units(str(block.get("alt_text", ""))) > ALT_TEXT_CHARS:
         return [f"alt_text over {ALT_TEXT_CHARS} characters"]
     if kind == "actions" and isinstance(elements := block.get("elements"), list):
         return [p for number, e in enumerate(elements, 1) for p in _element_problems(e, number)]

@@ -102,14 +102,20 @@ def _blocks_problem(blocks: Any) -> str | None:
         return "invalid_blocks"
     # Not in Slack's reference, but reported of chat.postMessage (bridge/blockkit.py): blocks of
     # about 12,000 characters in all are refused, each block within its own limits.
-    if len(json.dumps(blocks, ensure_ascii=False, separators=(",", ":"))) > 12_000:
+    if _units(json.dumps(blocks, ensure_ascii=False, separators=(",", ":"))) > 12_000:
         return "msg_blocks_too_long"
     return None
 
 
+def _units(text: str) -> int:
+    """Its length in UTF-16 code units, as JavaScript counts (an emoji is two): Slack does not
+    say how it counts, and this is the stricter of the two ways it may."""
+    return len(text.encode("utf-16-le")) // 2
+
+
 def _fits(text_object: Any, limit: int) -> bool:
     text = text_object.get("text") if isinstance(text_object, dict) else None
-    return isinstance(text, str) and 0 < len(text) <= limit
+    return isinstance(text, str) and 0 < _units(text) <= limit
 
 
 def _element_is_valid(element: Any) -> bool:
@@ -126,7 +132,7 @@ def _button_is_valid(element: Any) -> bool:
     text = element.get("text")
     url = element.get("url", "")
     plain = isinstance(text, dict) and text.get("type") == "plain_text"
-    return plain and _fits(text, 75) and isinstance(url, str) and len(url) <= 3000
+    return plain and _fits(text, 75) and isinstance(url, str) and _units(url) <= 3000
 
 
 def _block_is_valid(block: dict[str, Any]) -> bool:
@@ -421,7 +427,7 @@ class SlackStandIn:
         text = payload.get("text")
         if not text and not blocks:
             return "no_text"
-        if isinstance(text, str) and len(text) > 40_000:
+        if isinstance(text, str) and _units(text) > 40_000:
             return "msg_too_long"
         thread_ts = payload.get("thread_ts")
         if thread_ts is not None and thread_ts not in self._ts_by_channel.get(channel, set()):

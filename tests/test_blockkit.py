@@ -25,7 +25,7 @@ from bridge.config_tables import SlackChannel, TemplatesConfig
 from bridge.events import parse_event
 from bridge.render import Context, Renderer
 from bridge.samples import sample
-from tests.slack_standin import SlackStandIn
+from tests.slack_standin import SlackStandIn, _blocks_problem
 
 
 @pytest.mark.parametrize(
@@ -40,9 +40,13 @@ from tests.slack_standin import SlackStandIn
         # A link token of any length is dropped whole, never left open.
         ("go <https://c.example/" + "%E6" * 300 + "|Open room> now", 400, "go …"),
         ("a &lt; <b", 8, "a &lt; …"),
+        # Counted in UTF-16 units: a character past U+FFFF is two.
+        ("😀" * 10, 11, "😀" * 5 + "…"),
+        ("😀" * 5, 10, "😀" * 5),
+        ("😀" * 5, 9, "😀" * 4 + "…"),
         # Never half a grapheme before the ellipsis: a flag, a ZWJ family, an accent, a keycap.
-        ("a" * 8 + "🇨🇳🇺🇸", 11, "a" * 8 + "🇨🇳…"),
-        ("a" * 9 + "🇨🇳🇺🇸", 11, "a" * 9 + "…"),
+        ("a" * 8 + "🇨🇳🇺🇸", 13, "a" * 8 + "🇨🇳…"),
+        ("a" * 9 + "🇨🇳🇺🇸", 12, "a" * 9 + "…"),
         ("a" * 8 + "👨\u200d👩\u200d👧", 11, "a" * 8 + "…"),
         ("a" * 9 + "e\u0301\u0301x", 11, "a" * 9 + "…"),
         ("a" * 9 + "1\ufe0f\u20e3", 11, "a" * 9 + "…"),
@@ -51,7 +55,36 @@ from tests.slack_standin import SlackStandIn
 )
 def test_cut(text: str, limit: int, expected: str) -> None:
     assert cut(text, limit) == expected
-    assert len(cut(text, limit)) <= limit
+    assert len(cut(text, limit).encode("utf-16-le")) // 2 <= limit
+
+
+@pytest.mark.parametrize("char", ["😀", "𠀀", "a"], ids=["emoji", "CJK extension B", "ascii"])
+def test_every_limit_holds_in_utf16_units(char: str) -> None:
+    # Cut by code points, 150 emoji made a header of 300 UTF-16 units: if Slack counts so, as
+    # JavaScript does, invalid_blocks, and the message a dead letter.
+    payload = {
+        "text": char * 5000,
+        "blocks": [
+            {"type": "header", "text": {"type": "plain_text", "text": char * 150}},
+            {"type": "section", "text": {"type": "mrkdwn", "text": char * 3000},
+             "fields": [{"type": "mrkdwn", "text": char * 2000}]},
+            {"type": "context", "elements": [{"type": "mrkdwn", "text": char * 3000}]},
+        ],
+    }  # fmt: skip
+    fitted = fit(payload)
+    assert problems(fitted) == [] and _blocks_problem(fitted["blocks"]) is None
+    units = [len(t.encode("utf-16-le")) // 2 for t in texts_of(fitted)]
+    assert max(units) <= 4000
+    assert units[1] <= 150 and units[2] <= 3000 and units[3] <= 2000
+
+
+def texts_of(payload: dict[str, object]) -> list[str]:
+    """The top-level text, then each text object's, in order."""
+    found = [str(payload["text"])]
+    for block in payload["blocks"]:  # type: ignore[attr-defined]
+        objs = [block.get("text"), *block.get("fields", []), *block.get("elements", [])]
+        found += [obj["text"] for obj in objs if isinstance(obj, dict)]
+    return found
 
 
 def section(text: str) -> dict[str, Any]:
