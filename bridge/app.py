@@ -248,7 +248,10 @@ class Bridge(Reloads):
 async def _http_error(request: Request, exc: Exception) -> Response:
     # Anything but a packet (Starlette's text or HTML pages) would be a protocol error to Tencent.
     status = exc.status_code if isinstance(exc, HTTPException) else 500
-    return packet(status, HTTPStatus(status).phrase.lower())
+    response = packet(status, HTTPStatus(status).phrase.lower())
+    if isinstance(exc, HTTPException) and exc.headers:
+        response.headers.update(exc.headers)  # a 405's Allow, which HTTP requires
+    return response
 
 
 class App:

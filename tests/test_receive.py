@@ -471,6 +471,8 @@ def test_health_and_other_paths_answer_packets(bridge: InThread) -> None:
     for path in ("/tencent/callback", "/tencent/callback/"):
         status, reply = get(bridge.url + path)
         assert status == 405 and reply["ActionStatus"] == "FAIL", path
+        status, headers, _ = http_request(bridge.url + path, "PUT")
+        assert status == 405 and headers["allow"] == "POST", path  # as HTTP requires
     assert get(bridge.url + "/nowhere")[1]["ErrorCode"] == 404
 
 
