@@ -85,6 +85,7 @@ class LimitedProtocol(HttpToolsProtocol):
         self._head_over = 0  # the status refusing a head that arrived whole but too long
         self._refused_behind = False  # a request refused behind answers owed: read no more
         self._unread: asyncio.TimerHandle | None = None  # an answer the client is not reading
+        self._unread_bytes = 0  # what waited to be written when that deadline was set
         self._wait_for_request()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -97,7 +98,11 @@ class LimitedProtocol(HttpToolsProtocol):
         # The client reads its answers slower than they are written, or not at all.
         super().pause_writing()
         if self._unread is None:
-            self._unread = self.loop.call_later(self.request_timeout_s, self._not_read)
+            self._await_reading()
+
+    def _await_reading(self) -> None:
+        self._unread_bytes = self.transport.get_write_buffer_size()
+        self._unread = self.loop.call_later(self.request_timeout_s, self._not_read)
 
     def resume_writing(self) -> None:
         super().resume_writing()
@@ -107,6 +112,9 @@ class LimitedProtocol(HttpToolsProtocol):
 
     def _not_read(self) -> None:
         self._unread = None
+        if self.transport.get_write_buffer_size() < self._unread_bytes:
+            self._await_reading()  # it reads, however slowly (a large page on a slow link)
+            return
         self.refused(0)
         self.transport.abort()  # its application's sends end: the client is gone
 
@@ -272,6 +280,18 @@ class LimitedProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if not self.pipeline and (cycle is None or cycle.response_complete):
             self._refuse(status, info)
+            return
+        if (
+            not self.pipeline and not self._arrived and not self._in_head
+            and cycle is not None and not cycle.response_started
+        ):  # fmt: skip
+            # Its own body is what went wrong (bad chunking): the application, waiting for the
+            # body, is told the client is gone, and the packet is this request's answer. (It
+            # waited for request_timeout_s and answered 408.) Counted as the application's
+            # callback (disconnected), as a body that does not arrive in time is.
+            cycle.disconnected = True
+            cycle.message_event.set()
+            self._refuse(status, info, counted=False)
             return
         self.refused(status)
         self._refused_behind = True

@@ -8,13 +8,18 @@ import gzip
 import json
 import resource
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
+import uvicorn
 
+from bridge.config_tables import ServerConfig
+from bridge.protocol import protocol_for
 from tests.bridge_server import (
     APP_ID,
     OK_PACKET,
@@ -360,6 +365,58 @@ def test_a_stored_callback_is_answered_ok_though_what_follows_it_is_not_http(
     assert db_rows(bridge.log.parent / "bridge.db", "SELECT count(*) FROM events") == [(1,)]
     refused = samples(bridge.url)[("live_bridge_requests_refused_total", (("status", "400"),))]
     assert refused == 1
+
+
+def test_a_client_that_reads_slowly_but_steadily_is_not_cut_off() -> None:
+    # The cut-off for clients that read no answers ran from when writing first paused, however
+    # much was read since: a large page read steadily over a slow link was cut off.
+    body = b"x" * (16 << 20)
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            length = str(len(body)).encode()
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-length", length)]})  # fmt: skip
+            await send({"type": "http.response.body", "body": body})
+
+    cut: list[int] = []
+    port = free_port()
+    protocol = protocol_for(ServerConfig(request_timeout_s=1), cut.append)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host="127.0.0.1", port=port, http=protocol, log_level="warning", lifespan="off",
+    ))  # fmt: skip
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    try:
+        assert wait_until(lambda: server.started)
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            received = 0
+            while chunk := sock.recv(65536):
+                received += len(chunk)
+                if received > len(body):
+                    break
+                time.sleep(len(chunk) / (4 << 20))  # 4 MiB/s: the page takes about 4 s
+        assert received > len(body) and cut == []
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_a_callback_whose_chunked_body_goes_bad_is_answered_400_at_once(tmp_path: Path) -> None:
+    # Refused as a request behind an answer owed (its own), it waited for request_timeout_s and
+    # was answered 408, "request not received".
+    port = free_port()
+    config = write_config(tmp_path, port, server="request_timeout_s = 30")
+    with Subprocess(config, port, tmp_path / "bridge.log") as bridge, connection(bridge) as sock:
+        sock.sendall(
+            b"POST " + CALLBACK + b" HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b'5\r\n{"Cal\r\nZZZ-not-a-chunk-size\r\n'
+        )
+        assert packet_of(answer(sock, 10)) == (
+            400, {"ActionStatus": "FAIL", "ErrorInfo": "invalid HTTP request", "ErrorCode": 400}
+        )  # fmt: skip
+        assert db_rows(tmp_path / "bridge.db", "SELECT count(*) FROM events") == [(0,)]
 
 
 def test_a_client_that_reads_no_answers_is_cut_off_after_request_timeout_s(tmp_path: Path) -> None:
