@@ -62,7 +62,8 @@ class LimitError(ValueError):
 
 def units(text: str) -> int:
     """`text`'s length in UTF-16 code units: a character past U+FFFF is two."""
-    return len(text) if text.isascii() else len(text.encode("utf-16-le")) // 2
+    # surrogatepass: a template may write a lone surrogate (a "\ud800" escape), one unit.
+    return len(text) if text.isascii() else len(text.encode("utf-16-le", "surrogatepass")) // 2
 
 
 def _within(text: str, limit: int) -> int:

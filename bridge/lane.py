@@ -63,9 +63,11 @@ class Lanes(Attempts, abc.ABC):
         since may have sent again what this one claimed. (A delivery process stopped when its
         server was killed, and continued after the next server had sent its claims, sent them
         once more before it read the end of its server's pipe.)"""
-        if self.server_pid is not None and os.getppid() != self.server_pid:
-            self._stopping = True
-        return self._stopping or policy.name not in self._policies
+        return self._stopping or policy.name not in self._policies or self._server_gone()
+
+    def _server_gone(self) -> bool:
+        """In a delivery process: its server is gone (it has another parent now)."""
+        return self.server_pid is not None and os.getppid() != self.server_pid
 
     @abc.abstractmethod
     def _store_failed(self, exc: StoreUnavailable) -> None:
@@ -277,7 +279,8 @@ class Lanes(Attempts, abc.ABC):
                     unsent.extend(sequence[index:])
                     return
                 if self._halted(policy) and outcome is None:
-                    why = "shutting down" if self._stopping else "channel removed"
+                    gone = self._stopping or self._server_gone()
+                    why = "shutting down" if gone else "channel removed"
                     await self._give_back(sequence[index:], time.time(), why)
                     return
                 if late and outcome is None:

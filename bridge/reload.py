@@ -150,8 +150,10 @@ class Reloads(abc.ABC):
             try:
                 buried = await self._settle_channels(retyped)
             finally:
-                if self.worker is not None:
-                    self.worker.release(retyped)
+                # Retyped channels wait for the callbacks still unfinished, each of which may
+                # have rendered for the old type before the swap: released once they are.
+                if not unfinished:
+                    self._release(retyped)
             self.metrics.reloads.labels("success").inc()
             self.last_reload = (time.time(), None)
             message = f"reloaded: {len(config.channels)} channels, {len(config.routes)} routes"
@@ -170,13 +172,19 @@ class Reloads(abc.ABC):
                      rerendered)  # fmt: skip
         return buried
 
+    def _release(self, retyped: list[str]) -> None:
+        if self.worker is not None:
+            self.worker.release(retyped)
+
     async def _bury_when_finished(self, old: Receiver, retyped: list[str]) -> None:
-        await _finish(old, None, step_s=0.1)
         try:
+            await _finish(old, None, step_s=0.1)
             buried = await self._settle_channels(retyped)
         except StoreUnavailable as exc:
             log.error("deliveries to removed channels stay pending until the next start: %s", exc)
             return
+        finally:
+            self._release(retyped)
         if buried:
             log.warning("%d deliveries to removed channels are dead letters (recorded by "
                         "callbacks received under the old config)", buried)  # fmt: skip

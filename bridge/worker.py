@@ -56,7 +56,7 @@ class Worker(Lanes):
         self._lane_rates: dict[str, float | None] = {}
         self._holding: dict[str, int] = {}
         self._elsewhere: dict[str, float] = {}  # channel -> time.monotonic() to look again
-        self._held: set[str] = set()  # channels whose lanes wait for a reload to settle them
+        self._settling: set[str] = set()  # channels whose lanes wait for a reload to settle them
         # In a delivery process, its server's pid (bridge/deliver.py): once the server is gone,
         # no send starts (bridge/lane.py).
         self.server_pid: int | None = None
@@ -103,7 +103,7 @@ class Worker(Lanes):
         self._policies = policies
         self._settings = settings
         self._composer = composer
-        self._held.update(held)
+        self._settling.update(held)
         self._retention_s = retention_s
         shared: dict[tuple[str, str], list[ChannelPolicy]] = {}
         for policy in policies.values():
@@ -140,7 +140,7 @@ class Worker(Lanes):
 
     def release(self, held: Sequence[str]) -> None:
         """Channels held by `configure` may have lanes again."""
-        self._held.difference_update(held)
+        self._settling.difference_update(held)
         self._wake.set()
 
     def blocked_for(self, name: str) -> float:
@@ -229,7 +229,7 @@ class Worker(Lanes):
     def _kept_out(self, name: str) -> float:
         """Seconds until channel `name` may have a lane again: a block on it, or another process
         holding a channel of its Slack channel (bridge/lane.py), which is looked at again then."""
-        if name in self._held:
+        if name in self._settling:
             return self._poll_s  # looked at again then, or when released
         pacer = self.pacers.get(name)
         blocked = pacer.blocked_for() if pacer else 0.0
@@ -250,7 +250,7 @@ class Worker(Lanes):
         leases_at = self._lease_clock.leases_at(now)
         for channel in await self._store.due_channels(now, [*self._busy, *blocked], leases_at):
             policy = self._policies.get(channel)
-            if policy is None or self._stopping:
+            if policy is None or self._stopping or self._server_gone():
                 continue  # not configured here: another replica's, or buried (bridge/presence.py)
             self._busy.add(channel)
             task = asyncio.create_task(self._lane(policy), name=f"lane:{channel}")

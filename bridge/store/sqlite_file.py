@@ -17,6 +17,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Sequence
@@ -85,6 +86,10 @@ def _served_before(path: Path) -> None:
             raise sqlite3.DatabaseError("no live-bridge tables: no live-bridge has served here")
 
 
+# Waits before the serving lock is tried again: another process may hold it for an instant.
+LOCK_TRIES_S = (0.01, 0.05)
+
+
 def _file_id(path: Path | str) -> tuple[int, int]:
     found = os.stat(path)
     return found.st_dev, found.st_ino
@@ -97,8 +102,9 @@ def _file_id_or_none(path: Path | str) -> tuple[int, int] | None:
         return None
 
 
-def _held(lock: str) -> bool:
-    """Whether a serving process holds the lock file `lock`."""
+def _served(lock: str) -> bool:
+    """Whether a serving process holds the lock file `lock` (tried with a shared lock, let go
+    at once: a server starting meanwhile tries its own again, see SQLiteFile._take_lock)."""
     try:
         fd = os.open(lock, os.O_RDONLY)
     except OSError:
@@ -205,7 +211,7 @@ class SQLiteFile:
         indexes of one log corrupted the database ("database disk image is malformed")."""
         real = os.path.realpath(self.path)
         sides = [f"{real}-wal", f"{real}-shm"]
-        if not self._exclusive and _held(f"{real}.lock") and not all(map(os.path.exists, sides)):
+        if not self._exclusive and _served(f"{real}.lock") and not all(map(os.path.exists, sides)):
             raise OSError(
                 "its -wal or -shm file is missing while live-bridge serves from it (removed by "
                 "hand?): not opened; restart the server first"
@@ -225,12 +231,16 @@ class SQLiteFile:
     @staticmethod
     def _take_lock(path: str) -> int:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise OSError("another live-bridge is serving from this database") from None
-        return fd
+        for wait in (*LOCK_TRIES_S, None):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if wait is None:
+                    os.close(fd)
+                    raise OSError("another live-bridge is serving from this database") from None
+                time.sleep(wait)  # an outbox command's look (_served) holds it for a moment
+        raise AssertionError("unreachable")
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:
@@ -276,8 +286,8 @@ class SQLiteFile:
                     "the database file)"
                 )
         if self._lock_fd is not None and self._lock_path is not None:
-            held = os.fstat(self._lock_fd)
-            if _file_id_or_none(self._lock_path) != (held.st_dev, held.st_ino):
+            ours = os.fstat(self._lock_fd)
+            if _file_id_or_none(self._lock_path) != (ours.st_dev, ours.st_ino):
                 self._relock(self._lock_path)
 
     def _relock(self, path: str) -> None:

@@ -137,8 +137,8 @@ class GroupCommitWriter:
         if self._lock_fd is None:
             results = self._transact(conn, batch)
         elif not self._locked(self._lock_fd):
-            held = f"the write lock held by another process for over {self._lock_wait_s:g} s"
-            results = [(False, StoreUnavailable(f"store commit failed: {held}"))] * len(batch)
+            why = f"the write lock held by another process for over {self._lock_wait_s:g} s"
+            results = [(False, StoreUnavailable(f"store commit failed: {why}"))] * len(batch)
         else:
             try:
                 results = self._transact(conn, batch)
