@@ -263,7 +263,9 @@ async def test_a_reload_that_changes_a_channels_pacing_keeps_its_count_and_its_b
         store = await open_()
         for i in range(12):
             await record_in(store, "bot", f"room-{i:02d}", 1000 + i)
-        with SlackStandIn(rate_per_s=4.0, burst=1) as paced:
+        # The stand-in allows a burst of 2 at 4/s: a pair that a stall of this machine brought
+        # together is not a 429; the rest channel's own pacing, 8/s with a burst of 3, is.
+        with SlackStandIn(rate_per_s=4.0, burst=2) as paced:
             bot = senders(paced, session)["bot"]
             composer = make_composer(tmp_path, {"bot": SLACK})
             worker = worker_with(store, composer, ChannelPolicy("bot", bot, rate_per_s=4.0))
@@ -337,7 +339,9 @@ async def test_channels_that_post_to_one_slack_channel_share_its_rate(
         store = await open_()
         await record_rooms(store, "vip", "vip", 4)
         await record_rooms(store, "rest", "room", 4)
-        with SlackStandIn(rate_per_s=4.0, burst=1) as paced:
+        # The stand-in allows a burst of 2 at 4/s: a pair that a stall of this machine brought
+        # together is not a 429; the rest channel's own pacing, 8/s with a burst of 3, is.
+        with SlackStandIn(rate_per_s=4.0, burst=2) as paced:
             bot = senders(paced, session)["bot"]
             composer = make_composer(tmp_path, {"vip": SLACK, "rest": SLACK})
             policies = [
@@ -349,7 +353,9 @@ async def test_channels_that_post_to_one_slack_channel_share_its_rate(
                 await eventually(lambda: len(paced.posted) == 8, within_s=10)
             times = [p.received_at for p in paced.posted]
     assert paced.rejected_429 == 0
-    assert min(b - a for a, b in itertools.pairwise(times)) >= 0.2  # 4/s between any two
+    # 4/s for the eight together: seven intervals of 0.25 s at least (a slow machine only
+    # stretches them); paced apart, the rest channel's 8/s made it about 0.9 s.
+    assert times[-1] - times[0] >= 1.5
 
 
 async def test_a_429_to_one_channel_blocks_the_others_of_its_slack_channel(
