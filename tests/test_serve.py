@@ -421,8 +421,10 @@ def test_a_second_signal_stops_even_a_reload_that_does_not_end(tmp_path: Path) -
 
 
 def reload_by_http(port: int) -> None:
-    with contextlib.suppress(OSError, http.client.HTTPException):
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    # Closed however the server ends it: left to the garbage collector, its socket's
+    # ResourceWarning failed whichever test was running then.
+    with contextlib.closing(conn), contextlib.suppress(OSError, http.client.HTTPException):
         conn.request("POST", "/-/reload", headers={"Authorization": f"Bearer {SECRET}"})
         conn.getresponse().read()
 
