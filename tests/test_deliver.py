@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -307,16 +307,16 @@ def test_a_missing_templates_folder_is_reported_once_not_by_both_processes(
 RESTARTS = "live_bridge_delivery_process_restarts_total"
 
 
-@pytest.mark.parametrize("child_first", [False, True])
-def test_a_sigterm_to_the_whole_service_starts_no_child_and_counts_no_crash(
-    tmp_path: Path, slack: SlackStandIn, child_first: bool
-) -> None:
-    # systemd stops a unit with a SIGTERM to each of its processes, the delivery process too.
-    # The server drains for 3 s: time for a restart 1 s after the child's end, were it to try.
+@contextlib.contextmanager
+def serving_with_child(
+    tmp_path: Path, slack: SlackStandIn, server_table: str = ""
+) -> Iterator[tuple[Subprocess, int, Path]]:
+    """`live-bridge serve` with a delivery process that has delivered one callback to the
+    stand-in's sink: the server, its delivery process's pid, and the log."""
     port = free_port()
     config = write_config(
         tmp_path, port, channels=HOOK.format(url=slack.sink_url()), routes=ROUTE,
-        delivery=OWN.format(n=3), server="drain_s = 3\n",
+        delivery=OWN.format(n=3), server=server_table,
     )  # fmt: skip
     log = tmp_path / "serve.log"
     with Subprocess(config, port, log) as server:
@@ -325,6 +325,17 @@ def test_a_sigterm_to_the_whole_service_starts_no_child_and_counts_no_crash(
         [child] = children(server.process.pid)
         assert post_callback(server.url, room(0)) == (200, OK_PACKET)
         assert slack.wait_for(lambda s: len(s.sink_requests) == 1)  # the child is ready
+        yield server, child, log
+
+
+@pytest.mark.parametrize("child_first", [False, True])
+def test_a_sigterm_to_the_whole_service_starts_no_child_and_counts_no_crash(
+    tmp_path: Path, slack: SlackStandIn, child_first: bool
+) -> None:
+    # systemd stops a unit with a SIGTERM to each of its processes, the delivery process too.
+    # The server drains for 3 s: time for a restart 1 s after the child's end, were it to try.
+    with serving_with_child(tmp_path, slack, "drain_s = 3\n") as (server, child, log):
+        assert server.process is not None
         first, second = (child, server.process.pid) if child_first else (server.process.pid, child)
         os.kill(first, signal.SIGTERM)
         os.kill(second, signal.SIGTERM)
@@ -344,18 +355,8 @@ def test_a_second_signal_stops_a_child_that_does_not_answer_and_the_server_with_
     # The hurried child (SIGUSR1) was killed only after grace + 5 s, past the server's own 5 s
     # watchdog: the server exited without closing its store, and left the child running (here
     # stopped) with the store open, beside the next server.
-    port = free_port()
-    config = write_config(
-        tmp_path, port, channels=HOOK.format(url=slack.sink_url()), routes=ROUTE,
-        delivery=OWN.format(n=3),
-    )  # fmt: skip
-    log = tmp_path / "serve.log"
-    with Subprocess(config, port, log) as server:
+    with serving_with_child(tmp_path, slack) as (server, child, log):
         assert server.process is not None
-        assert wait_until(lambda: "delivery process started" in log.read_text())
-        [child] = children(server.process.pid)
-        assert post_callback(server.url, room(0)) == (200, OK_PACKET)
-        assert slack.wait_for(lambda s: len(s.sink_requests) == 1)  # the child is ready
         os.kill(child, signal.SIGSTOP)
         try:
             server.process.send_signal(signal.SIGTERM)

@@ -10,7 +10,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -43,15 +43,24 @@ async def test_one_serving_process_per_file(tmp_path: Path) -> None:
     await again.close()
 
 
+@contextlib.asynccontextmanager
+async def serving(path: Path) -> AsyncIterator[SQLiteStore]:
+    """The store as `live-bridge serve` opens it (holding the file's lock), closed after."""
+    server = SQLiteStore(path, exclusive=True)
+    await server.open()
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
 async def test_a_wal_removed_while_open_is_unavailable_and_its_commits_kept(
     tmp_path: Path,
 ) -> None:
     # It held every commit since the last checkpoint, lost at a crash, while the store went on
     # acknowledging into it.
     path = tmp_path / "bridge.db"
-    server = SQLiteStore(path, exclusive=True)
-    await server.open()
-    try:
+    async with serving(path) as server:
         for key in ("one", "two"):
             await server.record(new_event(key), [NewDelivery("a", "p")], time.time(), 0)
         os.remove(f"{path}-wal")
@@ -62,8 +71,6 @@ async def test_a_wal_removed_while_open_is_unavailable_and_its_commits_kept(
         alone.write_bytes(path.read_bytes())
         with contextlib.closing(sqlite3.connect(alone)) as conn:
             assert conn.execute("SELECT count(*) FROM events").fetchone() == (2,)
-    finally:
-        await server.close()
 
 
 async def test_a_shm_removed_while_served_is_unavailable_and_no_other_process_opens_it(
@@ -72,9 +79,7 @@ async def test_a_shm_removed_while_served_is_unavailable_and_no_other_process_op
     # An outbox command then made a new -shm beside the server's: two processes on two indexes
     # of one log, "database disk image is malformed".
     path = tmp_path / "bridge.db"
-    server = SQLiteStore(path, exclusive=True)
-    await server.open()
-    try:
+    async with serving(path) as server:
         await server.record(new_event("one"), [NewDelivery("a", "p")], time.time(), 0)
         os.remove(f"{path}-shm")
         with pytest.raises(StoreUnavailable, match="is missing while live-bridge serves"):
@@ -82,16 +87,10 @@ async def test_a_shm_removed_while_served_is_unavailable_and_no_other_process_op
         assert f"{path.name}-shm" not in os.listdir(tmp_path)  # no second index made
         with pytest.raises(StoreUnavailable, match=r"bridge\.db-shm was removed or replaced"):
             await server.ping()
-    finally:
-        await server.close()
-    restarted = SQLiteStore(path, exclusive=True)
-    await restarted.open()
-    try:
+    async with serving(path):  # restarted
         with contextlib.closing(sqlite3.connect(path)) as conn:
             assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
             assert conn.execute("SELECT count(*) FROM events").fetchone() == (1,)
-    finally:
-        await restarted.close()
 
 
 async def test_a_lock_file_removed_while_serving_is_taken_again(
@@ -100,16 +99,12 @@ async def test_a_lock_file_removed_while_serving_is_taken_again(
     # A second server then started on the same database and sent again what the first had in
     # flight.
     path = tmp_path / "bridge.db"
-    server = SQLiteStore(path, exclusive=True)
-    await server.open()
-    try:
+    async with serving(path) as server:
         os.remove(f"{path}.lock")
         await server.record(new_event("one"), [NewDelivery("a", "p")], time.time(), 0)
         assert "bridge.db.lock was removed while open: made and taken again" in caplog.text
         with pytest.raises(StoreUnavailable, match="another live-bridge is serving"):
             await SQLiteStore(path, exclusive=True).open()
-    finally:
-        await server.close()
 
 
 @pytest.mark.parametrize("kind", ["symlink", "hard link"])
