@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SETTLE_S = 2.0  # how long a reload waits for callbacks received under the old config
+SETTLE_AGAIN_S = 5.0  # between tries to settle channels when the store could not take it
 
 
 class Reloads(abc.ABC):
@@ -144,12 +145,19 @@ class Reloads(abc.ABC):
                     "their deliveries to removed channels are buried when they finish",
                     unfinished, SETTLE_S,
                 )  # fmt: skip
-                burial = asyncio.create_task(self._bury_when_finished(old, retyped))
-                self._late_burials.add(burial)
-                burial.add_done_callback(self._late_burials.discard)
+                self._settle_later(old, retyped)
             try:
                 buried = await self._settle_channels(retyped)
-            finally:
+            except StoreUnavailable as exc:
+                # The new config is in force: the reload is not refused for this, and what was
+                # not settled is settled later (it answered 500 with a traceback, and nothing
+                # settled it again unless a callback happened to be unfinished).
+                log.error("reload: deliveries to removed or retyped channels are settled once "
+                          "the store takes it: %s", exc)  # fmt: skip
+                buried = 0
+                if not unfinished:
+                    self._settle_later(old, retyped)
+            else:
                 # Retyped channels wait for the callbacks still unfinished, each of which may
                 # have rendered for the old type before the swap: released once they are.
                 if not unfinished:
@@ -176,13 +184,23 @@ class Reloads(abc.ABC):
         if self.worker is not None:
             self.worker.release(retyped)
 
+    def _settle_later(self, old: Receiver, retyped: list[str]) -> None:
+        burial = asyncio.create_task(self._bury_when_finished(old, retyped))
+        self._late_burials.add(burial)
+        burial.add_done_callback(self._late_burials.discard)
+
     async def _bury_when_finished(self, old: Receiver, retyped: list[str]) -> None:
+        """Settle the channels (bury, forget) once `old`'s callbacks have finished, and until
+        the store takes it; then release the retyped ones. A stop cancels it: the next start
+        buries what removed channels still have."""
         try:
             await _finish(old, None, step_s=0.1)
-            buried = await self._settle_channels(retyped)
-        except StoreUnavailable as exc:
-            log.error("deliveries to removed channels stay pending until the next start: %s", exc)
-            return
+            while True:
+                try:
+                    buried = await self._settle_channels(retyped)
+                    break
+                except StoreUnavailable:
+                    await asyncio.sleep(SETTLE_AGAIN_S)
         finally:
             self._release(retyped)
         if buried:

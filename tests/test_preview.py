@@ -87,6 +87,17 @@ def test_callback_values_cannot_drive_the_terminal(tmp_path: Path) -> None:
     assert json.loads(result.stdout)["event"]["RoomId"] == HOSTILE  # the same JSON
 
 
+def test_an_event_from_a_closed_standard_input_is_no_traceback(tmp_path: Path) -> None:
+    # sys.stdin was None: AttributeError, a traceback, where an empty event is an error (exit 2).
+    command = (
+        f"exec {sys.executable} -m bridge render --config {config(tmp_path)} --channel hook"
+        " --event - <&-"
+    )
+    result = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("live-bridge: the event is not a callback")
+
+
 def test_webhook_payload_keeps_big_integers(tmp_path: Path) -> None:
     event = tmp_path / "event.json"
     event.write_bytes(BODY)

@@ -18,6 +18,7 @@ import pytest
 from bridge.checks import load_validated
 from bridge.config import Config
 from bridge.render import Renderer
+from bridge.store import StoreUnavailable
 from tests.bridge_server import (
     APP_ID,
     OK_PACKET,
@@ -233,6 +234,38 @@ def test_messages_waiting_for_a_retyped_channel_are_never_sent_as_its_old_type(
         assert http_request(bridge.url + "/-/reload", "POST")[0] == 200
         assert wait_until(lambda: all_delivered(bridge))
     assert rooms_in_slack(slack) == [f"*Room*\nroom-{n}" for n in range(3)]
+
+
+def test_a_reload_whose_settling_the_store_refuses_takes_effect_and_settles_later(
+    tmp_path: Path, slack: SlackStandIn, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    # The new config was in force, but the reload answered 500 with a traceback, counted
+    # neither success nor failure, and nothing forgot again what callbacks had rendered for
+    # the old type meanwhile.
+    monkeypatch.setattr("bridge.reload.SETTLE_AGAIN_S", 0.2)
+    config, retyped = webhook_to_retype(tmp_path, slack, backoff_s=0.05)
+    with InThread(config) as bridge:
+        store = bridge.app.bridge.store
+        forget = store.forget_payloads
+        calls: list[int] = []
+
+        async def refused_once_settling(channels: Sequence[str]) -> int:
+            calls.append(len(calls))
+            if len(calls) == 2:  # the reload's settling, after the new config took over
+                raise StoreUnavailable("store commit failed: database is locked")
+            return await forget(channels)
+
+        store.forget_payloads = refused_once_settling  # type: ignore[method-assign]
+        assert post_callback(bridge.url, room(0)) == (200, OK_PACKET)
+        assert wait_until(lambda: len(slack.sink_requests) >= 1)
+        config.write_text(retyped)
+        status, _, body = http_request(bridge.url + "/-/reload", "POST")
+        assert status == 200 and json.loads(body)["status"] == "reloaded"
+        assert wait_until(lambda: len(calls) >= 3)  # settled later
+        assert wait_until(lambda: all_delivered(bridge))
+    assert rooms_in_slack(slack) == ["*Room*\nroom-0"]
+    assert "settled once the store takes it" in caplog.text and "Traceback" not in caplog.text
 
 
 def start_callback(bridge: InThread) -> socket.socket:

@@ -211,7 +211,14 @@ class SQLiteFile:
         indexes of one log corrupted the database ("database disk image is malformed")."""
         real = os.path.realpath(self.path)
         sides = [f"{real}-wal", f"{real}-shm"]
-        if not self._exclusive and _served(f"{real}.lock") and not all(map(os.path.exists, sides)):
+
+        def missing(after_s: float) -> bool:
+            time.sleep(after_s)
+            return _served(f"{real}.lock") and not all(map(os.path.exists, sides))
+
+        # Looked at twice: a server that is starting or stopping holds its lock for a few
+        # milliseconds while SQLite has not made them yet, or has just removed them.
+        if not self._exclusive and missing(0) and missing(0.1):
             raise OSError(
                 "its -wal or -shm file is missing while live-bridge serves from it (removed by "
                 "hand?): not opened; restart the server first"
