@@ -212,13 +212,16 @@ class SQLiteFile:
         real = os.path.realpath(self.path)
         sides = [f"{real}-wal", f"{real}-shm"]
 
-        def missing(after_s: float) -> bool:
-            time.sleep(after_s)
+        def missing() -> bool:
             return _served(f"{real}.lock") and not all(map(os.path.exists, sides))
 
-        # Looked at twice: a server that is starting or stopping holds its lock for a few
-        # milliseconds while SQLite has not made them yet, or has just removed them.
-        if not self._exclusive and missing(0) and missing(0.1):
+        def still_missing() -> bool:
+            # Looked at again: a server that is starting or stopping holds its lock for a few
+            # milliseconds while SQLite has not made them yet, or has just removed them.
+            time.sleep(0.1)
+            return missing()
+
+        if not self._exclusive and missing() and still_missing():
             raise OSError(
                 "its -wal or -shm file is missing while live-bridge serves from it (removed by "
                 "hand?): not opened; restart the server first"
