@@ -105,6 +105,18 @@ def _said(query: dict[str, str]) -> str | None:
     return URL_NAMES.get(said, said) if said else None
 
 
+ENCODED = "Content-Encoding is not taken: send the body as it is"
+
+
+def _encoded(request: Request) -> bool:
+    """Whether the body came compressed (Tencent compresses nothing): it was refused as "body is
+    not UTF-8"."""
+    return any(
+        name == b"content-encoding" and value.strip().lower() not in (b"", b"identity")
+        for name, value in request.scope["headers"]
+    )
+
+
 def _query_command(request: Request) -> str | None:
     raw = request.scope["query_string"].decode("latin-1")
     return _said(query_keys(parse_qsl(raw, keep_blank_values=True)))
@@ -180,16 +192,14 @@ class Receiver:
         query = query_keys(parse_qsl(raw, keep_blank_values=True))
         app_id = check_app_id(query, tencent.sdk_app_id)
         check_signature(query, tencent.token_for(app_id), tencent.max_request_age_s, now)
-        for name, value in request.scope["headers"]:
-            # Tencent sends none; a compressed body was refused as "body is not UTF-8".
-            if name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
-                raise Refused(415, "Content-Encoding is not taken: send the body as it is")
         body = await read_body(request, self.config.server.max_body_bytes)
         try:
             fields = decode_body(body)
             event = parse_event(fields)
         except BadEvent as exc:
-            raise Refused(400, str(exc)) from None
+            # The header is looked for only here: a callback that parses pays nothing for it.
+            status, info = (415, ENCODED) if _encoded(request) else (400, str(exc))
+            raise Refused(status, info) from None
         said = _said(query)
         if said and said != event.CallbackCommand:
             self._mismatch(said, event.CallbackCommand)
