@@ -145,23 +145,20 @@ class Reloads(abc.ABC):
                     "their deliveries to removed channels are buried when they finish",
                     unfinished, SETTLE_S,
                 )  # fmt: skip
-                self._settle_later(old, retyped)
             try:
-                buried = await self._settle_channels(retyped)
+                buried, settled = await self._settle_channels(retyped), True
             except StoreUnavailable as exc:
-                # The new config is in force: the reload is not refused for this, and what was
-                # not settled is settled later (it answered 500 with a traceback, and nothing
-                # settled it again unless a callback happened to be unfinished).
+                # The new config is in force: the reload is not refused for this (it answered
+                # 500 with a traceback, and nothing settled the channels again).
                 log.error("reload: deliveries to removed or retyped channels are settled once "
                           "the store takes it: %s", exc)  # fmt: skip
-                buried = 0
-                if not unfinished:
-                    self._settle_later(old, retyped)
-            else:
-                # Retyped channels wait for the callbacks still unfinished, each of which may
-                # have rendered for the old type before the swap: released once they are.
-                if not unfinished:
-                    self._release(retyped)
+                buried, settled = 0, False
+            if unfinished or not settled:
+                # Settled (again) later; retyped channels wait till then, for the callbacks
+                # still unfinished, each of which may have rendered for the old type.
+                self._settle_later(old, retyped)
+            elif self.worker is not None:
+                self.worker.release(retyped)
             self.metrics.reloads.labels("success").inc()
             self.last_reload = (time.time(), None)
             message = f"reloaded: {len(config.channels)} channels, {len(config.routes)} routes"
@@ -179,10 +176,6 @@ class Reloads(abc.ABC):
             log.info("%d deliveries to channels of another type are rendered again when sent",
                      rerendered)  # fmt: skip
         return buried
-
-    def _release(self, retyped: list[str]) -> None:
-        if self.worker is not None:
-            self.worker.release(retyped)
 
     def _settle_later(self, old: Receiver, retyped: list[str]) -> None:
         burial = asyncio.create_task(self._bury_when_finished(old, retyped))
@@ -202,7 +195,8 @@ class Reloads(abc.ABC):
                 except StoreUnavailable:
                     await asyncio.sleep(SETTLE_AGAIN_S)
         finally:
-            self._release(retyped)
+            if self.worker is not None:
+                self.worker.release(retyped)
         if buried:
             log.warning("%d deliveries to removed channels are dead letters (recorded by "
                         "callbacks received under the old config)", buried)  # fmt: skip
