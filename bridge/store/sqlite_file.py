@@ -102,6 +102,10 @@ def _file_id_or_none(path: Path | str) -> tuple[int, int] | None:
         return None
 
 
+def _missing_beside_server(real: str, sides: list[str]) -> bool:
+    return _served(f"{real}.lock") and not all(map(os.path.exists, sides))
+
+
 def _served(lock: str) -> bool:
     """Whether a serving process holds the lock file `lock` (tried with a shared lock, let go
     at once: a server starting meanwhile tries its own again, see SQLiteFile._take_lock)."""
@@ -211,21 +215,15 @@ class SQLiteFile:
         indexes of one log corrupted the database ("database disk image is malformed")."""
         real = os.path.realpath(self.path)
         sides = [f"{real}-wal", f"{real}-shm"]
-
-        def missing() -> bool:
-            return _served(f"{real}.lock") and not all(map(os.path.exists, sides))
-
-        def still_missing() -> bool:
+        if not self._exclusive and _missing_beside_server(real, sides):
             # Looked at again: a server that is starting or stopping holds its lock for a few
             # milliseconds while SQLite has not made them yet, or has just removed them.
             time.sleep(0.1)
-            return missing()
-
-        if not self._exclusive and missing() and still_missing():
-            raise OSError(
-                "its -wal or -shm file is missing while live-bridge serves from it (removed by "
-                "hand?): not opened; restart the server first"
-            )
+            if _missing_beside_server(real, sides):
+                raise OSError(
+                    "its -wal or -shm file is missing while live-bridge serves from it (removed "
+                    "by hand?): not opened; restart the server first"
+                )
         return sides
 
     def _lock(self) -> None:
