@@ -85,8 +85,12 @@ class Reloads(abc.ABC):
                 if config.store != self.config.store:
                     raise ConfigError("[store] changes take effect at the next start")
                 # Before anything is recorded under it: a replica lacking a channel it adds
-                # must not bury that channel's deliveries meanwhile.
-                await self.presence.announce(list(config.channels))
+                # must not bury that channel's deliveries meanwhile. The running config's
+                # channels too, till the reload has settled: announced as the new config's
+                # alone, a channel only the old one has was buried by the next announcement
+                # (every 15 s) while the reload still ran, and kept if it was refused.
+                both = dict.fromkeys([*self.config.channels, *config.channels])
+                await self.presence.announce(list(both))
                 announced = True
                 # A message rendered at receipt for a channel's old type (a webhook's body, a
                 # console line) is not one its new type can send: Slack refused it (no_text),
@@ -102,10 +106,7 @@ class Reloads(abc.ABC):
                     log.info("%d deliveries to channels of another type are rendered again "
                              "when sent", rerendered)  # fmt: skip
             except (ConfigError, StoreUnavailable) as exc:
-                if announced:
-                    # The running config stays, and so do its channels: announced as the new
-                    # config's, a channel only the old one has was buried every 15 s while its
-                    # callbacks were still acknowledged.
+                if announced:  # the running config stays, and so do its channels alone
                     with contextlib.suppress(StoreUnavailable):
                         await self.presence.announce(list(self.config.channels))
                 self.metrics.reloads.labels("failure").inc()
@@ -171,7 +172,8 @@ class Reloads(abc.ABC):
         """Undelivered deliveries to channels no running replica serves (on SQLite: the running
         config lacks) become dead letters (bridge/presence.py); those to `retyped` channels
         (another type now) are rendered again when sent. How many were buried."""
-        buried = await self.presence.bury()  # of the channels announced by the reload
+        await self.presence.announce(list(self.config.channels))  # the old config's no more
+        buried = await self.presence.bury()
         if retyped and (rerendered := await self.store.forget_payloads(retyped)):
             log.info("%d deliveries to channels of another type are rendered again when sent",
                      rerendered)  # fmt: skip
@@ -190,7 +192,10 @@ class Reloads(abc.ABC):
             await _finish(old, None, step_s=0.1)
             while True:
                 try:
-                    buried = await self._settle_channels(retyped)
+                    # Not amid another reload: it announces its channels and the running
+                    # config's, which this would announce alone.
+                    async with self._reloading:
+                        buried = await self._settle_channels(retyped)
                     break
                 except StoreUnavailable:
                     await asyncio.sleep(SETTLE_AGAIN_S)

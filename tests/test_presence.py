@@ -153,7 +153,8 @@ def test_a_refused_reload_announces_the_running_configs_channels_again(
 ) -> None:
     # The reload announced the new config's channels, then failed (the store could not forget
     # the retyped channel's messages): the running config, still routing to "x", stayed, and
-    # the replica's own announcements buried "x" every 15 s as served by nobody.
+    # the replica's own announcements buried "x" every 15 s as served by nobody. Even before the
+    # reload failed: the store slow to refuse, an announcement came meanwhile.
     slack.set_sink_status("x", 503)
     path = replica_config(tmp_path / "a", slack, postgres_url, "hook", "x")
     with InThread(path) as a:
@@ -164,6 +165,7 @@ def test_a_refused_reload_announces_the_running_configs_channels_again(
         path.write_text(without_x.replace(hook, '[channels.hook]\ntype = "console"\n'))
 
         async def cannot(channels: object) -> int:
+            await asyncio.sleep(5 * ANNOUNCE_EVERY_S)
             raise StoreUnavailable("store unavailable: forced")
 
         monkeypatch.setattr(a.app.state.bridge.store, "forget_payloads", cannot)
