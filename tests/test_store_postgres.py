@@ -53,9 +53,10 @@ async def test_schema_created_on_open_and_newer_refused(
     ]
     again = await open_store()  # already migrated: nothing to do
     await again.close()
-    postgres_sql("UPDATE meta SET value = '999' WHERE key = 'schema_version'")
-    with pytest.raises(StoreUnavailable, match="newer"):
-        await PostgresStore(postgres_url).open()
+    for version, refusal in [("999", "newer"), ("seven", "'seven' is not a number")]:
+        postgres_sql("UPDATE meta SET value = %s WHERE key = 'schema_version'", version)
+        with pytest.raises(StoreUnavailable, match=refusal):
+            await PostgresStore(postgres_url).open()
 
 
 async def test_processes_starting_at_once_all_migrate(

@@ -163,12 +163,13 @@ async def test_schema_version_recorded_and_newer_refused(tmp_path: Path) -> None
     assert db_rows(path, "SELECT value FROM meta WHERE key = 'schema_version'") == [
         (str(SCHEMA_VERSION),)
     ]
-    conn = sqlite3.connect(path)
-    conn.execute("UPDATE meta SET value = '999'")
-    conn.commit()
-    conn.close()
-    with pytest.raises(StoreUnavailable, match="newer"):
-        await SQLiteStore(path).open()
+    for version, refusal in [("999", "newer"), ("seven", "'seven' is not a number")]:
+        conn = sqlite3.connect(path)
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (version,))
+        conn.commit()
+        conn.close()
+        with pytest.raises(StoreUnavailable, match=refusal):
+            await SQLiteStore(path).open()
 
 
 def old_database(path: Path, version: int) -> sqlite3.Connection:

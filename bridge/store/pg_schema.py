@@ -183,7 +183,12 @@ async def migrate(conn: AsyncConnection[Any], create: bool = True) -> str:
         )
         cursor = await conn.execute("SELECT value FROM meta WHERE key = 'schema_version'")
         row = await cursor.fetchone()
-        version = int(row[0]) if row else 0
+        written = str(row[0]) if row else "0"
+        if not written.isdecimal():  # a raw ValueError and a traceback at start, not one line
+            raise StoreUnavailable(
+                f"schema version {written[:40]!r} is not a number: not live-bridge's meta table"
+            )
+        version = int(written)
         if version > SCHEMA_VERSION:
             raise StoreUnavailable(
                 f"schema version {version} is newer than this live-bridge ({SCHEMA_VERSION})"

@@ -245,7 +245,12 @@ def _identity(conn: sqlite3.Connection) -> str:
 
 def _version(conn: sqlite3.Connection) -> int:
     row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    return int(row[0]) if row else 0
+    written = str(row[0]) if row else "0"
+    if not written.isdecimal():  # a raw ValueError and a traceback at start, not one line
+        raise sqlite3.DatabaseError(
+            f"schema version {written[:40]!r} is not a number: not live-bridge's meta table"
+        )
+    return int(written)
 
 
 # --- the statements the store runs ---------------------------------------------------------------
