@@ -86,7 +86,19 @@ class LimitedProtocol(HttpToolsProtocol):
         self._refused_behind = False  # a request refused behind answers owed: read no more
         self._unread: asyncio.TimerHandle | None = None  # an answer the client is not reading
         self._unread_bytes = 0  # what waited to be written when that deadline was set
+        self._half_closed = False  # the client sent its end (shutdown(SHUT_WR)); answers owed
         self._wait_for_request()
+
+    def eof_received(self) -> bool:  # type: ignore[override]
+        # A client that has sent whole requests and its end may still read their answers: the
+        # transport closed at once, and a callback stored was answered nothing. One cut short
+        # (its head or body unfinished) gets nothing, as before.
+        cycle = self.cycle
+        owed = self._arrived and (
+            bool(self.pipeline) or (cycle is not None and not cycle.response_complete)
+        )
+        self._half_closed = owed
+        return owed  # False: the transport closes
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_waiting()
@@ -236,7 +248,9 @@ class LimitedProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         idle = self._arrived and not self.pipeline
         super().on_response_complete()
-        if idle:
+        if idle and self._half_closed:
+            self.transport.close()  # every answer owed is written: no request can follow
+        elif idle:
             self._wait_for_request()
         # else a request is still arriving, on its first deadline
 

@@ -367,6 +367,31 @@ def test_a_stored_callback_is_answered_ok_though_what_follows_it_is_not_http(
     assert refused == 1
 
 
+@pytest.mark.parametrize(
+    ("sent", "answers", "stored"),
+    [
+        (callback_request(), 1, 1),
+        (callback_request() * 3, 3, 1),  # the same event: stored once, answered thrice
+        (callback_request()[:-5], 0, 0),  # its body cut short: nothing to answer
+        (b"", 0, 0),
+    ],
+    ids=["one", "pipelined", "cut short", "idle"],
+)
+def test_a_client_that_half_closes_after_its_callbacks_still_gets_their_answers(
+    bridge: Subprocess, sent: bytes, answers: int, stored: int
+) -> None:
+    # shutdown(SHUT_WR) once the callback is sent: the event was stored, and the connection
+    # closed without its answer.
+    with connection(bridge) as sock:
+        sock.sendall(sent)
+        sock.shutdown(socket.SHUT_WR)
+        response = answer(sock, 5)
+    assert response is not None, "kept open after the client's end"
+    assert response.count(b"HTTP/1.1 200 OK\r\n") == answers, response
+    assert response.count(OK_PACKET) == answers
+    assert db_rows(bridge.log.parent / "bridge.db", "SELECT count(*) FROM events") == [(stored,)]
+
+
 def test_a_client_that_reads_slowly_but_steadily_is_not_cut_off() -> None:
     # The cut-off for clients that read no answers ran from when writing first paused, however
     # much was read since: a large page read steadily over a slow link was cut off.
