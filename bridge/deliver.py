@@ -45,6 +45,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("bridge.deliver")  # also when run as __main__
 
 REPORT_EVERY_S = 0.1  # how often the child sends what it counted
+# The most the child stays silent: with nothing to report, an empty line says it is alive
+# (supervise.STALL_S: a child silent for long is stopped or hung, and is started again).
+HEARTBEAT_S = 1.0
 REPORT_MAX = 1000  # outcomes a report line carries at most
 STATES_MAX = 200  # channel states a report line carries at most (each error up to ERROR_CHARS)
 ERROR_CHARS = 500  # of a channel's last error, in a report
@@ -75,6 +78,7 @@ class Report:
         self._outcomes: list[tuple[str, str, float | None]] = []
         self._states: dict[str, Reported] = {}
         self._dropped = 0  # log lines dropped, as last reported
+        self._said_at = time.monotonic()  # when a line was last written
 
     def outcome(self, channel: str, outcome: str, received_at: float | None = None) -> None:
         self._outcomes.append((channel, outcome, delivery_latency(outcome, received_at)))
@@ -105,6 +109,9 @@ class Report:
             lines.append(json.dumps(report, separators=(",", ":")).encode() + b"\n")
             outcomes, changed = outcomes[REPORT_MAX:], changed[STATES_MAX:]
         data = b"".join(lines)
+        if data or time.monotonic() - self._said_at >= HEARTBEAT_S:
+            data = data or b"{}\n"  # alive, with nothing to report
+            self._said_at = time.monotonic()
         if len(self._pending) + len(data) > PENDING_MAX:
             data = b""  # the server has read nothing for a long while: these counts are lost
             self._states = {}  # and every channel's state is sent again, once it reads

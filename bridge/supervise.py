@@ -43,6 +43,11 @@ STOP_MARGIN_S = 5.0  # past the grace period, before a child that does not stop 
 # STOP_NOW_S (bridge/serve.py), or the server exited and left it running (stopped, say), with
 # the store open and its claims to be sent again beside the next server's.
 HURRIED_KILL_S = 2.0
+# A ready child that reports nothing for this long (it says it is alive every
+# deliver.HEARTBEAT_S) is stopped (SIGSTOP, a debugger) or hung: killed and started again, as
+# after a crash. Nothing delivered meanwhile, and nothing said of it, before.
+STALL_S = 60.0
+STALL_AGAIN_S = 1.0
 SIGNAL_SETTLE_S = 0.5  # a child ended on SIGTERM: time for the server's own to be handled
 # The child's exit status after a SIGTERM: 128 + 15 from its handler, as a shell reports it, or
 # -15 when the signal came before the handler was in place; -10 for the server's own SIGUSR1
@@ -193,7 +198,7 @@ class DeliveryProcess:
             assert proc is not None and reports is not None
             started = time.monotonic()
             try:
-                while line := await next_report(reports):
+                while line := await self._next_or_stalled(proc, reports):
                     self._take(line)
                 status = await proc.wait()
             finally:
@@ -233,6 +238,28 @@ class DeliveryProcess:
                         "cannot start the delivery process: %s (%s); again in %.0fs",
                         exc, open_files(), wait,
                     )  # fmt: skip
+
+    async def _next_or_stalled(
+        self, proc: asyncio.subprocess.Process, reports: asyncio.StreamReader
+    ) -> bytes:
+        """The next report line; a ready child that says nothing for STALL_S is killed (the
+        lines it wrote before it died are still read, then the end)."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(STALL_S if self._ready else None):
+                    return await next_report(reports)
+            # A line may have come as the timer ran out (this process's own loop held up):
+            # one more look, and it is news from a child alive.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(STALL_AGAIN_S):
+                    return await next_report(reports)
+            if proc.returncode is None and not self._stopping:
+                log.error(
+                    "the delivery process has reported nothing for %.0fs (stopped or hung): "
+                    "killed, to be started again", STALL_S + STALL_AGAIN_S,
+                )  # fmt: skip
+                proc.kill()
+            self._ready = False  # no timer again: its end follows
 
     async def _ended_with_server(self, status: int) -> bool:
         """Whether the server is stopping too, so that no child is started again. A child that

@@ -99,6 +99,25 @@ def test_the_child_delivers_and_the_server_counts_it(tmp_path: Path, slack: Slac
     assert db_rows(db, "SELECT state, COUNT(*) FROM deliveries GROUP BY 1") == [("delivered", 20)]
 
 
+def test_a_child_that_stops_reporting_is_killed_and_started_again(
+    tmp_path: Path, slack: SlackStandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Stopped (SIGSTOP, a debugger) or hung, it delivered nothing, and nothing said so.
+    monkeypatch.setattr(supervise, "STALL_S", 3.0)  # it says it is alive every second
+    monkeypatch.setattr(supervise, "RESTART_S", (0.05, 0.05))
+    with InThread(own_config(tmp_path, slack.sink_url())) as bridge:
+        first = process(bridge).pid
+        assert first is not None and wait_until(lambda: process(bridge).ready)
+        time.sleep(5)  # idle with nothing to report, but alive: left alone
+        assert process(bridge).pid == first
+        os.kill(first, signal.SIGSTOP)
+        assert post_callback(bridge.url, room(1)) == (200, OK_PACKET)
+        assert wait_until(lambda: process(bridge).pid not in (first, None))
+        assert slack.wait_for(lambda s: any(b"room-1" in r.body for r in s.sink_requests))
+        assert metric(bridge.url, "live_bridge_delivery_process_restarts_total") == 1
+    assert wait_until(lambda: gone(first))
+
+
 def test_failures_reach_the_status_page_and_metrics(tmp_path: Path, slack: SlackStandIn) -> None:
     slack.set_sink_status("sink", 500)
     with InThread(own_config(tmp_path, slack.sink_url(), max_attempts=1)) as bridge:
