@@ -341,14 +341,24 @@ async def test_a_redirect_to_another_host_is_not_followed(
     assert (asked, elsewhere) == (["POST"], [])
 
 
-async def test_a_binary_answer_to_the_api_is_not_slacks_json(
-    session: aiohttp.ClientSession,
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # slack-sdk passes a binary type as valid, unread: reading its ts failed in the sender.
+        web.Response(body=b"\x1f\x8b\x08\x00", content_type="application/gzip"),
+        # slack-sdk takes any true value for Slack's ok: a message never posted was delivered.
+        web.json_response({"ok": "false"}),
+        web.json_response({"ok": 1, "ts": "1.2"}),
+    ],
+    ids=["binary", "ok a string", "ok a number"],
+)
+async def test_an_answer_to_the_api_that_is_not_slacks_json(
+    session: aiohttp.ClientSession, answer: web.Response
 ) -> None:
-    # slack-sdk passes a binary type as valid, unread: reading its ts failed in the sender.
-    async def gzip(request: web.Request) -> web.Response:
-        return web.Response(body=b"\x1f\x8b\x08\x00", content_type="application/gzip")
+    async def odd(request: web.Request) -> web.Response:
+        return answer
 
-    async with serving(gzip) as base:
+    async with serving(odd) as base:
         assert await send(bot(f"{base}/api/"), session) == retry("HTTP 200: not Slack's JSON")
 
 

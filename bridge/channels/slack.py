@@ -137,8 +137,10 @@ class SlackSender:
             # slack-sdk takes any HTTP 200 answer for Slack's JSON object and fails on
             # anything else (a proxy's plain text, a JSON array) while checking "ok".
             return retry("HTTP 200: not Slack's JSON")
-        if not isinstance(answer.data, dict):
-            # A binary type (application/gzip, …): slack-sdk passes it as valid, unread.
+        if not isinstance(answer.data, dict) or answer.data.get("ok") is not True:
+            # A binary type (application/gzip, …): slack-sdk passes it as valid, unread; an
+            # "ok" that is not JSON's true ("false", 1) too: a message never posted was taken
+            # for delivered.
             return retry("HTTP 200: not Slack's JSON")
         ts = answer.data.get("ts")
         return Outcome(Result.DELIVERED, ts=ts if isinstance(ts, str) else None)
