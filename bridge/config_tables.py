@@ -119,6 +119,20 @@ SdkAppId = Annotated[int, Field(gt=0, le=2**63 - 1)]
 _APP_ID: TypeAdapter[int] = TypeAdapter(SdkAppId)
 
 
+def _token_problem(token: str) -> str | None:
+    """What is wrong with a Tencent callback token, in words (never the token itself)."""
+    if not 1 <= len(token) <= 128:
+        return "Tencent callback tokens are 1 to 128 characters"
+    if token != token.strip() or any(not char.isprintable() for char in token):
+        # A newline a secret file ends with, say: every callback was refused "bad Sign", and
+        # an "after" callback refused is gone.
+        return (
+            "a space or newline at the token's start or end, or a control character in it"
+            " (a file's last newline?)"
+        )
+    return None
+
+
 class TencentConfig(Strict):
     sdk_app_id: tuple[SdkAppId, ...]
     callback_token: SecretStr | None = None  # every app's, but those in callback_tokens
@@ -146,8 +160,8 @@ class TencentConfig(Strict):
     @field_validator("callback_token")
     @classmethod
     def _token_length(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and not 1 <= len(value.get_secret_value()) <= 128:
-            raise ValueError("Tencent callback tokens are 1 to 128 characters")
+        if value is not None and (problem := _token_problem(value.get_secret_value())):
+            raise ValueError(problem)
         return value
 
     @field_validator("callback_tokens", mode="before")
@@ -168,8 +182,8 @@ class TencentConfig(Strict):
     @classmethod
     def _tokens_length(cls, value: dict[int, SecretStr]) -> dict[int, SecretStr]:
         for app, token in value.items():
-            if not 1 <= len(token.get_secret_value()) <= 128:
-                raise ValueError(f"{app}: Tencent callback tokens are 1 to 128 characters")
+            if problem := _token_problem(token.get_secret_value()):
+                raise ValueError(f"{app}: {problem}")
         return value
 
     @model_validator(mode="after")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 from collections.abc import Collection, Mapping
 
 from pydantic import SecretStr
@@ -55,7 +56,9 @@ def check_signature(
         raise Refused(401, "Sign and RequestTime are required")
     if len(request_time) > 20 or not request_time.isascii() or not request_time.isdigit():
         raise Refused(401, "bad RequestTime")
-    if abs(now - int(request_time)) > max_age_s:
+    # In whole seconds, as RequestTime is: against a now of x.3, one 60 s old was 60.3 s old
+    # and refused, while one 60 s ahead was 59.7 s away and taken.
+    if abs(math.floor(now) - int(request_time)) > max_age_s:
         raise Refused(401, "RequestTime too far from now")
     expected = sign(token.get_secret_value(), request_time)
     if not hmac.compare_digest(expected.encode(), given.strip().lower().encode()):

@@ -258,6 +258,13 @@ def test_each_app_may_have_its_own_callback_token(
          "[tencent] callback_tokens: 1400000001: Tencent callback tokens are 1 to 128"),
         ('callback_tokens = { 1400000000 = "VERY-SECRET", 1400000001 = "VERY-SECRET' + "x" * 128
          + '" }', "[tencent] callback_tokens: 1400000001: Tencent callback tokens are 1 to 128"),
+        # Accepted, then every callback refused "bad Sign": an "after" callback refused is gone.
+        ('callback_tokens = { 1400000000 = "VERY-SECRET", 1400000001 = "VERY-SECRET\\n" }',
+         "[tencent] callback_tokens: 1400000001: a space or newline at the token's start or end"),
+        ('callback_token = " VERY-SECRET"',
+         "[tencent] callback_token: a space or newline at the token"),
+        ('callback_token = "VERY\\tSECRET"',
+         "or a control character in it"),
         ('callback_tokens = { room = "VERY-SECRET" }', "[tencent] callback_tokens.room.[key]"),
         ('callback_tokens = { 1400000000 = "a", 01400000000 = "b", 1400000001 = "c" }',
          "[tencent] callback_tokens: names one SDKAppID twice"),

@@ -40,9 +40,20 @@ def test_app_id_of_20_digits_is_still_compared_with_the_config() -> None:
 
 
 @pytest.mark.parametrize("offset", [-60, -59, 0, 59, 60])
-def test_signature_accepted_up_to_max_age_either_way(offset: int) -> None:
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 0.999])
+def test_signature_accepted_up_to_max_age_either_way(offset: int, fraction: float) -> None:
+    # RequestTime is in whole seconds, and so is the age it is allowed: a callback signed 60 s
+    # before a now of x.3 was refused as 60.3 s old, one 60 s after it taken.
     query = {"sign": EXAMPLE_SIGN, "requesttime": EXAMPLE_TIME}
-    check_signature(query, TOKEN, 60, now=int(EXAMPLE_TIME) + offset)
+    check_signature(query, TOKEN, 60, now=int(EXAMPLE_TIME) - offset + fraction)
+
+
+@pytest.mark.parametrize("offset", [-61, 61])
+@pytest.mark.parametrize("fraction", [0.0, 0.5])
+def test_signature_refused_past_max_age_either_way(offset: int, fraction: float) -> None:
+    query = {"sign": EXAMPLE_SIGN, "requesttime": EXAMPLE_TIME}
+    with pytest.raises(Refused, match="too far"):
+        check_signature(query, TOKEN, 60, now=int(EXAMPLE_TIME) - offset + fraction)
 
 
 def test_signature_accepted_in_upper_case() -> None:
