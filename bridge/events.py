@@ -174,7 +174,9 @@ class MetadataSet(Envelope):
 
 
 class MetadataDeleted(Envelope):
-    Keys: list[str] | None = None
+    # As MetadataItem.Key: a number among them (the samples' sloppiness) is read as its digits,
+    # not the whole list left unset.
+    Keys: list[Id] | None = None
 
 
 class RoomThresholdReached(Envelope):

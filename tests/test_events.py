@@ -242,6 +242,13 @@ def test_one_metadata_item_not_as_documented_leaves_the_others() -> None:
     ]  # fmt: skip
 
 
+def test_a_number_among_deleted_metadata_keys_is_read_as_its_digits() -> None:
+    # As a metadata item's Key: the whole list was left unset ("? keys") for one number.
+    fields = {"CallbackCommand": "Live.CallbackAfterDelMetadata", "RoomId": "r",
+              "Keys": [7, "k2", 144115233775727695]}  # fmt: skip
+    assert parse_event(fields).model_dump()["Keys"] == ["7", "k2", "144115233775727695"]
+
+
 @pytest.mark.parametrize(
     ("fields", "room"),
     [
