@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from bridge.config_tables import TemplatesConfig
-from bridge.events import MODELS, OWNER_CHANGED, RoomCreated, parse_event
+from bridge.events import MODELS, OWNER_CHANGED, GiftSending, RoomCreated, parse_event
 from bridge.render import Context, Renderer
 from bridge.samples import HOSTILE_VALUES, SAMPLES, UNKNOWN_SAMPLE, hostile, sample
 from tests.bridge_server import SEED_BODY
@@ -284,3 +284,163 @@ def test_long_lists_are_cut_and_counted(command: str) -> None:
     assert "more" in shown
     line = render("console", body)
     assert "item00" in line and "item24" not in line and "more" in line
+
+
+# --- a list left unset -----------------------------------------------------------------------
+
+# A list with an entry that is no item at all is left unset whole (bridge/events.py): its count
+# shows as `?`, never as 0, none or nobody; an empty list still shows 0. Each row: the command,
+# the list's path in the body, and a value the event model leaves unset.
+UNSET_LISTS: list[tuple[str, str, Any]] = [
+    ("Live.CallbackAfterMemberStateChanged", "MemberList", [{"Member_Account": "u1"}, 5]),
+    ("Mic.CallbackAfterSeatInfoChanged", "SeatList", [{"Index": 0, "Member_Account": "u1"}, 5]),
+    ("Live.CallbackAfterModifyAdmin", "Admin_Account", [["x"]]),
+    ("Live.CallbackBeforeSendGift", "GiftWater.To_Account", [["x"]]),
+    ("Live.CallbackAfterCreateBattle", "ToRoomIdList", [["x"]]),
+    ("Live.CallbackAfterStartBattle", "ToRoomList", [{"RoomId": "r1"}, 5]),
+    ("Live.CallbackAfterEndBattle", "ToRoomList", [{"RoomId": "r1", "Score": 1}, 5]),
+]
+LIST_KINDS = ("console", "slack", "digest", "console digest")
+
+# What each kind shows (each fragment, in the sample's otherwise untouched body): for the list
+# unset, then for it empty. The console digest writes each event's own console line.
+LIST_SHOWS: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
+    "Live.CallbackAfterMemberStateChanged": {
+        "console": (("live-42, cause Enter, ? members (",), ("cause Enter, 0 members (",)),
+        "slack": (
+            ("? members went online in room live-42", "*Members*\n—"),
+            ("0 members went online in room live-42", "*Members*\n0"),
+        ),
+        "digest": (("Room *live-42*: ? members went online",), ("*live-42*: 0 members went",)),
+    },
+    "Mic.CallbackAfterSeatInfoChanged": {
+        "console": (("room live-42, ? of ? taken (",), ("room live-42, 0 of 0 taken (",)),
+        "slack": (
+            ("live-42: ? of ? seats taken", "*Seats taken*\n—"),
+            ("live-42: 0 of 0 seats taken", "*Seats taken*\n0 of 0"),
+        ),
+        "digest": (("seats changed, ? of ? taken",), ("seats changed, 0 of 0 taken",)),
+    },
+    "Live.CallbackAfterModifyAdmin": {
+        "console": (("room live-42, ? (by host_anna",), ("room live-42, none (by host_anna",)),
+        "slack": (("*Admins (?)*\n—",), ("*Admins (0)*\n—",)),
+        "digest": (("*live-42*: ? admins added",), ("*live-42*: 0 admins added",)),
+    },
+    "Live.CallbackBeforeSendGift": {
+        # The console line shows `?` for no recipient listed, as for recipients unknown.
+        "console": (("viewer_01 -> ?, gift rocket",), ("viewer_01 -> ?, gift rocket",)),
+        "slack": (("(3000 coins) to ? in room", "*To (?)*\n—"), ("to nobody listed", "*To (0)*")),
+        "digest": (("(3000 coins) to ?",), ("(3000 coins) to nobody listed",)),
+    },
+    "Live.CallbackAfterCreateBattle": {
+        "console": (("live-42 vs ?, duration",), ("live-42 vs ?, duration",)),
+        "slack": (
+            ("live-42 vs ? (60 s)", "*Invited rooms (?)*\n—"),
+            ("live-42 vs no rooms (60 s)", "*Invited rooms (0)*\n—"),
+        ),
+        "digest": (("*live-42* vs ? (60 s)",), ("*live-42* vs no rooms (60 s)",)),
+    },
+    "Live.CallbackAfterStartBattle": {
+        "console": (("live-42 vs ?, duration",), ("live-42 vs ?, duration",)),
+        "slack": (
+            ("live-42 vs ? (60 s)", "*Opponents (?)*\n—"),
+            ("live-42 vs no rooms (60 s)", "*Opponents (0)*\n—"),
+        ),
+        "digest": (("*live-42* vs ? (60 s)",), ("*live-42* vs no rooms (60 s)",)),
+    },
+    "Live.CallbackAfterEndBattle": {
+        # The opponents unknown: no leader either, the origin's score being all that is known.
+        "console": (("scores: live-42=1250, opponents=? (",), ("scores: live-42=1250 (",)),
+        "slack": (
+            ("(time up): live-42 1250 · opponents ?", "*Leader*\n—", "1250\nOpponents: ?"),
+            ("(time up): live-42 1250", "*Leader*\nlive-42 with 1250"),
+        ),
+        "digest": (("*live-42* 1250 · opponents ?",), ("(time up): *live-42* 1250",)),
+    },
+}
+
+# What would claim the list empty: a count of 0, none, nobody, no rooms.
+CLAIMS_EMPTY = re.compile(
+    r"\b0 (?:members?|admins?|of)\b|\bof 0\b|\(0\)|\*\n0\b|\bnone\b|nobody|no rooms"
+)
+
+
+def _set_path(body: dict[str, Any], path: str, value: Any) -> None:
+    *parents, last = path.split(".")
+    for key in parents:
+        body = body[key]
+    body[last] = value
+
+
+def _event_value(body: dict[str, Any], path: str) -> Any:
+    node: Any = parse_event(body)
+    for key in path.split("."):
+        node = getattr(node, key)
+    return node
+
+
+def shown(kind: str, body: dict[str, Any]) -> str:
+    """Every text `kind` shows for the event `body`: a digest is one of the event alone."""
+    if kind == "console":
+        return render("console", body)
+    if kind == "slack":
+        payload = render_slack(body)
+        check_slack_shape(payload)
+        return "\n".join(strings(payload))
+    digest = RENDERER.render_digest(
+        "slack" if kind == "digest" else "console", [(parse_event(body), body, CTX)]
+    )
+    if kind == "console digest":
+        return digest
+    payload = json.loads(digest)
+    check_slack_shape(payload)
+    return "\n".join(strings(payload))
+
+
+def _shows(command: str, kind: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    return LIST_SHOWS[command]["console" if kind == "console digest" else kind]
+
+
+def test_every_unset_list_has_what_it_shows() -> None:
+    assert {command for command, _, _ in UNSET_LISTS} == set(LIST_SHOWS)
+    assert all(set(shows) == {"console", "slack", "digest"} for shows in LIST_SHOWS.values())
+
+
+@pytest.mark.parametrize(("command", "path", "value"), UNSET_LISTS)
+@pytest.mark.parametrize("kind", LIST_KINDS)
+def test_an_unset_list_shows_its_count_as_unknown(
+    kind: str, command: str, path: str, value: Any
+) -> None:
+    body = sample(command)
+    _set_path(body, path, value)
+    assert _event_value(body, path) is None  # the event model leaves the whole list unset
+    out = shown(kind, body)
+    unset, _ = _shows(command, kind)
+    for fragment in unset:
+        assert fragment in out
+    assert not CLAIMS_EMPTY.search(out), out
+
+
+@pytest.mark.parametrize(("command", "path", "value"), UNSET_LISTS)
+@pytest.mark.parametrize("kind", LIST_KINDS)
+def test_an_empty_list_still_shows_none(kind: str, command: str, path: str, value: Any) -> None:
+    body = sample(command)
+    _set_path(body, path, [])
+    assert _event_value(body, path) == []
+    out = shown(kind, body)
+    unset, empty = _shows(command, kind)
+    for fragment in empty:
+        assert fragment in out
+    for fragment in set(unset) - set(empty):
+        assert fragment not in out
+
+
+@pytest.mark.parametrize("kind", LIST_KINDS)
+def test_an_unset_gift_shows_its_recipients_as_unknown(kind: str) -> None:
+    body = sample("Live.CallbackBeforeSendGift")
+    body["GiftWater"] = 5
+    event = parse_event(body)
+    assert isinstance(event, GiftSending) and event.GiftWater is None
+    out = shown(kind, body)
+    assert {"console": "-> ?", "slack": "*To (?)*", "digest": " to ?"}.get(kind, "-> ?") in out
+    assert not CLAIMS_EMPTY.search(out), out
