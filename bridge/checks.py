@@ -39,7 +39,8 @@ from bridge import blockkit
 from bridge.config import CONFIG_HELP, Config, ConfigError, load_config, load_for_command
 from bridge.config_tables import Route
 from bridge.events import MODELS, parse_event
-from bridge.reachable import reachable_commands
+from bridge.jinja_env import COMMAND_NAME
+from bridge.reachable import reachable_commands, route_sees
 from bridge.render import Context, Renderer, RenderError
 from bridge.samples import HOSTILE_INTEGERS, HOSTILE_VALUES, hostile, hostile_integers, sample
 
@@ -81,10 +82,26 @@ class Row:
 
 
 def _combinations(config: Config) -> Iterator[tuple[Route, str, str]]:
+    overrides = _override_commands(config.templates.dir)
     for route in config.routes:
+        # A command outside Tencent's table that a file of [templates] dir is named after: its
+        # own template, which no other command tries (one that did not load was found only by
+        # its first callback).
+        reached = reachable_commands(route)
+        seen = [c for c in overrides if c not in reached and route_sees(route, c)]
         for channel in route.channels:
-            for command in reachable_commands(route):
+            for command in [*reached, *seen]:
                 yield route, channel, command
+
+
+def _override_commands(folder: Path) -> list[str]:
+    """The commands outside Tencent's table that files in `folder`'s kinds are named after."""
+    try:
+        files = [f.name for kind in folder.iterdir() if kind.is_dir() for f in kind.iterdir()]
+    except OSError:  # no folder: the shipped templates alone (config.py warns)
+        return []
+    names = sorted({f.removesuffix(".j2") for f in files if f.endswith(".j2")})
+    return [n for n in names if COMMAND_NAME.fullmatch(n) and n not in MODELS]
 
 
 # Renders the sample (None) or the sample with every string (or integer) set to a hostile value.

@@ -31,6 +31,11 @@ def reachable_commands(route: Route) -> list[str]:
     return list(dict.fromkeys([*known, *spelled, *(c for c in unlisted if c is not None)]))
 
 
+def route_sees(route: Route, command: str) -> bool:
+    """Whether `route`'s commands admit `command` (its other matchers aside)."""
+    return route.commands is None or any(fnmatchcase(command, p) for p in route.commands)
+
+
 def _unlisted(pattern: str) -> str | None:
     """A command outside Tencent's table that the glob `pattern` matches: the unknown sample's,
     or the pattern with its wildcards filled in ("Group.*" → "Group.SomethingNew",

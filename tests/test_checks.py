@@ -188,6 +188,34 @@ def test_a_glob_reaches_default_j2_with_a_command_outside_the_table(
         assert "default.j2, line 1: UndefinedError" in problems[0]
 
 
+@pytest.mark.parametrize(
+    ("commands", "failing"),
+    [
+        (None, "Live.CallbackAfterNewThing"),
+        ('["Live.*"]', "Live.CallbackAfterNewThing"),
+        ('["Mic.*"]', None),  # the route never sees it
+    ],
+)
+def test_a_template_named_after_a_command_outside_the_table_is_tried(
+    tmp_path: Path, commands: str | None, failing: str | None
+) -> None:
+    # Its own template, which no command of the table loads: one that did not load (nested
+    # too deep) passed check and start-up, and failed its first callback.
+    deep = "{{ " + "(" * 1200 + "room_id" + ")" * 1200 + " }}\n"
+    chosen = "" if commands is None else f"commands = {commands}\n"
+    routes = f'[[routes]]\nname = "live"\n{chosen}channels = ["console"]\n'
+    path = write(tmp_path, routes, {"console/Live.CallbackAfterNewThing.j2": deep})
+    config = load_config(path)
+    problems = [str(p) for p in check_templates(config, Renderer(config.templates))]
+    problems = [p for p in problems if "digest" not in p]
+    if failing is None:
+        assert problems == []
+    else:
+        assert len(problems) == 1, problems
+        assert problems[0].startswith(f"route 'live', channel 'console', {failing}")
+        assert "console/Live.CallbackAfterNewThing.j2: RecursionError" in problems[0]
+
+
 def test_a_typo_in_default_j2_behind_a_character_class_fails_start_up(tmp_path: Path) -> None:
     # Every command of the table this route receives has a Slack template of its own; a new
     # command Tencent adds, or one of another family, gets slack/default.j2.

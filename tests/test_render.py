@@ -206,6 +206,27 @@ def test_a_template_whose_output_is_not_strict_json_is_an_error(
         renderer(tmp_path).render("webhook", parse_event(SEED), SEED, CTX, "mine.j2")
 
 
+@pytest.mark.parametrize(
+    ("template", "error"),
+    [
+        ("{{ " + "(" * 1200 + "room_id" + ")" * 1200 + " }}", "RecursionError"),
+        ("{% for a in [1] %}" * 25 + "x" + "{% endfor %}" * 25, "SyntaxError"),
+    ],
+    ids=["too deep to parse", "too deep for Python"],
+)
+@pytest.mark.parametrize("kind", ["console", "webhook"])
+def test_a_command_template_that_does_not_load_is_a_render_error(
+    tmp_path: Path, template: str, error: str, kind: str
+) -> None:
+    # Looked for as kind/COMMAND.j2 outside the render's own catch: the callback was answered
+    # 500 and not stored, and a delivery process's lane failed with the delivery in flight.
+    (tmp_path / kind).mkdir()
+    (tmp_path / kind / "Live.CallbackAfterChangeOwner.j2").write_text(template)
+    with pytest.raises(RenderError) as caught:
+        renderer(tmp_path).render(kind, parse_event(SEED), SEED, CTX)
+    assert f"{kind}/Live.CallbackAfterChangeOwner.j2: {error}" in str(caught.value)
+
+
 def test_missing_template_is_a_render_error(tmp_path: Path) -> None:
     with pytest.raises(RenderError, match=r"absent\.j2 not found"):
         renderer(tmp_path).render("slack", parse_event(SEED), SEED, CTX, "absent.j2")
