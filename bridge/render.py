@@ -71,19 +71,18 @@ class Renderer:
         name = self._names.get(key)
         if name is None:
             name = f"{kind}/{command}.j2"
-            try:
-                if not COMMAND_NAME.match(command):
-                    raise jinja2.TemplateNotFound(name)
-                self._envs[kind].get_template(name)
-            except jinja2.TemplateNotFound:
-                name = f"{kind}/default.j2"
-            except Exception:  # noqa: BLE001
-                # It exists; rendering reports why it does not load, and where: a syntax error
-                # (or bad bytes) and its line, a file it cannot read, nesting too deep for
-                # Python. Raised here, outside the render's own catch, any but the first
-                # answered the callback 500 and stored nothing, and failed a delivery
-                # process's lane.
-                pass
+            # It exists if it loads, or fails to load for any reason but its absence:
+            # rendering then reports why, and where (a syntax error or bad bytes and its line,
+            # a file it cannot read, nesting too deep for Python). Raised here, outside the
+            # render's own catch, any but the first answered the callback 500 and stored
+            # nothing, and failed a delivery process's lane.
+            with contextlib.suppress(Exception):
+                try:
+                    if not COMMAND_NAME.match(command):
+                        raise jinja2.TemplateNotFound(name)
+                    self._envs[kind].get_template(name)
+                except jinja2.TemplateNotFound:
+                    name = f"{kind}/default.j2"
             # Commands come from callers: the cache is bounded in entries and in their size (a
             # command may be as long as a body: 10,000 of 60 KB would hold 600 MB).
             if len(self._names) < 10_000 and len(command) <= CACHED_COMMAND_CHARS:
