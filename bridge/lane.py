@@ -190,11 +190,18 @@ class Lanes(Attempts, abc.ABC):
                 free.append(name)
         return free
 
-    def _answered(self, policy: ChannelPolicy, pacer: Pacer, outcome: Outcome) -> None:
+    async def _answered(self, policy: ChannelPolicy, pacer: Pacer, outcome: Outcome) -> None:
         """The far end answered a send (a message or a digest) the pacer let through."""
         pacer.done()
         if outcome.rate_limited or outcome.local:
             self._pause(policy, pacer, outcome)
+            # Saved now for every channel paced with it: left in memory until the lanes leave
+            # the channel (another lane of its Slack channel may wait on a slow answer for
+            # seconds), the block was lost to a kill -9, and the next process sent into it.
+            until = pacer.pace().blocked_until
+            with contextlib.suppress(StoreUnavailable):  # held here still; a restart loses it
+                for name in self._paced_with.get(policy.name, (policy.name,)):
+                    await self._store.block_channel(name, until)
         else:
             pacer.unasked = 0  # the 429s without a Retry-After in a row end
 
@@ -274,7 +281,7 @@ class Lanes(Attempts, abc.ABC):
                     # channel: the rest of its claim, up to 200 rows, must not follow.
                     if may_send() and await pacer.wait() and may_send():
                         outcome = await self._attempt(policy, composer, row)
-                        self._answered(policy, pacer, outcome)  # before the slot is free
+                        await self._answered(policy, pacer, outcome)  # before the slot is free
                 if failed and outcome is None:
                     unsent.extend(sequence[index:])
                     return
@@ -347,7 +354,7 @@ class Lanes(Attempts, abc.ABC):
                 await self._give_back(rest, time.time(), "digest not sent yet")
                 return
             outcome = await self._send(policy, payload, carried[0], None)
-            self._answered(policy, pacer, outcome)
+            await self._answered(policy, pacer, outcome)
             await asyncio.gather(*(self._settle(row, outcome) for row in carried))
             if outcome.result is Result.RETRY:
                 rest = [row for _, later in digests[index + 1 :] for row in later]

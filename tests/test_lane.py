@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import re
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -31,6 +32,7 @@ from bridge.policy import ChannelPolicy
 from bridge.store import Claimed, NewDelivery, NewEvent, StoreUnavailable
 from bridge.store.postgres import PostgresStore
 from bridge.store.sqlite import SQLiteStore
+from bridge.worker import Worker
 from tests.pg_proxy import PgProxy
 from tests.slack_standin import SlackStandIn
 from tests.store_rows import opener, sqlite_opener
@@ -643,3 +645,43 @@ async def test_a_delivery_process_whose_server_is_gone_starts_no_send(
             await eventually(lambda: states(store.path) == ["delivered"] * 3)
     assert len(sender.payloads) == (0 if server_gone else 3)
     assert states(store.path) == (["pending"] * 3 if server_gone else ["delivered"] * 3)
+
+
+class SlowThenLimited:
+    """Room "slow"'s send waits for `go`; any other is answered 429 with Retry-After 60."""
+
+    def __init__(self) -> None:
+        self.go = asyncio.Event()
+        self.limited = 0
+
+    async def send(self, payload: str, message_key: str, thread: object = None) -> Outcome:
+        if "slow" in payload:
+            await self.go.wait()
+            return Outcome(Result.DELIVERED)
+        self.limited += 1
+        return Outcome(Result.RETRY, "HTTP 429: ratelimited", 60.0, rate_limited=True)
+
+
+async def test_a_429_block_is_saved_at_once_though_a_send_still_holds_the_channel(
+    open_store: OpenStore, tmp_path: Path
+) -> None:
+    # Kept in memory until the lane left the channel, which a slow send still in flight held
+    # up: a kill -9 meanwhile lost the block, and the next process sent into it.
+    store = await open_store()
+    sender = SlowThenLimited()
+    composer = make_composer(tmp_path, {"bot": 'type = "console"'})
+    policy = ChannelPolicy("bot", sender, max_in_flight=2)
+    worker = Worker(store, {"bot": policy}, SETTINGS, composer, 3600)
+    await record_in(store, "bot", "slow", 1)
+    await record_in(store, "bot", "fast", 2)
+    async with running(worker):
+        await eventually(lambda: sender.limited == 1)
+        await asyncio.sleep(0.2)
+
+        def block_left() -> float:
+            with contextlib.closing(sqlite3.connect(tmp_path / "bridge.db")) as conn:
+                ((until,),) = conn.execute("SELECT blocked_until FROM channels").fetchall()
+            return float(until) - time.time()
+
+        assert 55 < block_left() <= 60  # the slow send still under way
+        sender.go.set()

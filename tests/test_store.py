@@ -291,6 +291,18 @@ async def test_a_channel_is_taken_in_turns(open_store: OpenStore) -> None:
     assert await b.take_channel("ch", now + 37, 30) == Pace(now + 36, 0)  # left: known again
 
 
+async def test_a_block_is_saved_at_once_and_outlives_its_holder(open_store: OpenStore) -> None:
+    # Saved only when the channel was left, a 429's block was lost to a holder killed first.
+    a, b = await open_store(), await open_store()
+    now = time.time()
+    await add(a, "1", channel="ch", now=now)
+    assert await a.take_channel("ch", now, 30) == Pace(0, 0)
+    await a.block_channel("ch", now + 60)
+    await b.block_channel("ch", now + 10)  # anyone's 429 blocks it; never shortened
+    # a is killed holding it: once its lease has run out, b takes it over, blocked.
+    assert await b.take_channel("ch", now + 31, 30) == Pace(UNKNOWN_TAT, now + 60)
+
+
 async def test_due_channels_and_exclusions(store: Store) -> None:
     now = time.time()
     await add(store, "1", channel="a", now=now)

@@ -214,6 +214,12 @@ class Store(Protocol):
         """Give up this instance's lease of `channel`, saving `pace` for the next holder."""
         ...
 
+    async def block_channel(self, channel: str, blocked_until: float) -> None:
+        """Nothing is sent to `channel` before `blocked_until` (a 429's Retry-After), saved at
+        once, whoever holds it: kept only until the channel was left, the block was lost to a
+        process killed meanwhile, and the next one sent into it."""
+        ...
+
     async def claim(
         self, channel: str, now: float, limit: int, lease_s: float, leases_at: float | None = None
     ) -> list[Claimed]:

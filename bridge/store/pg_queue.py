@@ -39,6 +39,12 @@ class PostgresQueue(PostgresPool):
             (pace.tat, pace.blocked_until, channel, self.owner),
         )
 
+    async def block_channel(self, channel: str, blocked_until: float) -> None:
+        await self._execute(
+            "UPDATE channels SET blocked_until = GREATEST(blocked_until, %s) WHERE channel = %s",
+            (blocked_until, channel),
+        )
+
     async def claim(
         self, channel: str, now: float, limit: int, lease_s: float, leases_at: float | None = None
     ) -> list[Claimed]:
