@@ -12,6 +12,7 @@ import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 from bridge.channels import Sender
 from bridge.compose import DIGEST_ENTRIES
@@ -94,9 +95,30 @@ def slack_destination(channel: SlackChannel) -> str:
     API, or the incoming webhook's URL, hashed (it is a secret), whose channel Slack alone knows.
     Never logged all the same."""
     if channel.webhook_url is not None:
-        url = channel.webhook_url.get_secret_value().encode()
+        url = same_url(channel.webhook_url.get_secret_value()).encode()
         return "slack webhook " + hashlib.sha256(url).hexdigest()
-    return f"slack {channel.api_url} {channel.channel}"
+    return f"slack {same_url(channel.api_url)} {channel.channel}"
+
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def same_url(url: str) -> str:
+    """`url` as every spelling of it is written: the scheme and host in lower case, without a
+    trailing dot or the scheme's own port. Compared as written, `HTTPS://Hooks.slack.com/…`
+    and `https://hooks.slack.com:443/…` were two Slack channels, each paced to Slack's whole
+    limit: twice that reached the one channel."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").rstrip(".")
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 address
+    try:
+        port = parts.port
+    except ValueError:  # the config refuses such a URL; whatever it is, as written
+        return url
+    if port is not None and port != DEFAULT_PORTS.get(parts.scheme.lower()):
+        host += f":{port}"
+    return urlunsplit((parts.scheme.lower(), host, parts.path, parts.query, parts.fragment))
 
 
 def build_policies(config: Config, senders: Mapping[str, Sender]) -> dict[str, ChannelPolicy]:
