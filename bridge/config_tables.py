@@ -61,6 +61,22 @@ def check_http_url(url: str) -> None:
         raise ValueError("must be an http:// or https:// URL with a host")
     if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
         raise ValueError("cannot hold spaces or control characters")
+    if not host_can_be_looked_up(parts.hostname):
+        raise ValueError(f"is not a URL that can be sent to ({HOST_PROBLEM})")
+
+
+HOST_PROBLEM = "its host name has an empty label, as in a..b, or one over 63 characters"
+
+
+def host_can_be_looked_up(host: str) -> bool:
+    """Whether `host` is a name (or address) a lookup can take: accepted, `a..b` or a label over
+    63 characters failed every send with a traceback ("encoding with 'idna' codec failed"),
+    and stopped the commands that send or connect."""
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return False
+    return True
 
 
 # RFC 9110's token: what a header's name may be made of.
@@ -78,6 +94,13 @@ class ServerConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     callback_path: str = Field("/tencent/callback", pattern=r"^/")
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        if not host_can_be_looked_up(value):
+            raise ValueError(HOST_PROBLEM)
+        return value
 
     @field_validator("callback_path")
     @classmethod
@@ -222,6 +245,12 @@ class StoreConfig(Strict):
             ("postgresql://", "postgres://")
         ):
             raise ValueError("must be a PostgreSQL URL: postgresql://user:password@host/db")
+        hosts: list[str] = []
+        if value is not None:
+            with contextlib.suppress(ValueError):  # psycopg says what else it cannot read
+                hosts = (urlsplit(value.get_secret_value()).hostname or "").split(",")
+        if not all(map(host_can_be_looked_up, hosts)):
+            raise ValueError(HOST_PROBLEM)
         return value
 
     @model_validator(mode="after")

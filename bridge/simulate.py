@@ -80,7 +80,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"POST {url} ({one_line(command)}, SdkAppid {app_id}{signed})", file=sys.stderr)
     try:
         status, reply = post(url, query, body)
-    except (OSError, http.client.HTTPException) as exc:
+    # UnicodeError: a host name outside ASCII, which urllib does not encode (a traceback).
+    except (OSError, http.client.HTTPException, UnicodeError) as exc:
         print(f"live-bridge: cannot reach the bridge at {url}: {_reason(exc)}", file=sys.stderr)
         return 1
     print(f"HTTP {status}")

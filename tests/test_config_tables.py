@@ -140,6 +140,9 @@ def test_secrets_never_in_error_messages(tmp_path: Path, monkeypatch: pytest.Mon
         "http://user:pa[SEKRET]ss@example.com/hook",  # urlsplit quoted the bracketed part
         "http://[SEKRET]/hook",
         "http://example.com:SEKRET/hook",
+        # Names no lookup takes: every send failed with a traceback, and send-test stopped.
+        "https://hooks..example.com/services/SEKRET",
+        "https://" + "h" * 64 + ".example.com/SEKRET",
     ],
 )
 @pytest.mark.parametrize("key", ["url", "webhook_url"])
@@ -152,6 +155,26 @@ def test_a_url_that_cannot_be_read_is_refused_without_quoting_it(
         load_config(write(tmp_path, text))
     assert f"[channels.x] {key}: is not a URL that can be sent to" in str(caught.value)
     assert "SEKRET" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "value"),
+    [
+        ("server", "host", "a..b"),
+        ("store", "url", "postgresql://u:SEKRET@db..internal/x"),
+        ("store", "url", "postgresql://u:SEKRET@db.internal,other..internal/x"),
+    ],
+)
+def test_a_host_no_lookup_takes_is_refused(
+    tmp_path: Path, table: str, key: str, value: str
+) -> None:
+    # serve ended in a traceback (UnicodeError: encoding with 'idna' codec failed), and so did
+    # the outbox commands for a PostgreSQL URL.
+    text = MINIMAL + f"[{table}]\n{key} = '{value}'\n"
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    assert f"[{table}] {key}: " in str(caught.value), str(caught.value)
+    assert "empty label" in str(caught.value) and "SEKRET" not in str(caught.value)
 
 
 @pytest.mark.parametrize("char", ["\\u007f", "\\u0085", "\\u001f", " ", "\\t"])

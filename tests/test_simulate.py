@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+import pytest
+
 from bridge.config import load_config
 from bridge.simulate import default_url
 from tests.bridge_server import APP_ID, OK_PACKET, OWNER, InThread, free_port, write_config
@@ -143,11 +145,20 @@ def test_default_url_comes_from_the_config(tmp_path: Path) -> None:
         assert len(stored(running)) == 1
 
 
-def test_bridge_not_running(tmp_path: Path) -> None:
-    url = f"http://127.0.0.1:{free_port()}/tencent/callback"
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.0.0.1:{port}",
+        "\u00e9x\u0301:{port}",
+    ],  # the second: a traceback, urllib cannot encode it
+    ids=["nothing listening", "a host name outside ASCII"],
+)
+def test_bridge_not_running(tmp_path: Path, host: str) -> None:
+    url = f"http://{host.format(port=free_port())}/tencent/callback"
     result = run("simulate", "--config", str(write_config(tmp_path)), "--url", url)
     assert result.returncode == 1
     assert f"live-bridge: cannot reach the bridge at {url}: " in result.stderr
+    assert "Traceback" not in result.stderr
     assert "Traceback" not in result.stderr
     assert result.stdout == ""
 
