@@ -1,11 +1,15 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from bridge.config_tables import TemplatesConfig
 from bridge.events import parse_event
+from bridge.jinja_env import environments
 from bridge.render import Context, Renderer
 
 CTX = Context(sdk_app_id=1400000000, received_at=1703589923.5, query={"clientip": "1.2.3.4"})
@@ -78,3 +82,18 @@ def test_a_macro_or_set_block_is_escaped_once_as_it_was_written(tmp_path: Path) 
     webhook = json.loads(render(tmp_path, "webhook", MACROS, fields))
     assert webhook["text"] == f"*Room*\n{fields['RoomId']}"
     assert webhook["called"] == f"[{fields['RoomId']}]"
+
+
+def test_a_templates_output_is_refused_before_it_is_held_whole(tmp_path: Path) -> None:
+    # Measured once joined, 250 pieces of 4 MB each held 2 GB before the refusal (10,000, which
+    # range() allows, would have held 40 GB).
+    source = '{% for i in range(250) %}{{ "x" * 4000000 }}{% endfor %}'
+    env = environments(tmp_path)["console"]
+    tracemalloc.start()
+    try:
+        with pytest.raises(OverflowError, match="over 16777216 characters"):
+            env.from_string(source).render()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 100 * 2**20, peak
