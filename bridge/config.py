@@ -174,10 +174,9 @@ def load_config(path: str | Path) -> Config:
                 "%s: [channels.%s] signing_secret: a key under %d bytes, which Standard Webhooks"
                 " asks for (easier to guess)", path, name, WHSEC_BYTES,
             )  # fmt: skip
-    if "dir" in config.templates.model_fields_set and not _is(templates, stat.S_ISDIR):
+    if "dir" in config.templates.model_fields_set and (problem := _folder_problem(templates)):
         log.warning(
-            "%s: [templates] dir: %s; only the shipped templates serve",
-            path, _not_a_folder(templates),
+            "%s: [templates] dir: %s; only the shipped templates serve", path, problem
         )  # fmt: skip
     loaded = Config.model_construct(
         **{
@@ -200,16 +199,21 @@ def _is(path: Path, kind: Callable[[int], bool]) -> bool:
         return False
 
 
-def _not_a_folder(path: Path) -> str:
-    """Why the templates folder the config names cannot be one. Its name is not repeated: it may
-    have come from ${VAR}, and the operator has it in front of them."""
+def _folder_problem(path: Path) -> str | None:
+    """Why the templates folder the config names cannot serve, or None. Its name is not
+    repeated: it may have come from ${VAR}, and the operator has it in front of them."""
     try:
-        path.stat()
+        found = path.stat()
     except FileNotFoundError:
         return "no such folder (a relative one is taken from the config file's folder)"
     except OSError as exc:
         return f"cannot be read: {exc.strerror or exc}"
-    return "not a folder"
+    if not stat.S_ISDIR(found.st_mode):
+        return "not a folder"
+    if not os.access(path, os.R_OK | os.X_OK):
+        # Jinja's loader takes every file in it for absent: each override unused, unsaid.
+        return "cannot be read: Permission denied"
+    return None
 
 
 def _not_a_file(path: Path) -> str:

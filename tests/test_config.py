@@ -133,6 +133,21 @@ def test_a_templates_folder_the_config_names_is_said_to_be_missing(
     assert caplog.records == []
 
 
+def test_a_templates_folder_this_user_cannot_read_is_said_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Jinja's loader took every file in it for absent: each override unused, without a word.
+    # (As root every folder can be read: the permission is what os.access answers.)
+    (tmp_path / "my-templates").mkdir()
+    path = write(tmp_path, MINIMAL + '[templates]\ndir = "my-templates"\n')
+    monkeypatch.setattr("bridge.config.os.access", lambda p, mode: Path(p).name != "my-templates")
+    load_config(path)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: [templates] dir: cannot be read: Permission denied; only the shipped templates"
+        " serve"
+    ]
+
+
 def test_names_too_long_for_the_file_system_are_config_errors(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
