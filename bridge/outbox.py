@@ -23,6 +23,7 @@ import time
 import unicodedata
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from bridge.config import Config, load_for_command
@@ -79,11 +80,10 @@ def main(args: argparse.Namespace) -> int:
         if args.channel is not None and not args.dead:
             args.usage_error("--channel goes with --dead")
     path, config = load_for_command(args.config)
-    if config.store.url is None and not config.store.path.exists():
+    if config.store.url is None and (problem := _no_database(config.store.path)):
         # Opening would create an empty database, and a wrong store.path would look all clear.
         print(
-            f"live-bridge: {config.store.path}: no such database (store.path in {path})",
-            file=sys.stderr,
+            f"live-bridge: {config.store.path}: {problem} (store.path in {path})", file=sys.stderr
         )
         return 1
     channel = getattr(args, "channel", None)
@@ -299,3 +299,15 @@ def _print_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
 
 def _print_json(value: object) -> None:
     print(json.dumps(value, indent=2))
+
+
+def _no_database(path: Path) -> str | None:
+    """Why no database can be at `path`, or None. A name too long for the system raised
+    (a traceback) rather than answer that no such file is there."""
+    try:
+        path.stat()
+    except FileNotFoundError:
+        return "no such database"
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror or exc}"
+    return None

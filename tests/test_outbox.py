@@ -360,6 +360,23 @@ def test_a_write_behind_a_stopped_writer_fails_after_10_s_and_says_why(tmp_path:
     assert (dropped.returncode, json.loads(dropped.stdout)) == (0, {"dropped": 1})
 
 
+@pytest.mark.parametrize(
+    ("name", "said"),
+    [("x" * 300 + ".db", "cannot be read: File name too long"), ("a-folder", "a folder")],
+)
+def test_a_store_path_that_cannot_be_a_database_is_said_so(
+    tmp_path: Path, name: str, said: str
+) -> None:
+    # A name over 255 bytes ended outbox in a traceback; a folder was "a hard link".
+    (tmp_path / "a-folder").mkdir()
+    config = write_config(tmp_path)
+    config.write_text(CONFIG.replace('path = "bridge.db"', f'path = "{name}"'))
+    assert name in config.read_text()
+    result = run("stats", "--config", str(config))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert said in result.stderr
+
+
 def test_missing_database_exits_1_and_creates_nothing(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     result = run("stats", "--config", str(config))

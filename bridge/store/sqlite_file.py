@@ -178,6 +178,8 @@ class SQLiteFile:
 
     async def open(self) -> None:
         try:
+            if self.path.is_dir():  # SQLite said "unable to open", the lock "a hard link"
+                raise OSError("a folder, not a database file")
             if not self._create:
                 _served_before(self.path)
             self.path.parent.mkdir(parents=True, exist_ok=True)
