@@ -70,6 +70,30 @@ async def test_claim_passes_over_a_locked_delivery(
     assert [c.payload for c in await store.claim("a", now, 10, 30)] == ["p1"]
 
 
+async def test_outcomes_waiting_on_locked_rows_leave_connections_for_callbacks(
+    open_store: OpenStore, postgres_url: str
+) -> None:
+    # Each outcome write waited on its row, and on its connection, for as long as another
+    # session held the rows: the pool full of them, every callback waited its 1.5 s for a
+    # connection and was answered 503.
+    store = await open_store()  # 8 connections, as configured by default
+    now = time.time()
+    for n in range(8):
+        await store.record(new_event(f"k{n}", f"r{n}"), [NewDelivery("a", f"p{n}")], now, 0)
+    claimed = await store.claim("a", now, 10, 30)
+    assert len(claimed) == 8
+    with psycopg.connect(postgres_url) as conn:  # an operator's transaction, left open
+        conn.execute("SELECT id FROM deliveries WHERE state = 'in_flight' FOR UPDATE")
+        marks = [asyncio.create_task(store.mark_delivered(c.id, now)) for c in claimed]
+        await asyncio.sleep(0.5)  # each waiting on its row
+        callback = store.record(new_event("late", "r9"), [NewDelivery("a", "p9")], now, 0)
+        assert not (await asyncio.wait_for(callback, 1.5)).duplicate
+        await store.ping()  # /readyz
+        assert not any(m.done() for m in marks)
+        conn.rollback()
+    assert await asyncio.gather(*marks) == [True] * 8
+
+
 async def test_a_claim_another_session_is_making_is_not_waited_for(
     open_store: OpenStore, postgres_url: str
 ) -> None:

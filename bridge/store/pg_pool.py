@@ -70,6 +70,9 @@ class PostgresPool:
         self._max_size = max_size
         self._timeout_s = timeout_s
         self._late: set[asyncio.Future[Recorded]] = set()  # writes that outlived their callback
+        # Outcome writes waiting on a delivery's row another session holds locked take at most
+        # half the pool (_execute_held); the rest stays for callbacks.
+        self._held_writes = asyncio.Semaphore(max(1, max_size // 2))
         self._pool: AsyncConnectionPool[AsyncConnection[tuple[Any, ...]]] | None = None
         self.commits = 0  # transactions committed
 
@@ -154,6 +157,14 @@ class PostgresPool:
     async def _execute(self, sql: str, params: Params | None = None) -> int:
         async with self._connection() as conn:
             return (await conn.execute(sql, params)).rowcount
+
+    async def _execute_held(self, sql: str, params: Params) -> int:
+        """An outcome's write to a row this instance holds. Another session may hold the row
+        locked (an operator's `SELECT … FOR UPDATE`, a long transaction): the write waits for
+        it, and so does its connection. With the worker's writes in every connection, each
+        callback waited its 1.5 s for one and was answered 503, as was /readyz."""
+        async with self._held_writes:
+            return await self._execute(sql, params)
 
     async def _fetch(self, sql: str, params: Params | None = None) -> list[tuple[Any, ...]]:
         async with self._connection() as conn:

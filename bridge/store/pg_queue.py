@@ -74,7 +74,7 @@ class PostgresQueue(PostgresPool):
     # Outcomes apply to a delivery this instance claimed and still holds, as in SQLiteStore.
     async def mark_delivered(self, delivery_id: int, now: float) -> bool:
         return bool(
-            await self._execute(
+            await self._execute_held(
                 "UPDATE deliveries SET state = 'delivered', delivered_at = %s, updated_at = %s,"
                 " lease_until = NULL, owner = NULL"
                 " WHERE id = %s AND owner = %s AND state IN ('in_flight', 'dead')",
@@ -86,7 +86,7 @@ class PostgresQueue(PostgresPool):
         self, delivery_id: int, now: float, next_attempt_at: float, error: str, count: bool
     ) -> bool:
         return bool(
-            await self._execute(
+            await self._execute_held(
                 "UPDATE deliveries SET state = 'pending', next_attempt_at = %s, last_error = %s,"
                 " attempts = attempts - %s, lease_until = NULL, updated_at = %s, owner = NULL"
                 " WHERE id = %s AND owner = %s AND state = 'in_flight'",
@@ -96,7 +96,7 @@ class PostgresQueue(PostgresPool):
 
     async def mark_dead(self, delivery_id: int, now: float, error: str) -> bool:
         return bool(
-            await self._execute(
+            await self._execute_held(
                 "UPDATE deliveries SET state = 'dead', last_error = %s, lease_until = NULL,"
                 " updated_at = %s, owner = NULL"
                 " WHERE id = %s AND owner = %s AND state = 'in_flight'",
@@ -106,7 +106,7 @@ class PostgresQueue(PostgresPool):
 
     async def release(self, ids: Sequence[int], now: float, next_attempt_at: float) -> None:
         if ids:
-            await self._execute(
+            await self._execute_held(
                 "UPDATE deliveries SET state = 'pending', attempts = attempts - 1,"
                 " next_attempt_at = %s, lease_until = NULL, updated_at = %s, owner = NULL"
                 " WHERE id = ANY(%s::bigint[]) AND owner = %s AND state = 'in_flight'",
