@@ -35,7 +35,7 @@ from bridge.config import Config, ConfigError, load_config
 from bridge.metrics import delivery_latency
 from bridge.policy import ChannelPolicy, build_policies
 from bridge.render import Renderer
-from bridge.store import StoreUnavailable
+from bridge.store import STORE_STOP_S, StoreUnavailable
 from bridge.store.engines import make_store
 from bridge.worker import Worker
 
@@ -210,16 +210,25 @@ class Child:
         if self._reload_again is not None:
             self._reload_again.cancel()
         await self.worker.stop(grace)
-        for task in (work, report, parent, stopped):
+        for task in (report, parent, stopped):
             task.cancel()
-        await asyncio.gather(work, report, parent, stopped, return_exceptions=True)
+        await asyncio.gather(report, parent, stopped, return_exceptions=True)
+        # The rest may wait on a store that does not answer (as the server's stop): bounded,
+        # and left as after a crash.
+        closing = asyncio.ensure_future(self._close_store(work))
+        if not (await asyncio.wait({closing}, timeout=STORE_STOP_S))[0]:
+            log.warning("the store did not close within %gs: left as after a crash", STORE_STOP_S)
         with contextlib.suppress(BrokenPipeError):
             self.report.flush(self.worker)
             self.report.close()
         await self._session.close()
-        await self.store.close()
         if work in done:
             work.result()  # the worker failed: its traceback, exit status 1, and a restart
+
+    async def _close_store(self, work: asyncio.Task[None]) -> None:
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        await self.store.close()
 
     async def _wake_ups(self) -> None:
         loop = asyncio.get_running_loop()

@@ -7,11 +7,14 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from standardwebhooks.webhooks import Webhook
 
+from bridge.store import STORE_STOP_S
 from tests.bridge_server import (
+    DELIVERY,
     OK_PACKET,
     SEED_BODY,
     SINK_ROUTE,
@@ -26,6 +29,7 @@ from tests.bridge_server import (
     wait_until,
     write_config,
 )
+from tests.pg_proxy import PgProxy
 from tests.slack_standin import SlackStandIn
 
 TOKEN = "xoxb-test-token"
@@ -315,3 +319,27 @@ def test_readyz_asked_at_once_pings_the_store_once(tmp_path: Path) -> None:
             answers = list(pool.map(lambda _: get(running.url + "/readyz"), range(20)))
     assert answers == [(200, {"status": "ready"})] * 20
     assert len(pings) <= 3, f"{len(pings)} pings for 20 probes at once"
+
+
+@pytest.mark.parametrize("own_process", [False, True], ids=["one process", "delivery process"])
+def test_a_stop_waits_for_a_database_that_hangs_only_so_long(
+    tmp_path: Path, postgres_url: str, own_process: bool
+) -> None:
+    # The worker's last outcomes, the withdrawal of the replica's channels and closing the pool
+    # each waited on connections that no longer answered: 20 to 30 s past the grace period.
+    server = urlsplit(postgres_url)
+    with PgProxy(server.hostname or "127.0.0.1", server.port or 5432) as proxy:
+        proxied = server._replace(netloc=f"postgres@127.0.0.1:{proxy.port}").geturl()
+        delivery = DELIVERY + "shutdown_grace_s = 1\n" + ("own_process = true\n" * own_process)
+        port = free_port()
+        config = write_config(tmp_path, port, store=f'url = "{proxied}"\n', delivery=delivery)
+        with Subprocess(config, port, tmp_path / "bridge.log") as bridge:
+            assert post_callback(bridge.url) == (200, OK_PACKET)
+            proxy.freeze()
+            assert bridge.process is not None
+            stopping = time.monotonic()
+            bridge.process.terminate()
+            bridge.process.wait(timeout=40)
+            took = time.monotonic() - stopping
+    assert took < 1 + STORE_STOP_S + 2.5, took  # the grace, the store's last work, a margin
+    assert "live-bridge stopped" in (tmp_path / "bridge.log").read_text()

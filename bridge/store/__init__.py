@@ -35,6 +35,11 @@ from typing import Any, Protocol
 CLOCK_STEP_S = 60.0
 
 
+# After the grace period, the most a stop waits for the store's last work (the worker's last
+# outcomes, the withdrawal, closing): past it, the process ends as after a crash.
+STORE_STOP_S = 2.0
+
+
 class StoreUnavailable(Exception):
     """The store could not commit; the caller must not acknowledge."""
 
