@@ -202,12 +202,13 @@ class Bridge(Reloads):
                 await self.delivery.stop(grace)
             if self.worker is not None:
                 await self.worker.stop(grace)
-            # What is left touches the store alone, which may not answer (a database that
-            # hangs, a table locked): it held the stop 20 to 30 s past the grace. Left undone,
-            # it is as after a crash: what was in flight is sent again at the next start, and
-            # this replica's announcement runs out.
+            # What is left touches the store alone. PostgreSQL's may not answer (a database
+            # that hangs, a table locked): it held the stop 20 to 30 s past the grace. Left
+            # undone, it is as after a crash: what was in flight is sent again at the next
+            # start, and this replica's announcement runs out. (SQLite's is a file: closed.)
             closing = asyncio.ensure_future(self._close_store(task, announcing))
-            if not (await asyncio.wait({closing}, timeout=STORE_STOP_S))[0]:
+            bound = STORE_STOP_S if shared else None
+            if not (await asyncio.wait({closing}, timeout=bound))[0]:
                 log.warning("the store did not close within %gs: left as after a crash",
                             STORE_STOP_S)  # fmt: skip
             if self._session is not None:

@@ -213,10 +213,11 @@ class Child:
         for task in (report, parent, stopped):
             task.cancel()
         await asyncio.gather(report, parent, stopped, return_exceptions=True)
-        # The rest may wait on a store that does not answer (as the server's stop): bounded,
-        # and left as after a crash.
+        # The rest may wait on a PostgreSQL that does not answer (as the server's stop):
+        # bounded, and left as after a crash.
         closing = asyncio.ensure_future(self._close_store(work))
-        if not (await asyncio.wait({closing}, timeout=STORE_STOP_S))[0]:
+        bound = STORE_STOP_S if self.config.store.url is not None else None
+        if not (await asyncio.wait({closing}, timeout=bound))[0]:
             log.warning("the store did not close within %gs: left as after a crash", STORE_STOP_S)
         with contextlib.suppress(BrokenPipeError):
             self.report.flush(self.worker)
