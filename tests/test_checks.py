@@ -176,6 +176,12 @@ def test_a_glob_reaches_default_j2_with_a_command_outside_the_table(
 ) -> None:
     routes = f'[[routes]]\nname = "live"\ncommands = {commands}\nchannels = ["console"]\n'
     path = write(tmp_path, routes, {"console/default.j2": "{{ roomid }}\n"})
+    assert_fails_only(path, failing, "default.j2, line 1: UndefinedError")
+
+
+def assert_fails_only(path: Path, failing: str | None, detail: str) -> None:
+    """The config at `path` has no problem but, when `failing` names a command, that one of
+    route "live"'s console channel, saying `detail`."""
     config = load_config(path)
     problems = [str(p) for p in check_templates(config, Renderer(config.templates))]
     # The console digest renders one line per event, default.j2 for an unknown command too.
@@ -183,9 +189,9 @@ def test_a_glob_reaches_default_j2_with_a_command_outside_the_table(
     if failing is None:
         assert problems == []
     else:
-        assert len(problems) == 1
+        assert len(problems) == 1, problems
         assert problems[0].startswith(f"route 'live', channel 'console', {failing}")
-        assert "default.j2, line 1: UndefinedError" in problems[0]
+        assert detail in problems[0]
 
 
 @pytest.mark.parametrize(
@@ -205,15 +211,7 @@ def test_a_template_named_after_a_command_outside_the_table_is_tried(
     chosen = "" if commands is None else f"commands = {commands}\n"
     routes = f'[[routes]]\nname = "live"\n{chosen}channels = ["console"]\n'
     path = write(tmp_path, routes, {"console/Live.CallbackAfterNewThing.j2": deep})
-    config = load_config(path)
-    problems = [str(p) for p in check_templates(config, Renderer(config.templates))]
-    problems = [p for p in problems if "digest" not in p]
-    if failing is None:
-        assert problems == []
-    else:
-        assert len(problems) == 1, problems
-        assert problems[0].startswith(f"route 'live', channel 'console', {failing}")
-        assert "console/Live.CallbackAfterNewThing.j2: RecursionError" in problems[0]
+    assert_fails_only(path, failing, "console/Live.CallbackAfterNewThing.j2: RecursionError")
 
 
 def test_a_typo_in_default_j2_behind_a_character_class_fails_start_up(tmp_path: Path) -> None:
