@@ -2,7 +2,8 @@
 
 `load_config(path)` returns a validated `Config` or raises `ConfigError`, whose message names the
 file, the table and the key at fault and never contains a configured value. The tables and their
-own rules are in config_tables.py; `Config`, the root, checks what spans them.
+own rules are in config_tables.py, the channel types' in config_channels.py; `Config`, the
+root, checks what spans them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import ClassVar
 from pydantic import Field, PrivateAttr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from bridge.config_channels import WHSEC_BYTES, Channel, WebhookChannel
 from bridge.config_sources import (
     ENV_PREFIX,
     Environment,
@@ -29,16 +31,13 @@ from bridge.config_sources import (
     describe,
 )
 from bridge.config_tables import (
-    WHSEC_BYTES,
     AdminConfig,
-    Channel,
     DeliveryConfig,
     Route,
     ServerConfig,
     StoreConfig,
     TemplatesConfig,
     TencentConfig,
-    WebhookChannel,
 )
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 from bridge.channels import Sender
 from bridge.compose import DIGEST_ENTRIES
 from bridge.config import Config
-from bridge.config_tables import Channel, ConsoleChannel, SlackChannel
+from bridge.config_channels import Channel, ConsoleChannel, SlackChannel
 
 PER_SEND = 4  # deliveries a lane claims per message it may have in flight
 DIGEST_CLAIM = 200  # deliveries a digesting lane claims at once

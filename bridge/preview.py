@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.config import CONFIG_HELP, Config, ConfigError, config_path, load_config
-from bridge.config_tables import Channel
+from bridge.config_channels import Channel
 from bridge.events import OWNER_CHANGED, BadEvent, decode_body, parse_event
 from bridge.logs import each_line, one_line
 from bridge.render import Context, Renderer, RenderError

@@ -20,7 +20,7 @@ from typing import Any
 
 from bridge.channels import Outcome, Result
 from bridge.config import CONFIG_HELP, Config
-from bridge.config_tables import Channel, SlackChannel
+from bridge.config_channels import Channel, SlackChannel
 from bridge.events import OWNER_CHANGED
 from bridge.preview import Unusable, channel_named, load, render_for
 from bridge.samples import sample

@@ -21,7 +21,8 @@ from bridge.blockkit import (
 from bridge.channels import Result
 from bridge.channels.http import sender_session
 from bridge.channels.slack import SlackSender
-from bridge.config_tables import SlackChannel, TemplatesConfig
+from bridge.config_channels import SlackChannel
+from bridge.config_tables import TemplatesConfig
 from bridge.events import parse_event
 from bridge.render import Context, Renderer
 from bridge.samples import sample

@@ -16,7 +16,7 @@ from pydantic import SecretStr
 
 from bridge.channels import Outcome, Result, Thread, permanent, retry
 from bridge.channels.slack import SlackSender
-from bridge.config_tables import SlackChannel
+from bridge.config_channels import SlackChannel
 from tests.farend import ANSWERS, OK_JSON, far_end, fixed, self_signed
 from tests.slack_standin import SlackStandIn
 

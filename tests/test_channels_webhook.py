@@ -15,7 +15,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from bridge.channels import DELIVERED, Outcome, Result
 from bridge.channels.webhook import WebhookSender, message_id
-from bridge.config_tables import WebhookChannel
+from bridge.config_channels import WebhookChannel
 from bridge.store.sqlite import SQLiteStore
 from tests.bridge_server import signing_secret
 from tests.farend import ANSWERS, far_end, fixed, self_signed, with_status

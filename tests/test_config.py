@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from bridge.config import ConfigError, config_path, load_config
-from bridge.config_tables import SlackChannel, WebhookChannel
+from bridge.config_channels import SlackChannel, WebhookChannel
 
 ROOT = Path(__file__).parent.parent
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bridge.config import ConfigError, load_config
-from bridge.config_tables import WebhookChannel
+from bridge.config_channels import WebhookChannel
 from tests.test_config import MINIMAL, write
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import SecretStr
 
-from bridge.config_tables import SlackChannel
+from bridge.config_channels import SlackChannel
 from bridge.policy import same_url, slack_destination
 
 TOKEN = SecretStr("xoxb-test-token")

@@ -25,7 +25,8 @@ from bridge.channels.slack import SlackSender
 from bridge.channels.webhook import WebhookSender
 from bridge.compose import Composer
 from bridge.config import load_config
-from bridge.config_tables import DeliveryConfig, SlackChannel, WebhookChannel
+from bridge.config_channels import SlackChannel, WebhookChannel
+from bridge.config_tables import DeliveryConfig
 from bridge.metrics import Metrics
 from bridge.policy import ChannelPolicy
 from bridge.render import Renderer

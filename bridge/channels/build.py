@@ -12,7 +12,7 @@ from bridge.channels import Sender
 from bridge.channels.console import ConsoleSender
 from bridge.channels.webhook import WebhookSender
 from bridge.config import Config
-from bridge.config_tables import ConsoleChannel, SlackChannel
+from bridge.config_channels import ConsoleChannel, SlackChannel
 
 
 def build_senders(config: Config, session: aiohttp.ClientSession, store: str) -> dict[str, Sender]:

@@ -22,7 +22,7 @@ from bridge.channels.http import (
     parse_retry_after,
     transport_failure,
 )
-from bridge.config_tables import SlackChannel
+from bridge.config_channels import SlackChannel
 
 # Slack's error names that say a retry may go through: its own trouble, or a migration under way.
 # Every other name in Slack's JSON (chat.postMessage lists dozens: not_allowed_token_type,

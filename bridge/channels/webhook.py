@@ -17,7 +17,7 @@ from bridge.channels.http import (
     classify_status,
     transport_failure,
 )
-from bridge.config_tables import WebhookChannel
+from bridge.config_channels import WebhookChannel
 
 # Of an answer's body, at most this much is read: the status decides the outcome, and the body
 # is read only so that the connection can carry the next request. A longer one (a receiver that
