@@ -14,7 +14,7 @@ import string
 import zoneinfo
 from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -70,11 +70,14 @@ HOST_PROBLEM = "its host name has an empty label, as in a..b, or one over 63 cha
 def host_can_be_looked_up(host: str) -> bool:
     """Whether `host` is a name (or address) a lookup can take: accepted, `a..b` or a label over
     63 characters failed every send with a traceback ("encoding with 'idna' codec failed"),
-    and stopped the commands that send or connect."""
-    try:
-        host.encode("idna")
-    except UnicodeError:
-        return False
+    and stopped the commands that send or connect. Only those are refused: Python's codec
+    also refuses names IDNA 2008 allows, which aiohttp sends to (as `xn--` labels)."""
+    if ":" in host or unquote(host).startswith("/"):
+        return True  # an IPv6 address; a PostgreSQL URL's Unix socket folder, %2F-encoded
+    for label in host.removesuffix(".").split(".") if host else []:
+        size = len(label) if label.isascii() else len(label.encode("punycode")) + len("xn--")
+        if not 0 < size <= 63:
+            return False
     return True
 
 

@@ -146,6 +146,31 @@ def test_a_host_no_lookup_takes_is_refused(
     assert "empty label" in str(caught.value) and "SEKRET" not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("table", "key", "value"),
+    [
+        ("server", "host", "::1"),
+        ("server", "host", "localhost."),
+        # A Unix socket's folder, as libpq's documentation writes it: one long "label".
+        ("store", "url", "postgresql://u@%2Fvar%2Frun%2Fpostgresql-of-the-production-cluster/db"),
+        ("store", "url", "postgresql://u@h1:5432,[::1]:5433/db"),
+        ("store", "url", "postgresql:///db?host=/var/run/postgresql"),
+    ],
+)
+def test_a_host_a_lookup_or_libpq_takes_is_accepted(
+    tmp_path: Path, table: str, key: str, value: str
+) -> None:
+    load_config(write(tmp_path, MINIMAL + f"[{table}]\n{key} = '{value}'\n"))
+
+
+def test_a_name_idna_2008_allows_is_accepted_though_pythons_codec_refuses_it(
+    tmp_path: Path,
+) -> None:
+    # aiohttp sends to it as xn--1-ymcl5hc.example; Python's codec follows IDNA 2003.
+    url = "https://\u0645\u062b\u0627\u06441.example/x"
+    load_config(write(tmp_path, MINIMAL + f"[channels.x]\ntype = 'webhook'\nurl = '{url}'\n"))
+
+
 @pytest.mark.parametrize("char", ["\\u007f", "\\u0085", "\\u001f", " ", "\\t"])
 def test_a_url_with_a_space_or_control_character_is_refused(tmp_path: Path, char: str) -> None:
     # TOML's escapes: DEL and C0 controls cannot be written raw in a string.
