@@ -152,7 +152,11 @@ def test_a_host_no_lookup_takes_is_refused(
         ("server", "host", "::1"),
         ("server", "host", "localhost."),
         # A Unix socket's folder, as libpq's documentation writes it: one long "label".
-        ("store", "url", "postgresql://u@%2Fvar%2Frun%2Fpostgresql-of-the-production-cluster/db"),
+        (
+            "store",
+            "url",
+            "postgresql://u@%2Fvar%2Frun%2Fpostgresql-sockets-of-the-production-cluster-primary/db",
+        ),
         ("store", "url", "postgresql://u@h1:5432,[::1]:5433/db"),
         ("store", "url", "postgresql:///db?host=/var/run/postgresql"),
     ],
