@@ -200,24 +200,27 @@ class Bridge(Reloads):
             grace = self.config.delivery.shutdown_grace_s
             if self.delivery is not None:
                 await self.delivery.stop(grace)
-            if self.worker is not None:
-                await self.worker.stop(grace)
-            # What is left touches the store alone. PostgreSQL's may not answer (a database
-            # that hangs, a table locked): it held the stop 20 to 30 s past the grace. Left
-            # undone, it is as after a crash: what was in flight is sent again at the next
-            # start, and this replica's announcement runs out. (SQLite's is a file: closed.)
-            closing = asyncio.ensure_future(self._close_store(task, announcing))
-            bound = STORE_STOP_S if shared else None
+            # Past the grace, what is left touches the store alone: the sends' last outcomes,
+            # the withdrawal, closing. PostgreSQL's may not answer (a database that hangs, a
+            # table locked): it held the stop 20 to 40 s past the grace. Left undone, it is as
+            # after a crash: what was in flight is sent again at the next start, and this
+            # replica's announcement runs out. (SQLite's is a file: closed.)
+            closing = asyncio.ensure_future(self._close_store(grace, task, announcing))
+            sending = self.worker is not None  # else the delivery process, stopped above
+            bound = (grace if sending else 0.0) + STORE_STOP_S if shared else None
             if not (await asyncio.wait({closing}, timeout=bound))[0]:
-                log.warning("the store did not close within %gs: left as after a crash",
-                            STORE_STOP_S)  # fmt: skip
+                log.warning("the store did not close within %gs of the grace period: left as"
+                            " after a crash", STORE_STOP_S)  # fmt: skip
             if self._session is not None:
                 await self._session.close()
             log.info("live-bridge stopped")
 
     async def _close_store(
-        self, worker: asyncio.Task[None] | None, announcing: asyncio.Task[None] | None
-    ) -> None:
+        self, grace: float, worker: asyncio.Task[None] | None,
+        announcing: asyncio.Task[None] | None,
+    ) -> None:  # fmt: skip
+        if self.worker is not None:
+            await self.worker.stop(grace)
         for task in (worker, announcing):
             if task is not None:
                 task.cancel()

@@ -209,24 +209,32 @@ class Child:
         grace = self.config.delivery.shutdown_grace_s if stopped in done else 0.0
         if self._reload_again is not None:
             self._reload_again.cancel()
-        await self.worker.stop(grace)
+        # Past the grace, the rest may wait on a PostgreSQL that does not answer (as the
+        # server's stop): bounded, and left as after a crash.
+        closing = asyncio.ensure_future(self._close_store(grace, work))
+        bound = grace + STORE_STOP_S if self.config.store.url is not None else None
+        abandoned = not (await asyncio.wait({closing}, timeout=bound))[0]
+        if abandoned:
+            log.warning("the store did not close within %gs of the grace period: left as after"
+                        " a crash", STORE_STOP_S)  # fmt: skip
         for task in (report, parent, stopped):
             task.cancel()
         await asyncio.gather(report, parent, stopped, return_exceptions=True)
-        # The rest may wait on a PostgreSQL that does not answer (as the server's stop):
-        # bounded, and left as after a crash.
-        closing = asyncio.ensure_future(self._close_store(work))
-        bound = STORE_STOP_S if self.config.store.url is not None else None
-        if not (await asyncio.wait({closing}, timeout=bound))[0]:
-            log.warning("the store did not close within %gs: left as after a crash", STORE_STOP_S)
         with contextlib.suppress(BrokenPipeError):
             self.report.flush(self.worker)
             self.report.close()
         await self._session.close()
+        if abandoned:
+            # Now: asyncio.run would cancel the store's work and wait for it (psycopg waits
+            # 5 s for each cancellation), and the server killed the child first.
+            logs.flush()
+            os._exit(128 + self.stopped_by if self.stopped_by else 0)
         if work in done:
             work.result()  # the worker failed: its traceback, exit status 1, and a restart
 
-    async def _close_store(self, work: asyncio.Task[None]) -> None:
+    async def _close_store(self, grace: float, work: asyncio.Task[None]) -> None:
+        assert self.worker is not None
+        await self.worker.stop(grace)
         work.cancel()
         await asyncio.gather(work, return_exceptions=True)
         await self.store.close()

@@ -322,24 +322,34 @@ def test_readyz_asked_at_once_pings_the_store_once(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("own_process", [False, True], ids=["one process", "delivery process"])
+@pytest.mark.parametrize("in_flight", [False, True], ids=["idle", "sends in flight"])
 def test_a_stop_waits_for_a_database_that_hangs_only_so_long(
-    tmp_path: Path, postgres_url: str, own_process: bool
+    tmp_path: Path, postgres_url: str, slack: SlackStandIn, own_process: bool, in_flight: bool
 ) -> None:
     # The worker's last outcomes, the withdrawal of the replica's channels and closing the pool
-    # each waited on connections that no longer answered: 20 to 30 s past the grace period.
+    # each waited on connections that no longer answered: 20 to 30 s past the grace period,
+    # over 40 s with sends in flight at the stop (their outcomes, cut short at the grace).
     server = urlsplit(postgres_url)
+    slack.set_sink_delay("sink", 4.0)
     with PgProxy(server.hostname or "127.0.0.1", server.port or 5432) as proxy:
         proxied = server._replace(netloc=f"postgres@127.0.0.1:{proxy.port}").geturl()
         delivery = DELIVERY + "shutdown_grace_s = 1\n" + ("own_process = true\n" * own_process)
         port = free_port()
-        config = write_config(tmp_path, port, store=f'url = "{proxied}"\n', delivery=delivery)
+        config = write_config(
+            tmp_path, port, store=f'url = "{proxied}"\n', delivery=delivery,
+            channels=f'[channels.sink]\ntype = "webhook"\nurl = "{slack.sink_url("sink")}"\n',
+            routes=SINK_ROUTE,
+        )  # fmt: skip
         with Subprocess(config, port, tmp_path / "bridge.log") as bridge:
-            assert post_callback(bridge.url) == (200, OK_PACKET)
+            for room in ("a", "b", "c") if in_flight else ():
+                assert post_callback(bridge.url, owner_change(room)) == (200, OK_PACKET)
+            assert wait_until(lambda: slack.sink_max_concurrent.get("sink", 0) == 3 * in_flight)
             proxy.freeze()
             assert bridge.process is not None
             stopping = time.monotonic()
             bridge.process.terminate()
-            bridge.process.wait(timeout=40)
+            bridge.process.wait(timeout=60)
             took = time.monotonic() - stopping
-    assert took < 1 + STORE_STOP_S + 2.5, took  # the grace, the store's last work, a margin
+    # The grace, the store's last work (the delivery process's, then the server's), a margin.
+    assert took < 1 + STORE_STOP_S * (1 + own_process) + 2.0, took
     assert "live-bridge stopped" in (tmp_path / "bridge.log").read_text()
