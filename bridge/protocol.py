@@ -27,7 +27,11 @@ import logging
 from collections.abc import Callable
 
 import httptools
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
 from bridge.config_tables import ServerConfig
 from bridge.receive import Quiet, packet
@@ -87,6 +91,7 @@ class LimitedProtocol(HttpToolsProtocol):
         self._unread: asyncio.TimerHandle | None = None  # an answer the client is not reading
         self._unread_bytes = 0  # what waited to be written when that deadline was set
         self._half_closed = False  # the client sent its end (shutdown(SHUT_WR)); answers owed
+        self._cycles: list[RequestResponseCycle] = []  # the requests begun, not yet answered
         self._wait_for_request()
 
     def eof_received(self) -> bool:  # type: ignore[override]
@@ -104,6 +109,13 @@ class LimitedProtocol(HttpToolsProtocol):
         self._stop_waiting()
         if self._unread is not None:
             self._unread.cancel()
+        # uvicorn marks the last request's cycle alone: an earlier one still being answered
+        # (its callback stored, the next request's head parsed behind it) wrote its answer to
+        # the closed transport, and "Exception in ASGI application" logged a traceback.
+        for cycle in self._cycles:
+            if not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
         super().connection_lost(exc)
 
     def pause_writing(self) -> None:
@@ -236,6 +248,7 @@ class LimitedProtocol(HttpToolsProtocol):
             self._pipeline_overflow = True
             raise TooDeep
         super().on_headers_complete()
+        self._cycles = [c for c in self._cycles if not c.response_complete] + [self.cycle]
 
     def on_message_complete(self) -> None:
         super().on_message_complete()

@@ -392,6 +392,25 @@ def test_a_client_that_half_closes_after_its_callbacks_still_gets_their_answers(
     assert db_rows(bridge.log.parent / "bridge.db", "SELECT count(*) FROM events") == [(stored,)]
 
 
+@pytest.mark.parametrize(
+    "sent",
+    [callback_request() + callback_request()[:-5], callback_request() * 70],
+    ids=["the next one cut short", "pipelined too deep"],
+)
+def test_a_connection_lost_behind_a_callback_being_answered_logs_no_traceback(
+    bridge: Subprocess, sent: bytes
+) -> None:
+    # uvicorn marked only the last request disconnected: the answer to the one before went to
+    # the closed transport, and "Exception in ASGI application" logged a traceback.
+    with connection(bridge) as sock:
+        sock.sendall(sent)
+        sock.shutdown(socket.SHUT_WR)
+        answer(sock, 5)
+    assert wait_until(lambda: db_rows(bridge.log.parent / "bridge.db", "SELECT 1 FROM events"))
+    time.sleep(0.5)  # its answer written, or not
+    assert "Traceback" not in bridge.log.read_text()
+
+
 def test_a_client_that_reads_slowly_but_steadily_is_not_cut_off() -> None:
     # The cut-off for clients that read no answers ran from when writing first paused, however
     # much was read since: a large page read steadily over a slow link was cut off.
