@@ -244,7 +244,7 @@ class Model:
         return back
 
     def retry_dead(self, channel: str | None, now: float) -> int:
-        back = [r for r in self.rows.values() if r.state is State.DEAD
+        back = [r for r in self.rows.values() if r.state is State.DEAD and r.updated_at <= now
                 and channel in (None, r.channel) and self.free(r, now)]  # fmt: skip
         for r in back:
             self._retry(r, now)

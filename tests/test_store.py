@@ -233,6 +233,18 @@ async def test_delivered_marks_sent_together_each_say_whether_they_took(
     assert marked == [c.id != taken.id for c in claimed] == [False, True, True]
 
 
+async def test_retry_dead_leaves_a_letter_dead_since_it_began(store: Store) -> None:
+    # SQLite retries in batches, callbacks and sends in between: a letter it retried, sent and
+    # dead again meanwhile was taken again by a later batch (sent three times, counted thrice).
+    now = time.time()
+    await add(store, "a", channel="x", now=now)
+    (claimed,) = await store.claim("x", now, 10, 30)
+    await store.mark_dead(claimed.id, now + 5, "HTTP 404")  # while the command runs
+    assert await store.retry_dead("x", now) == 0
+    assert await store.retry_dead(None, now) == 0
+    assert await store.retry_dead("x", now + 6) == 1
+
+
 async def test_a_retried_delivery_is_rendered_again_when_sent(store: Store) -> None:
     # Its stored message may be one its channel's type no longer takes (a webhook's body for a
     # channel that is Slack's now, rendered by a replica still on the old config): retried as

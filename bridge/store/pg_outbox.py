@@ -143,8 +143,8 @@ class PostgresOutbox(PostgresPool):
             "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = %s,"
             " lease_until = NULL, updated_at = %s, owner = NULL, payload = NULL"
             " WHERE state = 'dead' AND (%s::text IS NULL OR channel = %s)"
-            " AND (lease_until IS NULL OR lease_until <= %s)",
-            (now, now, channel, channel, now),
+            " AND updated_at <= %s AND (lease_until IS NULL OR lease_until <= %s)",
+            (now, now, channel, channel, now, now),
         )
 
     async def resume(self, channel: str, now: float) -> int:
