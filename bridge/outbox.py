@@ -176,10 +176,25 @@ async def _retry(store: Store, config: Config, args: argparse.Namespace) -> int:
                         file=sys.stderr,
                     )
         return _report(args, "retried", count, "back to pending", [], "")
-    return await _each_id(
+    # Nor by id: pending again, a removed channel's deliveries waited with nothing to send them
+    # (and counted as pending on /metrics) until a reload or a start buried them once more.
+    removed = {s.channel for s in await store.stats() if s.channel not in config.channels}
+    orphans = {
+        row.id: row.channel
+        for name in sorted(removed)
+        for row in await store.list_deliveries(False, name, 2**31 - 1)
+    }
+    asked = [i for i in dict.fromkeys(args.ids) if i not in orphans]
+    status = await _each_id(
         args, lambda ids: store.retry(ids, now), "retried", "back to pending",
-        "not found, or delivered or in flight",
+        "not found, or delivered or in flight", asked,
     )  # fmt: skip
+    for delivery_id in (i for i in dict.fromkeys(args.ids) if i in orphans):
+        channel = orphans[delivery_id]
+        print(f"live-bridge: delivery {delivery_id}: channel {channel!r} is not in the config:"
+              " nothing would send it", file=sys.stderr)  # fmt: skip
+        status = 1
+    return status
 
 
 async def _drop(store: Store, config: Config, args: argparse.Namespace) -> int:
@@ -199,11 +214,13 @@ async def _each_id(
     key: str,
     done: str,
     why: str,
+    ids: list[int] | None = None,
 ) -> int:
-    """Every ID in one operation, which says which it acted on, so the missed ones can be named.
-    One operation per ID took a pooled PostgreSQL connection each: thousands of IDs waited past
-    the pool's timeout and failed partway."""
-    ids = list(dict.fromkeys(args.ids))  # a repeated ID is not a missed one
+    """Every ID (of `ids`, else the command line's) in one operation, which says which it acted
+    on, so the missed ones can be named. One operation per ID took a pooled PostgreSQL
+    connection each: thousands of IDs waited past the pool's timeout and failed partway."""
+    if ids is None:
+        ids = list(dict.fromkeys(args.ids))  # a repeated ID is not a missed one
     acted = set(await act(ids))
     missed = [i for i in ids if i not in acted]
     return _report(args, key, len(acted), done, missed, why)

@@ -289,6 +289,13 @@ def test_retry_dead_leaves_a_channel_the_config_no_longer_has(tmp_path: Path) ->
     assert named.returncode == 1 and named.stdout == ""
     assert "no channel 'hook' in" in named.stderr and "they stay dead" in named.stderr
     assert deliveries(tmp_path)[ids["hook_dead"]].state == State.DEAD
+    # By id too: pending again, it waited with nothing to send it, counted on /metrics.
+    wanted = [str(ids["hook_dead"]), str(ids["console_dead"])]
+    by_id = run("retry", *wanted, "--config", str(config))
+    assert (by_id.returncode, by_id.stdout) == (1, "1 delivery back to pending\n"), by_id.stderr
+    said = f"delivery {ids['hook_dead']}: channel 'hook' is not in the config: nothing would send"
+    assert said in by_id.stderr
+    assert deliveries(tmp_path)[ids["hook_dead"]].state == State.DEAD
 
 
 def test_retry_takes_ids_or_dead(tmp_path: Path) -> None:
