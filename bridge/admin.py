@@ -287,7 +287,8 @@ class Admin:
         # On a thread, as the status page: a store holding many channels' numbers makes a long
         # text (10,000 channels, 2 MB: 0.45 s on the event loop, no callback answered).
         body = await asyncio.to_thread(bridge.metrics.render, stats, list(bridge.config.channels))
-        return Response(body, media_type=CONTENT_TYPE)
+        # Counts change every moment, and name every channel: no cache keeps them.
+        return Response(body, media_type=CONTENT_TYPE, headers={"Cache-Control": "no-store"})
 
     async def reload(self, request: Request) -> Response:
         if (refusal := self._refused(request)) is not None:

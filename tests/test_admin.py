@@ -85,6 +85,7 @@ def test_metrics_are_prometheus_text(bridge: InThread, slack: SlackStandIn) -> N
     )
     status, headers, _ = http_request(bridge.url + "/metrics")
     assert status == 200 and headers["content-type"].startswith("text/plain")
+    assert headers["cache-control"] == "no-store"
     values = samples(bridge.url)
     owner = "Live.CallbackAfterChangeOwner"
     assert (
