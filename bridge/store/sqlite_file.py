@@ -95,6 +95,11 @@ def _file_id(path: Path | str) -> tuple[int, int]:
     return found.st_dev, found.st_ino
 
 
+def _fd_id(fd: int) -> tuple[int, int]:
+    found = os.fstat(fd)
+    return found.st_dev, found.st_ino
+
+
 def _file_id_or_none(path: Path | str) -> tuple[int, int] | None:
     try:
         return _file_id(path)
@@ -170,6 +175,7 @@ class SQLiteFile:
         # The -wal and -shm files', by their names: SQLite's own, beside the file's real name.
         self._side_ids: dict[str, tuple[int, int] | None] = {}
         self._lock_path: str | None = None
+        self._lock_id: tuple[int, int] | None = None  # the lock file's, as taken
         self._reading = threading.Lock()
 
     @property
@@ -237,6 +243,7 @@ class SQLiteFile:
             raise OSError("the database file has more than one name (a hard link): refused")
         self._lock_path = f"{real}.lock"
         self._lock_fd = self._take_lock(self._lock_path)
+        self._lock_id = _fd_id(self._lock_fd)
 
     @staticmethod
     def _take_lock(path: str) -> int:
@@ -255,7 +262,7 @@ class SQLiteFile:
     def _unlock(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing releases the flock
-            self._lock_fd = None
+            self._lock_fd = self._lock_path = None
         if self._write_lock_fd is not None:
             os.close(self._write_lock_fd)
             self._write_lock_fd = None
@@ -295,10 +302,8 @@ class SQLiteFile:
                     f"{side} was removed or replaced while open: restart (what it held is in "
                     "the database file)"
                 )
-        if self._lock_fd is not None and self._lock_path is not None:
-            ours = os.fstat(self._lock_fd)
-            if _file_id_or_none(self._lock_path) != (ours.st_dev, ours.st_ino):
-                self._relock(self._lock_path)
+        if self._lock_path is not None and _file_id_or_none(self._lock_path) != self._lock_id:
+            self._relock(self._lock_path)
 
     def _relock(self, path: str) -> None:
         try:
@@ -309,7 +314,7 @@ class SQLiteFile:
             ) from None
         assert self._lock_fd is not None
         os.close(self._lock_fd)
-        self._lock_fd = fd
+        self._lock_fd, self._lock_id = fd, _fd_id(fd)
         log.warning("%s was removed while open: made and taken again", path)
 
     async def _submit(self, op: Callable[[sqlite3.Connection], T], urgent: bool = False) -> T:
