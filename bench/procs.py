@@ -15,6 +15,8 @@ from pathlib import Path
 
 import psutil
 
+from bench.load import TOKEN
+
 ROOT = Path(__file__).parent.parent
 
 
@@ -163,6 +165,7 @@ def bridge(
     config = directory / name
     config.write_text(
         f"[server]\nport = {port}\n[tencent]\nsdk_app_id = 1400000000\n"
+        f'callback_token = "{TOKEN}"\n'
         f'[store]\n{store}\n[templates]\ndir = "{ROOT / "templates"}"\n'
         f"{extra}\n{channels}\n{routes}"
     )

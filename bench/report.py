@@ -185,8 +185,9 @@ count, absolute numbers vary between runs.
 `wrk -t2 -c32 -d{self.seconds}s --latency -s bench/post.lua URL` (a different room every request,
 so deduplication never short-cuts the work), against a bare Starlette endpoint that reads the
 body and returns the OK packet (`bench/apps.py:bare`, under the same uvicorn) and against
-live-bridge verifying, parsing, routing, rendering and committing each callback with a route to
-a webhook sink (delivering in the background while it is measured; the next contender is
+live-bridge verifying (`callback_token` set: each callback's `Sign`, as in production),
+parsing, routing, rendering and committing each callback with a route to a webhook sink
+(delivering in the background while it is measured; the next contender is
 measured only once that backlog is delivered). live-bridge runs as configured by default, and
 again with `[delivery] own_process = true`: a second process renders and delivers, the serving
 process only acknowledges.
