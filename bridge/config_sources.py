@@ -151,11 +151,20 @@ class Environment(EnvSettingsSource):
             return super().prepare_field_value(field_name, field, value, value_is_complex)
         except (ValueError, RecursionError):  # JSON nested deeper than its decoder recurses
             # Named, never shown: the value may be a secret.
-            names = ", ".join(_from_environment((field_name,))) or "?"
+            names = _from_environment((field_name,))
+            # One variable: the key it sets, as the file would name it ([channels.x] headers).
+            loc = _env_loc(names[0]) if len(names) == 1 else ()
+            where = _where(loc) if len(loc) > 1 else f"[{field_name}]"
             raise EnvironmentValueError(
-                f"environment variable {names}: not a value for [{field_name}]"
+                f"environment variable {', '.join(names) or '?'}: not a value for {where}"
                 " (a list or a table is written in JSON)"
             ) from None
+
+
+def _env_loc(name: str) -> tuple[str, ...]:
+    """The keys a LIVE_BRIDGE_* variable sets: LIVE_BRIDGE_CHANNELS__X__HEADERS → channels, x,
+    headers."""
+    return tuple(name[len(ENV_PREFIX) :].lower().split("__"))
 
 
 def _table(name: str) -> str:

@@ -80,7 +80,7 @@ BAD_INPUTS: list[tuple[str, bytes, dict[str, bytes], dict[str, str], str]] = [
     ("a template that is not UTF-8", GOOD, {OWNER_TEMPLATE: b"caf\xe9"}, {},
      "Live.CallbackAfterChangeOwner.j2, line 1: not UTF-8 text"),
     ("a list from the environment", GOOD, {}, {"LIVE_BRIDGE_TENCENT__SDK_APP_ID": "abc"},
-     "environment variable LIVE_BRIDGE_TENCENT__SDK_APP_ID: not a value for [tencent]"),
+     "environment variable LIVE_BRIDGE_TENCENT__SDK_APP_ID: not a value for [tencent] sdk_app_id"),
     ("a table from the environment", GOOD, {}, {"LIVE_BRIDGE_CHANNELS": "{bad"},
      "environment variable LIVE_BRIDGE_CHANNELS: not a value for [channels]"),
 ]  # fmt: skip

@@ -86,6 +86,9 @@ def test_env_overrides_nested_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         ("LIVE_BRIDGE_TENCENT", '{"a":' * 100_000 + "Zq7", "variable LIVE_BRIDGE_TENCENT: not"),
         ("LIVE_BRIDGE_TENCENT__SDK_APP_ID", "[" * 100_000, "LIVE_BRIDGE_TENCENT__SDK_APP_ID: n"),
         ("LIVE_BRIDGE_CHANNELS__X", "[" * 100_000 + "Zq7", "LIVE_BRIDGE_CHANNELS__X"),
+        # One variable: the key it sets, as the file names it; not only its table.
+        ("LIVE_BRIDGE_CHANNELS__X__HEADERS", "Zq7", "S: not a value for [channels.x] headers"),
+        ("LIVE_BRIDGE_TENCENT__SDK_APP_ID", "Zq7", "not a value for [tencent] sdk_app_id "),
     ],
 )
 def test_bad_environment_value_names_the_variable_not_the_value(
