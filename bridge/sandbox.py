@@ -17,11 +17,14 @@ from collections.abc import Callable
 from typing import Any
 
 import jinja2
+import jinja2.compiler
 import jinja2.filters
 import jinja2.nodes
 import jinja2.runtime
 import jinja2.sandbox
 import jinja2.utils
+
+from bridge.escape import OutputBuffer
 
 # The most items a template's range() calls give in all, in one render. A loop over
 # range(10**12) held start-up, `check` and a reload (its thread at 100% CPU, every
@@ -98,6 +101,16 @@ def _lipsum(n: int = 5, *args: Any, **kwargs: Any) -> Any:
     return jinja2.utils.generate_lorem_ipsum(n, *args, **kwargs)
 
 
+class _BoundedBuffers(jinja2.compiler.CodeGenerator):
+    """Jinja's compiled code, with each buffer it collects in a list (a macro's, a `{% set %}`
+    or `{% call %}` block's) an escape.OutputBuffer, bounded as it is written: a plain list held
+    everything written until the block ended."""
+
+    def buffer(self, frame: jinja2.compiler.Frame) -> None:
+        frame.buffer = self.temporary_identifier()
+        self.writeline(f"{frame.buffer} = environment.output_buffer()")
+
+
 class Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
     """Jinja's sandbox (below), with what makes a string or a number of any size bounded: `*`,
     `**`, `%` and str.format widths, the widening string methods. Immutable: a template changed
@@ -107,6 +120,8 @@ class Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
     # Intercepted, they are no longer folded at compile time either.
     intercepted_binops = frozenset({"*", "**", "%"})
     template_class = _Template
+    code_generator_class = _BoundedBuffers
+    output_buffer = OutputBuffer  # what _BoundedBuffers' code makes each buffer of
     filter_blocks = False  # the console's may have them: its escaping is one_line's alone
 
     def __init__(self, **options: Any) -> None:
