@@ -267,11 +267,14 @@ class InThread:
 
 class Subprocess:
     """`python -m bridge serve --config PATH` as a child process, ready when /readyz says so;
-    `env`: variables set for it on top of this process's."""
+    `env`: variables set for it on top of this process's; `ready`: the path that must answer 200
+    (/healthz for a bridge that is up but not ready)."""
 
     def __init__(
-        self, config_path: Path, port: int, log: Path, env: Mapping[str, str] | None = None
-    ) -> None:
+        self, config_path: Path, port: int, log: Path, env: Mapping[str, str] | None = None,
+        ready: str = "/readyz",
+    ) -> None:  # fmt: skip
+        self.ready_path = ready
         self.config_path = config_path
         self.env = {**os.environ, **env} if env is not None else None  # None: this process's
         self.url = f"http://127.0.0.1:{port}"
@@ -293,7 +296,7 @@ class Subprocess:
         if self.process.poll() is not None:
             return True  # exited: start() reports it
         try:
-            return get(self.url + "/readyz")[0] == 200
+            return get(self.url + self.ready_path)[0] == 200
         except OSError:
             return False
 

@@ -23,6 +23,7 @@ import errno
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -355,3 +356,41 @@ def test_read_only_store_stops_start_up_until_it_is_writable(
             assert_all_delivered(slack, store / "bridge.db", rooms, up_since)
     finally:
         unmount(store)
+
+
+def damage(db: Path, table: str) -> None:
+    """Writes over the first page of `table`'s B-tree, as a failing disk or a stray write would."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        (root,) = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (table,))
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    with db.open("r+b") as file:
+        file.seek((root[0] - 1) * page_size)
+        file.write(b"\xde\xad\xbe\xef" * (page_size // 4))
+
+
+@pytest.mark.parametrize("table", ["events", "deliveries"])
+def test_a_damaged_database_is_not_ready_and_refuses_callbacks_with_503(
+    table: str, tmp_path: Path, slack: SlackStandIn
+) -> None:
+    # A damaged page that a ping's write does not touch (the meta table's is sound): /readyz
+    # answered 200 while every callback was refused 503, so a balancer kept sending them here.
+    store = tmp_path / "store"
+    store.mkdir()
+    config, port = store_config(tmp_path, store, slack)
+    log = tmp_path / "bridge.log"
+    with Subprocess(config, port, log) as bridge:
+        post_all(bridge, ["before"])
+        assert slack.wait_for(lambda s: rooms_received(s) == {"before"})
+    damage(store / "bridge.db", table)
+    with Subprocess(config, port, log, ready="/healthz") as bridge:
+        assert bridge.process is not None
+        status, body = post_callback(bridge.url, owner_change("during"))
+        assert (status, json.loads(body)) == (503, FAIL_503)
+        assert wait_until(lambda: get(bridge.url + "/readyz")[0] == 503, 5)
+        status, ready = get(bridge.url + "/readyz")
+        assert status == 503
+        assert "is damaged (database disk image is malformed)" in ready["reason"], ready
+        assert bridge.process.poll() is None
+    said = log.read_text()
+    assert said.count("the database file is damaged") == 1, said

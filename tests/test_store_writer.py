@@ -227,3 +227,30 @@ async def test_a_commit_that_fails_leaves_no_transaction_open(tmp_path: Path) ->
     finally:
         await w.close()
     assert rows(tmp_path / "w.db") == ["after"]
+
+
+async def test_damage_is_kept_once_met_and_nothing_else_counts_as_damage(tmp_path: Path) -> None:
+    db = tmp_path / "w.db"
+    w = GroupCommitWriter(_connect(db))
+    try:
+        with pytest.raises(StoreUnavailable):  # a constraint: the operation's own trouble
+            await asyncio.gather(w.submit(insert("k")), w.submit(insert("k")))
+        with pytest.raises(StoreUnavailable):
+            await w.submit(lambda conn: conn.execute("SELECT * FROM no_such_table"))
+        assert w.damaged is None
+    finally:
+        await w.close()
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        (root,) = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 't'")
+    with db.open("r+b") as file:  # the table's page written over, as a failing disk would
+        file.seek((root[0] - 1) * 4096)
+        file.write(b"\xde\xad" * 2048)
+    w = GroupCommitWriter(_connect(db))
+    try:
+        with pytest.raises(StoreUnavailable, match="malformed"):
+            await w.submit(insert("after"))
+        assert w.damaged == "database disk image is malformed"
+        assert await w.submit(lambda conn: 1) == 1  # what does not touch the page still works
+        assert w.damaged == "database disk image is malformed"  # and the damage is kept
+    finally:
+        await w.close()

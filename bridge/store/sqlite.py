@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from bridge.store import NewDelivery, NewEvent, Recorded, State
+from bridge.store import NewDelivery, NewEvent, Recorded, State, StoreUnavailable
 from bridge.store.deadline import within_deadline
 from bridge.store.schema import NEXT_IDS_SQL, ORDER_AFTER_ROOM
 from bridge.store.sqlite_file import MAX_PARAMS, insert_rows, sql_in
@@ -66,6 +66,11 @@ class SQLiteStore(SQLiteQueue, SQLiteOutbox):
         )
 
     async def ping(self) -> None:
+        if self.damaged is not None:  # the meta table's page may be sound; others are not
+            raise StoreUnavailable(
+                f"the database file {self.path} is damaged ({self.damaged}): restart live-bridge"
+                " on a repaired file"
+            )
         # A row that really changes: SQLite skips an update that writes the same value, and a
         # commit that writes nothing succeeds on a full or read-only disk.
         await self._execute(

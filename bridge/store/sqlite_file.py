@@ -216,6 +216,11 @@ class SQLiteFile:
         )
         log.info("store open: %s (schema %d)", self.path, SCHEMA_VERSION)
 
+    @property
+    def damaged(self) -> str | None:
+        """SQLite's word that the file is damaged, once a write or a read has met it."""
+        return self._writer.damaged if self._writer is not None else None
+
     def _side_files(self) -> list[str]:
         """The -wal and -shm files' names, SQLite's own (beside the file's real name). Missing
         while a server has the file open, they were removed: opened then, SQLite would make new
@@ -340,6 +345,8 @@ class SQLiteFile:
                         self._reader = self._open_reader()
                     return op(self._reader)
                 except sqlite3.Error as exc:
+                    if self._writer is not None:
+                        self._writer.note_damage(exc)
                     raise StoreUnavailable(f"store read failed: {exc}") from None
 
         return await asyncio.to_thread(run)

@@ -51,6 +51,16 @@ _Item = tuple[_Op, asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
 
 MAX_BATCH = 1024
 
+# SQLite's codes for a file that is no sound database: a damaged page ("database disk image is
+# malformed"), or no database at all where one was. Never transient, unlike a full disk or a
+# lock: what touches the damage fails the same way until the file is repaired.
+_DAMAGE_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+
+
+def is_damage(exc: BaseException) -> bool:
+    """Whether `exc` is SQLite's word that the file is damaged."""
+    return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _DAMAGE_CODES
+
 
 class Together:
     """An operation the writer runs together with the others of its class in the same batch:
@@ -82,8 +92,21 @@ class GroupCommitWriter:
         self._thread = threading.Thread(
             target=self._run, args=(conn,), name="sqlite-writer", daemon=True
         )
-        self._thread.start()
         self.commits = 0  # transactions committed; fewer than operations under load
+        # SQLite's first word that the file is damaged, kept: the page it found may be one that
+        # few writes touch (a ping's is another), and it does not mend itself.
+        self.damaged: str | None = None
+        self._thread.start()
+
+    def note_damage(self, exc: BaseException) -> None:
+        """Keeps `exc` as the file's damage if it says so, and says so once in the log."""
+        if self.damaged is None and is_damage(exc):
+            self.damaged = str(exc)
+            log.error(
+                "the database file is damaged (%s): what touches the damaged part fails, "
+                "callbacks among it are answered 503, and /readyz answers 503 until live-bridge "
+                "restarts on a repaired file (the README's \"A damaged database\")", exc,
+            )  # fmt: skip
 
     async def submit(self, op: Callable[[sqlite3.Connection], T], urgent: bool = False) -> T:
         """`op`'s result once committed. `urgent`: something waits on it (a claim, before its
@@ -148,6 +171,7 @@ class GroupCommitWriter:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
         for (_, loop, future), (ok, value) in zip(batch, results, strict=True):
             if isinstance(value, sqlite3.Error):
+                self.note_damage(value)
                 value = StoreUnavailable(f"store write failed: {value}")
             by_loop.setdefault(loop, []).append((future, ok, value))
         for loop, outcomes in by_loop.items():
@@ -192,6 +216,7 @@ class GroupCommitWriter:
             # Every caller gets the error, and those that log it do so throttled: one line per
             # failed batch would be one per callback during an outage.
             log.debug("store commit failed: %s", exc)
+            self.note_damage(exc)
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
