@@ -7,50 +7,37 @@ under 4000) and under the blocks' reported total (BLOCKS_CHARS), with long value
 ending in an ellipsis, the fields or context elements past the tenth folded into the tenth, and
 the last blocks left out (a note says how many) where 50 blocks, or many short texts, are still
 too many;
-`LimitError` when the payload cannot be made valid. `problems(payload)` lists what Slack would
-refuse, `crowded(payload)` what `fit` would fold (`live-bridge check`).
-
-Lengths are counted in UTF-16 code units (`units`), as JavaScript counts them: an emoji, a flag
-half or a rare CJK character outside the Basic Multilingual Plane is two. Slack does not say how
-it counts; counted in code points, a text of such characters under a limit may be twice over it
-in units, and Slack's refusal (invalid_blocks, msg_blocks_too_long) is permanent: the message a
-dead letter. In units, a text within the limit is within it either way.
+`LimitError` when the payload cannot be made valid. What Slack would refuse, and what `fit`
+would fold, are said in words by bridge/blockkit_problems.py; the limits themselves, and how a
+text is measured and cut, are in bridge/blockkit_limits.py.
 """
 
 from __future__ import annotations
 
 import json
-import re
-import unicodedata
 from typing import Any
 
-MAX_BLOCKS = 50
-HEADER_CHARS = 150
-SECTION_CHARS = 3000
-FIELD_CHARS = 2000
-MAX_FIELDS = 10
-MAX_CONTEXT = 10
-TEXT_OBJECT_CHARS = 3000
-TOP_TEXT_CHARS = 4000  # ours, for a readable notification
-SLACK_TEXT_CHARS = 40_000  # Slack's
-URL_CHARS = 3000
-BUTTON_CHARS = 75  # a button's plain text
-ALT_TEXT_CHARS = 2000  # an image's
-BLOCK_ID_CHARS = 255
-MAX_ATTACHMENTS = 100
-# Not in Slack's reference: chat.postMessage answers msg_blocks_too_long for blocks of about
-# 11,000 to 13,000 characters in all, though each block is within its own limits
-# (slackapi/bolt-js#2509 and #2867; a Slack engineer there: "12,000 text characters with a
-# buffer for block containers"). The error is permanent: blocks longer than this in JSON,
-# containers included, have their longest texts cut (`fit`), and a digest is split first
-# (`overflows`), which would otherwise make every entry a dead letter at once.
-BLOCKS_CHARS = 12_000
-SHORTEST_CUT = 100  # `fit` cuts no text shorter than this to bring the blocks under BLOCKS_CHARS
-ELLIPSIS = "…"
+from bridge.blockkit_limits import (
+    ALT_TEXT_CHARS,
+    BLOCK_ID_CHARS,
+    BLOCKS_CHARS,
+    BUTTON_CHARS,
+    ELLIPSIS,
+    FIELD_CHARS,
+    HEADER_CHARS,
+    MAX_ATTACHMENTS,
+    MAX_BLOCKS,
+    MAX_CONTEXT,
+    MAX_FIELDS,
+    SECTION_CHARS,
+    SHORTEST_CUT,
+    TEXT_OBJECT_CHARS,
+    TOP_TEXT_CHARS,
+    URL_CHARS,
+    cut,
+    units,
+)
 
-# Never cut inside an escape (&amp;); a Slack token (<!date^…|…>, <@U…>, <https://…|…>) is
-# dropped whole in `cut`.
-_PARTIAL_ESCAPE = re.compile(r"&[a-z]{0,4}$")
 # A payload as it is queued and sent (bridge/render.py encodes with it too): built once, as
 # json.dumps with any option builds an encoder per call.
 COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
@@ -58,66 +45,6 @@ COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 class LimitError(ValueError):
     pass
-
-
-def units(text: str) -> int:
-    """`text`'s length in UTF-16 code units: a character past U+FFFF is two."""
-    # surrogatepass: a template may write a lone surrogate (a "\ud800" escape), one unit.
-    return len(text) if text.isascii() else len(text.encode("utf-16-le", "surrogatepass")) // 2
-
-
-def _within(text: str, limit: int) -> int:
-    """The length (in characters) of `text`'s longest start of at most `limit` UTF-16 units."""
-    if units(text[:limit]) <= limit:
-        return min(limit, len(text))
-    count = 0
-    for index, char in enumerate(text):
-        count += 2 if ord(char) > 0xFFFF else 1
-        if count > limit:
-            return index
-    return len(text)
-
-
-def cut(text: str, limit: int) -> str:
-    """`text` if it fits, else its start and an ellipsis, `limit` UTF-16 units at most."""
-    if units(text) <= limit:
-        return text
-    head = text[: _grapheme_start(text, _within(text, limit - len(ELLIPSIS)))]
-    # Escaped text has no "<" of its own: the last one opens a token, unfinished if no ">" follows.
-    start = head.rfind("<")
-    if start >= 0 and ">" not in head[start:]:
-        head = head[:start]
-    head = _PARTIAL_ESCAPE.sub("", head)
-    return head + ELLIPSIS
-
-
-def _extends(char: str) -> bool:
-    """Whether `char` belongs to the character before it (one grapheme): a combining mark, a
-    variation selector, the zero-width joiner, an emoji's skin tone or tag."""
-    code = ord(char)
-    return (
-        unicodedata.category(char) in ("Mn", "Me", "Mc")
-        or code == 0x200D
-        or 0x1F3FB <= code <= 0x1F3FF
-        or 0xE0020 <= code <= 0xE007F
-    )
-
-
-def _regional(char: str) -> bool:
-    return 0x1F1E6 <= ord(char) <= 0x1F1FF  # two make a flag
-
-
-def _grapheme_start(text: str, index: int) -> int:
-    """`index`, moved back to where a grapheme starts: a cut there leaves no half of a flag, a
-    family joined by ZWJ, a keycap or an accent alone before the ellipsis."""
-    while 0 < index < len(text) and (_extends(text[index]) or text[index - 1] == "\u200d"):
-        index -= 1
-    if 0 < index < len(text) and _regional(text[index]):
-        run = index
-        while run > 0 and _regional(text[run - 1]):
-            run -= 1
-        index -= (index - run) % 2  # the flags before are whole; one half of the next is not
-    return index
 
 
 def fit(payload: Any) -> dict[str, Any]:
@@ -147,7 +74,7 @@ def fit(payload: Any) -> dict[str, Any]:
     if len(fitted) > MAX_BLOCKS:
         hidden = len(fitted) - (MAX_BLOCKS - 1)
         fitted = [*fitted[: MAX_BLOCKS - 1], _not_shown(hidden)]
-    out["blocks"] = _shorten(fitted, hidden) if _length(fitted) > BLOCKS_CHARS else fitted
+    out["blocks"] = _shorten(fitted, hidden) if blocks_length(fitted) > BLOCKS_CHARS else fitted
     return out
 
 
@@ -156,7 +83,7 @@ def _not_shown(count: int) -> dict[str, Any]:
         {"type": "mrkdwn", "text": f"{ELLIPSIS} {count} more blocks not shown"}]}  # fmt: skip
 
 
-def _length(blocks: list[Any]) -> int:
+def blocks_length(blocks: list[Any]) -> int:
     """The blocks' length as they are sent."""
     return units(COMPACT.encode(blocks))
 
@@ -168,16 +95,16 @@ def _shorten(blocks: list[Any], hidden: int) -> list[Any]:
     blocks left out already, the last block saying so."""
     blocks = json.loads(json.dumps(blocks))  # its own copy: the texts are cut in place
     texts = [obj for block in blocks for obj in _text_objects(block)]
-    while texts and _length(blocks) > BLOCKS_CHARS:
+    while texts and blocks_length(blocks) > BLOCKS_CHARS:
         longest = max(texts, key=lambda obj: units(obj["text"]))
         if (length := units(longest["text"])) < SHORTEST_CUT:
             break
         longest["text"] = cut(longest["text"], max(length // 2, SHORTEST_CUT - 1))
-    if _length(blocks) <= BLOCKS_CHARS:
+    if blocks_length(blocks) <= BLOCKS_CHARS:
         return blocks
     # Sent over it, Slack's msg_blocks_too_long is permanent: the whole message a dead letter.
     shown = blocks[:-1] if hidden else blocks
-    while len(shown) > 1 and _length([*shown, _not_shown(hidden)]) > BLOCKS_CHARS:
+    while len(shown) > 1 and blocks_length([*shown, _not_shown(hidden)]) > BLOCKS_CHARS:
         shown, hidden = shown[:-1], hidden + 1
     return [*shown, _not_shown(hidden)]
 
@@ -202,7 +129,7 @@ def overflows(payload: Any) -> bool:
         return True
     if not isinstance(blocks, list):
         return False
-    if len(blocks) > MAX_BLOCKS or any(_drops(block) for block in blocks):
+    if len(blocks) > MAX_BLOCKS or any(folds(block) for block in blocks):
         return True
     if not all(isinstance(block, dict) for block in blocks):
         return False  # `fit` says what is wrong with them
@@ -210,7 +137,7 @@ def overflows(payload: Any) -> bool:
         fitted = [_fit_block(block) for block in blocks]  # a value cut to fit loses no entry
     except LimitError:
         return False
-    return _length(fitted) > BLOCKS_CHARS
+    return blocks_length(fitted) > BLOCKS_CHARS
 
 
 def cut_texts(payload: Any) -> list[str]:
@@ -234,7 +161,7 @@ _CUT: dict[str, dict[str, int]] = {
     "context": {"elements": TEXT_OBJECT_CHARS},
 }
 # What `fit` folds, by block type: the list past its count, and what joins the folded texts.
-_FOLD: dict[str, tuple[str, int, str]] = {
+FOLD: dict[str, tuple[str, int, str]] = {
     "section": ("fields", MAX_FIELDS, "\n"),
     "context": ("elements", MAX_CONTEXT, "  "),
 }
@@ -251,9 +178,9 @@ def _limited(block: Any) -> list[tuple[Any, int]]:
     return found
 
 
-def _drops(block: Any) -> bool:
+def folds(block: Any) -> bool:
     """Would `_fit_block` fold some of the block's fields or context elements into one?"""
-    if not isinstance(block, dict) or (fold := _FOLD.get(str(block.get("type")))) is None:
+    if not isinstance(block, dict) or (fold := FOLD.get(str(block.get("type")))) is None:
         return False
     key, most, _ = fold
     items = block.get(key)
@@ -279,7 +206,7 @@ def _fit_block(block: dict[str, Any]) -> dict[str, Any]:
         del out["block_id"]  # optional; cut, two could end alike, which Slack refuses
     if kind == "image":
         out = _fit_element(out)
-    if (fold := _FOLD.get(kind)) is not None and isinstance(block.get(fold[0]), list):
+    if (fold := FOLD.get(kind)) is not None and isinstance(block.get(fold[0]), list):
         key, most, separator = fold
         out[key] = _fold(block[key], most, separator)
     for key, limit in _CUT.get(kind, {}).items():
@@ -340,108 +267,3 @@ def _fold(items: list[Any], most: int, separator: str) -> list[Any]:
     fold.pop("alt_text", None)
     fold.pop("image_url", None)
     return [*items[: most - 1], fold]
-
-
-def crowded(payload: Any) -> list[str]:
-    """The blocks with more fields or context elements than Slack takes, in words: `fit` folds
-    the rest into the tenth, so they are sent, but not as the template laid them out."""
-    blocks = payload.get("blocks") if isinstance(payload, dict) else None
-    if not isinstance(blocks, list):
-        return []
-    found = []
-    for number, block in enumerate(blocks, 1):
-        if _drops(block):
-            key, most, _ = _FOLD[block["type"]]
-            count = len(block[key])
-            found.append(
-                f"block {number} ({block['type']}): {count} {key}, over {most} (sent with the"
-                f" last {count - most + 1} folded into the {most}th)"
-            )
-    return found
-
-
-def problems(payload: Any) -> list[str]:
-    """What Slack would refuse in `payload`, in words (empty: Slack takes it). `fit` cuts what is
-    too long; this also finds what no cut can fix, such as an empty header or section."""
-    if not isinstance(payload, dict):
-        return ["not a JSON object"]
-    found = []
-    text = payload.get("text")
-    if not isinstance(text, str) or not text.strip():
-        found.append("no top-level text")
-    elif units(text) > SLACK_TEXT_CHARS:
-        found.append(f"top-level text over {SLACK_TEXT_CHARS} characters")
-    blocks = payload.get("blocks", [])
-    if not isinstance(blocks, list) or not all(isinstance(b, dict) for b in blocks):
-        return [*found, "blocks must be a list of objects"]
-    if len(blocks) > MAX_BLOCKS:
-        found.append(f"{len(blocks)} blocks, over {MAX_BLOCKS}")
-    attachments = payload.get("attachments")
-    if isinstance(attachments, list) and len(attachments) > MAX_ATTACHMENTS:
-        found.append(f"{len(attachments)} attachments, over {MAX_ATTACHMENTS}")
-    if _length(blocks) > BLOCKS_CHARS:
-        found.append(f"blocks over {BLOCKS_CHARS} characters in all (msg_blocks_too_long)")
-    for number, block in enumerate(blocks, 1):
-        found += [f"block {number} ({block.get('type')}): {p}" for p in _block_problems(block)]
-    return found
-
-
-def _element_problems(element: Any, number: int) -> list[str]:
-    """What Slack would refuse in an interactive or image element (number 0: an accessory)."""
-    if not isinstance(element, dict):
-        return []
-    what = f"element {number}" if number else "accessory"
-    found = []
-    if units(str(element.get("action_id", ""))) > BLOCK_ID_CHARS:
-        found.append(f"{what}: action_id over {BLOCK_ID_CHARS} characters")
-    if element.get("type") == "image":
-        if units(str(element.get("alt_text", ""))) > ALT_TEXT_CHARS:
-            found.append(f"{what}: alt_text over {ALT_TEXT_CHARS} characters")
-    elif isinstance(element.get("text"), dict):
-        found += _text_problem(element["text"], BUTTON_CHARS, f"{what}'s text")
-    return found
-
-
-def _text_problem(obj: Any, limit: int, what: str) -> list[str]:
-    text = obj.get("text") if isinstance(obj, dict) else None
-    if not isinstance(text, str) or not text:
-        return [f"{what} is empty"]
-    return [f"{what} over {limit} characters"] if units(text) > limit else []
-
-
-def _block_problems(block: dict[str, Any]) -> list[str]:
-    kind = block.get("type")
-    if not isinstance(kind, str):
-        return ["no type"]
-    if units(str(block.get("block_id", ""))) > BLOCK_ID_CHARS:
-        return [f"block_id over {BLOCK_ID_CHARS} characters"]
-    if kind == "image" and units(str(block.get("alt_text", ""))) > ALT_TEXT_CHARS:
-        return [f"alt_text over {ALT_TEXT_CHARS} characters"]
-    if kind == "actions" and isinstance(elements := block.get("elements"), list):
-        return [p for number, e in enumerate(elements, 1) for p in _element_problems(e, number)]
-    if kind == "section" and (accessory := _element_problems(block.get("accessory"), 0)):
-        return accessory
-    if kind == "header":
-        return _text_problem(block.get("text"), HEADER_CHARS, "text")
-    if kind == "section":
-        fields = block.get("fields")
-        if "text" not in block and not fields:
-            return ["neither text nor fields"]
-        found = _text_problem(block["text"], SECTION_CHARS, "text") if "text" in block else []
-        if fields is not None:
-            if not isinstance(fields, list) or len(fields) > MAX_FIELDS:
-                return [*found, f"fields must be a list of at most {MAX_FIELDS}"]
-            for number, field in enumerate(fields, 1):
-                found += _text_problem(field, FIELD_CHARS, f"field {number}")
-        return found
-    if kind == "context":
-        elements = block.get("elements")
-        if not isinstance(elements, list) or not 0 < len(elements) <= MAX_CONTEXT:
-            return [f"needs 1 to {MAX_CONTEXT} elements"]
-        return [
-            p
-            for number, e in enumerate(elements, 1)
-            if isinstance(e, dict) and "text" in e
-            for p in _text_problem(e, TEXT_OBJECT_CHARS, f"element {number}")
-        ]
-    return []

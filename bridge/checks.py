@@ -10,8 +10,8 @@ loads the config as `serve` does (every `${VAR}` set), then renders each of thos
 string and ID of the event set to each hostile value (mentions, quotes, newlines, 5000 characters,
 empty), and every integer to each of 0, -1 and the ends of Tencent's 64 bits. It fails what does
 not render, a payload that is not JSON, a message Slack would refuse, would take only with fields
-or context elements folded (`blockkit.crowded`), or that lets a `<!channel>`/`<@…>`/`<http…>`
-through unescaped, and a console line a value can break.
+or context elements folded (`blockkit_problems.crowded`), or that lets a
+`<!channel>`/`<@…>`/`<http…>` through unescaped, and a console line a value can break.
 A value cut to fit Slack's limits is documented behaviour: shown, not a failure. Prints a table
 (route, channel, command, result). Exit status: 0 all well; 1 problems, each on stderr naming the
 config file, route, channel, command and the template's file and line; 2 a config that does not
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bridge import blockkit
+from bridge import blockkit_limits, blockkit_problems
 from bridge.config import CONFIG_HELP, Config, ConfigError, load_config, load_for_command
 from bridge.config_tables import Route
 from bridge.events import MODELS, parse_event
@@ -259,7 +259,7 @@ def _verdict(template: str, render: Render, kind: str, values: tuple[str | int, 
         trouble = _payload_problem(kind, payload, value, base)
         if trouble:
             failures.append(f"{label}: {template}: {trouble}")
-        elif payload.count(blockkit.ELLIPSIS) > base.count(blockkit.ELLIPSIS):
+        elif payload.count(blockkit_limits.ELLIPSIS) > base.count(blockkit_limits.ELLIPSIS):
             # render() has already cut it; a cut leaves an ellipsis the sample did not have.
             cut = True
     if len(failures) > 1:
@@ -281,7 +281,7 @@ def _payload_problem(kind: str, text: str, value: str | int | None, base: str) -
     if kind != "slack":
         return None  # render() has checked that a webhook body is JSON
     payload = json.loads(text)
-    found = blockkit.problems(payload)
+    found = blockkit_problems.problems(payload)
     if found:
         return "Slack would refuse it: " + "; ".join(found)
     # The hostile values with a "<" have nothing JSON escapes: found in the text, found in a string.

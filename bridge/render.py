@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo
 
 import jinja2
 
-from bridge import blockkit
+from bridge import blockkit, blockkit_problems
 from bridge.config_tables import TemplatesConfig
 from bridge.escape import Verbatim, slack_escape
 from bridge.events import Envelope
@@ -275,7 +275,7 @@ def _encode(kind: str, name: str, payload: Any, whole: bool = False, strict: boo
     if kind == "slack":
         if whole and blockkit.overflows(payload):
             raise TooBig(f"{name}: over Slack's limits")
-        if strict and (crowded := blockkit.crowded(payload)):
+        if strict and (crowded := blockkit_problems.crowded(payload)):
             raise Crowded(f"{name}: " + "; ".join(crowded))
         try:
             payload = blockkit.fit(payload)

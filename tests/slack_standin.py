@@ -100,8 +100,8 @@ def _blocks_problem(blocks: Any) -> str | None:
         return "invalid_blocks_format"
     if len(blocks) > 50 or not all(_block_is_valid(block) for block in blocks):
         return "invalid_blocks"
-    # Not in Slack's reference, but reported of chat.postMessage (bridge/blockkit.py): blocks of
-    # about 12,000 characters in all are refused, each block within its own limits.
+    # Not in Slack's reference, but reported of chat.postMessage (bridge/blockkit_limits.py):
+    # blocks of about 12,000 characters in all are refused, each block within its own limits.
     if _units(json.dumps(blocks, ensure_ascii=False, separators=(",", ":"))) > 12_000:
         return "msg_blocks_too_long"
     return None

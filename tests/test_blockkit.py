@@ -9,15 +9,13 @@ import pytest
 from pydantic import SecretStr
 
 from bridge.blockkit import (
-    BLOCKS_CHARS,
     COMPACT,
-    ELLIPSIS,
     LimitError,
-    cut,
     fit,
     overflows,
-    problems,
 )
+from bridge.blockkit_limits import BLOCKS_CHARS, ELLIPSIS
+from bridge.blockkit_problems import problems
 from bridge.channels import Result
 from bridge.channels.http import sender_session
 from bridge.channels.slack import SlackSender
@@ -27,36 +25,6 @@ from bridge.events import parse_event
 from bridge.render import Context, Renderer
 from bridge.samples import sample
 from tests.slack_standin import SlackStandIn, _blocks_problem
-
-
-@pytest.mark.parametrize(
-    ("text", "limit", "expected"),
-    [
-        ("short", 10, "short"),
-        ("abcdefghij", 10, "abcdefghij"),
-        ("abcdefghijk", 10, "abcdefghi…"),
-        ("abcdef&amp;xyz", 9, "abcdef…"),
-        ("ab <!date^1|x> tail", 8, "ab …"),
-        ("ab <!date^1|x> tail", 16, "ab <!date^1|x> …"),
-        # A link token of any length is dropped whole, never left open.
-        ("go <https://c.example/" + "%E6" * 300 + "|Open room> now", 400, "go …"),
-        ("a &lt; <b", 8, "a &lt; …"),
-        # Counted in UTF-16 units: a character past U+FFFF is two.
-        ("😀" * 10, 11, "😀" * 5 + "…"),
-        ("😀" * 5, 10, "😀" * 5),
-        ("😀" * 5, 9, "😀" * 4 + "…"),
-        # Never half a grapheme before the ellipsis: a flag, a ZWJ family, an accent, a keycap.
-        ("a" * 8 + "🇨🇳🇺🇸", 13, "a" * 8 + "🇨🇳…"),
-        ("a" * 9 + "🇨🇳🇺🇸", 12, "a" * 9 + "…"),
-        ("a" * 8 + "👨\u200d👩\u200d👧", 11, "a" * 8 + "…"),
-        ("a" * 9 + "e\u0301\u0301x", 11, "a" * 9 + "…"),
-        ("a" * 9 + "1\ufe0f\u20e3", 11, "a" * 9 + "…"),
-        ("a" * 9 + "👍🏽x", 11, "a" * 9 + "…"),
-    ],
-)
-def test_cut(text: str, limit: int, expected: str) -> None:
-    assert cut(text, limit) == expected
-    assert len(cut(text, limit).encode("utf-16-le")) // 2 <= limit
 
 
 @pytest.mark.parametrize("char", ["😀", "𠀀", "a"], ids=["emoji", "CJK extension B", "ascii"])
@@ -310,54 +278,6 @@ def test_fit_refuses_what_cannot_be_made_valid(message: Any) -> None:
 
 def header(text: str) -> dict[str, Any]:
     return {"type": "header", "text": {"type": "plain_text", "text": text}}
-
-
-@pytest.mark.parametrize(
-    ("message", "expected"),
-    [
-        ({"text": "hi", "blocks": [header("h"), section("s")]}, []),
-        ({"text": "hi", "blocks": [section("s")] * 50}, []),
-        ({"text": "hi"}, []),
-        ([], ["not a JSON object"]),
-        ({"text": " "}, ["no top-level text"]),
-        ({"text": "t" * 40_000}, []),
-        ({"text": "t" * 40_001}, ["top-level text over 40000 characters"]),
-        ({"text": "hi", "blocks": {}}, ["blocks must be a list of objects"]),
-        ({"text": "hi", "blocks": [section("s")] * 51}, ["51 blocks, over 50"]),
-        ({"text": "hi", "blocks": [{"text": "x"}]}, ["block 1 (None): no type"]),
-        ({"text": "hi", "blocks": [header("")]}, ["block 1 (header): text is empty"]),
-        (
-            {"text": "hi", "blocks": [header("h" * 151)]},
-            ["block 1 (header): text over 150 characters"],
-        ),
-        ({"text": "hi", "blocks": [section("")]}, ["block 1 (section): text is empty"]),
-        (
-            {"text": "hi", "blocks": [{"type": "section"}]},
-            ["block 1 (section): neither text nor fields"],
-        ),
-        (
-            {
-                "text": "hi",
-                "blocks": [{"type": "section", "fields": [{"type": "mrkdwn", "text": ""}]}],
-            },
-            ["block 1 (section): field 1 is empty"],
-        ),
-        (
-            {"text": "hi", "blocks": [{"type": "section", "fields": [{"text": "f"}] * 11}]},
-            ["block 1 (section): fields must be a list of at most 10"],
-        ),
-        (
-            {"text": "hi", "blocks": [{"type": "context", "elements": []}]},
-            ["block 1 (context): needs 1 to 10 elements"],
-        ),
-        (
-            {"text": "", "blocks": [section("s"), {"type": "context", "elements": [{"text": ""}]}]},
-            ["no top-level text", "block 2 (context): element 1 is empty"],
-        ),
-    ],
-)
-def test_problems_names_what_slack_would_refuse(message: Any, expected: list[str]) -> None:
-    assert problems(message) == expected
 
 
 def test_what_fit_returns_has_no_problems() -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from bridge import blockkit
+from bridge import blockkit_limits
 from bridge.compose import Composer
 from bridge.config import Config, load_config
 from bridge.config_tables import TemplatesConfig
@@ -26,7 +26,7 @@ APP = 1400000000
 RECEIVED = 1703589923.5
 UNKNOWN = str(UNKNOWN_SAMPLE["CallbackCommand"])
 COMMANDS = [*MODELS, UNKNOWN]
-ELLIPSIS = blockkit.ELLIPSIS
+ELLIPSIS = blockkit_limits.ELLIPSIS
 # The only Slack tokens a digest may contain: the bridge's own dates.
 DATE_TOKEN = re.compile(r"<!date\^\d+\^\{date_short_pretty\} \{time_secs\}\|[^<>]*>")
 PINGS_AND_LINKS = ("<!channel>", "<!here>", "<!everyone>", "<@U", "<!subteam", "<http")
@@ -97,19 +97,19 @@ def owner_change(n: int, room: str | None = None) -> dict[str, Any]:
 def checked(payload: str) -> dict[str, Any]:
     """The Slack message in `payload`, after checking it is within Slack's limits."""
     message: dict[str, Any] = json.loads(payload)
-    assert message["text"].strip() and len(message["text"]) <= blockkit.TOP_TEXT_CHARS
+    assert message["text"].strip() and len(message["text"]) <= blockkit_limits.TOP_TEXT_CHARS
     blocks = message["blocks"]
-    assert len(blocks) <= blockkit.MAX_BLOCKS
+    assert len(blocks) <= blockkit_limits.MAX_BLOCKS
     assert blocks[0]["type"] == "header" and blocks[-1]["type"] == "context"
     for block in blocks:
         if block["type"] == "header":
-            assert 1 <= len(block["text"]["text"]) <= blockkit.HEADER_CHARS
+            assert 1 <= len(block["text"]["text"]) <= blockkit_limits.HEADER_CHARS
         elif block["type"] == "section":
             assert block["text"]["type"] == "mrkdwn"
-            assert 1 <= len(block["text"]["text"]) <= blockkit.SECTION_CHARS
+            assert 1 <= len(block["text"]["text"]) <= blockkit_limits.SECTION_CHARS
         else:
             assert block["type"] == "context"
-            assert len(block["elements"]) <= blockkit.MAX_CONTEXT
+            assert len(block["elements"]) <= blockkit_limits.MAX_CONTEXT
     return message
 
 
@@ -211,7 +211,7 @@ def test_long_values(
         for text, row in zip(texts, chunk, strict=True):
             if row.id in cut:
                 assert text.endswith(ELLIPSIS), name
-                assert len(text) == blockkit.SECTION_CHARS
+                assert len(text) == blockkit_limits.SECTION_CHARS
             else:
                 assert not text.endswith(ELLIPSIS), name
                 assert summary(text).startswith(f"Room *{rooms[row.id]}*: "), name
@@ -297,7 +297,7 @@ def test_an_entry_too_big_even_alone_is_cut_not_lost(config: Config, tmp_path: P
     ).messages
     assert [[row.id for row in chunk] for _, chunk in out] == [[0], [1]]
     alone = json.loads(out[1][0])["text"]
-    assert len(alone) == blockkit.TOP_TEXT_CHARS and alone.endswith(ELLIPSIS)
+    assert len(alone) == blockkit_limits.TOP_TEXT_CHARS and alone.endswith(ELLIPSIS)
     assert alone.startswith(rooms[1][:3000])
 
 

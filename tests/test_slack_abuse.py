@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bridge import blockkit
+from bridge import blockkit_problems
 from bridge.events import MODELS
 from bridge.samples import HOSTILE_VALUES, hostile
 from tests.bridge_server import APP_ID, OK_PACKET, InThread, post_callback, wait_until, write_config
@@ -108,7 +108,7 @@ def as_text(message: Posted) -> str:
 
 def assert_harmless(message: Posted) -> None:
     """Valid Block Kit that pings nobody and disguises no link."""
-    assert blockkit.problems(message.payload) == [], message.payload
+    assert blockkit_problems.problems(message.payload) == [], message.payload
     text = DATE_TOKEN.sub("", as_text(message))
     for token in FORBIDDEN:
         assert token not in text, (token, message.payload)
@@ -179,7 +179,7 @@ def test_no_value_forges_an_entity_a_line_or_its_reading_order(
         settle(running, 2 * len(bodies))
         posted = slack.posted
     for message in posted:
-        assert blockkit.problems(message.payload) == [], message.payload
+        assert blockkit_problems.problems(message.payload) == [], message.payload
         text = "\0".join(strings(message.payload))  # as Slack reads them: JSON decoded
         assert not any(value in text for value in FORGERIES), message.payload
         assert sum(sent in text for sent in FORGERIES.values()) == 1, message.payload
