@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import re
 import shutil
 import socket
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -20,22 +17,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from bridge.admin import (
-    GONE_SHOWN,
-    GUESS_WINDOW_S,
-    GUESSERS_KEPT,
-    GUESSES,
-    GUESSES_PER_48,
-    Guesses,
-    guessers,
-)
-from bridge.store import NewDelivery
-from bridge.store.sqlite import SQLiteStore
+from bridge.admin_guesses import GUESS_WINDOW_S, GUESSES
 from tests.bridge_server import (
-    APP_ID,
     OK_PACKET,
-    OWNER,
-    ROOT,
     SEED_BODY,
     InThread,
     NoRedirect,
@@ -48,7 +32,6 @@ from tests.bridge_server import (
 )
 from tests.pg_proxy import PgProxy
 from tests.slack_standin import SlackStandIn
-from tests.store_rows import new_event
 
 TOKEN = "admin-Zq9-token"
 CHANNEL = '[channels.{name}]\ntype = "webhook"\nurl = "{url}"\n'
@@ -213,54 +196,6 @@ def test_an_address_that_guesses_tokens_is_refused_for_a_minute(
         assert status == 429 and 0 < int(headers["retry-after"]) <= GUESS_WINDOW_S
         assert http_request(url + "/status/login", "POST", data=f"token={TOKEN}".encode())[0] == 429
         assert post_callback(url) == (200, OK_PACKET)  # callbacks are no admin's business
-
-
-@pytest.mark.parametrize(
-    ("host", "counted_as"),
-    [
-        ("203.0.113.9", ["203.0.113.9"]),
-        ("2001:db8:1:2:aaaa::1", ["2001:db8:1:2::/64", "2001:db8:1::/48"]),
-        # the same host's, still; another's /64 of the same /48
-        ("2001:db8:1:2:ffff:ffff:ffff:fffe", ["2001:db8:1:2::/64", "2001:db8:1::/48"]),
-        ("2001:db8:1:3::1", ["2001:db8:1:3::/64", "2001:db8:1::/48"]),
-        ("fe80::1%eth0", ["fe80::/64", "fe80::/48"]),
-        ("::ffff:203.0.113.9", ["203.0.113.9"]),  # IPv4 through a dual-stack socket
-        ("-", ["-"]),
-        ("testclient", ["testclient"]),
-    ],
-)
-def test_guesses_from_one_ipv6_host_count_together(host: str, counted_as: list[str]) -> None:
-    assert [key for key, _ in guessers(host)] == counted_as
-
-
-def test_guesses_from_many_64s_of_one_48_are_refused_too() -> None:
-    clock = [0.0]
-    guesses = Guesses(lambda: clock[0])
-    for n in range(GUESSES_PER_48):  # ten from each of ten /64s: none refused on its own
-        host = f"2001:db8:7:{n // GUESSES:x}::{n % GUESSES + 1:x}"
-        assert guesses.wait(host) == 0
-        guesses.wrong(host)
-    assert guesses.wait("2001:db8:7:ffff::1") == GUESS_WINDOW_S  # a new /64 of that /48
-    assert guesses.wait("2001:db8:8::1") == 0  # another /48
-    clock[0] += GUESS_WINDOW_S
-    assert guesses.wait("2001:db8:7:ffff::1") == 0
-
-
-def test_guesses_are_counted_in_a_window_per_address() -> None:
-    clock = [0.0]
-    guesses = Guesses(lambda: clock[0])
-    for _ in range(GUESSES - 1):
-        guesses.wrong("a")
-    assert guesses.wait("a") == 0
-    guesses.wrong("a")
-    assert guesses.wait("a") == GUESS_WINDOW_S and guesses.wait("b") == 0
-    clock[0] += GUESS_WINDOW_S
-    assert guesses.wait("a") == 0
-    guesses.wrong("a")  # a new window, counted from one
-    assert guesses.wait("a") == 0
-    for n in range(GUESSERS_KEPT + 1):  # the memory is bounded; the oldest window goes first
-        guesses.wrong(f"other-{n}")
-    assert len(guesses._wrong) == GUESSERS_KEPT
 
 
 def chromium() -> tuple[str, str]:
@@ -468,93 +403,6 @@ def test_replicas_with_one_admin_token_take_each_others_retry_form(
         assert answer == (303, "/status?retried=0&channel=hook")
 
 
-def test_the_retry_notice_names_a_channel_with_any_characters(
-    tmp_path: Path, slack: SlackStandIn
-) -> None:
-    name = "ops&oncall#2+b"
-    channels = CHANNEL.format(name=f'"{name}"', url=slack.sink_url())
-    config = write_config(tmp_path, channels=channels, routes=ROUTE.replace("hook", name))
-    with InThread(config) as bridge:
-        csrf = form_token(bridge)
-        status, location = post_form(
-            bridge.url + "/status/retry", {"channel": name, "csrf": csrf}, {}
-        )
-        assert status == 303
-        page = http_request(bridge.url + location)[2].decode()
-        assert "0 dead letters of ops&amp;oncall#2+b are pending again" in page
-        # The page refreshes itself without the notice, which told of one click.
-        assert '<meta http-equiv="refresh" content="10; url=/status">' in page
-
-
-@pytest.mark.parametrize(
-    "query",
-    [
-        "retried=All&channel=hook.%20Session%20expired:%20sign%20in%20at%20https://evil.example",
-        "retried=All&channel=hook",
-        "retried=3&channel=nosuch",
-    ],
-)
-def test_the_retry_notice_says_only_a_count_and_a_channel_there_is(
-    bridge: InThread, query: str
-) -> None:
-    # The query is anyone's to write: a link made the page say what its author chose.
-    page = http_request(f"{bridge.url}/status?{query}")[2].decode()
-    assert "pending again" not in page and "evil.example" not in page
-    page = http_request(f"{bridge.url}/status?retried=3&channel=hook")[2].decode()
-    assert "3 dead letters of hook are pending again." in page
-
-
-def test_a_rooms_text_is_shown_escaped_and_cut_short(bridge: InThread) -> None:
-    # 25 rooms of 125 KB made a page of 15 MB; a right-to-left override made one read backwards.
-    for name in ("abc\u202egnp.exe", "r" * 10_000):
-        body = SEED_BODY.replace(b'"room_id"', json.dumps(name).encode())
-        assert post_callback(bridge.url, body) == (200, OK_PACKET)
-    page = http_request(bridge.url + "/status")[2].decode()
-    assert "abc\\u202egnp.exe" in page and "\u202e" not in page
-    assert "r" * 119 + "…" in page and "r" * 120 not in page
-
-
-def test_a_last_error_quoting_a_room_is_cut_short(tmp_path: Path, slack: SlackStandIn) -> None:
-    # A template that fails at run time may quote a value in its error: three rooms of 200 KB
-    # made a page of 807 KB, whole in the channel's Last error and in each delivery's title.
-    templates = tmp_path / "tpl"
-    (templates / "webhook").mkdir(parents=True)
-    (templates / "webhook" / "odd.j2").write_text(
-        '{% if event.RoomId and event.RoomId.startswith("zz") %}'
-        "{{ fields[event.RoomId] }}{% endif %}{}"
-    )
-    config = write_config(
-        tmp_path, channels=HOOK.format(url=slack.sink_url()) + 'template = "webhook/odd.j2"\n',
-        routes=ROUTE,
-    )  # fmt: skip
-    config.write_text(config.read_text().replace(str(ROOT / "templates"), str(templates)))
-    with InThread(config) as bridge:
-        body = SEED_BODY.replace(b'"room_id"', json.dumps("zz" + "E" * 200_000).encode())
-        assert post_callback(bridge.url, body) == (200, OK_PACKET)
-        page = http_request(bridge.url + "/status")[2].decode()
-    assert "E" * 1000 not in page and len(page) < 20_000
-    assert page.count("E" * 300) == 2  # in the channel's last error and the delivery's title
-
-
-def test_rooms_of_two_apps_are_told_apart_by_their_app(tmp_path: Path, slack: SlackStandIn) -> None:
-    # Two apps may name a room alike: with one app served, no column for it; with two, each
-    # event's app beside its room.
-    config = write_config(tmp_path, channels=HOOK.format(url=slack.sink_url()), routes=ROUTE)
-    with InThread(config) as one_app:
-        assert post_callback(one_app.url) == (200, OK_PACKET)
-        page = http_request(one_app.url + "/status")[2].decode()
-    assert ">App<" not in page and str(APP_ID) not in page
-    config.write_text(
-        config.read_text().replace(f"sdk_app_id = {APP_ID}", f"sdk_app_id = [{APP_ID}, 7]")
-    )
-    with InThread(config) as two_apps:
-        query = {"SdkAppid": "7", "CallbackCommand": OWNER, "contenttype": "json"}
-        assert post_callback(two_apps.url, query=query) == (200, OK_PACKET)
-        page = http_request(two_apps.url + "/status")[2].decode()
-    rows = re.findall(r'<td data-label="App">(\d+)</td>\s*<td data-label="Room">(\w+)</td>', page)
-    assert rows == [("7", "room_id"), (str(APP_ID), "room_id")]  # newest first
-
-
 def test_pages_the_store_cannot_give_are_503_not_500(tmp_path: Path, postgres_url: str) -> None:
     """The database away (or no descriptor left for a connection to it): /metrics, /status and
     the retry button say so with a 503, as /readyz does, never a 500 with a traceback."""
@@ -577,47 +425,3 @@ def test_pages_the_store_cannot_give_are_503_not_500(tmp_path: Path, postgres_ur
             proxy.restore()
             assert wait_until(lambda: http_request(bridge.url + "/metrics")[0] == 200, 15)
             assert http_request(bridge.url + "/status")[0] == 200
-
-
-def test_the_status_page_says_a_reload_was_refused_and_why(
-    bridge: InThread, tmp_path: Path
-) -> None:
-    # The log and the metric said so; the page an operator looks at did not.
-    page = http_request(bridge.url + "/status")[2].decode()
-    assert 'id="reload"' not in page
-    path = tmp_path / "config.toml"
-    good = path.read_text()
-    path.write_text(good + "\n[bogus]\nx = 1\n")
-    assert http_request(bridge.url + "/-/reload", "POST")[0] == 400
-    page = http_request(bridge.url + "/status")[2].decode()
-    assert "was refused; the running config stays" in page
-    assert "bogus: unknown key" in page
-    path.write_text(good)
-    assert http_request(bridge.url + "/-/reload", "POST")[0] == 200
-    page = http_request(bridge.url + "/status")[2].decode()
-    assert "was refused" not in page and "Config reloaded at" in page
-
-
-def test_the_status_page_lists_some_channels_gone_from_the_config_and_counts_the_rest(
-    tmp_path: Path, slack: SlackStandIn
-) -> None:
-    # 10,000 removed channels with dead letters made a 14 MB page that held every callback for
-    # 1.5 s to render, again at each refresh.
-    async def fill() -> None:
-        store = SQLiteStore(tmp_path / "bridge.db")
-        await store.open()
-        try:
-            event = new_event("gone")
-            dead = [NewDelivery(f"gone-{n:03d}", None, error="x") for n in range(GONE_SHOWN + 5)]
-            await store.record(event, dead, time.time(), 0)
-        finally:
-            await store.close()
-
-    asyncio.run(fill())
-    # The config names none of them: the start-up burial leaves dead letters dead.
-    config = write_config(tmp_path, channels=HOOK.format(url=slack.sink_url()), routes=ROUTE)
-    with InThread(config) as bridge:
-        page = http_request(bridge.url + "/status")[2].decode()
-    listed = [n for n in range(GONE_SHOWN + 5) if f'data-channel="gone-{n:03d}"' in page]
-    assert listed == list(range(GONE_SHOWN))
-    assert "and 5 more channels not in the config: 0 pending or in flight, 5 dead" in page
