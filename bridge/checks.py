@@ -38,7 +38,8 @@ from typing import Any
 from bridge import blockkit_limits, blockkit_problems
 from bridge.config import CONFIG_HELP, Config, ConfigError, load_config, load_for_command
 from bridge.config_tables import Route
-from bridge.events import MODELS, parse_event
+from bridge.events import MODELS
+from bridge.events_parse import parse_event
 from bridge.jinja_env import COMMAND_NAME
 from bridge.reachable import reachable_commands, route_sees
 from bridge.render import Context, Renderer, RenderError

@@ -15,7 +15,9 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from bridge.config import Config
-from bridge.events import BadEvent, Envelope, decode_body, parse_event
+from bridge.events import Envelope
+from bridge.events_body import BadEvent, decode_body
+from bridge.events_parse import parse_event
 from bridge.render import Context, Renderer, RenderError, TooBig
 from bridge.store import Claimed
 

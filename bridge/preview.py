@@ -26,7 +26,9 @@ from typing import Any
 
 from bridge.config import CONFIG_HELP, Config, ConfigError, config_path, load_config
 from bridge.config_channels import Channel
-from bridge.events import OWNER_CHANGED, BadEvent, decode_body, parse_event
+from bridge.events import OWNER_CHANGED
+from bridge.events_body import BadEvent, decode_body
+from bridge.events_parse import parse_event
 from bridge.logs import each_line, one_line
 from bridge.render import Context, Renderer, RenderError
 from bridge.samples import sample

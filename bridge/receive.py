@@ -20,7 +20,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from bridge.config import Config
-from bridge.events import URL_NAMES, BadEvent, Envelope, decode_body, parse_event
+from bridge.events import URL_NAMES, Envelope
+from bridge.events_body import BadEvent, decode_body
+from bridge.events_parse import parse_event
 from bridge.metrics import Metrics
 from bridge.render import Context, Renderer, RenderError
 from bridge.routing import Router

@@ -13,7 +13,8 @@ from typing import Any, ParamSpec, TypeVar
 
 import psycopg
 
-from bridge.events import decode_body, parse_event
+from bridge.events_body import decode_body
+from bridge.events_parse import parse_event
 from bridge.receive import dedup_key
 from bridge.store import NewDelivery, NewEvent, Store
 from bridge.store.pg_schema import MIGRATIONS as PG_MIGRATIONS

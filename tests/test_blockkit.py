@@ -21,7 +21,7 @@ from bridge.channels.http import sender_session
 from bridge.channels.slack import SlackSender
 from bridge.config_channels import SlackChannel
 from bridge.config_tables import TemplatesConfig
-from bridge.events import parse_event
+from bridge.events_parse import parse_event
 from bridge.render import Context, Renderer
 from bridge.samples import sample
 from tests.slack_standin import SlackStandIn, _blocks_problem

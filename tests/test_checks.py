@@ -13,7 +13,7 @@ import pytest
 
 from bridge.checks import check_templates
 from bridge.config import load_config
-from bridge.events import parse_event
+from bridge.events_parse import parse_event
 from bridge.render import Context, Renderer, RenderError
 from bridge.routing import Router
 from bridge.samples import sample

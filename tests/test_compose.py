@@ -15,7 +15,8 @@ from bridge.compose import Composer
 from bridge.config import Config, load_config
 from bridge.config_tables import TemplatesConfig
 from bridge.escape import slack_text
-from bridge.events import MODELS, OWNER_CHANGED, parse_event
+from bridge.events import MODELS, OWNER_CHANGED
+from bridge.events_parse import parse_event
 from bridge.render import Context, Renderer, RenderError
 from bridge.samples import HOSTILE_VALUES, UNKNOWN_SAMPLE, hostile, sample
 from bridge.store import Claimed, room_key

@@ -25,7 +25,8 @@ from bridge.app import create_app
 from bridge.attempts import ChannelState
 from bridge.config import ConfigError, load_config
 from bridge.deliver import STATES_MAX, Report
-from bridge.events import decode_body, parse_event
+from bridge.events_body import decode_body
+from bridge.events_parse import parse_event
 from bridge.metrics import Metrics
 from bridge.render import Context, Renderer
 from bridge.store.engines import make_store

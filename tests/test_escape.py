@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from bridge.config_tables import TemplatesConfig
-from bridge.events import parse_event
+from bridge.events_parse import parse_event
 from bridge.jinja_env import environments
 from bridge.render import Context, Renderer, RenderError
 

@@ -8,7 +8,8 @@ import pytest
 
 from bridge.config_tables import TemplatesConfig
 from bridge.escape import slack_escape, slack_text
-from bridge.events import decode_body, parse_event
+from bridge.events_body import decode_body
+from bridge.events_parse import parse_event
 from bridge.render import Context, Renderer, RenderError
 from tests.payloads import strings
 

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from bridge.config_tables import TemplatesConfig
-from bridge.events import MODELS, OWNER_CHANGED, GiftSending, RoomCreated, parse_event
+from bridge.events import MODELS, OWNER_CHANGED, GiftSending, RoomCreated
+from bridge.events_parse import parse_event
 from bridge.render import Context, Renderer
 from bridge.samples import HOSTILE_VALUES, SAMPLES, UNKNOWN_SAMPLE, hostile, sample
 from tests.bridge_server import SEED_BODY
@@ -288,9 +289,9 @@ def test_long_lists_are_cut_and_counted(command: str) -> None:
 
 # --- a list left unset -----------------------------------------------------------------------
 
-# A list with an entry that is no item at all is left unset whole (bridge/events.py): its count
-# shows as `?`, never as 0, none or nobody; an empty list still shows 0. Each row: the command,
-# the list's path in the body, and a value the event model leaves unset.
+# A list with an entry that is no item at all is left unset whole (bridge/events_parse.py): its
+# count shows as `?`, never as 0, none or nobody; an empty list still shows 0. Each row: the
+# command, the list's path in the body, and a value the event model leaves unset.
 UNSET_LISTS: list[tuple[str, str, Any]] = [
     ("Live.CallbackAfterMemberStateChanged", "MemberList", [{"Member_Account": "u1"}, 5]),
     ("Mic.CallbackAfterSeatInfoChanged", "SeatList", [{"Index": 0, "Member_Account": "u1"}, 5]),
