@@ -14,7 +14,8 @@ import statistics
 import time
 from pathlib import Path
 
-from bridge.store.schema import CLAIM_SQL, DUE_SQL, ROOM_FREE, migrate
+from bridge.store.schema import migrate
+from bridge.store.sqlite_statements import CLAIM_SQL, DUE_SQL, ROOM_FREE
 
 CLAIM_BACKLOGS = (1_000, 20_000, 200_000)
 LIMIT = 64  # what a webhook channel with max_in_flight = 16 claims at once

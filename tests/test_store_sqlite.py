@@ -26,18 +26,11 @@ from bridge.store import (
     dedup_digest,
     room_key,
 )
-from bridge.store.schema import (
-    CLAIM_SQL,
-    DUE_SQL,
-    MIGRATIONS,
-    SCHEMA_VERSION,
-    STATS_SQL,
-    _key_in_millis,
-    migrate,
-)
+from bridge.store.schema import MIGRATIONS, SCHEMA_VERSION, _key_in_millis, migrate
 from bridge.store.sqlite import SQLiteStore
 from bridge.store.sqlite_file import Sync, connect
 from bridge.store.sqlite_outbox import BATCH
+from bridge.store.sqlite_statements import CLAIM_SQL, DUE_SQL, STATS_SQL
 from tests.bridge_server import OWNER, db_rows
 from tests.store_rows import (
     APP,

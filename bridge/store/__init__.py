@@ -160,7 +160,8 @@ class DeliveryRow:
 
     @classmethod
     def of(cls, r: Sequence[Any]) -> DeliveryRow:
-        """From a row of the stores' delivery columns (schema.LIST_SQL's, in its order)."""
+        """From a row of the stores' delivery columns (sqlite_statements.LIST_SQL's, in its
+        order)."""
         return cls(
             id=r[0], event_id=r[1], channel=r[2], room_id=r[3], command=r[4], state=State(r[5]),
             attempts=r[6], last_error=r[7], created_at=r[8], updated_at=r[9],

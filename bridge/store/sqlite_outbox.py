@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from bridge.store import ChannelStats, DeliveryRow, RecentEvent
-from bridge.store.schema import (
+from bridge.store.sqlite_file import SQLiteFile, chunks, sql_in
+from bridge.store.sqlite_statements import (
     CHANNEL_NAMES,
     HIGH_WATER_SQL,
     LIST_SQL,
@@ -21,7 +22,6 @@ from bridge.store.schema import (
     PRUNE_SQL,
     STATS_SQL,
 )
-from bridge.store.sqlite_file import SQLiteFile, chunks, sql_in
 
 # Rows a long change (a prune, of each table; a retry or burial of a whole channel) changes per
 # transaction: a few ms, callbacks committing in between.
