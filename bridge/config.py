@@ -2,8 +2,8 @@
 
 `load_config(path)` returns a validated `Config` or raises `ConfigError`, whose message names the
 file, the table and the key at fault and never contains a configured value. The tables and their
-own rules are in config_tables.py, the channel types' in config_channels.py; `Config`, the
-root, checks what spans them.
+own rules are in config_tables.py and config_tencent.py, the channel types' in config_channels.py,
+what they share in config_values.py; `Config`, the root, checks what spans them.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from bridge.config_tables import (
     ServerConfig,
     StoreConfig,
     TemplatesConfig,
-    TencentConfig,
 )
+from bridge.config_tencent import TencentConfig
 
 log = logging.getLogger(__name__)
 

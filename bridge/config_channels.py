@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from bridge.config_tables import MAX_COUNT, Strict, check_http_url
+from bridge.config_values import MAX_COUNT, Strict, check_http_url
 
 # RFC 9110's token: what a header's name may be made of.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")

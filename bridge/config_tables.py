@@ -1,9 +1,11 @@
 """Each table of the configuration tree, with the rules that table owns.
 
-`[server]`, `[tencent]`, `[store]`, `[delivery]`, `[templates]`, `[admin]` and `[[routes]]`; the
-channel types of `[channels.*]` are in bridge/config_channels.py. Every table refuses unknown
-keys; a value that breaks a rule here is refused with a message that never repeats it (it may be
-a secret). What spans tables (a route's channels) is checked at the root, `bridge.config.Config`.
+`[server]`, `[store]`, `[delivery]`, `[templates]`, `[admin]` and `[[routes]]`; `[tencent]` is in
+bridge/config_tencent.py, the channel types of `[channels.*]` in bridge/config_channels.py, and
+what the tables share (the strict base, rules for paths, URLs and hosts) in
+bridge/config_values.py. Every table refuses unknown keys; a value that breaks a rule here is
+refused with a message that never repeats it (it may be a secret). What spans tables (a route's
+channels) is checked at the root, `bridge.config.Config`.
 """
 
 from __future__ import annotations
@@ -13,81 +15,21 @@ import re
 import string
 import zoneinfo
 from pathlib import Path
-from typing import Annotated, Literal
-from urllib.parse import unquote, urlsplit
+from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    SecretStr,
-    TypeAdapter,
-    ValidationError,
-    field_validator,
-    model_validator,
+from pydantic import ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from bridge.config_values import (
+    HOST_PROBLEM,
+    MAX_COUNT,
+    LocalPath,
+    Strict,
+    host_can_be_looked_up,
 )
-
-
-class Strict(BaseModel):
-    # inf is TOML and a float, but no duration: an infinite timeout_s stopped start-up with
-    # a traceback, an infinite drain_s the process at SIGTERM.
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-def _no_nul(value: Path) -> Path:
-    # No file can have one in its name: opening it raised ValueError, a traceback at start-up.
-    if "\0" in str(value):
-        raise ValueError("a path cannot hold a NUL character")
-    return value
-
-
-LocalPath = Annotated[Path, AfterValidator(_no_nul)]
-
-
-def check_http_url(url: str) -> None:
-    """ValueError unless `url` is an http(s) URL with a host and, if any, a numeric port. The
-    message never quotes the URL: urlsplit's own (for `[…]` in a password, or a port that is
-    no number) does, and a webhook's URL is a secret."""
-    try:
-        parts = urlsplit(url)
-        _ = parts.port  # a port that is not a number or over 65535 raises here
-    except ValueError:
-        raise ValueError(
-            "is not a URL that can be sent to (its host or port cannot be read)"
-        ) from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("must be an http:// or https:// URL with a host")
-    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
-        raise ValueError("cannot hold spaces or control characters")
-    if not host_can_be_looked_up(parts.hostname):
-        raise ValueError(f"is not a URL that can be sent to ({HOST_PROBLEM})")
-
-
-HOST_PROBLEM = "its host name has an empty label, as in a..b, or one over 63 characters"
-
-
-def host_can_be_looked_up(host: str) -> bool:
-    """Whether `host` is a name (or address) a lookup can take: accepted, `a..b` or a label over
-    63 characters failed every send with a traceback ("encoding with 'idna' codec failed"),
-    and stopped the commands that send or connect. Only those are refused: Python's codec
-    also refuses names IDNA 2008 allows, which aiohttp sends to (as `xn--` labels)."""
-    if ":" in host or unquote(host).startswith("/"):
-        return True  # an IPv6 address; a PostgreSQL URL's Unix socket folder, %2F-encoded
-    for label in host.removesuffix(".").split(".") if host else []:
-        size = len(label) if label.isascii() else len(label.encode("punycode")) + len("xn--")
-        if not 0 < size <= 63:
-            return False
-    return True
-
 
 # Paths the app serves itself: a callback path there would hide them, or they it.
 RESERVED_PATHS = ("/healthz", "/readyz", "/metrics", "/status", "/-/")
-
-# Counts reach SQL (a claim's LIMIT is digest_after + 1, or 4 x max_in_flight) and the stores'
-# integer columns: past this, SQLite's 64 bits overflowed and every lane died with nothing
-# delivered. No count means anything this large.
-MAX_COUNT = 2**31 - 1
 
 
 class ServerConfig(Strict):
@@ -132,98 +74,6 @@ class ServerConfig(Strict):
         a URL registered either way reaches the receiver (and stays out of the access log)."""
         base = self.callback_path.rstrip("/")
         return frozenset({base or "/", base + "/"})
-
-
-# Positive, and within the stores' 64-bit integer column: 2**64 - 1 passed, and every callback
-# for it failed with a 500 when its event was stored.
-SdkAppId = Annotated[int, Field(gt=0, le=2**63 - 1)]
-
-
-_APP_ID: TypeAdapter[int] = TypeAdapter(SdkAppId)
-
-
-def _token_problem(token: str) -> str | None:
-    """What is wrong with a Tencent callback token, in words (never the token itself)."""
-    if not 1 <= len(token) <= 128:
-        return "Tencent callback tokens are 1 to 128 characters"
-    if token != token.strip() or any(not char.isprintable() for char in token):
-        # A newline a secret file ends with, say: every callback was refused "bad Sign", and
-        # an "after" callback refused is gone.
-        return (
-            "a space or newline at the token's start or end, or a control character in it"
-            " (a file's last newline?)"
-        )
-    return None
-
-
-class TencentConfig(Strict):
-    sdk_app_id: tuple[SdkAppId, ...]
-    callback_token: SecretStr | None = None  # every app's, but those in callback_tokens
-    # Tencent keeps a token per app (v4/live_config/set_callback_token): one bridge serving a
-    # staging and a production app may be given each one's, by SDKAppID.
-    callback_tokens: dict[SdkAppId, SecretStr] = {}
-    max_request_age_s: int = Field(60, gt=0, le=MAX_COUNT)
-
-    def token_for(self, sdk_app_id: int) -> SecretStr | None:
-        """The token that signs `sdk_app_id`'s callbacks; None: they are not signed."""
-        return self.callback_tokens.get(sdk_app_id, self.callback_token)
-
-    @field_validator("sdk_app_id", mode="before")
-    @classmethod
-    def _one_or_many(cls, value: object) -> object:
-        return [value] if isinstance(value, int | str) else value
-
-    @field_validator("sdk_app_id")
-    @classmethod
-    def _not_empty(cls, value: tuple[int, ...]) -> tuple[int, ...]:
-        if not value:
-            raise ValueError("needs at least one SDKAppID")
-        return value
-
-    @field_validator("callback_token")
-    @classmethod
-    def _token_length(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and (problem := _token_problem(value.get_secret_value())):
-            raise ValueError(problem)
-        return value
-
-    @field_validator("callback_tokens", mode="before")
-    @classmethod
-    def _each_app_once(cls, value: object) -> object:
-        # TOML keys are text: "1", "01", "+1" and "1_0" as 10 are keys apart, read as one
-        # app, and the last one won unsaid. Read here as the field reads them.
-        if isinstance(value, dict):
-            apps = []
-            for key in value:
-                with contextlib.suppress(ValidationError):  # the field's validation names it
-                    apps.append(_APP_ID.validate_python(key))
-            if len(set(apps)) < len(apps):
-                raise ValueError("names one SDKAppID twice (as 1 and 01, say)")
-        return value
-
-    @field_validator("callback_tokens")
-    @classmethod
-    def _tokens_length(cls, value: dict[int, SecretStr]) -> dict[int, SecretStr]:
-        for app, token in value.items():
-            if problem := _token_problem(token.get_secret_value()):
-                raise ValueError(f"{app}: {problem}")
-        return value
-
-    @model_validator(mode="after")
-    def _tokens_of_listed_apps(self) -> TencentConfig:
-        if unknown := sorted(set(self.callback_tokens) - set(self.sdk_app_id)):
-            raise ValueError(
-                f"callback_tokens names {', '.join(map(str, unknown))}, not in sdk_app_id"
-            )
-        # Tokens for some apps and none for the rest would let the rest's callbacks in unsigned:
-        # more likely an app forgotten than meant.
-        unsigned = [a for a in self.sdk_app_id if self.token_for(a) is None]
-        if self.callback_tokens and unsigned:
-            raise ValueError(
-                f"SDKAppID {', '.join(map(str, unsigned))} has no token: name it in"
-                " callback_tokens, or set callback_token for the apps not named there"
-            )
-        return self
 
 
 class StoreConfig(Strict):

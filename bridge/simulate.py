@@ -28,7 +28,7 @@ from urllib.parse import urlencode, urlsplit
 from pydantic import SecretStr
 
 from bridge.config import CONFIG_HELP, Config
-from bridge.config_tables import check_http_url
+from bridge.config_values import check_http_url
 from bridge.events import OWNER_CHANGED
 from bridge.logs import each_line, one_line
 from bridge.preview import Unusable, add_event_arguments, load, read_body
