@@ -289,7 +289,7 @@ def _where(exc: Exception) -> str | None:
     own line rather than the include's. Jinja rewrites a render error's traceback so that each
     template's frame has the template's file and line, and the error in its globals
     (jinja2.debug.fake_traceback); frames of Python code, Jinja's own among them, are not."""
-    found = getattr(exc, "where", None)  # escape.OutputTooLong: met in Jinja's own code
+    found = getattr(exc, "where", None)  # output.OutputTooLong: met in Jinja's own code
     tb = exc.__traceback__
     while tb is not None:
         if "__jinja_exception__" in tb.tb_frame.f_globals:

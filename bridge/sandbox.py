@@ -24,7 +24,7 @@ import jinja2.runtime
 import jinja2.sandbox
 import jinja2.utils
 
-from bridge.escape import OutputBuffer
+from bridge.output import OutputBuffer
 
 # The most items a template's range() calls give in all, in one render. A loop over
 # range(10**12) held start-up, `check` and a reload (its thread at 100% CPU, every
@@ -103,7 +103,7 @@ def _lipsum(n: int = 5, *args: Any, **kwargs: Any) -> Any:
 
 class _BoundedBuffers(jinja2.compiler.CodeGenerator):
     """Jinja's compiled code, with each buffer it collects in a list (a macro's, a `{% set %}`
-    or `{% call %}` block's) an escape.OutputBuffer, bounded as it is written: a plain list held
+    or `{% call %}` block's) an output.OutputBuffer, bounded as it is written: a plain list held
     everything written until the block ended."""
 
     def buffer(self, frame: jinja2.compiler.Frame) -> None:
