@@ -199,7 +199,9 @@ def test_a_channel_only_a_dead_replica_served_is_buried_once_its_announcement_is
         assert wait_until(lambda: states(postgres_sql)["x"] == BURIED)
         buried_s = time.monotonic() - announced
         assert postgres_sql("SELECT count(*) FROM replicas") == [(1,)]  # B's own: forgotten
-    assert PRESENCE_S <= buried_s < PRESENCE_S + 1.0, buried_s
+    # Soon after, not at once; the margin is for a loaded machine (1.6 s was seen on CI's with
+    # other work running), still far below the real PRESENCE_S a missed setting would show.
+    assert PRESENCE_S <= buried_s < PRESENCE_S + 2.5, buried_s
 
 
 def test_a_replica_just_started_takes_no_other_for_dead(
