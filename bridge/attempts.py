@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from bridge.channels import Outcome, Result, Thread, permanent, retry
 from bridge.compose import Composer
 from bridge.config_tables import DeliveryConfig
-from bridge.metrics import Outcomes
+from bridge.outcomes import Outcomes
 from bridge.policy import ChannelPolicy, send_s
 from bridge.render import RenderError
 from bridge.store import Claimed, Store, StoreUnavailable

@@ -32,7 +32,7 @@ from bridge import log_writer, logs
 from bridge.checks import load_validated, validate
 from bridge.compose import Composer
 from bridge.config import Config, ConfigError, load_config
-from bridge.metrics import delivery_latency
+from bridge.outcomes import delivery_latency
 from bridge.policy import ChannelPolicy, build_policies
 from bridge.render import Renderer
 from bridge.store import STORE_STOP_S, StoreUnavailable

@@ -11,32 +11,18 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from bridge import log_writer
 from bridge.events import MODELS
+from bridge.outcomes import delivery_latency
 from bridge.store import ChannelStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 ACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 DELIVERY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
-
-
-class Outcomes(Protocol):
-    """Where the worker counts what became of each attempt: the serving process's `Metrics`,
-    or a delivery process's report to it (`bridge.deliver`)."""
-
-    def outcome(self, channel: str, outcome: str, received_at: float | None = None) -> None: ...
-
-
-def delivery_latency(outcome: str, received_at: float | None) -> float | None:
-    """Seconds from acknowledgement to now, for an attempt that delivered; else None."""
-    if outcome == "delivered" and received_at is not None:
-        return max(0.0, time.time() - received_at)
-    return None
 
 
 def command_label(command: str) -> str:

@@ -24,7 +24,7 @@ from bridge.compose import Composer
 from bridge.config import Config
 from bridge.config_tables import DeliveryConfig
 from bridge.lane import Lanes
-from bridge.metrics import Outcomes
+from bridge.outcomes import Outcomes
 from bridge.pacing import Pacer
 from bridge.policy import THREAD_TTL_S, ChannelPolicy, strictest
 from bridge.store import Store, StoreUnavailable

@@ -446,14 +446,16 @@ def test_the_child_delivers_from_postgresql(
 
 
 def test_the_child_loads_no_web_server() -> None:
-    # It sends from the store: Starlette and uvicorn would be memory and start-up for nothing.
+    # It sends from the store and reports its counts to the server: Starlette, uvicorn and
+    # the Prometheus registry would be memory and start-up for nothing (the pair's RSS target).
     code = (
-        "import sys, bridge.deliver; "
-        "print(sorted({m.split('.')[0] for m in sys.modules} & {'starlette', 'uvicorn'}), "
-        "'bridge.app' in sys.modules)"
+        "import sys, bridge.deliver, bridge.channels.build, bridge.channels.http; "
+        "print(sorted({m.split('.')[0] for m in sys.modules}"
+        " & {'starlette', 'uvicorn', 'prometheus_client'}), "
+        "'bridge.app' in sys.modules, 'bridge.metrics' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["[]", "False"]
+    assert out.stdout.split() == ["[]", "False", "False"]
 
 
 def test_only_the_child_loads_the_http_client(tmp_path: Path, slack: SlackStandIn) -> None:
