@@ -33,6 +33,12 @@ log = logging.getLogger("bridge.store.sqlite")  # the store's log lines, under i
 T = TypeVar("T")
 Sync = Literal["full", "normal"]  # [store] sync
 WAL_LIMIT_BYTES = 16 << 20  # steady load keeps the WAL near 4 MB (checkpoints every 1,000 pages)
+# Each connection's page cache, in KiB (SQLite's default is 2,000). In WAL mode a connection's
+# cache is emptied whenever another one commits: the reader's at every commit of the writer,
+# and with a delivery process the two writers' at each other's, hundreds of times a second. A
+# large cache mostly held pages about to be dropped, and the heap kept what a large read had
+# filled: the delivery process's pair peaked 4 MB higher under benchmark 1 (bench/notes.md).
+CACHE_KIB = 256
 
 
 _TEXT = functools.partial(str, encoding="utf-8", errors="replace")
@@ -60,6 +66,7 @@ def connect(path: Path, sync: Sync = "full") -> sqlite3.Connection:
         # its own, and at the process's limit of open files one callback in 15 that had got in
         # was refused with "unable to open database file".
         conn.execute("PRAGMA temp_store=MEMORY")
+        conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
     except BaseException:
         conn.close()  # not a database, say: nobody else holds it to close it
         raise
