@@ -37,8 +37,14 @@ WAL_LIMIT_BYTES = 16 << 20  # steady load keeps the WAL near 4 MB (checkpoints e
 # cache is emptied whenever another one commits: the reader's at every commit of the writer,
 # and with a delivery process the two writers' at each other's, hundreds of times a second. A
 # large cache mostly held pages about to be dropped, and the heap kept what a large read had
-# filled: the delivery process's pair peaked 4 MB higher under benchmark 1 (bench/notes.md).
+# filled: the delivery process's pair peaked 4 MB higher for it under benchmark 1.
 CACHE_KIB = 256
+# Prepared statements each connection keeps (sqlite3's default is 128). A batch's statements
+# are as long as the batch (`insert_rows`' INSERT of n rows, `sql_in`'s n ids), so one text for
+# each size, and the prepared ones grow with n: kept by the 128, 2.4 MB in the server under
+# benchmark 1 and 1.6 MB in its delivery process. The few statements every batch runs stay among
+# the 32 most recent.
+STATEMENTS_KEPT = 32
 
 
 _TEXT = functools.partial(str, encoding="utf-8", errors="replace")
@@ -47,7 +53,10 @@ _TEXT = functools.partial(str, encoding="utf-8", errors="replace")
 def connect(path: Path, sync: Sync = "full") -> sqlite3.Connection:
     """A connection in the settings every user of the file must share; `sync` ("full" or
     "normal") is the writer's."""
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+    conn = sqlite3.connect(
+        path, isolation_level=None, check_same_thread=False, timeout=10.0,
+        cached_statements=STATEMENTS_KEPT,
+    )  # fmt: skip
     # Text that is not UTF-8 (a flipped bit) read as U+FFFD: raised, one such row failed every
     # claim of its channel, for good; read, its event no longer parses, and it is a dead letter.
     conn.text_factory = _TEXT
