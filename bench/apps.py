@@ -25,7 +25,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from bridge.store.sqlite_file import connect, insert_rows
+from bridge.store.sqlite_connect import connect
+from bridge.store.sqlite_params import insert_rows
 from bridge.store.writer import GroupCommitWriter, Together
 
 OK = b'{"ActionStatus":"OK","ErrorInfo":"","ErrorCode":0}'

@@ -28,7 +28,7 @@ from bridge.store import (
 )
 from bridge.store.schema import MIGRATIONS, SCHEMA_VERSION, _key_in_millis, migrate
 from bridge.store.sqlite import SQLiteStore
-from bridge.store.sqlite_file import Sync, connect
+from bridge.store.sqlite_connect import Sync, connect
 from bridge.store.sqlite_outbox import BATCH
 from bridge.store.sqlite_statements import CLAIM_SQL, DUE_SQL, STATS_SQL
 from tests.bridge_server import OWNER, db_rows
@@ -695,7 +695,7 @@ async def test_the_wal_shrinks_back_after_a_large_transaction(
     # retyped channel's messages, was one until they went in batches) grows the WAL file to its
     # size, and SQLite reuses the file from its start without giving the space back: 50,000
     # dead letters retried left 11 MB until the server stopped.
-    monkeypatch.setattr("bridge.store.sqlite_file.WAL_LIMIT_BYTES", 1 << 20)
+    monkeypatch.setattr("bridge.store.sqlite_connect.WAL_LIMIT_BYTES", 1 << 20)
     path = tmp_path / "bridge.db"
     add_old_delivered(path, 40_000, time.time())
     with contextlib.closing(connect(path)) as conn:

@@ -17,7 +17,7 @@ import pytest
 
 from bridge.store import NewDelivery, StoreUnavailable
 from bridge.store.sqlite import SQLiteStore
-from bridge.store.sqlite_file import CACHE_KIB, Sync, connect
+from bridge.store.sqlite_connect import Sync
 from tests.store_rows import add, new_event, sqlite_store
 
 pytestmark = pytest.mark.anyio
@@ -259,11 +259,3 @@ async def test_a_file_removed_or_replaced_while_open_is_unavailable(
         await store.ping()
     os.replace(moved, store.path)  # put back: the same file again
     await store.ping()
-
-
-@pytest.mark.parametrize("sync", ["full", "normal"])
-def test_every_connection_keeps_a_small_page_cache(tmp_path: Path, sync: Sync) -> None:
-    # Another connection's commit empties it (WAL mode): a large one held pages about to be
-    # dropped, and the process the memory a large read had filled.
-    with contextlib.closing(connect(tmp_path / "bridge.db", sync)) as conn:
-        assert conn.execute("PRAGMA cache_size").fetchone() == (-CACHE_KIB,)

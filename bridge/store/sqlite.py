@@ -22,8 +22,8 @@ from typing import Any
 
 from bridge.store import NewDelivery, NewEvent, Recorded, State, StoreUnavailable
 from bridge.store.deadline import within_deadline
-from bridge.store.sqlite_file import MAX_PARAMS, insert_rows, sql_in
 from bridge.store.sqlite_outbox import SQLiteOutbox
+from bridge.store.sqlite_params import MAX_PARAMS, insert_rows, sql_in
 from bridge.store.sqlite_queue import SQLiteQueue
 from bridge.store.sqlite_statements import NEXT_IDS_SQL, ORDER_AFTER_ROOM
 from bridge.store.writer import Together

@@ -1,10 +1,10 @@
-"""How the SQLite store reaches its file: connections, locks, one writer and one reader.
+"""How the SQLite store reaches its file: locks, one writer and one reader.
 
-`connect` opens a connection in the settings every user of the file shares (WAL; fsync on commit
-at `sync = "full"`). `SQLiteFile` holds the serving process's lock on the file, the write lock
-each transaction takes, the group-commit writer every write goes through (writer.py), and a
-connection of its own for what operators read. Statements stay within SQLite's limit on bound
-parameters: `sql_in`, `chunks` and `insert_rows` split them.
+`SQLiteFile` holds the serving process's lock on the file, the write lock each transaction
+takes, the group-commit writer every write goes through (writer.py), and a connection of its
+own for what operators read, each opened by sqlite_connect.py's `connect`. It checks before each
+batch that the file, its -wal and -shm and its lock file are still the ones open, and keeps
+SQLite's word that the file is damaged.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import functools
 import logging
 import os
 import sqlite3
@@ -22,64 +21,16 @@ import urllib.parse
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from bridge.store import Recorded, StoreUnavailable
 from bridge.store.schema import SCHEMA_VERSION, migrate
+from bridge.store.sqlite_connect import Sync, connect
 from bridge.store.writer import GroupCommitWriter
 
 log = logging.getLogger("bridge.store.sqlite")  # the store's log lines, under its name
 
 T = TypeVar("T")
-Sync = Literal["full", "normal"]  # [store] sync
-WAL_LIMIT_BYTES = 16 << 20  # steady load keeps the WAL near 4 MB (checkpoints every 1,000 pages)
-# Each connection's page cache, in KiB (SQLite's default is 2,000). In WAL mode a connection's
-# cache is emptied whenever another one commits: the reader's at every commit of the writer,
-# and with a delivery process the two writers' at each other's, hundreds of times a second. A
-# large cache mostly held pages about to be dropped, and the heap kept what a large read had
-# filled: the delivery process's pair peaked 4 MB higher for it under benchmark 1.
-CACHE_KIB = 256
-# Prepared statements each connection keeps (sqlite3's default is 128). A batch's statements
-# are as long as the batch (`insert_rows`' INSERT of n rows, `sql_in`'s n ids), so one text for
-# each size, and the prepared ones grow with n: kept by the 128, 2.4 MB in the server under
-# benchmark 1 and 1.6 MB in its delivery process. The few statements every batch runs stay among
-# the 32 most recent.
-STATEMENTS_KEPT = 32
-
-
-_TEXT = functools.partial(str, encoding="utf-8", errors="replace")
-
-
-def connect(path: Path, sync: Sync = "full") -> sqlite3.Connection:
-    """A connection in the settings every user of the file must share; `sync` ("full" or
-    "normal") is the writer's."""
-    conn = sqlite3.connect(
-        path, isolation_level=None, check_same_thread=False, timeout=10.0,
-        cached_statements=STATEMENTS_KEPT,
-    )  # fmt: skip
-    # Text that is not UTF-8 (a flipped bit) read as U+FFFD: raised, one such row failed every
-    # claim of its channel, for good; read, its event no longer parses, and it is a dead letter.
-    conn.text_factory = _TEXT
-    try:
-        conn.execute("PRAGMA journal_mode=WAL")
-        # FULL: a commit is on disk before the OK packet goes out, power loss included. NORMAL
-        # (in WAL mode): a commit is in the operating system's hands, safe from a crash of the
-        # process.
-        conn.execute("PRAGMA synchronous=FULL" if sync == "full" else "PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA foreign_keys=ON")
-        conn.execute("PRAGMA busy_timeout=10000")
-        # A large transaction grows the WAL file to its size, and SQLite reuses the file without
-        # giving the space back: truncated to this once a checkpoint lets the WAL start again.
-        conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
-        # Temporary files (a large statement's journal) in memory: each needed a descriptor of
-        # its own, and at the process's limit of open files one callback in 15 that had got in
-        # was refused with "unable to open database file".
-        conn.execute("PRAGMA temp_store=MEMORY")
-        conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
-    except BaseException:
-        conn.close()  # not a database, say: nobody else holds it to close it
-        raise
-    return conn
 
 
 def _served_before(path: Path) -> None:
@@ -141,32 +92,6 @@ def _served(lock: str) -> bool:
     finally:
         os.close(fd)  # and with it the shared lock, if taken
     return False
-
-
-def sql_in(sql: str, values: Sequence[object]) -> str:
-    """`sql` with its `{marks}` replaced by one `?` per value: values stay parameters."""
-    return sql.replace("{marks}", ",".join("?" * len(values)))
-
-
-def chunks(values: Sequence[T], size: int) -> list[Sequence[T]]:
-    """`values` in runs of at most `size`: one statement each within SQLite's parameter limit."""
-    return [values[start : start + size] for start in range(0, len(values), size)]
-
-
-# Bound parameters per statement: SQLite's limit before 3.32, the lowest a build may have.
-MAX_PARAMS = 999
-
-
-def insert_rows(conn: sqlite3.Connection, head: str, rows: Sequence[tuple[Any, ...]]) -> None:
-    """`head` ("INSERT … VALUES") for all `rows`, in as few statements as the limit allows."""
-    if not rows:
-        return
-    width = len(rows[0])
-    per = MAX_PARAMS // width
-    mark = "(" + ",".join("?" * width) + ")"
-    for start in range(0, len(rows), per):
-        chunk = rows[start : start + per]
-        conn.execute(f"{head} {','.join([mark] * len(chunk))}", [v for row in chunk for v in row])
 
 
 class SQLiteFile:

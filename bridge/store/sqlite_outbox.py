@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from bridge.store import ChannelStats, DeliveryRow, RecentEvent
-from bridge.store.sqlite_file import SQLiteFile, chunks, sql_in
+from bridge.store.sqlite_file import SQLiteFile
+from bridge.store.sqlite_params import chunks, sql_in
 from bridge.store.sqlite_statements import (
     CHANNEL_NAMES,
     HIGH_WATER_SQL,

@@ -13,7 +13,8 @@ import sqlite3
 from collections.abc import Sequence
 
 from bridge.store import CLOCK_STEP_S, Claimed, Pace
-from bridge.store.sqlite_file import MAX_PARAMS, SQLiteFile, sql_in
+from bridge.store.sqlite_file import SQLiteFile
+from bridge.store.sqlite_params import MAX_PARAMS, sql_in
 from bridge.store.sqlite_statements import CLAIM_SQL, DUE_SQL, MARK_DELIVERED_SQL, TAKE_SQL
 from bridge.store.writer import Together
 
