@@ -178,12 +178,8 @@ async def _retry(store: Store, config: Config, args: argparse.Namespace) -> int:
         return _report(args, "retried", count, "back to pending", [], "")
     # Nor by id: pending again, a removed channel's deliveries waited with nothing to send them
     # (and counted as pending on /metrics) until a reload or a start buried them once more.
-    removed = {s.channel for s in await store.stats() if s.channel not in config.channels}
-    orphans = {
-        row.id: row.channel
-        for name in sorted(removed)
-        for row in await store.list_deliveries(False, name, 2**31 - 1)
-    }
+    owners = await store.channels_of(args.ids)
+    orphans = {i: channel for i, channel in owners.items() if channel not in config.channels}
     asked = [i for i in dict.fromkeys(args.ids) if i not in orphans]
     status = await _each_id(
         args, lambda ids: store.retry(ids, now), "retried", "back to pending",

@@ -502,6 +502,16 @@ async def test_retry_and_drop_take_more_ids_than_a_statement_holds(store: Store)
     assert await deliveries(store) == []
 
 
+async def test_channels_of_names_each_delivery_there_is(store: Store) -> None:
+    now = time.time()
+    await store.record(new_event("many"), [NewDelivery("a", "p"), NewDelivery("b", "p")] * 600,
+                       now, 0)  # fmt: skip
+    rows = await deliveries(store)
+    found = await store.channels_of([10**9, *(d.id for d in rows), rows[0].id])
+    assert found == {d.id: d.channel for d in rows}  # more ids than a statement holds
+    assert await store.channels_of([]) == {}
+
+
 async def test_bury_unknown_channels(store: Store) -> None:
     now = time.time()
     await add(store, "1", channel="kept", now=now)

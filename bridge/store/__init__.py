@@ -282,6 +282,10 @@ class Store(Protocol):
         """The newest events with their deliveries, newest first."""
         ...
 
+    async def channels_of(self, ids: Sequence[int]) -> dict[int, str]:
+        """The channel of each delivery of `ids` there is, by id."""
+        ...
+
     async def retry(self, ids: Sequence[int], now: float) -> list[int]:
         """Dead or pending deliveries of `ids` back to pending, due at `now`, attempts reset,
         their message to be rendered again when sent (with today's templates, for the channel's

@@ -127,6 +127,12 @@ class PostgresOutbox(PostgresPool):
             RecentEvent(e[0], e[1], e[2], e[3], tuple(by_event.get(e[0], ())), e[4]) for e in events
         ]
 
+    async def channels_of(self, ids: Sequence[int]) -> dict[int, str]:
+        rows = await self._fetch(
+            "SELECT id, channel FROM deliveries WHERE id = ANY(%s::bigint[])", (list(ids),)
+        )
+        return {r[0]: r[1] for r in rows}
+
     async def retry(self, ids: Sequence[int], now: float) -> list[int]:
         rows = await self._fetch(
             "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = %s,"

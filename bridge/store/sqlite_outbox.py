@@ -156,6 +156,16 @@ class SQLiteOutbox(SQLiteFile):
 
         return await self._read(op)
 
+    async def channels_of(self, ids: Sequence[int]) -> dict[int, str]:
+        def op(conn: sqlite3.Connection) -> dict[int, str]:
+            found: dict[int, str] = {}
+            for chunk in chunks(list(dict.fromkeys(ids)), BATCH):
+                sql = sql_in("SELECT id, channel FROM deliveries WHERE id IN ({marks})", chunk)
+                found.update(conn.execute(sql, chunk).fetchall())
+            return found
+
+        return await self._read(op)
+
     async def retry(self, ids: Sequence[int], now: float) -> list[int]:
         sql = (
             "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?,"
